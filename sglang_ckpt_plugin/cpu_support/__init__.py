@@ -1,0 +1,9 @@
+"""CPU support for SGLang 0.5.23 on machines without a GPU (see ``python -m sglang_ckpt_plugin.cpu_env``).
+
+``stub/sgl_kernel`` stands in for the CUDA-only ``sgl_kernel`` package: SGLang's CPU path imports a few
+``*_cpu`` kernels from it at import time but, on a CPU without AMX, never calls them.
+"""
+
+from pathlib import Path
+
+STUB_PATH = Path(__file__).parent / "stub"

@@ -1,0 +1,1 @@
+"""Loader side: read the checkpoint, plan shards and buckets, push them, the CLI."""

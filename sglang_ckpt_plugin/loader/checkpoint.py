@@ -1,0 +1,134 @@
+"""Discover a safetensors checkpoint and describe every tensor in it without reading any data.
+
+We parse the safetensors header ourselves (8-byte little-endian length + JSON) instead of going through
+``safe_open``: the loader needs each tensor's byte range in its file so that it can ``readinto`` the bytes
+straight into a shared bucket (one copy, no mmap of the whole file in the loader's resident memory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+
+# safetensors dtype tag -> torch dtype. The wire protocol names dtypes by their torch name.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint on disk cannot be used; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: str
+    file_offset: int  # absolute offset of the first data byte in ``file``
+    nbytes: int
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def discover_files(checkpoint_path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the index's files if there is one, else every *.safetensors."""
+    root = Path(checkpoint_path)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint path {str(root)!r} does not exist; pass --checkpoint-path DIR")
+    if root.is_file():
+        if root.suffix != ".safetensors":
+            raise CheckpointError(f"{str(root)!r} is not a .safetensors file")
+        return [root]
+    index = root / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
+        files = sorted({root / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} names files that do not exist: {missing[:3]}; re-copy the checkpoint")
+        return files
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {str(root)!r}; is this a safetensors checkpoint directory?")
+    return files
+
+
+def read_header(file: Path) -> list[TensorInfo]:
+    """Describe every tensor of one safetensors file, validating the header against the file size."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{file} is truncated: {size} bytes, too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise CheckpointError(f"{file} has a corrupt or truncated header (says {header_len} bytes, file {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as exc:
+            raise CheckpointError(f"{file} has a corrupt header: not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupt header: not a JSON object")
+    data_start = 8 + header_len
+    tensors = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        tensors.append(_tensor_info(file, name, entry, data_start, size))
+    return tensors
+
+
+def _tensor_info(file: Path, name: str, entry: object, data_start: int, file_size: int) -> TensorInfo:
+    try:
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(x) for x in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: header entry for {name!r} is malformed ({exc!r})") from exc
+    expected = math.prod(shape) * dtype.itemsize
+    if any(d < 0 for d in shape) or begin < 0 or end - begin != expected:
+        raise CheckpointError(f"{file}: tensor {name!r} has {end - begin} bytes, shape {shape} needs {expected}")
+    if data_start + end > file_size:
+        raise CheckpointError(f"{file} is truncated: tensor {name!r} ends past the end of the file")
+    return TensorInfo(name, dtype, shape, str(file), data_start + begin, expected)
+
+
+def read_checkpoint(checkpoint_path: str | Path) -> list[TensorInfo]:
+    """All tensors of a checkpoint, in file order (sequential reads), with unique names."""
+    tensors: list[TensorInfo] = []
+    seen: dict[str, str] = {}
+    for file in discover_files(checkpoint_path):
+        for info in sorted(read_header(file), key=lambda t: t.file_offset):
+            if info.name in seen:
+                raise CheckpointError(f"tensor {info.name!r} appears in both {seen[info.name]} and {info.file}")
+            seen[info.name] = info.file
+            tensors.append(info)
+    if not tensors:
+        raise CheckpointError(f"checkpoint {str(checkpoint_path)!r} holds no tensors")
+    return tensors

@@ -1,0 +1,88 @@
+"""``python -m sglang_ckpt_plugin.update``: push a safetensors checkpoint into a running SGLang server.
+
+Options follow SGLang's checkpoint-engine entry point (``sglang.srt.checkpoint_engine.update``), plus
+``--bucket-size``, ``--num-buffers``, ``--device`` and ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+MiB = 1 << 20
+
+
+def parse_size(text: str) -> int:
+    """'auto' -> 0; otherwise bytes, with an optional K/M/G suffix (powers of 1024)."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text == "AUTO":
+        return 0
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 256M, 1G or auto)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sglang_ckpt_plugin.update", description=__doc__)
+    p.add_argument("--update-method", choices=["broadcast", "p2p", "all"], default="broadcast",
+                   help="how buckets move between loader ranks (one rank: all three are the same)")
+    p.add_argument("--checkpoint-path", help="directory of *.safetensors (with or without an index)")
+    p.add_argument("--inference-parallel-size", type=int, default=1,
+                   help="ranks per inference instance (the server's tp size); one loader process per rank")
+    p.add_argument("--endpoint", default="http://localhost:19730", help="the SGLang server's base URL")
+    p.add_argument("--checkpoint-name", default="my-checkpoint-iter-0", help="name of this checkpoint")
+    p.add_argument("--save-metas-file", help="write the read plan (tensors, owners) as JSON for a later join")
+    p.add_argument("--load-metas-file", help="use a plan written by --save-metas-file instead of re-reading headers")
+    p.add_argument("--uds", help="reach the server over this Unix socket instead of TCP")
+    p.add_argument("--weight-version", help="version string the server reports after this update")
+    p.add_argument("--sleep-time", type=float, default=0.0, help="seconds to sleep after the update before exiting")
+    p.add_argument("--bucket-size", type=parse_size, default=0, help="bytes per bucket, e.g. 256M; default auto")
+    p.add_argument("--num-buffers", type=int, default=2, help="bucket buffers in flight (>= 2 pipelines)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where buffers live: cpu = shared memory, cuda = CUDA IPC; auto = cuda if available")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for the server (to start, to answer each step) before failing")
+    p.add_argument("--no-flush-cache", action="store_true", help="keep the radix cache after the update")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.inference_parallel_size < 1:
+        parser.error("--inference-parallel-size must be >= 1")
+    if args.num_buffers < 1:
+        parser.error("--num-buffers must be >= 1")
+    if not args.checkpoint_path and not args.load_metas_file:
+        parser.error("--checkpoint-path is required (or --load-metas-file)")
+    if args.save_metas_file and args.load_metas_file:
+        parser.error("--save-metas-file and --load-metas-file exclude each other")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.inference_parallel_size > 1 or world_size > 1:
+        print(
+            "error: more than one loader rank is not supported by this version; "
+            "use --inference-parallel-size 1 with a tp=1 server",
+            file=sys.stderr,
+        )
+        return 2
+    from .run import run_update  # heavy imports (torch) after argument errors
+
+    return run_update(args)
+
+
+def console_main() -> None:
+    sys.exit(main())

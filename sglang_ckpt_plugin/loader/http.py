@@ -1,0 +1,102 @@
+"""The loader's HTTP side: wait for the server, make the update call concurrently with the feeding."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+from tqdm import tqdm
+
+PLUGIN_MARKER = "ckpt_plugin"  # key our plugin adds to /model_info
+
+
+class ServerError(RuntimeError):
+    """The server is unreachable, lacks the plugin, or refused the update."""
+
+
+class UpdateCall:
+    """``POST /update_weights_from_ipc`` running in a thread; the feeder talks ZeroMQ meanwhile."""
+
+    def __init__(self, client: "ServerClient", body: dict, cancelled: threading.Event):
+        self.error: ServerError | None = None
+        self.message = ""
+        self._client = client
+        self._body = body
+        self._cancelled = cancelled
+        self._thread = threading.Thread(target=self._call, name="update-http", daemon=True)
+        self._thread.start()
+
+    def _call(self) -> None:
+        try:
+            resp = self._client.http.post("/update_weights_from_ipc", json=self._body, timeout=None)
+            data = _json(resp)
+            if resp.status_code != 200 or not data.get("success", False):
+                self.error = ServerError(f"server refused the update (HTTP {resp.status_code}): "
+                                         f"{data.get('message', resp.text[:500])}")  # fmt: skip
+            self.message = data.get("message", "")
+        except httpx.HTTPError as exc:
+            self.error = ServerError(f"update call to {self._client.base_url} failed: {exc}")
+        if self.error is not None:
+            self._cancelled.set()  # stop the feeder waiting for a server that will not come
+
+    def join_quietly(self) -> None:
+        self._thread.join(timeout=30)
+
+    def join(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _json(resp: httpx.Response) -> dict:
+    try:
+        data = resp.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class ServerClient:
+    def __init__(self, base_url: str, uds: str | None = None, timeout_s: float = 600.0):
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        transport = httpx.HTTPTransport(uds=uds) if uds else None
+        self.http = httpx.Client(base_url=self.base_url, transport=transport, timeout=30.0)
+
+    def model_info(self) -> dict:
+        return _json(self.http.get("/model_info"))
+
+    def wait_until_listening(self) -> dict:
+        """Poll ``/model_info`` until the server answers; refuse a server without our plugin."""
+        deadline = time.monotonic() + self.timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                resp = self.http.get("/model_info", timeout=5.0)
+                if resp.status_code == 200:
+                    info = _json(resp)
+                    if PLUGIN_MARKER not in info:
+                        raise ServerError(
+                            f"{self.base_url} is an SGLang server without sglang-ckpt-plugin "
+                            "(no 'ckpt_plugin' in /model_info); pip install sglang-ckpt-plugin in the server's "
+                            "environment and restart it"
+                        )
+                    return info
+                last = f"HTTP {resp.status_code}"
+            except httpx.TransportError as exc:
+                last = str(exc) or type(exc).__name__
+            time.sleep(0.5)
+        raise ServerError(f"server {self.base_url} not reachable within {self.timeout_s:g} s ({last}); "
+                          "is it running, and is --endpoint right?")  # fmt: skip
+
+    def start_update(self, zmq_handles: dict[str, str], weight_version: str | None, flush_cache: bool,
+                     cancelled: threading.Event) -> UpdateCall:  # fmt: skip
+        body = {"zmq_handles": zmq_handles, "flush_cache": flush_cache}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        return UpdateCall(self, body, cancelled)
+
+    @staticmethod
+    def progress(total: int, disable: bool) -> tqdm:
+        return tqdm(total=total, unit="B", unit_scale=True, desc="push", disable=disable, leave=False)

@@ -1,0 +1,90 @@
+"""Pure planning: which loader rank reads which tensors, and how tensors pack into buckets.
+
+No I/O here, so everything is unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from .checkpoint import TensorInfo
+
+# Tensor offsets inside a bucket are aligned so every dtype view is aligned (and CUDA copies are fast).
+ALIGN_BYTES = 256
+MiB = 1 << 20
+MIN_AUTO_BUCKET = 16 * MiB
+MAX_AUTO_BUCKET = 512 * MiB
+
+
+def align_up(n: int, align: int = ALIGN_BYTES) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class Slot:
+    tensor: TensorInfo
+    offset: int  # byte offset inside the bucket buffer
+
+
+@dataclass
+class Bucket:
+    index: int
+    slots: list[Slot] = field(default_factory=list)
+    nbytes: int = 0  # aligned end of the last slot
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(s.tensor.nbytes for s in self.slots)
+
+
+def shard_by_bytes(tensors: list[TensorInfo], world_size: int) -> list[list[TensorInfo]]:
+    """Split tensors across ranks so that bytes per rank are even to within one tensor's size.
+
+    Largest-first greedy onto the least-loaded rank. Each rank's list keeps checkpoint order so that its
+    reads stay sequential within a file.
+    """
+    if world_size < 1:
+        raise ValueError("world_size must be >= 1")
+    order = {t.name: i for i, t in enumerate(tensors)}
+    heap = [(0, rank) for rank in range(world_size)]
+    shards: list[list[TensorInfo]] = [[] for _ in range(world_size)]
+    for t in sorted(tensors, key=lambda t: t.nbytes, reverse=True):
+        load, rank = heapq.heappop(heap)
+        shards[rank].append(t)
+        heapq.heappush(heap, (load + t.nbytes, rank))
+    return [sorted(s, key=lambda t: order[t.name]) for s in shards]
+
+
+def auto_bucket_size(tensors: list[TensorInfo], memory_budget: int | None = None) -> int:
+    """About 1/16 of the checkpoint, clamped to [16 MiB, 512 MiB] and to an eighth of the memory budget.
+
+    Small enough that two buffers overlap reading with loading many times over, large enough that the
+    per-bucket round trip (a few ms) stays negligible. Never smaller than the largest tensor.
+    """
+    total = sum(t.nbytes for t in tensors)
+    size = min(max(total // 16, MIN_AUTO_BUCKET), MAX_AUTO_BUCKET)
+    if memory_budget is not None:
+        size = min(size, memory_budget // 8)
+    return align_up(max(size, max(t.nbytes for t in tensors)))
+
+
+def plan_buckets(tensors: list[TensorInfo], bucket_size: int) -> list[Bucket]:
+    """Pack tensors, in order, into buckets of at most ``bucket_size`` bytes (256-byte aligned slots)."""
+    largest = max((t.nbytes for t in tensors), default=0)
+    if largest > bucket_size:
+        raise ValueError(
+            f"bucket size {bucket_size} bytes is smaller than the largest tensor ({largest} bytes); "
+            f"use --bucket-size of at least {align_up(largest)} or leave it on auto"
+        )
+    buckets: list[Bucket] = []
+    current = Bucket(index=0)
+    for t in tensors:
+        if current.slots and current.nbytes + t.nbytes > bucket_size:
+            buckets.append(current)
+            current = Bucket(index=len(buckets))
+        current.slots.append(Slot(t, current.nbytes))
+        current.nbytes = align_up(current.nbytes + t.nbytes)
+    if current.slots:
+        buckets.append(current)
+    return buckets

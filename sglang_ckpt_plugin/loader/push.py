@@ -1,0 +1,157 @@
+"""Feed one inference rank: fill buffers, send bucket messages, wait for acknowledgements.
+
+With ``n`` buffers, bucket ``k`` goes into buffer ``k % n`` once bucket ``k - n`` has been acknowledged, so
+the loader fills the next buffer while the server loads the current one (two processes, two cores).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..transport.channel import Channel
+from ..transport.handles import allocate_buffer
+from ..transport.messages import PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorSlot
+from .checkpoint import dtype_name
+from .plan import Bucket
+from .reader import BucketFiller
+
+
+class PushError(RuntimeError):
+    """The update failed; the message says where and why."""
+
+
+@dataclass
+class StageTimes:
+    read_s: float = 0.0  # loader: checkpoint bytes -> bucket buffers
+    wait_s: float = 0.0  # loader: blocked until the server freed a buffer
+    load_s: float = 0.0  # server: load_weights over all buckets (from the replies)
+    post_s: float = 0.0  # server: post-load processing
+    total_s: float = 0.0
+    bytes: int = 0
+    buckets: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def new_update_id(checkpoint_name: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in checkpoint_name)[:40]
+    return f"{safe}-{uuid.uuid4().hex[:8]}"
+
+
+def bucket_message(seq: int, buffer: int, bucket: Bucket) -> BucketReady:
+    slots = [
+        TensorSlot(s.tensor.name, dtype_name(s.tensor.dtype), list(s.tensor.shape), s.offset) for s in bucket.slots
+    ]
+    return BucketReady(seq=seq, buffer=buffer, tensors=slots)
+
+
+class RankFeeder:
+    """Owns the buffers and the channel for one inference rank during one update."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        update_id: str,
+        bucket_bytes: int,
+        num_buffers: int,
+        device: torch.device,
+        timeout_s: float,
+        cancelled: threading.Event,
+    ):
+        self.update_id = update_id
+        self.timeout_s = timeout_s
+        self.cancelled = cancelled
+        self.buffers = []
+        self.channel = None
+        self.on_bucket = lambda bucket: None  # progress callback
+        try:
+            self.buffers = [allocate_buffer(bucket_bytes, device) for _ in range(num_buffers)]
+            self.channel = Channel(endpoint, bind=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_reply(self, seq: int, what: str) -> Reply:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if self.cancelled.is_set():
+                raise PushError(f"update cancelled while waiting for the server to {what}")
+            try:
+                msg = self.channel.recv(timeout_s=0.2)
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise PushError(f"server did not {what} within {self.timeout_s:g} s (--timeout)") from None
+                continue
+            if not isinstance(msg, Reply) or msg.seq != seq:
+                raise PushError(f"protocol error: expected reply to {seq}, got {msg!r}")
+            if not msg.ok:
+                raise PushError(f"server failed to {what}: {msg.error}")
+            return msg
+
+    def run(self, buckets: list[Bucket], filler: BucketFiller, times: StageTimes) -> None:
+        n = len(self.buffers)
+        self._send_when_connected(
+            Hello(
+                protocol_version=PROTOCOL_VERSION,
+                update_id=self.update_id,
+                buffers=[b.handle() for b in self.buffers],
+                num_buckets=len(buckets),
+                num_tensors=sum(len(b.slots) for b in buckets),
+                total_bytes=sum(b.payload_bytes for b in buckets),
+            )
+        )
+        self._wait_reply(-1, "map the bucket buffers")
+        for b in self.buffers:  # the server has mapped them: drop the names so nothing can leak
+            b.unlink()
+
+        in_flight: deque[int] = deque()
+        for seq, bucket in enumerate(buckets):
+            if len(in_flight) == n:
+                t0 = time.perf_counter()
+                times.load_s += self._wait_reply(in_flight.popleft(), "load a bucket").elapsed_s
+                times.wait_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            filler.fill(bucket, self.buffers[seq % n].tensor)
+            times.read_s += time.perf_counter() - t0
+            self.channel.send(bucket_message(seq, seq % n, bucket))
+            in_flight.append(seq)
+            times.bytes += bucket.payload_bytes
+            times.buckets += 1
+            self.on_bucket(bucket)
+        t0 = time.perf_counter()
+        while in_flight:
+            times.load_s += self._wait_reply(in_flight.popleft(), "load a bucket").elapsed_s
+        times.wait_s += time.perf_counter() - t0
+        self.channel.send(Finish(seq=len(buckets)))
+        times.post_s = self._wait_reply(len(buckets), "finish the update").elapsed_s
+
+    def _send_when_connected(self, msg) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if self.cancelled.is_set():
+                raise PushError("update cancelled before the server connected")
+            try:
+                return self.channel.send(msg, timeout_s=0.2)
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise PushError(f"server did not connect to {self.channel.endpoint} within {self.timeout_s:g} s") from None
+
+    def abort(self, reason: str) -> None:
+        if self.channel is not None:
+            try:
+                self.channel.send(Abort(reason=reason[:2000]), timeout_s=0.5)
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        for b in self.buffers:
+            b.release()
+        self.buffers = []

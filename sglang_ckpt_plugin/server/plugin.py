@@ -1,0 +1,10 @@
+"""Entry point in the ``sglang.srt.plugins`` group: SGLang's ``load_plugins()`` calls ``register()``
+once in every SGLang process (HTTP server, scheduler/TP workers, detokenizer)."""
+
+from __future__ import annotations
+
+
+def register() -> None:
+    from .sglang_compat import install_hooks
+
+    install_hooks()

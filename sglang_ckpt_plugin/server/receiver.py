@@ -1,0 +1,149 @@
+"""The inference-rank side of one update: map the loader's buffers, load each bucket, acknowledge it.
+
+Runs inside SGLang's scheduler/TP-worker process (called from the model runner's weight updater, see
+sglang_compat.py). Model-agnostic: it is given ``load_weights`` (the model's own) and ``post_process``.
+Tensors handed to ``load_weights`` are views into the loader's buffer: nothing is copied on the way in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from ..transport.channel import Channel, check_endpoint
+from ..transport.handles import MappedBuffer, open_buffer
+from ..transport.messages import Abort, BucketReady, Finish, Hello, ProtocolError, Reply
+
+logger = logging.getLogger(__name__)
+
+LoadFn = Callable[[Iterable[tuple[str, torch.Tensor]]], object]
+
+
+class UpdateFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class ReceiveStats:
+    buckets: int = 0
+    tensors: int = 0
+    bytes: int = 0
+    load_s: float = 0.0
+    post_s: float = 0.0
+
+
+def bucket_views(msg: BucketReady, buffers: list[MappedBuffer]) -> list[tuple[str, torch.Tensor]]:
+    """Typed views into the mapped buffer for every tensor of a bucket, after bounds checks."""
+    if msg.buffer >= len(buffers):
+        raise ProtocolError(f"bucket {msg.seq} names buffer {msg.buffer}, only {len(buffers)} mapped")
+    flat = buffers[msg.buffer].tensor
+    views = []
+    for slot in msg.tensors:
+        dtype = getattr(torch, slot.dtype)
+        nbytes = dtype.itemsize
+        for d in slot.shape:
+            nbytes *= d
+        if slot.offset + nbytes > flat.numel():
+            raise ProtocolError(f"tensor {slot.name!r} ({nbytes} bytes at {slot.offset}) overruns its buffer")
+        if slot.offset % dtype.itemsize:
+            raise ProtocolError(f"tensor {slot.name!r}: offset {slot.offset} not aligned for {slot.dtype}")
+        views.append((slot.name, flat[slot.offset : slot.offset + nbytes].view(dtype).view(slot.shape)))
+    return views
+
+
+class ReceiveSession:
+    """One update on one rank. ``run()`` returns stats or raises UpdateFailed; it never leaves buffers mapped."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        device: torch.device,
+        load_weights: LoadFn,
+        post_process: Callable[[], None],
+        idle_timeout_s: float,
+    ):
+        self.endpoint = check_endpoint(endpoint)
+        self.device = device
+        self.load_weights = load_weights
+        self.post_process = post_process
+        self.idle_timeout_s = idle_timeout_s
+        self.buffers: list[MappedBuffer] = []
+        self.stats = ReceiveStats()
+
+    def run(self) -> ReceiveStats:
+        with Channel(self.endpoint, bind=False) as channel:
+            try:
+                self._serve(channel)
+            finally:
+                self._unmap()
+        return self.stats
+
+    def _recv(self, channel: Channel, what: str):
+        try:
+            return channel.recv(self.idle_timeout_s)
+        except TimeoutError:
+            raise UpdateFailed(f"loader went quiet: no {what} within {self.idle_timeout_s:g} s") from None
+
+    def _serve(self, channel: Channel) -> None:
+        hello = self._recv(channel, "hello")
+        if not isinstance(hello, Hello):
+            raise UpdateFailed(f"expected hello, got {type(hello).__name__}")
+        try:
+            self.buffers = [open_buffer(h, self.device) for h in hello.buffers]
+        except (OSError, ValueError) as exc:
+            channel.send(Reply(seq=-1, ok=False, error=str(exc)))
+            raise UpdateFailed(f"cannot map the loader's buffers: {exc}") from exc
+        channel.send(Reply(seq=-1, ok=True))
+
+        while True:
+            msg = self._recv(channel, "bucket")
+            if isinstance(msg, Abort):
+                raise UpdateFailed(f"loader aborted the update: {msg.reason}")
+            if isinstance(msg, Finish):
+                self._finish(channel, msg)
+                return
+            if not isinstance(msg, BucketReady):
+                raise UpdateFailed(f"unexpected {type(msg).__name__} during an update")
+            self._load_bucket(channel, msg)
+
+    def _load_bucket(self, channel: Channel, msg: BucketReady) -> None:
+        t0 = time.perf_counter()
+        try:
+            views = bucket_views(msg, self.buffers)
+            self.load_weights(views)
+            if self.device.type == "cuda":
+                # the loader refills this buffer as soon as we acknowledge: our copies must be done
+                torch.cuda.current_stream(self.device).synchronize()
+        except Exception as exc:
+            channel.send(Reply(seq=msg.seq, ok=False, error=f"{type(exc).__name__}: {exc}"))
+            raise UpdateFailed(f"loading bucket {msg.seq} failed: {type(exc).__name__}: {exc}") from exc
+        elapsed = time.perf_counter() - t0
+        self.stats.buckets += 1
+        self.stats.tensors += len(views)
+        self.stats.bytes += sum(v.nbytes for _, v in views)
+        self.stats.load_s += elapsed
+        del views
+        channel.send(Reply(seq=msg.seq, ok=True, elapsed_s=elapsed))
+
+    def _finish(self, channel: Channel, msg: Finish) -> None:
+        self._unmap()  # release the loader's memory before post-processing (peak memory)
+        t0 = time.perf_counter()
+        try:
+            self.post_process()
+        except Exception as exc:
+            channel.send(Reply(seq=msg.seq, ok=False, error=f"post-processing failed: {exc}"))
+            raise UpdateFailed(f"post-load processing failed: {type(exc).__name__}: {exc}") from exc
+        self.stats.post_s = time.perf_counter() - t0
+        channel.send(Reply(seq=msg.seq, ok=True, elapsed_s=self.stats.post_s))
+
+    def _unmap(self) -> None:
+        for b in self.buffers:
+            try:
+                b.close()
+            except BufferError:  # a view is still referenced somewhere; the mapping goes with it
+                logger.warning("a bucket view outlived its update; its mapping is freed when it is collected")
+        self.buffers = []

@@ -1,0 +1,108 @@
+"""HTTP side of the plugin: the gate middleware and wrappers around SGLang's own routes.
+
+- ``/update_weights_from_ipc``: one update at a time (a second gets 409), result recorded, gate opened on
+  success. The work itself is done by the TP workers (tp_worker.py).
+- ``/update_weights_from_disk``: a successful full reload also counts as the initial weights.
+- ``/model_info``: adds ``weights_loaded`` and a ``ckpt_plugin`` section (the loader checks for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+
+from fastapi.responses import ORJSONResponse
+
+from .. import __version__
+from . import sglang_compat as sg
+from .gate import WeightsGate
+
+_update_lock = asyncio.Lock()
+_last_update: dict | None = None
+
+
+def _response_payload(resp) -> dict:
+    try:
+        return json.loads(bytes(resp.body))
+    except (AttributeError, ValueError):
+        return {}
+
+
+def _replace_endpoint(app, path: str, make_wrapper) -> None:
+    """Swap the endpoint of SGLang's route ``path`` for ``make_wrapper(original)``, keeping its place."""
+    from fastapi.routing import APIRoute
+
+    routes = app.router.routes
+    for i, route in enumerate(routes):
+        if isinstance(route, APIRoute) and route.path == path:
+            app.add_api_route(path, make_wrapper(route.endpoint), methods=sorted(route.methods), name=route.name,
+                              response_class=route.response_class, dependencies=route.dependencies)  # fmt: skip
+            routes[i] = routes.pop()
+            return
+    raise RuntimeError(f"SGLang route {path} not found: this SGLang version is not supported by the plugin")
+
+
+def _wrap_update_ipc(original):
+    @functools.wraps(original)
+    async def update_weights_from_ipc(*args, **kwargs):
+        global _last_update
+        if _update_lock.locked():
+            return ORJSONResponse(
+                {"success": False, "message": "another weight update is in progress; retry when it has finished"},
+                status_code=409,
+            )
+        async with _update_lock:
+            started = time.time()
+            resp = await original(*args, **kwargs)
+            payload = _response_payload(resp)
+            if payload.get("success"):
+                sg.mark_weights_loaded()
+            _last_update = {
+                "success": bool(payload.get("success")),
+                "message": payload.get("message", ""),
+                "weight_version": sg.weight_version(),
+                "started_at": started,
+                "duration_s": round(time.time() - started, 4),
+            }
+            return resp
+
+    return update_weights_from_ipc
+
+
+def _wrap_update_disk(original):
+    @functools.wraps(original)
+    async def update_weights_from_disk(*args, **kwargs):
+        resp = await original(*args, **kwargs)
+        if getattr(resp, "status_code", 200) == 200 and _response_payload(resp).get("success"):
+            sg.mark_weights_loaded()
+        return resp
+
+    return update_weights_from_disk
+
+
+def _wrap_model_info(original):
+    @functools.wraps(original)
+    async def model_info(*args, **kwargs):
+        result = await original(*args, **kwargs)
+        loaded = sg.weights_loaded()
+        result["weights_loaded"] = loaded
+        result["ckpt_plugin"] = {
+            "version": __version__,
+            "weights_loaded": loaded,
+            "wait_for_initial_weights": sg.wait_flag_enabled(),
+            "update_in_progress": _update_lock.locked(),
+            "last_update": _last_update,
+        }
+        return result
+
+    return model_info
+
+
+def install(app) -> None:
+    """Called once in the HTTP server process, before the app starts."""
+    _replace_endpoint(app, "/update_weights_from_ipc", _wrap_update_ipc)
+    _replace_endpoint(app, "/update_weights_from_disk", _wrap_update_disk)
+    _replace_endpoint(app, "/model_info", _wrap_model_info)
+    app.add_middleware(WeightsGate)

@@ -1,0 +1,131 @@
+"""Every touch-point on SGLang internals, for SGLang 0.5.23. A new SGLang release is this file's work.
+
+Hooks (registered through SGLang's own HookRegistry, applied by ``load_plugins()`` in every process):
+- ``ServerArgs.add_cli_args`` (after): our server flags.
+- ``http_server.launch_server`` (before): the readiness gate middleware and our route wrappers on ``app``.
+- ``http_server._wait_weights_ready`` (replace): wait without falling through to dummy weights.
+- ``WeightUpdater.update_weights_from_ipc`` (replace, model-runner side): our zero-copy receiver instead
+  of the checkpoint-engine package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("sglang_ckpt_plugin")
+
+SERVER_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
+HTTP_SERVER = "sglang.srt.entrypoints.http_server"
+RUNNER_WEIGHT_UPDATER = "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater"
+WAIT_FLAG_FIELD = "checkpoint_engine_wait_weights_before_ready"
+
+
+def install_hooks() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from . import gate, options, tp_worker
+
+    HookRegistry.register(SERVER_ARGS, lambda _result, parser: options.add_server_flags(parser, WAIT_FLAG_FIELD))
+    HookRegistry.register(f"{HTTP_SERVER}.launch_server", _before_launch_server, HookType.BEFORE)
+    HookRegistry.register(f"{HTTP_SERVER}._wait_weights_ready", gate.wait_for_initial_weights, HookType.REPLACE)
+    HookRegistry.register(
+        f"{RUNNER_WEIGHT_UPDATER}.update_weights_from_ipc", tp_worker.update_weights_from_ipc, HookType.REPLACE
+    )
+
+
+def _before_launch_server(*args, **kwargs):
+    from . import routes
+
+    routes.install(http_app())
+
+
+# ---------------------------------------------------------------- main process (HTTP server)
+def http_app():
+    from sglang.srt.entrypoints import http_server
+
+    return http_server.app
+
+
+def tokenizer_manager():
+    """The TokenizerManager, or None before the server has set its global state."""
+    from sglang.srt.entrypoints import http_server
+
+    state = getattr(http_server, "_global_state", None)
+    return None if state is None else state.tokenizer_manager
+
+
+def wait_flag_enabled() -> bool:
+    from sglang.srt.runtime_context import get_model
+
+    return bool(getattr(get_model(), WAIT_FLAG_FIELD, False))
+
+
+def weights_loaded() -> bool:
+    tm = tokenizer_manager()
+    return tm is None or bool(getattr(tm, "initial_weights_loaded", True))
+
+
+def mark_weights_loaded() -> None:
+    tm = tokenizer_manager()
+    if tm is not None:
+        tm.initial_weights_loaded = True
+
+
+def weight_version() -> str | None:
+    tm = tokenizer_manager()
+    return None if tm is None else tm.config_value("weight_version")
+
+
+def exit_server(code: int) -> None:
+    """Stop the whole server (children first) with a non-zero exit code."""
+    from sglang.srt.utils import kill_process_tree
+
+    logging.shutdown()
+    kill_process_tree(os.getpid(), include_parent=False)
+    os._exit(code)
+
+
+# ---------------------------------------------------------------- scheduler / TP-worker process
+def runner_device(updater) -> torch.device:
+    if updater.device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(updater.device)
+
+
+def runner_rank(updater) -> int:
+    return updater.tp_rank
+
+
+def check_online_update_allowed(updater) -> str | None:
+    """SGLang's own reasons to refuse an online update (weight cache daemon, derived weight caches)."""
+    from sglang.srt.model_executor.model_runner_components import weight_updater as wu
+
+    try:
+        updater._assert_weight_cache_inactive("update_weights_from_ipc")
+    except Exception as exc:  # SGLang raises a plain error naming the flag to change
+        return str(exc)
+    return wu._unsupported_derived_weight_cache_error(updater.get_model())
+
+
+def prepare_model_for_loading(model: torch.nn.Module, device: torch.device) -> None:
+    """Undo in-place quantization packing so fresh weights can be loaded (as a disk reload does)."""
+    from sglang.srt.model_loader.loader import DefaultModelLoader
+
+    DefaultModelLoader.restore_weights_before_loading(model, device)
+
+
+def post_process_model(model: torch.nn.Module, device: torch.device) -> None:
+    """The post-load processing of SGLang's disk loader: quantization repacking, then model fix-ups."""
+    from sglang.srt.model_loader.loader import DefaultModelLoader, post_load_weights
+
+    DefaultModelLoader.postprocess_weights(model, device)
+    post_load_weights(model)
+
+
+def model_dtype_context(updater):
+    from sglang.srt.model_loader.utils import set_default_torch_dtype
+
+    return set_default_torch_dtype(updater.model_config.dtype)

@@ -1,0 +1,1 @@
+"""Handles (shared memory, CUDA IPC), typed wire messages, and the ZeroMQ channel."""

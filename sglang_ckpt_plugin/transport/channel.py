@@ -1,0 +1,95 @@
+"""ZeroMQ channel between one loader rank and one inference rank, and where its endpoints live.
+
+Endpoints are ``ipc://`` sockets inside a private directory (mode 0700, owned by the user), so only the
+same user can connect: ``$SGLANG_CKPT_SOCKET_DIR``, else ``$XDG_RUNTIME_DIR/sglang-ckpt``, else
+``/tmp/sglang-ckpt-<uid>``. The loader binds (and removes the socket file when it closes); the inference rank
+connects. PAIR sockets: both sides may send at any time, one peer each.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import zmq
+
+from .messages import Message, ProtocolError, decode, encode
+
+MAX_MESSAGE_BYTES = 64 << 20  # a bucket's tensor list; anything larger is not ours
+
+
+def socket_dir() -> Path:
+    """The private socket directory, created 0700 if missing; refuses one that others could enter."""
+    if os.environ.get("SGLANG_CKPT_SOCKET_DIR"):
+        path = Path(os.environ["SGLANG_CKPT_SOCKET_DIR"])
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "sglang-ckpt"
+    else:
+        path = Path(tempfile.gettempdir()) / f"sglang-ckpt-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(
+            f"socket directory {path} must be a directory owned by uid {os.getuid()} with mode 0700; "
+            "fix or remove it, or set SGLANG_CKPT_SOCKET_DIR"
+        )
+    return path
+
+
+def make_endpoint(update_id: str, rank_key: str) -> str:
+    return f"ipc://{socket_dir()}/{update_id}-{rank_key}.sock"
+
+
+def check_endpoint(endpoint: str) -> str:
+    """Server side: accept only ipc endpoints directly inside our private directory."""
+    prefix = f"ipc://{socket_dir()}/"
+    name = endpoint[len(prefix):] if endpoint.startswith(prefix) else ""
+    if not name.endswith(".sock") or "/" in name or name.startswith("."):
+        raise ProtocolError(f"refusing endpoint {endpoint!r}: must be an ipc socket in {prefix}")
+    return endpoint
+
+
+class Channel:
+    def __init__(self, endpoint: str, bind: bool):
+        self.endpoint = endpoint
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.PAIR)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._bound = bind
+        if bind:
+            self._sock.bind(endpoint)
+        else:
+            self._sock.connect(endpoint)
+
+    def send(self, msg: Message, timeout_s: float = 30.0) -> None:
+        """Send one message; TimeoutError if no peer takes it in ``timeout_s`` (a PAIR waits for its peer)."""
+        if not self._sock.poll(int(timeout_s * 1000), zmq.POLLOUT):
+            raise TimeoutError(f"no peer took a message on {self.endpoint} within {timeout_s:g} s")
+        self._sock.send(encode(msg), copy=True)
+
+    def recv(self, timeout_s: float) -> Message:
+        """Next message, or TimeoutError if none arrives in ``timeout_s``. Bad frames raise ProtocolError."""
+        if not self._sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"no message on {self.endpoint} within {timeout_s:g} s")
+        return decode(self._sock.recv(copy=True))
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        self._ctx.term()
+        if self._bound:  # libzmq usually removes it; make sure
+            try:
+                os.unlink(self.endpoint.removeprefix("ipc://"))
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "Channel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,168 @@
+"""Bucket buffers that a loader owns and an inference rank maps without copying.
+
+Two kinds behind one interface:
+- CPU: a POSIX shared-memory object ``/dev/shm/sglang-ckpt-*`` (mode 0600, same user only), mapped by both.
+- CUDA: a device allocation shared with CUDA IPC (``UntypedStorage._share_cuda_`` / ``_new_shared_cuda``).
+
+Owner side: ``allocate_buffer(nbytes, device)`` -> OwnedBuffer (``.tensor``, ``.handle()``, ``.release()``).
+Receiver side: ``open_buffer(handle, device)`` -> MappedBuffer (``.tensor``, ``.close()``).
+Buffers are allocated and touched once, then reused for every bucket (first touch costs ~10x a copy).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+import stat
+
+import torch
+
+from .messages import BufferHandle, CudaIpcHandle, ShmHandle
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "sglang-ckpt-"
+_SHM_NAME = re.compile(r"^sglang-ckpt-[A-Za-z0-9_-]{1,100}$")
+
+
+def device_rank_key(device: torch.device, tp_rank: int) -> str:
+    """How a loader names the inference rank it feeds, in ``zmq_handles`` keys.
+
+    CUDA: ``GPU-<uuid>`` of the device (unique per GPU, independent of CUDA_VISIBLE_DEVICES).
+    CPU: ``cpu-tp<rank>``, the rank's index inside its inference instance (= loader rank % parallel size).
+    """
+    if device.type == "cuda":
+        return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+    return f"cpu-tp{tp_rank}"
+
+
+# ---------------------------------------------------------------- owner side (loader)
+class ShmBuffer:
+    """A shared-memory bucket buffer owned by the loader. ``release()`` unmaps and unlinks it."""
+
+    def __init__(self, nbytes: int):
+        self.name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        self.nbytes = nbytes
+        self.path = os.path.join(SHM_DIR, self.name)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            # Reserve the pages now: a full /dev/shm then fails here with ENOSPC instead of SIGBUS mid-copy.
+            os.posix_fallocate(fd, 0, nbytes)
+            self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.path)
+            raise
+        os.close(fd)
+        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def handle(self) -> ShmHandle:
+        return ShmHandle(name=self.name, nbytes=self.nbytes)
+
+    def unlink(self) -> None:
+        """Remove the name; mappings stay valid. Safe to call once every receiver has mapped it."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        self.unlink()
+        self.tensor = None
+        self._map.close()
+
+
+class CudaBuffer:
+    """A device bucket buffer shared through CUDA IPC; freed when the loader drops it."""
+
+    def __init__(self, nbytes: int, device: torch.device):
+        self.nbytes = nbytes
+        self.device = device
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def handle(self) -> CudaIpcHandle:
+        (_dev, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync) = (
+            self.tensor.untyped_storage()._share_cuda_()
+        )
+        return CudaIpcHandle(
+            nbytes=self.nbytes,
+            device_uuid=device_rank_key(self.device, -1),
+            handle=handle,
+            storage_size_bytes=size,
+            storage_offset_bytes=offset,
+            ref_counter_handle=ref_handle,
+            ref_counter_offset=ref_offset,
+            event_handle=event_handle,
+            event_sync_required=event_sync,
+        )
+
+    def unlink(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self.tensor = None
+
+
+def allocate_buffer(nbytes: int, device: torch.device) -> ShmBuffer | CudaBuffer:
+    if device.type == "cuda":
+        return CudaBuffer(nbytes, device)
+    if device.type != "cpu":
+        raise ValueError(f"unsupported device {device}")
+    return ShmBuffer(nbytes)
+
+
+# ---------------------------------------------------------------- receiver side (inference rank)
+class MappedBuffer:
+    """A loader buffer seen from an inference rank. ``close()`` must follow once no view is in use."""
+
+    def __init__(self, tensor: torch.Tensor, mapping: mmap.mmap | None = None):
+        self.tensor = tensor
+        self._mapping = mapping
+
+    def close(self) -> None:
+        self.tensor = None
+        if self._mapping is not None:
+            self._mapping.close()
+
+
+def open_buffer(handle: BufferHandle, device: torch.device) -> MappedBuffer:
+    if isinstance(handle, ShmHandle):
+        if device.type != "cpu":
+            raise ValueError(f"a shared-memory buffer was sent to a {device.type} rank; run the loader on {device.type}")
+        return _open_shm(handle)
+    if device.type != "cuda":
+        raise ValueError("a CUDA IPC buffer was sent to a CPU rank; run the loader with --device cpu")
+    return _open_cuda(handle, device)
+
+
+def _open_shm(handle: ShmHandle) -> MappedBuffer:
+    if not _SHM_NAME.match(handle.name):
+        raise ValueError(f"refusing shared-memory name {handle.name!r}: not one of ours")
+    fd = os.open(os.path.join(SHM_DIR, handle.name), os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PermissionError(f"{handle.name}: must be a private (0600) file of this user")
+        if st.st_size < handle.nbytes:
+            raise ValueError(f"{handle.name}: {st.st_size} bytes, the loader announced {handle.nbytes}")
+        mapping = mmap.mmap(fd, handle.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+    finally:
+        os.close(fd)
+    return MappedBuffer(torch.frombuffer(mapping, dtype=torch.uint8), mapping)
+
+
+def _open_cuda(handle: CudaIpcHandle, device: torch.device) -> MappedBuffer:
+    # Our own device index: the loader may see the GPU under another index (CUDA_VISIBLE_DEVICES).
+    storage = torch.UntypedStorage._new_shared_cuda(
+        device.index if device.index is not None else torch.cuda.current_device(),
+        handle.handle,
+        handle.storage_size_bytes,
+        handle.storage_offset_bytes,
+        handle.ref_counter_handle,
+        handle.ref_counter_offset,
+        handle.event_handle,
+        handle.event_sync_required,
+    )
+    tensor = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (handle.nbytes,), (1,))
+    return MappedBuffer(tensor)

@@ -1,0 +1,144 @@
+"""Typed, versioned wire messages between a loader rank and one inference (TP) rank.
+
+Every message is one ZeroMQ frame of JSON, decoded by msgspec into exactly one of the Structs below
+(strict types, unknown tags rejected). Nothing is ever unpickled. docs/protocol.md is the description of
+this file; keep the two in step and bump PROTOCOL_VERSION on any incompatible change.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+# dtype names as torch spells them (without the "torch." prefix)
+WIRE_DTYPES = (
+    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+    "float8_e4m3fn", "float8_e5m2",
+)  # fmt: skip
+
+
+class ProtocolError(ValueError):
+    """A message that does not decode or does not fit the session; the update fails, weights untouched."""
+
+
+class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, frozen=True):
+    pass
+
+
+class ShmHandle(msgspec.Struct, tag="shm", tag_field="kind", forbid_unknown_fields=True, frozen=True):
+    """A POSIX shared-memory object, /dev/shm/<name>, created 0600 by the loader."""
+
+    name: str
+    nbytes: int
+
+
+class CudaIpcHandle(msgspec.Struct, tag="cuda_ipc", tag_field="kind", forbid_unknown_fields=True, frozen=True):
+    """The fields of ``torch.UntypedStorage._share_cuda_()``, with byte strings as bytes (base64 in JSON)."""
+
+    nbytes: int
+    device_uuid: str
+    handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+
+BufferHandle = Union[ShmHandle, CudaIpcHandle]
+
+
+class TensorSlot(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
+    """One tensor inside a bucket: [name, dtype, shape, offset]; byte size follows from dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+
+
+class Hello(_Msg, tag="hello"):
+    """Opens an update on one rank: the buffers to map (once per update) and what will follow."""
+
+    protocol_version: int
+    update_id: str
+    buffers: list[BufferHandle]
+    num_buckets: int
+    num_tensors: int
+    total_bytes: int
+    checksum: Literal["none", "crc32"] = "none"
+
+
+class BucketReady(_Msg, tag="bucket"):
+    """Buffer ``buffer`` holds these tensors; load them, then reply so the loader may refill the buffer."""
+
+    seq: int
+    buffer: int
+    tensors: list[TensorSlot]
+    crc32: int | None = None
+
+
+class Finish(_Msg, tag="finish"):
+    """All buckets sent; run post-load processing, release the buffers, reply with the result."""
+
+    seq: int
+
+
+class Abort(_Msg, tag="abort"):
+    """The loader gives up (another rank failed, bad input...); the worker ends the update as failed."""
+
+    reason: str
+
+
+class Reply(_Msg, tag="reply"):
+    """Worker -> loader acknowledgement of message ``seq`` (hello is seq -1)."""
+
+    seq: int
+    ok: bool
+    error: str = ""
+    elapsed_s: float = 0.0  # worker time spent on that message (load_weights, post-processing)
+
+
+Message = Union[Hello, BucketReady, Finish, Abort, Reply]
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    """Decode and check one frame. Raises ProtocolError, never anything else."""
+    try:
+        msg = _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, RecursionError) as exc:
+        raise ProtocolError(f"malformed message: {exc}") from None
+    _check(msg)
+    return msg
+
+
+def _check(msg: Message) -> None:
+    if isinstance(msg, Hello):
+        if msg.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol version {msg.protocol_version} from the loader, server speaks {PROTOCOL_VERSION}; "
+                "install the same sglang-ckpt-plugin version on both sides"
+            )
+        if not msg.buffers or any(b.nbytes <= 0 for b in msg.buffers):
+            raise ProtocolError("hello must name at least one non-empty buffer")
+        if min(msg.num_buckets, msg.num_tensors, msg.total_bytes) < 0:
+            raise ProtocolError("hello has negative counts")
+    elif isinstance(msg, BucketReady):
+        if msg.seq < 0 or msg.buffer < 0:
+            raise ProtocolError("bucket seq and buffer must be >= 0")
+        for slot in msg.tensors:
+            if slot.dtype not in WIRE_DTYPES:
+                raise ProtocolError(f"tensor {slot.name!r}: unknown dtype {slot.dtype!r}")
+            if slot.offset < 0 or any(d < 0 for d in slot.shape):
+                raise ProtocolError(f"tensor {slot.name!r}: negative offset or dimension")
