@@ -3,6 +3,8 @@
     python -m sglang_ckpt_plugin.demo.tiny_model OUT_DIR [--arch llama|qwen3] [--seed N] [--hidden 64] ...
 
 Random weights are scaled up so greedy decoding has clear winners (flat logits would tie-break on noise).
+float32 by default: in bf16, SGLang's CPU kernels and HF round differently and greedy decoding of random
+weights can part ways on a near-tie, for the same weights (seen with SGLang's own disk load too).
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def _tokenizer(vocab: int):
     words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return fast
 
 
 def make_tiny_model(
@@ -59,7 +63,7 @@ def make_tiny_model(
     hidden: int = 64,
     layers: int = 2,
     vocab: int = 1000,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype = torch.float32,
     tie_word_embeddings: bool = False,
     max_shard_size: str | None = None,
 ) -> Path:
@@ -107,9 +111,11 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=1000)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--max-shard-size", default=None, help="e.g. 200MB: write shards plus an index")
     a = p.parse_args()
-    make_tiny_model(a.out_dir, a.arch, a.seed, a.hidden, a.layers, a.vocab, max_shard_size=a.max_shard_size)
+    make_tiny_model(a.out_dir, a.arch, a.seed, a.hidden, a.layers, a.vocab, getattr(torch, a.dtype),
+                    max_shard_size=a.max_shard_size)  # fmt: skip
     print(a.out_dir)
 
 

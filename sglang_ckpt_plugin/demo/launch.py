@@ -1,0 +1,144 @@
+"""Start and stop a real SGLang server on 127.0.0.1 (used by the demo, the tests and the benchmarks).
+
+The server runs in its own process group; ``stop()`` ends the group by its id and checks that no process
+of it is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from ..cpu_env import cpu_environment
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(device: str = "cpu", tp_size: int = 1, extra: dict | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    if device == "cpu":
+        env.update(cpu_environment(tp_size, base=env))
+    env.update(extra or {})
+    return env
+
+
+class SGLangServer:
+    """``python -m sglang.launch_server`` as a child process group."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        log_path: str | Path,
+        *,
+        wait_for_weights: bool = True,
+        device: str = "cpu",
+        tp_size: int = 1,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        env: dict | None = None,
+    ):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+                "--host", "127.0.0.1", "--port", str(self.port), "--device", device, "--tp-size", str(tp_size)]  # fmt: skip
+        if device == "cpu":
+            args += ["--max-total-tokens", "4096"]
+        if wait_for_weights:
+            args += ["--load-format", "dummy", "--wait-for-initial-weights"]
+        self.args = args + list(extra_args or [])
+        self.env = server_env(device, tp_size, env)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "SGLangServer":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)  # fmt: skip
+        return self
+
+    def wait_listening(self, timeout_s: float = 240.0) -> None:
+        """Until ``/model_info`` answers (the gate lets it through before weights arrive)."""
+        self._wait(lambda c: c.get(f"{self.url}/model_info").status_code == 200, timeout_s, "listen")
+
+    def wait_healthy(self, timeout_s: float = 240.0) -> None:
+        self._wait(lambda c: c.get(f"{self.url}/health").status_code == 200, timeout_s, "become healthy")
+
+    def _wait(self, check, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode} before it could {what}; "
+                                       f"see {self.log_path}:\n{self.log_tail()}")  # fmt: skip
+                try:
+                    if check(client):
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+        raise TimeoutError(f"server did not {what} within {timeout_s} s; see {self.log_path}")
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def group_pids(self) -> list[int]:
+        """Live processes of the server's process group (not zombies)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid and fields[0] != "Z":
+                pids.append(int(entry.name))
+        return pids
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout_s
+        while self.group_pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.group_pids():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            time.sleep(0.5)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+    def __enter__(self) -> "SGLangServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def generate_ids(url: str, input_ids: list[int], max_new_tokens: int, timeout_s: float = 120.0) -> dict:
+    """Greedy ``/generate`` on token ids; returns the parsed JSON (``output_ids``, ``meta_info``)."""
+    body = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                                                        "ignore_eos": True}}  # fmt: skip
+    resp = httpx.post(f"{url}/generate", json=body, timeout=timeout_s)
+    resp.raise_for_status()
+    return resp.json()
