@@ -42,6 +42,7 @@ class SGLangServer:
         log_path: str | Path,
         *,
         wait_for_weights: bool = True,
+        wait_flag: str = "--wait-for-initial-weights",
         device: str = "cpu",
         tp_size: int = 1,
         port: int | None = None,
@@ -56,7 +57,7 @@ class SGLangServer:
         if device == "cpu":
             args += ["--max-total-tokens", "4096"]
         if wait_for_weights:
-            args += ["--load-format", "dummy", "--wait-for-initial-weights"]
+            args += ["--load-format", "dummy", wait_flag]
         self.args = args + list(extra_args or [])
         self.env = server_env(device, tp_size, env)
         self.proc: subprocess.Popen | None = None

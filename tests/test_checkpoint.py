@@ -1,0 +1,91 @@
+"""Unit tests: reading safetensors headers and indexes, with the errors a user gets for bad input."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sglang_ckpt_plugin.loader.checkpoint import CheckpointError, discover_files, read_checkpoint
+from sglang_ckpt_plugin.loader.plan import plan_buckets
+from sglang_ckpt_plugin.loader.reader import CheckpointReader
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    tensors = {
+        "a.weight": torch.randn(4, 8, dtype=torch.float32),
+        "b.weight": torch.randn(3, dtype=torch.bfloat16),
+        "c.ids": torch.arange(5, dtype=torch.int64),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tmp_path, tensors
+
+
+def test_read_header_matches_safetensors_and_bytes_round_trip(ckpt):
+    path, tensors = ckpt
+    infos = read_checkpoint(path)
+    assert {t.name: (t.dtype, t.shape) for t in infos} == {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    buckets = plan_buckets(infos, 4096)
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    reader = CheckpointReader()
+    reader.fill(buckets[0], buf)
+    reader.close()
+    for s in buckets[0].slots:
+        got = buf[s.offset : s.offset + s.tensor.nbytes].view(s.tensor.dtype).view(s.tensor.shape)
+        assert torch.equal(got, tensors[s.tensor.name])
+    assert reader.bytes_read == sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+def test_sharded_index(tmp_path):
+    save_file({"x": torch.ones(2)}, tmp_path / "m-1.safetensors")
+    save_file({"y": torch.ones(3)}, tmp_path / "m-2.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "m-1.safetensors", "y": "m-2.safetensors"}})
+    )
+    assert [t.name for t in read_checkpoint(tmp_path)] == ["x", "y"]
+
+
+def test_missing_path():
+    with pytest.raises(CheckpointError, match="does not exist"):
+        discover_files("/nonexistent/ckpt")
+
+
+def test_no_safetensors(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        discover_files(tmp_path)
+
+
+def test_index_names_missing_file(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    with pytest.raises(CheckpointError, match="do not exist"):
+        discover_files(tmp_path)
+
+
+def test_corrupt_header(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 10) + b"not json!!" + b"\0" * 10)
+    with pytest.raises(CheckpointError, match="corrupt header"):
+        read_checkpoint(tmp_path)
+
+
+def test_header_length_beyond_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        read_checkpoint(tmp_path)
+
+
+def test_truncated_data(ckpt):
+    path, _ = ckpt
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(path)
+
+
+def test_duplicate_names_across_files(tmp_path):
+    save_file({"x": torch.ones(2)}, tmp_path / "a.safetensors")
+    save_file({"x": torch.ones(2)}, tmp_path / "b.safetensors")
+    with pytest.raises(CheckpointError, match="appears in both"):
+        read_checkpoint(tmp_path)

@@ -1,0 +1,87 @@
+"""Unit tests: loader CLI parsing, CPU environment, metas files; and the CLI's errors without a server."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sglang_ckpt_plugin.cpu_env import cpu_environment
+from sglang_ckpt_plugin.cpu_support import STUB_PATH
+from sglang_ckpt_plugin.loader.checkpoint import CheckpointError
+from sglang_ckpt_plugin.loader.cli import parse_args, parse_size
+from sglang_ckpt_plugin.loader.metas import load_metas, save_metas
+
+from .test_plan import tensor
+
+
+def test_defaults_match_sglang_entry_point():
+    a = parse_args(["--checkpoint-path", "/ckpt"])
+    assert a.update_method == "broadcast"
+    assert a.endpoint == "http://localhost:19730"
+    assert a.checkpoint_name == "my-checkpoint-iter-0"
+    assert a.inference_parallel_size == 1
+    assert a.bucket_size == 0 and a.num_buffers == 2
+
+
+def test_every_seed_option_parses():
+    a = parse_args([
+        "--update-method", "all", "--checkpoint-path", "/c", "--inference-parallel-size", "1",
+        "--endpoint", "http://h:1", "--checkpoint-name", "n", "--save-metas-file", "/m.json", "--uds", "/s.sock",
+        "--weight-version", "v3", "--sleep-time", "1.5", "--bucket-size", "256M",
+    ])  # fmt: skip
+    assert (a.update_method, a.uds, a.weight_version, a.sleep_time, a.bucket_size) == ("all", "/s.sock", "v3", 1.5, 256 << 20)
+
+
+@pytest.mark.parametrize("text,value", [("auto", 0), ("1G", 1 << 30), ("512k", 512 << 10), ("100", 100), ("1.5MiB", 3 << 19)])
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--checkpoint-path", "/c", "--update-method", "gossip"], ["--checkpoint-path", "/c", "--bucket-size", "lots"],
+    ["--checkpoint-path", "/c", "--inference-parallel-size", "0"],
+    ["--checkpoint-path", "/c", "--save-metas-file", "a", "--load-metas-file", "b"],
+])  # fmt: skip
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+
+
+def test_metas_round_trip_and_rejects_other_json(tmp_path):
+    shards = [[tensor("a", 10)], [tensor("b", 20), tensor("c", 5)]]
+    save_metas(tmp_path / "m.json", "ck", shards)
+    name, loaded = load_metas(tmp_path / "m.json")
+    assert name == "ck" and loaded == shards
+    (tmp_path / "x.json").write_text('{"tensors": []}')
+    with pytest.raises(CheckpointError, match="not a metas file"):
+        load_metas(tmp_path / "x.json")
+
+
+def test_cpu_environment_puts_stub_first_and_binds_cores():
+    env = cpu_environment(tp_size=2, cores=2, base={"PYTHONPATH": "/a"})
+    assert env["PYTHONPATH"].split(":") == [str(STUB_PATH), "/a"]
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert cpu_environment(tp_size=1, cores=4, base={})["SGLANG_CPU_OMP_THREADS_BIND"] == "0-3"
+
+
+def test_cpu_env_prints_exports():
+    out = subprocess.run([sys.executable, "-m", "sglang_ckpt_plugin.cpu_env"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert "export SGLANG_USE_CPU_ENGINE=1" in out and "export PYTHONPATH=" in out
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sglang_ckpt_plugin.update", "--quiet", *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_cli_missing_checkpoint_exits_nonzero_with_advice():
+    proc = run_cli("--checkpoint-path", "/nonexistent", "--endpoint", "http://127.0.0.1:9")
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+def test_cli_unreachable_server(tmp_path, llama_a):
+    proc = run_cli("--checkpoint-path", str(llama_a), "--endpoint", "http://127.0.0.1:9", "--timeout", "2")
+    assert proc.returncode == 1 and "not reachable" in proc.stderr

@@ -1,0 +1,73 @@
+"""Unit tests: shard planning and bucket packing (pure logic)."""
+
+import pytest
+import torch
+
+from sglang_ckpt_plugin.loader.checkpoint import TensorInfo
+from sglang_ckpt_plugin.loader.plan import ALIGN_BYTES, auto_bucket_size, plan_buckets, shard_by_bytes
+
+
+def tensor(name, nbytes, file="f.safetensors", offset=0):
+    return TensorInfo(name, torch.uint8, (nbytes,), file, offset, nbytes)
+
+
+def test_buckets_respect_size_alignment_and_order():
+    ts = [tensor(f"t{i}", n) for i, n in enumerate([100, 300, 50, 700, 10, 999])]
+    buckets = plan_buckets(ts, 1024)
+    assert [s.tensor.name for b in buckets for s in b.slots] == [t.name for t in ts]
+    for b in buckets:
+        for s in b.slots:
+            assert s.offset % ALIGN_BYTES == 0
+            assert s.offset + s.tensor.nbytes <= 1024
+        offsets = [s.offset for s in b.slots]
+        assert offsets == sorted(offsets)
+        ends = [s.offset + s.tensor.nbytes for s in b.slots]
+        assert all(e <= o for e, o in zip(ends, offsets[1:])), "slots overlap"
+    assert [b.index for b in buckets] == list(range(len(buckets)))
+
+
+def test_bucket_smaller_than_largest_tensor_is_an_error_with_advice():
+    with pytest.raises(ValueError, match="at least 1024"):
+        plan_buckets([tensor("big", 1000)], 512)
+
+
+def test_one_tensor_per_bucket_when_they_only_fit_alone():
+    buckets = plan_buckets([tensor("a", 600), tensor("b", 600)], 1000)
+    assert len(buckets) == 2
+
+
+def test_auto_bucket_size_bounds():
+    mib = 1 << 20
+    small = [tensor(f"t{i}", 1000) for i in range(10)]
+    assert auto_bucket_size(small) == 16 * mib
+    huge = [tensor("e", 900 * mib)] + [tensor(f"t{i}", 64 * mib) for i in range(100)]
+    assert auto_bucket_size(huge) >= 900 * mib  # never below the largest tensor
+    medium = [tensor(f"t{i}", 8 * mib) for i in range(256)]  # 2 GiB
+    assert auto_bucket_size(medium) == 128 * mib
+    assert auto_bucket_size(medium, memory_budget=256 * mib) == 32 * mib
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_shards_balanced_within_one_tensor_on_a_skewed_checkpoint(world):
+    sizes = [50_000_000] + [1_000_000 + 37 * i for i in range(200)] + [4096] * 50
+    ts = [tensor(f"t{i}", n, offset=i) for i, n in enumerate(sizes)]
+    shards = shard_by_bytes(ts, world)
+    assert sorted(t.name for s in shards for t in s) == sorted(t.name for t in ts)
+    loads = [sum(t.nbytes for t in s) for s in shards]
+    # ranks without the huge tensor are within one tensor of each other; the huge tensor's rank takes
+    # small tensors only while it is not above the others by more than one tensor
+    max_small = max(sizes[1:])
+    big = next(i for i, s in enumerate(shards) if any(t.nbytes == sizes[0] for t in s))
+    others = [load for i, load in enumerate(loads) if i != big] or [loads[big]]
+    assert max(others) - min(others) <= max_small
+    if loads[big] > sizes[0]:
+        assert abs(loads[big] - min(others)) <= max_small
+    for s in shards:  # each rank reads in checkpoint order
+        idx = [int(t.name[1:]) for t in s]
+        assert idx == sorted(idx)
+
+
+def test_shard_even_split():
+    ts = [tensor(f"t{i}", 1000) for i in range(10)]
+    loads = [sum(t.nbytes for t in s) for s in shard_by_bytes(ts, 2)]
+    assert loads == [5000, 5000]

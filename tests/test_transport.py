@@ -1,0 +1,183 @@
+"""Transport tests without SGLang: shared-memory handles, the channel, and a whole loader<->rank session
+between two threads, loading into a real torch module."""
+
+import os
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
+from sglang_ckpt_plugin.loader.plan import plan_buckets
+from sglang_ckpt_plugin.loader.push import PushError, RankFeeder, StageTimes, new_update_id
+from sglang_ckpt_plugin.loader.reader import BucketFiller, CheckpointReader
+from sglang_ckpt_plugin.server.receiver import ReceiveSession, UpdateFailed
+from sglang_ckpt_plugin.transport.channel import Channel, check_endpoint, make_endpoint, socket_dir
+from sglang_ckpt_plugin.transport.handles import ShmBuffer, open_buffer
+from sglang_ckpt_plugin.transport.messages import ProtocolError, ShmHandle
+
+from .conftest import our_leftovers
+
+CPU = torch.device("cpu")
+
+
+def test_shm_is_private_zero_copy_and_unlinkable():
+    buf = ShmBuffer(1 << 16)
+    try:
+        assert os.stat(buf.path).st_mode & 0o777 == 0o600
+        mapped = open_buffer(buf.handle(), CPU)
+        buf.tensor[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+        assert mapped.tensor[:4].tolist() == [1, 2, 3, 4]  # same memory, no copy
+        buf.unlink()
+        assert not os.path.exists(buf.path)
+        buf.tensor[4] = 9
+        assert mapped.tensor[4].item() == 9  # mappings outlive the name
+        mapped.close()
+    finally:
+        buf.release()
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "other-segment", "sglang-ckpt-x/y"])
+def test_receiver_refuses_foreign_shm_names(name):
+    with pytest.raises(ValueError, match="not one of ours"):
+        open_buffer(ShmHandle(name=name, nbytes=10), CPU)
+
+
+def test_receiver_refuses_shm_readable_by_others():
+    buf = ShmBuffer(4096)
+    try:
+        os.chmod(buf.path, 0o644)
+        with pytest.raises(PermissionError, match="0600"):
+            open_buffer(buf.handle(), CPU)
+    finally:
+        buf.release()
+
+
+def test_socket_dir_is_private_and_endpoints_are_checked():
+    assert os.stat(socket_dir()).st_mode & 0o777 == 0o700
+    ep = make_endpoint("u1", "cpu-tp0")
+    assert check_endpoint(ep) == ep
+    for bad in ["tcp://1.2.3.4:5", "ipc:///tmp/x.sock", ep.replace("u1-", "../u1-"), ep + ".x"]:
+        with pytest.raises(ProtocolError):
+            check_endpoint(bad)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Parameter(torch.zeros(300, 64))
+        self.proj = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.bfloat16))
+        self.norm = torch.nn.Parameter(torch.zeros(64))
+
+    def load_weights(self, weights):
+        params = dict(self.named_parameters())
+        for name, w in weights:
+            params[name].data.copy_(w)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    state = {"emb": torch.randn(300, 64), "proj": torch.randn(64, 64).bfloat16(), "norm": torch.rand(64)}
+    save_file(state, tmp_path / "model.safetensors")
+    return tmp_path, state
+
+
+def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_timeout_s=10.0, post=lambda: None):
+    tensors = read_checkpoint(ckpt_dir)
+    buckets = plan_buckets(tensors, bucket_size)
+    update_id = new_update_id("test")
+    endpoint = make_endpoint(update_id, "cpu-tp0")
+    cancelled = threading.Event()
+    feeder = RankFeeder(endpoint, update_id, max(b.nbytes for b in buckets), 2, CPU, 10.0, cancelled)
+    reader = CheckpointReader()
+    errors = []
+
+    def loader():
+        try:
+            (loader_hook or (lambda f: None))(feeder)
+            feeder.run(buckets, BucketFiller(reader, CPU, 0), StageTimes())
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+        finally:
+            feeder.close()
+
+    t = threading.Thread(target=loader)
+    t.start()
+    try:
+        stats = ReceiveSession(endpoint, CPU, model.load_weights, post, idle_timeout_s).run()
+    finally:
+        cancelled.set()
+        t.join()
+        reader.close()
+    return stats, errors, len(buckets)
+
+
+def test_full_session_loads_every_tensor_in_several_buckets(checkpoint):
+    ckpt_dir, state = checkpoint
+    model = Tiny()
+    before = set(our_leftovers())
+    stats, errors, n = run_session(ckpt_dir, model)
+    assert errors == [] and n >= 2 and stats.buckets == n and stats.tensors == 3
+    for name, value in state.items():
+        assert torch.equal(dict(model.named_parameters())[name].data, value)
+    assert set(our_leftovers()) - before == set()
+
+
+def test_load_error_fails_both_sides_and_leaks_nothing(checkpoint):
+    ckpt_dir, _ = checkpoint
+
+    class Broken(Tiny):
+        def load_weights(self, weights):
+            raise KeyError("no such parameter: emb")
+
+    before = set(our_leftovers())
+    with pytest.raises(UpdateFailed, match="no such parameter"):
+        run_session(ckpt_dir, Broken())
+    assert set(our_leftovers()) - before == set()
+
+
+def test_post_processing_error_is_a_failed_update(checkpoint):
+    ckpt_dir, _ = checkpoint
+
+    def post():
+        raise RuntimeError("repack failed")
+
+    with pytest.raises(UpdateFailed, match="repack failed"):
+        run_session(ckpt_dir, Tiny(), post=post)
+
+
+def test_quiet_loader_is_noticed(checkpoint):
+    ckpt_dir, _ = checkpoint
+    stall = threading.Event()
+
+    def hook(feeder):
+        stall.wait(3)  # never says hello in time
+
+    with pytest.raises(UpdateFailed, match="went quiet"):
+        run_session(ckpt_dir, Tiny(), loader_hook=hook, idle_timeout_s=0.5)
+    stall.set()
+
+
+def test_channel_round_trip_and_timeout(tmp_path):
+    ep = make_endpoint("chan", "t")
+    with Channel(ep, bind=True) as a, Channel(ep, bind=False) as b:
+        from sglang_ckpt_plugin.transport.messages import Finish
+
+        a.send(Finish(seq=3))
+        assert b.recv(5) == Finish(seq=3)
+        with pytest.raises(TimeoutError):
+            b.recv(0.05)
+    assert not os.path.exists(ep.removeprefix("ipc://"))
+
+
+def test_feeder_reports_server_refusal():
+    cancelled = threading.Event()
+    cancelled.set()
+    ep = make_endpoint("refused", "cpu-tp0")
+    feeder = RankFeeder(ep, "refused", 4096, 2, CPU, 5.0, cancelled)
+    try:
+        with pytest.raises(PushError, match="cancelled"):
+            feeder.run([], None, StageTimes())
+    finally:
+        feeder.close()
