@@ -1,0 +1,34 @@
+# Two commands for a fresh machine (Python 3.11 + pip): `make demo` and `make test`.
+# Both create .venv and install what they need when it is missing or pyproject.toml changed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# sglang 0.5.23 pins torch 2.14.1; install it with its torchvision first (both resolve from local disk here)
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m sglang_ckpt_plugin.demo.run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -v --durations=15 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -v -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/push_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .artifacts
