@@ -89,7 +89,8 @@ def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_time
     update_id = new_update_id("test")
     endpoint = make_endpoint(update_id, "cpu-tp0")
     cancelled = threading.Event()
-    feeder = RankFeeder(endpoint, update_id, max(b.nbytes for b in buckets), 2, CPU, 10.0, cancelled)
+    feeder = RankFeeder(endpoint, update_id, 10.0, cancelled)
+    feeder.allocate(max(b.nbytes for b in buckets), 2, CPU)
     reader = CheckpointReader()
     errors = []
 
@@ -175,7 +176,8 @@ def test_feeder_reports_server_refusal():
     cancelled = threading.Event()
     cancelled.set()
     ep = make_endpoint("refused", "cpu-tp0")
-    feeder = RankFeeder(ep, "refused", 4096, 2, CPU, 5.0, cancelled)
+    feeder = RankFeeder(ep, "refused", 5.0, cancelled)
+    feeder.allocate(4096, 2, CPU)
     try:
         with pytest.raises(PushError, match="cancelled"):
             feeder.run([], None, StageTimes())

@@ -19,7 +19,8 @@ ARCHS = ("llama", "qwen3", "mistral")
 WEIGHT_SCALE = 4.0
 
 
-def _config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.dtype, tie: bool):
+def model_config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.dtype, tie: bool, **overrides):
+    """An HF config for a small model of ``arch``; ``overrides`` replace any of the derived sizes."""
     from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
     common = dict(
@@ -34,7 +35,9 @@ def _config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.dtype,
         bos_token_id=1,
         eos_token_id=2,
         dtype=dtype,
+        architectures=[{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}[arch]],
     )
+    common.update(overrides)
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen3":
@@ -44,7 +47,7 @@ def _config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.dtype,
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 
-def _tokenizer(vocab: int):
+def word_tokenizer(vocab: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -72,7 +75,7 @@ def make_tiny_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = _config(arch, hidden, layers, vocab, dtype, tie_word_embeddings)
+    config = model_config(arch, hidden, layers, vocab, dtype, tie_word_embeddings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -84,7 +87,7 @@ def make_tiny_model(
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, safe_serialization=True, **kwargs)
-    _tokenizer(vocab).save_pretrained(out)
+    word_tokenizer(vocab).save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps({"do_sample": False, "bos_token_id": 1, "eos_token_id": 2}))
     return out
 

@@ -53,28 +53,19 @@ def bucket_message(seq: int, buffer: int, bucket: Bucket) -> BucketReady:
 class RankFeeder:
     """Owns the buffers and the channel for one inference rank during one update."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        update_id: str,
-        bucket_bytes: int,
-        num_buffers: int,
-        device: torch.device,
-        timeout_s: float,
-        cancelled: threading.Event,
-    ):
+    def __init__(self, endpoint: str, update_id: str, timeout_s: float, cancelled: threading.Event):
+        """Binds the endpoint at once (cheap), so the server may connect while buffers are allocated."""
         self.update_id = update_id
         self.timeout_s = timeout_s
         self.cancelled = cancelled
         self.buffers = []
-        self.channel = None
         self.on_bucket = lambda bucket: None  # progress callback
-        try:
-            self.buffers = [allocate_buffer(bucket_bytes, device) for _ in range(num_buffers)]
-            self.channel = Channel(endpoint, bind=True)
-        except BaseException:
-            self.close()
-            raise
+        self.channel = Channel(endpoint, bind=True)
+
+    def allocate(self, bucket_bytes: int, num_buffers: int, device: torch.device) -> None:
+        """Allocate and touch the bucket buffers (first touch of shared memory is the expensive part)."""
+        for _ in range(num_buffers):
+            self.buffers.append(allocate_buffer(bucket_bytes, device))
 
     def _wait_reply(self, seq: int, what: str) -> Reply:
         deadline = time.monotonic() + self.timeout_s

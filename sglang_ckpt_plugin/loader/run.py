@@ -39,6 +39,8 @@ def report(times: StageTimes, bytes_read: int, out=sys.stdout) -> None:
         f"bytes read by this rank {bytes_read}",
         file=out,
     )
+    if times.extra:
+        print("[sglang-ckpt] around the push: " + " | ".join(f"{k} {v:.3f} s" for k, v in times.extra.items()), file=out)
 
 
 def run_update(args: argparse.Namespace) -> int:
@@ -63,8 +65,10 @@ def _run(args: argparse.Namespace) -> int:
     buckets = plan_buckets(tensors, bucket_size)
     bucket_bytes = max(b.nbytes for b in buckets)
 
+    t_plan = time.perf_counter()
     client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout)
     client.wait_until_listening()
+    t_listening = time.perf_counter()
 
     update_id = new_update_id(args.checkpoint_name)
     rank_key = device_rank_key(device, tp_rank=0)
@@ -72,10 +76,12 @@ def _run(args: argparse.Namespace) -> int:
     times = StageTimes()
     cancelled = threading.Event()
     reader = CheckpointReader()
-    feeder = RankFeeder(endpoint, update_id, bucket_bytes, min(args.num_buffers, len(buckets)), device,
-                        args.timeout, cancelled)  # fmt: skip
+    feeder = RankFeeder(endpoint, update_id, args.timeout, cancelled)
+    # The server needs a few tens of ms to reach its receiver: allocate the buffers meanwhile.
     http = client.start_update({rank_key: endpoint}, args.weight_version, not args.no_flush_cache, cancelled)
     try:
+        feeder.allocate(bucket_bytes, min(args.num_buffers, len(buckets)), device)
+        t_buffers = time.perf_counter()
         filler = BucketFiller(reader, device, bucket_bytes)
         t0 = time.perf_counter()
         with client.progress(total=sum(b.payload_bytes for b in buckets), disable=args.quiet) as bar:
@@ -90,7 +96,10 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         feeder.close()
         reader.close()
+    t_pushed = time.perf_counter()
     http.join()  # raises ServerError if the server reported failure
+    times.extra = {"plan": t_plan - t_start, "server check": t_listening - t_plan,
+                   "buffers": t_buffers - t_listening, "server finalize": time.perf_counter() - t_pushed}  # fmt: skip
     report(times, reader.bytes_read)
     print(f"[sglang-ckpt] server: {http.message} (weight_version={args.weight_version}); "
           f"wall {time.perf_counter() - t_start:.3f} s including planning and waiting for the server")  # fmt: skip

@@ -90,6 +90,8 @@ class ReceiveSession:
 
     def _serve(self, channel: Channel) -> None:
         hello = self._recv(channel, "hello")
+        if isinstance(hello, Abort):
+            raise UpdateFailed(f"loader aborted the update before it started: {hello.reason}")
         if not isinstance(hello, Hello):
             raise UpdateFailed(f"expected hello, got {type(hello).__name__}")
         try:
