@@ -100,8 +100,12 @@ def runner_rank(updater) -> int:
 
 
 def check_online_update_allowed(updater) -> str | None:
-    """SGLang's own reasons to refuse an online update (weight cache daemon, derived weight caches)."""
+    """Reasons to refuse at once: a draft model (its loader stream does not exist: it would only time out),
+    and SGLang's own (weight cache daemon, derived weight caches)."""
     from sglang.srt.model_executor.model_runner_components import weight_updater as wu
+
+    if getattr(updater.get_model_runner(), "is_draft_worker", False):
+        return "speculative-decoding draft models are not updated by sglang-ckpt-plugin yet; run without a draft model"
 
     try:
         updater._assert_weight_cache_inactive("update_weights_from_ipc")
