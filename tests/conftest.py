@@ -6,7 +6,12 @@ import functools
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+# A private socket directory for this test session (servers and loaders inherit it), so that leak checks
+# see only this run's files.
+os.environ["SGLANG_CKPT_SOCKET_DIR"] = tempfile.mkdtemp(prefix="sglang-ckpt-test-sockets-")
 
 import pytest
 import torch
@@ -67,3 +72,10 @@ def no_leaks():
     before = set(our_leftovers())
     yield
     assert set(our_leftovers()) - before == set(), "shared memory or socket files left behind"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    try:
+        os.rmdir(os.environ["SGLANG_CKPT_SOCKET_DIR"])  # empty unless something leaked (tests report that)
+    except OSError:
+        pass

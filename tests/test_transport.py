@@ -183,3 +183,31 @@ def test_feeder_reports_server_refusal():
             feeder.run([], None, StageTimes())
     finally:
         feeder.close()
+
+
+def test_loader_that_dies_mid_update_is_noticed_at_once(checkpoint):
+    """The loader closes its socket after the first bucket: the rank fails fast, not at its idle timeout."""
+    import time
+
+    ckpt_dir, _ = checkpoint
+
+    class SlowFirstBucket(Tiny):
+        def load_weights(self, weights):
+            super().load_weights(weights)
+            time.sleep(0.3)  # the loader is gone by the time we ask for the next message
+
+    def hook(feeder):
+        real_send = feeder.channel.send
+
+        def send_then_vanish(msg, timeout_s=30.0):
+            real_send(msg, timeout_s)
+            if type(msg).__name__ == "BucketReady":
+                feeder.channel.close()
+                raise RuntimeError("loader killed")
+
+        feeder.channel.send = send_then_vanish
+
+    t0 = time.monotonic()
+    with pytest.raises(UpdateFailed, match="disconnected"):
+        run_session(ckpt_dir, SlowFirstBucket(), loader_hook=hook, idle_timeout_s=30.0)
+    assert time.monotonic() - t0 < 10

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..transport.channel import Channel
+from ..transport.channel import Channel, PeerGone
 from ..transport.handles import allocate_buffer
 from ..transport.messages import PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorSlot
 from .checkpoint import dtype_name
@@ -78,6 +78,8 @@ class RankFeeder:
                 if time.monotonic() > deadline:
                     raise PushError(f"server did not {what} within {self.timeout_s:g} s (--timeout)") from None
                 continue
+            except PeerGone:
+                raise PushError(f"the server's rank disconnected before it could {what} (see the server log)") from None
             if not isinstance(msg, Reply) or msg.seq != seq:
                 raise PushError(f"protocol error: expected reply to {seq}, got {msg!r}")
             if not msg.ok:

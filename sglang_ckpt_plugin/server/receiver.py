@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..transport.channel import Channel, check_endpoint
+from ..transport.channel import Channel, PeerGone, check_endpoint
 from ..transport.handles import MappedBuffer, open_buffer
 from ..transport.messages import Abort, BucketReady, Finish, Hello, ProtocolError, Reply
 
@@ -87,6 +87,8 @@ class ReceiveSession:
             return channel.recv(self.idle_timeout_s)
         except TimeoutError:
             raise UpdateFailed(f"loader went quiet: no {what} within {self.idle_timeout_s:g} s") from None
+        except PeerGone as exc:
+            raise UpdateFailed(f"loader disconnected while the server waited for a {what}: {exc}") from None
 
     def _serve(self, channel: Channel) -> None:
         hello = self._recv(channel, "hello")

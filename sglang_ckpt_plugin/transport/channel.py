@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .messages import Message, ProtocolError, decode, encode
 
@@ -54,18 +56,39 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+class PeerGone(ConnectionError):
+    """The other side's connection closed mid-conversation (its process died or gave up)."""
+
+
 class Channel:
+    """One PAIR socket plus a socket monitor, so that a peer that dies is noticed at once, not at a timeout."""
+
     def __init__(self, endpoint: str, bind: bool):
         self.endpoint = endpoint
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._ctx.socket(zmq.PAIR)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+        )
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._peer_seen = False
         self._bound = bind
         if bind:
             self._sock.bind(endpoint)
         else:
             self._sock.connect(endpoint)
+
+    def _check_peer(self) -> None:
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
+                self._peer_seen = True
+            elif event == zmq.EVENT_DISCONNECTED and self._peer_seen:
+                raise PeerGone(f"the peer on {self.endpoint} disconnected (its process ended or gave up)")
 
     def send(self, msg: Message, timeout_s: float = 30.0) -> None:
         """Send one message; TimeoutError if no peer takes it in ``timeout_s`` (a PAIR waits for its peer)."""
@@ -74,12 +97,23 @@ class Channel:
         self._sock.send(encode(msg), copy=True)
 
     def recv(self, timeout_s: float) -> Message:
-        """Next message, or TimeoutError if none arrives in ``timeout_s``. Bad frames raise ProtocolError."""
-        if not self._sock.poll(int(timeout_s * 1000)):
-            raise TimeoutError(f"no message on {self.endpoint} within {timeout_s:g} s")
-        return decode(self._sock.recv(copy=True))
+        """Next message. TimeoutError if none arrives in ``timeout_s``; PeerGone as soon as the peer
+        disconnects (messages it sent before are still delivered first); bad frames raise ProtocolError."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = dict(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+            if self._sock in ready:
+                return decode(self._sock.recv(copy=True))
+            if self._monitor in ready:
+                self._check_peer()
+            elif time.monotonic() >= deadline:
+                raise TimeoutError(f"no message on {self.endpoint} within {timeout_s:g} s")
 
     def close(self) -> None:
+        if self._sock.closed:
+            return
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
         self._ctx.term()
         if self._bound:  # libzmq usually removes it; make sure
