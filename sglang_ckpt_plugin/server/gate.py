@@ -33,14 +33,22 @@ HOW_TO_PUSH = (
 EXIT_NO_WEIGHTS = 3
 
 
+
+class GateState:
+    """Why the gate is closed: never loaded (initial wait), or the last update failed part-way."""
+
+    incomplete_reason: str | None = None
+
+
+def closed_message() -> str:
+    if GateState.incomplete_reason:
+        return (f"Model weights are incomplete: the last weight update failed part-way "
+                f"({GateState.incomplete_reason[:300]}); a complete update is needed before serving; {HOW_TO_PUSH}")  # fmt: skip
+    return f"Model weights have not been loaded yet (server started with --wait-for-initial-weights); {HOW_TO_PUSH}"
+
+
 def not_loaded_body() -> bytes:
-    return json.dumps({
-        "object": "error",
-        "type": "ServiceUnavailable",
-        "code": 503,
-        "message": f"Model weights have not been loaded yet (server started with --wait-for-initial-weights); "
-                   f"{HOW_TO_PUSH}",
-    }).encode()  # fmt: skip
+    return json.dumps({"object": "error", "type": "ServiceUnavailable", "code": 503, "message": closed_message()}).encode()
 
 
 class WeightsGate:

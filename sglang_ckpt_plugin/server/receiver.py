@@ -8,6 +8,7 @@ Tensors handed to ``load_weights`` are views into the loader's buffer: nothing i
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -65,21 +66,31 @@ class ReceiveSession:
         load_weights: LoadFn,
         post_process: Callable[[], None],
         idle_timeout_s: float,
+        prepare: Callable[[], None] = lambda: None,
     ):
         self.endpoint = check_endpoint(endpoint)
         self.device = device
         self.load_weights = load_weights
         self.post_process = post_process
+        self.prepare = prepare  # runs once, just before the first write to the model
         self.idle_timeout_s = idle_timeout_s
         self.buffers: list[MappedBuffer] = []
         self.stats = ReceiveStats()
+        self.touched_weights = False  # after a failure: were the served weights already changed?
 
     def run(self) -> ReceiveStats:
-        with Channel(self.endpoint, bind=False) as channel:
+        try:
+            with Channel(self.endpoint, bind=False) as channel:
+                try:
+                    self._serve(channel)
+                finally:
+                    self._unmap()
+        finally:
+            # A loader killed with SIGKILL cannot remove its socket file; it lives in our private directory.
             try:
-                self._serve(channel)
-            finally:
-                self._unmap()
+                os.unlink(self.endpoint.removeprefix("ipc://"))
+            except FileNotFoundError:
+                pass
         return self.stats
 
     def _recv(self, channel: Channel, what: str):
@@ -118,6 +129,9 @@ class ReceiveSession:
         t0 = time.perf_counter()
         try:
             views = bucket_views(msg, self.buffers)
+            if not self.touched_weights:
+                self.touched_weights = True
+                self.prepare()
             self.load_weights(views)
             if self.device.type == "cuda":
                 # the loader refills this buffer as soon as we acknowledge: our copies must be done
@@ -136,6 +150,7 @@ class ReceiveSession:
     def _finish(self, channel: Channel, msg: Finish) -> None:
         self._unmap()  # release the loader's memory before post-processing (peak memory)
         t0 = time.perf_counter()
+        self.touched_weights = True
         try:
             self.post_process()
         except Exception as exc:

@@ -17,7 +17,8 @@ from fastapi.responses import ORJSONResponse
 
 from .. import __version__
 from . import sglang_compat as sg
-from .gate import WeightsGate
+from .gate import GateState, WeightsGate
+from .tp_worker import INCOMPLETE_MARKER
 
 _update_lock = asyncio.Lock()
 _last_update: dict | None = None
@@ -58,7 +59,12 @@ def _wrap_update_ipc(original):
             resp = await original(*args, **kwargs)
             payload = _response_payload(resp)
             if payload.get("success"):
+                GateState.incomplete_reason = None
                 sg.mark_weights_loaded()
+            elif INCOMPLETE_MARKER in payload.get("message", ""):
+                # partly-new weights must not be served: close the gate until a complete update arrives
+                GateState.incomplete_reason = payload["message"]
+                sg.mark_weights_loaded(False)
             _last_update = {
                 "success": bool(payload.get("success")),
                 "message": payload.get("message", ""),
@@ -76,6 +82,7 @@ def _wrap_update_disk(original):
     async def update_weights_from_disk(*args, **kwargs):
         resp = await original(*args, **kwargs)
         if getattr(resp, "status_code", 200) == 200 and _response_payload(resp).get("success"):
+            GateState.incomplete_reason = None
             sg.mark_weights_loaded()
         return resp
 
@@ -92,6 +99,7 @@ def _wrap_model_info(original):
             "version": __version__,
             "weights_loaded": loaded,
             "wait_for_initial_weights": sg.wait_flag_enabled(),
+            "weights_state": "complete" if loaded else ("incomplete" if GateState.incomplete_reason else "waiting"),
             "update_in_progress": _update_lock.locked(),
             "last_update": _last_update,
         }

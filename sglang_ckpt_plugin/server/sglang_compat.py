@@ -5,7 +5,8 @@ Hooks (registered through SGLang's own HookRegistry, applied by ``load_plugins()
 - ``http_server.launch_server`` (before): the readiness gate middleware and our route wrappers on ``app``.
 - ``http_server._wait_weights_ready`` (replace): wait without falling through to dummy weights.
 - ``WeightUpdater.update_weights_from_ipc`` (replace, model-runner side): our zero-copy receiver instead
-  of the checkpoint-engine package.
+  of the checkpoint-engine package; ``update_weights_from_disk`` (after): a full reload makes weights complete.
+- ``Scheduler.handle_generate_request`` (around): refuse requests while the weights are incomplete.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 logger = logging.getLogger("sglang_ckpt_plugin")
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
+SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 HTTP_SERVER = "sglang.srt.entrypoints.http_server"
 RUNNER_WEIGHT_UPDATER = "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater"
 WAIT_FLAG_FIELD = "checkpoint_engine_wait_weights_before_ready"
@@ -34,6 +36,26 @@ def install_hooks() -> None:
     HookRegistry.register(
         f"{RUNNER_WEIGHT_UPDATER}.update_weights_from_ipc", tp_worker.update_weights_from_ipc, HookType.REPLACE
     )
+    HookRegistry.register(f"{RUNNER_WEIGHT_UPDATER}.update_weights_from_disk", _after_disk_update, HookType.AFTER)
+    HookRegistry.register(f"{SCHEDULER}.handle_generate_request", _guard_generate, HookType.AROUND)
+
+
+def _after_disk_update(result, *args, **kwargs):
+    from . import tp_worker
+
+    if result and result[0]:
+        tp_worker.mark_weights_complete()
+
+
+def _guard_generate(original, scheduler, recv_req, **kwargs):
+    """Scheduler-side guard: requests admitted before a failed update (queued on SGLang's model-update
+    lock, past the HTTP gate) must not run on partly-new weights. SGLang's own admission-error path aborts
+    them with our message (it answers with status 500)."""
+    from . import tp_worker
+
+    if not tp_worker.weights_complete():
+        kwargs["mm_input_error"] = tp_worker.INCOMPLETE_REFUSAL
+    return original(scheduler, recv_req, **kwargs)
 
 
 def _before_launch_server(*args, **kwargs):
@@ -68,10 +90,10 @@ def weights_loaded() -> bool:
     return tm is None or bool(getattr(tm, "initial_weights_loaded", True))
 
 
-def mark_weights_loaded() -> None:
+def mark_weights_loaded(loaded: bool = True) -> None:
     tm = tokenizer_manager()
     if tm is not None:
-        tm.initial_weights_loaded = True
+        tm.initial_weights_loaded = loaded
 
 
 def weight_version() -> str | None:

@@ -1,0 +1,40 @@
+"""The real loader CLI with one fault injected, for the fault tests (run as a script, never imported by the
+product): ``python faulty_loader.py MODE -- <loader args>``.
+
+MODE kill-after-2: SIGKILL itself right after sending the second bucket.
+MODE stall-before-buckets: after the server mapped the buffers, sleep instead of filling the first bucket.
+MODE stall-after-first-bucket: send the first bucket (the server writes it into the model), then sleep.
+"""
+
+import os
+import signal
+import sys
+import time
+
+from sglang_ckpt_plugin.loader import cli, push, reader
+
+mode, args = sys.argv[1], sys.argv[sys.argv.index("--") + 1 :]
+
+if mode in ("kill-after-2", "stall-after-first-bucket"):
+    original_run = push.RankFeeder.run
+
+    def run(self, buckets, filler, times):
+        sent = []
+
+        def on_bucket(bucket):
+            sent.append(bucket)
+            if mode == "stall-after-first-bucket":
+                time.sleep(3600)
+            if len(sent) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        self.on_bucket = on_bucket
+        return original_run(self, buckets, filler, times)
+
+    push.RankFeeder.run = run
+elif mode == "stall-before-buckets":
+    reader.BucketFiller.fill = lambda self, bucket, buffer: time.sleep(3600)
+else:
+    raise SystemExit(f"unknown mode {mode}")
+
+sys.exit(cli.main(args))

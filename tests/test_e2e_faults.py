@@ -1,0 +1,132 @@
+"""Faults against a real SGLang server: what the user sees and what state the server is left in."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
+
+from .conftest import NEW_TOKENS, PROMPT, hf_reference, our_leftovers, push
+
+pytestmark = pytest.mark.slow
+FAULTY = Path(__file__).with_name("faulty_loader.py")
+
+
+def faulty(mode: str, url: str, ckpt: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(FAULTY), mode, "--", "--checkpoint-path", str(ckpt), "--endpoint", url, "--quiet",
+           "--bucket-size", "300K", *extra]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def info(url: str) -> dict:
+    return httpx.get(f"{url}/model_info", timeout=30).json()
+
+
+def wait_for(predicate, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture(scope="module")
+def server(llama_a, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "faults_server.log"
+    with SGLangServer(llama_a, log) as srv:
+        srv.wait_listening()
+        push(srv.url, llama_a, "--weight-version", "a-1")
+        srv.wait_healthy(timeout_s=60)
+        yield srv
+    assert srv.group_pids() == []
+
+
+def assert_serving(url: str, ckpt: Path, version: str) -> None:
+    result = generate_ids(url, PROMPT, NEW_TOKENS)
+    assert result["output_ids"] == hf_reference(str(ckpt))
+    assert result["meta_info"]["weight_version"] == version
+    assert info(url)["ckpt_plugin"]["weights_state"] == "complete"
+
+
+def test_bad_checkpoint_changes_nothing(server, llama_a, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    before = set(our_leftovers())
+    proc = push(server.url, tmp_path, "--weight-version", "bad", check=False)
+    assert proc.returncode == 1 and "corrupt header" in proc.stderr
+    assert set(our_leftovers()) - before == set()
+    assert_serving(server.url, llama_a, "a-1")
+
+
+def test_second_update_while_one_runs_gets_409_and_nothing_changes(server, llama_a, llama_b):
+    before = set(our_leftovers())
+    stalled = faulty("stall-before-buckets", server.url, llama_b, "--weight-version", "stalled")
+    wait_for(lambda: info(server.url)["ckpt_plugin"]["update_in_progress"])
+    second = push(server.url, llama_b, "--weight-version", "second", check=False)
+    assert second.returncode == 1 and "409" in second.stderr and "in progress" in second.stderr
+    stalled.send_signal(signal.SIGKILL)
+    stalled.wait(timeout=30)
+    # the server notices the vanished loader at once; nothing had been written, so it keeps serving a-1
+    wait_for(lambda: not info(server.url)["ckpt_plugin"]["update_in_progress"], timeout_s=20)
+    last = info(server.url)["ckpt_plugin"]["last_update"]
+    assert last["success"] is False and "before any weight was changed" in last["message"]
+    assert set(our_leftovers()) - before == set()
+    assert_serving(server.url, llama_a, "a-1")
+
+
+def test_loader_killed_mid_update_closes_the_server_until_a_complete_push(server, llama_a, llama_b):
+    before = set(our_leftovers())
+    proc = faulty("kill-after-2", server.url, llama_b, "--weight-version", "b-partial")
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = time.monotonic()
+    noticed_at = wait_for(lambda: info(server.url)["ckpt_plugin"]["weights_state"] == "incomplete", timeout_s=20)
+    assert noticed_at - killed_at < 10, "the server must notice a dead loader quickly, not at its idle timeout"
+    doc = info(server.url)
+    assert doc["weights_loaded"] is False and doc["weight_version"] == "a-1"
+    assert doc["ckpt_plugin"]["last_update"]["success"] is False
+    resp = httpx.post(f"{server.url}/generate", json={"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2}})
+    assert resp.status_code == 503 and "incomplete" in resp.json()["message"]
+    assert httpx.get(f"{server.url}/health").status_code == 503
+    assert set(our_leftovers()) - before == set(), "shared memory or socket files left behind by the killed loader"
+    # a fresh, complete push recovers the server
+    push(server.url, llama_b, "--weight-version", "b-1")
+    assert_serving(server.url, llama_b, "b-1")
+
+
+def test_request_queued_during_a_failing_update_is_not_computed_on_mixed_weights(server, llama_a, llama_b):
+    """A request admitted while weights were complete waits on SGLang's model-update lock; the update then
+    fails part-way. The scheduler-side guard must refuse it rather than run it on half-new weights."""
+    push(server.url, llama_a, "--weight-version", "a-2")
+    stalled = faulty("stall-after-first-bucket", server.url, llama_b, "--weight-version", "b-partial")
+    wait_for(lambda: info(server.url)["ckpt_plugin"]["update_in_progress"])
+    time.sleep(1.0)  # the first bucket is in the model now
+    result = {}
+
+    def client():
+        body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0.0}}
+        result["resp"] = httpx.post(f"{server.url}/generate", json=body, timeout=120)
+
+    import threading
+
+    t = threading.Thread(target=client)
+    t.start()
+    time.sleep(1.0)  # the request is past the HTTP gate, queued behind the update
+    assert t.is_alive()
+    stalled.send_signal(signal.SIGKILL)
+    stalled.wait(timeout=30)
+    t.join(timeout=60)
+    resp = result["resp"]
+    assert resp.status_code != 200, f"a request ran on partly-updated weights: {resp.text[:300]}"
+    assert "failed part-way" in resp.text
+    assert info(server.url)["ckpt_plugin"]["weights_state"] == "incomplete"
+    push(server.url, llama_a, "--weight-version", "a-3")
+    assert_serving(server.url, llama_a, "a-3")
