@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-metas-file", help="write the read plan (tensors, owners) as JSON for a later join")
     p.add_argument("--load-metas-file", help="use a plan written by --save-metas-file instead of re-reading headers")
     p.add_argument("--uds", help="reach the server over this Unix socket instead of TCP")
+    p.add_argument("--api-key", default=os.environ.get("SGLANG_CKPT_API_KEY"),
+                   help="bearer token for a server started with --admin-api-key / --api-key "
+                        "(default: $SGLANG_CKPT_API_KEY)")
     p.add_argument("--weight-version", help="version string the server reports after this update")
     p.add_argument("--sleep-time", type=float, default=0.0, help="seconds to sleep after the update before exiting")
     p.add_argument("--bucket-size", type=parse_size, default=0, help="bytes per bucket, e.g. 256M; default auto")

@@ -31,7 +31,10 @@ class UpdateCall:
         try:
             resp = self._client.http.post("/update_weights_from_ipc", json=self._body, timeout=None)
             data = _json(resp)
-            if resp.status_code != 200 or not data.get("success", False):
+            if resp.status_code in (401, 403):
+                self.error = ServerError(f"the server refused the update (HTTP {resp.status_code}): the update route "
+                                         "needs the server's admin API key; pass --api-key")  # fmt: skip
+            elif resp.status_code != 200 or not data.get("success", False):
                 self.error = ServerError(f"server refused the update (HTTP {resp.status_code}): "
                                          f"{data.get('message', resp.text[:500])}")  # fmt: skip
             self.message = data.get("message", "")
@@ -58,11 +61,12 @@ def _json(resp: httpx.Response) -> dict:
 
 
 class ServerClient:
-    def __init__(self, base_url: str, uds: str | None = None, timeout_s: float = 600.0):
+    def __init__(self, base_url: str, uds: str | None = None, timeout_s: float = 600.0, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         transport = httpx.HTTPTransport(uds=uds) if uds else None
-        self.http = httpx.Client(base_url=self.base_url, transport=transport, timeout=30.0)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, transport=transport, timeout=30.0, headers=headers)
 
     def model_info(self) -> dict:
         return _json(self.http.get("/model_info"))
@@ -83,6 +87,9 @@ class ServerClient:
                             "environment and restart it"
                         )
                     return info
+                if resp.status_code in (401, 403):
+                    raise ServerError(f"{self.base_url} requires an API key (HTTP {resp.status_code}); pass --api-key "
+                                      "(the server's --admin-api-key, or --api-key if it has no admin key)")  # fmt: skip
                 last = f"HTTP {resp.status_code}"
             except httpx.TransportError as exc:
                 last = str(exc) or type(exc).__name__

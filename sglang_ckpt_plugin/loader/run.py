@@ -66,8 +66,11 @@ def _run(args: argparse.Namespace) -> int:
     bucket_bytes = max(b.nbytes for b in buckets)
 
     t_plan = time.perf_counter()
-    client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout)
-    client.wait_until_listening()
+    client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
+    server_tp = client.wait_until_listening()["ckpt_plugin"].get("tp_size")
+    if server_tp is not None and server_tp != args.inference_parallel_size:
+        raise ValueError(f"the server runs with tp={server_tp} but --inference-parallel-size is "
+                         f"{args.inference_parallel_size}; pass --inference-parallel-size {server_tp}")  # fmt: skip
     t_listening = time.perf_counter()
 
     update_id = new_update_id(args.checkpoint_name)

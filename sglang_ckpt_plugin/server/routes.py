@@ -99,6 +99,7 @@ def _wrap_model_info(original):
             "version": __version__,
             "weights_loaded": loaded,
             "wait_for_initial_weights": sg.wait_flag_enabled(),
+            "tp_size": sg.tp_size(),
             "weights_state": "complete" if loaded else ("incomplete" if GateState.incomplete_reason else "waiting"),
             "update_in_progress": _update_lock.locked(),
             "last_update": _last_update,

@@ -85,6 +85,12 @@ def wait_flag_enabled() -> bool:
     return bool(getattr(get_model(), WAIT_FLAG_FIELD, False))
 
 
+def tp_size() -> int:
+    from sglang.srt.runtime_context import get_parallel
+
+    return int(get_parallel().tp_size)
+
+
 def weights_loaded() -> bool:
     tm = tokenizer_manager()
     return tm is None or bool(getattr(tm, "initial_weights_loaded", True))
