@@ -67,3 +67,13 @@ def test_second_push_of_sharded_checkpoint_switches_output(server, llama_a, llam
     assert result["output_ids"] == hf_reference(str(llama_b))
     assert result["meta_info"]["weight_version"] == "b-1"
     assert httpx.get(f"{server.url}/model_info").json()["weight_version"] == "b-1"
+
+
+def test_verified_push_reports_the_fingerprint_of_the_files_on_disk(server, llama_a):
+    from .test_transport import disk_fingerprint
+
+    out = push(server.url, llama_a, "--weight-version", "a-verified", "--verify")
+    loader_fp = out.stdout.split("fingerprint=")[1].split()[0]
+    info = httpx.get(f"{server.url}/model_info").json()
+    assert info["ckpt_plugin"]["fingerprint"] == loader_fp == disk_fingerprint(llama_a)
+    assert generate_ids(server.url, PROMPT, NEW_TOKENS)["output_ids"] == hf_reference(str(llama_a))

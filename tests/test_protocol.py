@@ -36,7 +36,7 @@ def test_round_trip(msg):
 
 def test_wire_shape_is_documented_json():
     doc = json.loads(encode(MESSAGES[1]))
-    assert doc == {"type": "bucket", "seq": 0, "buffer": 1, "tensors": [["w", "bfloat16", [2, 3], 256]], "crc32": None}
+    assert doc == {"type": "bucket", "seq": 0, "buffer": 1, "tensors": [["w", "bfloat16", [2, 3], 256]], "digests": None}
 
 
 @pytest.mark.parametrize(

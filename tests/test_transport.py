@@ -83,13 +83,14 @@ def checkpoint(tmp_path):
     return tmp_path, state
 
 
-def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_timeout_s=10.0, post=lambda: None):
+def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_timeout_s=10.0, post=lambda: None,
+                verify=False):  # fmt: skip
     tensors = read_checkpoint(ckpt_dir)
     buckets = plan_buckets(tensors, bucket_size)
     update_id = new_update_id("test")
     endpoint = make_endpoint(update_id, "cpu-tp0")
     cancelled = threading.Event()
-    feeder = RankFeeder(endpoint, update_id, 10.0, cancelled)
+    feeder = RankFeeder(endpoint, update_id, 10.0, cancelled, verify=verify)
     feeder.allocate(max(b.nbytes for b in buckets), 2, CPU)
     reader = CheckpointReader()
     errors = []
@@ -111,6 +112,7 @@ def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_time
         cancelled.set()
         t.join()
         reader.close()
+    run_session.last_fingerprint = feeder.fingerprint
     return stats, errors, len(buckets)
 
 
@@ -211,3 +213,37 @@ def test_loader_that_dies_mid_update_is_noticed_at_once(checkpoint):
     with pytest.raises(UpdateFailed, match="disconnected"):
         run_session(ckpt_dir, SlowFirstBucket(), loader_hook=hook, idle_timeout_s=30.0)
     assert time.monotonic() - t0 < 10
+
+
+def disk_fingerprint(ckpt_dir):
+    """Computed independently of the loader: safetensors' own reader, then the documented formula."""
+    from safetensors.torch import load_file
+
+    from sglang_ckpt_plugin.transport.integrity import fingerprint, tensor_digest
+
+    entries = {}
+    for f in sorted(ckpt_dir.glob("*.safetensors")):
+        for name, t in load_file(f).items():
+            flat = t.contiguous().reshape(-1).view(torch.uint8)
+            entries[name] = (str(t.dtype).removeprefix("torch."), list(t.shape), tensor_digest(flat))
+    return fingerprint(entries)
+
+
+def test_verified_session_reports_the_checkpoint_fingerprint(checkpoint):
+    ckpt_dir, _ = checkpoint
+    stats, errors, _ = run_session(ckpt_dir, Tiny(), verify=True)
+    assert errors == []
+    assert stats.fingerprint == run_session.last_fingerprint == disk_fingerprint(ckpt_dir)
+
+
+def test_corrupted_bytes_are_caught_before_anything_is_written(checkpoint):
+    ckpt_dir, _ = checkpoint
+    model = Tiny()
+
+    def corrupt(feeder):
+        real = feeder._digest
+        feeder._digest = lambda bucket, host: [d ^ 1 for d in real(bucket, host)]
+
+    with pytest.raises(UpdateFailed, match="checksum mismatch"):
+        run_session(ckpt_dir, model, loader_hook=corrupt, verify=True)
+    assert all(torch.count_nonzero(p) == 0 for p in model.parameters()), "a corrupted bucket reached the model"

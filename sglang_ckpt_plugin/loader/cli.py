@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where buffers live: cpu = shared memory, cuda = CUDA IPC; auto = cuda if available")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds to wait for the server (to start, to answer each step) before failing")
+    p.add_argument("--verify", action="store_true",
+                   help="send xxh3 digests of every tensor; the server checks them before loading and both sides "
+                        "print the checkpoint fingerprint")
     p.add_argument("--no-flush-cache", action="store_true", help="keep the radix cache after the update")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p  # fmt: skip

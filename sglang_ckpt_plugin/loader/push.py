@@ -16,6 +16,7 @@ import torch
 
 from ..transport.channel import Channel, PeerGone
 from ..transport.handles import allocate_buffer
+from ..transport.integrity import fingerprint, tensor_digest
 from ..transport.messages import PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorSlot
 from .checkpoint import dtype_name
 from .plan import Bucket
@@ -43,19 +44,23 @@ def new_update_id(checkpoint_name: str) -> str:
     return f"{safe}-{uuid.uuid4().hex[:8]}"
 
 
-def bucket_message(seq: int, buffer: int, bucket: Bucket) -> BucketReady:
+def bucket_message(seq: int, buffer: int, bucket: Bucket, digests: list[int] | None = None) -> BucketReady:
     slots = [
         TensorSlot(s.tensor.name, dtype_name(s.tensor.dtype), list(s.tensor.shape), s.offset) for s in bucket.slots
     ]
-    return BucketReady(seq=seq, buffer=buffer, tensors=slots)
+    return BucketReady(seq=seq, buffer=buffer, tensors=slots, digests=digests)
 
 
 class RankFeeder:
     """Owns the buffers and the channel for one inference rank during one update."""
 
-    def __init__(self, endpoint: str, update_id: str, timeout_s: float, cancelled: threading.Event):
-        """Binds the endpoint at once (cheap), so the server may connect while buffers are allocated."""
+    def __init__(self, endpoint: str, update_id: str, timeout_s: float, cancelled: threading.Event,
+                 verify: bool = False):  # fmt: skip
+        """Binds the endpoint at once (cheap), so the server may connect while buffers are allocated.
+        With ``verify``, every bucket carries per-tensor xxh3 digests that the server checks."""
         self.update_id = update_id
+        self.verify = verify
+        self.digests: dict[str, tuple[str, list[int], int]] = {}
         self.timeout_s = timeout_s
         self.cancelled = cancelled
         self.buffers = []
@@ -96,6 +101,7 @@ class RankFeeder:
                 num_buckets=len(buckets),
                 num_tensors=sum(len(b.slots) for b in buckets),
                 total_bytes=sum(b.payload_bytes for b in buckets),
+                checksum="xxh3" if self.verify else "none",
             )
         )
         self._wait_reply(-1, "map the bucket buffers")
@@ -109,9 +115,10 @@ class RankFeeder:
                 times.load_s += self._wait_reply(in_flight.popleft(), "load a bucket").elapsed_s
                 times.wait_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            filler.fill(bucket, self.buffers[seq % n].tensor)
+            host = filler.fill(bucket, self.buffers[seq % n].tensor)
+            digests = self._digest(bucket, host) if self.verify else None
             times.read_s += time.perf_counter() - t0
-            self.channel.send(bucket_message(seq, seq % n, bucket))
+            self.channel.send(bucket_message(seq, seq % n, bucket, digests))
             in_flight.append(seq)
             times.bytes += bucket.payload_bytes
             times.buckets += 1
@@ -122,6 +129,18 @@ class RankFeeder:
         times.wait_s += time.perf_counter() - t0
         self.channel.send(Finish(seq=len(buckets)))
         times.post_s = self._wait_reply(len(buckets), "finish the update").elapsed_s
+
+    def _digest(self, bucket: Bucket, host: torch.Tensor) -> list[int]:
+        digests = []
+        for s in bucket.slots:
+            digest = tensor_digest(host[s.offset : s.offset + s.tensor.nbytes])
+            self.digests[s.tensor.name] = (dtype_name(s.tensor.dtype), list(s.tensor.shape), digest)
+            digests.append(digest)
+        return digests
+
+    @property
+    def fingerprint(self) -> str | None:
+        return fingerprint(self.digests) if self.verify else None
 
     def _send_when_connected(self, msg) -> None:
         deadline = time.monotonic() + self.timeout_s

@@ -60,12 +60,14 @@ class BucketFiller:
             self._staging = torch.empty(bucket_bytes, dtype=torch.uint8, pin_memory=True)
             self._stream = torch.cuda.Stream(device)
 
-    def fill(self, bucket: Bucket, buffer: torch.Tensor) -> None:
+    def fill(self, bucket: Bucket, buffer: torch.Tensor) -> torch.Tensor:
+        """Fill ``buffer``; returns the host tensor holding the bytes (the buffer itself on CPU)."""
         if self._staging is None:
             self.reader.fill(bucket, buffer)
-            return
+            return buffer
         self.reader.fill(bucket, self._staging)
         with torch.cuda.stream(self._stream):
             buffer[: bucket.nbytes].copy_(self._staging[: bucket.nbytes], non_blocking=True)
         # The staging buffer is refilled next, and the receiver reads the device buffer on its own stream.
         self._stream.synchronize()
+        return self._staging

@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     times = StageTimes()
     cancelled = threading.Event()
     reader = CheckpointReader()
-    feeder = RankFeeder(endpoint, update_id, args.timeout, cancelled)
+    feeder = RankFeeder(endpoint, update_id, args.timeout, cancelled, verify=args.verify)
     # The server needs a few tens of ms to reach its receiver: allocate the buffers meanwhile.
     http = client.start_update({rank_key: endpoint}, args.weight_version, not args.no_flush_cache, cancelled)
     try:
@@ -106,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
     report(times, reader.bytes_read)
     print(f"[sglang-ckpt] server: {http.message} (weight_version={args.weight_version}); "
           f"wall {time.perf_counter() - t_start:.3f} s including planning and waiting for the server")  # fmt: skip
+    if feeder.fingerprint:
+        print(f"[sglang-ckpt] checkpoint fingerprint={feeder.fingerprint} (the server reports it in /model_info)")
     if args.sleep_time:
         time.sleep(args.sleep_time)
     return 0

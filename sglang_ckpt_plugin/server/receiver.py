@@ -17,6 +17,7 @@ import torch
 
 from ..transport.channel import Channel, PeerGone, check_endpoint
 from ..transport.handles import MappedBuffer, open_buffer
+from ..transport.integrity import fingerprint, tensor_digest
 from ..transport.messages import Abort, BucketReady, Finish, Hello, ProtocolError, Reply
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class ReceiveStats:
     bytes: int = 0
     load_s: float = 0.0
     post_s: float = 0.0
+    fingerprint: str | None = None  # set when the loader asked for verification
 
 
 def bucket_views(msg: BucketReady, buffers: list[MappedBuffer]) -> list[tuple[str, torch.Tensor]]:
@@ -77,6 +79,8 @@ class ReceiveSession:
         self.buffers: list[MappedBuffer] = []
         self.stats = ReceiveStats()
         self.touched_weights = False  # after a failure: were the served weights already changed?
+        self.verify = False
+        self.digests: dict[str, tuple[str, list[int], int]] = {}
 
     def run(self) -> ReceiveStats:
         try:
@@ -112,6 +116,7 @@ class ReceiveSession:
         except (OSError, ValueError) as exc:
             channel.send(Reply(seq=-1, ok=False, error=str(exc)))
             raise UpdateFailed(f"cannot map the loader's buffers: {exc}") from exc
+        self.verify = hello.checksum == "xxh3"
         channel.send(Reply(seq=-1, ok=True))
 
         while True:
@@ -129,6 +134,8 @@ class ReceiveSession:
         t0 = time.perf_counter()
         try:
             views = bucket_views(msg, self.buffers)
+            if self.verify:
+                self._verify(msg, views)
             if not self.touched_weights:
                 self.touched_weights = True
                 self.prepare()
@@ -147,6 +154,18 @@ class ReceiveSession:
         del views
         channel.send(Reply(seq=msg.seq, ok=True, elapsed_s=elapsed))
 
+    def _verify(self, msg: BucketReady, views: list[tuple[str, torch.Tensor]]) -> None:
+        """Check every tensor's bytes against the loader's digest before anything is written."""
+        if msg.digests is None:
+            raise ProtocolError(f"bucket {msg.seq} carries no digests although the loader asked for verification")
+        for (name, view), slot, expected in zip(views, msg.tensors, msg.digests):
+            flat = view.reshape(-1).view(torch.uint8).cpu()
+            digest = tensor_digest(flat)
+            if digest != expected:
+                raise ProtocolError(f"checksum mismatch on tensor {name!r} in bucket {msg.seq}: the bytes changed "
+                                    "between the loader and the server (memory corruption or a concurrent writer)")  # fmt: skip
+            self.digests[name] = (slot.dtype, list(slot.shape), digest)
+
     def _finish(self, channel: Channel, msg: Finish) -> None:
         self._unmap()  # release the loader's memory before post-processing (peak memory)
         t0 = time.perf_counter()
@@ -157,6 +176,8 @@ class ReceiveSession:
             channel.send(Reply(seq=msg.seq, ok=False, error=f"post-processing failed: {exc}"))
             raise UpdateFailed(f"post-load processing failed: {type(exc).__name__}: {exc}") from exc
         self.stats.post_s = time.perf_counter() - t0
+        if self.verify:
+            self.stats.fingerprint = fingerprint(self.digests)
         channel.send(Reply(seq=msg.seq, ok=True, elapsed_s=self.stats.post_s))
 
     def _unmap(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import time
 
 from fastapi.responses import ORJSONResponse
@@ -22,6 +23,8 @@ from .tp_worker import INCOMPLETE_MARKER
 
 _update_lock = asyncio.Lock()
 _last_update: dict | None = None
+_fingerprint: str | None = None  # of the weights served now, when the update that loaded them was verified
+_FINGERPRINT = re.compile(r"fingerprint=([0-9a-f]{16})")
 
 
 def _response_payload(resp) -> dict:
@@ -48,7 +51,7 @@ def _replace_endpoint(app, path: str, make_wrapper) -> None:
 def _wrap_update_ipc(original):
     @functools.wraps(original)
     async def update_weights_from_ipc(*args, **kwargs):
-        global _last_update
+        global _last_update, _fingerprint
         if _update_lock.locked():
             return ORJSONResponse(
                 {"success": False, "message": "another weight update is in progress; retry when it has finished"},
@@ -58,8 +61,10 @@ def _wrap_update_ipc(original):
             started = time.time()
             resp = await original(*args, **kwargs)
             payload = _response_payload(resp)
+            found = _FINGERPRINT.search(payload.get("message", ""))
             if payload.get("success"):
                 GateState.incomplete_reason = None
+                _fingerprint = found.group(1) if found else None
                 sg.mark_weights_loaded()
             elif INCOMPLETE_MARKER in payload.get("message", ""):
                 # partly-new weights must not be served: close the gate until a complete update arrives
@@ -69,6 +74,7 @@ def _wrap_update_ipc(original):
                 "success": bool(payload.get("success")),
                 "message": payload.get("message", ""),
                 "weight_version": sg.weight_version(),
+                "fingerprint": found.group(1) if found else None,
                 "started_at": started,
                 "duration_s": round(time.time() - started, 4),
             }
@@ -81,8 +87,10 @@ def _wrap_update_disk(original):
     @functools.wraps(original)
     async def update_weights_from_disk(*args, **kwargs):
         resp = await original(*args, **kwargs)
+        global _fingerprint
         if getattr(resp, "status_code", 200) == 200 and _response_payload(resp).get("success"):
             GateState.incomplete_reason = None
+            _fingerprint = None
             sg.mark_weights_loaded()
         return resp
 
@@ -102,6 +110,7 @@ def _wrap_model_info(original):
             "tp_size": sg.tp_size(),
             "weights_state": "complete" if loaded else ("incomplete" if GateState.incomplete_reason else "waiting"),
             "update_in_progress": _update_lock.locked(),
+            "fingerprint": _fingerprint,
             "last_update": _last_update,
         }
         return result

@@ -78,4 +78,7 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
         "rank %s loaded %d tensors (%.3f GB) in %d buckets: load %.3f s, post-process %.3f s",
         key, stats.tensors, stats.bytes / 1e9, stats.buckets, stats.load_s, stats.post_s,
     )  # fmt: skip
-    return True, f"loaded {stats.tensors} tensors ({stats.bytes} bytes) in {stats.buckets} buckets"
+    message = f"loaded {stats.tensors} tensors ({stats.bytes} bytes) in {stats.buckets} buckets"
+    if stats.fingerprint:
+        message += f", verified, fingerprint={stats.fingerprint}"
+    return True, message

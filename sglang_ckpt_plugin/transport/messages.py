@@ -70,7 +70,7 @@ class Hello(_Msg, tag="hello"):
     num_buckets: int
     num_tensors: int
     total_bytes: int
-    checksum: Literal["none", "crc32"] = "none"
+    checksum: Literal["none", "xxh3"] = "none"  # xxh3: every bucket carries per-tensor digests
 
 
 class BucketReady(_Msg, tag="bucket"):
@@ -79,7 +79,7 @@ class BucketReady(_Msg, tag="bucket"):
     seq: int
     buffer: int
     tensors: list[TensorSlot]
-    crc32: int | None = None
+    digests: list[int] | None = None  # xxh3-64 of each tensor's bytes, in ``tensors`` order
 
 
 class Finish(_Msg, tag="finish"):
@@ -137,6 +137,8 @@ def _check(msg: Message) -> None:
     elif isinstance(msg, BucketReady):
         if msg.seq < 0 or msg.buffer < 0:
             raise ProtocolError("bucket seq and buffer must be >= 0")
+        if msg.digests is not None and len(msg.digests) != len(msg.tensors):
+            raise ProtocolError("bucket digests must match its tensors one to one")
         for slot in msg.tensors:
             if slot.dtype not in WIRE_DTYPES:
                 raise ProtocolError(f"tensor {slot.name!r}: unknown dtype {slot.dtype!r}")
