@@ -130,3 +130,41 @@ def test_request_queued_during_a_failing_update_is_not_computed_on_mixed_weights
     assert info(server.url)["ckpt_plugin"]["weights_state"] == "incomplete"
     push(server.url, llama_a, "--weight-version", "a-3")
     assert_serving(server.url, llama_a, "a-3")
+
+
+def test_clients_never_see_mixed_weights_while_updates_alternate(server, llama_a, llama_b):
+    """Generate continuously while updates alternate between two checkpoints: each response's tokens must equal
+    HF's greedy output for the checkpoint its meta_info.weight_version names."""
+    import threading
+
+    expected = {"A": hf_reference(str(llama_a)), "B": hf_reference(str(llama_b))}
+    stop = threading.Event()
+    seen: list[tuple[str, list[int]]] = []
+    errors: list[str] = []
+
+    def client():
+        while not stop.is_set():
+            try:
+                r = generate_ids(server.url, PROMPT, NEW_TOKENS)
+                seen.append((r["meta_info"]["weight_version"], r["output_ids"]))
+            except httpx.HTTPError as exc:
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(4):
+            name, ckpt = ("A", llama_a) if i % 2 == 0 else ("B", llama_b)
+            push(server.url, ckpt, "--weight-version", f"{name}-{i}", "--bucket-size", "300K")
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert errors == []
+    versions = {v for v, _ in seen}
+    assert {"A-0", "B-1", "A-2", "B-3"} & versions, f"no response on pushed weights: {versions}"
+    assert len(seen) >= 8
+    for version, ids in seen:  # every version pushed in this module starts with a / A or b / B
+        assert ids == expected[version[0].upper()], f"response tagged {version} does not match that checkpoint"
