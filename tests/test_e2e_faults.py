@@ -168,3 +168,47 @@ def test_clients_never_see_mixed_weights_while_updates_alternate(server, llama_a
     assert len(seen) >= 8
     for version, ids in seen:  # every version pushed in this module starts with a / A or b / B
         assert ids == expected[version[0].upper()], f"response tagged {version} does not match that checkpoint"
+
+
+def _variant(src: Path, dst: Path, edit) -> Path:
+    """A copy of checkpoint ``src`` (config, tokenizer) whose tensors are ``edit(dict)``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {}
+    for f in src.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    save_file(edit(tensors), dst / "model.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize(
+    "case,edit,message",
+    [
+        ("missing", lambda t: {k: v for k, v in t.items() if k != "model.norm.weight"}, "does not cover 1 parameter"),
+        ("unknown", lambda t: {**t, "model.layers.0.mlp.extra_proj.weight": t["model.norm.weight"].clone()},
+         "model.layers.0.mlp.extra_proj.weight"),
+        ("shape", lambda t: {**t, "model.norm.weight": t["model.norm.weight"][:32].clone()}, "shape mismatch"),
+    ],
+    ids=["missing", "unknown", "shape"],
+)  # fmt: skip
+def test_update_that_does_not_fit_the_model_is_rejected_before_writing(server, llama_a, tmp_path, case, edit, message):
+    push(server.url, llama_a, "--weight-version", "a-before")
+    bad = _variant(llama_a, tmp_path / case, edit)
+    before = set(our_leftovers())
+    proc = push(server.url, bad, "--weight-version", f"bad-{case}", check=False)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert "rejected" in proc.stderr
+    assert set(our_leftovers()) - before == set()
+    assert_serving(server.url, llama_a, "a-before")  # same outputs, same version, still complete
+
+
+def test_explicit_partial_update_is_accepted(server, llama_a, llama_b, tmp_path):
+    only_norm = _variant(llama_b, tmp_path / "norm_only", lambda t: {"model.norm.weight": t["model.norm.weight"]})
+    assert push(server.url, only_norm, "--weight-version", "partial", check=False).returncode == 1
+    push(server.url, only_norm, "--weight-version", "a-with-b-norm", "--partial")
+    assert info(server.url)["ckpt_plugin"]["weights_state"] == "complete"
+    push(server.url, llama_a, "--weight-version", "a-after")
+    assert_serving(server.url, llama_a, "a-after")

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="send xxh3 digests of every tensor; the server checks them before loading and both sides "
                         "print the checkpoint fingerprint")
+    p.add_argument("--partial", action="store_true",
+                   help="update only the parameters in this checkpoint (the server otherwise rejects an update "
+                        "that does not cover every parameter)")
+    p.add_argument("--allow-unused", action="store_true",
+                   help="accept tensors the served model does not use (otherwise the server rejects the update)")
     p.add_argument("--no-flush-cache", action="store_true", help="keep the radix cache after the update")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p  # fmt: skip

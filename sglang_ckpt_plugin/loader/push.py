@@ -17,7 +17,9 @@ import torch
 from ..transport.channel import Channel, PeerGone
 from ..transport.handles import allocate_buffer
 from ..transport.integrity import fingerprint, tensor_digest
-from ..transport.messages import PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorSlot
+from ..transport.messages import (
+    PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorMeta, TensorSlot,
+)  # fmt: skip
 from .checkpoint import dtype_name
 from .plan import Bucket
 from .reader import BucketFiller
@@ -55,11 +57,13 @@ class RankFeeder:
     """Owns the buffers and the channel for one inference rank during one update."""
 
     def __init__(self, endpoint: str, update_id: str, timeout_s: float, cancelled: threading.Event,
-                 verify: bool = False):  # fmt: skip
+                 verify: bool = False, partial: bool = False, allow_unused: bool = False):  # fmt: skip
         """Binds the endpoint at once (cheap), so the server may connect while buffers are allocated.
         With ``verify``, every bucket carries per-tensor xxh3 digests that the server checks."""
         self.update_id = update_id
         self.verify = verify
+        self.partial = partial
+        self.allow_unused = allow_unused
         self.digests: dict[str, tuple[str, list[int], int]] = {}
         self.timeout_s = timeout_s
         self.cancelled = cancelled
@@ -102,9 +106,13 @@ class RankFeeder:
                 num_tensors=sum(len(b.slots) for b in buckets),
                 total_bytes=sum(b.payload_bytes for b in buckets),
                 checksum="xxh3" if self.verify else "none",
+                manifest=[TensorMeta(s.tensor.name, dtype_name(s.tensor.dtype), list(s.tensor.shape))
+                          for b in buckets for s in b.slots],  # fmt: skip
+                partial=self.partial,
+                allow_unused=self.allow_unused,
             )
         )
-        self._wait_reply(-1, "map the bucket buffers")
+        self._wait_reply(-1, "accept the update")
         for b in self.buffers:  # the server has mapped them: drop the names so nothing can leak
             b.unlink()
 

@@ -79,7 +79,8 @@ def _run(args: argparse.Namespace) -> int:
     times = StageTimes()
     cancelled = threading.Event()
     reader = CheckpointReader()
-    feeder = RankFeeder(endpoint, update_id, args.timeout, cancelled, verify=args.verify)
+    feeder = RankFeeder(endpoint, update_id, args.timeout, cancelled, verify=args.verify, partial=args.partial,
+                         allow_unused=args.allow_unused)
     # The server needs a few tens of ms to reach its receiver: allocate the buffers meanwhile.
     http = client.start_update({rank_key: endpoint}, args.weight_version, not args.no_flush_cache, cancelled)
     try:

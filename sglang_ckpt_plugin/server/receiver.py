@@ -69,12 +69,14 @@ class ReceiveSession:
         post_process: Callable[[], None],
         idle_timeout_s: float,
         prepare: Callable[[], None] = lambda: None,
+        validate: Callable[[list, bool, bool], None] | None = None,
     ):
         self.endpoint = check_endpoint(endpoint)
         self.device = device
         self.load_weights = load_weights
         self.post_process = post_process
         self.prepare = prepare  # runs once, just before the first write to the model
+        self.validate = validate  # (manifest, partial, allow_unused) -> None or raises ValueError
         self.idle_timeout_s = idle_timeout_s
         self.buffers: list[MappedBuffer] = []
         self.stats = ReceiveStats()
@@ -117,6 +119,12 @@ class ReceiveSession:
             channel.send(Reply(seq=-1, ok=False, error=str(exc)))
             raise UpdateFailed(f"cannot map the loader's buffers: {exc}") from exc
         self.verify = hello.checksum == "xxh3"
+        if self.validate is not None and hello.manifest is not None:
+            try:
+                self.validate([(m.name, m.dtype, m.shape) for m in hello.manifest], hello.partial, hello.allow_unused)
+            except ValueError as exc:
+                channel.send(Reply(seq=-1, ok=False, error=f"update rejected: {exc}"))
+                raise UpdateFailed(f"update rejected: {exc}") from exc
         channel.send(Reply(seq=-1, ok=True))
 
         while True:

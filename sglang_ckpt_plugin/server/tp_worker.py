@@ -12,6 +12,7 @@ import os
 from ..transport.handles import device_rank_key
 from . import sglang_compat as sg
 from .receiver import ReceiveSession
+from .validate import validate_update
 
 logger = logging.getLogger("sglang_ckpt_plugin")
 
@@ -65,6 +66,7 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
                 post_process=lambda: sg.post_process_model(model, device),
                 idle_timeout_s=idle_timeout_s(),
                 prepare=lambda: sg.prepare_model_for_loading(model, device),
+                validate=lambda manifest, partial, allow_unused: validate_update(model, manifest, partial, allow_unused),
             )
             stats = session.run()
     except Exception as exc:  # never let a bad update take the scheduler down

@@ -61,6 +61,14 @@ class TensorSlot(msgspec.Struct, array_like=True, forbid_unknown_fields=True, fr
     offset: int
 
 
+class TensorMeta(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
+    """One tensor of the whole update: [name, dtype, shape]."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+
 class Hello(_Msg, tag="hello"):
     """Opens an update on one rank: the buffers to map (once per update) and what will follow."""
 
@@ -71,6 +79,9 @@ class Hello(_Msg, tag="hello"):
     num_tensors: int
     total_bytes: int
     checksum: Literal["none", "xxh3"] = "none"  # xxh3: every bucket carries per-tensor digests
+    manifest: list[TensorMeta] | None = None  # every tensor of the update, checked before any is written
+    partial: bool = False  # the caller updates only some parameters on purpose
+    allow_unused: bool = False  # the caller knows some tensors are not weights of the served model
 
 
 class BucketReady(_Msg, tag="bucket"):
@@ -134,6 +145,9 @@ def _check(msg: Message) -> None:
             raise ProtocolError("hello must name at least one non-empty buffer")
         if min(msg.num_buckets, msg.num_tensors, msg.total_bytes) < 0:
             raise ProtocolError("hello has negative counts")
+        for meta in msg.manifest or ():
+            if meta.dtype not in WIRE_DTYPES or any(d < 0 for d in meta.shape):
+                raise ProtocolError(f"manifest entry {meta.name!r}: bad dtype or shape")
     elif isinstance(msg, BucketReady):
         if msg.seq < 0 or msg.buffer < 0:
             raise ProtocolError("bucket seq and buffer must be >= 0")
