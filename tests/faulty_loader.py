@@ -4,6 +4,7 @@ product): ``python faulty_loader.py MODE -- <loader args>``.
 MODE kill-after-2: SIGKILL itself right after sending the second bucket.
 MODE stall-before-buckets: after the server mapped the buffers, sleep instead of filling the first bucket.
 MODE stall-after-first-bucket: send the first bucket (the server writes it into the model), then sleep.
+MODE corrupt-digests: with --verify, announce wrong digests (as if the bytes changed on the way).
 """
 
 import os
@@ -32,6 +33,9 @@ if mode in ("kill-after-2", "stall-after-first-bucket"):
         return original_run(self, buckets, filler, times)
 
     push.RankFeeder.run = run
+elif mode == "corrupt-digests":
+    original_digest = push.RankFeeder._digest
+    push.RankFeeder._digest = lambda self, bucket, host: [d ^ 1 for d in original_digest(self, bucket, host)]
 elif mode == "stall-before-buckets":
     reader.BucketFiller.fill = lambda self, bucket, buffer: time.sleep(3600)
 else:

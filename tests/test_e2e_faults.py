@@ -18,6 +18,7 @@ from .conftest import NEW_TOKENS, PROMPT, hf_reference, our_leftovers, push
 
 pytestmark = pytest.mark.slow
 FAULTY = Path(__file__).with_name("faulty_loader.py")
+IDLE_TIMEOUT_S = 20  # the server's SGLANG_CKPT_IDLE_TIMEOUT in this module
 
 
 def faulty(mode: str, url: str, ckpt: Path, *extra: str) -> subprocess.Popen:
@@ -42,7 +43,7 @@ def wait_for(predicate, timeout_s: float = 30.0):
 @pytest.fixture(scope="module")
 def server(llama_a, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "faults_server.log"
-    with SGLangServer(llama_a, log) as srv:
+    with SGLangServer(llama_a, log, env={"SGLANG_CKPT_IDLE_TIMEOUT": str(IDLE_TIMEOUT_S)}) as srv:
         srv.wait_listening()
         push(srv.url, llama_a, "--weight-version", "a-1")
         srv.wait_healthy(timeout_s=60)
@@ -212,3 +213,31 @@ def test_explicit_partial_update_is_accepted(server, llama_a, llama_b, tmp_path)
     assert info(server.url)["ckpt_plugin"]["weights_state"] == "complete"
     push(server.url, llama_a, "--weight-version", "a-after")
     assert_serving(server.url, llama_a, "a-after")
+
+
+def test_silent_loader_fails_the_update_after_the_idle_timeout(server, llama_a, llama_b):
+    push(server.url, llama_a, "--weight-version", "a-q")
+    silent = faulty("stall-after-first-bucket", server.url, llama_b, "--weight-version", "b-silent")
+    try:
+        wait_for(lambda: info(server.url)["ckpt_plugin"]["update_in_progress"])
+        started = time.monotonic()
+        ended = wait_for(lambda: not info(server.url)["ckpt_plugin"]["update_in_progress"], IDLE_TIMEOUT_S + 30)
+        assert IDLE_TIMEOUT_S - 2 <= ended - started <= IDLE_TIMEOUT_S + 15
+        doc = info(server.url)
+        assert "went quiet" in doc["ckpt_plugin"]["last_update"]["message"]
+        assert doc["ckpt_plugin"]["weights_state"] == "incomplete"  # its first bucket had been loaded
+    finally:
+        silent.kill()
+        silent.wait(timeout=30)
+    push(server.url, llama_a, "--weight-version", "a-q2")
+    assert_serving(server.url, llama_a, "a-q2")
+
+
+def test_corrupted_bucket_is_refused_before_it_is_loaded(server, llama_a, llama_b):
+    push(server.url, llama_a, "--weight-version", "a-c")
+    before = set(our_leftovers())
+    proc = faulty("corrupt-digests", server.url, llama_b, "--weight-version", "b-corrupt", "--verify")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "checksum mismatch" in err
+    assert set(our_leftovers()) - before == set()
+    assert_serving(server.url, llama_a, "a-c")  # the first bucket was refused: nothing was written
