@@ -58,6 +58,22 @@ def bucket_views(msg: BucketReady, buffers: list[MappedBuffer]) -> list[tuple[st
     return views
 
 
+def _send_error(channel: Channel, seq: int, error: str) -> None:
+    """Tell the loader why, if it is still there; never wait long for a loader that is gone."""
+    try:
+        channel.send(Reply(seq=seq, ok=False, error=error[:4000]), timeout_s=1.0)
+    except TimeoutError:
+        pass
+
+
+def _send_ok(channel: Channel, reply: Reply) -> None:
+    """A live loader takes a reply at once (the socket queues it); only a vanished one makes this wait."""
+    try:
+        channel.send(reply, timeout_s=5.0)
+    except TimeoutError:
+        raise UpdateFailed("the loader stopped taking replies (its process ended?)") from None
+
+
 class ReceiveSession:
     """One update on one rank. ``run()`` returns stats or raises UpdateFailed; it never leaves buffers mapped."""
 
@@ -116,16 +132,16 @@ class ReceiveSession:
         try:
             self.buffers = [open_buffer(h, self.device) for h in hello.buffers]
         except (OSError, ValueError) as exc:
-            channel.send(Reply(seq=-1, ok=False, error=str(exc)))
+            _send_error(channel, -1, str(exc))
             raise UpdateFailed(f"cannot map the loader's buffers: {exc}") from exc
         self.verify = hello.checksum == "xxh3"
         if self.validate is not None and hello.manifest is not None:
             try:
                 self.validate([(m.name, m.dtype, m.shape) for m in hello.manifest], hello.partial, hello.allow_unused)
             except ValueError as exc:
-                channel.send(Reply(seq=-1, ok=False, error=f"update rejected: {exc}"))
+                _send_error(channel, -1, f"update rejected: {exc}")
                 raise UpdateFailed(f"update rejected: {exc}") from exc
-        channel.send(Reply(seq=-1, ok=True))
+        _send_ok(channel, Reply(seq=-1, ok=True))
 
         while True:
             msg = self._recv(channel, "bucket")
@@ -152,7 +168,7 @@ class ReceiveSession:
                 # the loader refills this buffer as soon as we acknowledge: our copies must be done
                 torch.cuda.current_stream(self.device).synchronize()
         except Exception as exc:
-            channel.send(Reply(seq=msg.seq, ok=False, error=f"{type(exc).__name__}: {exc}"))
+            _send_error(channel, msg.seq, f"{type(exc).__name__}: {exc}")
             raise UpdateFailed(f"loading bucket {msg.seq} failed: {type(exc).__name__}: {exc}") from exc
         elapsed = time.perf_counter() - t0
         self.stats.buckets += 1
@@ -160,7 +176,7 @@ class ReceiveSession:
         self.stats.bytes += sum(v.nbytes for _, v in views)
         self.stats.load_s += elapsed
         del views
-        channel.send(Reply(seq=msg.seq, ok=True, elapsed_s=elapsed))
+        _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=elapsed))
 
     def _verify(self, msg: BucketReady, views: list[tuple[str, torch.Tensor]]) -> None:
         """Check every tensor's bytes against the loader's digest before anything is written."""
@@ -181,12 +197,12 @@ class ReceiveSession:
         try:
             self.post_process()
         except Exception as exc:
-            channel.send(Reply(seq=msg.seq, ok=False, error=f"post-processing failed: {exc}"))
+            _send_error(channel, msg.seq, f"post-processing failed: {exc}")
             raise UpdateFailed(f"post-load processing failed: {type(exc).__name__}: {exc}") from exc
         self.stats.post_s = time.perf_counter() - t0
         if self.verify:
             self.stats.fingerprint = fingerprint(self.digests)
-        channel.send(Reply(seq=msg.seq, ok=True, elapsed_s=self.stats.post_s))
+        _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=self.stats.post_s))
 
     def _unmap(self) -> None:
         for b in self.buffers:
