@@ -241,3 +241,10 @@ def test_corrupted_bucket_is_refused_before_it_is_loaded(server, llama_a, llama_
     assert proc.returncode == 1 and "checksum mismatch" in err
     assert set(our_leftovers()) - before == set()
     assert_serving(server.url, llama_a, "a-c")  # the first bucket was refused: nothing was written
+
+
+def test_wrong_inference_parallel_size_is_refused_and_changes_nothing(server, llama_a, llama_b):
+    push(server.url, llama_a, "--weight-version", "a-ips")
+    proc = push(server.url, llama_b, "--inference-parallel-size", "2", check=False)
+    assert proc.returncode == 2 and "--inference-parallel-size 1" in proc.stderr
+    assert_serving(server.url, llama_a, "a-ips")
