@@ -16,26 +16,24 @@ from sglang_ckpt_plugin.loader import cli, push, reader
 
 mode, args = sys.argv[1], sys.argv[sys.argv.index("--") + 1 :]
 
+original_send = push.RankFeeder.send_bucket
+
 if mode in ("kill-after-2", "stall-after-first-bucket"):
-    original_run = push.RankFeeder.run
 
-    def run(self, buckets, filler, times):
-        sent = []
+    def send_bucket(self, seq, bucket, digests, times):
+        original_send(self, seq, bucket, digests, times)
+        if mode == "stall-after-first-bucket":
+            time.sleep(3600)
+        if seq == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
 
-        def on_bucket(bucket):
-            sent.append(bucket)
-            if mode == "stall-after-first-bucket":
-                time.sleep(3600)
-            if len(sent) == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        self.on_bucket = on_bucket
-        return original_run(self, buckets, filler, times)
-
-    push.RankFeeder.run = run
+    push.RankFeeder.send_bucket = send_bucket
 elif mode == "corrupt-digests":
-    original_digest = push.RankFeeder._digest
-    push.RankFeeder._digest = lambda self, bucket, host: [d ^ 1 for d in original_digest(self, bucket, host)]
+
+    def send_bucket(self, seq, bucket, digests, times):
+        original_send(self, seq, bucket, [d ^ 1 for d in digests], times)
+
+    push.RankFeeder.send_bucket = send_bucket
 elif mode == "stall-before-buckets":
     reader.BucketFiller.fill = lambda self, bucket, buffer: time.sleep(3600)
 else:

@@ -241,8 +241,8 @@ def test_corrupted_bytes_are_caught_before_anything_is_written(checkpoint):
     model = Tiny()
 
     def corrupt(feeder):
-        real = feeder._digest
-        feeder._digest = lambda bucket, host: [d ^ 1 for d in real(bucket, host)]
+        real = feeder.send_bucket
+        feeder.send_bucket = lambda seq, bucket, digests, times: real(seq, bucket, [d ^ 1 for d in digests], times)
 
     with pytest.raises(UpdateFailed, match="checksum mismatch"):
         run_session(ckpt_dir, model, loader_hook=corrupt, verify=True)

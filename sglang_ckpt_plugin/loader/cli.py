@@ -33,7 +33,9 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sglang_ckpt_plugin.update", description=__doc__)
     p.add_argument("--update-method", choices=["broadcast", "p2p", "all"], default="broadcast",
-                   help="how buckets move between loader ranks (one rank: all three are the same)")
+                   help="broadcast: every instance is updated, each rank reads its share and the ranks exchange the "
+                        "rest; p2p: only the instances of --ranks are updated, fed by all ranks; all: both, in turn")
+    p.add_argument("--ranks", help="p2p: comma-separated loader ranks (whole instances) whose servers are updated")
     p.add_argument("--checkpoint-path", help="directory of *.safetensors (with or without an index)")
     p.add_argument("--inference-parallel-size", type=int, default=1,
                    help="ranks per inference instance (the server's tp size); one loader process per rank")
@@ -80,16 +82,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
+    """Replace this process with ``torchrun --nproc-per-node N -m sglang_ckpt_plugin.update <same args>``
+    on this node (the rendezvous listens on 127.0.0.1). Multi-node runs call torchrun themselves."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "sglang_ckpt_plugin.update", *argv]  # fmt: skip
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.inference_parallel_size > 1 or world_size > 1:
-        print(
-            "error: more than one loader rank is not supported by this version; "
-            "use --inference-parallel-size 1 with a tp=1 server",
-            file=sys.stderr,
-        )
-        return 2
+    if args.inference_parallel_size > 1 and "RANK" not in os.environ:
+        relaunch_under_torchrun(args.inference_parallel_size, argv)
     from .run import run_update  # heavy imports (torch) after argument errors
 
     return run_update(args)

@@ -88,3 +88,55 @@ def plan_buckets(tensors: list[TensorInfo], bucket_size: int) -> list[Bucket]:
     if current.slots:
         buckets.append(current)
     return buckets
+
+
+@dataclass(frozen=True)
+class Step:
+    """One bucket in the order every loader rank walks: ``owner`` reads it, then sends it to the receivers."""
+
+    seq: int
+    owner: int
+    bucket: Bucket
+
+
+def global_order(buckets_per_owner: list[list[Bucket]]) -> list[Step]:
+    """Round-robin over owners (bucket 0 of every rank, then bucket 1...), so reading moves from rank to rank."""
+    steps: list[Step] = []
+    depth = max((len(b) for b in buckets_per_owner), default=0)
+    for i in range(depth):
+        for owner, buckets in enumerate(buckets_per_owner):
+            if i < len(buckets):
+                steps.append(Step(len(steps), owner, buckets[i]))
+    return steps
+
+
+def plan_world(shards: list[list[TensorInfo]], bucket_size: int | None = None) -> tuple[list[Step], int]:
+    """Buckets of every owner's shard, in global order, and the buffer size they need (same on every rank)."""
+    tensors = [t for shard in shards for t in shard]
+    if not tensors:
+        raise ValueError("the checkpoint has no tensors")
+    size = align_up(bucket_size) if bucket_size else auto_bucket_size(tensors)
+    steps = global_order([plan_buckets(shard, size) for shard in shards])
+    return steps, max(s.bucket.nbytes for s in steps)
+
+
+def parse_ranks(text: str | None, world_size: int, parallel_size: int) -> list[int]:
+    """``--ranks 2,3`` -> [2, 3]: the loader ranks whose inference ranks receive a p2p update.
+
+    Whole instances only: a half-updated instance would serve mixed weights.
+    """
+    if not text:
+        raise ValueError("--update-method p2p needs --ranks (the loader ranks of the instances to update, e.g. 1)")
+    try:
+        ranks = sorted({int(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        raise ValueError(f"--ranks {text!r}: expected comma-separated integers") from None
+    if not ranks or ranks[0] < 0 or ranks[-1] >= world_size:
+        raise ValueError(f"--ranks {text!r}: ranks must be in 0..{world_size - 1}")
+    for r in ranks:
+        first = r - r % parallel_size
+        missing = [x for x in range(first, first + parallel_size) if x not in ranks]
+        if missing:
+            raise ValueError(f"--ranks {text!r}: rank {r} belongs to an instance of {parallel_size} ranks; "
+                             f"list all of them (missing {missing})")  # fmt: skip
+    return ranks

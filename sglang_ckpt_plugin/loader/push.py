@@ -53,6 +53,11 @@ def bucket_message(seq: int, buffer: int, bucket: Bucket, digests: list[int] | N
     return BucketReady(seq=seq, buffer=buffer, tensors=slots, digests=digests)
 
 
+def bucket_digests(bucket: Bucket, host: torch.Tensor) -> list[int]:
+    """xxh3 of every tensor's bytes in a filled bucket (``host``: the bucket's bytes in CPU memory)."""
+    return [tensor_digest(host[s.offset : s.offset + s.tensor.nbytes]) for s in bucket.slots]
+
+
 class RankFeeder:
     """Owns the buffers and the channel for one inference rank during one update."""
 
@@ -95,8 +100,8 @@ class RankFeeder:
                 raise PushError(f"server failed to {what}: {msg.error}")
             return msg
 
-    def run(self, buckets: list[Bucket], filler: BucketFiller, times: StageTimes) -> None:
-        n = len(self.buffers)
+    def hello(self, buckets: list[Bucket]) -> None:
+        """Open the update: the server maps the buffers and checks the manifest before anything is written."""
         self._send_when_connected(
             Hello(
                 protocol_version=PROTOCOL_VERSION,
@@ -115,36 +120,49 @@ class RankFeeder:
         self._wait_reply(-1, "accept the update")
         for b in self.buffers:  # the server has mapped them: drop the names so nothing can leak
             b.unlink()
+        self._in_flight: deque[int] = deque()
 
-        in_flight: deque[int] = deque()
-        for seq, bucket in enumerate(buckets):
-            if len(in_flight) == n:
-                t0 = time.perf_counter()
-                times.load_s += self._wait_reply(in_flight.popleft(), "load a bucket").elapsed_s
-                times.wait_s += time.perf_counter() - t0
+    def free_buffer(self, seq: int, times: StageTimes) -> torch.Tensor:
+        """The buffer bucket ``seq`` goes into, once the server has acknowledged the bucket that used it last."""
+        if len(self._in_flight) == len(self.buffers):
             t0 = time.perf_counter()
-            host = filler.fill(bucket, self.buffers[seq % n].tensor)
-            digests = self._digest(bucket, host) if self.verify else None
-            times.read_s += time.perf_counter() - t0
-            self.channel.send(bucket_message(seq, seq % n, bucket, digests))
-            in_flight.append(seq)
-            times.bytes += bucket.payload_bytes
-            times.buckets += 1
-            self.on_bucket(bucket)
-        t0 = time.perf_counter()
-        while in_flight:
-            times.load_s += self._wait_reply(in_flight.popleft(), "load a bucket").elapsed_s
-        times.wait_s += time.perf_counter() - t0
-        self.channel.send(Finish(seq=len(buckets)))
-        times.post_s = self._wait_reply(len(buckets), "finish the update").elapsed_s
+            times.load_s += self._wait_reply(self._in_flight.popleft(), "load a bucket").elapsed_s
+            times.wait_s += time.perf_counter() - t0
+        return self.buffers[seq % len(self.buffers)].tensor
 
-    def _digest(self, bucket: Bucket, host: torch.Tensor) -> list[int]:
-        digests = []
-        for s in bucket.slots:
-            digest = tensor_digest(host[s.offset : s.offset + s.tensor.nbytes])
+    def send_bucket(self, seq: int, bucket: Bucket, digests: list[int] | None, times: StageTimes) -> None:
+        if digests is not None:
+            self._record_digests(bucket, digests)
+        self.channel.send(bucket_message(seq, seq % len(self.buffers), bucket, digests))
+        self._in_flight.append(seq)
+        times.bytes += bucket.payload_bytes
+        times.buckets += 1
+        self.on_bucket(bucket)
+
+    def finish(self, num_buckets: int, times: StageTimes) -> None:
+        """Wait for the last buckets, then for the server's post-processing."""
+        t0 = time.perf_counter()
+        while self._in_flight:
+            times.load_s += self._wait_reply(self._in_flight.popleft(), "load a bucket").elapsed_s
+        times.wait_s += time.perf_counter() - t0
+        self.channel.send(Finish(seq=num_buckets))
+        times.post_s = self._wait_reply(num_buckets, "finish the update").elapsed_s
+
+    def run(self, buckets: list[Bucket], filler: BucketFiller, times: StageTimes) -> None:
+        """The whole update from one reader (one loader rank feeding one inference rank)."""
+        self.hello(buckets)
+        for seq, bucket in enumerate(buckets):
+            buffer = self.free_buffer(seq, times)
+            t0 = time.perf_counter()
+            host = filler.fill(bucket, buffer)
+            digests = bucket_digests(bucket, host) if self.verify else None
+            times.read_s += time.perf_counter() - t0
+            self.send_bucket(seq, bucket, digests, times)
+        self.finish(len(buckets), times)
+
+    def _record_digests(self, bucket: Bucket, digests: list[int]) -> None:
+        for s, digest in zip(bucket.slots, digests):
             self.digests[s.tensor.name] = (dtype_name(s.tensor.dtype), list(s.tensor.shape), digest)
-            digests.append(digest)
-        return digests
 
     @property
     def fingerprint(self) -> str | None:

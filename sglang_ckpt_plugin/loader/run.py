@@ -1,4 +1,9 @@
-"""One update, end to end, for one loader rank: plan, wait for the server, push, report."""
+"""One update, end to end, on every loader rank: plan, wait for the server, move buckets, push, report.
+
+Every rank walks the same steps; after each local step that can fail, the ranks agree (one small gloo
+all-reduce) so that one rank's error stops all of them at the same point instead of leaving the others in a
+collective. With one rank there is nothing to agree on and no torch.distributed at all.
+"""
 
 from __future__ import annotations
 
@@ -12,103 +17,243 @@ import torch
 from ..transport.channel import make_endpoint
 from ..transport.handles import device_rank_key
 from .checkpoint import CheckpointError, read_checkpoint
+from .exchange import Exchange
 from .http import ServerClient, ServerError
 from .metas import load_metas, save_metas
-from .plan import align_up, auto_bucket_size, plan_buckets
-from .push import PushError, RankFeeder, StageTimes, new_update_id
+from .plan import parse_ranks, plan_world, shard_by_bytes
+from .push import PushError, RankFeeder, StageTimes, bucket_digests, new_update_id
 from .reader import BucketFiller, CheckpointReader
+from .world import Control, LoaderWorld
 
 
-def resolve_device(choice: str) -> torch.device:
+class PeerFailed(PushError):
+    """Another loader rank failed; it printed why."""
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda but no CUDA device is visible")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def report(times: StageTimes, bytes_read: int, out=sys.stdout) -> None:
-    gb = times.bytes / 1e9
-    rate = gb / times.total_s if times.total_s else 0.0
-    print(f"[sglang-ckpt] pushed {times.buckets} buckets, {gb:.3f} GB in {times.total_s:.3f} s ({rate:.2f} GB/s)", file=out)
-    print(
-        f"[sglang-ckpt] stages: read {times.read_s:.3f} s | wait for server {times.wait_s:.3f} s | "
-        f"server load {times.load_s:.3f} s | server post-process {times.post_s:.3f} s | "
-        f"bytes read by this rank {bytes_read}",
-        file=out,
-    )
-    if times.extra:
-        print("[sglang-ckpt] around the push: " + " | ".join(f"{k} {v:.3f} s" for k, v in times.extra.items()), file=out)
+def update_rounds(method: str, ranks: str | None, world: LoaderWorld) -> list[list[int]]:
+    """The receiving loader ranks of each update this run makes (``all``: broadcast, then p2p)."""
+    everyone = list(range(world.world_size))
+    if method == "broadcast":
+        return [everyone]
+    if method == "p2p":
+        return [parse_ranks(ranks, world.world_size, world.parallel_size)]
+    rounds = [everyone]
+    if ranks:
+        rounds.append(parse_ranks(ranks, world.world_size, world.parallel_size))
+    return rounds
 
 
 def run_update(args: argparse.Namespace) -> int:
+    control = None
     try:
-        return _run(args)
-    except (CheckpointError, ServerError, PushError, ValueError, OSError) as exc:
+        world = LoaderWorld.from_env(args.inference_parallel_size)
+        device = resolve_device(args.device, world.local_rank)
+        control = Control(world, device, args.timeout)
+        for receivers in update_rounds(args.update_method, args.ranks, world):
+            Update(args, world, control, device, receivers).run()
+        if args.sleep_time:
+            time.sleep(args.sleep_time)
+        return 0
+    except PeerFailed as exc:
+        print(f"[sglang-ckpt] stopped: {exc}", file=sys.stderr)
+        return 1
+    except (CheckpointError, ServerError, PushError, ValueError, OSError, RuntimeError) as exc:
         print(f"[sglang-ckpt] error: {exc}", file=sys.stderr)
         return 1
-
-
-def _run(args: argparse.Namespace) -> int:
-    t_start = time.perf_counter()
-    device = resolve_device(args.device)
-    if args.load_metas_file:
-        _, shards = load_metas(args.load_metas_file)
-        tensors = [t for shard in shards for t in shard]
-    else:
-        tensors = read_checkpoint(args.checkpoint_path)
-    if args.save_metas_file:
-        save_metas(args.save_metas_file, args.checkpoint_name, [tensors])
-    bucket_size = align_up(args.bucket_size) if args.bucket_size else auto_bucket_size(tensors)
-    buckets = plan_buckets(tensors, bucket_size)
-    bucket_bytes = max(b.nbytes for b in buckets)
-
-    t_plan = time.perf_counter()
-    client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
-    server_tp = client.wait_until_listening()["ckpt_plugin"].get("tp_size")
-    if server_tp is not None and server_tp != args.inference_parallel_size:
-        raise ValueError(f"the server runs with tp={server_tp} but --inference-parallel-size is "
-                         f"{args.inference_parallel_size}; pass --inference-parallel-size {server_tp}")  # fmt: skip
-    t_listening = time.perf_counter()
-
-    update_id = new_update_id(args.checkpoint_name)
-    rank_key = device_rank_key(device, tp_rank=0)
-    endpoint = make_endpoint(update_id, rank_key)
-    times = StageTimes()
-    cancelled = threading.Event()
-    reader = CheckpointReader()
-    feeder = RankFeeder(endpoint, update_id, args.timeout, cancelled, verify=args.verify, partial=args.partial,
-                         allow_unused=args.allow_unused)
-    # The server needs a few tens of ms to reach its receiver: allocate the buffers meanwhile.
-    http = client.start_update({rank_key: endpoint}, args.weight_version, not args.no_flush_cache, cancelled)
-    try:
-        feeder.allocate(bucket_bytes, min(args.num_buffers, len(buckets)), device)
-        t_buffers = time.perf_counter()
-        filler = BucketFiller(reader, device, bucket_bytes)
-        t0 = time.perf_counter()
-        with client.progress(total=sum(b.payload_bytes for b in buckets), disable=args.quiet) as bar:
-            feeder.on_bucket = lambda b: bar.update(b.payload_bytes)
-            feeder.run(buckets, filler, times)
-        times.total_s = time.perf_counter() - t0
-    except BaseException as exc:
-        feeder.abort(str(exc))
-        cancelled.set()
-        http.join_quietly()
-        raise (http.error if isinstance(exc, PushError) and http.error else exc)
     finally:
-        feeder.close()
-        reader.close()
-    t_pushed = time.perf_counter()
-    http.join()  # raises ServerError if the server reported failure
-    times.extra = {"plan": t_plan - t_start, "server check": t_listening - t_plan,
-                   "buffers": t_buffers - t_listening, "server finalize": time.perf_counter() - t_pushed}  # fmt: skip
-    report(times, reader.bytes_read)
-    print(f"[sglang-ckpt] server: {http.message} (weight_version={args.weight_version}); "
-          f"wall {time.perf_counter() - t_start:.3f} s including planning and waiting for the server")  # fmt: skip
-    if feeder.fingerprint:
-        print(f"[sglang-ckpt] checkpoint fingerprint={feeder.fingerprint} (the server reports it in /model_info)")
-    if args.sleep_time:
-        time.sleep(args.sleep_time)
-    return 0
+        if control is not None:
+            control.close()
+
+
+class Update:
+    """One update from this rank's point of view (a source, a receiver feeding its inference rank, or both)."""
+
+    def __init__(self, args, world: LoaderWorld, control: Control, device: torch.device, receivers: list[int]):
+        self.args = args
+        self.world = world
+        self.control = control
+        self.device = device
+        self.receivers = receivers
+        self.receives = world.rank in receivers
+        self.leads = self.receives and world.is_leader
+        self.times = StageTimes()
+        self.cancelled = threading.Event()
+        self.reader = CheckpointReader()
+        self.feeder: RankFeeder | None = None
+        self.http = None
+
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank if any rank failed: its own error here, PeerFailed elsewhere."""
+        if self.control.any_failed(error is not None):
+            raise error or PeerFailed("another loader rank failed (its error is printed above)")
+
+    def guarded(self, fn):
+        """Run ``fn`` on this rank, then agree on success across ranks."""
+        error, result = None, None
+        try:
+            result = fn()
+        except (CheckpointError, ServerError, PushError, ValueError, OSError, RuntimeError) as exc:
+            error = exc
+        self.agree(error)
+        return result
+
+    def run(self) -> None:
+        t_start = time.perf_counter()
+        steps, bucket_bytes = self.guarded(self.plan)
+        t_plan = time.perf_counter()
+        self.guarded(self.check_server)
+        t_listening = time.perf_counter()
+        try:
+            self.share_names()
+            self.guarded(self.bind)
+            self.start_call()
+            self.guarded(lambda: self.allocate(bucket_bytes, len(steps)))
+            t_buffers = time.perf_counter()
+            self.push(steps, bucket_bytes)
+        except BaseException as exc:
+            if self.feeder is not None:
+                self.feeder.abort(str(exc))
+            self.cancelled.set()
+            if self.http is not None:
+                self.http.join_quietly()
+                if isinstance(exc, PushError) and self.http.error:
+                    raise self.http.error from None
+            raise
+        finally:
+            if self.feeder is not None:
+                self.feeder.close()
+            self.reader.close()
+        t_pushed = time.perf_counter()
+        self.guarded(lambda: self.http.join() if self.http is not None else None)
+        self.times.extra = {"plan": t_plan - t_start, "server check": t_listening - t_plan,
+                            "buffers": t_buffers - t_listening, "server finalize": time.perf_counter() - t_pushed,
+                            **self.times.extra}  # fmt: skip
+        self.report(time.perf_counter() - t_start)
+
+    # ------------------------------------------------------------------ phases
+    def plan(self):
+        args, world = self.args, self.world
+        if args.load_metas_file:
+            self.checkpoint_name, shards = load_metas(args.load_metas_file)
+            if len(shards) != world.world_size:
+                raise ValueError(f"{args.load_metas_file} was written by {len(shards)} loader ranks, this run has "
+                                 f"{world.world_size}; use as many ranks or re-plan with --checkpoint-path")  # fmt: skip
+        else:
+            self.checkpoint_name = args.checkpoint_name
+            shards = shard_by_bytes(read_checkpoint(args.checkpoint_path), world.world_size)
+        if args.save_metas_file and world.rank == 0:
+            save_metas(args.save_metas_file, self.checkpoint_name, shards)
+        self.shard_bytes = sum(t.nbytes for t in shards[world.rank])
+        return plan_world(shards, args.bucket_size)
+
+    def check_server(self) -> None:
+        if not self.leads:
+            return
+        args = self.args
+        self.client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
+        server_tp = self.client.wait_until_listening()["ckpt_plugin"].get("tp_size")
+        if server_tp is not None and server_tp != args.inference_parallel_size:
+            raise ValueError(f"the server at {args.endpoint} runs with tp={server_tp} but --inference-parallel-size "
+                             f"is {args.inference_parallel_size}; pass --inference-parallel-size {server_tp}")  # fmt: skip
+
+    def share_names(self) -> None:
+        """The update id (from rank 0) and every rank's key and endpoint (collectives only, nothing that fails)."""
+        world = self.world
+        self.update_id = self.control.broadcast_str(new_update_id(self.checkpoint_name) if world.rank == 0 else "")
+        rank_key = device_rank_key(self.device, world.tp_rank)
+        self.endpoint = make_endpoint(f"{self.update_id}-i{world.instance}", rank_key)
+        self.keys = self.control.all_gather_str(rank_key)
+        self.endpoints = self.control.all_gather_str(self.endpoint)
+
+    def bind(self) -> None:
+        """Every receiver binds its endpoint (cheap); the agreement after it orders this before any HTTP call."""
+        if self.receives:
+            args = self.args
+            self.feeder = RankFeeder(self.endpoint, self.update_id, args.timeout, self.cancelled, verify=args.verify,
+                                     partial=args.partial, allow_unused=args.allow_unused)  # fmt: skip
+
+    def start_call(self) -> None:
+        """Each instance's leader makes the HTTP call naming the endpoints of all its ranks."""
+        if self.leads:
+            handles = {self.keys[r]: self.endpoints[r] for r in self.world.instance_ranks()}
+            args = self.args
+            self.http = self.client.start_update(handles, args.weight_version, not args.no_flush_cache, self.cancelled)
+
+    def allocate(self, bucket_bytes: int, num_buckets: int) -> None:
+        if self.feeder is not None:
+            self.feeder.allocate(bucket_bytes, min(self.args.num_buffers, num_buckets), self.device)
+        self.filler = BucketFiller(self.reader, self.device, bucket_bytes)
+        self.exchange = Exchange(self.world, self.receivers, self.device, bucket_bytes)
+
+    def push(self, steps, bucket_bytes: int) -> None:
+        args, feeder, times, rank = self.args, self.feeder, self.times, self.world.rank
+        self.guarded(lambda: feeder.hello([s.bucket for s in steps]) if feeder is not None else None)
+        t0 = time.perf_counter()
+        move_s = 0.0
+        with ServerClient.progress(total=sum(s.bucket.payload_bytes for s in steps),
+                                   disable=args.quiet or not self.leads) as bar:  # fmt: skip
+            if feeder is not None:
+                feeder.on_bucket = lambda b: bar.update(b.payload_bytes)
+            carried: BaseException | None = None  # a send that failed: agreed on at the next step
+            for step in steps:
+                error, buffer, digests = carried, None, None
+                try:
+                    if error is None:
+                        buffer = feeder.free_buffer(step.seq, times) if feeder is not None else None
+                        if rank == step.owner:
+                            t_read = time.perf_counter()
+                            buffer, host = self.exchange.read(step, self.filler, buffer)
+                            digests = bucket_digests(step.bucket, host) if args.verify else None
+                            times.read_s += time.perf_counter() - t_read
+                except (PushError, OSError, RuntimeError) as exc:
+                    error = exc
+                self.agree(error)
+                if self.exchange.takes_part(step):
+                    t_move = time.perf_counter()
+                    digests = self.exchange.move(step, buffer, digests, args.verify)
+                    move_s += time.perf_counter() - t_move
+                carried = None
+                if feeder is not None:
+                    try:
+                        feeder.send_bucket(step.seq, step.bucket, digests, times)
+                    except (PushError, OSError, RuntimeError) as exc:
+                        carried = exc
+            self.agree(carried)
+            self.guarded(lambda: feeder.finish(len(steps), times) if feeder is not None else None)
+        times.total_s = time.perf_counter() - t0
+        if self.world.distributed:
+            times.extra["exchange between loader ranks"] = move_s
+
+    # ------------------------------------------------------------------ report
+    def report(self, wall_s: float) -> None:
+        world, times, out = self.world, self.times, sys.stdout
+        tag = f"[sglang-ckpt rank {world.rank}]" if world.distributed else "[sglang-ckpt]"
+        if self.receives:
+            gb = times.bytes / 1e9
+            rate = gb / times.total_s if times.total_s else 0.0
+            print(f"{tag} pushed {times.buckets} buckets, {gb:.3f} GB in {times.total_s:.3f} s ({rate:.2f} GB/s)",
+                  file=out)  # fmt: skip
+            print(f"{tag} stages: read {times.read_s:.3f} s | wait for server {times.wait_s:.3f} s | server load "
+                  f"{times.load_s:.3f} s | server post-process {times.post_s:.3f} s", file=out)  # fmt: skip
+        print(f"{tag} around the push: " + " | ".join(f"{k} {v:.3f} s" for k, v in times.extra.items()), file=out)
+        read = self.control.all_gather_int(self.reader.bytes_read)
+        if world.rank == 0:
+            total = sum(read) or 1
+            per_rank = " | ".join(f"rank {r}: {b} ({100 * b / total:.1f}%)" for r, b in enumerate(read))
+            print(f"[sglang-ckpt] bytes read from disk per rank: {per_rank}", file=out)
+        if self.leads:
+            print(f"{tag} server {self.args.endpoint}: {self.http.message} (weight_version={self.args.weight_version}); "
+                  f"wall {wall_s:.3f} s including planning and waiting for the server", file=out)  # fmt: skip
+        if self.feeder is not None and self.feeder.fingerprint and world.rank == self.receivers[0]:
+            print(f"[sglang-ckpt] checkpoint fingerprint={self.feeder.fingerprint} (the server reports it in /model_info)")

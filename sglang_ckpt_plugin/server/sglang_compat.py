@@ -7,6 +7,8 @@ Hooks (registered through SGLang's own HookRegistry, applied by ``load_plugins()
 - ``WeightUpdater.update_weights_from_ipc`` (replace, model-runner side): our zero-copy receiver instead
   of the checkpoint-engine package; ``update_weights_from_disk`` (after): a full reload makes weights complete.
 - ``Scheduler.handle_generate_request`` (around): refuse requests while the weights are incomplete.
+- ``parallel_state.init_model_parallel_group`` (before): on CPU, no pynccl communicator (it requires CUDA);
+  gloo carries the TP group, which is what makes ``--tp 2`` run on a CPU-only machine.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 HTTP_SERVER = "sglang.srt.entrypoints.http_server"
 RUNNER_WEIGHT_UPDATER = "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater"
 WAIT_FLAG_FIELD = "checkpoint_engine_wait_weights_before_ready"
+PARALLEL_STATE = "sglang.srt.distributed.parallel_state"
 
 
 def install_hooks() -> None:
@@ -38,6 +41,14 @@ def install_hooks() -> None:
     )
     HookRegistry.register(f"{RUNNER_WEIGHT_UPDATER}.update_weights_from_disk", _after_disk_update, HookType.AFTER)
     HookRegistry.register(f"{SCHEDULER}.handle_generate_request", _guard_generate, HookType.AROUND)
+    HookRegistry.register(f"{PARALLEL_STATE}.init_model_parallel_group", _no_pynccl_on_cpu, HookType.BEFORE)
+
+
+def _no_pynccl_on_cpu(*args, **kwargs):
+    """BEFORE hook: returns the (args, kwargs) SGLang then calls with; pynccl only where CUDA exists."""
+    if not torch.cuda.is_available():
+        kwargs["use_pynccl"] = False
+    return args, kwargs
 
 
 def _after_disk_update(result, *args, **kwargs):
@@ -125,6 +136,14 @@ def runner_device(updater) -> torch.device:
 
 def runner_rank(updater) -> int:
     return updater.tp_rank
+
+
+def tp_cpu_group():
+    """The gloo group of this TP worker's tensor-parallel ranks (None with tp=1)."""
+    from sglang.srt.distributed.parallel_state import get_tp_group
+
+    group = get_tp_group()
+    return group.cpu_group if group.world_size > 1 else None
 
 
 def check_online_update_allowed(updater) -> str | None:

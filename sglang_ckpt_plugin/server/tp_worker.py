@@ -46,18 +46,19 @@ def idle_timeout_s() -> float:
 
 def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     """Receive one update for this rank. Returns SGLang's (success, message)."""
-    refusal = sg.check_online_update_allowed(updater)
-    if refusal:
-        return False, refusal
     device = sg.runner_device(updater)
     key = device_rank_key(device, sg.runner_rank(updater))
     handles = recv_req.zmq_handles or {}
-    if key not in handles:
-        return False, f"no endpoint for this rank ({key}) in zmq_handles (keys: {sorted(handles)[:8]})"
-    global _weights_complete
     model = updater.get_model()
     session = None
+    ok, error = True, ""
     try:
+        refusal = sg.check_online_update_allowed(updater)
+        if refusal:
+            raise RuntimeError(refusal)
+        if key not in handles:
+            raise RuntimeError(f"no endpoint for this rank ({key}) in zmq_handles (keys: {sorted(handles)[:8]}); "
+                               "is --inference-parallel-size the server's --tp?")  # fmt: skip
         with sg.model_dtype_context(updater):
             session = ReceiveSession(
                 endpoint=handles[key],
@@ -71,11 +72,18 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
             stats = session.run()
     except Exception as exc:  # never let a bad update take the scheduler down
         logger.error("weight update on %s failed: %s", key, exc)
-        if session is not None and session.touched_weights:
-            _weights_complete = False
-            return False, f"{INCOMPLETE_MARKER} weight update on {key} failed part-way: {exc}"
-        return False, f"weight update on {key} failed before any weight was changed: {exc}"
-    _weights_complete = True
+        ok, error = False, str(exc)
+    touched = session is not None and session.touched_weights
+    # TP ranks must agree: a model half-updated on one rank is half-updated everywhere, and every rank's
+    # generate guard must give the same answer (the scheduler broadcasts each request to all ranks).
+    all_ok, any_touched = _agree(ok, touched)
+    global _weights_complete
+    _weights_complete = all_ok
+    if not all_ok:
+        why = error or "another tensor-parallel rank failed (see its log line)"
+        if any_touched:
+            return False, f"{INCOMPLETE_MARKER} weight update on {key} failed part-way: {why}"
+        return False, f"weight update on {key} failed before any weight was changed: {why}"
     logger.info(
         "rank %s loaded %d tensors (%.3f GB) in %d buckets: load %.3f s, post-process %.3f s",
         key, stats.tensors, stats.bytes / 1e9, stats.buckets, stats.load_s, stats.post_s,
@@ -84,3 +92,16 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     if stats.fingerprint:
         message += f", verified, fingerprint={stats.fingerprint}"
     return True, message
+
+
+def _agree(ok: bool, touched: bool) -> tuple[bool, bool]:
+    """(every TP rank succeeded, some TP rank changed weights), over the TP group's gloo group."""
+    group = sg.tp_cpu_group()
+    if group is None:
+        return ok, touched
+    import torch
+    import torch.distributed as dist
+
+    flags = torch.tensor([0 if ok else 1, 1 if touched else 0], dtype=torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return flags[0].item() == 0, flags[1].item() == 1

@@ -8,6 +8,7 @@ connects. PAIR sockets: both sides may send at any time, one peer each.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
@@ -44,7 +45,9 @@ def socket_dir() -> Path:
 
 
 def make_endpoint(update_id: str, rank_key: str) -> str:
-    return f"ipc://{socket_dir()}/{update_id}-{rank_key}.sock"
+    """Short names: a Unix socket path must stay under 108 bytes (GPU uuids alone are 40)."""
+    key = rank_key if len(rank_key) <= 16 else hashlib.sha1(rank_key.encode()).hexdigest()[:16]
+    return f"ipc://{socket_dir()}/{update_id[-24:].lstrip('-_')}-{key}.sock"
 
 
 def check_endpoint(endpoint: str) -> str:

@@ -1,0 +1,138 @@
+"""The loader's process world: torchrun's environment, the torch.distributed groups, small control collectives.
+
+One loader process per inference rank. Loader rank ``r`` feeds TP rank ``r % P`` of inference instance
+``r // P`` (P = ``--inference-parallel-size``); torchrun places ranks node by node, so with P GPUs per node
+each node's loader ranks feed the instance on that node.
+
+Two groups: the data group (NCCL on CUDA, gloo on CPU) carries buckets; a gloo group carries control
+(health flags, names). Strings travel as fixed-size byte tensors: nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_NAME_BYTES = 256
+
+
+@dataclass(frozen=True)
+class LoaderWorld:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    parallel_size: int = 1  # ranks per inference instance (the server's tp size)
+
+    @classmethod
+    def from_env(cls, parallel_size: int) -> "LoaderWorld":
+        env = os.environ
+        world = cls(
+            rank=int(env.get("RANK", 0)),
+            world_size=int(env.get("WORLD_SIZE", 1)),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+            node_rank=int(env.get("GROUP_RANK", env.get("NODE_RANK", 0))),
+            parallel_size=parallel_size,
+        )
+        if world.world_size % parallel_size:
+            raise ValueError(
+                f"{world.world_size} loader ranks cannot feed instances of --inference-parallel-size {parallel_size}: "
+                "the number of loader ranks (nodes x --nproc-per-node) must be a multiple of it"
+            )
+        return world
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def instance(self) -> int:
+        return self.rank // self.parallel_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.parallel_size
+
+    @property
+    def is_leader(self) -> bool:
+        """The first rank of an instance makes that instance's HTTP call."""
+        return self.tp_rank == 0
+
+    def instance_ranks(self, instance: int | None = None) -> list[int]:
+        first = (self.instance if instance is None else instance) * self.parallel_size
+        return list(range(first, first + self.parallel_size))
+
+    @property
+    def num_instances(self) -> int:
+        return self.world_size // self.parallel_size
+
+
+class Control:
+    """Collectives over the gloo control group; every method is a no-op shortcut with one rank."""
+
+    def __init__(self, world: LoaderWorld, device: torch.device, timeout_s: float):
+        self.world = world
+        self.group = None
+        if not world.distributed:
+            return
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, timeout=timeout)
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+
+    def any_failed(self, failed: bool) -> bool:
+        """True on every rank if any rank passed True (every rank must call it at the same point)."""
+        if not self.world.distributed:
+            return failed
+        flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def broadcast_str(self, text: str, src: int = 0) -> str:
+        if not self.world.distributed:
+            return text
+        buf = _encode(text) if self.world.rank == src else torch.zeros(_NAME_BYTES, dtype=torch.uint8)
+        dist.broadcast(buf, src=src, group=self.group)
+        return _decode(buf)
+
+    def all_gather_str(self, text: str) -> list[str]:
+        if not self.world.distributed:
+            return [text]
+        out = [torch.zeros(_NAME_BYTES, dtype=torch.uint8) for _ in range(self.world.world_size)]
+        dist.all_gather(out, _encode(text), group=self.group)
+        return [_decode(t) for t in out]
+
+    def all_gather_int(self, value: int) -> list[int]:
+        if not self.world.distributed:
+            return [value]
+        out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world.world_size)]
+        dist.all_gather(out, torch.tensor([value], dtype=torch.int64), group=self.group)
+        return [int(t.item()) for t in out]
+
+    def barrier(self) -> None:
+        if self.world.distributed:
+            dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        if self.world.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _encode(text: str) -> torch.Tensor:
+    data = text.encode()
+    if len(data) > _NAME_BYTES:
+        raise ValueError(f"control string too long ({len(data)} bytes): {text[:60]!r}...")
+    buf = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return buf
+
+
+def _decode(buf: torch.Tensor) -> str:
+    return bytes(buf.tolist()).rstrip(b"\0").decode()
