@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from sglang_ckpt_plugin.loader.checkpoint import TensorInfo
-from sglang_ckpt_plugin.loader.plan import ALIGN_BYTES, auto_bucket_size, plan_buckets, shard_by_bytes
+from sglang_ckpt_plugin.loader.plan import (
+    ALIGN_BYTES, auto_bucket_size, global_order, parse_ranks, plan_buckets, plan_world, shard_by_bytes,
+)  # fmt: skip
 
 
 def tensor(name, nbytes, file="f.safetensors", offset=0):
@@ -71,3 +73,39 @@ def test_shard_even_split():
     ts = [tensor(f"t{i}", 1000) for i in range(10)]
     loads = [sum(t.nbytes for t in s) for s in shard_by_bytes(ts, 2)]
     assert loads == [5000, 5000]
+
+
+def test_global_order_round_robins_owners_and_numbers_steps():
+    per_owner = [plan_buckets([tensor("a0", 100), tensor("a1", 100), tensor("a2", 100)], 256),
+                 plan_buckets([tensor("b0", 100)], 256)]  # fmt: skip
+    steps = global_order(per_owner)
+    assert [(s.seq, s.owner) for s in steps] == [(0, 0), (1, 1), (2, 0), (3, 0)]  # one tensor per bucket
+    assert [sl.tensor.name for s in steps for sl in s.bucket.slots] == ["a0", "b0", "a1", "a2"]
+
+
+def test_plan_world_covers_every_tensor_once_with_one_buffer_size():
+    tensors = [tensor(f"w{i}", 1000 * (i + 1)) for i in range(20)] + [tensor("embed", 50_000)]
+    shards = shard_by_bytes(tensors, 3)
+    steps, buffer_bytes = plan_world(shards, 16_384 * 4)
+    names = [sl.tensor.name for s in steps for sl in s.bucket.slots]
+    assert sorted(names) == sorted(x.name for x in tensors)
+    assert buffer_bytes == max(s.bucket.nbytes for s in steps) >= 50_000
+    for s in steps:  # a step's bucket holds only tensors its owner reads
+        assert {sl.tensor.name for sl in s.bucket.slots} <= {x.name for x in shards[s.owner]}
+
+
+@pytest.mark.parametrize(
+    "text,world,size,expected",
+    [("1", 2, 1, [1]), ("2,3", 4, 2, [2, 3]), ("3, 2", 4, 2, [2, 3])],
+)
+def test_parse_ranks(text, world, size, expected):
+    assert parse_ranks(text, world, size) == expected
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [(None, "needs --ranks"), ("x", "integers"), ("4", "0..3"), ("2", "missing \\[3\\]")],
+)
+def test_parse_ranks_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_ranks(text, 4, 2)

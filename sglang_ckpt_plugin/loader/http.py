@@ -16,12 +16,15 @@ class ServerError(RuntimeError):
 
 
 class UpdateCall:
-    """``POST /update_weights_from_ipc`` running in a thread; the feeder talks ZeroMQ meanwhile."""
+    """A ``POST`` that lasts as long as the transfer (``/update_weights_from_ipc``, the trainer's group calls)
+    running in a thread, while this process moves the data."""
 
-    def __init__(self, client: "ServerClient", body: dict, cancelled: threading.Event):
+    def __init__(self, client: "ServerClient", body: dict, cancelled: threading.Event,
+                 path: str = "/update_weights_from_ipc"):  # fmt: skip
         self.error: ServerError | None = None
         self.message = ""
         self._client = client
+        self._path = path
         self._body = body
         self._cancelled = cancelled
         self._thread = threading.Thread(target=self._call, name="update-http", daemon=True)
@@ -29,17 +32,9 @@ class UpdateCall:
 
     def _call(self) -> None:
         try:
-            resp = self._client.http.post("/update_weights_from_ipc", json=self._body, timeout=None)
-            data = _json(resp)
-            if resp.status_code in (401, 403):
-                self.error = ServerError(f"the server refused the update (HTTP {resp.status_code}): the update route "
-                                         "needs the server's admin API key; pass --api-key")  # fmt: skip
-            elif resp.status_code != 200 or not data.get("success", False):
-                self.error = ServerError(f"server refused the update (HTTP {resp.status_code}): "
-                                         f"{data.get('message', resp.text[:500])}")  # fmt: skip
-            self.message = data.get("message", "")
-        except httpx.HTTPError as exc:
-            self.error = ServerError(f"update call to {self._client.base_url} failed: {exc}")
+            self.message = self._client.post(self._path, self._body)
+        except ServerError as exc:
+            self.error = exc
         if self.error is not None:
             self._cancelled.set()  # stop the feeder waiting for a server that will not come
 
@@ -67,6 +62,20 @@ class ServerClient:
         transport = httpx.HTTPTransport(uds=uds) if uds else None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.base_url, transport=transport, timeout=30.0, headers=headers)
+
+    def post(self, path: str, body: dict) -> str:
+        """POST and return the server's message; ServerError if it failed or refused."""
+        try:
+            resp = self.http.post(path, json=body, timeout=None)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"{path} on {self.base_url} failed: {exc}") from exc
+        data = _json(resp)
+        if resp.status_code in (401, 403):
+            raise ServerError(f"the server refused {path} (HTTP {resp.status_code}): it needs the server's admin API "
+                              "key; pass --api-key")  # fmt: skip
+        if resp.status_code != 200 or not data.get("success", False):
+            raise ServerError(f"server refused {path} (HTTP {resp.status_code}): {data.get('message', resp.text[:500])}")
+        return data.get("message", "")
 
     def model_info(self) -> dict:
         return _json(self.http.get("/model_info"))

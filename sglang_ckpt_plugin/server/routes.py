@@ -3,6 +3,9 @@
 - ``/update_weights_from_ipc``: one update at a time (a second gets 409), result recorded, gate opened on
   success. The work itself is done by the TP workers (tp_worker.py).
 - ``/update_weights_from_disk``: a successful full reload also counts as the initial weights.
+- ``/update_weights_from_distributed`` / ``_tensor`` and ``/end_weight_update`` (SGLang's trainer path): the
+  served weights changed (fingerprint cleared, result recorded); a session that covered every parameter opens
+  the gate, one that failed part-way closes it.
 - ``/model_info``: adds ``weights_loaded`` and a ``ckpt_plugin`` section (the loader checks for it).
 """
 
@@ -20,6 +23,7 @@ from .. import __version__
 from . import sglang_compat as sg
 from .gate import GateState, WeightsGate
 from .tp_worker import INCOMPLETE_MARKER
+from .trainer_updates import COMPLETE_MARKER
 
 _update_lock = asyncio.Lock()
 _last_update: dict | None = None
@@ -97,6 +101,30 @@ def _wrap_update_disk(original):
     return update_weights_from_disk
 
 
+def _wrap_trainer_route(original):
+    @functools.wraps(original)
+    async def trainer_route(*args, **kwargs):
+        global _last_update, _fingerprint
+        started = time.time()
+        resp = await original(*args, **kwargs)
+        payload = _response_payload(resp)
+        message = payload.get("message", "")
+        if COMPLETE_MARKER in message:
+            GateState.incomplete_reason = None
+            sg.mark_weights_loaded()
+        elif INCOMPLETE_MARKER in message:
+            GateState.incomplete_reason = message
+            sg.mark_weights_loaded(False)
+        if original.__name__ != "end_weight_update":
+            _fingerprint = None  # the weights served now are not the verified checkpoint any more
+            _last_update = {"success": bool(payload.get("success")), "message": message, "source": original.__name__,
+                            "weight_version": sg.weight_version(), "fingerprint": None, "started_at": started,
+                            "duration_s": round(time.time() - started, 4)}  # fmt: skip
+        return resp
+
+    return trainer_route
+
+
 def _wrap_model_info(original):
     @functools.wraps(original)
     async def model_info(*args, **kwargs):
@@ -123,4 +151,6 @@ def install(app) -> None:
     _replace_endpoint(app, "/update_weights_from_ipc", _wrap_update_ipc)
     _replace_endpoint(app, "/update_weights_from_disk", _wrap_update_disk)
     _replace_endpoint(app, "/model_info", _wrap_model_info)
+    for path in ("/update_weights_from_distributed", "/update_weights_from_tensor", "/end_weight_update"):
+        _replace_endpoint(app, path, _wrap_trainer_route)
     app.add_middleware(WeightsGate)

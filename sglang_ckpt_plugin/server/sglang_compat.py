@@ -7,6 +7,8 @@ Hooks (registered through SGLang's own HookRegistry, applied by ``load_plugins()
 - ``WeightUpdater.update_weights_from_ipc`` (replace, model-runner side): our zero-copy receiver instead
   of the checkpoint-engine package; ``update_weights_from_disk`` (after): a full reload makes weights complete.
 - ``Scheduler.handle_generate_request`` (around): refuse requests while the weights are incomplete.
+- The trainer path: the model runner's ``load_weights_from_distributed`` (around: dry run first, remember
+  what was loaded) and the scheduler's ``end_weight_update`` (around: mark a session that covered the model).
 - ``parallel_state.init_model_parallel_group`` (before): on CPU, no pynccl communicator (it requires CUDA);
   gloo carries the TP group, which is what makes ``--tp 2`` run on a CPU-only machine.
 """
@@ -24,6 +26,7 @@ SERVER_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 HTTP_SERVER = "sglang.srt.entrypoints.http_server"
 RUNNER_WEIGHT_UPDATER = "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater"
+SCHEDULER_WEIGHT_UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
 WAIT_FLAG_FIELD = "checkpoint_engine_wait_weights_before_ready"
 PARALLEL_STATE = "sglang.srt.distributed.parallel_state"
 
@@ -31,7 +34,7 @@ PARALLEL_STATE = "sglang.srt.distributed.parallel_state"
 def install_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from . import gate, options, tp_worker
+    from . import gate, options, tp_worker, trainer_updates
 
     HookRegistry.register(SERVER_ARGS, lambda _result, parser: options.add_server_flags(parser, WAIT_FLAG_FIELD))
     HookRegistry.register(f"{HTTP_SERVER}.launch_server", _before_launch_server, HookType.BEFORE)
@@ -42,6 +45,22 @@ def install_hooks() -> None:
     HookRegistry.register(f"{RUNNER_WEIGHT_UPDATER}.update_weights_from_disk", _after_disk_update, HookType.AFTER)
     HookRegistry.register(f"{SCHEDULER}.handle_generate_request", _guard_generate, HookType.AROUND)
     HookRegistry.register(f"{PARALLEL_STATE}.init_model_parallel_group", _no_pynccl_on_cpu, HookType.BEFORE)
+    HookRegistry.register(f"{RUNNER_WEIGHT_UPDATER}.load_weights_from_distributed",
+                          trainer_updates.load_weights_from_distributed, HookType.AROUND)  # fmt: skip
+    HookRegistry.register(f"{SCHEDULER_WEIGHT_UPDATER}.end_weight_update", _around_end_session, HookType.AROUND)
+
+
+def _around_end_session(original, manager, recv_req, **kwargs):
+    """A trainer session that reached every parameter counts as a complete update (marker read by routes.py)."""
+    import msgspec
+
+    from . import tp_worker, trainer_updates
+
+    out = original(manager, recv_req, **kwargs)
+    if out.success and trainer_updates.session_covered_every_parameter():
+        tp_worker.mark_weights_complete()
+        out = msgspec.structs.replace(out, message=f"{out.message} {trainer_updates.COMPLETE_MARKER}")
+    return out
 
 
 def _no_pynccl_on_cpu(*args, **kwargs):
@@ -180,3 +199,17 @@ def model_dtype_context(updater):
     from sglang.srt.model_loader.utils import set_default_torch_dtype
 
     return set_default_torch_dtype(updater.model_config.dtype)
+
+
+# ---------------------------------------------------------------- trainer process (sglang_ckpt_plugin.trainer)
+def trainer_process_group(backend: str, init_method: str, world_size: int, group_name: str, timeout_s: float):
+    """Rank 0 of the group SGLang's ``/init_weights_update_group`` joins (same helper, same store prefix)."""
+    import datetime
+
+    from sglang.srt.utils.common import init_custom_process_group
+
+    return init_custom_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=0,
+                                     group_name=group_name, timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+
+
+FLATTENED_BUCKET_FORMAT = "flattened_bucket"  # SGLang's load_format: tensors packed back to back, as uint8

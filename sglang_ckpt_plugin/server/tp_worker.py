@@ -34,6 +34,11 @@ def mark_weights_complete() -> None:
     _weights_complete = True
 
 
+def mark_weights_incomplete() -> None:
+    global _weights_complete
+    _weights_complete = False
+
+
 INCOMPLETE_REFUSAL = (
     "the last weight update failed part-way, so this server holds partly-updated weights and refuses to "
     "generate until a complete update is pushed (python -m sglang_ckpt_plugin.update ...)"

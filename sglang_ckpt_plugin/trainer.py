@@ -1,0 +1,155 @@
+"""Push weights from a trainer process into a running SGLang server over torch.distributed.
+
+The trainer is rank 0 of a group that the server's TP ranks join through SGLang's own
+``/init_weights_update_group``; each update is a ``/begin_weight_update`` … ``/end_weight_update`` session
+in which every bucket of tensors is announced with ``/update_weights_from_distributed`` (SGLang's
+``flattened_bucket`` format: tensors packed back to back) and broadcast by the trainer. gloo on CPU, NCCL on
+CUDA. Works with or without sglang-ckpt-plugin on the server; with the plugin a server started with
+``--wait-for-initial-weights`` becomes ready when a session that covered every parameter ends.
+
+    from sglang_ckpt_plugin.trainer import TrainerPush
+
+    with TrainerPush("http://127.0.0.1:30000") as pusher:      # group set-up
+        pusher.push(model.named_parameters(), weight_version="step-100")
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from .loader.http import ServerClient, ServerError, UpdateCall
+from .server import sglang_compat as sg
+
+MiB = 1 << 20
+
+
+@dataclass
+class PushStats:
+    tensors: int = 0
+    bytes: int = 0
+    buckets: int = 0
+    seconds: float = 0.0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int):
+    """Group tensors, in order, into lists of at most ``bucket_bytes`` (a larger tensor goes alone).
+
+    A tensor whose byte offset would not be a multiple of its element size starts a new bucket, because the
+    receiver views the packed bytes as that dtype.
+    """
+    bucket, size = [], 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and (size + nbytes > bucket_bytes or size % tensor.element_size()):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class TrainerPush:
+    def __init__(self, url: str, *, master_addr: str = "127.0.0.1", master_port: int | None = None,
+                 backend: str | None = None, group_name: str = "weight_update_group",
+                 bucket_bytes: int = 256 * MiB, api_key: str | None = None, timeout_s: float = 600.0,
+                 device: torch.device | str | None = None):  # fmt: skip
+        self.client = ServerClient(url, timeout_s=timeout_s, api_key=api_key)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        self.master_addr = master_addr
+        self.master_port = master_port or _free_port(master_addr)
+        self.group_name = group_name
+        self.bucket_bytes = bucket_bytes
+        self.timeout_s = timeout_s
+        self.group = None
+        self._send_buffer: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ group
+    def connect(self) -> "TrainerPush":
+        """Create the group: this process is rank 0, the server's TP ranks are 1..tp (same call on both sides)."""
+        tp_size = int(self.client.wait_until_listening()["ckpt_plugin"].get("tp_size") or 1)
+        body = {"master_address": self.master_addr, "master_port": self.master_port, "rank_offset": 1,
+                "world_size": 1 + tp_size, "group_name": self.group_name, "backend": self.backend}  # fmt: skip
+        call = UpdateCall(self.client, body, threading.Event(), path="/init_weights_update_group")
+        self.group = sg.trainer_process_group(self.backend, f"tcp://{self.master_addr}:{self.master_port}",
+                                              1 + tp_size, self.group_name, self.timeout_s)  # fmt: skip
+        call.join()
+        return self
+
+    def close(self) -> None:
+        if self.group is None:
+            return
+        try:
+            self.client.post("/destroy_weights_update_group", {"group_name": self.group_name})
+        finally:
+            dist.destroy_process_group(self.group)
+            self.group = None
+
+    def __enter__(self) -> "TrainerPush":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ updates
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None = None,
+             flush_cache: bool = True) -> PushStats:  # fmt: skip
+        """One update: every tensor, in buckets, inside one weight-update session."""
+        if self.group is None:
+            raise RuntimeError("call connect() (or use TrainerPush as a context manager) before push()")
+        stats = PushStats()
+        t0 = time.perf_counter()
+        buckets = list(pack_buckets(((n, t.detach()) for n, t in named_tensors), self.bucket_bytes))
+        self.client.post("/begin_weight_update", {})
+        try:
+            for i, bucket in enumerate(buckets):
+                last = i == len(buckets) - 1
+                self._push_bucket(bucket, weight_version if last else None, flush_cache and last)
+                stats.tensors += len(bucket)
+                stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                stats.buckets += 1
+        finally:
+            self.client.post("/end_weight_update", {})  # always close the session, even after a failure
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def _push_bucket(self, bucket, weight_version: str | None, flush_cache: bool) -> None:
+        body = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
+                "load_format": sg.FLATTENED_BUCKET_FORMAT, "flush_cache": flush_cache}  # fmt: skip
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        flat = self._pack(bucket)
+        call = UpdateCall(self.client, body, threading.Event(), path="/update_weights_from_distributed")
+        dist.broadcast(flat, src=0, group=self.group)
+        call.join()
+
+    def _pack(self, bucket) -> torch.Tensor:
+        """Copy the bucket's tensors back to back into one reused send buffer."""
+        total = sum(t.numel() * t.element_size() for _, t in bucket)
+        if self._send_buffer is None or self._send_buffer.numel() < total:
+            self._send_buffer = torch.empty(max(total, self.bucket_bytes), dtype=torch.uint8, device=self.device)
+        flat = self._send_buffer[:total]
+        offset = 0
+        for _, t in bucket:
+            n = t.numel() * t.element_size()
+            flat[offset : offset + n].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+            offset += n
+        return flat
+
+
+__all__ = ["TrainerPush", "PushStats", "ServerError", "pack_buckets"]

@@ -1,0 +1,76 @@
+"""A real SGLang server with --tp 2 on this CPU (gloo carries the TP group): two loader ranks, and a trainer."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
+from sglang_ckpt_plugin.trainer import ServerError, TrainerPush
+
+from .conftest import NEW_TOKENS, PROMPT, hf_reference, our_leftovers, push
+
+pytestmark = pytest.mark.slow
+
+
+def bytes_per_rank(stdout: str) -> list[int]:
+    line = next(line for line in stdout.splitlines() if "bytes read from disk per rank" in line)
+    return [int(b) for b in re.findall(r"rank \d+: (\d+)", line)]
+
+
+def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def server(llama_a, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "tp2_server.log"
+    with SGLangServer(llama_a, log, tp_size=2) as srv:
+        srv.wait_listening()
+        yield srv
+    assert srv.group_pids() == [], "server processes left behind"
+
+
+def test_trainer_push_over_the_distributed_group_opens_the_gate(server, llama_b):
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
+    with TrainerPush(server.url, bucket_bytes=300_000, timeout_s=120) as trainer:
+        stats = trainer.push(checkpoint_tensors(llama_b).items(), weight_version="trainer-1")
+        assert stats.buckets >= 2 and stats.tensors == 21
+        # a tensor the model does not have is refused before anything is written; the session closes cleanly
+        with pytest.raises(ServerError, match="not_a_weight"):
+            trainer.push([("model.not_a_weight", torch.zeros(3))], weight_version="trainer-bad")
+    server.wait_healthy(timeout_s=120)
+    result = generate_ids(server.url, PROMPT, NEW_TOKENS)
+    assert result["output_ids"] == hf_reference(str(llama_b))
+    assert result["meta_info"]["weight_version"] == "trainer-1"
+    info = httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]
+    assert info["weights_state"] == "complete" and info["tp_size"] == 2
+
+
+def test_two_loader_ranks_broadcast_into_tp2(server, llama_a):
+    before = set(our_leftovers())
+    # one process: it relaunches itself under torchrun with 2 ranks, one per TP rank
+    out = push(server.url, llama_a, "--inference-parallel-size", "2", "--weight-version", "a-tp2", "--verify")
+    assert set(our_leftovers()) - before == set()
+    read = bytes_per_rank(out.stdout)
+    assert len(read) == 2
+    for b in read:
+        assert 0.4 <= b / sum(read) <= 0.6, read
+    result = generate_ids(server.url, PROMPT, NEW_TOKENS)
+    assert result["output_ids"] == hf_reference(str(llama_a))
+    assert result["meta_info"]["weight_version"] == "a-tp2"
+    fingerprint = out.stdout.split("fingerprint=")[1].split()[0]
+    assert httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["fingerprint"] == fingerprint
+
+
+def test_one_loader_rank_for_a_tp2_server_is_refused(server, llama_b):
+    out = push(server.url, llama_b, "--weight-version", "never", check=False)
+    assert out.returncode == 1 and "--inference-parallel-size 2" in out.stderr
+    assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
