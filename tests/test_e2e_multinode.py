@@ -1,0 +1,93 @@
+"""Two "nodes" on 127.0.0.1: two SGLang servers and one torchrun loader group per node (``--nnodes 2``).
+
+Node i's loader rank feeds node i's server (its own ``--endpoint``); the two ranks read half the checkpoint
+each and exchange the rest over gloo. P2P: only the listed ranks' servers are updated, fed by both ranks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
+
+from .conftest import NEW_TOKENS, PROMPT, hf_reference, our_leftovers
+from .test_e2e_tp2 import bytes_per_rank
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def servers(llama_a, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    pair = [SGLangServer(llama_a, logs / f"node{i}_server.log") for i in range(2)]
+    try:
+        for srv in pair:
+            srv.start()
+        for srv in pair:
+            srv.wait_listening()
+        yield pair
+    finally:
+        for srv in pair:
+            srv.stop()
+    assert [srv.group_pids() for srv in pair] == [[], []], "server processes left behind"
+
+
+def run_two_nodes(servers, *args: str) -> list[subprocess.CompletedProcess]:
+    """``torchrun --nnodes 2 --node-rank i --master-addr 127.0.0.1`` once per node, as on two machines."""
+    port = free_port()
+    procs = []
+    for node, srv in enumerate(servers):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "sglang_ckpt_plugin.update", "--endpoint", srv.url, "--quiet", "--timeout", "120", *args]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    for r in results:
+        assert r.returncode == 0, f"loader node failed:\n{r.stdout}\n{r.stderr}"
+    return results
+
+
+def version(srv) -> str:
+    return httpx.get(f"{srv.url}/model_info", timeout=30).json()["weight_version"]
+
+
+def test_p2p_join_with_a_metas_file(servers, llama_b, tmp_path):
+    node0, node1 = servers
+    metas = tmp_path / "metas.json"
+    # first run: only node 0's server is updated; both ranks read, the plan is saved
+    run_two_nodes(servers, "--update-method", "p2p", "--ranks", "0", "--checkpoint-path", str(llama_b),
+                  "--save-metas-file", str(metas), "--weight-version", "b-node0")  # fmt: skip
+    assert generate_ids(node0.url, PROMPT, NEW_TOKENS)["output_ids"] == hf_reference(str(llama_b))
+    assert httpx.get(f"{node1.url}/health", timeout=30).status_code == 503  # not part of that update
+
+    # the joining instance: no headers re-read, the saved plan says who reads what
+    before = set(our_leftovers())
+    results = run_two_nodes(servers, "--update-method", "p2p", "--ranks", "1", "--load-metas-file", str(metas),
+                            "--weight-version", "b-join")  # fmt: skip
+    assert set(our_leftovers()) - before == set()
+    read = bytes_per_rank(results[0].stdout)
+    assert all(b > 0 for b in read), read  # data came from both ranks, not only the joining one
+    node1.wait_healthy(timeout_s=120)
+    result = generate_ids(node1.url, PROMPT, NEW_TOKENS)
+    assert result["output_ids"] == hf_reference(str(llama_b))
+    assert result["meta_info"]["weight_version"] == "b-join"
+    assert version(node0) == "b-node0"  # the running instance was not touched
+
+
+def test_two_nodes_broadcast_each_reads_half(servers, llama_a):
+    results = run_two_nodes(servers, "--checkpoint-path", str(llama_a), "--weight-version", "a-2nodes")
+    read = bytes_per_rank(results[0].stdout)
+    assert len(read) == 2
+    for b in read:
+        assert 0.4 <= b / sum(read) <= 0.6, read
+    for srv in servers:
+        result = generate_ids(srv.url, PROMPT, NEW_TOKENS)
+        assert result["output_ids"] == hf_reference(str(llama_a))
+        assert result["meta_info"]["weight_version"] == "a-2nodes"
