@@ -96,10 +96,27 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
     os.execv(sys.executable, cmd)
 
 
+def check_server_tp(args: argparse.Namespace) -> str | None:
+    """Why this server cannot take this many loader ranks, or None."""
+    if args.update_method == "p2p":
+        return None  # the updated instances may not be the one at --endpoint
+    from .http import ServerClient, ServerError, tp_mismatch
+
+    client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
+    try:
+        return tp_mismatch(client.wait_until_listening(), args.endpoint, args.inference_parallel_size)
+    except ServerError as exc:
+        return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.inference_parallel_size > 1 and "RANK" not in os.environ:
+        error = check_server_tp(args)  # before starting N processes: a clear message, no torchrun noise
+        if error:
+            print(f"[sglang-ckpt] error: {error}", file=sys.stderr)
+            return 1
         relaunch_under_torchrun(args.inference_parallel_size, argv)
     from .run import run_update  # heavy imports (torch) after argument errors
 

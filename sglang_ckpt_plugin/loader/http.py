@@ -11,6 +11,15 @@ from tqdm import tqdm
 PLUGIN_MARKER = "ckpt_plugin"  # key our plugin adds to /model_info
 
 
+def tp_mismatch(info: dict, endpoint: str, parallel_size: int) -> str | None:
+    """Why a server (its /model_info) cannot take ``parallel_size`` loader ranks per instance, or None."""
+    server_tp = info[PLUGIN_MARKER].get("tp_size")
+    if server_tp is not None and server_tp != parallel_size:
+        return (f"the server at {endpoint} runs with tp={server_tp} but --inference-parallel-size is "
+                f"{parallel_size}; pass --inference-parallel-size {server_tp}")
+    return None
+
+
 class ServerError(RuntimeError):
     """The server is unreachable, lacks the plugin, or refused the update."""
 

@@ -18,7 +18,7 @@ from ..transport.channel import make_endpoint
 from ..transport.handles import device_rank_key
 from .checkpoint import CheckpointError, read_checkpoint
 from .exchange import Exchange
-from .http import ServerClient, ServerError
+from .http import ServerClient, ServerError, tp_mismatch
 from .metas import load_metas, save_metas
 from .plan import parse_ranks, plan_world, shard_by_bytes
 from .push import PushError, RankFeeder, StageTimes, bucket_digests, new_update_id
@@ -162,10 +162,9 @@ class Update:
             return
         args = self.args
         self.client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
-        server_tp = self.client.wait_until_listening()["ckpt_plugin"].get("tp_size")
-        if server_tp is not None and server_tp != args.inference_parallel_size:
-            raise ValueError(f"the server at {args.endpoint} runs with tp={server_tp} but --inference-parallel-size "
-                             f"is {args.inference_parallel_size}; pass --inference-parallel-size {server_tp}")  # fmt: skip
+        error = tp_mismatch(self.client.wait_until_listening(), args.endpoint, args.inference_parallel_size)
+        if error:
+            raise ValueError(error)
 
     def share_names(self) -> None:
         """The update id (from rank 0) and every rank's key and endpoint (collectives only, nothing that fails)."""
