@@ -74,3 +74,19 @@ def test_one_loader_rank_for_a_tp2_server_is_refused(server, llama_b):
     out = push(server.url, llama_b, "--weight-version", "never", check=False)
     assert out.returncode == 1 and "--inference-parallel-size 2" in out.stderr
     assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
+
+
+def test_two_rank_update_rejected_by_the_server_fails_on_every_rank_and_changes_nothing(server, llama_a, tmp_path):
+    from .test_e2e_faults import _variant
+
+    bad = _variant(llama_a, tmp_path / "unknown",
+                   lambda t: {**t, "model.layers.0.mlp.extra_proj.weight": t["model.norm.weight"].clone()})  # fmt: skip
+    before = set(our_leftovers())
+    out = push(server.url, bad, "--inference-parallel-size", "2", "--weight-version", "never", check=False)
+    assert out.returncode != 0
+    # each TP rank refused at hello, before any write; each loader rank reports its rank's reason
+    assert out.stderr.count("[sglang-ckpt] error:") == 2 and "extra_proj" in out.stderr, out.stderr[-3000:]
+    assert set(our_leftovers()) - before == set()
+    result = generate_ids(server.url, PROMPT, NEW_TOKENS)
+    assert result["output_ids"] == hf_reference(str(llama_a)) and result["meta_info"]["weight_version"] == "a-tp2"
+    assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200

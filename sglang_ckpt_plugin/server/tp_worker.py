@@ -83,7 +83,10 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     # generate guard must give the same answer (the scheduler broadcasts each request to all ranks).
     all_ok, any_touched = _agree(ok, touched)
     global _weights_complete
-    _weights_complete = all_ok
+    if all_ok:
+        _weights_complete = True
+    elif any_touched:
+        _weights_complete = False  # otherwise the weights served before this update are intact
     if not all_ok:
         why = error or "another tensor-parallel rank failed (see its log line)"
         if any_touched:
