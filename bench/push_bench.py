@@ -1,12 +1,14 @@
-"""``make bench``: push a generated ~1 GB bf16 checkpoint into a running SGLang server, and compare, in
-the same run and on the same server, with SGLang's ``/update_weights_from_disk`` of the same checkpoint and
-with a plain memcpy of the same bytes.
+"""``make bench``: every way of getting a generated ~1 GB bf16 checkpoint into one running SGLang server,
+measured in the same run on the same server: memcpy floor, SGLang's ``/update_weights_from_disk`` and
+``update_weights_from_tensor`` (fresh tensors), our push with 1 and 2 loader ranks, our trainer pushes
+(same-node shared memory, and torch.distributed); loader peak RSS, scheduler RSS growth, time to ready for an
+``auto`` start vs ``dummy`` + push, and push time against checkpoint size.
 
-    python bench/push_bench.py [--gb 1.0] [--repeats 3] [--workdir DIR]
+    python bench/push_bench.py [--gb 1.0] [--repeats 3] [--sizes 0.25,2] [--workdir DIR]
 
-Every figure is a median over ``--repeats`` runs, interleaved (disk, push, disk, push...) so machine noise
-hits both alike; the page cache is warmed first, so both read from memory. Greedy output after each method is
-compared, as a check that both loaded the same weights.
+Every figure is a median over ``--repeats`` rounds, methods interleaved within a round so machine noise hits
+all alike; the page cache is warmed first. Greedy output after each method must equal the output after the
+disk reload (the same weights), or the bench fails.
 """
 
 from __future__ import annotations
@@ -15,20 +17,22 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
+from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
 from sglang_ckpt_plugin.demo.tiny_model import model_config, word_tokenizer
 
-GB = 1e9
+sys.path.insert(0, str(Path(__file__).parent))
+from baselines import (  # noqa: E402
+    GB, RssSampler, import_baseline_rss, run_loader, scheduler_pid, startup_load_weight_s, time_disk_update,
+    time_memcpy, time_to_ready_auto, time_update_from_tensor,
+)  # fmt: skip
 
 
 def make_random_checkpoint(out: Path, target_gb: float, shard_gb: float = 0.3) -> Path:
@@ -79,41 +83,23 @@ def warm_page_cache(path: Path) -> None:
                 pass
 
 
-def time_memcpy(nbytes: int, repeats: int, threads: int) -> float:
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.zeros(nbytes, dtype=torch.uint8)  # both pre-faulted
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    torch.set_num_threads(old)
-    return statistics.median(times)
+def loader_cmd(url: str, ckpt: Path, version: str, extra: list[str], ranks: int = 1) -> list[str]:
+    args = ["--checkpoint-path", str(ckpt), "--endpoint", url, "--weight-version", version, "--quiet", *extra]
+    if ranks == 1:
+        return [sys.executable, "-m", "sglang_ckpt_plugin.update", *args]
+    # a tp=1 server fed by 2 loader ranks: each reads half, rank 1 sends its half to rank 0 (p2p, over gloo)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+            "127.0.0.1", "--master-port", str(free_port()), "-m", "sglang_ckpt_plugin.update",
+            "--update-method", "p2p", "--ranks", "0", *args]  # fmt: skip
 
 
-def time_disk_update(url: str, ckpt: Path, version: str) -> float:
-    body = {"model_path": str(ckpt), "load_format": "auto", "weight_version": version}
-    t0 = time.perf_counter()
-    resp = httpx.post(f"{url}/update_weights_from_disk", json=body, timeout=600)
-    elapsed = time.perf_counter() - t0
-    if resp.status_code != 200 or not resp.json().get("success"):
-        raise RuntimeError(f"update_weights_from_disk failed: {resp.text[:300]}")
-    return elapsed
-
-
-def time_push(url: str, ckpt: Path, version: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(ckpt), "--endpoint", url,
-           "--weight-version", version, "--quiet", *extra]  # fmt: skip
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    process_s = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"loader failed: {proc.stdout}\n{proc.stderr}")
+def time_push(url: str, ckpt: Path, version: str, extra: list[str], ranks: int = 1, sampler_pid=None) -> dict:
+    with RssSampler(sampler_pid) as rss:
+        proc, process_s, loader_rss = run_loader(loader_cmd(url, ckpt, version, extra, ranks))
     out = proc.stdout
     stage = re.search(r"read ([\d.]+) s \| wait for server ([\d.]+) s \| server load ([\d.]+) s \| "
                       r"server post-process ([\d.]+) s", out)  # fmt: skip
+    buffers = re.search(r"buffers ([\d.]+) s", out)
     return {
         "push_s": float(re.search(r"GB in ([\d.]+) s", out).group(1)),
         "wall_s": float(re.search(r"wall ([\d.]+) s", out).group(1)),
@@ -122,66 +108,161 @@ def time_push(url: str, ckpt: Path, version: str, extra: list[str]) -> dict:
         "wait_s": float(stage.group(2)),
         "load_s": float(stage.group(3)),
         "post_s": float(stage.group(4)),
+        "buffers_s": float(buffers.group(1)) if buffers else 0.0,
         "buckets": int(re.search(r"pushed (\d+) buckets", out).group(1)),
+        "loader_rss": loader_rss,
+        "sched_anon": rss.growth("RssAnon"),
+        "sched_rss": rss.growth("VmRSS"),
+        "bytes_per_rank": re.search(r"bytes read from disk per rank: (.*)", out).group(1),
     }
 
 
+def size_scaling(work: Path, sizes: list[float], extra: list[str]) -> list[tuple[float, float, float]]:
+    """(GB, push seconds, GB/s) for other checkpoint sizes, each on its own server (second push, warm cache)."""
+    rows = []
+    for gb in sizes:
+        ckpt = work / f"random-llama-{gb:g}gb"
+        if not (ckpt / "config.json").exists():
+            print(f"making a ~{gb:g} GB checkpoint for the size series...", flush=True)
+            make_random_checkpoint(ckpt, gb)
+        nbytes = checkpoint_bytes(ckpt)
+        with SGLangServer(ckpt, work / f"server-{gb:g}.log") as srv:
+            srv.wait_listening(timeout_s=900)
+            time_push(srv.url, ckpt, "first", extra)
+            warm_page_cache(ckpt)
+            s = statistics.median(time_push(srv.url, ckpt, f"size-{i}", extra)["push_s"] for i in range(2))
+        rows.append((nbytes / GB, s, nbytes / GB / s))
+    return rows
+
+
 def main() -> int:
+    from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
+    from sglang_ckpt_plugin.loader.plan import auto_bucket_size
+    from sglang_ckpt_plugin.local_push import LocalPush
+    from sglang_ckpt_plugin.trainer import TrainerPush
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gb", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sizes", default="0.25,2", help="other checkpoint sizes (GB) for the scaling series; '' skips")
     p.add_argument("--workdir", default=None)
     p.add_argument("--loader-args", default="", help="extra loader arguments, e.g. '--bucket-size 128M'")
     a = p.parse_args()
+    extra = a.loader_args.split()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-bench-"))
     ckpt = work / f"random-llama-{a.gb:g}gb"
     if not (ckpt / "config.json").exists():  # written last
         print(f"making a random bf16 checkpoint of ~{a.gb:g} GB in {ckpt} ...", flush=True)
         make_random_checkpoint(ckpt, a.gb)
     nbytes = checkpoint_bytes(ckpt)
+    tensors = {}
+    for f in sorted(ckpt.glob("*.safetensors")):  # a trainer's weights: private memory, materialized
+        tensors.update({k: v.clone() for k, v in load_file(f).items()})
     warm_page_cache(ckpt)
-    print(f"checkpoint: {nbytes / GB:.3f} GB of tensors; memcpy baseline...", flush=True)
+    print(f"checkpoint: {nbytes / GB:.3f} GB of tensors; memcpy and import baselines...", flush=True)
     memcpy_1t = time_memcpy(nbytes, a.repeats + 2, threads=1)
     memcpy_nt = time_memcpy(nbytes, a.repeats + 2, threads=torch.get_num_threads())
+    base_rss = import_baseline_rss()
 
     print("starting SGLang (dummy weights, waiting for a push)...", flush=True)
-    disk, push = [], []
-    with SGLangServer(ckpt, work / "server.log") as srv:
-        srv.wait_listening(timeout_s=600)
-        first = time_push(srv.url, ckpt, "initial", a.loader_args.split())
-        srv.wait_healthy()
-        prompt = list(range(10, 20))
-        outputs = {}
+    r = {k: [] for k in ("disk", "push", "push2", "tensor", "local", "trainer")}
+    outputs: dict[str, list[int]] = {}
+    prompt = list(range(10, 20))
+    log = work / "server.log"
+    t_start = time.perf_counter()
+    with SGLangServer(ckpt, log) as srv:
+        srv.wait_listening(timeout_s=900)
+        first = time_push(srv.url, ckpt, "initial", extra)
+        srv.wait_healthy(timeout_s=900)
+        ready_dummy_s = time.perf_counter() - t_start
+        dummy_load_s = startup_load_weight_s(log)
+        sched = scheduler_pid(srv.proc.pid)
+        local = LocalPush(srv.url, bucket_bytes=auto_bucket_size(read_checkpoint(ckpt)))  # same buckets as the loader
+        local_first = local.push(tensors.items(), weight_version="local-first").seconds
+        trainer = TrainerPush(srv.url).connect()
+
+        def check(name: str) -> None:
+            outputs[name] = generate_ids(srv.url, prompt, 8)["output_ids"]
+
         for i in range(a.repeats):
+            print(f"round {i + 1}/{a.repeats}", flush=True)
             warm_page_cache(ckpt)
-            disk.append(time_disk_update(srv.url, ckpt, f"disk-{i}"))
-            outputs["disk"] = generate_ids(srv.url, prompt, 8)["output_ids"]
+            r["disk"].append(time_disk_update(srv.url, ckpt, f"disk-{i}"))
+            check("disk")
             warm_page_cache(ckpt)
-            push.append(time_push(srv.url, ckpt, f"push-{i}", a.loader_args.split()))
-            outputs["push"] = generate_ids(srv.url, prompt, 8)["output_ids"]
-    if outputs["disk"] != outputs["push"]:
-        print(f"MISMATCH: disk {outputs['disk']} vs push {outputs['push']}", file=sys.stderr)
+            r["push"].append(time_push(srv.url, ckpt, f"push-{i}", extra, sampler_pid=sched))
+            check("push")
+            warm_page_cache(ckpt)
+            r["push2"].append(time_push(srv.url, ckpt, f"push2-{i}", extra, ranks=2))
+            check("push, 2 loader ranks")
+            r["tensor"].append(time_update_from_tensor(srv.url, tensors, f"tensor-{i}"))
+            check("update_weights_from_tensor")
+            r["local"].append(local.push(tensors.items(), weight_version=f"local-{i}").seconds)
+            check("local push")
+            r["trainer"].append(trainer.push(tensors.items(), weight_version=f"trainer-{i}").seconds)
+            check("trainer push")
+        trainer.close()
+        local.close()
+    bad = {k: v for k, v in outputs.items() if v != outputs["disk"]}
+    if bad:
+        print(f"MISMATCH against the disk reload {outputs['disk']}: {bad}", file=sys.stderr)
         return 1
 
-    med = lambda key: statistics.median(r[key] for r in push)  # noqa: E731
-    disk_s = statistics.median(disk)
+    print("timing a plain --load-format auto start...", flush=True)
+    ready_auto_s = time_to_ready_auto(ckpt, work / "server-auto.log")
+    auto_load_s = startup_load_weight_s(work / "server-auto.log")
+    sizes = [float(x) for x in a.sizes.split(",") if x.strip()]
+    scaling = size_scaling(work, sizes, extra) if sizes else []
+
+    def med(rows, key):
+        return statistics.median(x[key] for x in rows)
+
+    disk_s, tensor_s = statistics.median(r["disk"]), statistics.median(r["tensor"])
     rows = [
         ("memcpy, pre-faulted buffers, 1 thread", memcpy_1t),
         (f"memcpy, pre-faulted buffers, {torch.get_num_threads()} threads", memcpy_nt),
         ("SGLang /update_weights_from_disk (HTTP call)", disk_s),
-        ("our push: loader planning + push (wall)", med("wall_s")),
-        ("our push: buckets only (first byte read to last ack)", med("push_s")),
-        ("our push: whole CLI process (incl. Python/torch import)", med("process_s")),
-        ("our push: first push into dummy weights (buckets only)", first["push_s"]),
+        ("SGLang update_weights_from_tensor, fresh tensors (HTTP)", tensor_s),
+        ("our push, 1 loader rank: buckets only (hello to last ack)", med(r["push"], "push_s")),
+        ("our push, 1 loader rank: wall after imports", med(r["push"], "wall_s")),
+        ("our push, 1 loader rank: whole CLI process", med(r["push"], "process_s")),
+        ("our push, 2 loader ranks (torchrun, p2p): buckets only", med(r["push2"], "push_s")),
+        ("our push, 2 loader ranks: whole torchrun process", med(r["push2"], "process_s")),
+        ("our push into dummy weights (first push, buckets only)", first["push_s"]),
+        ("trainer, same node: LocalPush (shm buckets, reused)", statistics.median(r["local"])),
+        ("trainer, same node: LocalPush, first push (allocates)", local_first),
+        ("trainer: TrainerPush (torch.distributed gloo, SGLang path)", statistics.median(r["trainer"])),
     ]
     print(f"\n{nbytes / GB:.3f} GB bf16 checkpoint, page cache warm, median of {a.repeats}, same run, same server\n")
-    print(f"| {'method':58} | seconds | GB/s  | vs memcpy (1 thread) | vs SGLang disk |")
-    print(f"|{'-' * 60}|---------|-------|----------------------|----------------|")
+    print(f"| {'method':58} | seconds | GB/s  | vs memcpy 1t | vs SGLang disk | vs SGLang tensor |")
+    print(f"|{'-' * 60}|---------|-------|--------------|----------------|------------------|")
     for name, s in rows:
-        print(f"| {name:58} | {s:7.3f} | {nbytes / GB / s:5.2f} | {memcpy_1t / s:20.2f} | {disk_s / s:14.2f} |")
-    print(f"\npush stages (median): read {med('read_s'):.3f} s, loader waiting for server {med('wait_s'):.3f} s, "
-          f"server load_weights {med('load_s'):.3f} s, post-process {med('post_s'):.3f} s, {push[0]['buckets']} buckets")  # fmt: skip
-    print(f"greedy output after disk reload == after push: {outputs['disk'] == outputs['push']}")
+        print(f"| {name:58} | {s:7.3f} | {nbytes / GB / s:5.2f} | {memcpy_1t / s:12.2f} | {disk_s / s:14.2f} | "
+              f"{tensor_s / s:16.2f} |")  # fmt: skip
+    push = r["push"]
+    bucket = nbytes / max(push[0]["buckets"], 1)
+    mb = 1 << 20
+    print(f"\npush stages (median): read {med(push, 'read_s'):.3f} s, loader waiting for server {med(push, 'wait_s'):.3f} s, "
+          f"server load_weights {med(push, 'load_s'):.3f} s, post-process {med(push, 'post_s'):.3f} s, "
+          f"buffer allocation {med(push, 'buffers_s'):.3f} s, {push[0]['buckets']} buckets of ~{bucket / mb:.0f} MiB")  # fmt: skip
+    print(f"2 loader ranks, bytes read from disk: {r['push2'][0]['bytes_per_rank']}")
+    print("\n| memory | MiB | in buckets |\n|---|---|---|")
+    print(f"| loader peak RSS (1 rank) | {med(push, 'loader_rss') / mb:.0f} | {med(push, 'loader_rss') / bucket:.2f} |")
+    print(f"| import-only baseline RSS (Python + torch + loader) | {base_rss / mb:.0f} | {base_rss / bucket:.2f} |")
+    over = med(push, "loader_rss") - base_rss
+    print(f"| loader RSS above the baseline | {over / mb:.0f} | {over / bucket:.2f} |")
+    print(f"| scheduler RSS growth during a push (all) | {med(push, 'sched_rss') / mb:.0f} | {med(push, 'sched_rss') / bucket:.2f} |")
+    print(f"| scheduler private (anon) RSS growth during a push | {med(push, 'sched_anon') / mb:.0f} | "
+          f"{med(push, 'sched_anon') / bucket:.2f} |")  # fmt: skip
+    print("\n| start | seconds to /health 200 | SGLang load_weight inside the start |\n|---|---|---|")
+    print(f"| --load-format auto | {ready_auto_s:.1f} | {auto_load_s} |")
+    print(f"| --load-format dummy --wait-for-initial-weights + push | {ready_dummy_s:.1f} | {dummy_load_s} |")
+    if scaling:
+        one = (nbytes / GB, med(push, "push_s"), nbytes / GB / med(push, "push_s"))
+        print("\n| checkpoint GB | push s (buckets only) | GB/s |\n|---|---|---|")
+        for gb, s, rate in sorted([*scaling, one]):
+            print(f"| {gb:.2f} | {s:.3f} | {rate:.2f} |")
+    print(f"\ngreedy output after every method == after the disk reload: {not bad}")
     return 0
 
 

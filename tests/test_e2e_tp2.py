@@ -90,3 +90,19 @@ def test_two_rank_update_rejected_by_the_server_fails_on_every_rank_and_changes_
     result = generate_ids(server.url, PROMPT, NEW_TOKENS)
     assert result["output_ids"] == hf_reference(str(llama_a)) and result["meta_info"]["weight_version"] == "a-tp2"
     assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
+
+
+def test_local_push_from_trainer_memory_into_both_tp_ranks_reuses_its_buffers(server, llama_a, llama_b):
+    from sglang_ckpt_plugin.local_push import LocalPush
+
+    before = set(our_leftovers())
+    with LocalPush(server.url, bucket_bytes=300_000) as pusher:
+        stats = pusher.push(checkpoint_tensors(llama_b).items(), weight_version="local-b")
+        assert stats.buckets >= 2 and stats.tensors == 21
+        buffers = list(pusher.buffers)
+        assert generate_ids(server.url, PROMPT, NEW_TOKENS)["output_ids"] == hf_reference(str(llama_b))
+        pusher.push(checkpoint_tensors(llama_a).items(), weight_version="local-a")
+        assert pusher.buffers == buffers  # the same shared memory served the second update
+    assert set(our_leftovers()) - before == set()  # unnamed buffers: nothing in /dev/shm at any time
+    result = generate_ids(server.url, PROMPT, NEW_TOKENS)
+    assert result["output_ids"] == hf_reference(str(llama_a)) and result["meta_info"]["weight_version"] == "local-a"

@@ -73,6 +73,7 @@ class RankFeeder:
         self.timeout_s = timeout_s
         self.cancelled = cancelled
         self.buffers = []
+        self.owns_buffers = True
         self.on_bucket = lambda bucket: None  # progress callback
         self.channel = Channel(endpoint, bind=True)
 
@@ -80,6 +81,11 @@ class RankFeeder:
         """Allocate and touch the bucket buffers (first touch of shared memory is the expensive part)."""
         for _ in range(num_buffers):
             self.buffers.append(allocate_buffer(bucket_bytes, device))
+
+    def adopt(self, buffers: list) -> None:
+        """Use buffers that outlive this update (kept by a long-lived pusher); close() leaves them alone."""
+        self.buffers = list(buffers)
+        self.owns_buffers = False
 
     def _wait_reply(self, seq: int, what: str) -> Reply:
         deadline = time.monotonic() + self.timeout_s
@@ -190,6 +196,7 @@ class RankFeeder:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        for b in self.buffers:
-            b.release()
+        if self.owns_buffers:
+            for b in self.buffers:
+                b.release()
         self.buffers = []

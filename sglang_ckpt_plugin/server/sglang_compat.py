@@ -9,6 +9,9 @@ Hooks (registered through SGLang's own HookRegistry, applied by ``load_plugins()
 - ``Scheduler.handle_generate_request`` (around): refuse requests while the weights are incomplete.
 - The trainer path: the model runner's ``load_weights_from_distributed`` (around: dry run first, remember
   what was loaded) and the scheduler's ``end_weight_update`` (around: mark a session that covered the model).
+- ``model_loader.loader.initialize_dummy_weights`` (around): with ``--wait-for-initial-weights`` the random fill
+  of ``--load-format dummy`` is skipped (the gate keeps the weights unused until real ones arrive; on CPU
+  the fill costs several times more than reading the real weights).
 - ``parallel_state.init_model_parallel_group`` (before): on CPU, no pynccl communicator (it requires CUDA);
   gloo carries the TP group, which is what makes ``--tp 2`` run on a CPU-only machine.
 """
@@ -29,6 +32,7 @@ RUNNER_WEIGHT_UPDATER = "sglang.srt.model_executor.model_runner_components.weigh
 SCHEDULER_WEIGHT_UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
 WAIT_FLAG_FIELD = "checkpoint_engine_wait_weights_before_ready"
 PARALLEL_STATE = "sglang.srt.distributed.parallel_state"
+MODEL_LOADER = "sglang.srt.model_loader.loader"
 
 
 def install_hooks() -> None:
@@ -45,6 +49,7 @@ def install_hooks() -> None:
     HookRegistry.register(f"{RUNNER_WEIGHT_UPDATER}.update_weights_from_disk", _after_disk_update, HookType.AFTER)
     HookRegistry.register(f"{SCHEDULER}.handle_generate_request", _guard_generate, HookType.AROUND)
     HookRegistry.register(f"{PARALLEL_STATE}.init_model_parallel_group", _no_pynccl_on_cpu, HookType.BEFORE)
+    HookRegistry.register(f"{MODEL_LOADER}.initialize_dummy_weights", _skip_dummy_fill_when_waiting, HookType.AROUND)
     HookRegistry.register(f"{RUNNER_WEIGHT_UPDATER}.load_weights_from_distributed",
                           trainer_updates.load_weights_from_distributed, HookType.AROUND)  # fmt: skip
     HookRegistry.register(f"{SCHEDULER_WEIGHT_UPDATER}.end_weight_update", _around_end_session, HookType.AROUND)
@@ -61,6 +66,14 @@ def _around_end_session(original, manager, recv_req, **kwargs):
         tp_worker.mark_weights_complete()
         out = msgspec.structs.replace(out, message=f"{out.message} {trainer_updates.COMPLETE_MARKER}")
     return out
+
+
+def _skip_dummy_fill_when_waiting(original, model, *args, **kwargs):
+    """Parameters stay allocated and unfilled: the real weights arrive before anything reads them."""
+    if wait_flag_enabled():
+        logger.info("--wait-for-initial-weights: not filling dummy weights with random values")
+        return None
+    return original(model, *args, **kwargs)
 
 
 def _no_pynccl_on_cpu(*args, **kwargs):

@@ -19,7 +19,7 @@ import stat
 
 import torch
 
-from .messages import BufferHandle, CudaIpcHandle, ShmHandle
+from .messages import BufferHandle, CudaIpcHandle, ShmFdHandle, ShmHandle
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "sglang-ckpt-"
@@ -39,29 +39,44 @@ def device_rank_key(device: torch.device, tp_rank: int) -> str:
 
 # ---------------------------------------------------------------- owner side (loader)
 class ShmBuffer:
-    """A shared-memory bucket buffer owned by the loader. ``release()`` unmaps and unlinks it."""
+    """A shared-memory bucket buffer owned by the loader. ``release()`` unmaps and unlinks it.
 
-    def __init__(self, nbytes: int):
-        self.name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+    Named (``/dev/shm/sglang-ckpt-*``) for one update: the name is removed as soon as the server mapped it.
+    ``reusable=True``: an unnamed O_TMPFILE file kept open for many updates; the server opens it through
+    ``/proc/<pid>/fd/<fd>``, so there is no name to leak even if this process is killed.
+    """
+
+    def __init__(self, nbytes: int, reusable: bool = False):
         self.nbytes = nbytes
-        self.path = os.path.join(SHM_DIR, self.name)
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        self.reusable = reusable
+        self.name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        self.path = None if reusable else os.path.join(SHM_DIR, self.name)
+        if reusable:
+            fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR, 0o600)
+        else:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             # Reserve the pages now: a full /dev/shm then fails here with ENOSPC instead of SIGBUS mid-copy.
             os.posix_fallocate(fd, 0, nbytes)
             self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         except BaseException:
             os.close(fd)
-            os.unlink(self.path)
+            self.unlink()
             raise
-        os.close(fd)
+        self._fd = fd if reusable else None
+        if not reusable:
+            os.close(fd)
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
 
-    def handle(self) -> ShmHandle:
+    def handle(self) -> ShmHandle | ShmFdHandle:
+        if self.reusable:
+            return ShmFdHandle(pid=os.getpid(), fd=self._fd, nbytes=self.nbytes)
         return ShmHandle(name=self.name, nbytes=self.nbytes)
 
     def unlink(self) -> None:
         """Remove the name; mappings stay valid. Safe to call once every receiver has mapped it."""
+        if self.path is None:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -71,6 +86,9 @@ class ShmBuffer:
         self.unlink()
         self.tensor = None
         self._map.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class CudaBuffer:
@@ -104,12 +122,13 @@ class CudaBuffer:
         self.tensor = None
 
 
-def allocate_buffer(nbytes: int, device: torch.device) -> ShmBuffer | CudaBuffer:
+def allocate_buffer(nbytes: int, device: torch.device, reusable: bool = False) -> ShmBuffer | CudaBuffer:
+    """``reusable``: the buffer may serve many updates (CUDA IPC buffers always can)."""
     if device.type == "cuda":
         return CudaBuffer(nbytes, device)
     if device.type != "cpu":
         raise ValueError(f"unsupported device {device}")
-    return ShmBuffer(nbytes)
+    return ShmBuffer(nbytes, reusable=reusable)
 
 
 # ---------------------------------------------------------------- receiver side (inference rank)
@@ -127,7 +146,7 @@ class MappedBuffer:
 
 
 def open_buffer(handle: BufferHandle, device: torch.device) -> MappedBuffer:
-    if isinstance(handle, ShmHandle):
+    if isinstance(handle, (ShmHandle, ShmFdHandle)):
         if device.type != "cpu":
             raise ValueError(f"a shared-memory buffer was sent to a {device.type} rank; run the loader on {device.type}")
         return _open_shm(handle)
@@ -136,16 +155,23 @@ def open_buffer(handle: BufferHandle, device: torch.device) -> MappedBuffer:
     return _open_cuda(handle, device)
 
 
-def _open_shm(handle: ShmHandle) -> MappedBuffer:
-    if not _SHM_NAME.match(handle.name):
-        raise ValueError(f"refusing shared-memory name {handle.name!r}: not one of ours")
-    fd = os.open(os.path.join(SHM_DIR, handle.name), os.O_RDWR | os.O_NOFOLLOW)
+def _open_shm(handle: ShmHandle | ShmFdHandle) -> MappedBuffer:
+    if isinstance(handle, ShmFdHandle):
+        if handle.pid <= 0 or handle.fd < 0:
+            raise ValueError(f"refusing shared-memory handle {handle!r}")
+        what = f"/proc/{handle.pid}/fd/{handle.fd}"
+        fd = os.open(what, os.O_RDWR)  # the kernel checks we may access that process (same user)
+    else:
+        if not _SHM_NAME.match(handle.name):
+            raise ValueError(f"refusing shared-memory name {handle.name!r}: not one of ours")
+        what = handle.name
+        fd = os.open(os.path.join(SHM_DIR, handle.name), os.O_RDWR | os.O_NOFOLLOW)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise PermissionError(f"{handle.name}: must be a private (0600) file of this user")
+            raise PermissionError(f"{what}: must be a private (0600) file of this user")
         if st.st_size < handle.nbytes:
-            raise ValueError(f"{handle.name}: {st.st_size} bytes, the loader announced {handle.nbytes}")
+            raise ValueError(f"{what}: {st.st_size} bytes, the loader announced {handle.nbytes}")
         mapping = mmap.mmap(fd, handle.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     finally:
         os.close(fd)

@@ -49,7 +49,16 @@ class CudaIpcHandle(msgspec.Struct, tag="cuda_ipc", tag_field="kind", forbid_unk
     event_sync_required: bool
 
 
-BufferHandle = Union[ShmHandle, CudaIpcHandle]
+class ShmFdHandle(msgspec.Struct, tag="shm_fd", tag_field="kind", forbid_unknown_fields=True, frozen=True):
+    """An unnamed shared-memory file (O_TMPFILE on /dev/shm) of a live loader, opened by the receiver as
+    /proc/<pid>/fd/<fd>. Never has a name, so it cannot outlive its owner: used for buffers kept across updates."""
+
+    pid: int
+    fd: int
+    nbytes: int
+
+
+BufferHandle = Union[ShmHandle, ShmFdHandle, CudaIpcHandle]
 
 
 class TensorSlot(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):

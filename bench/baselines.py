@@ -1,0 +1,164 @@
+"""Reference figures measured in the same run as our push: memcpy, SGLang's own update paths, memory."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+GB = 1e9
+
+
+def time_memcpy(nbytes: int, repeats: int, threads: int) -> float:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)  # both pre-faulted
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    torch.set_num_threads(old)
+    return statistics.median(times)
+
+
+def _post(url: str, path: str, body: dict) -> dict:
+    resp = httpx.post(f"{url}{path}", json=body, timeout=900)
+    data = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
+    if resp.status_code != 200 or not data.get("success", True):
+        raise RuntimeError(f"{path} failed: {resp.text[:300]}")
+    return data
+
+
+def time_disk_update(url: str, ckpt: Path, version: str) -> float:
+    t0 = time.perf_counter()
+    _post(url, "/update_weights_from_disk", {"model_path": str(ckpt), "load_format": "auto", "weight_version": version})
+    return time.perf_counter() - t0
+
+
+def time_update_from_tensor(url: str, tensors: dict[str, torch.Tensor], version: str) -> float:
+    """SGLang's RL path as a trainer uses it over HTTP: fresh tensors (not yet in shared memory), serialized
+    with SGLang's MultiprocessingSerializer inside a begin/end weight-update session."""
+    from sglang.srt.utils import MultiprocessingSerializer
+
+    fresh = [(name, t.clone()) for name, t in tensors.items()]  # private memory, as a trainer holds them
+    t0 = time.perf_counter()
+    payload = base64.b64encode(MultiprocessingSerializer.serialize(fresh)).decode()
+    _post(url, "/begin_weight_update", {})
+    _post(url, "/update_weights_from_tensor", {"serialized_named_tensors": [payload], "weight_version": version})
+    _post(url, "/end_weight_update", {})
+    return time.perf_counter() - t0
+
+
+def run_loader(cmd: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float, int]:
+    """(result, seconds, peak RSS in bytes of the largest process it started), via a wrapper that waits for
+    it, so that the figure is the loader's own (RUSAGE_CHILDREN of the wrapper)."""
+    wrapper = ("import resource, subprocess, sys\n"
+               "rc = subprocess.call(sys.argv[1:])\n"
+               "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+               "sys.exit(rc)\n")  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, timeout=900,
+                          env=env)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"loader failed: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    rss = int(re.search(r"MAXRSS_KB (\d+)", proc.stderr).group(1)) * 1024
+    return proc, seconds, rss
+
+
+def import_baseline_rss() -> int:
+    """Peak RSS of a process that only imports what the loader imports (Python + torch + our loader)."""
+    _, _, rss = run_loader([sys.executable, "-c", "import torch, sglang_ckpt_plugin.loader.run"])
+    return rss
+
+
+def scheduler_pid(server_pid: int) -> int | None:
+    """The TP-0 scheduler process of a server (its title is set by SGLang)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            stat_fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat_fields[2]) == server_pid and "scheduler" in cmdline:
+            return int(entry.name)
+    return None
+
+
+def _rss(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS", "RssAnon", "RssShmem", "RssFile")):
+            key, value = line.split(":")
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+class RssSampler:
+    """Peak growth of a process's resident memory while a block runs (sampled every 5 ms)."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        self.peak: dict[str, int] = {}
+        self.before: dict[str, int] = {}
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "RssSampler":
+        if self.pid is not None:
+            self.before = _rss(self.pid)
+            self.peak = dict(self.before)
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                now = _rss(self.pid)
+            except OSError:
+                return
+            for k, v in now.items():
+                self.peak[k] = max(self.peak.get(k, 0), v)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.pid is not None:
+            self._thread.join()
+
+    def growth(self, key: str) -> int:
+        return self.peak.get(key, 0) - self.before.get(key, 0)
+
+
+def time_to_ready_auto(ckpt: Path, log: Path) -> float:
+    """A plain ``--load-format auto`` start, to /health 200."""
+    from sglang_ckpt_plugin.demo.launch import SGLangServer
+
+    t0 = time.perf_counter()
+    with SGLangServer(ckpt, log, wait_for_weights=False) as srv:
+        srv.wait_healthy(timeout_s=900)
+        return time.perf_counter() - t0
+
+
+def startup_load_weight_s(log: Path) -> float | None:
+    """SGLang's own ``load_weight`` figure from a server log (the dummy fill, or the real read)."""
+    found = re.findall(r"load_weight=([\d.]+)", log.read_text(errors="replace"))
+    return float(found[-1]) if found else None
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,94 @@
+"""The CUDA-path check in one command (``scripts/device_check.sh``), also runnable on the CPU path.
+
+Builds a random bf16 Llama of ``--gb`` GB, starts a real SGLang server on ``--device`` with the plugin
+(dummy weights, waiting), pushes the checkpoint with the loader (CUDA IPC buffers on cuda, shared memory on
+cpu), checks the greedy output against SGLang's own ``/update_weights_from_disk`` of the same files (must be
+equal) and against HF transformers (reported), and prints host-to-device GB/s, push seconds and disk-reload
+seconds for the same model. Exit 0 only if the pushed weights give the disk reload's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from baselines import GB, time_disk_update  # noqa: E402
+from push_bench import checkpoint_bytes, make_random_checkpoint, time_push, warm_page_cache  # noqa: E402
+
+from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids  # noqa: E402
+from sglang_ckpt_plugin.demo.tiny_model import hf_greedy  # noqa: E402
+
+
+def h2d_gbps(nbytes: int, device: torch.device, repeats: int = 5) -> float | None:
+    """Pinned host -> device copy rate (None on cpu)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / GB / best
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--gb", type=float, default=None, help="checkpoint size (default: 4 on cuda, 0.4 on cpu)")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--tokens", type=int, default=8)
+    a = p.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device visible; run with --device cpu for the CPU path", file=sys.stderr)
+        return 2
+    gb = a.gb or (4.0 if a.device == "cuda" else 0.4)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-device-check-"))
+    ckpt = work / f"random-llama-{gb:g}gb"
+    t0 = time.perf_counter()
+    if not (ckpt / "config.json").exists():
+        make_random_checkpoint(ckpt, gb)
+    nbytes = checkpoint_bytes(ckpt)
+    print(f"[device-check] {nbytes / GB:.2f} GB bf16 checkpoint ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    device = torch.device("cuda", 0) if a.device == "cuda" else torch.device("cpu")
+    h2d = h2d_gbps(min(nbytes, 1 << 30), device)
+    warm_page_cache(ckpt)
+    prompt = list(range(10, 20))
+    loader = ["--device", a.device, "--timeout", "600"]
+    with SGLangServer(ckpt, work / "server.log", device=a.device) as srv:
+        srv.wait_listening(timeout_s=900)
+        first = time_push(srv.url, ckpt, "push-1", loader)
+        srv.wait_healthy(timeout_s=600)
+        pushed = generate_ids(srv.url, prompt, a.tokens)["output_ids"]
+        warm_page_cache(ckpt)
+        second = time_push(srv.url, ckpt, "push-2", loader)
+        warm_page_cache(ckpt)
+        disk_s = time_disk_update(srv.url, ckpt, "disk")
+        from_disk = generate_ids(srv.url, prompt, a.tokens)["output_ids"]
+    hf = hf_greedy(ckpt, prompt, a.tokens)
+    rate = lambda s: f"{nbytes / GB / s:.2f} GB/s"  # noqa: E731
+    print(f"\n| figure ({a.device}, {nbytes / GB:.2f} GB) | value |\n|---|---|")
+    print(f"| host-to-device copy, pinned, best of 5 | {f'{h2d:.2f} GB/s' if h2d else 'n/a (cpu)'} |")
+    print(f"| push into dummy weights (buckets only) | {first['push_s']:.3f} s ({rate(first['push_s'])}) |")
+    print(f"| second push (buckets only) | {second['push_s']:.3f} s ({rate(second['push_s'])}) |")
+    print(f"| second push, whole loader process | {second['process_s']:.3f} s |")
+    print(f"| SGLang /update_weights_from_disk | {disk_s:.3f} s ({rate(disk_s)}) |")
+    print(f"| stages of the second push | read {second['read_s']:.3f} s, server load {second['load_s']:.3f} s, "
+          f"waiting {second['wait_s']:.3f} s, {second['buckets']} buckets |")  # fmt: skip
+    print(f"| greedy output: push == disk reload | {pushed == from_disk} |")
+    print(f"| greedy output: push == HF transformers | {pushed == hf} {'' if pushed == hf else f'(HF {hf}, push {pushed})'} |")
+    return 0 if pushed == from_disk else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Push tensors a trainer already holds into an SGLang server on the same node, through the loader's
+shared-memory buckets and wire protocol (no torch.distributed group, no pickling, no checkpoint files).
+
+The pusher keeps its bucket buffers for its whole life (unnamed shared memory, see ``ShmBuffer(reusable=True)``),
+so after the first push every update costs one copy into the bucket (trainer) and one copy out of it (server),
+overlapped. With ``--tp N`` every TP rank maps the same buffers: each bucket is written once for all of them.
+
+    from sglang_ckpt_plugin.local_push import LocalPush
+
+    with LocalPush("http://127.0.0.1:30000") as pusher:
+        pusher.push(model.state_dict().items(), weight_version="step-7")
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .loader.checkpoint import TensorInfo
+from .loader.http import ServerClient
+from .loader.plan import Bucket, align_up, plan_buckets
+from .loader.push import PushError, RankFeeder, StageTimes, new_update_id
+from .transport.channel import make_endpoint
+from .transport.handles import allocate_buffer, device_rank_key
+
+MiB = 1 << 20
+
+
+class TensorFiller:
+    """Fills a bucket from in-memory tensors (any device) instead of files."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def fill(self, bucket: Bucket, buffer: torch.Tensor) -> torch.Tensor:
+        for slot in bucket.slots:
+            src = self.tensors[slot.tensor.name]
+            buffer[slot.offset : slot.offset + slot.tensor.nbytes].copy_(src.reshape(-1).view(torch.uint8))
+        return buffer
+
+
+@dataclass
+class LocalPushStats:
+    tensors: int = 0
+    bytes: int = 0
+    buckets: int = 0
+    seconds: float = 0.0
+    fill_s: float = 0.0  # trainer: tensors -> bucket buffers
+    server_load_s: float = 0.0
+
+
+class LocalPush:
+    def __init__(self, url: str, *, bucket_bytes: int = 64 * MiB, num_buffers: int = 2, api_key: str | None = None,
+                 timeout_s: float = 600.0, device: torch.device | str = "cpu"):  # fmt: skip
+        self.client = ServerClient(url, timeout_s=timeout_s, api_key=api_key)
+        self.bucket_bytes = align_up(bucket_bytes)
+        self.num_buffers = num_buffers
+        self.timeout_s = timeout_s
+        self.device = torch.device(device)
+        self.buffers: list = []
+        self.tp_size: int | None = None
+
+    def __enter__(self) -> "LocalPush":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for b in self.buffers:
+            b.release()
+        self.buffers = []
+
+    def _ensure_buffers(self, nbytes: int) -> None:
+        if self.buffers and self.buffers[0].nbytes >= nbytes:
+            return
+        self.close()  # a larger tensor than ever before: grow once
+        self.buffers = [allocate_buffer(nbytes, self.device, reusable=True) for _ in range(self.num_buffers)]
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None = None,
+             flush_cache: bool = True, partial: bool = False) -> LocalPushStats:  # fmt: skip
+        """One complete update (``partial=True``: only some parameters, on purpose)."""
+        t0 = time.perf_counter()
+        tensors = {name: t.detach().contiguous() for name, t in named_tensors}
+        infos = [TensorInfo(name, t.dtype, tuple(t.shape), "", 0, t.numel() * t.element_size())
+                 for name, t in tensors.items()]  # fmt: skip
+        size = max(self.bucket_bytes, align_up(max(i.nbytes for i in infos)))
+        buckets = plan_buckets(infos, size)
+        if self.tp_size is None:
+            self.tp_size = int(self.client.wait_until_listening()["ckpt_plugin"].get("tp_size") or 1)
+        if self.device.type == "cuda" and self.tp_size > 1:
+            raise ValueError("LocalPush with CUDA buffers feeds one TP rank on this GPU; use TrainerPush for tp > 1")
+        self._ensure_buffers(max(b.nbytes for b in buckets))
+
+        update_id = new_update_id("local")
+        cancelled = threading.Event()
+        feeders = []
+        times = [StageTimes() for _ in range(self.tp_size)]
+        stats = LocalPushStats()
+        try:
+            for rank in range(self.tp_size):
+                key = device_rank_key(self.device, rank)
+                feeder = RankFeeder(make_endpoint(update_id, key), update_id, self.timeout_s, cancelled, partial=partial)
+                feeder.adopt(self.buffers)
+                feeders.append((key, feeder))
+            call = self.client.start_update({k: f.channel.endpoint for k, f in feeders}, weight_version, flush_cache,
+                                            cancelled)  # fmt: skip
+            try:
+                self._run(feeders, buckets, TensorFiller(tensors), times, stats)
+            except BaseException as exc:
+                for _, f in feeders:
+                    f.abort(str(exc))
+                cancelled.set()
+                call.join_quietly()
+                raise (call.error if isinstance(exc, PushError) and call.error else exc)
+            call.join()
+        finally:
+            for _, f in feeders:
+                f.close()
+        stats.tensors, stats.bytes, stats.buckets = len(infos), sum(i.nbytes for i in infos), len(buckets)
+        stats.server_load_s = max(t.load_s for t in times)
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    @staticmethod
+    def _run(feeders, buckets: list[Bucket], filler: TensorFiller, times: list[StageTimes], stats) -> None:
+        """Every rank gets the same buffer for a bucket: it is refilled once every rank has acknowledged."""
+        for _, f in feeders:
+            f.hello(buckets)
+        for seq, bucket in enumerate(buckets):
+            buffer = None
+            for (_, f), t in zip(feeders, times):
+                buffer = f.free_buffer(seq, t)
+            t_fill = time.perf_counter()
+            filler.fill(bucket, buffer)
+            stats.fill_s += time.perf_counter() - t_fill
+            for (_, f), t in zip(feeders, times):
+                f.send_bucket(seq, bucket, None, t)
+        for (_, f), t in zip(feeders, times):
+            f.finish(len(buckets), t)

@@ -1,0 +1,18 @@
+"""scripts/device_check.sh on the CPU path (the same script a GPU machine runs with --device cuda)."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_device_check_runs_on_the_cpu_path(tmp_path):
+    proc = subprocess.run([str(ROOT / "scripts/device_check.sh"), "--device", "cpu", "--gb", "0.4",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| greedy output: push == disk reload | True |" in proc.stdout
+    assert "| SGLang /update_weights_from_disk |" in proc.stdout
