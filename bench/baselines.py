@@ -52,6 +52,8 @@ def time_update_from_tensor(url: str, tensors: dict[str, torch.Tensor], version:
     with SGLang's MultiprocessingSerializer inside a begin/end weight-update session."""
     from sglang.srt.utils import MultiprocessingSerializer
 
+    # The server is not our child, so fd passing (torch's default) cannot authenticate; shared-memory files can.
+    torch.multiprocessing.set_sharing_strategy("file_system")
     fresh = [(name, t.clone()) for name, t in tensors.items()]  # private memory, as a trainer holds them
     t0 = time.perf_counter()
     payload = base64.b64encode(MultiprocessingSerializer.serialize(fresh)).decode()

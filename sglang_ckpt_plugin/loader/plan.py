@@ -64,7 +64,7 @@ def auto_bucket_size(tensors: list[TensorInfo], memory_budget: int | None = None
     """
     total = sum(t.nbytes for t in tensors)
     size = min(max(total // 16, MIN_AUTO_BUCKET), MAX_AUTO_BUCKET)
-    if memory_budget is not None:
+    if memory_budget:
         size = min(size, memory_budget // 8)
     return align_up(max(size, max(t.nbytes for t in tensors)))
 
@@ -110,12 +110,17 @@ def global_order(buckets_per_owner: list[list[Bucket]]) -> list[Step]:
     return steps
 
 
-def plan_world(shards: list[list[TensorInfo]], bucket_size: int | None = None) -> tuple[list[Step], int]:
-    """Buckets of every owner's shard, in global order, and the buffer size they need (same on every rank)."""
+def plan_world(shards: list[list[TensorInfo]], bucket_size: int | None = None,
+               memory_budget: int | None = None) -> tuple[list[Step], int]:  # fmt: skip
+    """Buckets of every owner's shard, in global order, and the buffer size they need (same on every rank).
+
+    ``memory_budget``: bytes the loader may use (auto bucket size stays within an eighth of it); every rank
+    must pass the same value, so it comes from rank 0.
+    """
     tensors = [t for shard in shards for t in shard]
     if not tensors:
         raise ValueError("the checkpoint has no tensors")
-    size = align_up(bucket_size) if bucket_size else auto_bucket_size(tensors)
+    size = align_up(bucket_size) if bucket_size else auto_bucket_size(tensors, memory_budget)
     steps = global_order([plan_buckets(shard, size) for shard in shards])
     return steps, max(s.bucket.nbytes for s in steps)
 

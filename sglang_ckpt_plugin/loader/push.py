@@ -16,7 +16,7 @@ import torch
 
 from ..transport.channel import Channel, PeerGone
 from ..transport.handles import allocate_buffer
-from ..transport.integrity import fingerprint, tensor_digest
+from ..transport.integrity import Fingerprint, tensor_digest
 from ..transport.messages import (
     PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorMeta, TensorSlot,
 )  # fmt: skip
@@ -69,7 +69,7 @@ class RankFeeder:
         self.verify = verify
         self.partial = partial
         self.allow_unused = allow_unused
-        self.digests: dict[str, tuple[str, list[int], int]] = {}
+        self.digests = Fingerprint()
         self.timeout_s = timeout_s
         self.cancelled = cancelled
         self.buffers = []
@@ -168,11 +168,11 @@ class RankFeeder:
 
     def _record_digests(self, bucket: Bucket, digests: list[int]) -> None:
         for s, digest in zip(bucket.slots, digests):
-            self.digests[s.tensor.name] = (dtype_name(s.tensor.dtype), list(s.tensor.shape), digest)
+            self.digests.add(s.tensor.name, dtype_name(s.tensor.dtype), s.tensor.shape, digest)
 
     @property
     def fingerprint(self) -> str | None:
-        return fingerprint(self.digests) if self.verify else None
+        return self.digests.hexdigest() if self.verify else None
 
     def _send_when_connected(self, msg) -> None:
         deadline = time.monotonic() + self.timeout_s

@@ -41,6 +41,18 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); the buffers live in shared memory, which counts against it."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def update_rounds(method: str, ranks: str | None, world: LoaderWorld) -> list[list[int]]:
     """The receiving loader ranks of each update this run makes (``all``: broadcast, then p2p)."""
     everyone = list(range(world.world_size))
@@ -110,6 +122,8 @@ class Update:
 
     def run(self) -> None:
         t_start = time.perf_counter()
+        # auto bucket sizes must be identical on every rank: rank 0's free memory decides
+        self.memory_budget = self.control.all_gather_int(available_memory())[0]
         steps, bucket_bytes = self.guarded(self.plan)
         t_plan = time.perf_counter()
         self.guarded(self.check_server)
@@ -155,7 +169,7 @@ class Update:
         if args.save_metas_file and world.rank == 0:
             save_metas(args.save_metas_file, self.checkpoint_name, shards)
         self.shard_bytes = sum(t.nbytes for t in shards[world.rank])
-        return plan_world(shards, args.bucket_size)
+        return plan_world(shards, args.bucket_size, self.memory_budget)
 
     def check_server(self) -> None:
         if not self.leads:

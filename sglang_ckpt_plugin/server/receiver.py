@@ -17,7 +17,7 @@ import torch
 
 from ..transport.channel import Channel, PeerGone, check_endpoint
 from ..transport.handles import MappedBuffer, open_buffer
-from ..transport.integrity import fingerprint, tensor_digest
+from ..transport.integrity import Fingerprint, tensor_digest
 from ..transport.messages import Abort, BucketReady, Finish, Hello, ProtocolError, Reply
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class ReceiveSession:
         self.stats = ReceiveStats()
         self.touched_weights = False  # after a failure: were the served weights already changed?
         self.verify = False
-        self.digests: dict[str, tuple[str, list[int], int]] = {}
+        self.digests = Fingerprint()
 
     def run(self) -> ReceiveStats:
         try:
@@ -188,7 +188,7 @@ class ReceiveSession:
             if digest != expected:
                 raise ProtocolError(f"checksum mismatch on tensor {name!r} in bucket {msg.seq}: the bytes changed "
                                     "between the loader and the server (memory corruption or a concurrent writer)")  # fmt: skip
-            self.digests[name] = (slot.dtype, list(slot.shape), digest)
+            self.digests.add(name, slot.dtype, slot.shape, digest)
 
     def _finish(self, channel: Channel, msg: Finish) -> None:
         self._unmap()  # release the loader's memory before post-processing (peak memory)
@@ -201,7 +201,7 @@ class ReceiveSession:
             raise UpdateFailed(f"post-load processing failed: {type(exc).__name__}: {exc}") from exc
         self.stats.post_s = time.perf_counter() - t0
         if self.verify:
-            self.stats.fingerprint = fingerprint(self.digests)
+            self.stats.fingerprint = self.digests.hexdigest()
         _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=self.stats.post_s))
 
     def _unmap(self) -> None:

@@ -23,3 +23,16 @@ def fingerprint(entries: dict[str, tuple[str, list[int], int]]) -> str:
         dtype, shape, digest = entries[name]
         h.update(f"{name} {dtype} {list(shape)} {digest:016x}\n".encode())
     return h.hexdigest()
+
+
+class Fingerprint:
+    """Collects per-tensor digests as they pass (loader: after reading; rank: after checking)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[str, list[int], int]] = {}
+
+    def add(self, name: str, dtype: str, shape, digest: int) -> None:
+        self.entries[name] = (dtype, list(shape), digest)
+
+    def hexdigest(self) -> str:
+        return fingerprint(self.entries)
