@@ -5,6 +5,7 @@ MODE kill-after-2: SIGKILL itself right after sending the second bucket.
 MODE stall-before-buckets: after the server mapped the buffers, sleep instead of filling the first bucket.
 MODE stall-after-first-bucket: send the first bucket (the server writes it into the model), then sleep.
 MODE corrupt-digests: with --verify, announce wrong digests (as if the bytes changed on the way).
+Runs with --transfer copy unless the arguments name a transfer mode.
 """
 
 import os
@@ -15,13 +16,15 @@ import time
 from sglang_ckpt_plugin.loader import cli, push, reader
 
 mode, args = sys.argv[1], sys.argv[sys.argv.index("--") + 1 :]
+if "--transfer" not in args:
+    args += ["--transfer", "copy"]  # the faults are injected on the bucket-buffer path unless a test says otherwise
 
 original_send = push.RankFeeder.send_bucket
 
 if mode in ("kill-after-2", "stall-after-first-bucket"):
 
-    def send_bucket(self, seq, bucket, digests, times):
-        original_send(self, seq, bucket, digests, times)
+    def send_bucket(self, seq, bucket, digests, times, **kw):
+        original_send(self, seq, bucket, digests, times, **kw)
         if mode == "stall-after-first-bucket":
             time.sleep(3600)
         if seq == 1:
@@ -30,8 +33,8 @@ if mode in ("kill-after-2", "stall-after-first-bucket"):
     push.RankFeeder.send_bucket = send_bucket
 elif mode == "corrupt-digests":
 
-    def send_bucket(self, seq, bucket, digests, times):
-        original_send(self, seq, bucket, [d ^ 1 for d in digests], times)
+    def send_bucket(self, seq, bucket, digests, times, **kw):
+        original_send(self, seq, bucket, [d ^ 1 for d in digests], times, **kw)
 
     push.RankFeeder.send_bucket = send_bucket
 elif mode == "stall-before-buckets":

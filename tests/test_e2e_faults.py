@@ -233,10 +233,12 @@ def test_silent_loader_fails_the_update_after_the_idle_timeout(server, llama_a, 
     assert_serving(server.url, llama_a, "a-q2")
 
 
-def test_corrupted_bucket_is_refused_before_it_is_loaded(server, llama_a, llama_b):
+@pytest.mark.parametrize("transfer", ["copy", "map"])
+def test_corrupted_bucket_is_refused_before_it_is_loaded(server, llama_a, llama_b, transfer):
     push(server.url, llama_a, "--weight-version", "a-c")
     before = set(our_leftovers())
-    proc = faulty("corrupt-digests", server.url, llama_b, "--weight-version", "b-corrupt", "--verify")
+    proc = faulty("corrupt-digests", server.url, llama_b, "--weight-version", "b-corrupt", "--verify",
+                  "--transfer", transfer)  # fmt: skip
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "checksum mismatch" in err
     assert set(our_leftovers()) - before == set()

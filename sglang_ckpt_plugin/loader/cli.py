@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sleep-time", type=float, default=0.0, help="seconds to sleep after the update before exiting")
     p.add_argument("--bucket-size", type=parse_size, default=0, help="bytes per bucket, e.g. 256M; default auto")
     p.add_argument("--num-buffers", type=int, default=2, help="bucket buffers in flight (>= 2 pipelines)")
+    p.add_argument("--transfer", choices=["auto", "map", "copy"], default="auto",
+                   help="map: the server maps the checkpoint files and copies tensors straight from the page cache "
+                        "(one loader rank, CPU); copy: through shared bucket buffers; auto: map where it applies")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where buffers live: cpu = shared memory, cuda = CUDA IPC; auto = cuda if available")
     p.add_argument("--timeout", type=float, default=600.0,

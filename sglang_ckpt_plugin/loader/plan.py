@@ -145,3 +145,26 @@ def parse_ranks(text: str | None, world_size: int, parallel_size: int) -> list[i
             raise ValueError(f"--ranks {text!r}: rank {r} belongs to an instance of {parallel_size} ranks; "
                              f"list all of them (missing {missing})")  # fmt: skip
     return ranks
+
+
+def mappable(tensors: list[TensorInfo]) -> bool:
+    """Page-cache mode needs every tensor at an offset its dtype can be viewed at (safetensors pads to 8)."""
+    return all(t.file_offset % t.dtype.itemsize == 0 for t in tensors)
+
+
+def plan_file_buckets(tensors: list[TensorInfo], bucket_size: int) -> tuple[list[str], list[tuple[int, Bucket]]]:
+    """Page-cache mode: (files, [(file index, bucket)]). A bucket never spans two files and its slot offsets
+    are the tensors' offsets in their file, so the server reads them straight from the mapped file."""
+    files = list(dict.fromkeys(t.file for t in tensors))
+    out: list[tuple[int, Bucket]] = []
+    for index, path in enumerate(files):
+        current = Bucket(index=len(out))
+        for t in sorted((t for t in tensors if t.file == path), key=lambda t: t.file_offset):
+            if current.slots and current.payload_bytes + t.nbytes > bucket_size:
+                out.append((index, current))
+                current = Bucket(index=len(out))
+            current.slots.append(Slot(t, t.file_offset))
+            current.nbytes = max(current.nbytes, t.file_offset + t.nbytes)
+        if current.slots:
+            out.append((index, current))
+    return files, out

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..transport.channel import Channel, PeerGone
-from ..transport.handles import allocate_buffer
+from ..transport.handles import FileBuffer, allocate_buffer
 from ..transport.integrity import Fingerprint, tensor_digest
 from ..transport.messages import (
     PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorMeta, TensorSlot,
@@ -136,10 +136,12 @@ class RankFeeder:
             times.wait_s += time.perf_counter() - t0
         return self.buffers[seq % len(self.buffers)].tensor
 
-    def send_bucket(self, seq: int, bucket: Bucket, digests: list[int] | None, times: StageTimes) -> None:
+    def send_bucket(self, seq: int, bucket: Bucket, digests: list[int] | None, times: StageTimes,
+                    buffer: int | None = None) -> None:  # fmt: skip
         if digests is not None:
             self._record_digests(bucket, digests)
-        self.channel.send(bucket_message(seq, seq % len(self.buffers), bucket, digests))
+        buffer = seq % len(self.buffers) if buffer is None else buffer
+        self.channel.send(bucket_message(seq, buffer, bucket, digests))
         self._in_flight.append(seq)
         times.bytes += bucket.payload_bytes
         times.buckets += 1
@@ -164,6 +166,22 @@ class RankFeeder:
             digests = bucket_digests(bucket, host) if self.verify else None
             times.read_s += time.perf_counter() - t0
             self.send_bucket(seq, bucket, digests, times)
+        self.finish(len(buckets), times)
+
+    def run_mapped(self, files: list[str], buckets: list[tuple[int, Bucket]], times: StageTimes) -> None:
+        """Page-cache mode: the buffers are the checkpoint files, held open read-only; the server maps each
+        and copies tensors straight into the parameters. Nothing is refilled, so every bucket is sent at once."""
+        self.buffers = [FileBuffer(path) for path in files]
+        self.hello([b for _, b in buckets])
+        t0 = time.perf_counter()
+        for seq, (index, bucket) in enumerate(buckets):
+            digests = None
+            if self.verify:
+                t_read = time.perf_counter()
+                digests = self.buffers[index].digests(bucket)
+                times.read_s += time.perf_counter() - t_read
+            self.send_bucket(seq, bucket, digests, times, buffer=index)
+        times.extra["send"] = time.perf_counter() - t0
         self.finish(len(buckets), times)
 
     def _record_digests(self, bucket: Bucket, digests: list[int]) -> None:

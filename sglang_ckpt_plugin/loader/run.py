@@ -20,7 +20,7 @@ from .checkpoint import CheckpointError, read_checkpoint
 from .exchange import Exchange
 from .http import ServerClient, ServerError, tp_mismatch
 from .metas import load_metas, save_metas
-from .plan import parse_ranks, plan_world, shard_by_bytes
+from .plan import mappable, parse_ranks, plan_file_buckets, plan_world, shard_by_bytes
 from .push import PushError, RankFeeder, StageTimes, bucket_digests, new_update_id
 from .reader import BucketFiller, CheckpointReader
 from .world import Control, LoaderWorld
@@ -103,6 +103,7 @@ class Update:
         self.cancelled = threading.Event()
         self.reader = CheckpointReader()
         self.feeder: RankFeeder | None = None
+        self.mapped = False
         self.http = None
 
     def agree(self, error: BaseException | None) -> None:
@@ -132,9 +133,13 @@ class Update:
             self.share_names()
             self.guarded(self.bind)
             self.start_call()
-            self.guarded(lambda: self.allocate(bucket_bytes, len(steps)))
-            t_buffers = time.perf_counter()
-            self.push(steps, bucket_bytes)
+            if self.mapped:
+                t_buffers = time.perf_counter()
+                self.push_mapped()
+            else:
+                self.guarded(lambda: self.allocate(bucket_bytes, len(steps)))
+                t_buffers = time.perf_counter()
+                self.push(steps, bucket_bytes)
         except BaseException as exc:
             if self.feeder is not None:
                 self.feeder.abort(str(exc))
@@ -169,7 +174,21 @@ class Update:
         if args.save_metas_file and world.rank == 0:
             save_metas(args.save_metas_file, self.checkpoint_name, shards)
         self.shard_bytes = sum(t.nbytes for t in shards[world.rank])
-        return plan_world(shards, args.bucket_size, self.memory_budget)
+        steps, bucket_bytes = plan_world(shards, args.bucket_size, self.memory_budget)
+        tensors = [t for shard in shards for t in shard]
+        self.mapped = self.choose_page_cache_mode(tensors)
+        if self.mapped:
+            self.files, self.file_buckets = plan_file_buckets(tensors, bucket_bytes)
+        return steps, bucket_bytes
+
+    def choose_page_cache_mode(self, tensors) -> bool:
+        """Page-cache mode (the server maps the checkpoint files; no loader copy) where it applies: one loader
+        rank, CPU, every tensor at a viewable offset. ``--transfer copy`` forces bucket buffers."""
+        possible = not self.world.distributed and self.device.type == "cpu" and mappable(tensors)
+        if self.args.transfer == "map" and not possible:
+            raise ValueError("--transfer map needs one loader rank, --device cpu and dtype-aligned tensor offsets; "
+                             "use --transfer copy (or auto)")  # fmt: skip
+        return self.args.transfer != "copy" and possible
 
     def check_server(self) -> None:
         if not self.leads:
@@ -248,6 +267,12 @@ class Update:
         if self.world.distributed:
             times.extra["exchange between loader ranks"] = move_s
 
+    def push_mapped(self) -> None:
+        t0 = time.perf_counter()
+        self.feeder.run_mapped(self.files, self.file_buckets, self.times)
+        self.times.total_s = time.perf_counter() - t0
+        self.reader.bytes_read = sum(b.payload_bytes for _, b in self.file_buckets)  # read by the server, from our files
+
     # ------------------------------------------------------------------ report
     def report(self, wall_s: float) -> None:
         world, times, out = self.world, self.times, sys.stdout
@@ -255,8 +280,9 @@ class Update:
         if self.receives:
             gb = times.bytes / 1e9
             rate = gb / times.total_s if times.total_s else 0.0
-            print(f"{tag} pushed {times.buckets} buckets, {gb:.3f} GB in {times.total_s:.3f} s ({rate:.2f} GB/s)",
-                  file=out)  # fmt: skip
+            mode = "page cache: the server mapped the files" if self.mapped else "shared bucket buffers"
+            print(f"{tag} pushed {times.buckets} buckets, {gb:.3f} GB in {times.total_s:.3f} s ({rate:.2f} GB/s) "
+                  f"via {mode}", file=out)  # fmt: skip
             print(f"{tag} stages: read {times.read_s:.3f} s | wait for server {times.wait_s:.3f} s | server load "
                   f"{times.load_s:.3f} s | server post-process {times.post_s:.3f} s", file=out)  # fmt: skip
         print(f"{tag} around the push: " + " | ".join(f"{k} {v:.3f} s" for k, v in times.extra.items()), file=out)

@@ -17,6 +17,7 @@ import torch
 
 from ..transport.channel import Channel, PeerGone, check_endpoint
 from ..transport.handles import MappedBuffer, open_buffer
+from ..transport.messages import FileHandle
 from ..transport.integrity import Fingerprint, tensor_digest
 from ..transport.messages import Abort, BucketReady, Finish, Hello, ProtocolError, Reply
 
@@ -94,7 +95,8 @@ class ReceiveSession:
         self.prepare = prepare  # runs once, just before the first write to the model
         self.validate = validate  # (manifest, partial, allow_unused) -> None or raises ValueError
         self.idle_timeout_s = idle_timeout_s
-        self.buffers: list[MappedBuffer] = []
+        self.buffers: list[MappedBuffer | None] = []
+        self.handles: list = []
         self.stats = ReceiveStats()
         self.touched_weights = False  # after a failure: were the served weights already changed?
         self.verify = False
@@ -130,7 +132,14 @@ class ReceiveSession:
         if not isinstance(hello, Hello):
             raise UpdateFailed(f"expected hello, got {type(hello).__name__}")
         try:
-            self.buffers = [open_buffer(h, self.device) for h in hello.buffers]
+            self.handles = list(hello.buffers)
+            # Checkpoint files (page-cache mode) are mapped when first used, one at a time; the first one now,
+            # so a handle we cannot open fails the update before anything is written.
+            self.buffers = [None] * len(self.handles)
+            first_file = next((i for i, h in enumerate(self.handles) if isinstance(h, FileHandle)), None)
+            for i, h in enumerate(self.handles):
+                if not isinstance(h, FileHandle) or i == first_file:
+                    self.buffers[i] = open_buffer(h, self.device)
         except (OSError, ValueError) as exc:
             _send_error(channel, -1, str(exc))
             raise UpdateFailed(f"cannot map the loader's buffers: {exc}") from exc
@@ -157,6 +166,7 @@ class ReceiveSession:
     def _load_bucket(self, channel: Channel, msg: BucketReady) -> None:
         t0 = time.perf_counter()
         try:
+            self._map_for(msg.buffer)
             views = bucket_views(msg, self.buffers)
             if self.verify:
                 self._verify(msg, views)
@@ -204,8 +214,21 @@ class ReceiveSession:
             self.stats.fingerprint = self.digests.hexdigest()
         _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=self.stats.post_s))
 
+    def _map_for(self, index: int) -> None:
+        """Page-cache mode: map file ``index`` and drop the other files' mappings (memory stays ~one file)."""
+        if not 0 <= index < len(self.handles) or not isinstance(self.handles[index], FileHandle):
+            return
+        for i, b in enumerate(self.buffers):
+            if b is not None and i != index and isinstance(self.handles[i], FileHandle):
+                b.close()
+                self.buffers[i] = None
+        if self.buffers[index] is None:
+            self.buffers[index] = open_buffer(self.handles[index], self.device)
+
     def _unmap(self) -> None:
         for b in self.buffers:
+            if b is None:
+                continue
             try:
                 b.close()
             except BufferError:  # a view is still referenced somewhere; the mapping goes with it

@@ -16,10 +16,11 @@ import os
 import re
 import secrets
 import stat
+import warnings
 
 import torch
 
-from .messages import BufferHandle, CudaIpcHandle, ShmFdHandle, ShmHandle
+from .messages import BufferHandle, CudaIpcHandle, FileHandle, ShmFdHandle, ShmHandle
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "sglang-ckpt-"
@@ -91,6 +92,33 @@ class ShmBuffer:
             self._fd = None
 
 
+class FileBuffer:
+    """A checkpoint file offered as a read-only buffer (page-cache mode); nothing is allocated or copied."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        self.nbytes = os.fstat(self._fd).st_size
+
+    def handle(self) -> FileHandle:
+        return FileHandle(pid=os.getpid(), fd=self._fd, nbytes=self.nbytes)
+
+    def digests(self, bucket) -> list[int]:
+        """xxh3 of each tensor of a bucket (slot offsets are file offsets), read through a private mapping."""
+        from .integrity import bytes_digest
+
+        with mmap.mmap(self._fd, self.nbytes, prot=mmap.PROT_READ) as m, memoryview(m) as view:
+            return [bytes_digest(view[s.offset : s.offset + s.tensor.nbytes]) for s in bucket.slots]
+
+    def unlink(self) -> None:
+        pass
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class CudaBuffer:
     """A device bucket buffer shared through CUDA IPC; freed when the loader drops it."""
 
@@ -146,6 +174,10 @@ class MappedBuffer:
 
 
 def open_buffer(handle: BufferHandle, device: torch.device) -> MappedBuffer:
+    if isinstance(handle, FileHandle):
+        if device.type != "cpu":
+            raise ValueError(f"a checkpoint-file buffer was sent to a {device.type} rank; run the loader on {device.type}")
+        return _open_file(handle)
     if isinstance(handle, (ShmHandle, ShmFdHandle)):
         if device.type != "cpu":
             raise ValueError(f"a shared-memory buffer was sent to a {device.type} rank; run the loader on {device.type}")
@@ -176,6 +208,24 @@ def _open_shm(handle: ShmHandle | ShmFdHandle) -> MappedBuffer:
     finally:
         os.close(fd)
     return MappedBuffer(torch.frombuffer(mapping, dtype=torch.uint8), mapping)
+
+
+def _open_file(handle: FileHandle) -> MappedBuffer:
+    """Map a loader's open checkpoint file read-only; views into it are only ever read (load_weights copies)."""
+    if handle.pid <= 0 or handle.fd < 0:
+        raise ValueError(f"refusing file handle {handle!r}")
+    fd = os.open(f"/proc/{handle.pid}/fd/{handle.fd}", os.O_RDONLY)  # the kernel checks access (same user)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < handle.nbytes:
+            raise ValueError(f"file handle {handle.pid}/{handle.fd}: not a regular file of {handle.nbytes} bytes")
+        mapping = mmap.mmap(fd, handle.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    with warnings.catch_warnings():  # read-only memory: torch warns that writing would be undefined; we never write
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+    return MappedBuffer(tensor, mapping)
 
 
 def _open_cuda(handle: CudaIpcHandle, device: torch.device) -> MappedBuffer:

@@ -13,7 +13,12 @@ import xxhash
 
 def tensor_digest(flat_bytes: torch.Tensor) -> int:
     """xxh3-64 of a CPU uint8 tensor's bytes (zero-copy through the buffer protocol)."""
-    return xxhash.xxh3_64_intdigest(memoryview(flat_bytes.numpy()))
+    return bytes_digest(memoryview(flat_bytes.numpy()))
+
+
+def bytes_digest(data) -> int:
+    """xxh3-64 of any bytes-like object (the same value tensor_digest gives for the same bytes)."""
+    return xxhash.xxh3_64_intdigest(data)
 
 
 def fingerprint(entries: dict[str, tuple[str, list[int], int]]) -> str:

@@ -58,7 +58,16 @@ class ShmFdHandle(msgspec.Struct, tag="shm_fd", tag_field="kind", forbid_unknown
     nbytes: int
 
 
-BufferHandle = Union[ShmHandle, ShmFdHandle, CudaIpcHandle]
+class FileHandle(msgspec.Struct, tag="file", tag_field="kind", forbid_unknown_fields=True, frozen=True):
+    """A checkpoint file the loader holds open read-only (``/proc/<pid>/fd/<fd>``); the rank maps it read-only
+    and loads tensors straight from the page cache: no loader-side copy at all (same node, CPU)."""
+
+    pid: int
+    fd: int
+    nbytes: int
+
+
+BufferHandle = Union[ShmHandle, ShmFdHandle, FileHandle, CudaIpcHandle]
 
 
 class TensorSlot(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
