@@ -17,6 +17,7 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -165,14 +166,20 @@ def main() -> int:
     base_rss = import_baseline_rss()
 
     print("starting SGLang (dummy weights, waiting for a push)...", flush=True)
-    r = {k: [] for k in ("disk", "push", "push2", "tensor", "local", "trainer")}
+    r = {k: [] for k in ("disk", "push", "copy", "push2", "tensor", "local", "trainer")}
     outputs: dict[str, list[int]] = {}
     prompt = list(range(10, 20))
     log = work / "server.log"
+    srv = SGLangServer(ckpt, log)
     t_start = time.perf_counter()
-    with SGLangServer(ckpt, log) as srv:
-        srv.wait_listening(timeout_s=900)
-        first = time_push(srv.url, ckpt, "initial", extra)
+    with srv:
+        # as a user starts them: server and loader together; the loader waits until the server listens
+        loader = subprocess.Popen(loader_cmd(srv.url, ckpt, "initial", [*extra, "--timeout", "900"]),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        out, err = loader.communicate(timeout=900)
+        if loader.returncode != 0:
+            raise RuntimeError(f"initial push failed: {out}\n{err}")
+        first = {"push_s": float(re.search(r"GB in ([\d.]+) s", out).group(1))}
         srv.wait_healthy(timeout_s=900)
         ready_dummy_s = time.perf_counter() - t_start
         dummy_load_s = startup_load_weight_s(log)
@@ -192,6 +199,9 @@ def main() -> int:
             warm_page_cache(ckpt)
             r["push"].append(time_push(srv.url, ckpt, f"push-{i}", extra, sampler_pid=sched))
             check("push")
+            warm_page_cache(ckpt)
+            r["copy"].append(time_push(srv.url, ckpt, f"copy-{i}", [*extra, "--transfer", "copy"], sampler_pid=sched))
+            check("push, bucket buffers")
             warm_page_cache(ckpt)
             r["push2"].append(time_push(srv.url, ckpt, f"push2-{i}", extra, ranks=2))
             check("push, 2 loader ranks")
@@ -223,12 +233,14 @@ def main() -> int:
         (f"memcpy, pre-faulted buffers, {torch.get_num_threads()} threads", memcpy_nt),
         ("SGLang /update_weights_from_disk (HTTP call)", disk_s),
         ("SGLang update_weights_from_tensor, fresh tensors (HTTP)", tensor_s),
-        ("our push, 1 loader rank: buckets only (hello to last ack)", med(r["push"], "push_s")),
-        ("our push, 1 loader rank: wall after imports", med(r["push"], "wall_s")),
-        ("our push, 1 loader rank: whole CLI process", med(r["push"], "process_s")),
-        ("our push, 2 loader ranks (torchrun, p2p): buckets only", med(r["push2"], "push_s")),
+        ("our push, 1 rank, page cache: hello to last ack", med(r["push"], "push_s")),
+        ("our push, 1 rank, page cache: wall after imports", med(r["push"], "wall_s")),
+        ("our push, 1 rank, page cache: whole CLI process", med(r["push"], "process_s")),
+        ("our push, 1 rank, shm bucket buffers: hello to last ack", med(r["copy"], "push_s")),
+        ("our push, 1 rank, shm bucket buffers: wall after imports", med(r["copy"], "wall_s")),
+        ("our push, 2 loader ranks (torchrun, p2p, gloo): hello to last ack", med(r["push2"], "push_s")),
         ("our push, 2 loader ranks: whole torchrun process", med(r["push2"], "process_s")),
-        ("our push into dummy weights (first push, buckets only)", first["push_s"]),
+        ("our push into unfilled dummy weights (first push)", first["push_s"]),
         ("trainer, same node: LocalPush (shm buckets, reused)", statistics.median(r["local"])),
         ("trainer, same node: LocalPush, first push (allocates)", local_first),
         ("trainer: TrainerPush (torch.distributed gloo, SGLang path)", statistics.median(r["trainer"])),
@@ -239,24 +251,28 @@ def main() -> int:
     for name, s in rows:
         print(f"| {name:58} | {s:7.3f} | {nbytes / GB / s:5.2f} | {memcpy_1t / s:12.2f} | {disk_s / s:14.2f} | "
               f"{tensor_s / s:16.2f} |")  # fmt: skip
-    push = r["push"]
-    bucket = nbytes / max(push[0]["buckets"], 1)
+    push, copy = r["push"], r["copy"]
+    bucket = nbytes / max(copy[0]["buckets"], 1)
     mb = 1 << 20
-    print(f"\npush stages (median): read {med(push, 'read_s'):.3f} s, loader waiting for server {med(push, 'wait_s'):.3f} s, "
-          f"server load_weights {med(push, 'load_s'):.3f} s, post-process {med(push, 'post_s'):.3f} s, "
-          f"buffer allocation {med(push, 'buffers_s'):.3f} s, {push[0]['buckets']} buckets of ~{bucket / mb:.0f} MiB")  # fmt: skip
+    for name, rows_ in (("page cache", push), ("shm bucket buffers", copy)):
+        print(f"\npush stages, {name} (median): read {med(rows_, 'read_s'):.3f} s, loader waiting for server "
+              f"{med(rows_, 'wait_s'):.3f} s, server load_weights {med(rows_, 'load_s'):.3f} s, post-process "
+              f"{med(rows_, 'post_s'):.3f} s, buffer allocation {med(rows_, 'buffers_s'):.3f} s, "
+              f"{rows_[0]['buckets']} buckets (~{nbytes / rows_[0]['buckets'] / mb:.0f} MiB)")  # fmt: skip
     print(f"2 loader ranks, bytes read from disk: {r['push2'][0]['bytes_per_rank']}")
     print("\n| memory | MiB | in buckets |\n|---|---|---|")
-    print(f"| loader peak RSS (1 rank) | {med(push, 'loader_rss') / mb:.0f} | {med(push, 'loader_rss') / bucket:.2f} |")
     print(f"| import-only baseline RSS (Python + torch + loader) | {base_rss / mb:.0f} | {base_rss / bucket:.2f} |")
-    over = med(push, "loader_rss") - base_rss
-    print(f"| loader RSS above the baseline | {over / mb:.0f} | {over / bucket:.2f} |")
-    print(f"| scheduler RSS growth during a push (all) | {med(push, 'sched_rss') / mb:.0f} | {med(push, 'sched_rss') / bucket:.2f} |")
-    print(f"| scheduler private (anon) RSS growth during a push | {med(push, 'sched_anon') / mb:.0f} | "
-          f"{med(push, 'sched_anon') / bucket:.2f} |")  # fmt: skip
+    for name, rows_ in (("page cache", push), ("shm bucket buffers", copy)):
+        over = med(rows_, "loader_rss") - base_rss
+        print(f"| {name}: loader peak RSS | {med(rows_, 'loader_rss') / mb:.0f} | {med(rows_, 'loader_rss') / bucket:.2f} |")
+        print(f"| {name}: loader RSS above the baseline | {over / mb:.0f} | {over / bucket:.2f} |")
+        print(f"| {name}: scheduler RSS growth during a push (incl. mapped shared pages) | "
+              f"{med(rows_, 'sched_rss') / mb:.0f} | {med(rows_, 'sched_rss') / bucket:.2f} |")  # fmt: skip
+        print(f"| {name}: scheduler private (anon) RSS growth | {med(rows_, 'sched_anon') / mb:.0f} | "
+              f"{med(rows_, 'sched_anon') / bucket:.2f} |")  # fmt: skip
     print("\n| start | seconds to /health 200 | SGLang load_weight inside the start |\n|---|---|---|")
     print(f"| --load-format auto | {ready_auto_s:.1f} | {auto_load_s} |")
-    print(f"| --load-format dummy --wait-for-initial-weights + push | {ready_dummy_s:.1f} | {dummy_load_s} |")
+    print(f"| --load-format dummy --wait-for-initial-weights, loader started with it | {ready_dummy_s:.1f} | {dummy_load_s} |")
     if scaling:
         one = (nbytes / GB, med(push, "push_s"), nbytes / GB / med(push, "push_s"))
         print("\n| checkpoint GB | push s (buckets only) | GB/s |\n|---|---|---|")

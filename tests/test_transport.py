@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
-from sglang_ckpt_plugin.loader.plan import plan_buckets
+from sglang_ckpt_plugin.loader.plan import plan_buckets, plan_file_buckets
 from sglang_ckpt_plugin.loader.push import PushError, RankFeeder, StageTimes, new_update_id
 from sglang_ckpt_plugin.loader.reader import BucketFiller, CheckpointReader
 from sglang_ckpt_plugin.server.receiver import ReceiveSession, UpdateFailed
@@ -84,21 +84,26 @@ def checkpoint(tmp_path):
 
 
 def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_timeout_s=10.0, post=lambda: None,
-                verify=False):  # fmt: skip
+                verify=False, mapped=False):  # fmt: skip
     tensors = read_checkpoint(ckpt_dir)
     buckets = plan_buckets(tensors, bucket_size)
+    files, file_buckets = plan_file_buckets(tensors, bucket_size)
     update_id = new_update_id("test")
     endpoint = make_endpoint(update_id, "cpu-tp0")
     cancelled = threading.Event()
     feeder = RankFeeder(endpoint, update_id, 10.0, cancelled, verify=verify)
-    feeder.allocate(max(b.nbytes for b in buckets), 2, CPU)
+    if not mapped:
+        feeder.allocate(max(b.nbytes for b in buckets), 2, CPU)
     reader = CheckpointReader()
     errors = []
 
     def loader():
         try:
             (loader_hook or (lambda f: None))(feeder)
-            feeder.run(buckets, BucketFiller(reader, CPU, 0), StageTimes())
+            if mapped:
+                feeder.run_mapped(files, file_buckets, StageTimes())
+            else:
+                feeder.run(buckets, BucketFiller(reader, CPU, 0), StageTimes())
         except Exception as exc:  # noqa: BLE001 - reported to the test
             errors.append(exc)
         finally:
@@ -113,7 +118,7 @@ def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_time
         t.join()
         reader.close()
     run_session.last_fingerprint = feeder.fingerprint
-    return stats, errors, len(buckets)
+    return stats, errors, len(file_buckets if mapped else buckets)
 
 
 def test_full_session_loads_every_tensor_in_several_buckets(checkpoint):
@@ -247,3 +252,19 @@ def test_corrupted_bytes_are_caught_before_anything_is_written(checkpoint):
     with pytest.raises(UpdateFailed, match="checksum mismatch"):
         run_session(ckpt_dir, model, loader_hook=corrupt, verify=True)
     assert all(torch.count_nonzero(p) == 0 for p in model.parameters()), "a corrupted bucket reached the model"
+
+
+def test_page_cache_session_maps_one_bucket_range_at_a_time(checkpoint, monkeypatch):
+    from sglang_ckpt_plugin.server import receiver
+
+    ckpt_dir, state = checkpoint
+    ranges = []
+    real = receiver.open_file_range
+    monkeypatch.setattr(receiver, "open_file_range", lambda h, a, b: ranges.append(b - a) or real(h, a, b))
+    model = Tiny()
+    stats, errors, n = run_session(ckpt_dir, model, mapped=True, verify=True)
+    assert errors == [] and n >= 2 and stats.tensors == 3
+    for name, value in state.items():
+        assert torch.equal(dict(model.named_parameters())[name].data, value)
+    assert max(ranges) <= 80_000  # never more than one bucket's bytes mapped
+    assert stats.fingerprint == run_session.last_fingerprint == disk_fingerprint(ckpt_dir)

@@ -8,6 +8,7 @@ Tensors handed to ``load_weights`` are views into the loader's buffer: nothing i
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..transport.channel import Channel, PeerGone, check_endpoint
-from ..transport.handles import MappedBuffer, open_buffer
+from ..transport.handles import MappedBuffer, open_buffer, open_file_range
 from ..transport.messages import FileHandle
 from ..transport.integrity import Fingerprint, tensor_digest
 from ..transport.messages import Abort, BucketReady, Finish, Hello, ProtocolError, Reply
@@ -44,18 +45,23 @@ def bucket_views(msg: BucketReady, buffers: list[MappedBuffer]) -> list[tuple[st
     """Typed views into the mapped buffer for every tensor of a bucket, after bounds checks."""
     if msg.buffer >= len(buffers):
         raise ProtocolError(f"bucket {msg.seq} names buffer {msg.buffer}, only {len(buffers)} mapped")
-    flat = buffers[msg.buffer].tensor
+    if not msg.tensors:
+        return []
+    if buffers[msg.buffer] is None:
+        raise ProtocolError(f"bucket {msg.seq}: buffer {msg.buffer} is not mapped")
+    flat, base = buffers[msg.buffer].tensor, buffers[msg.buffer].base
     views = []
     for slot in msg.tensors:
         dtype = getattr(torch, slot.dtype)
         nbytes = dtype.itemsize
         for d in slot.shape:
             nbytes *= d
-        if slot.offset + nbytes > flat.numel():
-            raise ProtocolError(f"tensor {slot.name!r} ({nbytes} bytes at {slot.offset}) overruns its buffer")
+        start = slot.offset - base
+        if start < 0 or start + nbytes > flat.numel():
+            raise ProtocolError(f"tensor {slot.name!r} ({nbytes} bytes at {slot.offset}) lies outside its buffer")
         if slot.offset % dtype.itemsize:
             raise ProtocolError(f"tensor {slot.name!r}: offset {slot.offset} not aligned for {slot.dtype}")
-        views.append((slot.name, flat[slot.offset : slot.offset + nbytes].view(dtype).view(slot.shape)))
+        views.append((slot.name, flat[start : start + nbytes].view(dtype).view(slot.shape)))
     return views
 
 
@@ -136,9 +142,10 @@ class ReceiveSession:
             # Checkpoint files (page-cache mode) are mapped when first used, one at a time; the first one now,
             # so a handle we cannot open fails the update before anything is written.
             self.buffers = [None] * len(self.handles)
-            first_file = next((i for i, h in enumerate(self.handles) if isinstance(h, FileHandle)), None)
             for i, h in enumerate(self.handles):
-                if not isinstance(h, FileHandle) or i == first_file:
+                if isinstance(h, FileHandle):
+                    open_file_range(h, 0, 0).close()  # checks access now; ranges are mapped per bucket
+                else:
                     self.buffers[i] = open_buffer(h, self.device)
         except (OSError, ValueError) as exc:
             _send_error(channel, -1, str(exc))
@@ -166,7 +173,7 @@ class ReceiveSession:
     def _load_bucket(self, channel: Channel, msg: BucketReady) -> None:
         t0 = time.perf_counter()
         try:
-            self._map_for(msg.buffer)
+            self._map_for(msg)
             views = bucket_views(msg, self.buffers)
             if self.verify:
                 self._verify(msg, views)
@@ -214,16 +221,20 @@ class ReceiveSession:
             self.stats.fingerprint = self.digests.hexdigest()
         _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=self.stats.post_s))
 
-    def _map_for(self, index: int) -> None:
-        """Page-cache mode: map file ``index`` and drop the other files' mappings (memory stays ~one file)."""
+    def _map_for(self, msg: BucketReady) -> None:
+        """Page-cache mode: map just this bucket's byte range of its file, dropping the previous range, so the
+        rank's memory grows by about one bucket whatever the checkpoint size."""
+        index = msg.buffer
         if not 0 <= index < len(self.handles) or not isinstance(self.handles[index], FileHandle):
             return
         for i, b in enumerate(self.buffers):
-            if b is not None and i != index and isinstance(self.handles[i], FileHandle):
+            if b is not None and isinstance(self.handles[i], FileHandle):
                 b.close()
                 self.buffers[i] = None
-        if self.buffers[index] is None:
-            self.buffers[index] = open_buffer(self.handles[index], self.device)
+        if msg.tensors:
+            start = min(s.offset for s in msg.tensors)
+            end = max(s.offset + getattr(torch, s.dtype).itemsize * math.prod(s.shape) for s in msg.tensors)
+            self.buffers[index] = open_file_range(self.handles[index], start, end)
 
     def _unmap(self) -> None:
         for b in self.buffers:

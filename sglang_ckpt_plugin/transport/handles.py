@@ -163,9 +163,10 @@ def allocate_buffer(nbytes: int, device: torch.device, reusable: bool = False) -
 class MappedBuffer:
     """A loader buffer seen from an inference rank. ``close()`` must follow once no view is in use."""
 
-    def __init__(self, tensor: torch.Tensor, mapping: mmap.mmap | None = None):
+    def __init__(self, tensor: torch.Tensor, mapping: mmap.mmap | None = None, base: int = 0):
         self.tensor = tensor
         self._mapping = mapping
+        self.base = base  # byte offset of tensor[0] in the loader's buffer (a file range maps from here)
 
     def close(self) -> None:
         self.tensor = None
@@ -210,22 +211,31 @@ def _open_shm(handle: ShmHandle | ShmFdHandle) -> MappedBuffer:
     return MappedBuffer(torch.frombuffer(mapping, dtype=torch.uint8), mapping)
 
 
-def _open_file(handle: FileHandle) -> MappedBuffer:
-    """Map a loader's open checkpoint file read-only; views into it are only ever read (load_weights copies)."""
-    if handle.pid <= 0 or handle.fd < 0:
-        raise ValueError(f"refusing file handle {handle!r}")
+def open_file_range(handle: FileHandle, start: int, end: int) -> MappedBuffer:
+    """Map bytes [start, end) of a loader's open checkpoint file, read-only (page-cache mode maps one bucket's
+    range at a time, so the rank's resident memory grows by about one bucket). Views are only ever read."""
+    if handle.pid <= 0 or handle.fd < 0 or not 0 <= start <= end <= handle.nbytes:
+        raise ValueError(f"refusing file handle {handle!r} range [{start}, {end})")
     fd = os.open(f"/proc/{handle.pid}/fd/{handle.fd}", os.O_RDONLY)  # the kernel checks access (same user)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size < handle.nbytes:
             raise ValueError(f"file handle {handle.pid}/{handle.fd}: not a regular file of {handle.nbytes} bytes")
-        mapping = mmap.mmap(fd, handle.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        if end == base:
+            return MappedBuffer(torch.empty(0, dtype=torch.uint8), None, base)
+        mapping = mmap.mmap(fd, end - base, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
+                            offset=base)  # fmt: skip
     finally:
         os.close(fd)
     with warnings.catch_warnings():  # read-only memory: torch warns that writing would be undefined; we never write
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.frombuffer(mapping, dtype=torch.uint8)
-    return MappedBuffer(tensor, mapping)
+    return MappedBuffer(tensor, mapping, base)
+
+
+def _open_file(handle: FileHandle) -> MappedBuffer:
+    return open_file_range(handle, 0, handle.nbytes)
 
 
 def _open_cuda(handle: CudaIpcHandle, device: torch.device) -> MappedBuffer:
