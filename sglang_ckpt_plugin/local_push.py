@@ -25,6 +25,7 @@ from .loader.http import ServerClient
 from .loader.plan import Bucket, align_up, plan_buckets
 from .loader.push import PushError, RankFeeder, StageTimes, new_update_id
 from .transport.channel import make_endpoint
+from .trainer import PushStats
 from .transport.handles import allocate_buffer, device_rank_key
 
 MiB = 1 << 20
@@ -44,11 +45,7 @@ class TensorFiller:
 
 
 @dataclass
-class LocalPushStats:
-    tensors: int = 0
-    bytes: int = 0
-    buckets: int = 0
-    seconds: float = 0.0
+class LocalPushStats(PushStats):
     fill_s: float = 0.0  # trainer: tensors -> bucket buffers
     server_load_s: float = 0.0
 

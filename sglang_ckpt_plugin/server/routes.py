@@ -38,6 +38,13 @@ def _response_payload(resp) -> dict:
         return {}
 
 
+def _update_record(payload: dict, source: str, fingerprint: str | None, started: float) -> dict:
+    """What /model_info reports as ``last_update``."""
+    return {"success": bool(payload.get("success")), "message": payload.get("message", ""), "source": source,
+            "weight_version": sg.weight_version(), "fingerprint": fingerprint, "started_at": started,
+            "duration_s": round(time.time() - started, 4)}  # fmt: skip
+
+
 def _replace_endpoint(app, path: str, make_wrapper) -> None:
     """Swap the endpoint of SGLang's route ``path`` for ``make_wrapper(original)``, keeping its place."""
     from fastapi.routing import APIRoute
@@ -74,14 +81,7 @@ def _wrap_update_ipc(original):
                 # partly-new weights must not be served: close the gate until a complete update arrives
                 GateState.incomplete_reason = payload["message"]
                 sg.mark_weights_loaded(False)
-            _last_update = {
-                "success": bool(payload.get("success")),
-                "message": payload.get("message", ""),
-                "weight_version": sg.weight_version(),
-                "fingerprint": found.group(1) if found else None,
-                "started_at": started,
-                "duration_s": round(time.time() - started, 4),
-            }
+            _last_update = _update_record(payload, "update_weights_from_ipc", found.group(1) if found else None, started)
             return resp
 
     return update_weights_from_ipc
@@ -117,9 +117,7 @@ def _wrap_trainer_route(original):
             sg.mark_weights_loaded(False)
         if original.__name__ != "end_weight_update":
             _fingerprint = None  # the weights served now are not the verified checkpoint any more
-            _last_update = {"success": bool(payload.get("success")), "message": message, "source": original.__name__,
-                            "weight_version": sg.weight_version(), "fingerprint": None, "started_at": started,
-                            "duration_s": round(time.time() - started, 4)}  # fmt: skip
+            _last_update = _update_record(payload, original.__name__, None, started)
         return resp
 
     return trainer_route
