@@ -1,7 +1,7 @@
 """The real loader CLI with one fault injected, for the fault tests (run as a script, never imported by the
 product): ``python faulty_loader.py MODE -- <loader args>``.
 
-MODE kill-after-2: SIGKILL itself right after sending the second bucket.
+MODE kill-after-2: SIGKILL itself after sending the second bucket, once the first was loaded.
 MODE stall-before-buckets: after the server mapped the buffers, sleep instead of filling the first bucket.
 MODE stall-after-first-bucket: send the first bucket (the server writes it into the model), then sleep.
 MODE corrupt-digests: with --verify, announce wrong digests (as if the bytes changed on the way).
@@ -28,6 +28,10 @@ if mode in ("kill-after-2", "stall-after-first-bucket"):
         if mode == "stall-after-first-bucket":
             time.sleep(3600)
         if seq == 1:
+            # die once the server has certainly written bucket 0 (ZeroMQ sends are asynchronous: without this
+            # wait the kill may come before bucket 0 left the process, which is a different fault)
+            self._wait_reply(self._in_flight.popleft(), "load a bucket")
+            time.sleep(0.2)
             os.kill(os.getpid(), signal.SIGKILL)
 
     push.RankFeeder.send_bucket = send_bucket
