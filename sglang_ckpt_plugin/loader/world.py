@@ -120,8 +120,15 @@ class Control:
             dist.barrier(group=self.group)
 
     def close(self) -> None:
-        if self.world.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        """Tear down together: a rank that destroys its groups while a peer still talks to it can make the
+        peer's gloo threads abort the process (seen as SIGABRT at exit)."""
+        if not (self.world.distributed and dist.is_initialized()):
+            return
+        try:
+            dist.monitored_barrier(group=self.group, timeout=datetime.timedelta(seconds=60))
+        except RuntimeError:
+            pass  # a peer is gone already: nothing left to wait for
+        dist.destroy_process_group()
 
 
 def _encode(text: str) -> torch.Tensor:
