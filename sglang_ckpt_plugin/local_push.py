@@ -83,6 +83,8 @@ class LocalPush:
         """One complete update (``partial=True``: only some parameters, on purpose)."""
         t0 = time.perf_counter()
         tensors = {name: t.detach().contiguous() for name, t in named_tensors}
+        if not tensors:
+            raise ValueError("LocalPush.push: no tensors given")
         infos = [TensorInfo(name, t.dtype, tuple(t.shape), "", 0, t.numel() * t.element_size())
                  for name, t in tensors.items()]  # fmt: skip
         size = max(self.bucket_bytes, align_up(max(i.nbytes for i in infos)))
