@@ -15,7 +15,6 @@ CUDA. Works with or without sglang-ckpt-plugin on the server; with the plugin a 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from .loader.http import ServerClient, ServerError, UpdateCall
+from .loader.http import ServerClient, ServerError, UpdateCall, free_port
 from .server import sglang_compat as sg
 
 MiB = 1 << 20
@@ -36,12 +35,6 @@ class PushStats:
     bytes: int = 0
     buckets: int = 0
     seconds: float = 0.0
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int):
@@ -71,7 +64,7 @@ class TrainerPush:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
         self.master_addr = master_addr
-        self.master_port = master_port or _free_port(master_addr)
+        self.master_port = master_port or free_port(master_addr)
         self.group_name = group_name
         self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s

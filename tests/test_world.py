@@ -1,13 +1,13 @@
 """The loader's control collectives over real gloo, two processes on 127.0.0.1 (no server involved)."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from sglang_ckpt_plugin.loader.http import free_port
 from sglang_ckpt_plugin.loader.world import LoaderWorld
 
 SCRIPT = textwrap.dedent("""
@@ -24,9 +24,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_control_collectives_between_two_processes():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",

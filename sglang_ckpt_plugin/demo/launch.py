@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,7 @@ from pathlib import Path
 import httpx
 
 from ..cpu_env import cpu_environment
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..loader.http import free_port  # noqa: F401  (re-exported: tests and bench start servers on it)
 
 
 def server_env(device: str = "cpu", tp_size: int = 1, extra: dict | None = None) -> dict[str, str]:

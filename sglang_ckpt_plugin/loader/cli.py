@@ -88,11 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
     """Replace this process with ``torchrun --nproc-per-node N -m sglang_ckpt_plugin.update <same args>``
     on this node (the rendezvous listens on 127.0.0.1). Multi-node runs call torchrun themselves."""
-    import socket
+    from .http import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "sglang_ckpt_plugin.update", *argv]  # fmt: skip
     sys.stdout.flush()

@@ -23,8 +23,6 @@ class Exchange:
         self.receivers = set(receivers)
         self.device = device
         self.groups: dict[int, object] = {}
-        self.bytes_sent = 0
-        self.bytes_received = 0
         if world.distributed:
             # new_group is collective: every rank creates every owner's group, in the same order.
             everyone = list(range(world.world_size))
@@ -53,10 +51,6 @@ class Exchange:
         group = self.groups[step.owner]
         nbytes = step.bucket.nbytes
         dist.broadcast(buffer[:nbytes], src=step.owner, group=group)
-        if self.world.rank == step.owner:
-            self.bytes_sent += nbytes * (len(members) - 1)
-        else:
-            self.bytes_received += nbytes
         if verify:
             wire = torch.zeros(len(step.bucket.slots), dtype=torch.int64, device=buffer.device)
             if self.world.rank == step.owner:

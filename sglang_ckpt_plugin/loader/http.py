@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -9,6 +10,13 @@ import httpx
 from tqdm import tqdm
 
 PLUGIN_MARKER = "ckpt_plugin"  # key our plugin adds to /model_info
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for a rendezvous or a server we are about to start)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def tp_mismatch(info: dict, endpoint: str, parallel_size: int) -> str | None:

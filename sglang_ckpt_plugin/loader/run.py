@@ -173,7 +173,6 @@ class Update:
             shards = shard_by_bytes(read_checkpoint(args.checkpoint_path), world.world_size)
         if args.save_metas_file and world.rank == 0:
             save_metas(args.save_metas_file, self.checkpoint_name, shards)
-        self.shard_bytes = sum(t.nbytes for t in shards[world.rank])
         steps, bucket_bytes = plan_world(shards, args.bucket_size, self.memory_budget)
         tensors = [t for shard in shards for t in shard]
         self.mapped = self.choose_page_cache_mode(tensors)
