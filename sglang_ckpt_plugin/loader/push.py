@@ -141,7 +141,11 @@ class RankFeeder:
         if digests is not None:
             self._record_digests(bucket, digests)
         buffer = seq % len(self.buffers) if buffer is None else buffer
-        self.channel.send(bucket_message(seq, buffer, bucket, digests))
+        try:
+            self.channel.send(bucket_message(seq, buffer, bucket, digests))
+        except (TimeoutError, PeerGone):
+            # the rank ended the update (its reason comes with the HTTP answer, which callers prefer)
+            raise PushError("the server's rank stopped taking buckets (it failed the update; see its answer)") from None
         self._in_flight.append(seq)
         times.bytes += bucket.payload_bytes
         times.buckets += 1
