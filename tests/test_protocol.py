@@ -7,16 +7,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_ckpt_plugin.transport.messages import (
-    PROTOCOL_VERSION, Abort, BucketReady, CudaIpcHandle, Finish, Hello, ProtocolError, Reply, ShmHandle,
-    TensorSlot, decode, encode,
+    MAX_BUCKET_TENSORS, MAX_TENSORS, PROTOCOL_VERSION, Abort, BucketReady, CudaIpcHandle, FileHandle, Finish, Hello,
+    ProtocolError, Reply, ShmFdHandle, ShmHandle, TensorMeta, TensorSlot, decode, encode,
 )  # fmt: skip
 
 HELLO = Hello(
-    protocol_version=PROTOCOL_VERSION, update_id="u-1", num_buckets=2, num_tensors=3, total_bytes=100,
-    buffers=[ShmHandle(name="sglang-ckpt-1-ab", nbytes=4096),
+    protocol_version=PROTOCOL_VERSION, update_id="u-1", num_buckets=2, num_tensors=2, total_bytes=100,
+    buffers=[ShmHandle(name="sglang-ckpt-1-ab", nbytes=4096), ShmFdHandle(slot=1, nbytes=64),
+             FileHandle(slot=0, nbytes=9),
              CudaIpcHandle(nbytes=8, device_uuid="GPU-x", handle=b"\x00\xff", storage_size_bytes=8,
                            storage_offset_bytes=0, ref_counter_handle=b"r", ref_counter_offset=0,
                            event_handle=b"e", event_sync_required=True)],
+    manifest=[TensorMeta("w", "bfloat16", [2, 3]), TensorMeta("b", "float32", [3])],
 )  # fmt: skip
 MESSAGES = [
     HELLO,
@@ -46,14 +48,52 @@ def test_wire_shape_is_documented_json():
         (b'{"type": "exec", "code": "rm -rf"}', "malformed"),
         (b'{"type": "finish", "seq": 1, "extra": 1}', "malformed"),
         (b'{"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["w", "complex64", [1], 0]]}', "unknown dtype"),
-        (b'{"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["w", "float32", [-1], 0]]}', "negative"),
+        (b'{"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["w", "float32", [-1], 0]]}', ">= 0"),
         (b'{"type": "bucket", "seq": -3, "buffer": 0, "tensors": []}', ">= 0"),
         (b'{"type": "finish", "seq": "1"}', "malformed"),
+        (b'{"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["w", "float32", [1,1,1,1,1,1,1,1,1], 0]]}',
+         "malformed"),  # more than MAX_DIMS dimensions
+        (b'{"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["' + b"n" * 2000 + b'", "float32", [1], 0]]}',
+         "malformed"),  # name longer than MAX_NAME
     ],
-)
+)  # fmt: skip
 def test_rejects(raw, match):
     with pytest.raises(ProtocolError, match=match):
         decode(raw)
+
+
+def _hello_doc(**changes) -> bytes:
+    doc = json.loads(encode(HELLO))
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"manifest": None}, "malformed"),  # the manifest is required
+        ({"num_tensors": 3}, "manifest lists 2"),
+        ({"buffers": [{"kind": "shm_fd", "slot": 1, "nbytes": 64}]}, "slots must be 0..n-1"),
+        ({"buffers": [{"kind": "file", "slot": 0, "nbytes": 9}, {"kind": "shm_fd", "slot": 0, "nbytes": 9}]},
+         "slots must be 0..n-1"),
+        ({"buffers": [{"kind": "shm_fd", "pid": 1, "fd": 3, "nbytes": 9}]}, "malformed"),  # no pid/fd on the wire
+        ({"manifest": [["w", "float32", [2]]] * 2, "num_tensors": 2}, None),  # decodes; Manifest() refuses twins
+    ],
+)  # fmt: skip
+def test_hello_rejects(changes, match):
+    if match is None:
+        decode(_hello_doc(**changes))
+        return
+    with pytest.raises(ProtocolError, match=match):
+        decode(_hello_doc(**changes))
+
+
+def test_list_caps_bound_what_a_frame_decodes_into():
+    too_many_slots = {"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["w", "int8", [1], 0]] * (MAX_BUCKET_TENSORS + 1)}
+    with pytest.raises(ProtocolError, match="malformed"):
+        decode(json.dumps(too_many_slots).encode())
+    with pytest.raises(ProtocolError, match="malformed"):
+        decode(_hello_doc(manifest=[["w", "int8", [1]]] * (MAX_TENSORS + 1), num_tensors=MAX_TENSORS + 1))
 
 
 def test_version_mismatch_is_explained():
@@ -79,15 +119,26 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.sampled_from(MESSAGES), st.text(max_size=12), json_values)
-def test_fuzz_mutated_messages_only_raise_protocol_error(msg, key, value):
+def _nodes(doc, path=()):
+    """Every (container, key) pair of a decoded JSON document, nested ones included."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield doc, k
+            yield from _nodes(v)
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield doc, i
+            yield from _nodes(v)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(MESSAGES), st.integers(0, 10_000), json_values)
+def test_fuzz_mutated_messages_only_raise_protocol_error(msg, pick, value):
+    """Replace any node (buffers, handle fields, manifest entries, shapes, sizes...) with any JSON value."""
     doc = json.loads(encode(msg))
-    target = doc if not key or key[0] < "m" else doc.get("tensors", [[None]])[0] if doc.get("tensors") else doc
-    if isinstance(target, dict):
-        target[key or "seq"] = value
-    else:
-        target[len(key) % len(target)] = value
+    nodes = list(_nodes(doc))
+    container, key = nodes[pick % len(nodes)]
+    container[key] = value
     try:
         decoded = decode(json.dumps(doc).encode())
     except ProtocolError:

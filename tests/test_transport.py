@@ -4,6 +4,8 @@ between two threads, loading into a real torch module."""
 import os
 import threading
 
+import msgspec
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -54,13 +56,46 @@ def test_receiver_refuses_shm_readable_by_others():
         buf.release()
 
 
-def test_socket_dir_is_private_and_endpoints_are_checked():
+def test_endpoints_must_be_live_sockets_of_ours_in_the_private_dir(tmp_path):
     assert os.stat(socket_dir()).st_mode & 0o777 == 0o700
     ep = make_endpoint("u1", "cpu-tp0")
-    assert check_endpoint(ep) == ep
+    with pytest.raises(ProtocolError, match="no such socket"):
+        check_endpoint(ep)  # a name that passes the pattern but is not bound fails at once, not at a timeout
+    with Channel(ep, bind=True):
+        assert check_endpoint(ep) == ep
     for bad in ["tcp://1.2.3.4:5", "ipc:///tmp/x.sock", ep.replace("u1-", "../u1-"), ep + ".x"]:
         with pytest.raises(ProtocolError):
             check_endpoint(bad)
+    plain = make_endpoint("plainfile", "cpu-tp0")
+    open(plain.removeprefix("ipc://"), "w").close()
+    link = make_endpoint("link", "cpu-tp0")
+    with Channel(ep, bind=True):
+        os.symlink(ep.removeprefix("ipc://"), link.removeprefix("ipc://"))
+        try:
+            for not_a_socket in (plain, link):
+                with pytest.raises(ProtocolError, match="not a socket"):
+                    check_endpoint(not_a_socket)
+        finally:
+            os.unlink(plain.removeprefix("ipc://"))
+            os.unlink(link.removeprefix("ipc://"))
+
+
+@pytest.mark.parametrize("problem", ["mode 0755", "another owner", "a symlink"])
+def test_socket_dir_that_others_could_enter_is_refused(tmp_path, monkeypatch, problem):
+    target = tmp_path / "socks"
+    target.mkdir(mode=0o700)
+    if problem == "mode 0755":
+        os.chmod(target, 0o755)
+    elif problem == "another owner":
+        if os.getuid() != 0:
+            pytest.skip("needs root to give the directory away")
+        os.chown(target, 12345, 12345)
+    else:
+        os.symlink(target, tmp_path / "link")
+        target = tmp_path / "link"
+    monkeypatch.setenv("SGLANG_CKPT_SOCKET_DIR", str(target))
+    with pytest.raises(PermissionError, match="mode 0700"):
+        socket_dir()
 
 
 class Tiny(torch.nn.Module):
@@ -83,8 +118,13 @@ def checkpoint(tmp_path):
     return tmp_path, state
 
 
+def whole_params(manifest, partial, allow_unused):
+    """A stand-in for the model dry run: every tensor writes the parameter of its name, whole."""
+    return {name: frozenset({"*"}) for name, _, _ in manifest}
+
+
 def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_timeout_s=10.0, post=lambda: None,
-                verify=False, mapped=False):  # fmt: skip
+                verify=False, mapped=False, hello_timeout_s=10.0, session_out=None):  # fmt: skip
     tensors = read_checkpoint(ckpt_dir)
     buckets = plan_buckets(tensors, bucket_size)
     files, file_buckets = plan_file_buckets(tensors, bucket_size)
@@ -112,7 +152,11 @@ def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_time
     t = threading.Thread(target=loader)
     t.start()
     try:
-        stats = ReceiveSession(endpoint, CPU, model.load_weights, post, idle_timeout_s).run()
+        session = ReceiveSession(endpoint, CPU, model.load_weights, post, idle_timeout_s, whole_params,
+                                 hello_timeout_s=hello_timeout_s)  # fmt: skip
+        if session_out is not None:
+            session_out.append(session)
+        stats = session.run()
     finally:
         cancelled.set()
         t.join()
@@ -162,8 +206,8 @@ def test_quiet_loader_is_noticed(checkpoint):
     def hook(feeder):
         stall.wait(3)  # never says hello in time
 
-    with pytest.raises(UpdateFailed, match="went quiet"):
-        run_session(ckpt_dir, Tiny(), loader_hook=hook, idle_timeout_s=0.5)
+    with pytest.raises(UpdateFailed, match="went quiet: no hello within 0.5 s"):
+        run_session(ckpt_dir, Tiny(), loader_hook=hook, hello_timeout_s=0.5)
     stall.set()
 
 
@@ -260,7 +304,7 @@ def test_page_cache_session_maps_one_bucket_range_at_a_time(checkpoint, monkeypa
     ckpt_dir, state = checkpoint
     ranges = []
     real = receiver.open_file_range
-    monkeypatch.setattr(receiver, "open_file_range", lambda h, a, b: ranges.append(b - a) or real(h, a, b))
+    monkeypatch.setattr(receiver, "open_file_range", lambda fd, h, a, b: ranges.append(b - a) or real(fd, h, a, b))
     model = Tiny()
     stats, errors, n = run_session(ckpt_dir, model, mapped=True, verify=True)
     assert errors == [] and n >= 2 and stats.tensors == 3
@@ -268,3 +312,130 @@ def test_page_cache_session_maps_one_bucket_range_at_a_time(checkpoint, monkeypa
         assert torch.equal(dict(model.named_parameters())[name].data, value)
     assert max(ranges) <= 80_000  # never more than one bucket's bytes mapped
     assert stats.fingerprint == run_session.last_fingerprint == disk_fingerprint(ckpt_dir)
+
+
+# ---------------------------------------------------------------- the manifest is the contract
+def _tamper(feeder_method, edit):
+    """A loader hook that rewrites the bucket messages it sends."""
+
+    def hook(feeder):
+        real = feeder.channel.send
+
+        def send(msg, timeout_s=30.0):
+            from sglang_ckpt_plugin.transport.messages import BucketReady
+
+            if isinstance(msg, BucketReady):
+                msg = edit(msg)
+            return real(msg, timeout_s)
+
+        feeder.channel.send = send
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    "case,edit,match",
+    [
+        ("outside", lambda m: msgspec.structs.replace(m, tensors=[msgspec.structs.replace(m.tensors[0], name="other")]),
+         "not in the update's manifest"),
+        ("shape", lambda m: msgspec.structs.replace(m, tensors=[msgspec.structs.replace(m.tensors[0], shape=[1])]),
+         "the manifest says"),
+        ("twice", lambda m: msgspec.structs.replace(m, tensors=m.tensors + m.tensors[:1]), "already sent"),
+        ("outside the buffer", lambda m: msgspec.structs.replace(
+            m, tensors=[msgspec.structs.replace(m.tensors[0], offset=10**9)]), "outside its buffer"),
+    ],
+)  # fmt: skip
+def test_bucket_outside_the_manifest_is_refused_before_it_is_loaded(checkpoint, case, edit, match):
+    ckpt_dir, _ = checkpoint
+    model = Tiny()
+    sessions = []
+    with pytest.raises(UpdateFailed, match=match):
+        run_session(ckpt_dir, model, loader_hook=_tamper("send", edit), session_out=sessions)
+    assert all(torch.count_nonzero(p) == 0 for p in model.parameters()), "a refused bucket reached the model"
+    assert sessions[0].touched_weights is False
+
+
+def test_loader_that_finishes_before_sending_the_manifest_fails_the_update(checkpoint):
+    ckpt_dir, _ = checkpoint
+
+    def hook(feeder):
+        real = feeder.send_bucket
+        feeder.send_bucket = lambda seq, bucket, *a, **k: None if seq > 0 else real(seq, bucket, *a, **k)
+
+    with pytest.raises(UpdateFailed, match="finished after"):
+        run_session(ckpt_dir, Tiny(), loader_hook=hook)
+
+
+def test_model_that_keeps_a_view_fails_the_update_instead_of_aliasing_the_loader(checkpoint):
+    ckpt_dir, _ = checkpoint
+
+    class Keeps(Tiny):
+        kept = []
+
+        def load_weights(self, weights):
+            weights = list(weights)
+            Keeps.kept.extend(t for _, t in weights)  # a loader that keeps the tensor it was given
+            super().load_weights(weights)
+
+    with pytest.raises(UpdateFailed, match="kept a reference"):
+        run_session(ckpt_dir, Keeps())
+    assert Keeps.kept[0].sum() is not None  # still mapped: reading it is safe (no use of unmapped memory)
+    Keeps.kept.clear()
+
+
+# ---------------------------------------------------------------- descriptors are bound to the connected peer
+def test_reusable_buffers_travel_as_descriptors_and_map_read_only(checkpoint):
+    from sglang_ckpt_plugin.transport.fdpass import FdOffer, receive_fds
+    from sglang_ckpt_plugin.transport.messages import ShmFdHandle
+
+    buf = ShmBuffer(1 << 16, reusable=True)
+    path = str(socket_dir() / "fdtest.fds")
+    offer = FdOffer(path, [buf.fd], timeout_s=5)
+    try:
+        handle = buf.handle(slot=0)
+        assert handle == ShmFdHandle(slot=0, nbytes=1 << 16)  # no pid or fd on the wire
+        (fd,) = receive_fds(path, 1, timeout_s=5)
+        mapped = open_buffer(handle, CPU, fd)
+        os.close(fd)
+        buf.tensor[:3] = torch.tensor([7, 8, 9], dtype=torch.uint8)
+        assert mapped.tensor[:3].tolist() == [7, 8, 9]  # zero copy
+        with pytest.raises(TypeError, match="readonly"):
+            mapped._mapping[0] = 1  # the rank cannot write into the loader's buffer
+        mapped.close()
+    finally:
+        offer.close()
+        buf.release()
+    assert not os.path.exists(path)
+
+
+def test_receive_fds_refuses_what_is_not_a_socket_of_ours(tmp_path):
+    from sglang_ckpt_plugin.transport.fdpass import receive_fds
+
+    plain = tmp_path / "x.fds"
+    plain.write_text("")
+    with pytest.raises(ValueError, match="not a socket"):
+        receive_fds(str(plain), 1, timeout_s=1)
+    with pytest.raises(ValueError, match="announced 0"):
+        receive_fds(str(plain), 0, timeout_s=1)
+
+
+# ---------------------------------------------------------------- bounds of bucket views
+def test_bucket_views_bounds():
+    from sglang_ckpt_plugin.server.receiver import bucket_views
+    from sglang_ckpt_plugin.transport.handles import MappedBuffer
+    from sglang_ckpt_plugin.transport.messages import BucketReady, TensorSlot
+
+    buffers = [MappedBuffer(torch.zeros(64, dtype=torch.uint8)), None]
+    ok = BucketReady(seq=0, buffer=0, tensors=[TensorSlot("a", "float32", [4], 16)])
+    (name, view), = bucket_views(ok, buffers)
+    assert name == "a" and view.dtype == torch.float32 and view.data_ptr() == buffers[0].tensor.data_ptr() + 16
+    cases = [
+        (BucketReady(seq=0, buffer=2, tensors=[]), "only 2 mapped"),
+        (BucketReady(seq=0, buffer=1, tensors=[TensorSlot("a", "int8", [1], 0)]), "not mapped"),
+        (BucketReady(seq=0, buffer=0, tensors=[TensorSlot("a", "float32", [4], 56)]), "outside its buffer"),
+        (BucketReady(seq=0, buffer=0, tensors=[TensorSlot("a", "float32", [2], 6)]), "not aligned"),
+        (BucketReady(seq=0, buffer=0, tensors=[TensorSlot("a", "int8", [2**40], 0)]), "outside its buffer"),
+    ]
+    for msg, match in cases:
+        with pytest.raises(ProtocolError, match=match):
+            bucket_views(msg, buffers)

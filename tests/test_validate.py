@@ -87,3 +87,143 @@ def test_tensor_the_model_silently_drops_is_unknown_unless_allowed():
     with pytest.raises(UpdateRejected, match="not weights of this model.*'extra'"):
         validate_update(Drops(), manifest, partial=False)
     validate_update(Drops(), manifest, partial=False, allow_unused=True)
+
+
+# ---------------------------------------------------------------- coverage per parameter and per stacked shard
+class FusedQKV(torch.nn.Module):
+    """Marks itself the way SGLang's QKVParallelLinear does (output_sizes + q_proj_shard_size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.output_sizes = [4, 4, 4]
+        self.q_proj_shard_size = 4
+        self.weight = torch.nn.Parameter(torch.zeros(12, 4))
+
+
+class Stacked(SGLangStyle):
+    """qkv is a fused layer loaded shard by shard; norm is loaded whole."""
+
+    def __init__(self):
+        torch.nn.Module.__init__(self)
+        self.attn = FusedQKV()
+        self.norm = torch.nn.Parameter(torch.zeros(4))
+
+        def qkv_loader(param, loaded, shard_id):
+            start = {"q": 0, "k": 4, "v": 8}[shard_id]
+            param.data[start : start + 4].copy_(loaded)
+
+        self.attn.weight.weight_loader = qkv_loader
+
+    def load_weights(self, weights):
+        params = dict(self.named_parameters())
+        for name, w in weights:
+            if name in ("q_proj", "k_proj", "v_proj"):
+                params["attn.weight"].weight_loader(params["attn.weight"], w, name[0])
+            else:
+                getattr(params[name], "weight_loader", default_weight_loader)(params[name], w)
+
+
+STACKED = [("q_proj", "float32", [4, 4]), ("k_proj", "float32", [4, 4]), ("v_proj", "float32", [4, 4]),
+           ("norm", "float32", [4])]  # fmt: skip
+
+
+def test_required_coverage_knows_stacked_shards():
+    from sglang_ckpt_plugin.server.validate import required_coverage
+
+    assert required_coverage(Stacked()) == {"attn.weight": frozenset("qkv"), "norm": frozenset("*")}
+
+
+def test_a_missing_stacked_shard_is_missing():
+    cov = validate_update(Stacked(), STACKED, partial=False)
+    assert cov == {"attn.weight": frozenset("qkv"), "norm": frozenset("*")}
+    with pytest.raises(UpdateRejected, match=r"does not cover 1 parameter.*attn.weight \(shards v\)"):
+        validate_update(Stacked(), [m for m in STACKED if m[0] != "v_proj"], partial=False)
+    assert validate_update(Stacked(), STACKED[:2], partial=True) == {"attn.weight": frozenset("qk")}
+
+
+def test_partial_pushes_that_together_cover_the_model_make_it_complete():
+    from sglang_ckpt_plugin.server.validate import required_coverage
+    from sglang_ckpt_plugin.server.weights_state import WeightsState
+
+    model = Stacked()
+    state = WeightsState(required_coverage(model), complete=False)
+    assert state.report().state == "waiting" and state.report().missing_count == 2
+    state.succeeded(validate_update(model, STACKED[:2], partial=True), "ipc", "q and k")
+    report = state.report()
+    assert report.state == "waiting" and sorted(report.missing) == ["attn.weight (shards v)", "norm"]
+    state.succeeded(validate_update(model, STACKED[2:], partial=True), "ipc", "v and norm")
+    assert state.complete and state.report().state == "complete"
+
+
+def test_zero_tensor_or_partial_update_never_completes_a_waiting_model():
+    from sglang_ckpt_plugin.server.validate import required_coverage
+    from sglang_ckpt_plugin.server.weights_state import WeightsState
+
+    state = WeightsState(required_coverage(Stacked()), complete=False)
+    state.succeeded({}, "ipc", "nothing", fingerprint="abc")
+    state.succeeded({"norm": frozenset("*")}, "ipc", "norm only")
+    assert state.report().state == "waiting" and state.report().fingerprint is None
+
+
+def test_failure_partway_takes_back_what_the_update_meant_to_write():
+    from sglang_ckpt_plugin.server.validate import required_coverage
+    from sglang_ckpt_plugin.server.weights_state import WeightsState
+
+    state = WeightsState(required_coverage(Stacked()), complete=True)
+    state.failed_partway({"norm": frozenset("*")}, "ipc", "loader died")
+    report = state.report()
+    assert report.state == "incomplete" and report.missing == ["norm"] and report.last_update.outcome == "incomplete"
+    state.succeeded({"norm": frozenset("*")}, "ipc", "norm again")  # rewriting what it meant to write heals it
+    assert state.report().state == "complete"
+    state.failed_partway(None, "disk", "unknown")  # unknown plan: everything must be written again
+    assert state.report().missing_count == 2
+
+
+def test_trainer_session_counts_only_when_it_ends_without_failure():
+    from sglang_ckpt_plugin.server.validate import required_coverage
+    from sglang_ckpt_plugin.server.weights_state import WeightsState
+
+    state = WeightsState(required_coverage(Stacked()), complete=False)
+    state.begin_session()
+    state.session_loaded({"attn.weight": frozenset("qkv"), "norm": frozenset("*")})
+    assert state.report().state == "waiting" and state.report().session_open
+    state.end_session("trainer")
+    assert state.report().state == "complete" and not state.report().session_open
+    # a refused bucket after a loaded one: the loaded parameters now hold a mix
+    state.begin_session()
+    state.session_loaded({"norm": frozenset("*")})
+    state.session_bucket_failed({"attn.weight": frozenset("q")}, False, "trainer", "rejected")
+    state.end_session("trainer")
+    assert state.report().state == "incomplete" and state.report().missing == ["norm"]
+    # a refused first bucket changes nothing
+    state.succeeded({"norm": frozenset("*")}, "ipc", "heal")
+    state.begin_session()
+    state.session_bucket_failed({"norm": frozenset("*")}, False, "trainer", "rejected")
+    state.end_session("trainer")
+    assert state.report().state == "complete" and state.last_update.outcome == "rejected"
+
+
+def test_fingerprint_only_for_a_verified_update_that_covered_the_model():
+    from sglang_ckpt_plugin.server.validate import required_coverage
+    from sglang_ckpt_plugin.server.weights_state import WeightsState
+
+    state = WeightsState(required_coverage(Stacked()), complete=False)
+    full = {"attn.weight": frozenset("qkv"), "norm": frozenset("*")}
+    state.succeeded(full, "ipc", "verified", fingerprint="f00d")
+    assert state.report().fingerprint == "f00d"
+    state.succeeded({"norm": frozenset("*")}, "ipc", "partial, verified", fingerprint="beef")
+    assert state.report().fingerprint is None  # the served weights are no longer one verified checkpoint
+
+
+def test_observe_records_what_reached_load_weights_and_can_refuse_first():
+    from sglang_ckpt_plugin.server.validate import observe
+
+    model = Stacked()
+    with observe(model, lambda manifest: validate_update(model, manifest, partial=True)) as seen:
+        model.load_weights([("norm", torch.ones(4))])
+    assert seen.touched and seen.coverage == {"norm": frozenset("*")} and torch.all(model.norm == 1)
+    assert "load_weights" not in model.__dict__  # the model's own method again
+    with observe(model, lambda manifest: validate_update(model, manifest, partial=True)) as seen:
+        with pytest.raises(UpdateRejected):
+            model.load_weights([("bogus", torch.ones(4))])
+    assert not seen.touched

@@ -4,8 +4,10 @@
 2. start ``python -m sglang.launch_server ... --load-format dummy --wait-for-initial-weights`` on 127.0.0.1;
 3. show that generation is refused (503) while no weights are loaded;
 4. run the loader (``python -m sglang_ckpt_plugin.update``), which prints per-stage timings;
-5. generate, and compare with HF transformers' greedy output on the same weights;
-6. stop everything it started and check that nothing of ours is left behind.
+5. generate, and prove what is served with SGLang itself: the parameters' checksums (SGLang's
+   ``/weights_checker``) and the greedy output equal those after SGLang's own disk reload of the same files;
+   HF transformers, teacher-forced on SGLang's tokens, as a second opinion (its top-k holds each token);
+6. stop everything it started and check that nothing of ours is left behind; one line of verdict.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 
 from ..transport.channel import socket_dir
 from ..transport.handles import SHM_DIR, SHM_PREFIX
+from .evidence import HF_TOP_K, gather
 from .launch import SGLangServer, generate_ids
-from .tiny_model import hf_greedy, make_tiny_model
+from .tiny_model import make_tiny_model
 
 PROMPT_TEXT = "w11 w22 w33 w44 w55"
 
@@ -44,6 +47,9 @@ def main() -> int:
     args = p.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-demo-"))
     work.mkdir(parents=True, exist_ok=True)
+    # a socket directory of its own (the server and the loader inherit it), so the leak check sees only ours
+    os.environ.setdefault("SGLANG_CKPT_SOCKET_DIR", str(work / "sockets"))
+    before = set(leftovers())
 
     say(f"1. making a random Llama checkpoint in {work / 'ckpt'}")
     ckpt = make_tiny_model(work / "ckpt", "llama", seed=7, hidden=128, layers=4, vocab=2000, dtype=torch.float32,
@@ -80,21 +86,26 @@ def main() -> int:
         server.wait_healthy(timeout_s=120)
         print(f"   GET /health -> 200; time from server start to ready: {time.perf_counter() - t0:.1f} s")
 
-        say("5. generating, and comparing with HF transformers on the same weights")
+        say("5. generating, then proving what is served against SGLang's own load of the same files")
         tok_ids = httpx.post(f"{server.url}/v1/tokenize", json={"prompt": PROMPT_TEXT}, timeout=30).json()["tokens"]
         result = generate_ids(server.url, tok_ids, args.new_tokens)
-        reference = hf_greedy(ckpt, tok_ids, args.new_tokens)
         print(f"   prompt            : {PROMPT_TEXT!r} -> ids {tok_ids}")
         print(f"   SGLang (pushed)   : {result['output_ids']}  weight_version={result['meta_info']['weight_version']}")
-        print(f"   HF transformers   : {reference}")
         print(f"   text              : {result['text']!r}")
-        same = result["output_ids"] == reference
-        print(f"   greedy outputs equal: {same}")
+        evidence = gather(server.url, ckpt, tok_ids, args.new_tokens)
+        print(f"   /weights_checker checksum, pushed      : {evidence.served_checksum}")
+        print(f"   /weights_checker checksum, disk reload : {evidence.disk_checksum}")
+        print(f"   greedy ids after SGLang's disk reload   : {evidence.disk_ids}")
+        print(f"   HF teacher-forced rank of each SGLang token (0 = HF's first choice, < {HF_TOP_K} agrees): "
+              f"{evidence.hf_ranks}")
 
     say("6. stopped the server")
     left = server.group_pids()
-    print(f"   server processes left: {left or 'none'}; our shared memory / sockets left: {leftovers() or 'none'}")
-    return 0 if same and not left else 1
+    left_files = sorted(set(leftovers()) - before)
+    print(f"   server processes left: {left or 'none'}; our shared memory / sockets left: {left_files or 'none'}")
+    clean = not left and not left_files
+    print(f"\nVERDICT {evidence.verdict()}; {'nothing' if clean else 'SOMETHING'} left behind", flush=True)
+    return 0 if evidence.ok and clean else 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..transport.channel import Channel, PeerGone
+from ..transport.fdpass import FdOffer, fd_socket_path
 from ..transport.handles import FileBuffer, allocate_buffer
 from ..transport.integrity import Fingerprint, tensor_digest
 from ..transport.messages import (
@@ -75,6 +76,7 @@ class RankFeeder:
         self.buffers = []
         self.owns_buffers = True
         self.on_bucket = lambda bucket: None  # progress callback
+        self._fd_offer: FdOffer | None = None
         self.channel = Channel(endpoint, bind=True)
 
     def allocate(self, bucket_bytes: int, num_buffers: int, device: torch.device) -> None:
@@ -106,13 +108,27 @@ class RankFeeder:
                 raise PushError(f"server failed to {what}: {msg.error}")
             return msg
 
+    def _handles(self) -> tuple[list, list[int]]:
+        """Wire handles of the buffers, and the descriptors (in slot order) to hand over with SCM_RIGHTS."""
+        handles, fds = [], []
+        for b in self.buffers:
+            if b.fd is not None:
+                handles.append(b.handle(slot=len(fds)))
+                fds.append(b.fd)
+            else:
+                handles.append(b.handle())
+        return handles, fds
+
     def hello(self, buckets: list[Bucket]) -> None:
         """Open the update: the server maps the buffers and checks the manifest before anything is written."""
+        handles, fds = self._handles()
+        if fds:  # the rank connects for them right after the hello
+            self._fd_offer = FdOffer(fd_socket_path(self.channel.endpoint), fds, self.timeout_s)
         self._send_when_connected(
             Hello(
                 protocol_version=PROTOCOL_VERSION,
                 update_id=self.update_id,
-                buffers=[b.handle() for b in self.buffers],
+                buffers=handles,
                 num_buckets=len(buckets),
                 num_tensors=sum(len(b.slots) for b in buckets),
                 total_bytes=sum(b.payload_bytes for b in buckets),
@@ -123,7 +139,10 @@ class RankFeeder:
                 allow_unused=self.allow_unused,
             )
         )
-        self._wait_reply(-1, "accept the update")
+        try:
+            self._wait_reply(-1, "accept the update")
+        finally:
+            self._close_fd_offer()
         for b in self.buffers:  # the server has mapped them: drop the names so nothing can leak
             b.unlink()
         self._in_flight: deque[int] = deque()
@@ -214,7 +233,13 @@ class RankFeeder:
             except Exception:
                 pass
 
+    def _close_fd_offer(self) -> None:
+        if self._fd_offer is not None:
+            self._fd_offer.close()
+            self._fd_offer = None
+
     def close(self) -> None:
+        self._close_fd_offer()
         if self.channel is not None:
             self.channel.close()
             self.channel = None

@@ -19,7 +19,7 @@ from .options import initial_weights_timeout
 logger = logging.getLogger("sglang_ckpt_plugin")
 
 OPEN_BEFORE_WEIGHTS = frozenset({
-    "/model_info", "/get_model_info", "/server_info", "/get_server_info", "/ping", "/metrics",
+    "/model_info", "/get_model_info", "/server_info", "/get_server_info", "/ping", "/metrics", "/weights_checker",
     "/v1/models", "/openapi.json", "/docs", "/redoc", "/flush_cache", "/configure_logging",
     "/update_weights_from_ipc", "/update_weights_from_disk", "/update_weight_version",
     "/init_weights_update_group", "/destroy_weights_update_group", "/update_weights_from_distributed",
@@ -35,16 +35,23 @@ EXIT_NO_WEIGHTS = 3
 
 
 class GateState:
-    """Why the gate is closed: never loaded (initial wait), or the last update failed part-way."""
+    """The HTTP process's copy of the scheduler's weights state (refreshed after every update call)."""
 
-    incomplete_reason: str | None = None
+    open: bool = True  # set at install: closed under --wait-for-initial-weights
+    report: dict | None = None  # the scheduler's WeightsReport, as sent
 
 
 def closed_message() -> str:
-    if GateState.incomplete_reason:
-        return (f"Model weights are incomplete: the last weight update failed part-way "
-                f"({GateState.incomplete_reason[:300]}); a complete update is needed before serving; {HOW_TO_PUSH}")  # fmt: skip
-    return f"Model weights have not been loaded yet (server started with --wait-for-initial-weights); {HOW_TO_PUSH}"
+    report = GateState.report or {}
+    missing = report.get("missing") or []
+    what = f"; {report.get('missing_count', len(missing))} parameter(s) not written yet, e.g. {missing[:3]}" if missing else ""
+    if report.get("state") == "incomplete":
+        last = (report.get("last_update") or {}).get("message", "")
+        return (f"Model weights are incomplete (an update failed part-way: {last[:300]}){what}; a complete update "
+                f"is needed before serving; {HOW_TO_PUSH}")  # fmt: skip
+    if report.get("session_open"):
+        return f"Model weights are being written by a weight-update session{what}; {HOW_TO_PUSH}"
+    return f"Model weights have not been loaded yet (server started with --wait-for-initial-weights){what}; {HOW_TO_PUSH}"
 
 
 def not_loaded_body() -> bytes:
@@ -54,7 +61,7 @@ def not_loaded_body() -> bytes:
 class WeightsGate:
     """Pure ASGI middleware; ``is_open()`` is asked on every request (cheap attribute reads)."""
 
-    def __init__(self, app, is_open=sg.weights_loaded):
+    def __init__(self, app, is_open=lambda: GateState.open):
         self.app = app
         self.is_open = is_open
 
@@ -81,7 +88,7 @@ def wait_for_initial_weights(poll_s: float = 0.2, log_every_s: float = 30.0) -> 
     timeout = initial_weights_timeout()
     start = last_log = time.monotonic()
     logger.warning("waiting for initial weights; %s", HOW_TO_PUSH)
-    while not sg.weights_loaded():
+    while not GateState.open:
         now = time.monotonic()
         if timeout is not None and now - start > timeout:
             msg = (f"[sglang-ckpt-plugin] no weights arrived within --initial-weights-timeout {timeout:g} s; "

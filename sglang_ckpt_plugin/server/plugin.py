@@ -5,6 +5,6 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from .sglang_compat import install_hooks
+    from .hooks import install_hooks
 
     install_hooks()

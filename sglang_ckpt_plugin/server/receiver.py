@@ -17,18 +17,27 @@ from typing import Callable, Iterable
 import torch
 
 from ..transport.channel import Channel, PeerGone, check_endpoint
+from ..transport.fdpass import fd_socket_path, receive_fds
 from ..transport.handles import MappedBuffer, open_buffer, open_file_range
-from ..transport.messages import FileHandle
 from ..transport.integrity import Fingerprint, tensor_digest
-from ..transport.messages import Abort, BucketReady, Finish, Hello, ProtocolError, Reply
+from ..transport.messages import (
+    Abort, BucketReady, FileHandle, Finish, Hello, ProtocolError, Reply, ShmFdHandle,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 LoadFn = Callable[[Iterable[tuple[str, torch.Tensor]]], object]
+_KEPT_ALIVE: list = []  # mappings a model kept views into (see _unmap)
+HELLO_TIMEOUT_ENV = "SGLANG_CKPT_HELLO_TIMEOUT"
+DEFAULT_HELLO_TIMEOUT_S = 15.0  # a loader that bound its socket says hello at once; not the long idle timeout
 
 
 class UpdateFailed(RuntimeError):
     pass
+
+
+class UpdateRefused(UpdateFailed):
+    """The update was refused before the session wrote anything (it does not fit the model)."""
 
 
 @dataclass
@@ -41,7 +50,11 @@ class ReceiveStats:
     fingerprint: str | None = None  # set when the loader asked for verification
 
 
-def bucket_views(msg: BucketReady, buffers: list[MappedBuffer]) -> list[tuple[str, torch.Tensor]]:
+def _nbytes(dtype: str, shape) -> int:
+    return getattr(torch, dtype).itemsize * math.prod(shape)
+
+
+def bucket_views(msg: BucketReady, buffers: list[MappedBuffer | None]) -> list[tuple[str, torch.Tensor]]:
     """Typed views into the mapped buffer for every tensor of a bucket, after bounds checks."""
     if msg.buffer >= len(buffers):
         raise ProtocolError(f"bucket {msg.seq} names buffer {msg.buffer}, only {len(buffers)} mapped")
@@ -53,9 +66,7 @@ def bucket_views(msg: BucketReady, buffers: list[MappedBuffer]) -> list[tuple[st
     views = []
     for slot in msg.tensors:
         dtype = getattr(torch, slot.dtype)
-        nbytes = dtype.itemsize
-        for d in slot.shape:
-            nbytes *= d
+        nbytes = _nbytes(slot.dtype, slot.shape)
         start = slot.offset - base
         if start < 0 or start + nbytes > flat.numel():
             raise ProtocolError(f"tensor {slot.name!r} ({nbytes} bytes at {slot.offset}) lies outside its buffer")
@@ -63,6 +74,37 @@ def bucket_views(msg: BucketReady, buffers: list[MappedBuffer]) -> list[tuple[st
             raise ProtocolError(f"tensor {slot.name!r}: offset {slot.offset} not aligned for {slot.dtype}")
         views.append((slot.name, flat[start : start + nbytes].view(dtype).view(slot.shape)))
     return views
+
+
+class Manifest:
+    """The update's contract: every bucket must hold tensors it lists, as listed, each exactly once."""
+
+    def __init__(self, hello: Hello):
+        self.expected = {m.name: (m.dtype, list(m.shape)) for m in hello.manifest}
+        if len(self.expected) != len(hello.manifest):
+            raise ProtocolError("the manifest names a tensor twice")
+        self.delivered: set[str] = set()
+
+    def check_bucket(self, msg: BucketReady) -> None:
+        """Raise ProtocolError (before anything of the bucket is loaded) for a tensor outside the manifest."""
+        seen = set()
+        for slot in msg.tensors:
+            want = self.expected.get(slot.name)
+            if want is None:
+                raise ProtocolError(f"bucket {msg.seq}: tensor {slot.name!r} is not in the update's manifest")
+            if (slot.dtype, list(slot.shape)) != want:
+                raise ProtocolError(f"bucket {msg.seq}: tensor {slot.name!r} is {slot.dtype} {list(slot.shape)}, "
+                                    f"the manifest says {want[0]} {want[1]}")  # fmt: skip
+            if slot.name in self.delivered or slot.name in seen:
+                raise ProtocolError(f"bucket {msg.seq}: tensor {slot.name!r} was already sent in this update")
+            seen.add(slot.name)
+        self.delivered |= seen
+
+    def check_finished(self) -> None:
+        if len(self.delivered) != len(self.expected):
+            missing = sorted(set(self.expected) - self.delivered)
+            raise ProtocolError(f"the loader finished after {len(self.delivered)} of the manifest's {len(self.expected)} "
+                                f"tensors (missing {missing[:3]}...)")  # fmt: skip
 
 
 def _send_error(channel: Channel, seq: int, error: str) -> None:
@@ -81,8 +123,14 @@ def _send_ok(channel: Channel, reply: Reply) -> None:
         raise UpdateFailed("the loader stopped taking replies (its process ended?)") from None
 
 
+def hello_timeout_s() -> float:
+    return float(os.environ.get(HELLO_TIMEOUT_ENV, DEFAULT_HELLO_TIMEOUT_S))
+
+
 class ReceiveSession:
-    """One update on one rank. ``run()`` returns stats or raises UpdateFailed; it never leaves buffers mapped."""
+    """One update on one rank. ``run()`` returns stats or raises UpdateFailed (UpdateRefused when nothing was
+    written); it never leaves buffers mapped or descriptors open. ``coverage``: what the update writes, from
+    ``validate`` (manifest, partial, allow_unused) -> coverage, which raises ValueError to refuse it."""
 
     def __init__(
         self,
@@ -91,20 +139,25 @@ class ReceiveSession:
         load_weights: LoadFn,
         post_process: Callable[[], None],
         idle_timeout_s: float,
+        validate: Callable[[list, bool, bool], dict],
         prepare: Callable[[], None] = lambda: None,
-        validate: Callable[[list, bool, bool], None] | None = None,
+        hello_timeout_s: float | None = None,
     ):
         self.endpoint = check_endpoint(endpoint)
         self.device = device
         self.load_weights = load_weights
         self.post_process = post_process
         self.prepare = prepare  # runs once, just before the first write to the model
-        self.validate = validate  # (manifest, partial, allow_unused) -> None or raises ValueError
+        self.validate = validate
         self.idle_timeout_s = idle_timeout_s
+        self.hello_timeout_s = globals()["hello_timeout_s"]() if hello_timeout_s is None else hello_timeout_s
         self.buffers: list[MappedBuffer | None] = []
         self.handles: list = []
+        self.fds: list[int] = []
         self.stats = ReceiveStats()
         self.touched_weights = False  # after a failure: were the served weights already changed?
+        self.coverage: dict | None = None  # what this update writes (set once the manifest was validated)
+        self.manifest: Manifest | None = None
         self.verify = False
         self.digests = Fingerprint()
 
@@ -114,53 +167,50 @@ class ReceiveSession:
                 try:
                     self._serve(channel)
                 finally:
-                    self._unmap()
+                    self._release()
         finally:
-            # A loader killed with SIGKILL cannot remove its socket file; it lives in our private directory.
-            try:
-                os.unlink(self.endpoint.removeprefix("ipc://"))
-            except FileNotFoundError:
-                pass
+            # A loader killed with SIGKILL cannot remove its socket files; they live in our private directory.
+            for path in (self.endpoint.removeprefix("ipc://"), fd_socket_path(self.endpoint)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         return self.stats
 
-    def _recv(self, channel: Channel, what: str):
+    def _recv(self, channel: Channel, what: str, timeout_s: float):
         try:
-            return channel.recv(self.idle_timeout_s)
+            return channel.recv(timeout_s)
         except TimeoutError:
-            raise UpdateFailed(f"loader went quiet: no {what} within {self.idle_timeout_s:g} s") from None
+            raise UpdateFailed(f"loader went quiet: no {what} within {timeout_s:g} s") from None
         except PeerGone as exc:
             raise UpdateFailed(f"loader disconnected while the server waited for a {what}: {exc}") from None
+        except ProtocolError as exc:
+            _send_error(channel, -1, str(exc))
+            raise UpdateFailed(f"bad message from the loader: {exc}") from None
 
     def _serve(self, channel: Channel) -> None:
-        hello = self._recv(channel, "hello")
+        hello = self._recv(channel, "hello", self.hello_timeout_s)
         if isinstance(hello, Abort):
             raise UpdateFailed(f"loader aborted the update before it started: {hello.reason}")
         if not isinstance(hello, Hello):
             raise UpdateFailed(f"expected hello, got {type(hello).__name__}")
         try:
-            self.handles = list(hello.buffers)
-            # Checkpoint files (page-cache mode) are mapped when first used, one at a time; the first one now,
-            # so a handle we cannot open fails the update before anything is written.
-            self.buffers = [None] * len(self.handles)
-            for i, h in enumerate(self.handles):
-                if isinstance(h, FileHandle):
-                    open_file_range(h, 0, 0).close()  # checks access now; ranges are mapped per bucket
-                else:
-                    self.buffers[i] = open_buffer(h, self.device)
-        except (OSError, ValueError) as exc:
+            self.manifest = Manifest(hello)
+            self._map(hello)
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a CUDA IPC handle that will not open
             _send_error(channel, -1, str(exc))
             raise UpdateFailed(f"cannot map the loader's buffers: {exc}") from exc
         self.verify = hello.checksum == "xxh3"
-        if self.validate is not None and hello.manifest is not None:
-            try:
-                self.validate([(m.name, m.dtype, m.shape) for m in hello.manifest], hello.partial, hello.allow_unused)
-            except ValueError as exc:
-                _send_error(channel, -1, f"update rejected: {exc}")
-                raise UpdateFailed(f"update rejected: {exc}") from exc
+        try:
+            self.coverage = self.validate([(m.name, m.dtype, m.shape) for m in hello.manifest], hello.partial,
+                                          hello.allow_unused)  # fmt: skip
+        except ValueError as exc:
+            _send_error(channel, -1, f"update rejected: {exc}")
+            raise UpdateRefused(f"update rejected: {exc}") from exc
         _send_ok(channel, Reply(seq=-1, ok=True))
 
         while True:
-            msg = self._recv(channel, "bucket")
+            msg = self._recv(channel, "bucket", self.idle_timeout_s)
             if isinstance(msg, Abort):
                 raise UpdateFailed(f"loader aborted the update: {msg.reason}")
             if isinstance(msg, Finish):
@@ -170,9 +220,26 @@ class ReceiveSession:
                 raise UpdateFailed(f"unexpected {type(msg).__name__} during an update")
             self._load_bucket(channel, msg)
 
+    def _map(self, hello: Hello) -> None:
+        """Receive the descriptors (SCM_RIGHTS) for fd-backed buffers, map the rest. Checkpoint files
+        (page-cache mode) are mapped per bucket, one byte range at a time."""
+        self.handles = list(hello.buffers)
+        self.buffers = [None] * len(self.handles)
+        by_fd = [h for h in self.handles if isinstance(h, (ShmFdHandle, FileHandle))]
+        if by_fd:
+            self.fds = receive_fds(fd_socket_path(self.endpoint), len(by_fd), self.hello_timeout_s)
+        for i, h in enumerate(self.handles):
+            if isinstance(h, FileHandle):
+                open_file_range(self.fds[h.slot], h, 0, 0).close()  # checks the file now
+            elif isinstance(h, ShmFdHandle):
+                self.buffers[i] = open_buffer(h, self.device, self.fds[h.slot])
+            else:
+                self.buffers[i] = open_buffer(h, self.device)
+
     def _load_bucket(self, channel: Channel, msg: BucketReady) -> None:
         t0 = time.perf_counter()
         try:
+            self.manifest.check_bucket(msg)
             self._map_for(msg)
             views = bucket_views(msg, self.buffers)
             if self.verify:
@@ -193,6 +260,11 @@ class ReceiveSession:
         self.stats.bytes += sum(v.nbytes for _, v in views)
         self.stats.load_s += elapsed
         del views
+        if self.buffers[msg.buffer] is not None and self.buffers[msg.buffer].views_alive():
+            # the loader refills (or unmaps) this memory next: a kept view would change under the model
+            _send_error(channel, msg.seq, "the model kept a tensor it was given")
+            raise UpdateFailed(f"bucket {msg.seq}: the model kept a reference to a tensor it was given instead of "
+                               "copying it; refusing to let the loader reuse that memory")  # fmt: skip
         _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=elapsed))
 
     def _verify(self, msg: BucketReady, views: list[tuple[str, torch.Tensor]]) -> None:
@@ -208,7 +280,12 @@ class ReceiveSession:
             self.digests.add(name, slot.dtype, slot.shape, digest)
 
     def _finish(self, channel: Channel, msg: Finish) -> None:
-        self._unmap()  # release the loader's memory before post-processing (peak memory)
+        try:
+            self.manifest.check_finished()
+            self._unmap()  # release the loader's memory before post-processing (peak memory)
+        except (ProtocolError, UpdateFailed) as exc:
+            _send_error(channel, msg.seq, str(exc))
+            raise UpdateFailed(str(exc)) from exc
         t0 = time.perf_counter()
         self.touched_weights = True
         try:
@@ -229,19 +306,37 @@ class ReceiveSession:
             return
         for i, b in enumerate(self.buffers):
             if b is not None and isinstance(self.handles[i], FileHandle):
-                b.close()
                 self.buffers[i] = None
+                b.close()
         if msg.tensors:
             start = min(s.offset for s in msg.tensors)
-            end = max(s.offset + getattr(torch, s.dtype).itemsize * math.prod(s.shape) for s in msg.tensors)
-            self.buffers[index] = open_file_range(self.handles[index], start, end)
+            end = max(s.offset + _nbytes(s.dtype, s.shape) for s in msg.tensors)
+            handle = self.handles[index]
+            self.buffers[index] = open_file_range(self.fds[handle.slot], handle, start, end)
 
     def _unmap(self) -> None:
+        """Unmap every buffer. A view still referenced somewhere (a model that kept a tensor it was given)
+        would alias the loader's memory: that fails the update."""
+        kept = 0
         for b in self.buffers:
             if b is None:
                 continue
             try:
                 b.close()
-            except BufferError:  # a view is still referenced somewhere; the mapping goes with it
-                logger.warning("a bucket view outlived its update; its mapping is freed when it is collected")
+            except BufferError:
+                kept += 1
+                _KEPT_ALIVE.append(b)  # never unmapped under a live view: it lives as long as this process
         self.buffers = []
+        if kept:
+            raise UpdateFailed(f"{kept} loader buffer(s) could not be unmapped: the model kept a reference to a tensor "
+                               "it was given instead of copying it")  # fmt: skip
+
+    def _release(self) -> None:
+        try:
+            self._unmap()
+        except UpdateFailed as exc:
+            logger.error("%s", exc)
+        finally:
+            for fd in self.fds:
+                os.close(fd)
+            self.fds = []

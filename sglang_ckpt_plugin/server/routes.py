@@ -1,11 +1,13 @@
 """HTTP side of the plugin: the gate middleware and wrappers around SGLang's own routes.
 
-- ``/update_weights_from_ipc``: one update at a time (a second gets 409), result recorded, gate opened on
-  success. The work itself is done by the TP workers (tp_worker.py).
-- ``/update_weights_from_disk``: a successful full reload also counts as the initial weights.
-- ``/update_weights_from_distributed`` / ``_tensor`` and ``/end_weight_update`` (SGLang's trainer path): the
-  served weights changed (fingerprint cleared, result recorded); a session that covered every parameter opens
-  the gate, one that failed part-way closes it.
+After every route that can change weights (``/update_weights_from_ipc`` / ``_disk`` / ``_distributed`` /
+``_tensor``, ``/begin_weight_update``, ``/end_weight_update``) the HTTP process asks the scheduler for its weights
+state, as structured data through SGLang's internal-state request, and opens or closes the gate from that alone:
+nothing is read out of messages (which carry caller text such as ``weight_version``).
+
+- ``/update_weights_from_ipc``: one update at a time (a second gets 409).
+- ``/begin_weight_update`` … ``/end_weight_update``: generation is held for the whole session (requests in
+  flight finish first, new ones wait), so no request runs on a mix of old and new weights.
 - ``/model_info``: adds ``weights_loaded`` and a ``ckpt_plugin`` section (the loader checks for it).
 """
 
@@ -14,35 +16,38 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import re
-import time
+import logging
 
 from fastapi.responses import ORJSONResponse
 
 from .. import __version__
 from . import sglang_compat as sg
 from .gate import GateState, WeightsGate
-from .tp_worker import INCOMPLETE_MARKER
-from .trainer_updates import COMPLETE_MARKER
 
+logger = logging.getLogger("sglang_ckpt_plugin")
+
+STATE_TIMEOUT_S = 120.0
 _update_lock = asyncio.Lock()
-_last_update: dict | None = None
-_fingerprint: str | None = None  # of the weights served now, when the update that loaded them was verified
-_FINGERPRINT = re.compile(r"fingerprint=([0-9a-f]{16})")
+_session = {"held": False}  # generation held by us for an open trainer session
+_wait_for_weights = False
 
 
-def _response_payload(resp) -> dict:
+async def refresh_state() -> None:
+    """Read the scheduler's weights state and set the gate (and SGLang's own readiness flag) from it."""
     try:
-        return json.loads(bytes(resp.body))
-    except (AttributeError, ValueError):
-        return {}
-
-
-def _update_record(payload: dict, source: str, fingerprint: str | None, started: float) -> dict:
-    """What /model_info reports as ``last_update``."""
-    return {"success": bool(payload.get("success")), "message": payload.get("message", ""), "source": source,
-            "weight_version": sg.weight_version(), "fingerprint": fingerprint, "started_at": started,
-            "duration_s": round(time.time() - started, 4)}  # fmt: skip
+        states = await asyncio.wait_for(sg.scheduler_internal_states(), STATE_TIMEOUT_S)
+    except (asyncio.TimeoutError, RuntimeError) as exc:
+        logger.error("the scheduler did not answer for its weights state (%r); closing the gate", exc)
+        GateState.open = False
+        return
+    reports = [s.get(sg.INTERNAL_STATE_KEY) for s in states if isinstance(s, dict)]
+    if not reports or any(r is None for r in reports):
+        logger.error("the scheduler did not report its weights state; closing the gate")
+        GateState.open = False
+        return
+    GateState.report = reports[0]
+    GateState.open = all(r["state"] == "complete" for r in reports)
+    sg.set_initial_weights_loaded(GateState.open)
 
 
 def _replace_endpoint(app, path: str, make_wrapper) -> None:
@@ -59,96 +64,111 @@ def _replace_endpoint(app, path: str, make_wrapper) -> None:
     raise RuntimeError(f"SGLang route {path} not found: this SGLang version is not supported by the plugin")
 
 
+def _then_refresh(original):
+    """Any route that may change weights: run it, then take the scheduler's word for the state."""
+
+    @functools.wraps(original)
+    async def route(*args, **kwargs):
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            await refresh_state()
+
+    return route
+
+
 def _wrap_update_ipc(original):
+    refreshing = _then_refresh(original)
+
     @functools.wraps(original)
     async def update_weights_from_ipc(*args, **kwargs):
-        global _last_update, _fingerprint
         if _update_lock.locked():
             return ORJSONResponse(
                 {"success": False, "message": "another weight update is in progress; retry when it has finished"},
                 status_code=409,
             )
         async with _update_lock:
-            started = time.time()
-            resp = await original(*args, **kwargs)
-            payload = _response_payload(resp)
-            found = _FINGERPRINT.search(payload.get("message", ""))
-            if payload.get("success"):
-                GateState.incomplete_reason = None
-                _fingerprint = found.group(1) if found else None
-                sg.mark_weights_loaded()
-            elif INCOMPLETE_MARKER in payload.get("message", ""):
-                # partly-new weights must not be served: close the gate until a complete update arrives
-                GateState.incomplete_reason = payload["message"]
-                sg.mark_weights_loaded(False)
-            _last_update = _update_record(payload, "update_weights_from_ipc", found.group(1) if found else None, started)
-            return resp
+            return await refreshing(*args, **kwargs)
 
     return update_weights_from_ipc
 
 
-def _wrap_update_disk(original):
+def _wrap_begin_session(original):
     @functools.wraps(original)
-    async def update_weights_from_disk(*args, **kwargs):
-        resp = await original(*args, **kwargs)
-        global _fingerprint
-        if getattr(resp, "status_code", 200) == 200 and _response_payload(resp).get("success"):
-            GateState.incomplete_reason = None
-            _fingerprint = None
-            sg.mark_weights_loaded()
+    async def begin_weight_update(*args, **kwargs):
+        held = await sg.hold_generation()  # in-flight requests finish first; new ones wait for the session's end
+        try:
+            resp = await original(*args, **kwargs)
+        except BaseException:
+            if held:
+                await sg.release_generation()
+            raise
+        if _succeeded(resp):
+            _session["held"] = _session["held"] or held
+        elif held:
+            await sg.release_generation()
+        await refresh_state()
         return resp
 
-    return update_weights_from_disk
+    return begin_weight_update
 
 
-def _wrap_trainer_route(original):
+def _wrap_end_session(original):
     @functools.wraps(original)
-    async def trainer_route(*args, **kwargs):
-        global _last_update, _fingerprint
-        started = time.time()
-        resp = await original(*args, **kwargs)
-        payload = _response_payload(resp)
-        message = payload.get("message", "")
-        if COMPLETE_MARKER in message:
-            GateState.incomplete_reason = None
-            sg.mark_weights_loaded()
-        elif INCOMPLETE_MARKER in message:
-            GateState.incomplete_reason = message
-            sg.mark_weights_loaded(False)
-        if original.__name__ != "end_weight_update":
-            _fingerprint = None  # the weights served now are not the verified checkpoint any more
-            _last_update = _update_record(payload, original.__name__, None, started)
-        return resp
+    async def end_weight_update(*args, **kwargs):
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            await refresh_state()  # before releasing: held requests then meet the gate's final answer
+            if _session["held"] and not (GateState.report or {}).get("session_open"):
+                _session["held"] = False
+                await sg.release_generation()
 
-    return trainer_route
+    return end_weight_update
+
+
+def _succeeded(resp) -> bool:
+    try:
+        return getattr(resp, "status_code", 200) == 200 and bool(json.loads(bytes(resp.body)).get("success"))
+    except (AttributeError, ValueError):
+        return False
 
 
 def _wrap_model_info(original):
     @functools.wraps(original)
     async def model_info(*args, **kwargs):
         result = await original(*args, **kwargs)
-        loaded = sg.weights_loaded()
-        result["weights_loaded"] = loaded
+        if GateState.report is None and not _update_lock.locked():
+            await refresh_state()  # first look: what is missing before any update
+        report = GateState.report or {}
+        result["weights_loaded"] = GateState.open
         result["ckpt_plugin"] = {
             "version": __version__,
-            "weights_loaded": loaded,
-            "wait_for_initial_weights": sg.wait_flag_enabled(),
+            "weights_loaded": GateState.open,
+            "wait_for_initial_weights": _wait_for_weights,
             "tp_size": sg.tp_size(),
-            "weights_state": "complete" if loaded else ("incomplete" if GateState.incomplete_reason else "waiting"),
+            "weights_state": report.get("state", "complete" if GateState.open else "waiting"),
+            "missing": report.get("missing", []),
+            "missing_count": report.get("missing_count", 0),
             "update_in_progress": _update_lock.locked(),
-            "fingerprint": _fingerprint,
-            "last_update": _last_update,
+            "session_open": report.get("session_open", False),
+            "fingerprint": report.get("fingerprint"),
+            "last_update": report.get("last_update"),
         }
         return result
 
     return model_info
 
 
-def install(app) -> None:
+def install(app, wait_for_weights: bool) -> None:
     """Called once in the HTTP server process, before the app starts."""
+    global _wait_for_weights
+    _wait_for_weights = wait_for_weights
+    GateState.open = not wait_for_weights
     _replace_endpoint(app, "/update_weights_from_ipc", _wrap_update_ipc)
-    _replace_endpoint(app, "/update_weights_from_disk", _wrap_update_disk)
     _replace_endpoint(app, "/model_info", _wrap_model_info)
-    for path in ("/update_weights_from_distributed", "/update_weights_from_tensor", "/end_weight_update"):
-        _replace_endpoint(app, path, _wrap_trainer_route)
+    for path in ("/update_weights_from_disk", "/update_weights_from_distributed", "/update_weights_from_tensor"):
+        _replace_endpoint(app, path, _then_refresh)
+    _replace_endpoint(app, "/begin_weight_update", _wrap_begin_session)
+    _replace_endpoint(app, "/end_weight_update", _wrap_end_session)
     app.add_middleware(WeightsGate)

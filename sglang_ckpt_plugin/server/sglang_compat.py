@@ -1,19 +1,8 @@
-"""Every touch-point on SGLang internals, for SGLang 0.5.23. A new SGLang release is this file's work.
+"""Every touch-point on SGLang internals, for SGLang 0.5.23: hook target names and the accessors the hooks
+use. A new SGLang release is this file's work (and hooks.py's list, if a target moved).
 
-Hooks (registered through SGLang's own HookRegistry, applied by ``load_plugins()`` in every process):
-- ``ServerArgs.add_cli_args`` (after): our server flags.
-- ``http_server.launch_server`` (before): the readiness gate middleware and our route wrappers on ``app``.
-- ``http_server._wait_weights_ready`` (replace): wait without falling through to dummy weights.
-- ``WeightUpdater.update_weights_from_ipc`` (replace, model-runner side): our zero-copy receiver instead
-  of the checkpoint-engine package; ``update_weights_from_disk`` (after): a full reload makes weights complete.
-- ``Scheduler.handle_generate_request`` (around): refuse requests while the weights are incomplete.
-- The trainer path: the model runner's ``load_weights_from_distributed`` (around: dry run first, remember
-  what was loaded) and the scheduler's ``end_weight_update`` (around: mark a session that covered the model).
-- ``model_loader.loader.initialize_dummy_weights`` (around): with ``--wait-for-initial-weights`` the random fill
-  of ``--load-format dummy`` is skipped (the gate keeps the weights unused until real ones arrive; on CPU
-  the fill costs several times more than reading the real weights).
-- ``parallel_state.init_model_parallel_group`` (before): on CPU, no pynccl communicator (it requires CUDA);
-  gloo carries the TP group, which is what makes ``--tp 2`` run on a CPU-only machine.
+Nothing here imports the rest of the plugin: hooks.py wires SGLang to our modules, and our modules call in
+here, so there is no import circle.
 """
 
 from __future__ import annotations
@@ -33,78 +22,7 @@ SCHEDULER_WEIGHT_UPDATER = "sglang.srt.managers.scheduler_components.weight_upda
 WAIT_FLAG_FIELD = "checkpoint_engine_wait_weights_before_ready"
 PARALLEL_STATE = "sglang.srt.distributed.parallel_state"
 MODEL_LOADER = "sglang.srt.model_loader.loader"
-
-
-def install_hooks() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    from . import gate, options, tp_worker, trainer_updates
-
-    HookRegistry.register(SERVER_ARGS, lambda _result, parser: options.add_server_flags(parser, WAIT_FLAG_FIELD))
-    HookRegistry.register(f"{HTTP_SERVER}.launch_server", _before_launch_server, HookType.BEFORE)
-    HookRegistry.register(f"{HTTP_SERVER}._wait_weights_ready", gate.wait_for_initial_weights, HookType.REPLACE)
-    HookRegistry.register(
-        f"{RUNNER_WEIGHT_UPDATER}.update_weights_from_ipc", tp_worker.update_weights_from_ipc, HookType.REPLACE
-    )
-    HookRegistry.register(f"{RUNNER_WEIGHT_UPDATER}.update_weights_from_disk", _after_disk_update, HookType.AFTER)
-    HookRegistry.register(f"{SCHEDULER}.handle_generate_request", _guard_generate, HookType.AROUND)
-    HookRegistry.register(f"{PARALLEL_STATE}.init_model_parallel_group", _no_pynccl_on_cpu, HookType.BEFORE)
-    HookRegistry.register(f"{MODEL_LOADER}.initialize_dummy_weights", _skip_dummy_fill_when_waiting, HookType.AROUND)
-    HookRegistry.register(f"{RUNNER_WEIGHT_UPDATER}.load_weights_from_distributed",
-                          trainer_updates.load_weights_from_distributed, HookType.AROUND)  # fmt: skip
-    HookRegistry.register(f"{SCHEDULER_WEIGHT_UPDATER}.end_weight_update", _around_end_session, HookType.AROUND)
-
-
-def _around_end_session(original, manager, recv_req, **kwargs):
-    """A trainer session that reached every parameter counts as a complete update (marker read by routes.py)."""
-    import msgspec
-
-    from . import tp_worker, trainer_updates
-
-    out = original(manager, recv_req, **kwargs)
-    if out.success and trainer_updates.session_covered_every_parameter():
-        tp_worker.mark_weights_complete()
-        out = msgspec.structs.replace(out, message=f"{out.message} {trainer_updates.COMPLETE_MARKER}")
-    return out
-
-
-def _skip_dummy_fill_when_waiting(original, model, *args, **kwargs):
-    """Parameters stay allocated and unfilled: the real weights arrive before anything reads them."""
-    if wait_flag_enabled():
-        logger.info("--wait-for-initial-weights: not filling dummy weights with random values")
-        return None
-    return original(model, *args, **kwargs)
-
-
-def _no_pynccl_on_cpu(*args, **kwargs):
-    """BEFORE hook: returns the (args, kwargs) SGLang then calls with; pynccl only where CUDA exists."""
-    if not torch.cuda.is_available():
-        kwargs["use_pynccl"] = False
-    return args, kwargs
-
-
-def _after_disk_update(result, *args, **kwargs):
-    from . import tp_worker
-
-    if result and result[0]:
-        tp_worker.mark_weights_complete()
-
-
-def _guard_generate(original, scheduler, recv_req, **kwargs):
-    """Scheduler-side guard: requests admitted before a failed update (queued on SGLang's model-update
-    lock, past the HTTP gate) must not run on partly-new weights. SGLang's own admission-error path aborts
-    them with our message (it answers with status 500)."""
-    from . import tp_worker
-
-    if not tp_worker.weights_complete():
-        kwargs["mm_input_error"] = tp_worker.INCOMPLETE_REFUSAL
-    return original(scheduler, recv_req, **kwargs)
-
-
-def _before_launch_server(*args, **kwargs):
-    from . import routes
-
-    routes.install(http_app())
+INTERNAL_STATE_KEY = "ckpt_plugin"  # our entry in the scheduler's internal state (GetInternalStateReqOutput)
 
 
 # ---------------------------------------------------------------- main process (HTTP server)
@@ -122,6 +40,11 @@ def tokenizer_manager():
     return None if state is None else state.tokenizer_manager
 
 
+def wait_flag_in(server_args) -> bool:
+    """The flag as given to ``launch_server(server_args)`` (before SGLang publishes its runtime context)."""
+    return bool(getattr(server_args, WAIT_FLAG_FIELD, False))
+
+
 def wait_flag_enabled() -> bool:
     from sglang.srt.runtime_context import get_model
 
@@ -134,15 +57,36 @@ def tp_size() -> int:
     return int(get_parallel().tp_size)
 
 
-def weights_loaded() -> bool:
-    tm = tokenizer_manager()
-    return tm is None or bool(getattr(tm, "initial_weights_loaded", True))
-
-
-def mark_weights_loaded(loaded: bool = True) -> None:
+def set_initial_weights_loaded(loaded: bool) -> None:
+    """SGLang's own readiness flag (its /health and wait loop read it); our gate keeps its own copy."""
     tm = tokenizer_manager()
     if tm is not None:
         tm.initial_weights_loaded = loaded
+
+
+async def scheduler_internal_states() -> list[dict]:
+    """SGLang's internal-state request to the schedulers (one dict per DP rank, from TP rank 0)."""
+    return await tokenizer_manager().get_internal_state()
+
+
+async def hold_generation() -> bool:
+    """Hold generation as SGLang's pause does, after the requests in flight have finished (SGLang's
+    model-update writer lock waits for them): new requests wait at the tokenizer manager's pause condition,
+    and weight-update calls skip the writer lock while paused. False if someone else had paused already."""
+    tm = tokenizer_manager()
+    async with tm.model_update_lock.writer_lock:
+        async with tm.is_pause_cond:
+            if tm.is_pause:
+                return False
+            tm.is_pause = True
+            return True
+
+
+async def release_generation() -> None:
+    tm = tokenizer_manager()
+    async with tm.is_pause_cond:
+        tm.is_pause = False
+        tm.is_pause_cond.notify_all()
 
 
 def weight_version() -> str | None:
@@ -170,6 +114,24 @@ def runner_rank(updater) -> int:
     return updater.tp_rank
 
 
+def is_draft_runner(updater) -> bool:
+    return bool(getattr(updater.get_model_runner(), "is_draft_worker", False))
+
+
+def manager_model(manager) -> torch.nn.Module:
+    """The target model behind the scheduler's weight-updater manager."""
+    return manager.tp_worker.model_runner.model
+
+
+def scheduler_model(scheduler) -> torch.nn.Module:
+    return scheduler.tp_worker.model_runner.model
+
+
+def add_internal_state(output, entry: dict) -> None:
+    """Put our structured state into the scheduler's GetInternalStateReqOutput."""
+    output.internal_state[INTERNAL_STATE_KEY] = entry
+
+
 def tp_cpu_group():
     """The gloo group of this TP worker's tensor-parallel ranks (None with tp=1)."""
     from sglang.srt.distributed.parallel_state import get_tp_group
@@ -183,7 +145,7 @@ def check_online_update_allowed(updater) -> str | None:
     and SGLang's own (weight cache daemon, derived weight caches)."""
     from sglang.srt.model_executor.model_runner_components import weight_updater as wu
 
-    if getattr(updater.get_model_runner(), "is_draft_worker", False):
+    if is_draft_runner(updater):
         return "speculative-decoding draft models are not updated by sglang-ckpt-plugin yet; run without a draft model"
 
     try:

@@ -1,61 +1,100 @@
-"""SGLang's own trainer path (``/update_weights_from_distributed`` inside ``/begin_weight_update`` …
-``/end_weight_update``), seen by the plugin in the scheduler process.
+"""SGLang's own update paths, seen from the scheduler process: the trainer session
+(``/begin_weight_update`` … ``/update_weights_from_distributed`` / ``_tensor`` … ``/end_weight_update``) and the
+disk reload. Each call's outcome is agreed across TP ranks and recorded in the rank's weights state.
 
-- Every received bucket is dry-run against the model before it is loaded (unknown names and wrong shapes are
-  refused with nothing written), as for our own pushes.
-- The names a session loaded are remembered; when the session ends having covered every parameter, the end
-  reply carries COMPLETE_MARKER and the HTTP side opens the readiness gate (``--wait-for-initial-weights``).
-- A bucket that fails while loading leaves partly-new weights: generation is refused until a complete update.
+- Every trainer/tensor bucket is dry-run against the model before it is loaded (unknown names and wrong shapes
+  are refused with nothing of that bucket written), as for our own pushes.
+- What a session loaded counts when the session ends without a failure; a refused or failed bucket after loaded
+  ones leaves a mix, so the weights are incomplete until those parameters are written again.
+- Generation is held for the whole session on the HTTP side (routes.py), so no request sees a mix.
 """
 
 from __future__ import annotations
 
 import logging
 
-import torch
-
-from . import tp_worker
-from .validate import validate_update
+from . import rank_state
+from . import sglang_compat as sg
+from .validate import UpdateRejected, observe, validate_update
 
 logger = logging.getLogger("sglang_ckpt_plugin")
 
-COMPLETE_MARKER = "[weights complete]"
 
-_loaded: dict[str, tuple[str, list[int]]] = {}  # name -> (dtype, shape) loaded in the open session
-_model: torch.nn.Module | None = None
+def _guarded_load(original, updater, source: str, *args, **kwargs):
+    """Run one SGLang load call with every ``load_weights`` it makes dry-run first; agree; record."""
+    if sg.is_draft_runner(updater):
+        return original(updater, *args, **kwargs)
+    model = updater.get_model()
+    weights = rank_state.state(model)
+    rejection = []
 
+    def check(manifest):
+        try:
+            return validate_update(model, manifest, partial=True)
+        except UpdateRejected as exc:
+            rejection.append(str(exc))
+            raise
 
-def _manifest(items) -> list[tuple[str, str, list[int]]]:
-    return [(name, dtype, shape) for name, (dtype, shape) in items]
+    with observe(model, check) as seen:
+        try:
+            ok, message = original(updater, *args, **kwargs)
+        except Exception as exc:  # SGLang's tensor path lets load errors escape; never crash the scheduler
+            ok, message = False, f"{type(exc).__name__}: {exc}"
+    any_failed, any_touched, any_unknown = rank_state.agree(not ok, seen.touched, seen.touched and not seen.coverage)
+    if not any_failed:
+        weights.session_loaded(seen.coverage)
+        return True, message
+    why = rejection[0] if rejection else (message if not ok else "another tensor-parallel rank failed (see its log)")
+    weights.session_bucket_failed(None if any_unknown else seen.coverage, any_touched, source, why)
+    if weights.last_update is not None and weights.last_update.outcome == "incomplete":
+        return False, f"update failed part-way (the weights are now incomplete until rewritten): {why}"
+    return False, f"update rejected before any weight was changed: {why}"
 
 
 def load_weights_from_distributed(original, updater, named_tensors):
-    """AROUND the model runner's loader of received tensors; returns SGLang's (success, message)."""
-    global _model
-    _model = updater.get_model()
-    entries = {name: (str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in named_tensors}
-    try:
-        validate_update(_model, _manifest(entries.items()), partial=True)
-    except ValueError as exc:
-        return False, f"update rejected before any weight was changed: {exc}"
-    ok, message = original(updater, named_tensors)
-    if ok:
-        _loaded.update(entries)
+    """AROUND the model runner's loader of received tensors (trainer path); returns SGLang's (success, message)."""
+    return _guarded_load(original, updater, "trainer", named_tensors)
+
+
+def update_weights_from_tensor(original, updater, named_tensors, load_format=None, **kwargs):
+    """AROUND the model runner's ``update_weights_from_tensor`` (SGLang's tensor path)."""
+    return _guarded_load(original, updater, "tensor", named_tensors, load_format, **kwargs)
+
+
+def update_weights_from_disk(original, updater, *args, **kwargs):
+    """AROUND the model runner's disk reload: a success writes every parameter; a failure after loading began
+    (SGLang then tries to roll back from the same path) leaves the weights unknown, hence incomplete."""
+    if sg.is_draft_runner(updater):
+        return original(updater, *args, **kwargs)
+    weights = rank_state.state(updater.get_model())
+    with observe(updater.get_model()) as seen:
+        ok, message = original(updater, *args, **kwargs)
+    any_failed, any_touched = rank_state.agree(not ok, seen.touched)
+    if not any_failed:
+        weights.reloaded_from_disk(message)
+    elif any_touched:
+        weights.failed_partway(None, "disk", message)
     else:
-        tp_worker.mark_weights_incomplete()
-        message = f"{tp_worker.INCOMPLETE_MARKER} {message}"
-    return ok, message
+        weights.failed_untouched("disk", message)
+    return ok and not any_failed, message
 
 
-def session_covered_every_parameter() -> bool:
-    """At the end of a session: did its buckets reach every parameter? Forgets the session either way."""
-    try:
-        if not _loaded or _model is None:
-            return False
-        validate_update(_model, _manifest(_loaded.items()), partial=False)
-        return True
-    except ValueError as exc:
-        logger.info("trainer session did not cover the whole model: %s", exc)
-        return False
-    finally:
-        _loaded.clear()
+def begin_session(original, manager, recv_req, **kwargs):
+    """AROUND the scheduler's ``begin_weight_update``: start counting what the session loads."""
+    out = original(manager, recv_req, **kwargs)
+    if out.success:
+        rank_state.state(sg.manager_model(manager)).begin_session()
+    return out
+
+
+def end_session(original, manager, recv_req, **kwargs):
+    """AROUND the scheduler's ``end_weight_update``: a session with no failure counts what it loaded."""
+    out = original(manager, recv_req, **kwargs)
+    weights = rank_state.state(sg.manager_model(manager))
+    if weights.session is not None:
+        if out.success:
+            weights.end_session("trainer")
+        else:
+            weights.session_bucket_failed(None, True, "trainer", f"end_weight_update failed: {out.message}")
+            weights.session = None
+    return out

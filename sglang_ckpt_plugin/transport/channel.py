@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .messages import Message, ProtocolError, decode, encode
 
-MAX_MESSAGE_BYTES = 64 << 20  # a bucket's tensor list; anything larger is not ours
+MAX_MESSAGE_BYTES = 32 << 20  # a hello's manifest of MAX_TENSORS entries fits; anything larger is not ours
 
 
 def socket_dir() -> Path:
@@ -51,11 +51,18 @@ def make_endpoint(update_id: str, rank_key: str) -> str:
 
 
 def check_endpoint(endpoint: str) -> str:
-    """Server side: accept only ipc endpoints directly inside our private directory."""
+    """Server side: accept only a live socket, owned by this user, directly inside our private directory
+    (``lstat``: a symlink or a plain file is refused), so a bad name fails at once instead of at a timeout."""
     prefix = f"ipc://{socket_dir()}/"
     name = endpoint[len(prefix):] if endpoint.startswith(prefix) else ""
-    if not name.endswith(".sock") or "/" in name or name.startswith("."):
+    if not name.endswith(".sock") or "/" in name or name.startswith(".") or "\0" in name:
         raise ProtocolError(f"refusing endpoint {endpoint!r}: must be an ipc socket in {prefix}")
+    try:
+        st = os.lstat(endpoint.removeprefix("ipc://"))
+    except OSError:
+        raise ProtocolError(f"refusing endpoint {endpoint!r}: no such socket (has the loader bound it?)") from None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+        raise ProtocolError(f"refusing endpoint {endpoint!r}: not a socket owned by uid {os.getuid()}")
     return endpoint
 
 

@@ -43,8 +43,8 @@ class ShmBuffer:
     """A shared-memory bucket buffer owned by the loader. ``release()`` unmaps and unlinks it.
 
     Named (``/dev/shm/sglang-ckpt-*``) for one update: the name is removed as soon as the server mapped it.
-    ``reusable=True``: an unnamed O_TMPFILE file kept open for many updates; the server opens it through
-    ``/proc/<pid>/fd/<fd>``, so there is no name to leak even if this process is killed.
+    ``reusable=True``: an unnamed O_TMPFILE file kept open for many updates; its descriptor is handed to the
+    server over a Unix socket (fdpass.py), so there is no name to leak even if this process is killed.
     """
 
     def __init__(self, nbytes: int, reusable: bool = False):
@@ -69,9 +69,14 @@ class ShmBuffer:
             os.close(fd)
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
 
-    def handle(self) -> ShmHandle | ShmFdHandle:
+    @property
+    def fd(self) -> int | None:
+        """The descriptor to hand over (SCM_RIGHTS) instead of a name; None for a named buffer."""
+        return self._fd
+
+    def handle(self, slot: int = -1) -> ShmHandle | ShmFdHandle:
         if self.reusable:
-            return ShmFdHandle(pid=os.getpid(), fd=self._fd, nbytes=self.nbytes)
+            return ShmFdHandle(slot=slot, nbytes=self.nbytes)
         return ShmHandle(name=self.name, nbytes=self.nbytes)
 
     def unlink(self) -> None:
@@ -100,8 +105,12 @@ class FileBuffer:
         self._fd = os.open(path, os.O_RDONLY)
         self.nbytes = os.fstat(self._fd).st_size
 
-    def handle(self) -> FileHandle:
-        return FileHandle(pid=os.getpid(), fd=self._fd, nbytes=self.nbytes)
+    @property
+    def fd(self) -> int | None:
+        return self._fd
+
+    def handle(self, slot: int = -1) -> FileHandle:
+        return FileHandle(slot=slot, nbytes=self.nbytes)
 
     def digests(self, bucket) -> list[int]:
         """xxh3 of each tensor of a bucket (slot offsets are file offsets), read through a private mapping."""
@@ -127,7 +136,9 @@ class CudaBuffer:
         self.device = device
         self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
 
-    def handle(self) -> CudaIpcHandle:
+    fd = None  # shared by CUDA IPC, not by descriptor
+
+    def handle(self, slot: int = -1) -> CudaIpcHandle:
         (_dev, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync) = (
             self.tensor.untyped_storage()._share_cuda_()
         )
@@ -167,75 +178,93 @@ class MappedBuffer:
         self.tensor = tensor
         self._mapping = mapping
         self.base = base  # byte offset of tensor[0] in the loader's buffer (a file range maps from here)
+        self._baseline = _storage_users(tensor)
+
+    def views_alive(self) -> bool:
+        """Does anything besides ``self.tensor`` still use this memory (a view some model kept)?"""
+        return self.tensor is not None and _storage_users(self.tensor) > self._baseline
 
     def close(self) -> None:
+        """Unmap. BufferError, leaving the mapping in place, while a view into it is alive: unmapping would leave
+        that view pointing at unmapped memory (``mmap.close`` does not see torch's views)."""
+        if self.views_alive():
+            raise BufferError("a view into this loader buffer is still referenced")
         self.tensor = None
         if self._mapping is not None:
             self._mapping.close()
 
 
-def open_buffer(handle: BufferHandle, device: torch.device) -> MappedBuffer:
+def _storage_users(tensor: torch.Tensor) -> int:
+    """How many tensors share ``tensor``'s storage (torch's own count; 0 where this torch lacks it)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count(tensor.untyped_storage()._cdata) if use_count is not None else 0
+
+
+def open_buffer(handle: BufferHandle, device: torch.device, fd: int | None = None) -> MappedBuffer:
+    """Map a loader's buffer. ``fd``: the descriptor received for a ShmFdHandle (the caller keeps ownership)."""
     if isinstance(handle, FileHandle):
-        if device.type != "cpu":
-            raise ValueError(f"a checkpoint-file buffer was sent to a {device.type} rank; run the loader on {device.type}")
-        return _open_file(handle)
+        raise ValueError("checkpoint-file handles are mapped one byte range at a time (open_file_range)")
     if isinstance(handle, (ShmHandle, ShmFdHandle)):
         if device.type != "cpu":
             raise ValueError(f"a shared-memory buffer was sent to a {device.type} rank; run the loader on {device.type}")
-        return _open_shm(handle)
+        return _open_shm(handle, fd)
     if device.type != "cuda":
         raise ValueError("a CUDA IPC buffer was sent to a CPU rank; run the loader with --device cpu")
     return _open_cuda(handle, device)
 
 
-def _open_shm(handle: ShmHandle | ShmFdHandle) -> MappedBuffer:
+def _check_private_file(fd: int, what: str, nbytes: int) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{what}: must be a private (0600) file of this user")
+    if st.st_size < nbytes:
+        raise ValueError(f"{what}: {st.st_size} bytes, the loader announced {nbytes}")
+
+
+def _map_read_only(fd: int, length: int, offset: int = 0) -> mmap.mmap:
+    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ, offset=offset)
+
+
+def _read_only_view(mapping: mmap.mmap) -> torch.Tensor:
+    with warnings.catch_warnings():  # read-only memory: torch warns that writing would be undefined; we never write
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mapping, dtype=torch.uint8)
+
+
+def _open_shm(handle: ShmHandle | ShmFdHandle, fd: int | None) -> MappedBuffer:
+    """Read-only: the rank only ever reads a loader's buffer."""
     if isinstance(handle, ShmFdHandle):
-        if handle.pid <= 0 or handle.fd < 0:
-            raise ValueError(f"refusing shared-memory handle {handle!r}")
-        what = f"/proc/{handle.pid}/fd/{handle.fd}"
-        fd = os.open(what, os.O_RDWR)  # the kernel checks we may access that process (same user)
+        if fd is None:
+            raise ValueError(f"no descriptor was handed over for {handle!r}")
+        what = f"shared-memory buffer (slot {handle.slot})"
+        _check_private_file(fd, what, handle.nbytes)
+        mapping = _map_read_only(fd, handle.nbytes)
     else:
         if not _SHM_NAME.match(handle.name):
             raise ValueError(f"refusing shared-memory name {handle.name!r}: not one of ours")
-        what = handle.name
-        fd = os.open(os.path.join(SHM_DIR, handle.name), os.O_RDWR | os.O_NOFOLLOW)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise PermissionError(f"{what}: must be a private (0600) file of this user")
-        if st.st_size < handle.nbytes:
-            raise ValueError(f"{what}: {st.st_size} bytes, the loader announced {handle.nbytes}")
-        mapping = mmap.mmap(fd, handle.nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-    finally:
-        os.close(fd)
-    return MappedBuffer(torch.frombuffer(mapping, dtype=torch.uint8), mapping)
+        own = os.open(os.path.join(SHM_DIR, handle.name), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            _check_private_file(own, handle.name, handle.nbytes)
+            mapping = _map_read_only(own, handle.nbytes)
+        finally:
+            os.close(own)
+    return MappedBuffer(_read_only_view(mapping), mapping)
 
 
-def open_file_range(handle: FileHandle, start: int, end: int) -> MappedBuffer:
-    """Map bytes [start, end) of a loader's open checkpoint file, read-only (page-cache mode maps one bucket's
-    range at a time, so the rank's resident memory grows by about one bucket). Views are only ever read."""
-    if handle.pid <= 0 or handle.fd < 0 or not 0 <= start <= end <= handle.nbytes:
-        raise ValueError(f"refusing file handle {handle!r} range [{start}, {end})")
-    fd = os.open(f"/proc/{handle.pid}/fd/{handle.fd}", os.O_RDONLY)  # the kernel checks access (same user)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < handle.nbytes:
-            raise ValueError(f"file handle {handle.pid}/{handle.fd}: not a regular file of {handle.nbytes} bytes")
-        base = start - start % mmap.ALLOCATIONGRANULARITY
-        if end == base:
-            return MappedBuffer(torch.empty(0, dtype=torch.uint8), None, base)
-        mapping = mmap.mmap(fd, end - base, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
-                            offset=base)  # fmt: skip
-    finally:
-        os.close(fd)
-    with warnings.catch_warnings():  # read-only memory: torch warns that writing would be undefined; we never write
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.frombuffer(mapping, dtype=torch.uint8)
-    return MappedBuffer(tensor, mapping, base)
-
-
-def _open_file(handle: FileHandle) -> MappedBuffer:
-    return open_file_range(handle, 0, handle.nbytes)
+def open_file_range(fd: int, handle: FileHandle, start: int, end: int) -> MappedBuffer:
+    """Map bytes [start, end) of a loader's open checkpoint file (its descriptor ``fd``, received over the
+    socket), read-only: page-cache mode maps one bucket's range at a time, so the rank's resident memory grows
+    by about one bucket."""
+    if not 0 <= start <= end <= handle.nbytes:
+        raise ValueError(f"refusing file range [{start}, {end}) of a {handle.nbytes}-byte file")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size < handle.nbytes:
+        raise ValueError(f"file handle (slot {handle.slot}): not a regular file of {handle.nbytes} bytes")
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    if end == base:
+        return MappedBuffer(torch.empty(0, dtype=torch.uint8), None, base)
+    mapping = _map_read_only(fd, end - base, base)
+    return MappedBuffer(_read_only_view(mapping), mapping, base)
 
 
 def _open_cuda(handle: CudaIpcHandle, device: torch.device) -> MappedBuffer:

@@ -7,11 +7,20 @@ this file; keep the two in step and bump PROTOCOL_VERSION on any incompatible ch
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+
+# Caps: a frame is at most MAX_MESSAGE_BYTES (channel.py); these bound what one decodes into.
+MAX_TENSORS = 1 << 18  # per update (the manifest); DeepSeek-V3 has about 92k tensors
+MAX_BUCKET_TENSORS = 1 << 16
+MAX_BUFFERS = 253  # descriptors handed over in one SCM_RIGHTS message
+MAX_NAME = 1024
+MAX_DIMS = 8
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME)]
+Shape = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_DIMS)]
 
 # dtype names as torch spells them (without the "torch." prefix)
 WIRE_DTYPES = (
@@ -50,20 +59,19 @@ class CudaIpcHandle(msgspec.Struct, tag="cuda_ipc", tag_field="kind", forbid_unk
 
 
 class ShmFdHandle(msgspec.Struct, tag="shm_fd", tag_field="kind", forbid_unknown_fields=True, frozen=True):
-    """An unnamed shared-memory file (O_TMPFILE on /dev/shm) of a live loader, opened by the receiver as
-    /proc/<pid>/fd/<fd>. Never has a name, so it cannot outlive its owner: used for buffers kept across updates."""
+    """An unnamed shared-memory file (O_TMPFILE on /dev/shm) of a live loader. Never has a name, so it cannot
+    outlive its owner: used for buffers kept across updates. Its descriptor is handed over with SCM_RIGHTS
+    (fdpass.py); ``slot`` is its index among the descriptors of this hello."""
 
-    pid: int
-    fd: int
+    slot: int
     nbytes: int
 
 
 class FileHandle(msgspec.Struct, tag="file", tag_field="kind", forbid_unknown_fields=True, frozen=True):
-    """A checkpoint file the loader holds open read-only (``/proc/<pid>/fd/<fd>``); the rank maps it read-only
-    and loads tensors straight from the page cache: no loader-side copy at all (same node, CPU)."""
+    """A checkpoint file the loader holds open read-only, its descriptor handed over like ShmFdHandle's; the
+    rank maps it read-only and loads tensors straight from the page cache: no loader-side copy (same node, CPU)."""
 
-    pid: int
-    fd: int
+    slot: int
     nbytes: int
 
 
@@ -73,18 +81,18 @@ BufferHandle = Union[ShmHandle, ShmFdHandle, FileHandle, CudaIpcHandle]
 class TensorSlot(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
     """One tensor inside a bucket: [name, dtype, shape, offset]; byte size follows from dtype and shape."""
 
-    name: str
+    name: Name
     dtype: str
-    shape: list[int]
+    shape: Shape
     offset: int
 
 
 class TensorMeta(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
     """One tensor of the whole update: [name, dtype, shape]."""
 
-    name: str
+    name: Name
     dtype: str
-    shape: list[int]
+    shape: Shape
 
 
 class Hello(_Msg, tag="hello"):
@@ -92,12 +100,14 @@ class Hello(_Msg, tag="hello"):
 
     protocol_version: int
     update_id: str
-    buffers: list[BufferHandle]
+    buffers: Annotated[list[BufferHandle], msgspec.Meta(max_length=MAX_BUFFERS)]
     num_buckets: int
     num_tensors: int
     total_bytes: int
+    # every tensor of the update: checked against the model before anything is written, and every bucket
+    # is checked against it (names, dtypes, shapes; each tensor once) before it is loaded
+    manifest: Annotated[list[TensorMeta], msgspec.Meta(max_length=MAX_TENSORS)]
     checksum: Literal["none", "xxh3"] = "none"  # xxh3: every bucket carries per-tensor digests
-    manifest: list[TensorMeta] | None = None  # every tensor of the update, checked before any is written
     partial: bool = False  # the caller updates only some parameters on purpose
     allow_unused: bool = False  # the caller knows some tensors are not weights of the served model
 
@@ -107,7 +117,7 @@ class BucketReady(_Msg, tag="bucket"):
 
     seq: int
     buffer: int
-    tensors: list[TensorSlot]
+    tensors: Annotated[list[TensorSlot], msgspec.Meta(max_length=MAX_BUCKET_TENSORS)]
     digests: list[int] | None = None  # xxh3-64 of each tensor's bytes, in ``tensors`` order
 
 
@@ -163,9 +173,14 @@ def _check(msg: Message) -> None:
             raise ProtocolError("hello must name at least one non-empty buffer")
         if min(msg.num_buckets, msg.num_tensors, msg.total_bytes) < 0:
             raise ProtocolError("hello has negative counts")
-        for meta in msg.manifest or ():
-            if meta.dtype not in WIRE_DTYPES or any(d < 0 for d in meta.shape):
-                raise ProtocolError(f"manifest entry {meta.name!r}: bad dtype or shape")
+        slots = sorted(b.slot for b in msg.buffers if isinstance(b, (ShmFdHandle, FileHandle)))
+        if slots != list(range(len(slots))):
+            raise ProtocolError("hello descriptor slots must be 0..n-1, each once")
+        if msg.num_tensors != len(msg.manifest):
+            raise ProtocolError(f"hello announces {msg.num_tensors} tensors but its manifest lists {len(msg.manifest)}")
+        for meta in msg.manifest:
+            if meta.dtype not in WIRE_DTYPES:
+                raise ProtocolError(f"manifest entry {meta.name!r}: unknown dtype {meta.dtype!r}")
     elif isinstance(msg, BucketReady):
         if msg.seq < 0 or msg.buffer < 0:
             raise ProtocolError("bucket seq and buffer must be >= 0")
@@ -174,5 +189,5 @@ def _check(msg: Message) -> None:
         for slot in msg.tensors:
             if slot.dtype not in WIRE_DTYPES:
                 raise ProtocolError(f"tensor {slot.name!r}: unknown dtype {slot.dtype!r}")
-            if slot.offset < 0 or any(d < 0 for d in slot.shape):
-                raise ProtocolError(f"tensor {slot.name!r}: negative offset or dimension")
+            if slot.offset < 0:
+                raise ProtocolError(f"tensor {slot.name!r}: negative offset")

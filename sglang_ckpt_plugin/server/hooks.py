@@ -1,0 +1,86 @@
+"""Where the plugin attaches to SGLang (registered through SGLang's own HookRegistry; ``load_plugins()`` applies
+them in every SGLang process). Target names live in sglang_compat.py.
+
+- ``ServerArgs.add_cli_args`` (after): our server flags.
+- ``http_server.launch_server`` (before): the readiness gate middleware and our route wrappers on ``app``.
+- ``http_server._wait_weights_ready`` (replace): wait without falling through to dummy weights.
+- model runner ``update_weights_from_ipc`` (replace): our zero-copy receiver instead of checkpoint-engine.
+- model runner ``load_weights_from_distributed`` / ``update_weights_from_tensor`` / ``update_weights_from_disk``
+  (around): dry run first, agree across TP ranks, record what was written; the scheduler's
+  ``begin_weight_update`` / ``end_weight_update`` (around): a trainer session's coverage counts at its end.
+- ``Scheduler.get_internal_state`` (after): our weights state, as structured data for the HTTP process.
+- ``Scheduler.handle_generate_request`` (around): refuse requests while the weights are incomplete.
+- ``model_loader.loader.initialize_dummy_weights`` (around): with ``--wait-for-initial-weights`` the random fill
+  of ``--load-format dummy`` is skipped (nothing is served before every parameter was written).
+- ``parallel_state.init_model_parallel_group`` (before): on CPU, no pynccl communicator (it requires CUDA);
+  gloo carries the TP group, which is what makes ``--tp 2`` run on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+import torch
+
+from . import gate, options, rank_state, routes, tp_worker, trainer_updates
+from . import sglang_compat as sg
+
+logger = logging.getLogger("sglang_ckpt_plugin")
+
+
+def install_hooks() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    runner, manager = sg.RUNNER_WEIGHT_UPDATER, sg.SCHEDULER_WEIGHT_UPDATER
+    HookRegistry.register(sg.SERVER_ARGS, lambda _result, parser: options.add_server_flags(parser, sg.WAIT_FLAG_FIELD))
+    HookRegistry.register(f"{sg.HTTP_SERVER}.launch_server", _before_launch_server, HookType.BEFORE)
+    HookRegistry.register(f"{sg.HTTP_SERVER}._wait_weights_ready", gate.wait_for_initial_weights, HookType.REPLACE)
+    HookRegistry.register(f"{runner}.update_weights_from_ipc", tp_worker.update_weights_from_ipc, HookType.REPLACE)
+    HookRegistry.register(f"{runner}.load_weights_from_distributed", trainer_updates.load_weights_from_distributed,
+                          HookType.AROUND)  # fmt: skip
+    HookRegistry.register(f"{runner}.update_weights_from_tensor", trainer_updates.update_weights_from_tensor,
+                          HookType.AROUND)  # fmt: skip
+    HookRegistry.register(f"{runner}.update_weights_from_disk", trainer_updates.update_weights_from_disk,
+                          HookType.AROUND)  # fmt: skip
+    HookRegistry.register(f"{manager}.begin_weight_update", trainer_updates.begin_session, HookType.AROUND)
+    HookRegistry.register(f"{manager}.end_weight_update", trainer_updates.end_session, HookType.AROUND)
+    HookRegistry.register(f"{sg.SCHEDULER}.get_internal_state", _add_weights_state, HookType.AFTER)
+    HookRegistry.register(f"{sg.SCHEDULER}.handle_generate_request", _guard_generate, HookType.AROUND)
+    HookRegistry.register(f"{sg.PARALLEL_STATE}.init_model_parallel_group", _no_pynccl_on_cpu, HookType.BEFORE)
+    HookRegistry.register(f"{sg.MODEL_LOADER}.initialize_dummy_weights", _skip_dummy_fill_when_waiting,
+                          HookType.AROUND)  # fmt: skip
+
+
+def _before_launch_server(server_args, *args, **kwargs):
+    routes.install(sg.http_app(), wait_for_weights=sg.wait_flag_in(server_args))
+
+
+def _add_weights_state(result, scheduler, *args, **kwargs):
+    report = rank_state.state(sg.scheduler_model(scheduler)).report()
+    sg.add_internal_state(result, msgspec.to_builtins(report))
+    return result
+
+
+def _guard_generate(original, scheduler, recv_req, **kwargs):
+    """Scheduler-side guard, on every TP rank: a request that got past the HTTP gate (queued before an update
+    failed part-way, or sent while the weights were never complete) must not run. SGLang's own admission-error
+    path aborts it with our message (status 500)."""
+    if not rank_state.weights_complete():
+        kwargs["mm_input_error"] = tp_worker.INCOMPLETE_REFUSAL
+    return original(scheduler, recv_req, **kwargs)
+
+
+def _skip_dummy_fill_when_waiting(original, model, *args, **kwargs):
+    """Parameters stay allocated and unfilled: nothing reads them before every one of them was written."""
+    if sg.wait_flag_enabled():
+        logger.info("--wait-for-initial-weights: not filling dummy weights with random values")
+        return None
+    return original(model, *args, **kwargs)
+
+
+def _no_pynccl_on_cpu(*args, **kwargs):
+    """BEFORE hook: returns the (args, kwargs) SGLang then calls with; pynccl only where CUDA exists."""
+    if not torch.cuda.is_available():
+        kwargs["use_pynccl"] = False
+    return args, kwargs

@@ -1,0 +1,157 @@
+"""The one source of truth for "are the served weights complete?", kept in every scheduler (TP) process.
+
+Every update path (our IPC push, SGLang's trainer session and tensor path, disk reload) reports here what it
+wrote, after the TP ranks agreed on its outcome, so every rank holds the same state. The HTTP process reads it
+as structured data (``WeightsReport``, through SGLang's own internal-state request), never from messages.
+
+Coverage is tracked per parameter and per stacked shard: several partial pushes that together write every
+shard of every parameter make the weights complete; a push that fails part-way takes back the coverage of
+everything it meant to write (those parameters now hold a mix), so they must be written again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import msgspec
+
+WHOLE = "*"  # shard key: the parameter was written whole (no stacked shards, or a fused tensor)
+Coverage = dict  # parameter name -> frozenset of shard keys written
+Outcome = Literal["success", "rejected", "failed", "incomplete"]
+Source = Literal["ipc", "trainer", "tensor", "disk"]
+MISSING_LISTED = 20
+
+
+def missing_from(required: dict[str, frozenset[str]], covered: Coverage) -> list[str]:
+    """Parameters (with the shards still missing) that ``covered`` does not fully write."""
+    out = []
+    for pname, need in required.items():
+        have = covered.get(pname, frozenset())
+        if WHOLE in have or (have and need == {WHOLE}):  # any write fills a parameter without stacked shards
+            continue
+        lacking = sorted(need - have)
+        if lacking:
+            out.append(pname if lacking == [WHOLE] or set(lacking) == set(need) else f"{pname} (shards {','.join(lacking)})")
+    return out
+
+
+class UpdateRecord(msgspec.Struct, frozen=True):
+    outcome: Outcome
+    source: Source
+    message: str
+    tensors: int
+    bytes: int
+    fingerprint: str | None
+    finished_at: float
+
+
+class WeightsReport(msgspec.Struct, frozen=True):
+    """What the scheduler tells the HTTP process (and /model_info shows)."""
+
+    state: Literal["waiting", "complete", "incomplete"]
+    missing: list[str]  # the first MISSING_LISTED parameters not (fully) written
+    missing_count: int
+    fingerprint: str | None  # of the weights served now, when one verified update wrote them all
+    session_open: bool  # a trainer session (begin ... end_weight_update) is in progress
+    last_update: UpdateRecord | None
+
+
+class WeightsState:
+    def __init__(self, required: dict[str, frozenset[str]], complete: bool):
+        self.required = required
+        self.covered: dict[str, frozenset[str]] = (
+            {p: frozenset({WHOLE}) for p in required} if complete else {}
+        )
+        self.incomplete_reason: str | None = None
+        self.ever_complete = complete
+        self.fingerprint: str | None = None
+        self.last_update: UpdateRecord | None = None
+        self.session: dict[str, frozenset[str]] | None = None  # coverage loaded by the open trainer session
+        self.session_failed = False
+        self._missing: list[str] | None = None  # cached: the generate guard asks on every request
+
+    # ---------------------------------------------------------------- queries
+    def missing(self) -> list[str]:
+        if self._missing is None:
+            self._missing = missing_from(self.required, self.covered)
+        return self._missing
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing()
+
+    def report(self) -> WeightsReport:
+        missing = self.missing()
+        state = "complete" if not missing else ("incomplete" if self.incomplete_reason or self.ever_complete else "waiting")
+        return WeightsReport(state=state, missing=missing[:MISSING_LISTED], missing_count=len(missing),
+                             fingerprint=self.fingerprint if not missing else None,
+                             session_open=self.session is not None, last_update=self.last_update)  # fmt: skip
+
+    # ---------------------------------------------------------------- outcomes
+    def _record(self, outcome: Outcome, source: Source, message: str, tensors=0, nbytes=0, fingerprint=None) -> None:
+        self.last_update = UpdateRecord(outcome, source, message[:2000], tensors, nbytes, fingerprint, time.time())
+
+    def succeeded(self, coverage: Coverage, source: Source, message: str, *, tensors: int = 0, nbytes: int = 0,
+                  fingerprint: str | None = None) -> None:  # fmt: skip
+        """An update wrote ``coverage`` and nothing else. ``fingerprint``: it was verified and covered the model."""
+        for pname, keys in coverage.items():
+            self.covered[pname] = self.covered.get(pname, frozenset()) | keys
+        self._missing = None
+        covers_model = not missing_from(self.required, coverage)
+        self.fingerprint = fingerprint if (fingerprint and covers_model) else None
+        if self.complete:
+            self.incomplete_reason = None
+            self.ever_complete = True
+        self._record("success", source, message, tensors, nbytes, self.fingerprint)
+
+    def rejected(self, source: Source, message: str) -> None:
+        """Refused before any weight changed: the served weights are what they were."""
+        self._record("rejected", source, message)
+
+    def failed_partway(self, planned: Coverage | None, source: Source, message: str) -> None:
+        """Weights changed, then the update failed. ``planned``: what it meant to write (None: unknown, i.e.
+        possibly everything). Those parameters hold a mix until they are written again."""
+        if planned is None:
+            self.covered = {}
+        else:
+            for pname in planned:
+                self.covered.pop(pname, None)
+        self._missing = None
+        self.fingerprint = None
+        self.incomplete_reason = message
+        self._record("incomplete", source, message)
+
+    def failed_untouched(self, source: Source, message: str) -> None:
+        """Failed after it started but before any weight changed."""
+        self._record("failed", source, message)
+
+    def reloaded_from_disk(self, message: str) -> None:
+        self.succeeded({p: frozenset({WHOLE}) for p in self.required}, "disk", message)
+
+    # ---------------------------------------------------------------- trainer sessions
+    def begin_session(self) -> None:
+        self.session, self.session_failed = {}, False
+
+    def session_loaded(self, coverage: Coverage) -> None:
+        if self.session is not None:
+            for pname, keys in coverage.items():
+                self.session[pname] = self.session.get(pname, frozenset()) | keys
+
+    def session_bucket_failed(self, planned: Coverage | None, touched: bool, source: Source, message: str) -> None:
+        """A bucket of the open session failed. If it or an earlier bucket wrote weights, they hold a mix."""
+        loaded = dict(self.session or {})
+        self.session_failed = True
+        if touched or loaded:
+            if planned is None and touched:
+                self.failed_partway(None, source, message)
+            else:
+                self.failed_partway({**loaded, **(planned or {})} if touched else loaded, source, message)
+        else:
+            self.rejected(source, message)
+
+    def end_session(self, source: Source) -> None:
+        loaded, failed = self.session, self.session_failed
+        self.session, self.session_failed = None, False
+        if loaded and not failed:
+            self.succeeded(loaded, source, f"session loaded {len(loaded)} parameter(s)")

@@ -1,0 +1,93 @@
+"""Hand open file descriptors (checkpoint files, unnamed shared memory) from a loader to one inference rank.
+
+The descriptors travel over a Unix stream socket next to the ZeroMQ endpoint (``<name>.fds`` in the private
+socket directory) with ``SCM_RIGHTS``: the rank receives the very files the connected loader holds open, so a
+message cannot point it at another process's descriptors (as ``/proc/<pid>/fd/<n>`` could). Both sides check
+that the peer runs as the same user (``SO_PEERCRED``). One connection, one batch of descriptors, then done.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+import threading
+import time
+
+MAX_FDS = 253  # SCM_MAX_FD on Linux
+
+
+def fd_socket_path(endpoint: str) -> str:
+    """``ipc://<dir>/<name>.sock`` -> ``<dir>/<name>.fds``."""
+    return endpoint.removeprefix("ipc://").removesuffix(".sock") + ".fds"
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid
+
+
+class FdOffer:
+    """Loader side: serves ``fds`` once, to the first peer of the same user that connects."""
+
+    def __init__(self, path: str, fds: list[int], timeout_s: float):
+        if len(fds) > MAX_FDS:
+            raise ValueError(f"{len(fds)} descriptors to hand over; at most {MAX_FDS} fit in one message")
+        self.path = path
+        self.error: str | None = None
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(path)
+        os.chmod(path, 0o600)
+        self._sock.listen(1)
+        self._sock.settimeout(0.2)
+        self._fds = list(fds)
+        self._deadline = time.monotonic() + timeout_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="fd-offer", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                conn, _ = self._sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            with conn:
+                if _peer_uid(conn) != os.getuid():
+                    self.error = "a process of another user connected for the descriptors; refused"
+                    continue
+                try:
+                    socket.send_fds(conn, [b"F"], self._fds)
+                except OSError as exc:
+                    self.error = f"handing over descriptors failed: {exc}"
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def receive_fds(path: str, count: int, timeout_s: float) -> list[int]:
+    """Rank side: the ``count`` descriptors the loader offers at ``path``. OSError/ValueError on anything odd."""
+    if not 0 < count <= MAX_FDS:
+        raise ValueError(f"the loader announced {count} descriptors; 1..{MAX_FDS} expected")
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+        raise ValueError(f"{path} is not a socket of this user")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        if _peer_uid(sock) != os.getuid():
+            raise ValueError(f"the process behind {path} runs as another user")
+        _msg, fds, _flags, _addr = socket.recv_fds(sock, 16, count)
+    if len(fds) != count:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"the loader handed over {len(fds)} descriptors, its hello announced {count}")
+    return fds
