@@ -1,12 +1,13 @@
-"""Shared fixtures: tiny checkpoints made locally, HF greedy references, push helper, leak checks."""
+"""Shared fixtures: tiny checkpoints made locally, evidence from SGLang itself, push helper, leak checks."""
 
 from __future__ import annotations
 
-import functools
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # A private socket directory for this test session (servers and loaders inherit it), so that leak checks
@@ -16,7 +17,8 @@ os.environ["SGLANG_CKPT_SOCKET_DIR"] = tempfile.mkdtemp(prefix="sglang-ckpt-test
 import pytest
 import torch
 
-from sglang_ckpt_plugin.demo.tiny_model import hf_greedy, make_tiny_model
+from sglang_ckpt_plugin.demo import evidence
+from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
 from sglang_ckpt_plugin.transport.channel import socket_dir
 from sglang_ckpt_plugin.transport.handles import SHM_DIR, SHM_PREFIX
 
@@ -45,19 +47,37 @@ def qwen3_a(ckpt_root) -> Path:
     return make_tiny_model(ckpt_root / "qwen3_a", "qwen3", seed=2, dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def hf_reference(model_dir: str) -> list[int]:
-    return hf_greedy(model_dir, PROMPT, NEW_TOKENS)
+def assert_serves(url: str, checkpoint: Path, headers: dict | None = None) -> evidence.Evidence:
+    """The server serves exactly ``checkpoint``: SGLang's checksums and greedy output equal those after SGLang's
+    own disk reload of the same files, and HF (teacher-forced) agrees. Leaves the server on the disk reload."""
+    ev = evidence.gather(url, checkpoint, PROMPT, NEW_TOKENS, headers)
+    assert ev.ok, ev.verdict()
+    return ev
 
 
-def push(url: str, checkpoint: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real loader CLI against a server."""
+def push(url: str, checkpoint: Path, *extra: str, check: bool = True, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """Run the real loader CLI against a server. A loader still running at ``timeout_s`` is made to dump its
+    threads' stacks (faulthandler on SIGUSR1) before it is killed, and the failure shows them."""
     cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(checkpoint),
            "--endpoint", url, "--quiet", "--timeout", "120", *extra]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_with_stacks(cmd, timeout_s)
     if check and proc.returncode != 0:
         raise AssertionError(f"loader failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_with_stacks(cmd: list[str], timeout_s: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run, but a hang ends with the child's Python stacks in the AssertionError."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = child.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGUSR1)  # the loader registers faulthandler on it: all threads' stacks
+        time.sleep(2)
+        child.kill()
+        out, err = child.communicate()
+        raise AssertionError(f"{' '.join(cmd[:4])}... still running after {timeout_s} s; its stacks:\n{err[-20000:]}")
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
 
 
 def our_leftovers() -> list[str]:
@@ -65,13 +85,6 @@ def our_leftovers() -> list[str]:
     shm = [f"{SHM_DIR}/{n}" for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIX)]
     socks = [str(p) for p in socket_dir().iterdir()]
     return shm + socks
-
-
-@pytest.fixture
-def no_leaks():
-    before = set(our_leftovers())
-    yield
-    assert set(our_leftovers()) - before == set(), "shared memory or socket files left behind"
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -3,7 +3,7 @@ product): ``python faulty_loader.py MODE -- <loader args>``.
 
 MODE kill-after-2: SIGKILL itself after sending the second bucket, once the first was loaded.
 MODE stall-before-buckets: after the server mapped the buffers, sleep instead of filling the first bucket.
-MODE stall-after-first-bucket: send the first bucket (the server writes it into the model), then sleep.
+MODE stall-after-first-bucket: send the first bucket, wait until the server loaded it, say so on stdout, sleep.
 MODE corrupt-digests: with --verify, announce wrong digests (as if the bytes changed on the way).
 Runs with --transfer copy unless the arguments name a transfer mode.
 """
@@ -26,6 +26,8 @@ if mode in ("kill-after-2", "stall-after-first-bucket"):
     def send_bucket(self, seq, bucket, digests, times, **kw):
         original_send(self, seq, bucket, digests, times, **kw)
         if mode == "stall-after-first-bucket":
+            self._wait_reply(self._in_flight.popleft(), "load a bucket")  # the server wrote it into the model
+            print(f"stalled after bucket {seq} was loaded", flush=True)
             time.sleep(3600)
         if seq == 1:
             # die once the server has certainly written bucket 0 (ZeroMQ sends are asynchronous: without this

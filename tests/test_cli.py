@@ -1,5 +1,6 @@
 """Unit tests: loader CLI parsing, CPU environment, metas files; and the CLI's errors without a server."""
 
+import json
 import subprocess
 import sys
 
@@ -49,13 +50,56 @@ def test_bad_arguments_exit_2(argv, capsys):
 
 
 def test_metas_round_trip_and_rejects_other_json(tmp_path):
-    shards = [[tensor("a", 10)], [tensor("b", 20), tensor("c", 5)]]
-    save_metas(tmp_path / "m.json", "ck", shards)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "f.safetensors").write_bytes(b"\0" * 64)
+    file = str(ckpt / "f.safetensors")
+    shards = [[tensor("a", 10, file)], [tensor("b", 20, file, 10), tensor("c", 5, file, 30)]]
+    save_metas(tmp_path / "m.json", "ck", shards, ckpt)
     name, loaded = load_metas(tmp_path / "m.json")
     assert name == "ck" and loaded == shards
+    assert json.loads((tmp_path / "m.json").read_text())["tensors"][0]["file"] == "f.safetensors"  # relative
     (tmp_path / "x.json").write_text('{"tensors": []}')
     with pytest.raises(CheckpointError, match="not a metas file"):
         load_metas(tmp_path / "x.json")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("file", "../outside.safetensors", "outside the checkpoint directory"),
+    ("file", "/etc/passwd", "outside the checkpoint directory"),
+    ("file_offset", 60, "does not fit"),
+    ("nbytes", 7, "does not fit"),
+])  # fmt: skip
+def test_metas_entries_must_stay_inside_the_checkpoint_and_its_files(tmp_path, field, value, match):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "f.safetensors").write_bytes(b"\0" * 64)
+    (tmp_path / "outside.safetensors").write_bytes(b"\0" * 64)
+    save_metas(tmp_path / "m.json", "ck", [[tensor("a", 10, str(ckpt / "f.safetensors"))]], ckpt)
+    doc = json.loads((tmp_path / "m.json").read_text())
+    doc["tensors"][0][field] = value
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=match):
+        load_metas(tmp_path / "m.json")
+
+
+def test_index_entries_must_stay_inside_the_checkpoint(tmp_path):
+    from sglang_ckpt_plugin.loader.checkpoint import discover_files
+
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("../outside.safetensors", str(tmp_path / "outside.safetensors")):
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+        with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+            discover_files(ckpt)
+
+
+def test_api_key_never_reaches_a_child_command_line():
+    from sglang_ckpt_plugin.loader.cli import without_api_key
+
+    assert without_api_key(["--api-key", "s3cret", "--quiet", "--api-key=s3cret", "--endpoint", "x"]) == [
+        "--quiet", "--endpoint", "x"]
 
 
 def test_cpu_environment_puts_stub_first_and_binds_cores():

@@ -14,7 +14,7 @@ import pytest
 
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 
-from .conftest import NEW_TOKENS, PROMPT, hf_reference, our_leftovers, push
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push
 
 pytestmark = pytest.mark.slow
 FAULTY = Path(__file__).with_name("faulty_loader.py")
@@ -52,10 +52,10 @@ def server(llama_a, tmp_path_factory):
 
 
 def assert_serving(url: str, ckpt: Path, version: str) -> None:
-    result = generate_ids(url, PROMPT, NEW_TOKENS)
-    assert result["output_ids"] == hf_reference(str(ckpt))
-    assert result["meta_info"]["weight_version"] == version
+    """Complete, on ``version``, and exactly ``ckpt`` by SGLang's own evidence (checksums, greedy output)."""
     assert info(url)["ckpt_plugin"]["weights_state"] == "complete"
+    assert generate_ids(url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == version
+    assert_serves(url, ckpt)
 
 
 def test_bad_checkpoint_changes_nothing(server, llama_a, tmp_path):
@@ -78,7 +78,7 @@ def test_second_update_while_one_runs_gets_409_and_nothing_changes(server, llama
     # the server notices the vanished loader at once; nothing had been written, so it keeps serving a-1
     wait_for(lambda: not info(server.url)["ckpt_plugin"]["update_in_progress"], timeout_s=20)
     last = info(server.url)["ckpt_plugin"]["last_update"]
-    assert last["success"] is False and "before any weight was changed" in last["message"]
+    assert last["outcome"] == "failed" and "disconnected" in last["message"]
     assert set(our_leftovers()) - before == set()
     assert_serving(server.url, llama_a, "a-1")
 
@@ -93,7 +93,8 @@ def test_loader_killed_mid_update_closes_the_server_until_a_complete_push(server
     assert noticed_at - killed_at < 10, "the server must notice a dead loader quickly, not at its idle timeout"
     doc = info(server.url)
     assert doc["weights_loaded"] is False and doc["weight_version"] == "a-1"
-    assert doc["ckpt_plugin"]["last_update"]["success"] is False
+    assert doc["ckpt_plugin"]["last_update"]["outcome"] == "incomplete"
+    assert doc["ckpt_plugin"]["missing_count"] == 15  # the whole update must be written again
     resp = httpx.post(f"{server.url}/generate", json={"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2}})
     assert resp.status_code == 503 and "incomplete" in resp.json()["message"]
     assert httpx.get(f"{server.url}/health").status_code == 503
@@ -103,31 +104,45 @@ def test_loader_killed_mid_update_closes_the_server_until_a_complete_push(server
     assert_serving(server.url, llama_b, "b-1")
 
 
-def test_request_queued_during_a_failing_update_is_not_computed_on_mixed_weights(server, llama_a, llama_b):
-    """A request admitted while weights were complete waits on SGLang's model-update lock; the update then
-    fails part-way. The scheduler-side guard must refuse it rather than run it on half-new weights."""
+def _send_raw_generate(url: str) -> "socket.socket":
+    """Send a complete /generate request and return the connection (the answer is read later): when this
+    returns, the request bytes have left this process."""
+    import json
+    import socket
+    from urllib.parse import urlparse
+
+    body = json.dumps({"input_ids": PROMPT, "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0.0}})
+    u = urlparse(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=120)
+    sock.sendall((f"POST /generate HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode())  # fmt: skip
+    return sock
+
+
+def _read_raw_response(sock) -> tuple[int, str]:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode(errors="replace")
+
+
+def test_request_queued_during_a_failing_update_is_refused_by_the_scheduler_guard(server, llama_a, llama_b):
+    """A request admitted while the weights were complete waits on SGLang's model-update lock; the update then
+    fails part-way. The scheduler-side guard (not the HTTP gate) must refuse it: status 500 with the guard's
+    own words, never a 200 computed on half-new weights."""
+    from sglang_ckpt_plugin.server.tp_worker import INCOMPLETE_REFUSAL
+
     push(server.url, llama_a, "--weight-version", "a-2")
     stalled = faulty("stall-after-first-bucket", server.url, llama_b, "--weight-version", "b-partial")
-    wait_for(lambda: info(server.url)["ckpt_plugin"]["update_in_progress"])
-    time.sleep(1.0)  # the first bucket is in the model now
-    result = {}
-
-    def client():
-        body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0.0}}
-        result["resp"] = httpx.post(f"{server.url}/generate", json=body, timeout=120)
-
-    import threading
-
-    t = threading.Thread(target=client)
-    t.start()
-    time.sleep(1.0)  # the request is past the HTTP gate, queued behind the update
-    assert t.is_alive()
+    assert stalled.stdout.readline().startswith("stalled after bucket 0"), "the first bucket was not loaded"
+    sock = _send_raw_generate(server.url)  # past the HTTP gate (still open), queued behind the update
+    time.sleep(0.5)  # let the server read it off the socket: the kill below must not overtake it
     stalled.send_signal(signal.SIGKILL)
     stalled.wait(timeout=30)
-    t.join(timeout=60)
-    resp = result["resp"]
-    assert resp.status_code != 200, f"a request ran on partly-updated weights: {resp.text[:300]}"
-    assert "failed part-way" in resp.text
+    status, body = _read_raw_response(sock)
+    assert status == 500 and INCOMPLETE_REFUSAL[:60] in body, (status, body[:300])
     assert info(server.url)["ckpt_plugin"]["weights_state"] == "incomplete"
     push(server.url, llama_a, "--weight-version", "a-3")
     assert_serving(server.url, llama_a, "a-3")
@@ -135,10 +150,15 @@ def test_request_queued_during_a_failing_update_is_not_computed_on_mixed_weights
 
 def test_clients_never_see_mixed_weights_while_updates_alternate(server, llama_a, llama_b):
     """Generate continuously while updates alternate between two checkpoints: each response's tokens must equal
-    HF's greedy output for the checkpoint its meta_info.weight_version names."""
+    SGLang's own output for the checkpoint its meta_info.weight_version names (references taken first, on this
+    server, from SGLang's disk reload of each checkpoint)."""
     import threading
 
-    expected = {"A": hf_reference(str(llama_a)), "B": hf_reference(str(llama_b))}
+    expected = {}
+    for name, ckpt in (("A", llama_a), ("B", llama_b)):
+        push(server.url, ckpt, "--weight-version", f"{name}-ref")
+        expected[name] = assert_serves(server.url, ckpt).disk_ids
+    assert expected["A"] != expected["B"]
     stop = threading.Event()
     seen: list[tuple[str, list[int]]] = []
     errors: list[str] = []
@@ -192,8 +212,9 @@ def _variant(src: Path, dst: Path, edit) -> Path:
         ("unknown", lambda t: {**t, "model.layers.0.mlp.extra_proj.weight": t["model.norm.weight"].clone()},
          "model.layers.0.mlp.extra_proj.weight"),
         ("shape", lambda t: {**t, "model.norm.weight": t["model.norm.weight"][:32].clone()}, "shape mismatch"),
+        ("marker", lambda t: {**t, "[weights incomplete]": t["model.norm.weight"].clone()}, "[weights incomplete]"),
     ],
-    ids=["missing", "unknown", "shape"],
+    ids=["missing", "unknown", "shape", "marker-name"],
 )  # fmt: skip
 def test_update_that_does_not_fit_the_model_is_rejected_before_writing(server, llama_a, tmp_path, case, edit, message):
     push(server.url, llama_a, "--weight-version", "a-before")
@@ -206,11 +227,19 @@ def test_update_that_does_not_fit_the_model_is_rejected_before_writing(server, l
     assert_serving(server.url, llama_a, "a-before")  # same outputs, same version, still complete
 
 
-def test_explicit_partial_update_is_accepted(server, llama_a, llama_b, tmp_path):
+def test_explicit_partial_update_changes_exactly_what_it_names(server, llama_a, llama_b, tmp_path):
+    from sglang_ckpt_plugin.demo.evidence import parameter_checksums
+
     only_norm = _variant(llama_b, tmp_path / "norm_only", lambda t: {"model.norm.weight": t["model.norm.weight"]})
-    assert push(server.url, only_norm, "--weight-version", "partial", check=False).returncode == 1
+    push(server.url, llama_b, "--weight-version", "b-all")
+    b = parameter_checksums(server.url)
+    push(server.url, llama_a, "--weight-version", "a-all")
+    a = parameter_checksums(server.url)
+    assert push(server.url, only_norm, "--weight-version", "partial", check=False).returncode == 1  # needs --partial
+    assert parameter_checksums(server.url) == a
     push(server.url, only_norm, "--weight-version", "a-with-b-norm", "--partial")
-    assert info(server.url)["ckpt_plugin"]["weights_state"] == "complete"
+    assert parameter_checksums(server.url) == {**a, "model.norm.weight": b["model.norm.weight"]}
+    assert info(server.url)["ckpt_plugin"]["weights_state"] == "complete"  # every parameter holds real weights
     push(server.url, llama_a, "--weight-version", "a-after")
     assert_serving(server.url, llama_a, "a-after")
 
@@ -225,6 +254,7 @@ def test_silent_loader_fails_the_update_after_the_idle_timeout(server, llama_a, 
         assert IDLE_TIMEOUT_S - 2 <= ended - started <= IDLE_TIMEOUT_S + 15
         doc = info(server.url)
         assert "went quiet" in doc["ckpt_plugin"]["last_update"]["message"]
+        assert doc["ckpt_plugin"]["last_update"]["outcome"] == "incomplete"
         assert doc["ckpt_plugin"]["weights_state"] == "incomplete"  # its first bucket had been loaded
     finally:
         silent.kill()

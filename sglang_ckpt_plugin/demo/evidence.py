@@ -68,6 +68,13 @@ def checksum(url: str, headers: dict | None = None) -> str:
     return resp.json()["per_engine_checksum"]
 
 
+def parameter_checksums(url: str, headers: dict | None = None) -> dict[str, str]:
+    """SGLang's hash of each served parameter (TP rank 0's shard)."""
+    resp = httpx.post(f"{url}/weights_checker", json={"action": "checksum"}, headers=headers, timeout=120)
+    resp.raise_for_status()
+    return resp.json()["ranks"][0]["checksums"]
+
+
 def reload_from_disk(url: str, checkpoint: str | Path, headers: dict | None = None) -> None:
     """SGLang's own ``/update_weights_from_disk`` of ``checkpoint``, keeping the served weight_version."""
     version = httpx.get(f"{url}/model_info", headers=headers, timeout=30).json().get("weight_version")

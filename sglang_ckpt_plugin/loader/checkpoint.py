@@ -53,6 +53,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def inside(root: Path, name: str, what: str) -> str:
+    """``root / name`` if that is a file inside ``root`` (no ``..``, no absolute path, no symlink out of it)."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{what}: file name {name!r} is not a relative path")
+    path = (root / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(root.resolve()):
+        raise CheckpointError(f"{what} names {name!r}, outside the checkpoint directory {str(root)!r}; refusing it")
+    return str(path)
+
+
 def discover_files(checkpoint_path: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint: the index's files if there is one, else every *.safetensors."""
     root = Path(checkpoint_path)
@@ -68,7 +78,7 @@ def discover_files(checkpoint_path: str | Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
-        files = sorted({root / name for name in weight_map.values()})
+        files = sorted({Path(inside(root, name, what=f"{index}")) for name in weight_map.values()})
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{index} names files that do not exist: {missing[:3]}; re-copy the checkpoint")

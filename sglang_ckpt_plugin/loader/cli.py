@@ -7,10 +7,14 @@ Options follow SGLang's checkpoint-engine entry point (``sglang.srt.checkpoint_e
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 
 MiB = 1 << 20
+API_KEY_ENV = "SGLANG_CKPT_API_KEY"
+WATCHDOG_GRACE_S = 30.0
 
 
 def parse_size(text: str) -> int:
@@ -44,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-metas-file", help="write the read plan (tensors, owners) as JSON for a later join")
     p.add_argument("--load-metas-file", help="use a plan written by --save-metas-file instead of re-reading headers")
     p.add_argument("--uds", help="reach the server over this Unix socket instead of TCP")
-    p.add_argument("--api-key", default=os.environ.get("SGLANG_CKPT_API_KEY"),
-                   help="bearer token for a server started with --admin-api-key / --api-key "
-                        "(default: $SGLANG_CKPT_API_KEY)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help="bearer token for a server started with --admin-api-key / --api-key; prefer setting "
+                        "$SGLANG_CKPT_API_KEY (a command line is visible to every user of the machine)")
     p.add_argument("--weight-version", help="version string the server reports after this update")
     p.add_argument("--sleep-time", type=float, default=0.0, help="seconds to sleep after the update before exiting")
     p.add_argument("--bucket-size", type=parse_size, default=0, help="bytes per bucket, e.g. 256M; default auto")
@@ -57,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where buffers live: cpu = shared memory, cuda = CUDA IPC; auto = cuda if available")
     p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds to wait for the server (to start, to answer each step) before failing")
+                   help="hard ceiling in seconds for the whole run (waiting for the server included); past it the "
+                        "loader prints every thread's stack and exits 1")
     p.add_argument("--verify", action="store_true",
                    help="send xxh3 digests of every tensor; the server checks them before loading and both sides "
                         "print the checkpoint fingerprint")
@@ -85,16 +90,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
+def without_api_key(argv: list[str]) -> list[str]:
+    """``argv`` minus ``--api-key X`` / ``--api-key=X``: the key reaches child processes through the
+    environment (SGLANG_CKPT_API_KEY), never their command line (which every user of the machine can read)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--api-key":
+            skip = True
+        elif not arg.startswith("--api-key="):
+            out.append(arg)
+    return out
+
+
+def relaunch_under_torchrun(nproc: int, argv: list[str], api_key: str | None) -> None:
     """Replace this process with ``torchrun --nproc-per-node N -m sglang_ckpt_plugin.update <same args>``
     on this node (the rendezvous listens on 127.0.0.1). Multi-node runs call torchrun themselves."""
     from .http import free_port
 
+    if api_key:
+        os.environ[API_KEY_ENV] = api_key
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "sglang_ckpt_plugin.update", *argv]  # fmt: skip
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "sglang_ckpt_plugin.update",
+           *without_api_key(argv)]  # fmt: skip
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
+
+
+def install_watchdog(timeout_s: float) -> None:
+    """``--timeout`` is a hard ceiling for the whole process: past it (plus a grace for clean-up), every
+    thread's stack is printed to stderr and the process exits 1. SIGUSR1 prints the stacks at any time."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    faulthandler.dump_traceback_later(timeout_s + WATCHDOG_GRACE_S, exit=True)
 
 
 def check_server_tp(args: argparse.Namespace) -> str | None:
@@ -113,12 +142,13 @@ def check_server_tp(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    install_watchdog(args.timeout)
     if args.inference_parallel_size > 1 and "RANK" not in os.environ:
         error = check_server_tp(args)  # before starting N processes: a clear message, no torchrun noise
         if error:
             print(f"[sglang-ckpt] error: {error}", file=sys.stderr)
             return 1
-        relaunch_under_torchrun(args.inference_parallel_size, argv)
+        relaunch_under_torchrun(args.inference_parallel_size, argv, args.api_key)
     from .run import run_update  # heavy imports (torch) after argument errors
 
     return run_update(args)

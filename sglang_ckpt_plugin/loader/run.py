@@ -164,7 +164,7 @@ class Update:
     def plan(self):
         args, world = self.args, self.world
         if args.load_metas_file:
-            self.checkpoint_name, shards = load_metas(args.load_metas_file)
+            self.checkpoint_name, shards = load_metas(args.load_metas_file, args.checkpoint_path)
             if len(shards) != world.world_size:
                 raise ValueError(f"{args.load_metas_file} was written by {len(shards)} loader ranks, this run has "
                                  f"{world.world_size}; use as many ranks or re-plan with --checkpoint-path")  # fmt: skip
@@ -172,7 +172,7 @@ class Update:
             self.checkpoint_name = args.checkpoint_name
             shards = shard_by_bytes(read_checkpoint(args.checkpoint_path), world.world_size)
         if args.save_metas_file and world.rank == 0:
-            save_metas(args.save_metas_file, self.checkpoint_name, shards)
+            save_metas(args.save_metas_file, self.checkpoint_name, shards, args.checkpoint_path)
         steps, bucket_bytes = plan_world(shards, args.bucket_size, self.memory_budget)
         tensors = [t for shard in shards for t in shard]
         self.mapped = self.choose_page_cache_mode(tensors)
