@@ -5,6 +5,8 @@ MODE kill-after-2: SIGKILL itself after sending the second bucket, once the firs
 MODE stall-before-buckets: after the server mapped the buffers, sleep instead of filling the first bucket.
 MODE stall-after-first-bucket: send the first bucket, wait until the server loaded it, say so on stdout, sleep.
 MODE corrupt-digests: with --verify, announce wrong digests (as if the bytes changed on the way).
+MODE corrupt-rank1-after-first: under torchrun, loader rank 1 announces wrong digests from its second bucket on
+(its TP rank loads bucket 0, then refuses bucket 1; rank 0 alone would have succeeded).
 Runs with --transfer copy unless the arguments name a transfer mode.
 """
 
@@ -41,6 +43,13 @@ elif mode == "corrupt-digests":
 
     def send_bucket(self, seq, bucket, digests, times, **kw):
         original_send(self, seq, bucket, [d ^ 1 for d in digests], times, **kw)
+
+    push.RankFeeder.send_bucket = send_bucket
+elif mode == "corrupt-rank1-after-first":
+
+    def send_bucket(self, seq, bucket, digests, times, **kw):
+        bad = os.environ.get("RANK") == "1" and seq >= 1
+        original_send(self, seq, bucket, [d ^ 1 for d in digests] if bad else digests, times, **kw)
 
     push.RankFeeder.send_bucket = send_bucket
 elif mode == "stall-before-buckets":

@@ -7,7 +7,7 @@ import pytest
 
 from sglang_ckpt_plugin.demo.launch import SGLangServer
 
-from .conftest import NEW_TOKENS, PROMPT, hf_reference, push
+from .conftest import assert_serves, push
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,35 @@ def test_admin_api_key_is_required_for_the_push(llama_a, tmp_path):
         no_key = push(srv.url, llama_a, check=False)
         assert no_key.returncode == 1 and "--api-key" in no_key.stderr
         push(srv.url, llama_a, "--api-key", "s3cret")
-        resp = httpx.post(f"{srv.url}/generate", timeout=60,
-                          json={"input_ids": PROMPT, "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0}})  # fmt: skip
-        assert resp.json()["output_ids"] == hf_reference(str(llama_a))
+        assert_serves(srv.url, llama_a, headers={"Authorization": "Bearer s3cret"})
+
+
+def test_api_key_travels_to_torchrun_ranks_by_environment(llama_a, tmp_path):
+    """Two loader ranks (torchrun) against a keyed TP=2 server, key given only in the environment: the ranks
+    authenticate, and no process's command line carries the key."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    with SGLangServer(llama_a, tmp_path / "apikey2.log", tp_size=2, extra_args=["--admin-api-key", "s3cret"]) as srv:
+        srv.wait_listening()
+        env = {**os.environ, "SGLANG_CKPT_API_KEY": "s3cret"}
+        loader = subprocess.Popen([sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(llama_a),
+                                   "--endpoint", srv.url, "--inference-parallel-size", "2", "--quiet", "--timeout", "120",
+                                   "--sleep-time", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)  # fmt: skip
+        cmdlines = []
+        while loader.poll() is None:
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        cmdlines.append(open(f"/proc/{entry}/cmdline", "rb").read())
+                    except OSError:
+                        pass
+            time.sleep(0.2)
+        out, err = loader.communicate()
+        assert loader.returncode == 0, err[-3000:]
+        assert not any(b"s3cret" in c and b"sglang_ckpt_plugin.update" in c for c in cmdlines)
+        assert any(b"torch.distributed.run" in c and b"sglang_ckpt_plugin.update" in c for c in cmdlines)
+        assert_serves(srv.url, llama_a, headers={"Authorization": "Bearer s3cret"})

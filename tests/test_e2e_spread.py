@@ -10,7 +10,7 @@ import pytest
 
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
 
-from .conftest import NEW_TOKENS, PROMPT, hf_reference
+from .conftest import NEW_TOKENS, PROMPT, assert_serves
 from .test_e2e_multinode import run_two_nodes
 from .test_e2e_tp2 import bytes_per_rank
 
@@ -46,6 +46,5 @@ def test_loader_over_two_nodes_feeds_a_server_over_two_nodes(spread_server, llam
     for b in read:
         assert 0.4 <= b / sum(read) <= 0.6, read
     spread_server[0].wait_healthy(timeout_s=120)
-    result = generate_ids(spread_server[0].url, PROMPT, NEW_TOKENS)
-    assert result["output_ids"] == hf_reference(str(llama_a))
-    assert result["meta_info"]["weight_version"] == "a-spread"
+    assert generate_ids(spread_server[0].url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-spread"
+    assert_serves(spread_server[0].url, llama_a)

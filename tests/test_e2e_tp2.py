@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import httpx
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 from sglang_ckpt_plugin.trainer import ServerError, TrainerPush
 
-from .conftest import NEW_TOKENS, PROMPT, hf_reference, our_leftovers, push
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push, run_with_stacks
 
 pytestmark = pytest.mark.slow
 
@@ -47,11 +48,52 @@ def test_trainer_push_over_the_distributed_group_opens_the_gate(server, llama_b)
         with pytest.raises(ServerError, match="not_a_weight"):
             trainer.push([("model.not_a_weight", torch.zeros(3))], weight_version="trainer-bad")
     server.wait_healthy(timeout_s=120)
-    result = generate_ids(server.url, PROMPT, NEW_TOKENS)
-    assert result["output_ids"] == hf_reference(str(llama_b))
-    assert result["meta_info"]["weight_version"] == "trainer-1"
+    assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "trainer-1"
     info = httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]
     assert info["weights_state"] == "complete" and info["tp_size"] == 2
+    assert info["last_update"]["source"] == "trainer"
+    assert_serves(server.url, llama_b)
+
+
+def test_trainer_session_holds_generation_until_it_ends(server, llama_a):
+    """A request sent in the middle of a session waits for its end, then runs on the session's weights: its
+    version is the session's and its tokens are SGLang's own for that checkpoint (never a mix)."""
+    import threading
+    import time
+
+    from sglang_ckpt_plugin.trainer import pack_buckets
+
+    result = {}
+    with TrainerPush(server.url, bucket_bytes=300_000, timeout_s=120) as trainer:
+        buckets = list(pack_buckets(checkpoint_tensors(llama_a).items(), 300_000))
+        assert len(buckets) >= 3
+        trainer.client.post("/begin_weight_update", {})
+        trainer._push_bucket(buckets[0], None, False)
+        client = threading.Thread(target=lambda: result.update(generate_ids(server.url, PROMPT, NEW_TOKENS)))
+        client.start()
+        time.sleep(1.0)  # the request is in (a request arriving later would only make this test weaker)
+        for bucket in buckets[1:-1]:
+            trainer._push_bucket(bucket, None, False)
+        trainer._push_bucket(buckets[-1], "held-a", True)
+        assert "output_ids" not in result, "a request ran while the session was open"
+        trainer.client.post("/end_weight_update", {})
+    client.join(timeout=120)
+    assert result["meta_info"]["weight_version"] == "held-a"
+    assert result["output_ids"] == assert_serves(server.url, llama_a).disk_ids
+
+
+def test_trainer_bucket_refused_after_loaded_ones_makes_the_weights_incomplete(server, llama_a, llama_b):
+    tensors = list(checkpoint_tensors(llama_b).items()) + [("model.not_a_weight", torch.zeros(3))]
+    with TrainerPush(server.url, bucket_bytes=300_000, timeout_s=120) as trainer:
+        with pytest.raises(ServerError, match="part-way"):
+            trainer.push(tensors, weight_version="mixed")
+        info = httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]
+        assert info["weights_state"] == "incomplete" and info["last_update"]["outcome"] == "incomplete"
+        resp = httpx.post(f"{server.url}/generate", json={"input_ids": PROMPT}, timeout=30)
+        assert resp.status_code == 503 and "incomplete" in resp.json()["message"]
+        trainer.push(checkpoint_tensors(llama_a).items(), weight_version="trainer-a")  # a complete session heals it
+    assert httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["weights_state"] == "complete"
+    assert_serves(server.url, llama_a)
 
 
 def test_two_loader_ranks_broadcast_into_tp2(server, llama_a):
@@ -63,11 +105,10 @@ def test_two_loader_ranks_broadcast_into_tp2(server, llama_a):
     assert len(read) == 2
     for b in read:
         assert 0.4 <= b / sum(read) <= 0.6, read
-    result = generate_ids(server.url, PROMPT, NEW_TOKENS)
-    assert result["output_ids"] == hf_reference(str(llama_a))
-    assert result["meta_info"]["weight_version"] == "a-tp2"
+    assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
     fingerprint = out.stdout.split("fingerprint=")[1].split()[0]
     assert httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["fingerprint"] == fingerprint
+    assert_serves(server.url, llama_a)
 
 
 def test_one_loader_rank_for_a_tp2_server_is_refused(server, llama_b):
@@ -87,9 +128,34 @@ def test_two_rank_update_rejected_by_the_server_fails_on_every_rank_and_changes_
     # each TP rank refused at hello, before any write; each loader rank reports its rank's reason
     assert out.stderr.count("[sglang-ckpt] error:") == 2 and "extra_proj" in out.stderr, out.stderr[-3000:]
     assert set(our_leftovers()) - before == set()
-    result = generate_ids(server.url, PROMPT, NEW_TOKENS)
-    assert result["output_ids"] == hf_reference(str(llama_a)) and result["meta_info"]["weight_version"] == "a-tp2"
+    assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
     assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
+    assert_serves(server.url, llama_a)
+
+
+def test_tp_ranks_that_disagree_all_record_the_failure(server, llama_a, llama_b):
+    """TP rank 0 would succeed; TP rank 1 loads a bucket, then refuses the next (bad digests). The ranks agree:
+    the update fails on both, both hold a mix, so the server is incomplete (gate and guard) until a full push."""
+    import sys
+    from pathlib import Path
+
+    from sglang_ckpt_plugin.demo.launch import free_port
+
+    before = set(our_leftovers())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           str(Path(__file__).with_name("faulty_loader.py")), "corrupt-rank1-after-first", "--",
+           "--checkpoint-path", str(llama_b), "--endpoint", server.url, "--inference-parallel-size", "2",
+           "--quiet", "--timeout", "120", "--verify", "--bucket-size", "300K", "--weight-version", "split"]  # fmt: skip
+    out = run_with_stacks(cmd, 300)
+    assert out.returncode != 0 and "[sglang-ckpt] error:" in out.stderr, out.stderr[-3000:]
+    assert set(our_leftovers()) - before == set()
+    info = httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]
+    assert info["weights_state"] == "incomplete" and info["last_update"]["outcome"] == "incomplete"
+    resp = httpx.post(f"{server.url}/generate", json={"input_ids": PROMPT}, timeout=30)
+    assert resp.status_code == 503
+    push(server.url, llama_a, "--inference-parallel-size", "2", "--weight-version", "a-tp2")
+    assert_serves(server.url, llama_a)
 
 
 def test_local_push_from_trainer_memory_into_both_tp_ranks_reuses_its_buffers(server, llama_a, llama_b):
@@ -99,10 +165,15 @@ def test_local_push_from_trainer_memory_into_both_tp_ranks_reuses_its_buffers(se
     with LocalPush(server.url, bucket_bytes=300_000) as pusher:
         stats = pusher.push(checkpoint_tensors(llama_b).items(), weight_version="local-b")
         assert stats.buckets >= 2 and stats.tensors == 21
-        buffers = list(pusher.buffers)
-        assert generate_ids(server.url, PROMPT, NEW_TOKENS)["output_ids"] == hf_reference(str(llama_b))
+        inodes = [os.fstat(b.fd).st_ino for b in pusher.buffers]  # the unnamed shared-memory files themselves
+        assert_serves(server.url, llama_b)
         pusher.push(checkpoint_tensors(llama_a).items(), weight_version="local-a")
-        assert pusher.buffers == buffers  # the same shared memory served the second update
-    assert set(our_leftovers()) - before == set()  # unnamed buffers: nothing in /dev/shm at any time
-    result = generate_ids(server.url, PROMPT, NEW_TOKENS)
-    assert result["output_ids"] == hf_reference(str(llama_a)) and result["meta_info"]["weight_version"] == "local-a"
+        assert [os.fstat(b.fd).st_ino for b in pusher.buffers] == inodes  # the same memory served the second update
+        fds = [b.fd for b in pusher.buffers]
+    # unnamed buffers: nothing in /dev/shm at any time, and closing the pusher closed them
+    assert set(our_leftovers()) - before == set()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "local-a"
+    assert_serves(server.url, llama_a)

@@ -163,12 +163,22 @@ class RankFeeder:
         try:
             self.channel.send(bucket_message(seq, buffer, bucket, digests))
         except (TimeoutError, PeerGone):
-            # the rank ended the update (its reason comes with the HTTP answer, which callers prefer)
-            raise PushError("the server's rank stopped taking buckets (it failed the update; see its answer)") from None
+            # the rank ended the update; its last words, if they arrived, say why (so does the HTTP answer)
+            raise PushError(f"the server's rank stopped taking buckets: {self._last_error()}") from None
         self._in_flight.append(seq)
         times.bytes += bucket.payload_bytes
         times.buckets += 1
         self.on_bucket(bucket)
+
+    def _last_error(self) -> str:
+        """The error reply the rank sent before it went away, if one is waiting on the socket."""
+        try:
+            while True:
+                msg = self.channel.recv(timeout_s=0.2)
+                if isinstance(msg, Reply) and not msg.ok:
+                    return msg.error
+        except (TimeoutError, PeerGone, ValueError):
+            return "it failed the update (see the server's answer)"
 
     def finish(self, num_buckets: int, times: StageTimes) -> None:
         """Wait for the last buckets, then for the server's post-processing."""
