@@ -23,6 +23,14 @@ def main(model_path: str) -> None:
                            device="cpu", max_total_tokens=4096, log_level="error")  # fmt: skip
     try:
         print(json.dumps({"step": "before", **attempt(engine)}), flush=True)
+        # SGLang's tensor path, inside a session: one parameter written is not a complete model
+        from safetensors.torch import load_file
+
+        tensors = load_file(f"{model_path}/model.safetensors")
+        engine.begin_weight_update()
+        engine.update_weights_from_tensor([("model.norm.weight", tensors["model.norm.weight"])])
+        engine.end_weight_update()
+        print(json.dumps({"step": "tensor-partial", **attempt(engine)}), flush=True)
         ok, message = engine.update_weights_from_disk(model_path, load_format="auto")[:2]
         print(json.dumps({"step": "reload", "ok": ok, "message": message}), flush=True)
         print(json.dumps({"step": "after", **attempt(engine)}), flush=True)

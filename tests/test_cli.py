@@ -129,3 +129,22 @@ def test_cli_missing_checkpoint_exits_nonzero_with_advice():
 def test_cli_unreachable_server(tmp_path, llama_a):
     proc = run_cli("--checkpoint-path", str(llama_a), "--endpoint", "http://127.0.0.1:9", "--timeout", "2")
     assert proc.returncode == 1 and "not reachable" in proc.stderr
+
+
+HANG = "from sglang_ckpt_plugin.loader.cli import install_watchdog; install_watchdog({}, {}); import time; time.sleep(60)"
+
+
+def test_timeout_is_a_hard_ceiling_that_shows_where_the_loader_hung():
+    import time
+
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", HANG.format(0.5, 0.5)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 30
+    assert "Timeout (0:00:01)!" in proc.stderr and 'File "<string>", line 1' in proc.stderr  # where it hung
+
+
+def test_a_hung_child_dumps_its_stacks_before_the_test_kills_it():
+    from .conftest import run_with_stacks
+
+    with pytest.raises(AssertionError, match=r"still running after 3 s; its stacks:(.|\n)*File \"<string>\", line 1"):
+        run_with_stacks([sys.executable, "-c", HANG.format(600, 0)], 3)

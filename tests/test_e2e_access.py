@@ -27,6 +27,10 @@ def test_admin_api_key_is_required_for_the_push(llama_a, tmp_path):
         srv.wait_listening()
         body = {"zmq_handles": {"cpu-tp0": "ipc:///nowhere.sock"}}
         assert httpx.post(f"{srv.url}/update_weights_from_ipc", json=body).status_code == 401
+        # routes the plugin wraps keep SGLang's auth level (SGLang's tensor route unpickles its body)
+        for path in ("/update_weights_from_tensor", "/begin_weight_update", "/end_weight_update",
+                     "/update_weights_from_disk", "/weights_checker"):
+            assert httpx.post(f"{srv.url}{path}", json={}).status_code == 401, path
         no_key = push(srv.url, llama_a, check=False)
         assert no_key.returncode == 1 and "--api-key" in no_key.stderr
         push(srv.url, llama_a, "--api-key", "s3cret")

@@ -13,7 +13,7 @@ from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push
 pytestmark = pytest.mark.slow
 
 
-def test_qwen3_under_sglang_flag_name_equals_hf(qwen3_a, tmp_path):
+def test_qwen3_under_sglang_flag_name_serves_the_checkpoint(qwen3_a, tmp_path):
     with SGLangServer(qwen3_a, tmp_path / "qwen3.log", wait_flag="--checkpoint-engine-wait-weights-before-ready") as srv:
         srv.wait_listening()
         assert httpx.post(f"{srv.url}/generate", json={"text": "w5"}).status_code == 503
@@ -54,5 +54,6 @@ def test_scheduler_guard_starts_closed_without_the_http_gate(llama_a):
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = {d["step"]: d for d in map(json.loads, proc.stdout.splitlines())}
     assert INCOMPLETE_REFUSAL in steps["before"]["error"] and "output_ids" not in steps["before"]
+    assert INCOMPLETE_REFUSAL in steps["tensor-partial"]["error"]  # the tensor path wrote one parameter of 15
     assert steps["reload"]["ok"] is True
     assert len(steps["after"]["output_ids"]) == 4

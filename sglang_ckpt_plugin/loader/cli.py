@@ -119,11 +119,11 @@ def relaunch_under_torchrun(nproc: int, argv: list[str], api_key: str | None) ->
     os.execv(sys.executable, cmd)
 
 
-def install_watchdog(timeout_s: float) -> None:
+def install_watchdog(timeout_s: float, grace_s: float = WATCHDOG_GRACE_S) -> None:
     """``--timeout`` is a hard ceiling for the whole process: past it (plus a grace for clean-up), every
     thread's stack is printed to stderr and the process exits 1. SIGUSR1 prints the stacks at any time."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    faulthandler.dump_traceback_later(timeout_s + WATCHDOG_GRACE_S, exit=True)
+    faulthandler.dump_traceback_later(timeout_s + grace_s, exit=True)
 
 
 def check_server_tp(args: argparse.Namespace) -> str | None:

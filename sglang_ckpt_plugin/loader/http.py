@@ -59,7 +59,11 @@ class UpdateCall:
         self._thread.join(timeout=30)
 
     def join(self) -> None:
-        self._thread.join()
+        """Wait for the server's answer, at most the client's timeout (every wait of the loader is bounded)."""
+        self._thread.join(timeout=self._client.timeout_s)
+        if self._thread.is_alive():
+            raise ServerError(f"{self._path} on {self._client.base_url} did not answer within "
+                              f"{self._client.timeout_s:g} s (--timeout); see the server log")  # fmt: skip
         if self.error is not None:
             raise self.error
 
@@ -83,7 +87,7 @@ class ServerClient:
     def post(self, path: str, body: dict) -> str:
         """POST and return the server's message; ServerError if it failed or refused."""
         try:
-            resp = self.http.post(path, json=body, timeout=None)
+            resp = self.http.post(path, json=body, timeout=httpx.Timeout(self.timeout_s, connect=30.0))
         except httpx.HTTPError as exc:
             raise ServerError(f"{path} on {self.base_url} failed: {exc}") from exc
         data = _json(resp)
