@@ -15,4 +15,5 @@ def test_device_check_runs_on_the_cpu_path(tmp_path):
                            "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| greedy output: push == disk reload | True |" in proc.stdout
+    assert "| /weights_checker checksum: push == disk reload | True |" in proc.stdout
     assert "| SGLang /update_weights_from_disk |" in proc.stdout

@@ -439,3 +439,37 @@ def test_bucket_views_bounds():
     for msg, match in cases:
         with pytest.raises(ProtocolError, match=match):
             bucket_views(msg, buffers)
+
+
+def test_handles_a_rank_cannot_use_are_refused_clearly(tmp_path):
+    from sglang_ckpt_plugin.transport.handles import open_file_range
+    from sglang_ckpt_plugin.transport.messages import CudaIpcHandle, FileHandle, ShmFdHandle
+
+    cuda = CudaIpcHandle(nbytes=8, device_uuid="GPU-x", handle=b"h", storage_size_bytes=8, storage_offset_bytes=0,
+                         ref_counter_handle=b"r", ref_counter_offset=0, event_handle=b"e", event_sync_required=False)  # fmt: skip
+    with pytest.raises(ValueError, match="CUDA IPC buffer was sent to a CPU rank"):
+        open_buffer(cuda, CPU)
+    with pytest.raises(ValueError, match="no descriptor was handed over"):
+        open_buffer(ShmFdHandle(slot=0, nbytes=8), CPU)
+    with pytest.raises(ValueError, match="one byte range at a time"):
+        open_buffer(FileHandle(slot=0, nbytes=8), CPU)
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"\0" * 100)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="refusing file range"):
+            open_file_range(fd, FileHandle(slot=0, nbytes=100), 50, 101)
+        with pytest.raises(ValueError, match="not a regular file of 200 bytes"):
+            open_file_range(fd, FileHandle(slot=0, nbytes=200), 0, 10)  # the loader announced more than there is
+        mapped = open_file_range(fd, FileHandle(slot=0, nbytes=100), 10, 20)
+        assert mapped.base == 0 and mapped.tensor.numel() == 20
+        mapped.close()
+    finally:
+        os.close(fd)
+    buf = ShmBuffer(4096, reusable=True)
+    try:
+        os.fchmod(buf.fd, 0o644)  # readable by others: not ours to trust
+        with pytest.raises(PermissionError, match="0600"):
+            open_buffer(buf.handle(slot=0), CPU, buf.fd)
+    finally:
+        buf.release()
