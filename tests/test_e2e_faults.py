@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +25,19 @@ def faulty(mode: str, url: str, ckpt: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, str(FAULTY), mode, "--", "--checkpoint-path", str(ckpt), "--endpoint", url, "--quiet",
            "--bucket-size", "300K", *extra]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:
+    """Wait for a faulty loader; one still running at the deadline dumps its stacks (SIGUSR1), and the
+    failure shows them."""
+    try:
+        return proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"faulty loader still running after {timeout_s} s; its stacks:\n{err[-20000:]}") from None
 
 
 def info(url: str) -> dict:
@@ -86,7 +99,7 @@ def test_second_update_while_one_runs_gets_409_and_nothing_changes(server, llama
 def test_loader_killed_mid_update_closes_the_server_until_a_complete_push(server, llama_a, llama_b):
     before = set(our_leftovers())
     proc = faulty("kill-after-2", server.url, llama_b, "--weight-version", "b-partial")
-    proc.wait(timeout=120)
+    finish(proc, 120)
     assert proc.returncode == -signal.SIGKILL
     killed_at = time.monotonic()
     noticed_at = wait_for(lambda: info(server.url)["ckpt_plugin"]["weights_state"] == "incomplete", timeout_s=20)
@@ -104,11 +117,10 @@ def test_loader_killed_mid_update_closes_the_server_until_a_complete_push(server
     assert_serving(server.url, llama_b, "b-1")
 
 
-def _send_raw_generate(url: str) -> "socket.socket":
+def _send_raw_generate(url: str) -> socket.socket:
     """Send a complete /generate request and return the connection (the answer is read later): when this
     returns, the request bytes have left this process."""
     import json
-    import socket
     from urllib.parse import urlparse
 
     body = json.dumps({"input_ids": PROMPT, "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0.0}})
@@ -269,7 +281,7 @@ def test_corrupted_bucket_is_refused_before_it_is_loaded(server, llama_a, llama_
     before = set(our_leftovers())
     proc = faulty("corrupt-digests", server.url, llama_b, "--weight-version", "b-corrupt", "--verify",
                   "--transfer", transfer)  # fmt: skip
-    _, err = proc.communicate(timeout=120)
+    _, err = finish(proc, 120)
     assert proc.returncode == 1 and "checksum mismatch" in err
     assert set(our_leftovers()) - before == set()
     assert_serving(server.url, llama_a, "a-c")  # the first bucket was refused: nothing was written

@@ -123,7 +123,7 @@ def _send_ok(channel: Channel, reply: Reply) -> None:
         raise UpdateFailed("the loader stopped taking replies (its process ended?)") from None
 
 
-def hello_timeout_s() -> float:
+def default_hello_timeout_s() -> float:
     return float(os.environ.get(HELLO_TIMEOUT_ENV, DEFAULT_HELLO_TIMEOUT_S))
 
 
@@ -150,7 +150,7 @@ class ReceiveSession:
         self.prepare = prepare  # runs once, just before the first write to the model
         self.validate = validate
         self.idle_timeout_s = idle_timeout_s
-        self.hello_timeout_s = globals()["hello_timeout_s"]() if hello_timeout_s is None else hello_timeout_s
+        self.hello_timeout_s = default_hello_timeout_s() if hello_timeout_s is None else hello_timeout_s
         self.buffers: list[MappedBuffer | None] = []
         self.handles: list = []
         self.fds: list[int] = []
@@ -195,7 +195,6 @@ class ReceiveSession:
         if not isinstance(hello, Hello):
             raise UpdateFailed(f"expected hello, got {type(hello).__name__}")
         try:
-            self.manifest = Manifest(hello)
             self._map(hello)
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a CUDA IPC handle that will not open
             _send_error(channel, -1, str(exc))
@@ -204,6 +203,7 @@ class ReceiveSession:
         try:
             self.coverage = self.validate([(m.name, m.dtype, m.shape) for m in hello.manifest], hello.partial,
                                           hello.allow_unused)  # fmt: skip
+            self.manifest = Manifest(hello)
         except ValueError as exc:
             _send_error(channel, -1, f"update rejected: {exc}")
             raise UpdateRefused(f"update rejected: {exc}") from exc
