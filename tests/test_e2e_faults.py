@@ -83,11 +83,16 @@ def test_bad_checkpoint_changes_nothing(server, llama_a, tmp_path):
 def test_second_update_while_one_runs_gets_409_and_nothing_changes(server, llama_a, llama_b):
     before = set(our_leftovers())
     stalled = faulty("stall-before-buckets", server.url, llama_b, "--weight-version", "stalled")
-    wait_for(lambda: info(server.url)["ckpt_plugin"]["update_in_progress"])
-    second = push(server.url, llama_b, "--weight-version", "second", check=False)
-    assert second.returncode == 1 and "409" in second.stderr and "in progress" in second.stderr
-    stalled.send_signal(signal.SIGKILL)
-    stalled.wait(timeout=30)
+    try:
+        wait_for(lambda: info(server.url)["ckpt_plugin"]["update_in_progress"], timeout_s=120)
+        # a second update call at once (an HTTP call, not a second loader process: starting one can take longer
+        # than the server's idle timeout on a loaded machine, and the first update would be over by then)
+        body = {"zmq_handles": {"cpu-tp0": "ipc:///nowhere.sock"}, "weight_version": "second"}
+        second = httpx.post(f"{server.url}/update_weights_from_ipc", json=body, timeout=30)
+        assert second.status_code == 409 and "in progress" in second.json()["message"]
+    finally:
+        stalled.send_signal(signal.SIGKILL)  # also when the test failed: its update must not hold the next test
+        stalled.wait(timeout=30)
     # the server notices the vanished loader at once; nothing had been written, so it keeps serving a-1
     wait_for(lambda: not info(server.url)["ckpt_plugin"]["update_in_progress"], timeout_s=20)
     last = info(server.url)["ckpt_plugin"]["last_update"]
@@ -148,11 +153,13 @@ def test_request_queued_during_a_failing_update_is_refused_by_the_scheduler_guar
 
     push(server.url, llama_a, "--weight-version", "a-2")
     stalled = faulty("stall-after-first-bucket", server.url, llama_b, "--weight-version", "b-partial")
-    assert stalled.stdout.readline().startswith("stalled after bucket 0"), "the first bucket was not loaded"
-    sock = _send_raw_generate(server.url)  # past the HTTP gate (still open), queued behind the update
-    time.sleep(0.5)  # let the server read it off the socket: the kill below must not overtake it
-    stalled.send_signal(signal.SIGKILL)
-    stalled.wait(timeout=30)
+    try:
+        assert stalled.stdout.readline().startswith("stalled after bucket 0"), "the first bucket was not loaded"
+        sock = _send_raw_generate(server.url)  # past the HTTP gate (still open), queued behind the update
+        time.sleep(0.5)  # let the server read it off the socket: the kill below must not overtake it
+    finally:
+        stalled.send_signal(signal.SIGKILL)
+        stalled.wait(timeout=30)
     status, body = _read_raw_response(sock)
     assert status == 500 and INCOMPLETE_REFUSAL[:60] in body, (status, body[:300])
     assert info(server.url)["ckpt_plugin"]["weights_state"] == "incomplete"
@@ -260,7 +267,7 @@ def test_silent_loader_fails_the_update_after_the_idle_timeout(server, llama_a, 
     push(server.url, llama_a, "--weight-version", "a-q")
     silent = faulty("stall-after-first-bucket", server.url, llama_b, "--weight-version", "b-silent")
     try:
-        wait_for(lambda: info(server.url)["ckpt_plugin"]["update_in_progress"])
+        wait_for(lambda: info(server.url)["ckpt_plugin"]["update_in_progress"], timeout_s=120)
         started = time.monotonic()
         ended = wait_for(lambda: not info(server.url)["ckpt_plugin"]["update_in_progress"], IDLE_TIMEOUT_S + 30)
         assert IDLE_TIMEOUT_S - 2 <= ended - started <= IDLE_TIMEOUT_S + 15

@@ -55,5 +55,5 @@ def test_scheduler_guard_starts_closed_without_the_http_gate(llama_a):
     steps = {d["step"]: d for d in map(json.loads, proc.stdout.splitlines())}
     assert INCOMPLETE_REFUSAL in steps["before"]["error"] and "output_ids" not in steps["before"]
     assert INCOMPLETE_REFUSAL in steps["tensor-partial"]["error"]  # the tensor path wrote one parameter of 15
-    assert steps["reload"]["ok"] is True
+    assert steps["reload"]["ok"] is True, steps["reload"]["messages"]
     assert len(steps["after"]["output_ids"]) == 4
