@@ -69,15 +69,21 @@ def push(url: str, checkpoint: Path, *extra: str, check: bool = True, timeout_s:
 def run_with_stacks(cmd: list[str], timeout_s: float, **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run, but a hang ends with the child's Python stacks in the AssertionError."""
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    out, err = communicate_or_dump(child, timeout_s, f"{' '.join(cmd[:4])}...")
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
+
+
+def communicate_or_dump(child: subprocess.Popen, timeout_s: float, what: str) -> tuple[str, str]:
+    """``child.communicate()``; a child still running at the deadline first dumps its stacks (the loader
+    registers faulthandler on SIGUSR1), then is killed, and the AssertionError shows them."""
     try:
-        out, err = child.communicate(timeout=timeout_s)
+        return child.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        child.send_signal(signal.SIGUSR1)  # the loader registers faulthandler on it: all threads' stacks
+        child.send_signal(signal.SIGUSR1)
         time.sleep(2)
         child.kill()
-        out, err = child.communicate()
-        raise AssertionError(f"{' '.join(cmd[:4])}... still running after {timeout_s} s; its stacks:\n{err[-20000:]}")
-    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
+        _, err = child.communicate()
+        raise AssertionError(f"{what} still running after {timeout_s} s; its stacks:\n{err[-20000:]}") from None
 
 
 def our_leftovers() -> list[str]:

@@ -14,7 +14,7 @@ import pytest
 
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 
-from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, communicate_or_dump, our_leftovers, push
 
 pytestmark = pytest.mark.slow
 FAULTY = Path(__file__).with_name("faulty_loader.py")
@@ -28,16 +28,7 @@ def faulty(mode: str, url: str, ckpt: Path, *extra: str) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:
-    """Wait for a faulty loader; one still running at the deadline dumps its stacks (SIGUSR1), and the
-    failure shows them."""
-    try:
-        return proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGUSR1)
-        time.sleep(2)
-        proc.kill()
-        _, err = proc.communicate()
-        raise AssertionError(f"faulty loader still running after {timeout_s} s; its stacks:\n{err[-20000:]}") from None
+    return communicate_or_dump(proc, timeout_s, "faulty loader")
 
 
 def info(url: str) -> dict:

@@ -61,18 +61,20 @@ class Evidence:
                 f"(HF's own first choice at {self.hf_ranks.count(0)})")  # fmt: skip
 
 
-def checksum(url: str, headers: dict | None = None) -> str:
-    """SGLang's per-engine checksum of the served parameters (all TP ranks)."""
+def _weights_checker(url: str, headers: dict | None) -> dict:
     resp = httpx.post(f"{url}/weights_checker", json={"action": "checksum"}, headers=headers, timeout=120)
     resp.raise_for_status()
-    return resp.json()["per_engine_checksum"]
+    return resp.json()
+
+
+def checksum(url: str, headers: dict | None = None) -> str:
+    """SGLang's per-engine checksum of the served parameters (all TP ranks)."""
+    return _weights_checker(url, headers)["per_engine_checksum"]
 
 
 def parameter_checksums(url: str, headers: dict | None = None) -> dict[str, str]:
     """SGLang's hash of each served parameter (TP rank 0's shard)."""
-    resp = httpx.post(f"{url}/weights_checker", json={"action": "checksum"}, headers=headers, timeout=120)
-    resp.raise_for_status()
-    return resp.json()["ranks"][0]["checksums"]
+    return _weights_checker(url, headers)["ranks"][0]["checksums"]
 
 
 def reload_from_disk(url: str, checkpoint: str | Path, headers: dict | None = None) -> None:
