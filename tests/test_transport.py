@@ -3,6 +3,7 @@ between two threads, loading into a real torch module."""
 
 import os
 import threading
+import time
 
 import msgspec
 
@@ -221,6 +222,47 @@ def test_channel_round_trip_and_timeout(tmp_path):
         with pytest.raises(TimeoutError):
             b.recv(0.05)
     assert not os.path.exists(ep.removeprefix("ipc://"))
+
+
+def test_send_after_the_peer_left_never_blocks():
+    """The server can close its side (it rejected the update) between the loader's poll saying "writable"
+    and its send; a blocking send on a PAIR without a peer then waits forever (a loader hung in ``abort``,
+    seen in CI). Here poll always says writable, as in that window: the send must end at its timeout."""
+    from sglang_ckpt_plugin.transport.messages import Abort, Finish
+
+    class PollSaysWritable:
+        def __init__(self, sock):
+            self._sock = sock
+
+        def poll(self, timeout_ms, flags):
+            return flags
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+    ep = make_endpoint("gone", "t")
+    with Channel(ep, bind=True) as loader:
+        server = Channel(ep, bind=False)
+        server.send(Finish(seq=1))
+        assert loader.recv(5) == Finish(seq=1)
+        server.close()
+        time.sleep(0.2)  # the disconnect reaches the loader's socket
+        real, loader._sock = loader._sock, PollSaysWritable(loader._sock)
+        outcome = []
+        sender = threading.Thread(target=lambda: outcome.append(_send_or_timeout(loader, Abort(reason="x"))),
+                                  daemon=True)  # fmt: skip
+        sender.start()
+        sender.join(5)
+        loader._sock = real
+        assert outcome == ["timeout"], "send blocked on a PAIR whose peer left"
+
+
+def _send_or_timeout(channel, msg) -> str:
+    try:
+        channel.send(msg, timeout_s=0.3)
+        return "sent"
+    except TimeoutError:
+        return "timeout"
 
 
 def test_feeder_reports_server_refusal():

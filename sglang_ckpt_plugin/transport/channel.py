@@ -101,10 +101,20 @@ class Channel:
                 raise PeerGone(f"the peer on {self.endpoint} disconnected (its process ended or gave up)")
 
     def send(self, msg: Message, timeout_s: float = 30.0) -> None:
-        """Send one message; TimeoutError if no peer takes it in ``timeout_s`` (a PAIR waits for its peer)."""
-        if not self._sock.poll(int(timeout_s * 1000), zmq.POLLOUT):
-            raise TimeoutError(f"no peer took a message on {self.endpoint} within {timeout_s:g} s")
-        self._sock.send(encode(msg), copy=True)
+        """Send one message; TimeoutError if no peer takes it in ``timeout_s`` (a PAIR waits for its peer).
+
+        Never a blocking send: the peer can go between ``poll`` saying writable and the send, and a PAIR
+        without a peer would then block forever (seen as a loader hung in ``abort``)."""
+        frame = encode(msg)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLOUT):
+                try:
+                    return self._sock.send(frame, flags=zmq.NOBLOCK, copy=True)
+                except zmq.Again:  # the peer left after poll
+                    time.sleep(0.01)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no peer took a message on {self.endpoint} within {timeout_s:g} s")
 
     def recv(self, timeout_s: float) -> Message:
         """Next message. TimeoutError if none arrives in ``timeout_s``; PeerGone as soon as the peer
@@ -113,7 +123,10 @@ class Channel:
         while True:
             ready = dict(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
             if self._sock in ready:
-                return decode(self._sock.recv(copy=True))
+                try:
+                    return decode(self._sock.recv(flags=zmq.NOBLOCK, copy=True))
+                except zmq.Again:
+                    continue
             if self._monitor in ready:
                 self._check_peer()
             elif time.monotonic() >= deadline:
