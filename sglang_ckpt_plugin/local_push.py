@@ -24,9 +24,10 @@ from .loader.checkpoint import TensorInfo
 from .loader.http import ServerClient
 from .loader.plan import Bucket, align_up, plan_buckets
 from .loader.push import PushError, RankFeeder, StageTimes, new_update_id
+from .placement import ServerPlacement, choose_placement
 from .transport.channel import make_endpoint
 from .trainer import PushStats
-from .transport.handles import allocate_buffer, device_rank_key
+from .transport.handles import allocate_buffer, visible_gpu_keys
 
 MiB = 1 << 20
 
@@ -37,11 +38,14 @@ class TensorFiller:
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
 
-    def fill(self, bucket: Bucket, buffer: torch.Tensor) -> torch.Tensor:
+    def fill(self, bucket: Bucket, buffer: torch.Tensor) -> None:
+        """Returns once the bytes are in ``buffer``: copies onto a GPU are asynchronous, and the next step
+        tells the server to read them."""
         for slot in bucket.slots:
             src = self.tensors[slot.tensor.name]
             buffer[slot.offset : slot.offset + slot.tensor.nbytes].copy_(src.reshape(-1).view(torch.uint8))
-        return buffer
+        if buffer.is_cuda:
+            torch.cuda.synchronize(buffer.device)
 
 
 @dataclass
@@ -52,14 +56,21 @@ class LocalPushStats(PushStats):
 
 class LocalPush:
     def __init__(self, url: str, *, bucket_bytes: int = 64 * MiB, num_buffers: int = 2, api_key: str | None = None,
-                 timeout_s: float = 600.0, device: torch.device | str = "cpu"):  # fmt: skip
+                 timeout_s: float = 600.0, device: torch.device | str = "auto"):  # fmt: skip
+        """``device``: where the bucket buffers live. ``auto`` follows the server (placement.py): CUDA IPC on the
+        server's GPU when it runs one TP rank on a GPU this process sees, else shared memory (which every TP
+        rank maps; a CUDA rank copies from it to its GPU)."""
         self.client = ServerClient(url, timeout_s=timeout_s, api_key=api_key)
         self.bucket_bytes = align_up(bucket_bytes)
         self.num_buffers = num_buffers
         self.timeout_s = timeout_s
-        self.device = torch.device(device)
+        self.device_choice = str(device).split(":")[0]
+        if self.device_choice not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"LocalPush: device must be auto, cpu or cuda, not {device!r}")
+        self.device: torch.device | None = None
         self.buffers: list = []
         self.tp_size: int | None = None
+        self.rank_keys: list[str] = []
 
     def __enter__(self) -> "LocalPush":
         return self
@@ -71,6 +82,24 @@ class LocalPush:
         for b in self.buffers:
             b.release()
         self.buffers = []
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.ipc_collect()  # free the device memory the server's mappings held on to
+
+    def _place(self) -> None:
+        """Once, at the first push: follow where the server's ranks run."""
+        server = ServerPlacement.from_model_info(self.client.wait_until_listening())
+        self.tp_size = server.tp_size
+        choice = self.device_choice
+        if server.device == "cuda" and server.tp_size > 1:
+            if choice == "cuda":
+                raise ValueError("LocalPush with CUDA buffers feeds one TP rank on one GPU; this server has "
+                                 f"tp={server.tp_size}: use device='auto' or 'cpu' (shared memory every rank maps) "
+                                 "or TrainerPush")  # fmt: skip
+            choice = "cpu"
+        gpus = visible_gpu_keys() if choice != "cpu" else []
+        places = [choose_placement(choice, server, rank, 0, gpus) for rank in range(server.tp_size)]
+        self.rank_keys = [p.rank_key for p in places]
+        self.device = torch.device("cuda", places[0].gpu_index) if places[0].kind == "cuda" else torch.device("cpu")
 
     def _ensure_buffers(self, nbytes: int) -> None:
         if self.buffers and self.buffers[0].nbytes >= nbytes:
@@ -90,9 +119,7 @@ class LocalPush:
         size = max(self.bucket_bytes, align_up(max(i.nbytes for i in infos)))
         buckets = plan_buckets(infos, size)
         if self.tp_size is None:
-            self.tp_size = int(self.client.wait_until_listening()["ckpt_plugin"].get("tp_size") or 1)
-        if self.device.type == "cuda" and self.tp_size > 1:
-            raise ValueError("LocalPush with CUDA buffers feeds one TP rank on this GPU; use TrainerPush for tp > 1")
+            self._place()
         self._ensure_buffers(max(b.nbytes for b in buckets))
 
         update_id = new_update_id("local")
@@ -101,8 +128,7 @@ class LocalPush:
         times = [StageTimes() for _ in range(self.tp_size)]
         stats = LocalPushStats()
         try:
-            for rank in range(self.tp_size):
-                key = device_rank_key(self.device, rank)
+            for key in self.rank_keys:
                 feeder = RankFeeder(make_endpoint(update_id, key), update_id, self.timeout_s, cancelled, partial=partial)
                 feeder.adopt(self.buffers)
                 feeders.append((key, feeder))

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from .loader.http import ServerClient, ServerError, UpdateCall, free_port
+from .placement import ServerPlacement, trainer_gpu
+from .transport.handles import visible_gpu_keys
 from .server import sglang_compat as sg
 
 MiB = 1 << 20
@@ -60,9 +62,12 @@ class TrainerPush:
                  backend: str | None = None, group_name: str = "weight_update_group",
                  bucket_bytes: int = 256 * MiB, api_key: str | None = None, timeout_s: float = 600.0,
                  device: torch.device | str | None = None):  # fmt: skip
+        """``device``: where this trainer's send buffer lives; by default it follows the server (placement.py): a GPU
+        none of the server's TP ranks uses when the server runs on CUDA (NCCL refuses two ranks of one group on one
+        GPU), the CPU (gloo) when the server runs on CPU."""
         self.client = ServerClient(url, timeout_s=timeout_s, api_key=api_key)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        self.device = torch.device(device) if device is not None else None
+        self.backend = backend
         self.master_addr = master_addr
         self.master_port = master_port or free_port(master_addr)
         self.group_name = group_name
@@ -74,7 +79,10 @@ class TrainerPush:
     # ------------------------------------------------------------------ group
     def connect(self) -> "TrainerPush":
         """Create the group: this process is rank 0, the server's TP ranks are 1..tp (same call on both sides)."""
-        tp_size = int(self.client.wait_until_listening()["ckpt_plugin"].get("tp_size") or 1)
+        server = ServerPlacement.from_model_info(self.client.wait_until_listening())
+        tp_size = server.tp_size
+        self.device = self._choose_device(server)
+        self.backend = self.backend or ("nccl" if self.device.type == "cuda" else "gloo")
         body = {"master_address": self.master_addr, "master_port": self.master_port, "rank_offset": 1,
                 "world_size": 1 + tp_size, "group_name": self.group_name, "backend": self.backend}  # fmt: skip
         call = UpdateCall(self.client, body, threading.Event(), path="/init_weights_update_group")
@@ -82,6 +90,24 @@ class TrainerPush:
                                               1 + tp_size, self.group_name, self.timeout_s)  # fmt: skip
         call.join()
         return self
+
+    def _choose_device(self, server: ServerPlacement) -> torch.device:
+        if server.device == "cpu" or (server.device is None and not torch.cuda.is_available()):
+            if self.device is not None and self.device.type == "cuda":
+                raise ValueError("the server runs on CPU (gloo): push from CPU tensors, device='cpu'")
+            return torch.device("cpu")
+        gpus = visible_gpu_keys()
+        if self.device is None or self.device.index is None:
+            index = trainer_gpu(server, gpus)
+        else:
+            index = self.device.index
+            if index >= len(gpus):
+                raise ValueError(f"cuda:{index}: this process sees {len(gpus)} GPUs")
+            if gpus[index] in server.rank_keys:
+                raise ValueError(f"cuda:{index} ({gpus[index]}) is a GPU of the server's TP ranks: an NCCL group "
+                                 "cannot hold two ranks on one GPU; pick another GPU")  # fmt: skip
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
 
     def close(self) -> None:
         if self.group is None:

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from sglang_ckpt_plugin.loader.checkpoint import CheckpointError, discover_files, read_checkpoint
 from sglang_ckpt_plugin.loader.plan import plan_buckets
-from sglang_ckpt_plugin.loader.reader import CheckpointReader
+from sglang_ckpt_plugin.loader.reader import BucketFiller, CheckpointReader, bucket_digests
 
 
 @pytest.fixture
@@ -36,6 +36,26 @@ def test_read_header_matches_safetensors_and_bytes_round_trip(ckpt):
         got = buf[s.offset : s.offset + s.tensor.nbytes].view(s.tensor.dtype).view(s.tensor.shape)
         assert torch.equal(got, tensors[s.tensor.name])
     assert reader.bytes_read == sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+@pytest.mark.parametrize("chunk", [7, 24, 64, 4096], ids=["tensor-split-3-ways", "aligned", "two-tensors", "one-span"])
+def test_staged_fill_gives_the_same_bytes_and_digests_as_a_direct_fill(tmp_path, chunk):
+    """The CUDA path's staging logic (two halves, spans cut at any byte, digests streamed as bytes pass), run on
+    the CPU: every chunk size gives exactly the direct fill's bytes and digests."""
+    tensors = {"a": torch.randn(5, 3), "b": torch.arange(7, dtype=torch.int16), "c": torch.randn(9, dtype=torch.float64)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    bucket = plan_buckets(read_checkpoint(tmp_path), 4096)[0]
+    reader = CheckpointReader()
+    direct = torch.zeros(bucket.nbytes, dtype=torch.uint8)
+    want = BucketFiller(reader, torch.device("cpu"), bucket.nbytes).fill(bucket, direct, digests=True)
+    staged = torch.zeros(bucket.nbytes, dtype=torch.uint8)
+    filler = BucketFiller(reader, torch.device("cpu"), bucket.nbytes, chunk_bytes=chunk, staged=True)
+    got = filler.fill(bucket, staged, digests=True)
+    reader.close()
+    assert got == want == bucket_digests(bucket, direct)
+    for s in bucket.slots:
+        span = slice(s.offset, s.offset + s.tensor.nbytes)
+        assert torch.equal(staged[span], direct[span]), s.tensor.name
 
 
 def test_sharded_index(tmp_path):

@@ -41,6 +41,9 @@ def test_gate_refuses_everything_that_runs_the_model(server):
     plugin = info["ckpt_plugin"]
     assert plugin["wait_for_initial_weights"] is True and plugin["weights_state"] == "waiting"
     assert plugin["missing_count"] == 15 and "model.norm.weight" in plugin["missing"]  # every parameter
+    # where its ranks run, for loaders to follow (placement.py); one replica, no pipeline stages
+    assert (plugin["device"], plugin["rank_keys"]) == ("cpu", ["cpu-tp0"])
+    assert (plugin["tp_size"], plugin["dp_size"], plugin["pp_size"]) == (1, 1, 1)
 
 
 def test_message_text_cannot_open_the_gate_or_fake_a_fingerprint(server, llama_a):

@@ -114,6 +114,8 @@ def test_two_loader_ranks_broadcast_into_tp2(server, llama_a):
 def test_one_loader_rank_for_a_tp2_server_is_refused(server, llama_b):
     out = push(server.url, llama_b, "--weight-version", "never", check=False)
     assert out.returncode == 1 and "--inference-parallel-size 2" in out.stderr
+    plugin = httpx.get(f"{server.url}/model_info", timeout=30).json()["ckpt_plugin"]
+    assert (plugin["device"], plugin["rank_keys"]) == ("cpu", ["cpu-tp0", "cpu-tp1"])  # gathered over the TP group
     assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
 
 

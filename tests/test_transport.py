@@ -483,14 +483,41 @@ def test_bucket_views_bounds():
             bucket_views(msg, buffers)
 
 
-def test_handles_a_rank_cannot_use_are_refused_clearly(tmp_path):
-    from sglang_ckpt_plugin.transport.handles import open_file_range
-    from sglang_ckpt_plugin.transport.messages import CudaIpcHandle, FileHandle, ShmFdHandle
+def test_cuda_ipc_handle_is_refused_by_a_cpu_rank():
+    from sglang_ckpt_plugin.transport.messages import CudaIpcHandle
 
     cuda = CudaIpcHandle(nbytes=8, device_uuid="GPU-x", handle=b"h", storage_size_bytes=8, storage_offset_bytes=0,
                          ref_counter_handle=b"r", ref_counter_offset=0, event_handle=b"e", event_sync_required=False)  # fmt: skip
     with pytest.raises(ValueError, match="CUDA IPC buffer was sent to a CPU rank"):
         open_buffer(cuda, CPU)
+
+
+def test_cuda_rank_refuses_another_gpus_buffer_and_maps_shared_memory(monkeypatch):
+    """A CUDA IPC handle from another GPU is refused by UUID before CUDA is touched; shared memory is the
+    fallback every rank maps (a CUDA rank's load_weights copies it to the GPU)."""
+    from sglang_ckpt_plugin.transport import handles
+    from sglang_ckpt_plugin.transport.messages import CudaIpcHandle
+
+    monkeypatch.setattr(handles, "device_rank_key", lambda device, tp_rank: "GPU-mine")
+    theirs = CudaIpcHandle(nbytes=8, device_uuid="GPU-theirs", handle=b"h", storage_size_bytes=8,
+                           storage_offset_bytes=0, ref_counter_handle=b"r", ref_counter_offset=0, event_handle=b"e",
+                           event_sync_required=False)  # fmt: skip
+    with pytest.raises(ValueError, match="on GPU-theirs was sent to the rank on GPU-mine"):
+        open_buffer(theirs, torch.device("cuda", 0))
+    shm = ShmBuffer(4096)
+    try:
+        shm.tensor[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+        mapped = open_buffer(shm.handle(), torch.device("cuda", 0))
+        assert mapped.tensor.device.type == "cpu" and mapped.tensor[:4].tolist() == [1, 2, 3, 4]
+        mapped.close()
+    finally:
+        shm.release()
+
+
+def test_handles_without_descriptor_or_outside_the_file_are_refused(tmp_path):
+    from sglang_ckpt_plugin.transport.handles import open_file_range
+    from sglang_ckpt_plugin.transport.messages import FileHandle, ShmFdHandle
+
     with pytest.raises(ValueError, match="no descriptor was handed over"):
         open_buffer(ShmFdHandle(slot=0, nbytes=8), CPU)
     with pytest.raises(ValueError, match="one byte range at a time"):

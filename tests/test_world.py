@@ -46,3 +46,49 @@ def test_world_maps_ranks_to_instances(monkeypatch):
     assert (w.instance, w.tp_rank, w.is_leader, w.instance_ranks(), w.num_instances) == (1, 1, False, [2, 3], 2)
     with pytest.raises(ValueError, match="multiple"):
         LoaderWorld.from_env(3)
+
+
+EXCHANGE = textwrap.dedent("""
+    import sys
+    from types import SimpleNamespace
+    import torch
+    from sglang_ckpt_plugin.loader.exchange import Exchange
+    from sglang_ckpt_plugin.loader.world import Control, LoaderWorld
+    world = LoaderWorld.from_env(1)
+    control = Control(world, torch.device("cpu"), 30)
+    receivers = [int(r) for r in sys.argv[1].split(",")]
+    ex = Exchange(world, receivers, torch.device("cpu"))
+    ex.allocate(64)
+    for owner in range(world.world_size):
+        step = SimpleNamespace(owner=owner, bucket=SimpleNamespace(nbytes=48, slots=[0, 1]))
+        if not ex.takes_part(step):
+            continue
+        buffer = torch.full((64,), 255, dtype=torch.uint8)
+        digests = None
+        if world.rank == owner:
+            buffer[:48] = owner + 1
+            digests = [2**64 - 1 - owner, owner]
+        digests = ex.move(step, buffer, digests, verify=True)
+        print("step", owner, "got", sorted(set(buffer[:48].tolist())), "tail", buffer[48:].tolist()[0], digests)
+    control.close()
+""")
+
+
+@pytest.mark.parametrize("receivers", ["0,1,2", "0,2"], ids=["broadcast", "p2p"])
+def test_exchange_moves_every_bucket_to_every_receiver_on_one_group(receivers):
+    """Broadcast (every rank receives) and p2p (only ranks 0 and 2): every receiver ends with each owner's bytes
+    and digests (64-bit digests survive the int64 wire); a rank that neither owns nor receives a step sits it out."""
+    port = free_port()
+    procs = []
+    for rank in range(3):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="3",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", EXCHANGE, receivers], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+    expected_steps = {int(r) for r in receivers.split(",")}
+    for rank, (out, _) in enumerate(outs):
+        lines = [line for line in out.splitlines() if line.startswith("step")]
+        steps = range(3) if rank in expected_steps else [rank]
+        assert lines == [f"step {o} got [{o + 1}] tail 255 [{2**64 - 1 - o}, {o}]" for o in steps], out

@@ -130,11 +130,11 @@ def check_server_tp(args: argparse.Namespace) -> str | None:
     """Why this server cannot take this many loader ranks, or None."""
     if args.update_method == "p2p":
         return None  # the updated instances may not be the one at --endpoint
-    from .http import ServerClient, ServerError, tp_mismatch
+    from .http import ServerClient, ServerError, layout_mismatch
 
     client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
     try:
-        return tp_mismatch(client.wait_until_listening(), args.endpoint, args.inference_parallel_size)
+        return layout_mismatch(client.wait_until_listening(), args.endpoint, args.inference_parallel_size)
     except ServerError as exc:
         return str(exc)
 

@@ -1,10 +1,13 @@
 """Move each bucket from the loader rank that reads it to every loader rank that feeds an inference rank.
 
 Every rank walks the same list of steps. For a step, the owner reads the bucket from disk straight into its
-send buffer (its own shared-memory bucket buffer when it feeds a server too) and broadcasts it with
-torch.distributed over the group {owner} + receivers; receivers get the bytes straight into their shared
-bucket buffer, which their server then reads. Broadcast mode: every rank receives (the group is the world).
-P2P mode: only the listed ranks receive; data come from whichever rank read them.
+send buffer (its own shared bucket buffer when it feeds a server too) and sends it over the one data group
+(the world: NCCL on CUDA, gloo on CPU); receivers get the bytes straight into their shared bucket buffer, which
+their server then reads. Broadcast mode: every rank receives (a broadcast over the world). P2P mode: only the
+listed ranks receive, by point-to-point sends from the owner on that same group (no communicator per owner).
+
+On CUDA a collective only orders the stream; ``move`` returns once the bytes have landed, because the next thing
+a receiver does is tell its server to read them, and the next thing an owner does is refill its buffer.
 """
 
 from __future__ import annotations
@@ -18,46 +21,58 @@ from .world import LoaderWorld
 
 
 class Exchange:
-    def __init__(self, world: LoaderWorld, receivers: list[int], device: torch.device, bucket_bytes: int):
+    def __init__(self, world: LoaderWorld, receivers: list[int], device: torch.device):
+        """Collective and cheap: every rank makes it before any rank allocates buffers (an allocation that fails
+        on one rank must not leave the others inside a collective)."""
         self.world = world
         self.receivers = set(receivers)
         self.device = device
-        self.groups: dict[int, object] = {}
-        if world.distributed:
-            # new_group is collective: every rank creates every owner's group, in the same order.
-            everyone = list(range(world.world_size))
-            for owner in everyone:
-                members = sorted(self.receivers | {owner})
-                group = None if members == everyone else dist.new_group(members)
-                if world.rank in members:
-                    self.groups[owner] = group
+        self.everyone = set(range(world.world_size))
         self._staging = None
-        if world.rank not in self.receivers:  # a source only: reads into a private buffer
-            self._staging = torch.empty(bucket_bytes, dtype=torch.uint8, device=device)
+        if world.distributed and device.type == "cuda":
+            # NCCL makes its communicator on first use, which must be collective (p2p ops otherwise hang)
+            warm = torch.zeros(1, device=device)
+            dist.all_reduce(warm)
+            torch.cuda.current_stream(device).synchronize()
+
+    def allocate(self, bucket_bytes: int) -> None:
+        if self.world.rank not in self.receivers:  # a source only: reads into a private buffer
+            self._staging = torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device)
 
     def takes_part(self, step: Step) -> bool:
         return self.world.rank == step.owner or self.world.rank in self.receivers
 
-    def read(self, step: Step, filler: BucketFiller, dest: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Owner only: fill the bucket; returns (the buffer to send from, the bytes in host memory)."""
+    def read(self, step: Step, filler: BucketFiller, dest: torch.Tensor | None,
+             digests: bool) -> tuple[torch.Tensor, list[int] | None]:  # fmt: skip
+        """Owner only: fill the bucket; returns (the buffer to send from, the digests when asked)."""
         buffer = dest if dest is not None else self._staging
-        return buffer, filler.fill(step.bucket, buffer)
+        return buffer, filler.fill(step.bucket, buffer, digests)
 
     def move(self, step: Step, buffer: torch.Tensor, digests: list[int] | None, verify: bool) -> list[int] | None:
-        """Broadcast the bucket (and its digests) from its owner into ``buffer`` on every receiver."""
-        members = self.receivers | {step.owner}
-        if len(members) == 1:  # one rank reads and feeds: nothing to move
+        """Send the bucket (and its digests) from its owner into ``buffer`` on every receiver."""
+        if self.receivers | {step.owner} == {step.owner}:  # one rank reads and feeds: nothing to move
             return digests
-        group = self.groups[step.owner]
-        nbytes = step.bucket.nbytes
-        dist.broadcast(buffer[:nbytes], src=step.owner, group=group)
+        self._send(step.owner, buffer[: step.bucket.nbytes])
         if verify:
             wire = torch.zeros(len(step.bucket.slots), dtype=torch.int64, device=buffer.device)
             if self.world.rank == step.owner:
                 wire.copy_(torch.tensor([_signed(d) for d in digests], dtype=torch.int64))
-            dist.broadcast(wire, src=step.owner, group=group)
+            self._send(step.owner, wire)
             digests = [d & 0xFFFFFFFFFFFFFFFF for d in wire.cpu().tolist()]
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         return digests
+
+    def _send(self, owner: int, tensor: torch.Tensor) -> None:
+        if self.receivers | {owner} == self.everyone:
+            dist.broadcast(tensor, src=owner)
+            return
+        if self.world.rank == owner:
+            ops = [dist.P2POp(dist.isend, tensor, peer) for peer in sorted(self.receivers - {owner})]
+        else:
+            ops = [dist.P2POp(dist.irecv, tensor, owner)]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
 
 
 def _signed(u64: int) -> int:

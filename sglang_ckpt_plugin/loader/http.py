@@ -9,7 +9,7 @@ import time
 import httpx
 from tqdm import tqdm
 
-PLUGIN_MARKER = "ckpt_plugin"  # key our plugin adds to /model_info
+from ..placement import PLUGIN_MARKER, ServerPlacement, unsupported_layout
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -19,12 +19,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def tp_mismatch(info: dict, endpoint: str, parallel_size: int) -> str | None:
+def layout_mismatch(info: dict, endpoint: str, parallel_size: int) -> str | None:
     """Why a server (its /model_info) cannot take ``parallel_size`` loader ranks per instance, or None."""
-    server_tp = info[PLUGIN_MARKER].get("tp_size")
-    if server_tp is not None and server_tp != parallel_size:
-        return (f"the server at {endpoint} runs with tp={server_tp} but --inference-parallel-size is "
-                f"{parallel_size}; pass --inference-parallel-size {server_tp}")
+    server = ServerPlacement.from_model_info(info)
+    unsupported = unsupported_layout(server.dp_size, server.pp_size)
+    if unsupported:
+        return f"{endpoint}: {unsupported}"
+    if server.tp_size != parallel_size:
+        return (f"the server at {endpoint} runs with tp={server.tp_size} but --inference-parallel-size is "
+                f"{parallel_size}; pass --inference-parallel-size {server.tp_size}")
     return None
 
 

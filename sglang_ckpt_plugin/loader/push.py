@@ -17,7 +17,7 @@ import torch
 from ..transport.channel import Channel, PeerGone
 from ..transport.fdpass import FdOffer, fd_socket_path
 from ..transport.handles import FileBuffer, allocate_buffer
-from ..transport.integrity import Fingerprint, tensor_digest
+from ..transport.integrity import Fingerprint
 from ..transport.messages import (
     PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorMeta, TensorSlot,
 )  # fmt: skip
@@ -52,11 +52,6 @@ def bucket_message(seq: int, buffer: int, bucket: Bucket, digests: list[int] | N
         TensorSlot(s.tensor.name, dtype_name(s.tensor.dtype), list(s.tensor.shape), s.offset) for s in bucket.slots
     ]
     return BucketReady(seq=seq, buffer=buffer, tensors=slots, digests=digests)
-
-
-def bucket_digests(bucket: Bucket, host: torch.Tensor) -> list[int]:
-    """xxh3 of every tensor's bytes in a filled bucket (``host``: the bucket's bytes in CPU memory)."""
-    return [tensor_digest(host[s.offset : s.offset + s.tensor.nbytes]) for s in bucket.slots]
 
 
 class RankFeeder:
@@ -195,8 +190,7 @@ class RankFeeder:
         for seq, bucket in enumerate(buckets):
             buffer = self.free_buffer(seq, times)
             t0 = time.perf_counter()
-            host = filler.fill(bucket, buffer)
-            digests = bucket_digests(bucket, host) if self.verify else None
+            digests = filler.fill(bucket, buffer, digests=self.verify)
             times.read_s += time.perf_counter() - t0
             self.send_bucket(seq, bucket, digests, times)
         self.finish(len(buckets), times)

@@ -14,14 +14,15 @@ import time
 
 import torch
 
+from ..placement import LoaderPlacement, ServerPlacement, choose_placement, shared_gpus
 from ..transport.channel import make_endpoint
-from ..transport.handles import device_rank_key
+from ..transport.handles import visible_gpu_keys
 from .checkpoint import CheckpointError, read_checkpoint
 from .exchange import Exchange
-from .http import ServerClient, ServerError, tp_mismatch
+from .http import ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
 from .plan import mappable, parse_ranks, plan_file_buckets, plan_world, shard_by_bytes
-from .push import PushError, RankFeeder, StageTimes, bucket_digests, new_update_id
+from .push import PushError, RankFeeder, StageTimes, new_update_id
 from .reader import BucketFiller, CheckpointReader
 from .world import Control, LoaderWorld
 
@@ -30,27 +31,42 @@ class PeerFailed(PushError):
     """Another loader rank failed; it printed why."""
 
 
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda but no CUDA device is visible")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
+def place_rank(args: argparse.Namespace, world: LoaderWorld) -> LoaderPlacement:
+    """Ask the server where its ranks run (every rank asks its own --endpoint) and follow it."""
+    client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
+    server = ServerPlacement.from_model_info(client.wait_until_listening())
+    placement = choose_placement(args.device, server, world.tp_rank, world.local_rank,
+                                 visible_gpu_keys() if args.device != "cpu" else [])  # fmt: skip
+    if placement.note and not args.quiet:
+        print(f"[sglang-ckpt rank {world.rank}] {placement.note}", file=sys.stderr)
+    return placement
+
+
+def torch_device(placement: LoaderPlacement) -> torch.device:
+    """Made only now, once the server listens: a CUDA context made earlier would sit in SGLang's start-up
+    memory profile when both start together."""
+    if placement.kind == "cuda":
+        torch.cuda.set_device(placement.gpu_index)
+        return torch.device("cuda", placement.gpu_index)
     return torch.device("cpu")
 
 
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes); the buffers live in shared memory, which counts against it."""
+def available_memory(device: torch.device) -> int:
+    """Bytes the buffers may take: MemAvailable (shared memory counts against it; so does CUDA's pinned staging),
+    and on CUDA also the GPU's free memory (SGLang already took its --mem-fraction-static of it)."""
+    host = 0
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    host = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return 0
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return min(host, free) if host else free
+    return host
 
 
 def update_rounds(method: str, ranks: str | None, world: LoaderWorld) -> list[list[int]]:
@@ -70,10 +86,16 @@ def run_update(args: argparse.Namespace) -> int:
     control = None
     try:
         world = LoaderWorld.from_env(args.inference_parallel_size)
-        device = resolve_device(args.device, world.local_rank)
+        placement = place_rank(args, world)
+        device = torch_device(placement)
         control = Control(world, device, args.timeout)
+        if device.type == "cuda":  # before the first NCCL call, which would fail on a shared GPU
+            problem = shared_gpus(list(zip(control.all_gather_int(world.node_rank),
+                                           control.all_gather_str(placement.rank_key))))  # fmt: skip
+            if problem:
+                raise ValueError(problem)
         for receivers in update_rounds(args.update_method, args.ranks, world):
-            Update(args, world, control, device, receivers).run()
+            Update(args, world, control, device, receivers, placement.rank_key).run()
         if args.sleep_time:
             time.sleep(args.sleep_time)
         return 0
@@ -91,8 +113,10 @@ def run_update(args: argparse.Namespace) -> int:
 class Update:
     """One update from this rank's point of view (a source, a receiver feeding its inference rank, or both)."""
 
-    def __init__(self, args, world: LoaderWorld, control: Control, device: torch.device, receivers: list[int]):
+    def __init__(self, args, world: LoaderWorld, control: Control, device: torch.device, receivers: list[int],
+                 rank_key: str):  # fmt: skip
         self.args = args
+        self.rank_key = rank_key  # the server rank this loader rank feeds (from the server's /model_info)
         self.world = world
         self.control = control
         self.device = device
@@ -123,8 +147,8 @@ class Update:
 
     def run(self) -> None:
         t_start = time.perf_counter()
-        # auto bucket sizes must be identical on every rank: rank 0's free memory decides
-        self.memory_budget = self.control.all_gather_int(available_memory())[0]
+        # auto bucket sizes must be identical on every rank: the smallest free memory decides
+        self.memory_budget = min(self.control.all_gather_int(available_memory(self.device)))
         steps, bucket_bytes = self.guarded(self.plan)
         t_plan = time.perf_counter()
         self.guarded(self.check_server)
@@ -194,18 +218,19 @@ class Update:
             return
         args = self.args
         self.client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
-        error = tp_mismatch(self.client.wait_until_listening(), args.endpoint, args.inference_parallel_size)
+        error = layout_mismatch(self.client.wait_until_listening(), args.endpoint, args.inference_parallel_size)
         if error:
             raise ValueError(error)
 
     def share_names(self) -> None:
-        """The update id (from rank 0) and every rank's key and endpoint (collectives only, nothing that fails)."""
+        """The update id (from rank 0), every rank's key and endpoint, the data group's first use (collectives
+        only, nothing that fails: it comes before any rank allocates)."""
         world = self.world
         self.update_id = self.control.broadcast_str(new_update_id(self.checkpoint_name) if world.rank == 0 else "")
-        rank_key = device_rank_key(self.device, world.tp_rank)
-        self.endpoint = make_endpoint(f"{self.update_id}-i{world.instance}", rank_key)
-        self.keys = self.control.all_gather_str(rank_key)
+        self.endpoint = make_endpoint(f"{self.update_id}-i{world.instance}", self.rank_key)
+        self.keys = self.control.all_gather_str(self.rank_key)
         self.endpoints = self.control.all_gather_str(self.endpoint)
+        self.exchange = Exchange(self.world, self.receivers, self.device)
 
     def bind(self) -> None:
         """Every receiver binds its endpoint (cheap); the agreement after it orders this before any HTTP call."""
@@ -225,7 +250,7 @@ class Update:
         if self.feeder is not None:
             self.feeder.allocate(bucket_bytes, min(self.args.num_buffers, num_buckets), self.device)
         self.filler = BucketFiller(self.reader, self.device, bucket_bytes)
-        self.exchange = Exchange(self.world, self.receivers, self.device, bucket_bytes)
+        self.exchange.allocate(bucket_bytes)
 
     def push(self, steps, bucket_bytes: int) -> None:
         args, feeder, times, rank = self.args, self.feeder, self.times, self.world.rank
@@ -244,8 +269,7 @@ class Update:
                         buffer = feeder.free_buffer(step.seq, times) if feeder is not None else None
                         if rank == step.owner:
                             t_read = time.perf_counter()
-                            buffer, host = self.exchange.read(step, self.filler, buffer)
-                            digests = bucket_digests(step.bucket, host) if args.verify else None
+                            buffer, digests = self.exchange.read(step, self.filler, buffer, args.verify)
                             times.read_s += time.perf_counter() - t_read
                 except (PushError, OSError, RuntimeError) as exc:
                     error = exc

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-_NAME_BYTES = 256
+from ..transport.strings import all_gather_str, broadcast_str
 
 
 @dataclass(frozen=True)
@@ -97,16 +97,12 @@ class Control:
     def broadcast_str(self, text: str, src: int = 0) -> str:
         if not self.world.distributed:
             return text
-        buf = _encode(text) if self.world.rank == src else torch.zeros(_NAME_BYTES, dtype=torch.uint8)
-        dist.broadcast(buf, src=src, group=self.group)
-        return _decode(buf)
+        return broadcast_str(text, src, self.world.rank == src, self.group)
 
     def all_gather_str(self, text: str) -> list[str]:
         if not self.world.distributed:
             return [text]
-        out = [torch.zeros(_NAME_BYTES, dtype=torch.uint8) for _ in range(self.world.world_size)]
-        dist.all_gather(out, _encode(text), group=self.group)
-        return [_decode(t) for t in out]
+        return all_gather_str(text, self.group, self.world.world_size)
 
     def all_gather_int(self, value: int) -> list[int]:
         if not self.world.distributed:
@@ -130,16 +126,3 @@ class Control:
             pass  # a peer is gone already: nothing left to wait for
         dist.destroy_process_group()
 
-
-def _encode(text: str) -> torch.Tensor:
-    data = text.encode()
-    if len(data) > _NAME_BYTES:
-        raise ValueError(f"control string too long ({len(data)} bytes): {text[:60]!r}...")
-    buf = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
-    if data:
-        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return buf
-
-
-def _decode(buf: torch.Tensor) -> str:
-    return bytes(buf.tolist()).rstrip(b"\0").decode()

@@ -57,8 +57,9 @@ def _before_launch_server(server_args, *args, **kwargs):
 
 
 def _add_weights_state(result, scheduler, *args, **kwargs):
-    report = rank_state.state(sg.scheduler_model(scheduler)).report()
-    sg.add_internal_state(result, msgspec.to_builtins(report))
+    report = msgspec.to_builtins(rank_state.state(sg.scheduler_model(scheduler)).report())
+    report["placement"] = msgspec.to_builtins(rank_state.placement(*sg.scheduler_rank(scheduler)))
+    sg.add_internal_state(result, report)
     return result
 
 

@@ -7,13 +7,25 @@ each request to all ranks).
 
 from __future__ import annotations
 
+import msgspec
 import torch
 
+from ..transport.handles import device_rank_key
+from ..transport.strings import all_gather_str
 from . import sglang_compat as sg
 from .validate import required_coverage
 from .weights_state import WeightsState
 
 _state: WeightsState | None = None
+_placement: "Placement | None" = None
+
+
+class Placement(msgspec.Struct, frozen=True):
+    """Where the server's TP ranks run, published in /model_info so that loaders follow the server (not their
+    own machine): the device kind and, per TP rank, the key a loader must use (``GPU-<uuid>`` / ``cpu-tp<r>``)."""
+
+    device: str
+    rank_keys: list[str]
 
 
 def state(model: torch.nn.Module) -> WeightsState:
@@ -40,3 +52,15 @@ def agree(*flags: bool) -> list[bool]:
     t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in t.tolist()]
+
+
+def placement(device: torch.device, tp_rank: int) -> Placement:
+    """Gathered once over the TP group (every rank calls this at the same point: SGLang hands every control
+    request, and every update, to all TP ranks)."""
+    global _placement
+    if _placement is None:
+        key = device_rank_key(device, tp_rank)
+        group = sg.tp_cpu_group()
+        keys = [key] if group is None else all_gather_str(key, group, sg.tp_size())
+        _placement = Placement(device.type, keys)
+    return _placement

@@ -21,6 +21,7 @@ import logging
 from fastapi.responses import ORJSONResponse
 
 from .. import __version__
+from ..placement import unsupported_layout
 from . import sglang_compat as sg
 from .gate import GateState, WeightsGate
 
@@ -82,6 +83,10 @@ def _wrap_update_ipc(original):
 
     @functools.wraps(original)
     async def update_weights_from_ipc(*args, **kwargs):
+        sizes = sg.parallel_sizes()
+        unsupported = unsupported_layout(sizes["dp_size"], sizes["pp_size"])
+        if unsupported:
+            return ORJSONResponse({"success": False, "message": unsupported}, status_code=400)
         if _update_lock.locked():
             return ORJSONResponse(
                 {"success": False, "message": "another weight update is in progress; retry when it has finished"},
@@ -141,12 +146,15 @@ def _wrap_model_info(original):
         if GateState.report is None and not _update_lock.locked():
             await refresh_state()  # first look: what is missing before any update
         report = GateState.report or {}
+        placement = report.get("placement") or {}
         result["weights_loaded"] = GateState.open
         result["ckpt_plugin"] = {
             "version": __version__,
             "weights_loaded": GateState.open,
             "wait_for_initial_weights": _wait_for_weights,
-            "tp_size": sg.tp_size(),
+            **sg.parallel_sizes(),  # tp_size, dp_size, pp_size
+            "device": placement.get("device"),  # "cuda" / "cpu": loaders follow the server, not their own machine
+            "rank_keys": placement.get("rank_keys", []),  # per TP rank: GPU-<uuid> / cpu-tp<r>
             "weights_state": report.get("state", "complete" if GateState.open else "waiting"),
             "missing": report.get("missing", []),
             "missing_count": report.get("missing_count", 0),

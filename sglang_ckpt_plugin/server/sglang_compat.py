@@ -57,6 +57,19 @@ def tp_size() -> int:
     return int(get_parallel().tp_size)
 
 
+def parallel_sizes() -> dict[str, int]:
+    """tp / dp / pp sizes of this server (1 where this SGLang does not publish one)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    sizes = {}
+    for name in ("tp_size", "dp_size", "pp_size"):
+        try:
+            sizes[name] = int(getattr(get_parallel(), name))
+        except (AttributeError, RuntimeError, ValueError):
+            sizes[name] = 1
+    return sizes
+
+
 def set_initial_weights_loaded(loaded: bool) -> None:
     """SGLang's own readiness flag (its /health and wait loop read it); our gate keeps its own copy."""
     tm = tokenizer_manager()
@@ -108,6 +121,16 @@ def runner_device(updater) -> torch.device:
     if updater.device == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(updater.device)
+
+
+def scheduler_rank(scheduler) -> tuple[torch.device, int]:
+    """The device and TP rank of a scheduler's (target) model runner."""
+    from sglang.srt.runtime_context import get_parallel
+
+    runner = scheduler.tp_worker.model_runner
+    kind = str(runner.device).split(":")[0]
+    device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+    return device, int(get_parallel().tp_rank)
 
 
 def runner_rank(updater) -> int:

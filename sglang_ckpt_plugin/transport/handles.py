@@ -38,6 +38,13 @@ def device_rank_key(device: torch.device, tp_rank: int) -> str:
     return f"cpu-tp{tp_rank}"
 
 
+def visible_gpu_keys() -> list[str]:
+    """``GPU-<uuid>`` of every GPU this process sees, by local index (no CUDA context is made)."""
+    if not torch.cuda.is_available():
+        return []
+    return [device_rank_key(torch.device("cuda", i), -1) for i in range(torch.cuda.device_count())]
+
+
 # ---------------------------------------------------------------- owner side (loader)
 class ShmBuffer:
     """A shared-memory bucket buffer owned by the loader. ``release()`` unmaps and unlinks it.
@@ -128,13 +135,26 @@ class FileBuffer:
             self._fd = None
 
 
+def expandable_segments_enabled() -> bool:
+    """``expandable_segments:True`` in the allocator settings (common in RL stacks)."""
+    conf = ",".join(os.environ.get(k, "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+    return "expandable_segments:true" in conf.replace(" ", "").lower()
+
+
 class CudaBuffer:
     """A device bucket buffer shared through CUDA IPC; freed when the loader drops it."""
 
     def __init__(self, nbytes: int, device: torch.device):
         self.nbytes = nbytes
         self.device = device
-        self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        expandable = expandable_segments_enabled()
+        if expandable:  # torch cannot share an expandable segment by CUDA IPC: this allocation gets a classic one
+            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+        try:
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        finally:
+            if expandable:
+                torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
     fd = None  # shared by CUDA IPC, not by descriptor
 
@@ -205,11 +225,16 @@ def open_buffer(handle: BufferHandle, device: torch.device, fd: int | None = Non
     if isinstance(handle, FileHandle):
         raise ValueError("checkpoint-file handles are mapped one byte range at a time (open_file_range)")
     if isinstance(handle, (ShmHandle, ShmFdHandle)):
-        if device.type != "cpu":
-            raise ValueError(f"a shared-memory buffer was sent to a {device.type} rank; run the loader on {device.type}")
+        # Any rank: on a CUDA rank the views are host memory and load_weights copies them to the GPU (as SGLang's
+        # disk loader does), the fallback where the loader cannot reach the rank's GPU by CUDA IPC.
         return _open_shm(handle, fd)
     if device.type != "cuda":
-        raise ValueError("a CUDA IPC buffer was sent to a CPU rank; run the loader with --device cpu")
+        raise ValueError("a CUDA IPC buffer was sent to a CPU rank; run the loader with --device cpu (or auto)")
+    own = device_rank_key(device, -1)
+    if handle.device_uuid != own:
+        raise ValueError(f"a CUDA IPC buffer on {handle.device_uuid} was sent to the rank on {own}: each loader rank "
+                         "must put its buffers on its TP rank's GPU (the loader follows /model_info's rank_keys; "
+                         "an older loader?)")  # fmt: skip
     return _open_cuda(handle, device)
 
 

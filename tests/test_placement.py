@@ -1,0 +1,74 @@
+"""Unit tests: a loader follows where the server's ranks run (placement.py), refusing what cannot work."""
+
+import pytest
+
+from sglang_ckpt_plugin.loader.http import layout_mismatch
+from sglang_ckpt_plugin.placement import (
+    LoaderPlacement, ServerPlacement, choose_placement, shared_gpus, trainer_gpu, unsupported_layout,
+)  # fmt: skip
+
+CUDA_TP2 = ServerPlacement("cuda", ["GPU-a", "GPU-b"], tp_size=2)
+CPU_TP2 = ServerPlacement("cpu", ["cpu-tp0", "cpu-tp1"], tp_size=2)
+
+
+def test_model_info_is_read_as_published():
+    info = {"ckpt_plugin": {"device": "cuda", "rank_keys": ["GPU-a", "GPU-b"], "tp_size": 2, "dp_size": 1,
+                            "pp_size": 1}}  # fmt: skip
+    assert ServerPlacement.from_model_info(info) == CUDA_TP2
+    assert ServerPlacement.from_model_info({"ckpt_plugin": {"tp_size": 2}}) == ServerPlacement(None, [], tp_size=2)
+
+
+@pytest.mark.parametrize("visible", [["GPU-b", "GPU-a"], ["GPU-x", "GPU-b"], ["GPU-b"]],
+                         ids=["reordered", "base-gpu-id", "one-visible"])  # fmt: skip
+def test_loader_rank_uses_the_gpu_its_tp_rank_uses_whatever_the_local_index(visible):
+    """CUDA_VISIBLE_DEVICES in another order, --base-gpu-id, instances not in rank order: the UUID decides."""
+    got = choose_placement("auto", CUDA_TP2, tp_rank=1, local_rank=0, local_gpus=visible)
+    assert got == LoaderPlacement("cuda", visible.index("GPU-b"), "GPU-b")
+
+
+def test_gpu_not_visible_falls_back_to_shared_memory_or_fails_when_cuda_was_asked():
+    got = choose_placement("auto", CUDA_TP2, tp_rank=0, local_rank=0, local_gpus=["GPU-b"])
+    assert (got.kind, got.rank_key) == ("cpu", "GPU-a") and "not visible" in got.note
+    with pytest.raises(ValueError, match="runs on GPU-a, which this loader rank does not see"):
+        choose_placement("cuda", CUDA_TP2, tp_rank=0, local_rank=0, local_gpus=["GPU-b"])
+    forced = choose_placement("cpu", CUDA_TP2, tp_rank=1, local_rank=1, local_gpus=["GPU-a", "GPU-b"])
+    assert (forced.kind, forced.rank_key) == ("cpu", "GPU-b")  # the key is still the server's
+
+
+def test_cpu_server_gets_shared_memory_even_from_a_gpu_machine():
+    got = choose_placement("auto", CPU_TP2, tp_rank=1, local_rank=1, local_gpus=["GPU-a"])
+    assert got == LoaderPlacement("cpu", None, "cpu-tp1")
+    with pytest.raises(ValueError, match="server runs on CPU"):
+        choose_placement("cuda", CPU_TP2, tp_rank=0, local_rank=0, local_gpus=["GPU-a"])
+
+
+def test_server_that_did_not_say_falls_back_to_one_gpu_per_local_rank():
+    unknown = ServerPlacement(None)
+    assert choose_placement("auto", unknown, 0, 0, []) == LoaderPlacement("cpu", None, "cpu-tp0")
+    assert choose_placement("auto", unknown, 1, 1, ["GPU-a", "GPU-b"]) == LoaderPlacement("cuda", 1, "GPU-b")
+    with pytest.raises(ValueError, match="NCCL needs one GPU per loader rank"):
+        choose_placement("cuda", unknown, 0, 2, ["GPU-a", "GPU-b"])
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        choose_placement("cuda", unknown, 0, 0, [])
+    with pytest.raises(ValueError, match="published no GPU for TP rank 2"):
+        choose_placement("auto", CUDA_TP2, 2, 0, ["GPU-a"])
+
+
+def test_two_loader_ranks_on_one_gpu_are_refused_before_nccl():
+    assert shared_gpus([(0, "GPU-a"), (0, "GPU-b"), (1, "GPU-a")]) is None  # same uuid text on another node
+    assert "ranks 0 and 2 would both use GPU-a" in shared_gpus([(0, "GPU-a"), (0, "GPU-b"), (0, "GPU-a")])
+    assert shared_gpus([(0, "cpu-tp0"), (0, "cpu-tp0")]) is None  # CPU ranks share nothing
+
+
+def test_trainer_takes_a_gpu_the_server_does_not_use_or_is_refused():
+    assert trainer_gpu(CUDA_TP2, ["GPU-a", "GPU-b", "GPU-c"]) == 2
+    with pytest.raises(ValueError, match="every GPU this trainer sees"):
+        trainer_gpu(CUDA_TP2, ["GPU-a", "GPU-b"])
+
+
+def test_dp_and_pp_are_refused_up_front_in_words():
+    assert unsupported_layout(1, 1) is None
+    assert "--dp-size 2" in unsupported_layout(2, 1) and "--pp-size 2" in unsupported_layout(1, 2)
+    info = {"ckpt_plugin": {"tp_size": 1, "dp_size": 2}}
+    assert "one server per replica" in layout_mismatch(info, "http://x", 1)
+    assert "pass --inference-parallel-size 2" in layout_mismatch({"ckpt_plugin": {"tp_size": 2}}, "http://x", 1)
