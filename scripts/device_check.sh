@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# The CUDA-path check as one command (under 8 minutes on a GPU machine):
-#   scripts/device_check.sh                 # GPU: ~4 GB random bf16 model, CUDA IPC push, figures
-#   scripts/device_check.sh --device cpu    # the same steps on the CPU path (run by the test suite)
+# The CUDA-path check as one command:
+#   scripts/device_check.sh                          # GPU + SGLang: random bf16 model, CUDA IPC push, figures
+#   scripts/device_check.sh --device cpu             # the same steps on the CPU path (run by the test suite)
+#   scripts/device_check.sh --no-sglang [--device cpu]
+#       no SGLang needed (torch, safetensors, xxhash, httpx, tqdm + pyzmq, msgspec): the real loader into a
+#       stand-in server running the real receiver on the GPU; byte identity, memory, copy-rate ratios.
+#       Runs with the python on PATH (PYTHON=...), the repository on PYTHONPATH: for a GPU machine without a
+#       registry, carry wheels (scripts/device_wheels.sh) and install them first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--no-sglang" ]; then
+  shift
+  PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+  PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" bench/standalone_check.py "$@"
+fi
 if [ ! -f .venv/.installed ]; then make venv; fi
 exec .venv/bin/python bench/device_check.py "$@"

@@ -53,7 +53,7 @@ elif mode == "corrupt-rank1-after-first":
 
     push.RankFeeder.send_bucket = send_bucket
 elif mode == "stall-before-buckets":
-    reader.BucketFiller.fill = lambda self, bucket, buffer: time.sleep(3600)
+    reader.BucketFiller.fill = lambda self, *args, **kwargs: time.sleep(3600)
 else:
     raise SystemExit(f"unknown mode {mode}")
 

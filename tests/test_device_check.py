@@ -1,4 +1,5 @@
-"""scripts/device_check.sh on the CPU path (the same script a GPU machine runs with --device cuda)."""
+"""scripts/device_check.sh on the CPU path (the same script a GPU machine runs with --device cuda), with SGLang
+and without it (``--no-sglang``: the real loader into a stand-in server running the real receiver)."""
 
 import subprocess
 from pathlib import Path
@@ -17,3 +18,13 @@ def test_device_check_runs_on_the_cpu_path(tmp_path):
     assert "| greedy output: push == disk reload | True |" in proc.stdout
     assert "| /weights_checker checksum: push == disk reload | True |" in proc.stdout
     assert "| SGLang /update_weights_from_disk |" in proc.stdout
+
+
+def test_device_check_without_sglang_runs_on_the_cpu_path(tmp_path):
+    proc = subprocess.run([str(ROOT / "scripts/device_check.sh"), "--no-sglang", "--device", "cpu", "--gb", "0.1",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| loader", "| LocalPush ")) and "| yes" in line
+            or "| NO |" in line]  # fmt: skip
+    assert len(rows) == 7 and all("| yes |" in row for row in rows), rows  # 4 loader variants, 3 LocalPush pushes
+    assert "VERDICT PASS" in proc.stdout

@@ -17,7 +17,7 @@ import torch
 from ..placement import LoaderPlacement, ServerPlacement, choose_placement, shared_gpus
 from ..transport.channel import make_endpoint
 from ..transport.handles import visible_gpu_keys
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import CheckpointError, discover_files, read_checkpoint
 from .exchange import Exchange
 from .http import ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
@@ -86,6 +86,8 @@ def run_update(args: argparse.Namespace) -> int:
     control = None
     try:
         world = LoaderWorld.from_env(args.inference_parallel_size)
+        if args.checkpoint_path and not args.load_metas_file:
+            discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
         placement = place_rank(args, world)
         device = torch_device(placement)
         control = Control(world, device, args.timeout)

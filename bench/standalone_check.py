@@ -1,0 +1,220 @@
+"""The CUDA-path check without SGLang (``scripts/device_check.sh --no-sglang``): needs torch, safetensors, xxhash,
+httpx, tqdm, pyzmq and msgspec only, so it runs on a GPU machine where SGLang cannot be installed.
+
+The real loader CLI pushes a random bf16 checkpoint into a stand-in server (bench/standin_server.py) whose update
+route runs the plugin's real receiver in another process on the device, loading into a torch module; after every
+variant the server's parameters must be byte-identical to the checkpoint (xxh3 of every tensor) and its device
+memory back to the baseline. Variants: defaults, --verify, small buckets with --num-buffers 1, (CUDA) the loader
+seeing the GPU only by UUID, expandable_segments:True, --device cpu (shared memory, the server copies), and
+LocalPush of in-memory tensors (x, 2x, 3x). Prints pinned host-to-device and device-to-device copy rates measured
+in the same run, push rates and their ratios. ``--device cpu`` runs the same steps on the CPU path (test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from sglang_ckpt_plugin.loader.http import free_port  # noqa: E402
+from sglang_ckpt_plugin.transport.integrity import tensor_digest  # noqa: E402
+
+GB = 1e9
+MEMORY_SLACK = 64 << 20  # the CUDA caching allocator's own rounding; a kept bucket buffer is far larger
+
+
+def make_checkpoint(out: Path, gb: float, shard_gb: float = 0.5) -> Path:
+    """Random bf16 tensors of about ``gb``, in shards: big matrices, odd-sized vectors (unaligned offsets)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if list(out.glob("*.safetensors")):
+        return out
+    gen = torch.Generator().manual_seed(0)
+    shard, size, index, total, i = {}, 0, 0, 0, 0
+    while total + size < gb * GB:
+        rows = 2048 if i % 3 else 1531  # 1531: a prime, so offsets after it are not 4 KiB aligned
+        shard[f"layers.{i}.weight"] = torch.randn(rows, 4096, generator=gen).to(torch.bfloat16)
+        shard[f"layers.{i}.bias"] = torch.randn(4096 + i % 7, generator=gen).to(torch.bfloat16)
+        size += sum(t.numel() * 2 for t in (shard[f"layers.{i}.weight"], shard[f"layers.{i}.bias"]))
+        i += 1
+        if size >= shard_gb * GB:
+            save_file(shard, out / f"model-{index:03d}.safetensors")
+            total, shard, size, index = total + size, {}, 0, index + 1
+    if shard:
+        save_file(shard, out / f"model-{index:03d}.safetensors")
+    return out
+
+
+def file_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {n: f"{tensor_digest(t.reshape(-1).view(torch.uint8).cpu()):016x}" for n, t in tensors.items()}
+
+
+def copy_rate(src: torch.Tensor, dst: torch.Tensor, repeats: int = 5) -> float:
+    """Best-of GB/s of ``dst.copy_(src)`` (pinned host -> device, device -> device, or host memcpy)."""
+    cuda = src.is_cuda or dst.is_cuda
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return src.numel() / GB / best
+
+
+def env_with_repo(**extra: str) -> dict:
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def push(url: str, ckpt: Path, version: str, extra: list[str], env: dict | None = None) -> float:
+    """Run the real loader CLI; the push seconds it reports (buckets only)."""
+    cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(ckpt), "--endpoint", url,
+           "--weight-version", version, "--quiet", "--timeout", "300", *extra]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or env_with_repo(), timeout=400)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loader failed ({version}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return float(re.search(r"GB in ([\d.]+) s", proc.stdout).group(1))
+
+
+class Check:
+    def __init__(self, url: str, device: torch.device):
+        self.url, self.device, self.rows, self.ok = url, device, [], True
+        self.baseline = self.memory()
+
+    def memory(self) -> int | None:
+        return httpx.get(f"{self.url}/memory", timeout=60).json()["free_bytes"]
+
+    def record(self, name: str, nbytes: int, seconds: float, expected: dict[str, str], baseline_rate: float,
+               memory: bool = True) -> None:  # fmt: skip
+        """One row. ``memory``: the pusher has let go of its buffers, so the device's free memory must be back
+        where it was before the first push (a mapping the server kept would hold the loader's memory)."""
+        served = httpx.get(f"{self.url}/digests", timeout=600).json()
+        identical = served == expected
+        self.ok &= identical
+        rate = nbytes / GB / seconds
+        self.rows.append((name, f"{seconds:.3f} s", f"{rate:.2f} GB/s", f"{rate / baseline_rate:.2f}x",
+                          "yes" if identical else "NO", self.memory_cell() if memory else "(pusher holds buffers)"))  # fmt: skip
+
+    def memory_cell(self) -> str:
+        free = self.memory()
+        if free is None:
+            return "n/a (cpu)"
+        self.ok &= free >= self.baseline - MEMORY_SLACK
+        return f"{(self.baseline - free) / 2**20:+.0f} MiB used"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--gb", type=float, default=None, help="checkpoint size (default: 2 on cuda, 0.2 on cpu)")
+    p.add_argument("--workdir", default=None)
+    a = p.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device visible; run with --device cpu for the CPU path", file=sys.stderr)
+        return 2
+    cuda = a.device == "cuda"
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-standalone-"))
+    t0 = time.perf_counter()
+    ckpt = make_checkpoint(work / "ckpt", a.gb or (2.0 if cuda else 0.2))
+    tensors = file_tensors(ckpt)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    expected = digests(tensors)
+    print(f"[standalone] {nbytes / GB:.2f} GB, {len(tensors)} tensors ready in {time.perf_counter() - t0:.1f} s",
+          flush=True)  # fmt: skip
+
+    # baselines, same run: pinned H2D (loader's path) and D2D (LocalPush's path); host memcpy on cpu
+    probe = min(nbytes, 1 << 30)
+    host = torch.empty(probe, dtype=torch.uint8, pin_memory=cuda)
+    dev = torch.empty(probe, dtype=torch.uint8, device=device)
+    h2d = copy_rate(host, dev)
+    d2d = copy_rate(dev, torch.empty_like(dev))
+    del host, dev
+    if cuda:
+        torch.cuda.empty_cache()  # the memory baseline is the whole device's free memory
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, str(ROOT / "bench/standin_server.py"), "--checkpoint", str(ckpt),
+                               "--device", a.device, "--port", str(port)], env=env_with_repo())  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                info = httpx.get(f"{url}/model_info", timeout=5).json()
+                break
+            except httpx.HTTPError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the stand-in server did not start") from None
+                time.sleep(0.5)
+        check = Check(url, device)
+        variants = [("loader, defaults", [], {}), ("loader, --verify", ["--verify"], {}),
+                    ("loader, 16M buckets, --num-buffers 1", ["--bucket-size", "16M", "--num-buffers", "1"], {})]  # fmt: skip
+        if cuda:
+            uuid = info["ckpt_plugin"]["rank_keys"][0]
+            variants += [("loader sees the GPU by UUID only", [], {"CUDA_VISIBLE_DEVICES": uuid}),
+                         ("loader, expandable_segments:True", [], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+                         ("loader --device cpu (server copies H2D)", ["--device", "cpu"], {})]  # fmt: skip
+        else:
+            variants += [("loader, --transfer copy", ["--transfer", "copy"], {})]
+        for name, args, env in variants:
+            seconds = push(url, ckpt, name.replace(" ", "_")[:40], args, env_with_repo(**env))
+            check.record(name, nbytes, seconds, expected, h2d)
+        local_push(url, device, tensors, check, d2d)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    base = "pinned H2D" if cuda else "host memcpy"
+    print(f"\n| baseline, same run ({a.device}) | GB/s |\n|---|---|")
+    print(f"| {base} copy, best of 5 | {h2d:.2f} |\n| {'device-to-device' if cuda else 'host memcpy'} copy "
+          f"(LocalPush's baseline), best of 5 | {d2d:.2f} |")
+    print(f"\n| variant ({nbytes / GB:.2f} GB) | push | rate | vs baseline | byte-identical | server memory vs start |")
+    print("|---|---|---|---|---|---|")
+    for row in check.rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\nbaselines: loader rows vs {base}; LocalPush rows vs device-to-device copy")
+    print(f"VERDICT {'PASS' if check.ok else 'FAIL'}: every variant byte-identical and server memory back to its start")
+    return 0 if check.ok else 1
+
+
+def local_push(url: str, device: torch.device, tensors: dict, check: Check, d2d: float) -> None:
+    """Three pushes of in-memory tensors from this process (x, 2x, 3x), the buffers kept between pushes; the
+    memory check follows close()."""
+    from sglang_ckpt_plugin.local_push import LocalPush
+
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    with LocalPush(url, timeout_s=300) as pusher:
+        for k in (1, 2, 3):
+            scaled = {n: t * k for n, t in tensors.items()}  # on the CPU: the expected bytes
+            on_device = {n: t.to(device) for n, t in scaled.items()}
+            stats = pusher.push(on_device.items(), weight_version=f"local-{k}x")
+            del on_device
+            check.record(f"LocalPush {k}x ({pusher.device.type} buffers)", nbytes, stats.seconds, digests(scaled), d2d,
+                         memory=False)  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    check.rows.append(("LocalPush closed", "", "", "", "", check.memory_cell()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
