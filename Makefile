@@ -5,11 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+VENV_FLAGS ?=
 
 .PHONY: venv demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# sglang 0.5.23 pins torch 2.14.1; install it with its torchvision first (both resolve from local disk here)
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1

@@ -1,6 +1,6 @@
 """The CUDA-path check in one command (``scripts/device_check.sh``), also runnable on the CPU path.
 
-Builds a random bf16 Llama of ``--gb`` GB, starts a real SGLang server on ``--device`` with the plugin
+Builds a random bf16 Llama of ``--gb`` GB (1 on cuda), starts a real SGLang server on ``--device`` with the plugin
 (dummy weights, waiting), pushes the checkpoint with the loader (CUDA IPC buffers on cuda, shared memory on
 cpu), checks SGLang's ``/weights_checker`` checksums and greedy output against SGLang's own
 ``/update_weights_from_disk`` of the same files (must be equal), reports HF's teacher-forced ranks, and prints
@@ -45,14 +45,14 @@ def h2d_gbps(nbytes: int, device: torch.device, repeats: int = 5) -> float | Non
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--gb", type=float, default=None, help="checkpoint size (default: 4 on cuda, 0.4 on cpu)")
+    p.add_argument("--gb", type=float, default=None, help="checkpoint size (default: 1 on cuda, 0.4 on cpu)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--tokens", type=int, default=8)
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device visible; run with --device cpu for the CPU path", file=sys.stderr)
         return 2
-    gb = a.gb or (4.0 if a.device == "cuda" else 0.4)
+    gb = a.gb or (1.0 if a.device == "cuda" else 0.4)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-device-check-"))
     ckpt = work / f"random-llama-{gb:g}gb"
     t0 = time.perf_counter()
@@ -65,7 +65,9 @@ def main() -> int:
     warm_page_cache(ckpt)
     prompt = list(range(10, 20))
     loader = ["--device", a.device, "--timeout", "600"]
-    with SGLangServer(ckpt, work / "server.log", device=a.device) as srv:
+    # on a GPU: a small static pool, so the loader's buckets and the server fit on one card beside other work
+    extra = ["--mem-fraction-static", "0.3"] if a.device == "cuda" else []
+    with SGLangServer(ckpt, work / "server.log", device=a.device, extra_args=extra) as srv:
         srv.wait_listening(timeout_s=900)
         first = time_push(srv.url, ckpt, "push-1", loader)
         srv.wait_healthy(timeout_s=600)

@@ -14,5 +14,6 @@ if [ "${1:-}" = "--no-sglang" ]; then
   PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
   PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" bench/standalone_check.py "$@"
 fi
-if [ ! -f .venv/.installed ]; then make venv; fi
+# on a GPU machine the venv sees the system's CUDA torch (--system-site-packages)
+if [ ! -f .venv/.installed ]; then make venv VENV_FLAGS=--system-site-packages; fi
 exec .venv/bin/python bench/device_check.py "$@"

@@ -72,3 +72,34 @@ def test_dp_and_pp_are_refused_up_front_in_words():
     info = {"ckpt_plugin": {"tp_size": 1, "dp_size": 2}}
     assert "one server per replica" in layout_mismatch(info, "http://x", 1)
     assert "pass --inference-parallel-size 2" in layout_mismatch({"ckpt_plugin": {"tp_size": 2}}, "http://x", 1)
+
+
+def _serving(pusher, monkeypatch, plugin: dict) -> None:
+    monkeypatch.setattr(pusher.client, "wait_until_listening", lambda: {"ckpt_plugin": plugin})
+
+
+def test_local_push_follows_the_server(monkeypatch):
+    """A GPU server with tp=2: one shared-memory buffer set every rank maps, keyed by the ranks' GPU UUIDs;
+    CUDA buffers there are refused (one CUDA IPC buffer set reaches one GPU)."""
+    from sglang_ckpt_plugin.local_push import LocalPush
+
+    gpu_tp2 = {"device": "cuda", "rank_keys": ["GPU-a", "GPU-b"], "tp_size": 2}
+    pusher = LocalPush("http://127.0.0.1:9")
+    _serving(pusher, monkeypatch, gpu_tp2)
+    pusher._place()
+    assert (pusher.device.type, pusher.rank_keys) == ("cpu", ["GPU-a", "GPU-b"])
+    asked_cuda = LocalPush("http://127.0.0.1:9", device="cuda")
+    _serving(asked_cuda, monkeypatch, gpu_tp2)
+    with pytest.raises(ValueError, match="feeds one TP rank on one GPU"):
+        asked_cuda._place()
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        LocalPush("http://127.0.0.1:9", device="mps")
+
+
+def test_trainer_push_follows_the_server(monkeypatch):
+    from sglang_ckpt_plugin.trainer import TrainerPush
+
+    trainer = TrainerPush("http://127.0.0.1:9", device="cuda")
+    with pytest.raises(ValueError, match="server runs on CPU"):
+        trainer._choose_device(CPU_TP2)
+    assert TrainerPush("http://127.0.0.1:9")._choose_device(CPU_TP2).type == "cpu"
