@@ -7,6 +7,7 @@ MODE stall-after-first-bucket: send the first bucket, wait until the server load
 MODE corrupt-digests: with --verify, announce wrong digests (as if the bytes changed on the way).
 MODE corrupt-rank1-after-first: under torchrun, loader rank 1 announces wrong digests from its second bucket on
 (its TP rank loads bucket 0, then refuses bucket 1; rank 0 alone would have succeeded).
+MODE oom-rank1: under torchrun, loader rank 1 fails to allocate its bucket buffers (as a CUDA OOM would).
 Runs with --transfer copy unless the arguments name a transfer mode.
 """
 
@@ -52,6 +53,15 @@ elif mode == "corrupt-rank1-after-first":
         original_send(self, seq, bucket, [d ^ 1 for d in digests] if bad else digests, times, **kw)
 
     push.RankFeeder.send_bucket = send_bucket
+elif mode == "oom-rank1":
+    original_allocate = push.RankFeeder.allocate
+
+    def allocate(self, *args, **kwargs):
+        if os.environ.get("RANK") == "1":
+            raise RuntimeError("CUDA out of memory (injected by the test)")
+        return original_allocate(self, *args, **kwargs)
+
+    push.RankFeeder.allocate = allocate
 elif mode == "stall-before-buckets":
     reader.BucketFiller.fill = lambda self, *args, **kwargs: time.sleep(3600)
 else:

@@ -160,6 +160,33 @@ def test_tp_ranks_that_disagree_all_record_the_failure(server, llama_a, llama_b)
     assert_serves(server.url, llama_a)
 
 
+def test_one_rank_that_cannot_allocate_stops_every_rank_at_once_and_changes_nothing(server, llama_b):
+    """A rank whose buffer allocation fails (a CUDA OOM) meets the others at the agreement, not inside a
+    collective (the data group is made before anyone allocates): every rank stops at once, nothing changes."""
+    import sys
+    import time
+    from pathlib import Path
+
+    from sglang_ckpt_plugin.demo.launch import free_port
+
+    before = set(our_leftovers())
+    state = lambda: (lambda i: (i["weight_version"], i["ckpt_plugin"]["weights_state"]))(  # noqa: E731
+        httpx.get(f"{server.url}/model_info", timeout=30).json())
+    served = state()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           str(Path(__file__).with_name("faulty_loader.py")), "oom-rank1", "--",
+           "--checkpoint-path", str(llama_b), "--endpoint", server.url, "--inference-parallel-size", "2",
+           "--quiet", "--timeout", "120", "--weight-version", "oom"]  # fmt: skip
+    t0 = time.monotonic()
+    out = run_with_stacks(cmd, 300)
+    assert out.returncode != 0 and "CUDA out of memory (injected" in out.stderr, out.stderr[-3000:]
+    assert "another loader rank failed" in out.stderr, out.stderr[-3000:]
+    assert time.monotonic() - t0 < 110, "a rank waited for its --timeout instead of stopping with the others"
+    assert set(our_leftovers()) - before == set()
+    assert state() == served
+
+
 def test_local_push_from_trainer_memory_into_both_tp_ranks_reuses_its_buffers(server, llama_a, llama_b):
     from sglang_ckpt_plugin.local_push import LocalPush
 
