@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     from sglang_ckpt_plugin.loader.world import Control, LoaderWorld
     world = LoaderWorld.from_env(1)
-    c = Control(world, torch.device("cpu"), 30)
+    c = Control(world, 30)
     print("id", c.broadcast_str("update-%d" % world.rank))
     print("names", ",".join(c.all_gather_str("cpu-tp%d" % world.rank)))
     print("ints", c.all_gather_int(100 + world.rank))
@@ -55,7 +55,7 @@ EXCHANGE = textwrap.dedent("""
     from sglang_ckpt_plugin.loader.exchange import Exchange
     from sglang_ckpt_plugin.loader.world import Control, LoaderWorld
     world = LoaderWorld.from_env(1)
-    control = Control(world, torch.device("cpu"), 30)
+    control = Control(world, 30)
     receivers = [int(r) for r in sys.argv[1].split(",")]
     ex = Exchange(world, receivers, torch.device("cpu"))
     ex.allocate(64)
@@ -92,3 +92,32 @@ def test_exchange_moves_every_bucket_to_every_receiver_on_one_group(receivers):
         lines = [line for line in out.splitlines() if line.startswith("step")]
         steps = range(3) if rank in expected_steps else [rank]
         assert lines == [f"step {o} got [{o + 1}] tail 255 [{2**64 - 1 - o}, {o}]" for o in steps], out
+
+
+AGREE = textwrap.dedent("""
+    from sglang_ckpt_plugin.loader.run import agree_on_kind
+    from sglang_ckpt_plugin.loader.world import Control, LoaderWorld
+    from sglang_ckpt_plugin.placement import LoaderPlacement
+    world = LoaderWorld.from_env(2)
+    control = Control(world, 30)
+    mine = LoaderPlacement("cuda", 0, "GPU-a") if world.rank == 0 else LoaderPlacement("cpu", None, "GPU-b")
+    got = agree_on_kind(mine, control, world)
+    print("placement", got.kind, got.gpu_index, got.rank_key)
+    control.close()
+""")
+
+
+def test_ranks_agree_on_one_kind_of_buffer():
+    """Loader rank 1 cannot see its TP rank's GPU: both ranks use shared memory (one data group, one kind),
+    each still naming its own server rank."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", AGREE], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert "placement cpu None GPU-a" in outs[0][0] and "placement cpu None GPU-b" in outs[1][0]
+    assert "loader ranks [1] cannot reach their GPU" in outs[0][1]

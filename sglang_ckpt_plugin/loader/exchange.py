@@ -21,18 +21,19 @@ from .world import LoaderWorld
 
 
 class Exchange:
-    def __init__(self, world: LoaderWorld, receivers: list[int], device: torch.device):
+    def __init__(self, world: LoaderWorld, receivers: list[int], device: torch.device, group=None):
         """Collective and cheap: every rank makes it before any rank allocates buffers (an allocation that fails
-        on one rank must not leave the others inside a collective)."""
+        on one rank must not leave the others inside a collective). ``group``: the data group (None: default)."""
         self.world = world
         self.receivers = set(receivers)
         self.device = device
+        self.group = group
         self.everyone = set(range(world.world_size))
         self._staging = None
         if world.distributed and device.type == "cuda":
             # NCCL makes its communicator on first use, which must be collective (p2p ops otherwise hang)
             warm = torch.zeros(1, device=device)
-            dist.all_reduce(warm)
+            dist.all_reduce(warm, group=group)
             torch.cuda.current_stream(device).synchronize()
 
     def allocate(self, bucket_bytes: int) -> None:
@@ -65,12 +66,12 @@ class Exchange:
 
     def _send(self, owner: int, tensor: torch.Tensor) -> None:
         if self.receivers | {owner} == self.everyone:
-            dist.broadcast(tensor, src=owner)
+            dist.broadcast(tensor, src=owner, group=self.group)
             return
         if self.world.rank == owner:
-            ops = [dist.P2POp(dist.isend, tensor, peer) for peer in sorted(self.receivers - {owner})]
+            ops = [dist.P2POp(dist.isend, tensor, peer, group=self.group) for peer in sorted(self.receivers - {owner})]
         else:
-            ops = [dist.P2POp(dist.irecv, tensor, owner)]
+            ops = [dist.P2POp(dist.irecv, tensor, owner, group=self.group)]
         for request in dist.batch_isend_irecv(ops):
             request.wait()
 

@@ -42,6 +42,18 @@ def place_rank(args: argparse.Namespace, world: LoaderWorld) -> LoaderPlacement:
     return placement
 
 
+def agree_on_kind(placement: LoaderPlacement, control: Control, world: LoaderWorld) -> LoaderPlacement:
+    """Buckets move between ranks over one group, so every rank's buffers are of one kind: if any rank has to use
+    shared memory (its TP rank's GPU is not visible to it), all do (a GPU rank then copies host -> device)."""
+    kinds = control.all_gather_str(placement.kind)
+    if placement.kind == "cuda" and "cpu" in kinds:
+        if world.rank == min(r for r, k in enumerate(kinds) if k == "cuda"):
+            print(f"[sglang-ckpt] loader ranks {[r for r, k in enumerate(kinds) if k == 'cpu']} cannot reach their "
+                  "GPU by CUDA IPC: every rank uses shared memory", file=sys.stderr)  # fmt: skip
+        return LoaderPlacement("cpu", None, placement.rank_key)
+    return placement
+
+
 def torch_device(placement: LoaderPlacement) -> torch.device:
     """Made only now, once the server listens: a CUDA context made earlier would sit in SGLang's start-up
     memory profile when both start together."""
@@ -89,13 +101,15 @@ def run_update(args: argparse.Namespace) -> int:
         if args.checkpoint_path and not args.load_metas_file:
             discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
         placement = place_rank(args, world)
+        control = Control(world, args.timeout)
+        placement = agree_on_kind(placement, control, world)
         device = torch_device(placement)
-        control = Control(world, device, args.timeout)
         if device.type == "cuda":  # before the first NCCL call, which would fail on a shared GPU
             problem = shared_gpus(list(zip(control.all_gather_int(world.node_rank),
                                            control.all_gather_str(placement.rank_key))))  # fmt: skip
             if problem:
                 raise ValueError(problem)
+            control.use_nccl()
         for receivers in update_rounds(args.update_method, args.ranks, world):
             Update(args, world, control, device, receivers, placement.rank_key).run()
         if args.sleep_time:
@@ -232,7 +246,7 @@ class Update:
         self.endpoint = make_endpoint(f"{self.update_id}-i{world.instance}", self.rank_key)
         self.keys = self.control.all_gather_str(self.rank_key)
         self.endpoints = self.control.all_gather_str(self.endpoint)
-        self.exchange = Exchange(self.world, self.receivers, self.device)
+        self.exchange = Exchange(self.world, self.receivers, self.device, self.control.data_group)
 
     def bind(self) -> None:
         """Every receiver binds its endpoint (cheap); the agreement after it orders this before any HTTP call."""

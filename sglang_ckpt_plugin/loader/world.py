@@ -4,8 +4,9 @@ One loader process per inference rank. Loader rank ``r`` feeds TP rank ``r % P``
 ``r // P`` (P = ``--inference-parallel-size``); torchrun places ranks node by node, so with P GPUs per node
 each node's loader ranks feed the instance on that node.
 
-Two groups: the data group (NCCL on CUDA, gloo on CPU) carries buckets; a gloo group carries control
-(health flags, names). Strings travel as fixed-size byte tensors: nothing is pickled.
+Two groups: a gloo group (the default one) carries control (health flags, names) and, on CPU, buckets; on CUDA
+an NCCL group over the same ranks carries buckets, once every rank agreed that its buffers are on its GPU.
+Strings travel as fixed-size byte tensors: nothing is pickled.
 """
 
 from __future__ import annotations
@@ -74,17 +75,23 @@ class LoaderWorld:
 
 
 class Control:
-    """Collectives over the gloo control group; every method is a no-op shortcut with one rank."""
+    """Collectives over the gloo control group (the default group); every method is a no-op shortcut with one
+    rank. The data group is the same gloo world until every rank agreed on CUDA (``use_nccl``)."""
 
-    def __init__(self, world: LoaderWorld, device: torch.device, timeout_s: float):
+    def __init__(self, world: LoaderWorld, timeout_s: float):
         self.world = world
         self.group = None
+        self.data_group = None  # None: the default group
+        self.timeout = datetime.timedelta(seconds=timeout_s)
         if not world.distributed:
             return
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend=backend, timeout=timeout)
-        self.group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+        dist.init_process_group(backend="gloo", timeout=self.timeout)
+        self.group = dist.group.WORLD
+
+    def use_nccl(self) -> None:
+        """Collective: bucket bytes move over NCCL from now on (every rank's buffers are on its GPU)."""
+        if self.world.distributed:
+            self.data_group = dist.new_group(backend="nccl", timeout=self.timeout)
 
     def any_failed(self, failed: bool) -> bool:
         """True on every rank if any rank passed True (every rank must call it at the same point)."""
