@@ -41,11 +41,14 @@ class TensorFiller:
     def fill(self, bucket: Bucket, buffer: torch.Tensor) -> None:
         """Returns once the bytes are in ``buffer``: copies onto a GPU are asynchronous, and the next step
         tells the server to read them."""
+        gpus = {buffer.device} if buffer.is_cuda else set()
         for slot in bucket.slots:
             src = self.tensors[slot.tensor.name]
             buffer[slot.offset : slot.offset + slot.tensor.nbytes].copy_(src.reshape(-1).view(torch.uint8))
-        if buffer.is_cuda:
-            torch.cuda.synchronize(buffer.device)
+            if src.is_cuda:
+                gpus.add(src.device)
+        for device in gpus:  # a copy between two GPUs runs on one of their streams
+            torch.cuda.synchronize(device)
 
 
 @dataclass

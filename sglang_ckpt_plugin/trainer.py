@@ -97,8 +97,12 @@ class TrainerPush:
                 raise ValueError("the server runs on CPU (gloo): push from CPU tensors, device='cpu'")
             return torch.device("cpu")
         gpus = visible_gpu_keys()
+        if not gpus or (self.device is not None and self.device.type != "cuda"):
+            raise ValueError("the server runs on CUDA, so its weight-update group is NCCL: push from a GPU of this "
+                             "process that the server does not use")  # fmt: skip
         if self.device is None or self.device.index is None:
-            index = trainer_gpu(server, gpus)
+            current = torch.cuda.current_device()  # the trainer's own GPU, unless a server rank uses it
+            index = current if gpus[current] not in server.rank_keys else trainer_gpu(server, gpus)
         else:
             index = self.device.index
             if index >= len(gpus):
@@ -106,7 +110,8 @@ class TrainerPush:
             if gpus[index] in server.rank_keys:
                 raise ValueError(f"cuda:{index} ({gpus[index]}) is a GPU of the server's TP ranks: an NCCL group "
                                  "cannot hold two ranks on one GPU; pick another GPU")  # fmt: skip
-        torch.cuda.set_device(index)
+        if index != torch.cuda.current_device():
+            torch.cuda.set_device(index)  # NCCL's group uses the current device
         return torch.device("cuda", index)
 
     def close(self) -> None:

@@ -103,3 +103,5 @@ def test_trainer_push_follows_the_server(monkeypatch):
     with pytest.raises(ValueError, match="server runs on CPU"):
         trainer._choose_device(CPU_TP2)
     assert TrainerPush("http://127.0.0.1:9")._choose_device(CPU_TP2).type == "cpu"
+    with pytest.raises(ValueError, match="weight-update group is NCCL"):
+        TrainerPush("http://127.0.0.1:9", device="cpu")._choose_device(CUDA_TP2)
