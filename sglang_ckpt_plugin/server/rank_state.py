@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 import torch
+import torch.distributed as dist
 
 from ..transport.handles import device_rank_key
 from ..transport.strings import all_gather_str
@@ -47,8 +48,6 @@ def agree(*flags: bool) -> list[bool]:
     group = sg.tp_cpu_group()
     if group is None:
         return list(flags)
-    import torch.distributed as dist
-
     t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in t.tolist()]
@@ -61,6 +60,6 @@ def placement(device: torch.device, tp_rank: int) -> Placement:
     if _placement is None:
         key = device_rank_key(device, tp_rank)
         group = sg.tp_cpu_group()
-        keys = [key] if group is None else all_gather_str(key, group, sg.tp_size())
+        keys = [key] if group is None else all_gather_str(key, group, dist.get_world_size(group))
         _placement = Placement(device.type, keys)
     return _placement
