@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="map: the server maps the checkpoint files and copies tensors straight from the page cache "
                         "(one loader rank, CPU); copy: through shared bucket buffers; auto: map where it applies")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where buffers live: cpu = shared memory, cuda = CUDA IPC; auto = cuda if available")
+                   help="where buffers live: cpu = shared memory, cuda = CUDA IPC on the server rank's GPU; auto = "
+                        "follow the server (/model_info): CUDA IPC where this process sees that GPU, else shared memory")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="hard ceiling in seconds for the whole run (waiting for the server included); past it the "
                         "loader prints every thread's stack and exits 1")
