@@ -177,12 +177,13 @@ def test_one_rank_that_cannot_allocate_stops_every_rank_at_once_and_changes_noth
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            str(Path(__file__).with_name("faulty_loader.py")), "oom-rank1", "--",
            "--checkpoint-path", str(llama_b), "--endpoint", server.url, "--inference-parallel-size", "2",
-           "--quiet", "--timeout", "120", "--weight-version", "oom"]  # fmt: skip
+           "--quiet", "--timeout", "300", "--weight-version", "oom"]  # fmt: skip
     t0 = time.monotonic()
-    out = run_with_stacks(cmd, 300)
+    out = run_with_stacks(cmd, 420)
     assert out.returncode != 0 and "CUDA out of memory (injected" in out.stderr, out.stderr[-3000:]
     assert "another loader rank failed" in out.stderr, out.stderr[-3000:]
-    assert time.monotonic() - t0 < 110, "a rank waited for its --timeout instead of stopping with the others"
+    # a rank left inside a collective would only stop at its 300 s timeout; starting two ranks takes far less
+    assert time.monotonic() - t0 < 200, "a rank waited for its --timeout instead of stopping with the others"
     assert set(our_leftovers()) - before == set()
     assert state() == served
 
