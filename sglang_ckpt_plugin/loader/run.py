@@ -31,15 +31,41 @@ class PeerFailed(PushError):
     """Another loader rank failed; it printed why."""
 
 
-def place_rank(args: argparse.Namespace, world: LoaderWorld) -> LoaderPlacement:
-    """Ask the server where its ranks run (every rank asks its own --endpoint) and follow it."""
-    client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
-    server = ServerPlacement.from_model_info(client.wait_until_listening())
-    placement = choose_placement(args.device, server, world.tp_rank, world.local_rank,
-                                 visible_gpu_keys() if args.device != "cpu" else [])  # fmt: skip
+def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control) -> LoaderPlacement:
+    """Each instance's leader asks its server where the ranks run (``/model_info``; a server spread over nodes
+    answers HTTP on its first node only); the instance's ranks learn it over the control group and follow it."""
+    server, error = None, None
+    try:
+        if world.is_leader:
+            client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
+            server = ServerPlacement.from_model_info(client.wait_until_listening())
+    except (ServerError, ValueError, OSError) as exc:
+        error = exc
+    if control.any_failed(error is not None):
+        raise error or PeerFailed("another loader rank could not ask its server (its error is printed above)")
+    server = from_instance_leader(server, world, control)
+    placement = None
+    try:
+        placement = choose_placement(args.device, server, world.tp_rank, world.local_rank,
+                                     visible_gpu_keys() if args.device != "cpu" else [])  # fmt: skip
+    except ValueError as exc:
+        error = exc
+    if control.any_failed(error is not None):
+        raise error or PeerFailed("another loader rank cannot place its buffers (its error is printed above)")
     if placement.note and not args.quiet:
         print(f"[sglang-ckpt rank {world.rank}] {placement.note}", file=sys.stderr)
     return placement
+
+
+def from_instance_leader(server: ServerPlacement | None, world: LoaderWorld, control: Control) -> ServerPlacement:
+    """The server's device and rank keys as this instance's leader read them (one short string per collective)."""
+    if not world.distributed:
+        return server
+    leader = world.instance_ranks()[0]
+    device = control.all_gather_str((server.device or "") if world.is_leader else "")[leader]
+    keys = [control.all_gather_str((server.key_of(i) or "") if world.is_leader else "")[leader]
+            for i in range(world.parallel_size)]  # fmt: skip
+    return ServerPlacement(device or None, keys if all(keys) else [], tp_size=world.parallel_size)
 
 
 def agree_on_kind(placement: LoaderPlacement, control: Control, world: LoaderWorld) -> LoaderPlacement:
@@ -100,9 +126,8 @@ def run_update(args: argparse.Namespace) -> int:
         world = LoaderWorld.from_env(args.inference_parallel_size)
         if args.checkpoint_path and not args.load_metas_file:
             discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
-        placement = place_rank(args, world)
         control = Control(world, args.timeout)
-        placement = agree_on_kind(placement, control, world)
+        placement = agree_on_kind(place_rank(args, world, control), control, world)
         device = torch_device(placement)
         if device.type == "cuda":  # before the first NCCL call, which would fail on a shared GPU
             problem = shared_gpus(list(zip(control.all_gather_int(world.node_rank),
