@@ -192,7 +192,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for row in check.rows:
         print("| " + " | ".join(row) + " |")
-    print(f"\nbaselines: loader rows vs {base}; LocalPush rows vs device-to-device copy")
+    print(f"\nbaselines: loader rows vs {base}; LocalPush rows vs {'device-to-device' if cuda else 'host memcpy'} copy")
     print(f"VERDICT {'PASS' if check.ok else 'FAIL'}: every variant byte-identical and server memory back to its start")
     return 0 if check.ok else 1
 
