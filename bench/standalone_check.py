@@ -85,19 +85,21 @@ def env_with_repo(**extra: str) -> dict:
     return env
 
 
-def push(url: str, ckpt: Path, version: str, extra: list[str], env: dict | None = None) -> float:
-    """Run the real loader CLI; the push seconds it reports (buckets only)."""
+def push(url: str, ckpt: Path, version: str, extra: list[str], env: dict | None = None) -> tuple[float, str]:
+    """Run the real loader CLI; the push seconds it reports (buckets only) and its stage times."""
     cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(ckpt), "--endpoint", url,
            "--weight-version", version, "--quiet", "--timeout", "300", *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env or env_with_repo(), timeout=400)
     if proc.returncode != 0:
         raise RuntimeError(f"loader failed ({version}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return float(re.search(r"GB in ([\d.]+) s", proc.stdout).group(1))
+    stages = re.search(r"stages: (.*)", proc.stdout)
+    return float(re.search(r"GB in ([\d.]+) s", proc.stdout).group(1)), stages.group(1) if stages else ""
 
 
 class Check:
     def __init__(self, url: str, device: torch.device):
         self.url, self.device, self.rows, self.ok = url, device, [], True
+        self.stages: list[str] = []  # where each push's time went
         self.baseline = self.memory()
 
     def memory(self) -> int | None:
@@ -177,8 +179,9 @@ def main() -> int:
         else:
             variants += [("loader, --transfer copy", ["--transfer", "copy"], {})]
         for name, args, env in variants:
-            seconds = push(url, ckpt, name.replace(" ", "_")[:40], args, env_with_repo(**env))
+            seconds, stages = push(url, ckpt, name.replace(" ", "_")[:40], args, env_with_repo(**env))
             check.record(name, nbytes, seconds, expected, h2d)
+            check.stages.append(f"{name}: {stages}")
         local_push(url, device, tensors, check, d2d)
     finally:
         server.terminate()
@@ -192,6 +195,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for row in check.rows:
         print("| " + " | ".join(row) + " |")
+    print("\nwhere the time went:\n" + "\n".join(f"- {line}" for line in check.stages))
     print(f"\nbaselines: loader rows vs {base}; LocalPush rows vs {'device-to-device' if cuda else 'host memcpy'} copy")
     print(f"VERDICT {'PASS' if check.ok else 'FAIL'}: every variant byte-identical and server memory back to its start")
     return 0 if check.ok else 1
@@ -209,9 +213,17 @@ def local_push(url: str, device: torch.device, tensors: dict, check: Check, d2d:
             on_device = {n: t.to(device) for n, t in scaled.items()}
             stats = pusher.push(on_device.items(), weight_version=f"local-{k}x")
             del on_device
-            check.record(f"LocalPush {k}x ({pusher.device.type} buffers)", nbytes, stats.seconds, digests(scaled), d2d,
-                         memory=False)  # fmt: skip
-    if device.type == "cuda":
+            name = f"LocalPush {k}x ({pusher.device.type} buffers)"
+            check.record(name, nbytes, stats.seconds, digests(scaled), d2d, memory=False)
+            check.stages.append(f"{name}: {stats.buckets} buckets | fill {stats.fill_s:.4f} s | server load "
+                                f"{stats.server_load_s:.4f} s | whole push {stats.seconds:.4f} s")  # fmt: skip
+    if device.type == "cuda":  # the per-bucket round trip against bucket size: 512 MiB buckets
+        with LocalPush(url, timeout_s=300, bucket_bytes=512 << 20) as pusher:
+            stats = pusher.push(((n, t.to(device)) for n, t in tensors.items()), weight_version="local-512m")
+            name = "LocalPush 1x, 512 MiB buckets"
+            check.record(name, nbytes, stats.seconds, digests(tensors), d2d, memory=False)
+            check.stages.append(f"{name}: {stats.buckets} buckets | fill {stats.fill_s:.4f} s | server load "
+                                f"{stats.server_load_s:.4f} s | whole push {stats.seconds:.4f} s")  # fmt: skip
         torch.cuda.empty_cache()
     check.rows.append(("LocalPush closed", "", "", "", "", check.memory_cell()))
 

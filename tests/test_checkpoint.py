@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from sglang_ckpt_plugin.loader.checkpoint import CheckpointError, discover_files, read_checkpoint
 from sglang_ckpt_plugin.loader.plan import plan_buckets
+from sglang_ckpt_plugin.loader import reader as reader_module
 from sglang_ckpt_plugin.loader.reader import BucketFiller, CheckpointReader, bucket_digests
 
 
@@ -56,6 +57,27 @@ def test_staged_fill_gives_the_same_bytes_and_digests_as_a_direct_fill(tmp_path,
     for s in bucket.slots:
         span = slice(s.offset, s.offset + s.tensor.nbytes)
         assert torch.equal(staged[span], direct[span]), s.tensor.name
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_reads_split_over_threads_give_the_same_bytes(tmp_path, monkeypatch, threads):
+    """Ranges cut into pieces (here 5 bytes) read by several threads land exactly where one sequential read puts
+    them, staged or not; a file shorter than its header says is an error, not a silent short bucket."""
+    monkeypatch.setattr(reader_module, "READ_PIECE_BYTES", 5)
+    tensors = {"a": torch.randn(5, 3), "b": torch.arange(7, dtype=torch.int16), "c": torch.randn(9, dtype=torch.float64)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    bucket = plan_buckets(read_checkpoint(tmp_path), 4096)[0]
+    reader = CheckpointReader(threads=threads)
+    for staged in (False, True):
+        buf = torch.zeros(bucket.nbytes, dtype=torch.uint8)
+        BucketFiller(reader, torch.device("cpu"), bucket.nbytes, chunk_bytes=24, staged=staged).fill(bucket, buf)
+        for s in bucket.slots:
+            got = buf[s.offset : s.offset + s.tensor.nbytes].view(s.tensor.dtype).view(s.tensor.shape)
+            assert torch.equal(got, tensors[s.tensor.name]), (staged, s.tensor.name)
+    file = tmp_path / "model.safetensors"
+    with pytest.raises(OSError, match="unexpected end of file"):
+        reader.read_range(str(file), file.stat().st_size - 3, memoryview(bytearray(12)))
+    reader.close()
 
 
 def test_sharded_index(tmp_path):

@@ -1,13 +1,16 @@
 """Fill a bucket buffer with checkpoint bytes: ``preadv`` straight from the file into the buffer.
 
-One copy (page cache -> bucket), no whole-file mmap in the loader's resident memory. On CUDA the bytes
-land in pinned host staging halves first and are copied to the device buffer asynchronously, one half
-while the other is read.
+One copy (page cache -> bucket), no whole-file mmap in the loader's resident memory. Large reads are split
+over a few threads (``preadv`` releases the GIL; one thread copies from the page cache at a fraction of the
+memory bandwidth: 5.5 GB/s against 55 GB/s pinned host -> H200 measured on one machine). On CUDA the bytes land in
+pinned host staging halves first and are copied to the device buffer asynchronously, one half while the other
+is read.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import xxhash
@@ -16,12 +19,23 @@ from ..transport.integrity import tensor_digest
 from .plan import Bucket
 
 
-class CheckpointReader:
-    """Keeps one open descriptor per file; counts the bytes it reads."""
+READ_PIECE_BYTES = 4 << 20  # reads are split into pieces of this size for the reading threads
 
-    def __init__(self) -> None:
+
+def default_read_threads() -> int:
+    """Up to 8, sharing this process's cores with the other loader ranks of the node (torchrun's LOCAL_WORLD_SIZE)."""
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, len(os.sched_getaffinity(0)) // ranks_here))
+
+
+class CheckpointReader:
+    """Keeps one open descriptor per file; counts the bytes it reads. ``threads``: how many read at once."""
+
+    def __init__(self, threads: int | None = None) -> None:
         self._fds: dict[str, int] = {}
         self.bytes_read = 0
+        self.threads = threads or default_read_threads()
+        self._pool: ThreadPoolExecutor | None = None
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -30,29 +44,48 @@ class CheckpointReader:
         return fd
 
     def read_range(self, path: str, offset: int, dest: memoryview) -> None:
-        fd = self._fd(path)
-        done = 0
-        while done < len(dest):
-            n = os.preadv(fd, [dest[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"{path}: unexpected end of file at byte {offset + done} (file changed while reading?)")
-            done += n
-        self.bytes_read += done
+        self.read_ranges([(path, offset, dest)])
+
+    def read_ranges(self, ranges: list[tuple[str, int, memoryview]]) -> None:
+        """Read each ``(path, offset, dest)``; returns once all are read. Split over the reading threads when
+        there is enough to share."""
+        pieces = [(self._fd(path), path, offset + at, dest[at : at + READ_PIECE_BYTES])
+                  for path, offset, dest in ranges for at in range(0, len(dest), READ_PIECE_BYTES)]  # fmt: skip
+        if self.threads > 1 and len(pieces) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-read")
+            for future in [self._pool.submit(_pread_exactly, *piece) for piece in pieces]:
+                future.result()
+        else:
+            for piece in pieces:
+                _pread_exactly(*piece)
+        self.bytes_read += sum(len(dest) for _, _, dest in ranges)
 
     def fill(self, bucket: Bucket, host: torch.Tensor) -> None:
         """Read every tensor of ``bucket`` into ``host`` (a CPU uint8 tensor) at its slot offset."""
         view = memoryview(host.numpy())
-        for slot in bucket.slots:
-            t = slot.tensor
-            self.read_range(t.file, t.file_offset, view[slot.offset : slot.offset + t.nbytes])
+        self.read_ranges([(s.tensor.file, s.tensor.file_offset, view[s.offset : s.offset + s.tensor.nbytes])
+                          for s in bucket.slots])  # fmt: skip
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
 
 
-STAGING_CHUNK_BYTES = 32 << 20  # each of the two pinned staging halves (CUDA)
+def _pread_exactly(fd: int, path: str, offset: int, dest: memoryview) -> None:
+    done = 0
+    while done < len(dest):
+        n = os.preadv(fd, [dest[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"{path}: unexpected end of file at byte {offset + done} (file changed while reading?)")
+        done += n
+
+
+STAGING_CHUNK_BYTES = 64 << 20  # each of the two pinned staging halves (CUDA)
 
 
 def bucket_digests(bucket: Bucket, host: torch.Tensor) -> list[int]:
@@ -88,29 +121,37 @@ class BucketFiller:
         hashers = [xxhash.xxh3_64() for _ in bucket.slots] if digests else None
         chunk = self._halves[0].numel()
         half, start, end = 0, None, 0  # the staged span: buffer bytes [start, end) sit in self._halves[half]
+        pending: list[tuple[int, str, int, memoryview]] = []  # (slot index, file, offset, dest) of the span
         for i, slot in enumerate(bucket.slots):
             t, done = slot.tensor, 0
             while done < t.nbytes:
                 pos = slot.offset + done
                 if start is not None and pos - start >= chunk:  # the span is full: ship it, stage in the other half
-                    self._copy_out(half, buffer, start, end)
-                    half, start = 1 - half, None
+                    self._ship(half, buffer, start, end, pending, hashers)
+                    half, start, pending = 1 - half, None, []
                 if start is None:
                     if self._cuda:
                         self._copied[half].synchronize()  # its previous copy must be done before we overwrite it
                     start = pos
                 n = min(chunk - (pos - start), t.nbytes - done)
-                dest = memoryview(self._halves[half].numpy())[pos - start : pos - start + n]
-                self.reader.read_range(t.file, t.file_offset + done, dest)
-                if hashers is not None:
-                    hashers[i].update(dest)
+                pending.append((i, t.file, t.file_offset + done,
+                                memoryview(self._halves[half].numpy())[pos - start : pos - start + n]))  # fmt: skip
                 done += n
                 end = pos + n
         if start is not None:
-            self._copy_out(half, buffer, start, end)
+            self._ship(half, buffer, start, end, pending, hashers)
         if self._cuda:
             self._stream.synchronize()
         return [h.intdigest() for h in hashers] if hashers is not None else None
+
+    def _ship(self, half: int, buffer: torch.Tensor, start: int, end: int,
+              pending: list[tuple[int, str, int, memoryview]], hashers: list | None) -> None:  # fmt: skip
+        """Read the span's pieces into the half (all threads at once), digest them in order, copy the half out."""
+        self.reader.read_ranges([(path, offset, dest) for _, path, offset, dest in pending])
+        if hashers is not None:
+            for i, _, _, dest in pending:
+                hashers[i].update(dest)
+        self._copy_out(half, buffer, start, end)
 
     def _copy_out(self, half: int, buffer: torch.Tensor, start: int, end: int) -> None:
         if not self._cuda:
