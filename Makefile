@@ -6,14 +6,17 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 VENV_FLAGS ?=
+SGLANG_DEFAULT := 0.5.23
+SGLANG ?=
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench compat clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# sglang 0.5.23 pins torch 2.14.1; install it with its torchvision first (both resolve from local disk here)
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q sglang==$(SGLANG_DEFAULT)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
@@ -31,5 +34,10 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/push_bench.py
 
+# the end-to-end smoke against another SGLang release, in its own environment: make compat SGLANG=0.5.22
+compat:
+	@test -n "$(SGLANG)" || { echo "usage: make compat SGLANG=<release>, e.g. SGLANG=0.5.22"; exit 2; }
+	scripts/compat.sh $(SGLANG) $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .artifacts
+	rm -rf $(VENV) .venv-sglang-* .pytest_cache .hypothesis .artifacts

@@ -55,6 +55,22 @@ def assert_serves(url: str, checkpoint: Path, headers: dict | None = None) -> ev
     return ev
 
 
+def scrape(url: str, prefix: str = "sglang:ckpt_") -> dict[tuple, float]:
+    """The server's /metrics samples whose name starts with ``prefix``: {(name, (label, value)...): value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = httpx.get(f"{url}/metrics", timeout=30)
+    resp.raise_for_status()
+    return {(s.name, *sorted(s.labels.items())): s.value for family in text_string_to_metric_families(resp.text)
+            for s in family.samples if s.name.startswith(prefix)}  # fmt: skip
+
+
+def sample(samples: dict[tuple, float], name: str, **labels) -> float:
+    """One sample's value, 0 where it is absent (a counter nobody has incremented yet)."""
+    return samples.get((name, *sorted(labels.items())), 0.0)
+
+
 def push(url: str, checkpoint: Path, *extra: str, check: bool = True, timeout_s: float = 300) -> subprocess.CompletedProcess:
     """Run the real loader CLI against a server. A loader still running at ``timeout_s`` is made to dump its
     threads' stacks (faulthandler on SIGUSR1) before it is killed, and the failure shows them."""

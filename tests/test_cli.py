@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from sglang_ckpt_plugin.cpu_env import cpu_environment
+from sglang_ckpt_plugin.cpu_env import core_binds, cpu_environment
 from sglang_ckpt_plugin.cpu_support import STUB_PATH
 from sglang_ckpt_plugin.loader.checkpoint import CheckpointError
 from sglang_ckpt_plugin.loader.cli import parse_args, parse_size
@@ -102,12 +102,21 @@ def test_api_key_never_reaches_a_child_command_line():
         "--quiet", "--endpoint", "x"]
 
 
-def test_cpu_environment_puts_stub_first_and_binds_cores():
-    env = cpu_environment(tp_size=2, cores=2, base={"PYTHONPATH": "/a"})
+def test_cpu_environment_puts_stub_first_and_leaves_binding_to_the_plugin():
+    env = cpu_environment(base={"PYTHONPATH": "/a"})
     assert env["PYTHONPATH"].split(":") == [str(STUB_PATH), "/a"]
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"
-    assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1"
-    assert cpu_environment(tp_size=1, cores=4, base={})["SGLANG_CPU_OMP_THREADS_BIND"] == "0-3"
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in env  # the plugin binds from the server's own --tp/--dp/--pp
+    assert cpu_environment(tp_size=2, base={})["SGLANG_CPU_OMP_THREADS_BIND"].count("|") == 1
+
+
+def test_core_binds_one_range_per_rank():
+    assert core_binds(2, [0, 1]) == "0|1"
+    assert core_binds(1, [0, 1, 2, 3]) == "0-3"
+    assert core_binds(2, list(range(8))) == "0-3|4-7"
+    assert core_binds(3, [0, 1]) == "0|1|0"  # more ranks than cores: round robin, one core each
+    assert core_binds(2, [0, 1, 2, 5, 6, 7]) == "0-2|5-7"
+    assert core_binds(2, [0, 2, 4, 6]) == "0,2|4,6"  # not contiguous: comma-separated ranges
 
 
 def test_cpu_env_prints_exports():

@@ -14,7 +14,7 @@ import pytest
 
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 
-from .conftest import NEW_TOKENS, PROMPT, assert_serves, communicate_or_dump, our_leftovers, push
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, communicate_or_dump, our_leftovers, push, sample, scrape
 
 pytestmark = pytest.mark.slow
 FAULTY = Path(__file__).with_name("faulty_loader.py")
@@ -47,7 +47,8 @@ def wait_for(predicate, timeout_s: float = 30.0):
 @pytest.fixture(scope="module")
 def server(llama_a, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "faults_server.log"
-    with SGLangServer(llama_a, log, env={"SGLANG_CKPT_IDLE_TIMEOUT": str(IDLE_TIMEOUT_S)}) as srv:
+    with SGLangServer(llama_a, log, env={"SGLANG_CKPT_IDLE_TIMEOUT": str(IDLE_TIMEOUT_S)},
+                      extra_args=["--enable-metrics"]) as srv:  # fmt: skip
         srv.wait_listening()
         push(srv.url, llama_a, "--weight-version", "a-1")
         srv.wait_healthy(timeout_s=60)
@@ -291,3 +292,46 @@ def test_wrong_inference_parallel_size_is_refused_and_changes_nothing(server, ll
     assert proc.returncode == 1 and "pass --inference-parallel-size 1" in proc.stderr
     assert "torch.distributed" not in proc.stderr  # refused before any loader rank was started
     assert_serving(server.url, llama_a, "a-ips")
+
+
+def test_metrics_count_every_outcome_as_the_gate_sees_it(server, llama_a, llama_b, tmp_path):
+    """SGLang's own /metrics (--enable-metrics, its multiprocess Prometheus setup): a push, a rejected push and a
+    killed push each counted once under their outcome; state, loaded flag, version and bytes follow."""
+    push(server.url, llama_a, "--weight-version", "m-1")
+    before = scrape(server.url)
+    assert sample(before, "sglang:ckpt_weights_loaded") == 1
+    assert sample(before, "sglang:ckpt_weights_state", state="complete") == 1
+    assert sample(before, "sglang:ckpt_weights_state", state="waiting") == 0
+    assert sample(before, "sglang:ckpt_weight_version_info", version="m-1") == 1
+
+    def delta(after, outcome):
+        return (sample(after, "sglang:ckpt_updates_total", outcome=outcome, source="ipc")
+                - sample(before, "sglang:ckpt_updates_total", outcome=outcome, source="ipc"))  # fmt: skip
+
+    push(server.url, llama_b, "--weight-version", "m-2")
+    after = scrape(server.url)
+    assert delta(after, "success") == 1 and delta(after, "rejected") == 0
+    nbytes = sum(f.stat().st_size for f in llama_b.glob("*.safetensors"))  # header bytes are not weights
+    grown = sample(after, "sglang:ckpt_update_bytes_total") - sample(before, "sglang:ckpt_update_bytes_total")
+    assert 0.9 * nbytes < grown <= nbytes
+    assert sample(after, "sglang:ckpt_update_seconds_count") == sample(before, "sglang:ckpt_update_seconds_count") + 1
+    assert sample(after, "sglang:ckpt_weight_version_info", version="m-2") == 1
+    assert sample(after, "sglang:ckpt_weight_version_info", version="m-1") == 0
+    assert sample(after, "sglang:ckpt_last_update_timestamp_seconds") >= time.time() - 120
+
+    bad = _variant(llama_b, tmp_path / "shape", lambda t: {**t, "model.norm.weight": t["model.norm.weight"][:32].clone()})
+    assert push(server.url, bad, "--weight-version", "m-bad", check=False).returncode == 1
+    after = scrape(server.url)
+    assert delta(after, "rejected") == 1 and sample(after, "sglang:ckpt_weights_loaded") == 1
+
+    proc = faulty("kill-after-2", server.url, llama_a, "--weight-version", "m-killed")
+    finish(proc, 120)
+    wait_for(lambda: info(server.url)["ckpt_plugin"]["weights_state"] == "incomplete", timeout_s=20)
+    after = scrape(server.url)
+    assert delta(after, "incomplete") == 1 and delta(after, "success") == 1
+    assert sample(after, "sglang:ckpt_weights_loaded") == 0
+    assert sample(after, "sglang:ckpt_weights_state", state="incomplete") == 1
+    assert sample(after, "sglang:ckpt_weights_state", state="complete") == 0
+
+    push(server.url, llama_a, "--weight-version", "m-3")  # leave the server serving a complete set
+    assert sample(scrape(server.url), "sglang:ckpt_weights_loaded") == 1

@@ -29,6 +29,7 @@ def server(llama_a, tmp_path_factory):
     assert srv.group_pids() == [], "server processes left behind"
 
 
+@pytest.mark.compat
 def test_gate_refuses_everything_that_runs_the_model(server):
     with httpx.Client(base_url=server.url, timeout=30) as c:
         for method, path, body in MODEL_ROUTES:
@@ -98,6 +99,7 @@ def test_partial_pushes_that_together_cover_the_model_open_the_gate(server, llam
     assert info["weights_state"] == "complete" and info["missing"] == []
 
 
+@pytest.mark.compat
 def test_push_serves_exactly_the_checkpoint(server, llama_a):
     before = set(our_leftovers())
     out = push(server.url, llama_a, "--weight-version", "a-1")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 from sglang_ckpt_plugin.trainer import ServerError, TrainerPush
 
-from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push, run_with_stacks
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push, run_with_stacks, sample, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def server(llama_a, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "tp2_server.log"
-    with SGLangServer(llama_a, log, tp_size=2) as srv:
+    with SGLangServer(llama_a, log, tp_size=2, extra_args=["--enable-metrics"]) as srv:
         srv.wait_listening()
         yield srv
     assert srv.group_pids() == [], "server processes left behind"
@@ -41,6 +41,10 @@ def server(llama_a, tmp_path_factory):
 
 def test_trainer_push_over_the_distributed_group_opens_the_gate(server, llama_b):
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
+    waiting = scrape(server.url)  # --enable-metrics with --tp 2: before any weights
+    assert sample(waiting, "sglang:ckpt_weights_loaded") == 0 and waiting[("sglang:ckpt_weights_loaded",)] == 0
+    assert sample(waiting, "sglang:ckpt_weights_state", state="waiting") == 1
+    assert sample(waiting, "sglang:ckpt_updates_total", outcome="success", source="trainer") == 0
     with TrainerPush(server.url, bucket_bytes=300_000, timeout_s=120) as trainer:
         stats = trainer.push(checkpoint_tensors(llama_b).items(), weight_version="trainer-1")
         assert stats.buckets >= 2 and stats.tensors == 21
@@ -53,6 +57,13 @@ def test_trainer_push_over_the_distributed_group_opens_the_gate(server, llama_b)
     assert info["weights_state"] == "complete" and info["tp_size"] == 2
     assert info["last_update"]["source"] == "trainer"
     assert_serves(server.url, llama_b)
+    loaded = scrape(server.url)  # the session counted once at its end, then the refused one
+    assert sample(loaded, "sglang:ckpt_weights_loaded") == 1
+    assert sample(loaded, "sglang:ckpt_weights_state", state="complete") == 1
+    assert sample(loaded, "sglang:ckpt_updates_total", outcome="success", source="trainer") == 1
+    assert sample(loaded, "sglang:ckpt_updates_total", outcome="rejected", source="trainer") == 1
+    assert sample(loaded, "sglang:ckpt_weight_version_info", version="trainer-1") == 1
+    assert sample(loaded, "sglang:ckpt_update_seconds_count") == 2
 
 
 def test_trainer_session_holds_generation_until_it_ends(server, llama_a):

@@ -19,10 +19,11 @@ from ..cpu_env import cpu_environment
 from ..loader.http import free_port  # noqa: F401  (re-exported: tests and bench start servers on it)
 
 
-def server_env(device: str = "cpu", tp_size: int = 1, extra: dict | None = None) -> dict[str, str]:
+def server_env(device: str = "cpu", extra: dict | None = None) -> dict[str, str]:
+    """The plain ``cpu_env`` on CPU (the plugin binds cores from the server's own sizes, any --tp)."""
     env = dict(os.environ)
     if device == "cpu":
-        env.update(cpu_environment(tp_size, base=env))
+        env.update(cpu_environment(base=env))
     env.update(extra or {})
     return env
 
@@ -53,7 +54,7 @@ class SGLangServer:
         if wait_for_weights:
             args += ["--load-format", "dummy", wait_flag]
         self.args = args + list(extra_args or [])
-        self.env = server_env(device, tp_size, env)
+        self.env = server_env(device, env)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "SGLangServer":

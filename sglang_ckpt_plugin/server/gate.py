@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 
+from . import metrics
 from . import sglang_compat as sg
 from .options import initial_weights_timeout
 
@@ -66,6 +67,8 @@ class WeightsGate:
         self.is_open = is_open
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            metrics.first_request(GateState.report, GateState.open)
         if scope["type"] not in ("http", "websocket") or self.is_open():
             return await self.app(scope, receive, send)
         path = scope.get("path", "")

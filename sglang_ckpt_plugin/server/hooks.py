@@ -14,42 +14,59 @@ them in every SGLang process). Target names live in sglang_compat.py.
   of ``--load-format dummy`` is skipped (nothing is served before every parameter was written).
 - ``parallel_state.init_model_parallel_group`` (before): on CPU, no pynccl communicator (it requires CUDA);
   gloo carries the TP group, which is what makes ``--tp 2`` run on a CPU-only machine.
+- ``Engine._launch_subprocesses`` (before; the HTTP server and ``sglang.Engine`` both start their schedulers
+  there): on CPU, one core range per rank in ``SGLANG_CPU_OMP_THREADS_BIND`` when the user set none.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import msgspec
 import torch
 
+from ..cpu_env import core_binds
 from . import gate, options, rank_state, routes, tp_worker, trainer_updates
 from . import sglang_compat as sg
 
 logger = logging.getLogger("sglang_ckpt_plugin")
 
 
+def hook_table() -> list[tuple[str, object, str]]:
+    """(target, our function, hook type name) for every hook; also what the release check resolves."""
+    runner, manager = sg.RUNNER_WEIGHT_UPDATER, sg.SCHEDULER_WEIGHT_UPDATER
+    return [
+        (sg.SERVER_ARGS, lambda _result, parser: options.add_server_flags(parser, sg.WAIT_FLAG_FIELD), "AFTER"),
+        (f"{sg.HTTP_SERVER}.launch_server", _before_launch_server, "BEFORE"),
+        (f"{sg.HTTP_SERVER}._wait_weights_ready", gate.wait_for_initial_weights, "REPLACE"),
+        (f"{runner}.update_weights_from_ipc", tp_worker.update_weights_from_ipc, "REPLACE"),
+        (f"{runner}.load_weights_from_distributed", trainer_updates.load_weights_from_distributed, "AROUND"),
+        (f"{runner}.update_weights_from_tensor", trainer_updates.update_weights_from_tensor, "AROUND"),
+        (f"{runner}.update_weights_from_disk", trainer_updates.update_weights_from_disk, "AROUND"),
+        (f"{manager}.begin_weight_update", trainer_updates.begin_session, "AROUND"),
+        (f"{manager}.end_weight_update", trainer_updates.end_session, "AROUND"),
+        (f"{sg.SCHEDULER}.get_internal_state", _add_weights_state, "AFTER"),
+        (f"{sg.SCHEDULER}.handle_generate_request", _guard_generate, "AROUND"),
+        (f"{sg.PARALLEL_STATE}.init_model_parallel_group", _no_pynccl_on_cpu, "BEFORE"),
+        (f"{sg.MODEL_LOADER}.initialize_dummy_weights", _skip_dummy_fill_when_waiting, "AROUND"),
+        (f"{sg.ENGINE}._launch_subprocesses", _bind_cpu_cores, "BEFORE"),
+    ]
+
+
 def install_hooks() -> None:
+    """Register every hook, after checking that this SGLang has every target. SGLang logs and skips a plugin whose
+    register() raises an Exception, and skips a hook whose target is missing: a server started with
+    --wait-for-initial-weights would then come up without its gate. SystemExit is not an Exception: the start
+    fails, with one line naming the supported releases."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    runner, manager = sg.RUNNER_WEIGHT_UPDATER, sg.SCHEDULER_WEIGHT_UPDATER
-    HookRegistry.register(sg.SERVER_ARGS, lambda _result, parser: options.add_server_flags(parser, sg.WAIT_FLAG_FIELD))
-    HookRegistry.register(f"{sg.HTTP_SERVER}.launch_server", _before_launch_server, HookType.BEFORE)
-    HookRegistry.register(f"{sg.HTTP_SERVER}._wait_weights_ready", gate.wait_for_initial_weights, HookType.REPLACE)
-    HookRegistry.register(f"{runner}.update_weights_from_ipc", tp_worker.update_weights_from_ipc, HookType.REPLACE)
-    HookRegistry.register(f"{runner}.load_weights_from_distributed", trainer_updates.load_weights_from_distributed,
-                          HookType.AROUND)  # fmt: skip
-    HookRegistry.register(f"{runner}.update_weights_from_tensor", trainer_updates.update_weights_from_tensor,
-                          HookType.AROUND)  # fmt: skip
-    HookRegistry.register(f"{runner}.update_weights_from_disk", trainer_updates.update_weights_from_disk,
-                          HookType.AROUND)  # fmt: skip
-    HookRegistry.register(f"{manager}.begin_weight_update", trainer_updates.begin_session, HookType.AROUND)
-    HookRegistry.register(f"{manager}.end_weight_update", trainer_updates.end_session, HookType.AROUND)
-    HookRegistry.register(f"{sg.SCHEDULER}.get_internal_state", _add_weights_state, HookType.AFTER)
-    HookRegistry.register(f"{sg.SCHEDULER}.handle_generate_request", _guard_generate, HookType.AROUND)
-    HookRegistry.register(f"{sg.PARALLEL_STATE}.init_model_parallel_group", _no_pynccl_on_cpu, HookType.BEFORE)
-    HookRegistry.register(f"{sg.MODEL_LOADER}.initialize_dummy_weights", _skip_dummy_fill_when_waiting,
-                          HookType.AROUND)  # fmt: skip
+    table = hook_table()
+    problem = sg.release_problem([target for target, _, _ in table])
+    if problem is not None:
+        raise SystemExit(problem)
+    for target, function, kind in table:
+        HookRegistry.register(target, function, getattr(HookType, kind))
 
 
 def _before_launch_server(server_args, *args, **kwargs):
@@ -78,6 +95,20 @@ def _skip_dummy_fill_when_waiting(original, model, *args, **kwargs):
         logger.info("--wait-for-initial-weights: not filling dummy weights with random values")
         return None
     return original(model, *args, **kwargs)
+
+
+def _bind_cpu_cores(*args, **kwargs):
+    """BEFORE hook, in the launching process: SGLang asserts on a CPU server with more ranks than NUMA nodes unless
+    SGLANG_CPU_OMP_THREADS_BIND names one core range per rank; the spawned schedulers inherit what is set here."""
+    server_args = kwargs.get("server_args", args[1] if len(args) > 1 else None)
+    if server_args is None or os.environ.get("SGLANG_CPU_OMP_THREADS_BIND"):
+        return None
+    device, ranks = sg.launch_layout(server_args)
+    if device == "cpu" and ranks > 1:
+        os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = core_binds(ranks)
+        logger.info("SGLANG_CPU_OMP_THREADS_BIND=%s (one core range per rank, set by sglang-ckpt-plugin)",
+                    os.environ["SGLANG_CPU_OMP_THREADS_BIND"])  # fmt: skip
+    return None
 
 
 def _no_pynccl_on_cpu(*args, **kwargs):

@@ -17,11 +17,13 @@ import asyncio
 import functools
 import json
 import logging
+import time
 
 from fastapi.responses import ORJSONResponse
 
 from .. import __version__
 from ..placement import unsupported_layout
+from . import metrics
 from . import sglang_compat as sg
 from .gate import GateState, WeightsGate
 
@@ -29,12 +31,13 @@ logger = logging.getLogger("sglang_ckpt_plugin")
 
 STATE_TIMEOUT_S = 120.0
 _update_lock = asyncio.Lock()
-_session = {"held": False}  # generation held by us for an open trainer session
+_session = {"held": False, "started": None}  # generation held by us for an open trainer session; since when
 _wait_for_weights = False
 
 
-async def refresh_state() -> None:
-    """Read the scheduler's weights state and set the gate (and SGLang's own readiness flag) from it."""
+async def refresh_state(started: float | None = None) -> None:
+    """Read the scheduler's weights state and set the gate (and SGLang's own readiness flag) from it.
+    ``started``: when the update call that may have recorded an outcome began (for the metrics)."""
     try:
         states = await asyncio.wait_for(sg.scheduler_internal_states(), STATE_TIMEOUT_S)
     except (asyncio.TimeoutError, RuntimeError) as exc:
@@ -49,6 +52,7 @@ async def refresh_state() -> None:
     GateState.report = reports[0]
     GateState.open = all(r["state"] == "complete" for r in reports)
     sg.set_initial_weights_loaded(GateState.open)
+    metrics.observe(GateState.report, GateState.open, started)
 
 
 def _replace_endpoint(app, path: str, make_wrapper) -> None:
@@ -70,10 +74,11 @@ def _then_refresh(original):
 
     @functools.wraps(original)
     async def route(*args, **kwargs):
+        started = time.monotonic()
         try:
             return await original(*args, **kwargs)
         finally:
-            await refresh_state()
+            await refresh_state(_session["started"] or started)  # inside a trainer session: since its begin
 
     return route
 
@@ -101,6 +106,7 @@ def _wrap_update_ipc(original):
 def _wrap_begin_session(original):
     @functools.wraps(original)
     async def begin_weight_update(*args, **kwargs):
+        started = time.monotonic()
         held = await sg.hold_generation()  # in-flight requests finish first; new ones wait for the session's end
         try:
             resp = await original(*args, **kwargs)
@@ -110,9 +116,10 @@ def _wrap_begin_session(original):
             raise
         if _succeeded(resp):
             _session["held"] = _session["held"] or held
+            _session["started"] = _session["started"] or started
         elif held:
             await sg.release_generation()
-        await refresh_state()
+        await refresh_state(started)
         return resp
 
     return begin_weight_update
@@ -121,13 +128,16 @@ def _wrap_begin_session(original):
 def _wrap_end_session(original):
     @functools.wraps(original)
     async def end_weight_update(*args, **kwargs):
+        started = _session["started"] or time.monotonic()
         try:
             return await original(*args, **kwargs)
         finally:
-            await refresh_state()  # before releasing: held requests then meet the gate's final answer
-            if _session["held"] and not (GateState.report or {}).get("session_open"):
-                _session["held"] = False
-                await sg.release_generation()
+            await refresh_state(started)  # before releasing: held requests then meet the gate's final answer
+            if not (GateState.report or {}).get("session_open"):
+                _session["started"] = None
+                if _session["held"]:
+                    _session["held"] = False
+                    await sg.release_generation()
 
     return end_weight_update
 

@@ -1,5 +1,6 @@
-"""Every touch-point on SGLang internals, for SGLang 0.5.23: hook target names and the accessors the hooks
-use. A new SGLang release is this file's work (and hooks.py's list, if a target moved).
+"""Every touch-point on SGLang internals (SGLang 0.5.21-0.5.23): hook target names, the accessors the hooks use,
+and the check that a release has all of them. A new SGLang release is this file's work (and hooks.py's table,
+if a target moved).
 
 Nothing here imports the rest of the plugin: hooks.py wires SGLang to our modules, and our modules call in
 here, so there is no import circle.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pkgutil
 
 import torch
 
@@ -16,6 +18,7 @@ logger = logging.getLogger("sglang_ckpt_plugin")
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+ENGINE = "sglang.srt.entrypoints.engine.Engine"
 HTTP_SERVER = "sglang.srt.entrypoints.http_server"
 RUNNER_WEIGHT_UPDATER = "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater"
 SCHEDULER_WEIGHT_UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
@@ -23,6 +26,75 @@ WAIT_FLAG_FIELD = "checkpoint_engine_wait_weights_before_ready"
 PARALLEL_STATE = "sglang.srt.distributed.parallel_state"
 MODEL_LOADER = "sglang.srt.model_loader.loader"
 INTERNAL_STATE_KEY = "ckpt_plugin"  # our entry in the scheduler's internal state (GetInternalStateReqOutput)
+
+# ---------------------------------------------------------------- which releases
+OLDEST_SUPPORTED = (0, 5, 21)  # the first release with every target below (0.5.20 lacks the trainer path's)
+TESTED_RELEASES = ("0.5.21", "0.5.22", "0.5.23")  # `make compat SGLANG=X` (0.5.23: `make test`); README lists them
+# Names the accessors below use, besides the hook targets (hooks.py): all must resolve in a supported release.
+ACCESSED_NAMES = (
+    f"{HTTP_SERVER}.app",
+    "sglang.srt.runtime_context.get_model",
+    "sglang.srt.runtime_context.get_parallel",
+    "sglang.srt.runtime_context.get_observability",
+    "sglang.srt.utils.kill_process_tree",
+    f"{PARALLEL_STATE}.get_tp_group",
+    "sglang.srt.model_executor.model_runner_components.weight_updater._unsupported_derived_weight_cache_error",
+    f"{RUNNER_WEIGHT_UPDATER}._assert_weight_cache_inactive",
+    f"{MODEL_LOADER}.DefaultModelLoader.restore_weights_before_loading",
+    f"{MODEL_LOADER}.DefaultModelLoader.postprocess_weights",
+    f"{MODEL_LOADER}.post_load_weights",
+    "sglang.srt.model_loader.utils.set_default_torch_dtype",
+    "sglang.srt.utils.common.init_custom_process_group",
+    f"sglang.srt.server_args.ServerArgs.{WAIT_FLAG_FIELD}",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.get_internal_state",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.config_value",
+)
+
+
+def sglang_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sglang")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def supported_range() -> str:
+    oldest = ".".join(map(str, OLDEST_SUPPORTED))
+    return f"SGLang >= {oldest} with every hooked target (tested: {', '.join(TESTED_RELEASES)})"
+
+
+def missing_names(names) -> list[tuple[str, str]]:
+    """(name, why) for each dotted name that does not resolve in the installed SGLang (module, class, function
+    or attribute). ``why`` tells a name that is gone from a module that failed to import (an environment
+    problem, e.g. a CUDA-only kernel package on a CPU machine)."""
+    missing = []
+    for name in names:
+        try:
+            pkgutil.resolve_name(name)
+        except (ImportError, AttributeError, ValueError) as exc:
+            missing.append((name, f"{type(exc).__name__}: {exc}"))
+    return missing
+
+
+def release_problem(targets) -> str | None:
+    """One line saying why this SGLang cannot carry the plugin, or None. ``targets``: the hook targets."""
+    installed = sglang_version()
+    release = tuple(int(part) for part in installed.split(".")[:3] if part.isdigit())
+    missing = missing_names([*targets, *ACCESSED_NAMES])
+    if not missing and (len(release) < 3 or release >= OLDEST_SUPPORTED):
+        if installed not in TESTED_RELEASES:
+            logger.warning("sglang-ckpt-plugin has not been tested with SGLang %s (%s); every hooked target resolves",
+                           installed, supported_range())  # fmt: skip
+        return None
+    if missing:
+        (name, why), more = missing[0], len(missing) - 1
+        what = f"cannot resolve {name} ({why})" + (f" and {more} more" if more else "")
+    else:
+        what = "older than the oldest supported release"
+    return (f"sglang-ckpt-plugin does not support SGLang {installed}: {what}; it supports {supported_range()}: "
+            "install one of those, or uninstall sglang-ckpt-plugin")  # fmt: skip
 
 
 # ---------------------------------------------------------------- main process (HTTP server)
@@ -49,6 +121,27 @@ def wait_flag_enabled() -> bool:
     from sglang.srt.runtime_context import get_model
 
     return bool(getattr(get_model(), WAIT_FLAG_FIELD, False))
+
+
+def launch_layout(server_args) -> tuple[str, int]:
+    """(device, ranks = tp * dp * pp) of a server about to start, from its own arguments."""
+    device = str(getattr(server_args, "device", None) or "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ranks = 1
+    for name in ("tp_size", "dp_size", "pp_size"):
+        ranks *= int(getattr(server_args, name, 1) or 1)
+    return device, ranks
+
+
+def metrics_enabled() -> bool:
+    """``--enable-metrics``: SGLang serves /metrics from its multiprocess Prometheus directory."""
+    from sglang.srt.runtime_context import get_observability
+
+    try:
+        return bool(get_observability().enable_metrics)
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def tp_size() -> int:

@@ -1,0 +1,59 @@
+"""Which SGLang releases the plugin runs on: the check at registration, and a start refused with one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sglang_ckpt_plugin.demo.launch import free_port, server_env
+from sglang_ckpt_plugin.server import sglang_compat as sg
+from sglang_ckpt_plugin.server.hooks import hook_table
+
+from .conftest import communicate_or_dump
+
+
+@pytest.mark.compat
+def test_the_installed_release_has_every_target():
+    assert sg.missing_names([t for t, _, _ in hook_table()] + list(sg.ACCESSED_NAMES)) == []
+    assert sg.missing_names(["sglang.srt.server_args.ServerArgs.no_such_field"])[0][1].startswith("AttributeError")
+    assert sg.release_problem([t for t, _, _ in hook_table()]) is None
+    assert sg.sglang_version() in sg.TESTED_RELEASES
+
+
+def test_a_missing_target_is_named_with_the_supported_range():
+    problem = sg.release_problem(["sglang.srt.no_such_module.fn", "sglang.srt.managers.scheduler.Scheduler.nope"])
+    assert problem is not None and "\n" not in problem
+    assert f"does not support SGLang {sg.sglang_version()}: cannot resolve sglang.srt.no_such_module.fn" in problem
+    assert "(AttributeError: module" in problem and "and 1 more" in problem
+    assert "0.5.21" in problem and "0.5.23" in problem and "uninstall sglang-ckpt-plugin" in problem
+
+
+def test_every_hook_target_is_checked():
+    """The table hooks.py registers is the one the check resolves: no hook is added beside it."""
+    import inspect
+
+    from sglang_ckpt_plugin.server import hooks
+
+    assert inspect.getsource(hooks).count("HookRegistry.register(") == 1
+    assert len({target for target, _, _ in hook_table()}) == len(hook_table()) == 14
+
+
+@pytest.mark.slow
+@pytest.mark.compat
+def test_server_on_a_release_without_a_target_refuses_to_start(llama_a, tmp_path):
+    """A real launch_server: the plugin refuses before anything listens, exit code non-zero, one line."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "tests.missing_target_server", "--model-path", str(llama_a), "--host", "127.0.0.1",
+           "--port", str(port), "--device", "cpu", "--max-total-tokens", "4096", "--load-format", "dummy",
+           "--wait-for-initial-weights"]  # fmt: skip
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=server_env("cpu"),
+                             start_new_session=True)  # fmt: skip
+    _, err = communicate_or_dump(child, 180, "the refused server")
+    assert child.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("sglang-ckpt-plugin does not support SGLang")]
+    assert len(lines) == 1, err[-3000:]
+    assert "cannot resolve sglang.srt.managers.scheduler.Scheduler.no_such_hook (AttributeError" in lines[0]
+    assert "tested: 0.5.21" in lines[0]
+    assert "Uvicorn running" not in err and "Application startup complete" not in err
