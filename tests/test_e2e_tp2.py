@@ -56,7 +56,6 @@ def test_trainer_push_over_the_distributed_group_opens_the_gate(server, llama_b)
     info = httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]
     assert info["weights_state"] == "complete" and info["tp_size"] == 2
     assert info["last_update"]["source"] == "trainer"
-    assert_serves(server.url, llama_b)
     loaded = scrape(server.url)  # the session counted once at its end, then the refused one
     assert sample(loaded, "sglang:ckpt_weights_loaded") == 1
     assert sample(loaded, "sglang:ckpt_weights_state", state="complete") == 1
@@ -64,6 +63,8 @@ def test_trainer_push_over_the_distributed_group_opens_the_gate(server, llama_b)
     assert sample(loaded, "sglang:ckpt_updates_total", outcome="rejected", source="trainer") == 1
     assert sample(loaded, "sglang:ckpt_weight_version_info", version="trainer-1") == 1
     assert sample(loaded, "sglang:ckpt_update_seconds_count") == 2
+    assert_serves(server.url, llama_b)  # its reference is SGLang's own disk reload: counted too
+    assert sample(scrape(server.url), "sglang:ckpt_updates_total", outcome="success", source="disk") == 1
 
 
 def test_trainer_session_holds_generation_until_it_ends(server, llama_a):
