@@ -31,6 +31,10 @@ PYEOF
   torch_pin=$(grep -iE '^torch[ =<>]' "$VENV/sglang-requirements.txt" | head -1 | tr -d ' ')
   if [ "$torch_pin" = "torch==2.14.1" ]; then  # with its torchvision first, both from this machine's disk
     "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  elif [ -n "$torch_pin" ]; then
+    # Another torch: PyPI's own build with its matching torchvision (--isolated: this machine's pip settings
+    # prefer a CPU-only torch file from local disk, beside which PyPI's torchvision cannot load)
+    "$VENV/bin/python" -m pip install -q --isolated "$torch_pin" torchvision
   fi
   "$VENV/bin/python" -m pip install -q -r "$VENV/sglang-requirements.txt"
   touch "$VENV/.sglang-only"

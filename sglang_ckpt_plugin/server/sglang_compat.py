@@ -8,9 +8,10 @@ here, so there is no import circle.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
-import pkgutil
 
 import torch
 
@@ -65,14 +66,30 @@ def supported_range() -> str:
     return f"SGLang >= {oldest} with every hooked target (tested: {', '.join(TESTED_RELEASES)})"
 
 
+def resolve(name: str):
+    """The object a dotted name points to: its longest module prefix imported (an ImportError inside a module that
+    exists is raised as itself, not hidden behind an AttributeError as pkgutil.resolve_name does), then attributes."""
+    parts = name.split(".")
+    obj, i = importlib.import_module(parts[0]), 1
+    while i < len(parts):
+        module = ".".join(parts[: i + 1])
+        is_package = hasattr(obj, "__path__")
+        if is_package and not hasattr(obj, parts[i]) and importlib.util.find_spec(module) is not None:
+            obj = importlib.import_module(module)
+        else:
+            obj = getattr(obj, parts[i])
+        i += 1
+    return obj
+
+
 def missing_names(names) -> list[tuple[str, str]]:
     """(name, why) for each dotted name that does not resolve in the installed SGLang (module, class, function
     or attribute). ``why`` tells a name that is gone from a module that failed to import (an environment
-    problem, e.g. a CUDA-only kernel package on a CPU machine)."""
+    problem, e.g. a package SGLang imports that does not load on this machine)."""
     missing = []
     for name in names:
         try:
-            pkgutil.resolve_name(name)
+            resolve(name)
         except (ImportError, AttributeError, ValueError) as exc:
             missing.append((name, f"{type(exc).__name__}: {exc}"))
     return missing
