@@ -25,6 +25,20 @@ def test_qwen3_under_sglang_flag_name_serves_the_checkpoint(qwen3_a, tmp_path):
     assert srv.group_pids() == []
 
 
+def test_sglang_serve_carries_the_plugin_like_launch_server(llama_a, tmp_path):
+    """``sglang serve`` (SGLang's recommended command) loads the plugin: the gate, then a push served bit-exactly."""
+    with SGLangServer(llama_a, tmp_path / "serve.log", launcher="serve") as srv:
+        assert srv.args[1] == "serve"
+        srv.wait_listening()
+        assert httpx.get(f"{srv.url}/health").status_code == 503
+        assert httpx.post(f"{srv.url}/generate", json={"text": "w5"}).status_code == 503
+        push(srv.url, llama_a, "--weight-version", "serve-1")
+        srv.wait_healthy(timeout_s=60)
+        assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "serve-1"
+        assert_serves(srv.url, llama_a)
+    assert srv.group_pids() == []
+
+
 def test_no_weights_within_timeout_exits_nonzero(llama_a, tmp_path):
     srv = SGLangServer(llama_a, tmp_path / "timeout.log", extra_args=["--initial-weights-timeout", "3"])
     with srv:

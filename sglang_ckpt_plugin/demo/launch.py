@@ -29,7 +29,7 @@ def server_env(device: str = "cpu", extra: dict | None = None) -> dict[str, str]
 
 
 class SGLangServer:
-    """``python -m sglang.launch_server`` as a child process group."""
+    """``python -m sglang.launch_server`` (or ``sglang serve``) as a child process group."""
 
     def __init__(
         self,
@@ -43,11 +43,16 @@ class SGLangServer:
         port: int | None = None,
         extra_args: list[str] | None = None,
         env: dict | None = None,
+        launcher: str = "launch_server",
     ):
+        """``launcher``: ``launch_server`` (python -m sglang.launch_server) or ``serve`` (SGLang's ``sglang serve``
+        command, the one its docs recommend)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+        command = {"launch_server": [sys.executable, "-m", "sglang.launch_server"],
+                   "serve": [str(Path(sys.executable).with_name("sglang")), "serve"]}[launcher]  # fmt: skip
+        args = [*command, "--model-path", str(model_path),
                 "--host", "127.0.0.1", "--port", str(self.port), "--device", device, "--tp-size", str(tp_size)]  # fmt: skip
         if device == "cpu":
             args += ["--max-total-tokens", "4096"]
