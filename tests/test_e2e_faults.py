@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -335,3 +336,51 @@ def test_metrics_count_every_outcome_as_the_gate_sees_it(server, llama_a, llama_
 
     push(server.url, llama_a, "--weight-version", "m-3")  # leave the server serving a complete set
     assert sample(scrape(server.url), "sglang:ckpt_weights_loaded") == 1
+
+
+class _TouchesAFileWhenUnpickled:
+    """What a hostile pickle can do: if anything on the server unpickled this, the marker file would appear."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_engine_parameter_server_is_told_what_to_run_instead(server, llama_a, tmp_path):
+    """SGLang's documented `python -m sglang.srt.checkpoint_engine.update` (checkpoint-engine's ParameterServer):
+    a REQ socket bound on an abstract endpoint, a pickled handle as its first frame. The server answers in
+    checkpoint-engine's own error form (a text reply) and over HTTP, unpickles nothing, changes nothing."""
+    import pickle
+    import threading
+
+    import zmq
+
+    push(server.url, llama_a, "--weight-version", "ce-before")
+    marker = tmp_path / "unpickled"
+    endpoint = f"ipc://@checkpoint-engine-cpu-tp0-{os.getpid()}-{time.monotonic_ns()}.sock"
+    ctx = zmq.Context()
+    ps = ctx.socket(zmq.REQ)
+    ps.setsockopt(zmq.LINGER, 0)
+    ps.bind(endpoint)
+    answer = {}
+    body = {"zmq_handles": {"cpu-tp0": endpoint}, "flush_cache": True, "weight_version": "ce-1"}
+    call = threading.Thread(target=lambda: answer.update(
+        resp=httpx.post(f"{server.url}/update_weights_from_ipc", json=body, timeout=120)))  # fmt: skip
+    call.start()
+    try:
+        ps.send(pickle.dumps(("rebuild_cuda_tensor", (_TouchesAFileWhenUnpickled(marker),)), protocol=4))
+        assert ps.poll(60_000, zmq.POLLIN), "no reply to the ParameterServer's first frame"
+        reply = ps.recv().decode()
+        ps.send(pickle.dumps(RuntimeError("Some workers failed to update weights")))  # as its PS does next
+    finally:
+        call.join(timeout=120)
+        ps.close()
+        ctx.term()
+    assert "sglang-ckpt-plugin" in reply and "python -m sglang_ckpt_plugin.update" in reply
+    resp = answer["resp"]
+    assert resp.status_code == 400 and "python -m sglang_ckpt_plugin.update" in resp.json()["message"]
+    assert not marker.exists()
+    assert info(server.url)["ckpt_plugin"]["last_update"]["outcome"] == "rejected"
+    assert_serving(server.url, llama_a, "ce-before")

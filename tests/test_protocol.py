@@ -144,3 +144,17 @@ def test_fuzz_mutated_messages_only_raise_protocol_error(msg, pick, value):
     except ProtocolError:
         return
     assert type(decoded) is type(msg)
+
+
+def test_checkpoint_engine_first_frame_is_recognised_without_unpickling():
+    """Pickle protocols 2-5 by their opening bytes; our own typed messages and plain text are not pickles; only
+    abstract sockets (checkpoint-engine's) are ever sniffed."""
+    import pickle
+
+    from sglang_ckpt_plugin.server.foreign import looks_like_pickle, may_be_checkpoint_engine
+
+    for protocol in (2, 3, 4, 5):
+        assert looks_like_pickle(pickle.dumps(("handle", (1, 2)), protocol=protocol))
+    assert not looks_like_pickle(b'{"kind":"hello"}') and not looks_like_pickle(b"") and not looks_like_pickle(b"\x80")
+    assert may_be_checkpoint_engine("ipc://@checkpoint-engine-GPU-1-0.sock")
+    assert not may_be_checkpoint_engine("ipc:///run/sglang-ckpt/x.sock") and not may_be_checkpoint_engine("tcp://h:1")

@@ -12,7 +12,7 @@ import logging
 import os
 
 from ..transport.handles import device_rank_key
-from . import rank_state
+from . import foreign, rank_state
 from . import sglang_compat as sg
 from .receiver import ReceiveSession, UpdateRefused
 from .validate import validate_update
@@ -48,6 +48,8 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
         if key not in handles:
             raise UpdateRefused(f"no endpoint for this rank ({key}) in zmq_handles (keys: {sorted(handles)[:8]}); "
                                 "is --inference-parallel-size the server's --tp?")  # fmt: skip
+        if foreign.answer_checkpoint_engine(handles[key]):  # SGLang's documented pusher, not ours
+            raise UpdateRefused(foreign.CHECKPOINT_ENGINE_REFUSAL)
         with sg.model_dtype_context(updater):
             session = ReceiveSession(
                 endpoint=handles[key],
