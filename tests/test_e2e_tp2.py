@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -151,7 +152,6 @@ def test_tp_ranks_that_disagree_all_record_the_failure(server, llama_a, llama_b)
     """TP rank 0 would succeed; TP rank 1 loads a bucket, then refuses the next (bad digests). The ranks agree:
     the update fails on both, both hold a mix, so the server is incomplete (gate and guard) until a full push."""
     import sys
-    from pathlib import Path
 
     from sglang_ckpt_plugin.demo.launch import free_port
 
@@ -177,7 +177,6 @@ def test_one_rank_that_cannot_allocate_stops_every_rank_at_once_and_changes_noth
     collective (the data group is made before anyone allocates): every rank stops at once, nothing changes."""
     import sys
     import time
-    from pathlib import Path
 
     from sglang_ckpt_plugin.demo.launch import free_port
 
@@ -219,3 +218,43 @@ def test_local_push_from_trainer_memory_into_both_tp_ranks_reuses_its_buffers(se
             os.fstat(fd)
     assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "local-a"
     assert_serves(server.url, llama_a)
+
+
+def guide_code(path: Path) -> dict:
+    """Every ```python block of a doc, run in order in one namespace (what a reader would paste)."""
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S):
+        exec(compile(block, str(path), "exec"), namespace)  # noqa: S102 - our own docs, under test
+    return namespace
+
+
+def test_rl_guide_code_runs_as_written(server, llama_a, llama_b, tmp_path):
+    """docs/rl.md's code, as written, against this --tp 2 server: colocated sync over steps (buffers kept),
+    a sync over SGLang's weight-update group, a failed push that leaves the last version served, and rollouts
+    that name the weights that made them. The policy is a Hugging Face model (its named_parameters)."""
+    from transformers import AutoModelForCausalLM
+
+    guide = guide_code(Path(__file__).parents[1] / "docs" / "rl.md")
+    policy_a = AutoModelForCausalLM.from_pretrained(llama_a, dtype="auto")
+    policy_b = AutoModelForCausalLM.from_pretrained(llama_b, dtype="auto")
+
+    sync = guide["ColocatedSync"](server.url)
+    try:
+        stats = sync.sync(policy_b, step=1)
+        assert stats.tensors == 21 and stats.bytes > 0
+        _, version = guide["rollout"](server.url, PROMPT)
+        assert version == "step-1"
+        assert_serves(server.url, llama_b)
+        sync.sync(policy_a, step=2)
+        ids, version = guide["rollout"](server.url, PROMPT, NEW_TOKENS)
+        assert version == "step-2" and len(ids) > 0
+        # a broken step (a tensor the model does not have) is refused; step-2 stays served
+        broken = [*policy_b.named_parameters(), ("model.layers.0.not_a_weight", torch.zeros(3))]
+        assert guide["sync_or_keep_serving"](sync.pusher, server.url, broken, step=3) == "step-2"
+    finally:
+        sync.close()
+    assert_serves(server.url, llama_a)
+
+    guide["sync_over_the_group"](server.url, policy_b, step=4)
+    assert guide["rollout"](server.url, PROMPT)[1] == "step-4"
+    assert_serves(server.url, llama_b)
