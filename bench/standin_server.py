@@ -34,7 +34,7 @@ class Weights:
 
     def __init__(self, checkpoint: Path, device: torch.device):
         self.device = device
-        self.params = {t.name: torch.full(t.shape, 7, dtype=t.dtype, device=device) for t in read_checkpoint(checkpoint)}
+        self.params = {t.name: torch.full(t.shape, 7, dtype=getattr(torch, t.dtype), device=device) for t in read_checkpoint(checkpoint)}
         self.version: str | None = None
 
     def validate(self, manifest, partial: bool, allow_unused: bool) -> dict:

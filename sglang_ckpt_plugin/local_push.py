@@ -20,7 +20,7 @@ from typing import Iterable
 
 import torch
 
-from .loader.checkpoint import TensorInfo
+from .loader.checkpoint import TensorInfo, dtype_name
 from .loader.http import ServerClient
 from .loader.plan import Bucket, align_up, plan_buckets
 from .loader.push import PushError, RankFeeder, StageTimes, new_update_id
@@ -117,7 +117,7 @@ class LocalPush:
         tensors = {name: t.detach().contiguous() for name, t in named_tensors}
         if not tensors:
             raise ValueError("LocalPush.push: no tensors given")
-        infos = [TensorInfo(name, t.dtype, tuple(t.shape), "", 0, t.numel() * t.element_size())
+        infos = [TensorInfo(name, dtype_name(t.dtype), tuple(t.shape), "", 0, t.numel() * t.element_size())
                  for name, t in tensors.items()]  # fmt: skip
         size = max(self.bucket_bytes, align_up(max(i.nbytes for i in infos)))
         buckets = plan_buckets(infos, size)

@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sglang_ckpt_plugin.loader.checkpoint import CheckpointError, discover_files, read_checkpoint
+from sglang_ckpt_plugin.loader.checkpoint import CheckpointError, discover_files, dtype_name, read_checkpoint
 from sglang_ckpt_plugin.loader.plan import plan_buckets
 from sglang_ckpt_plugin.loader import reader as reader_module
-from sglang_ckpt_plugin.loader.reader import BucketFiller, CheckpointReader, bucket_digests
+from sglang_ckpt_plugin.loader.filler import BucketFiller, bucket_digests
+from sglang_ckpt_plugin.loader.reader import CheckpointReader
 
 
 @pytest.fixture
@@ -27,14 +28,14 @@ def ckpt(tmp_path):
 def test_read_header_matches_safetensors_and_bytes_round_trip(ckpt):
     path, tensors = ckpt
     infos = read_checkpoint(path)
-    assert {t.name: (t.dtype, t.shape) for t in infos} == {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    assert {t.name: (t.dtype, t.shape) for t in infos} == {k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
     buckets = plan_buckets(infos, 4096)
     buf = torch.zeros(4096, dtype=torch.uint8)
     reader = CheckpointReader()
     reader.fill(buckets[0], buf)
     reader.close()
     for s in buckets[0].slots:
-        got = buf[s.offset : s.offset + s.tensor.nbytes].view(s.tensor.dtype).view(s.tensor.shape)
+        got = buf[s.offset : s.offset + s.tensor.nbytes].view(getattr(torch, s.tensor.dtype)).view(s.tensor.shape)
         assert torch.equal(got, tensors[s.tensor.name])
     assert reader.bytes_read == sum(v.numel() * v.element_size() for v in tensors.values())
 
@@ -72,7 +73,7 @@ def test_reads_split_over_threads_give_the_same_bytes(tmp_path, monkeypatch, thr
         buf = torch.zeros(bucket.nbytes, dtype=torch.uint8)
         BucketFiller(reader, torch.device("cpu"), bucket.nbytes, chunk_bytes=24, staged=staged).fill(bucket, buf)
         for s in bucket.slots:
-            got = buf[s.offset : s.offset + s.tensor.nbytes].view(s.tensor.dtype).view(s.tensor.shape)
+            got = buf[s.offset : s.offset + s.tensor.nbytes].view(getattr(torch, s.tensor.dtype)).view(s.tensor.shape)
             assert torch.equal(got, tensors[s.tensor.name]), (staged, s.tensor.name)
     file = tmp_path / "model.safetensors"
     with pytest.raises(OSError, match="unexpected end of file"):

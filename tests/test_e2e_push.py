@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import httpx
 import pytest
 
@@ -148,3 +150,32 @@ def test_verified_push_reports_the_fingerprint_of_the_files_on_disk(server, llam
     assert_serves(server.url, llama_a)
     # a disk reload (what assert_serves ends with) is not the verified push: no fingerprint is claimed
     assert httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["fingerprint"] is None
+
+
+NO_TORCH_PROBE = """
+import runpy, sys
+sys.argv = ["sglang_ckpt_plugin.update", *sys.argv[1:]]
+code = 0
+try:
+    runpy.run_module("sglang_ckpt_plugin.update", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code or 0
+print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH")
+sys.exit(code)
+"""
+
+
+def test_one_rank_cpu_push_starts_without_torch(server, llama_a, llama_b):
+    """The one-rank CPU page-cache push (the server maps the files) imports no torch: it starts at once. A push
+    that must fill buckets (--transfer copy) does import it. Both serve exactly the checkpoint."""
+    from .conftest import run_with_stacks
+
+    base = [sys.executable, "-c", NO_TORCH_PROBE, "--endpoint", server.url, "--quiet", "--timeout", "120"]
+    mapped = run_with_stacks([*base, "--checkpoint-path", str(llama_b), "--weight-version", "nt-1"], 300)
+    assert mapped.returncode == 0, mapped.stderr[-3000:]
+    assert "page cache" in mapped.stdout and mapped.stdout.strip().endswith("NO_TORCH"), mapped.stdout
+    assert_serves(server.url, llama_b)
+    copied = run_with_stacks([*base, "--checkpoint-path", str(llama_a), "--weight-version", "nt-2",
+                              "--transfer", "copy"], 300)  # fmt: skip
+    assert copied.returncode == 0 and copied.stdout.strip().endswith("TORCH_IMPORTED"), copied.stdout
+    assert_serves(server.url, llama_a)

@@ -1,7 +1,6 @@
 """Unit tests: shard planning and bucket packing (pure logic)."""
 
 import pytest
-import torch
 
 from sglang_ckpt_plugin.loader.checkpoint import TensorInfo
 from sglang_ckpt_plugin.loader.plan import (
@@ -10,7 +9,7 @@ from sglang_ckpt_plugin.loader.plan import (
 
 
 def tensor(name, nbytes, file="f.safetensors", offset=0):
-    return TensorInfo(name, torch.uint8, (nbytes,), file, offset, nbytes)
+    return TensorInfo(name, "uint8", (nbytes,), file, offset, nbytes)
 
 
 def test_buckets_respect_size_alignment_and_order():

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
 from sglang_ckpt_plugin.loader.plan import plan_buckets, plan_file_buckets
 from sglang_ckpt_plugin.loader.push import PushError, RankFeeder, StageTimes, new_update_id
-from sglang_ckpt_plugin.loader.reader import BucketFiller, CheckpointReader
+from sglang_ckpt_plugin.loader.filler import BucketFiller
+from sglang_ckpt_plugin.loader.reader import CheckpointReader
 from sglang_ckpt_plugin.server.receiver import ReceiveSession, UpdateFailed
 from sglang_ckpt_plugin.transport.channel import Channel, check_endpoint, make_endpoint, socket_dir
 from sglang_ckpt_plugin.transport.handles import ShmBuffer, open_buffer

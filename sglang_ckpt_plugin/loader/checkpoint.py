@@ -13,26 +13,26 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 
-# safetensors dtype tag -> torch dtype. The wire protocol names dtypes by their torch name.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype tag -> (dtype name as torch spells it, which the wire protocol uses; bytes per element).
+# Plain data: planning a push needs no torch (the one-rank CPU path never imports it).
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
+DTYPE_ITEMSIZE: dict[str, int] = dict(SAFETENSORS_DTYPES.values())
 
 
 class CheckpointError(ValueError):
@@ -42,14 +42,20 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: torch.dtype
+    dtype: str  # torch's name without "torch." (``dtype_name``), as on the wire
     shape: tuple[int, ...]
     file: str
     file_offset: int  # absolute offset of the first data byte in ``file``
     nbytes: int
 
+    @property
+    def itemsize(self) -> int:
+        numel = math.prod(self.shape)
+        return self.nbytes // numel if numel else DTYPE_ITEMSIZE.get(self.dtype, 1)
 
-def dtype_name(dtype: torch.dtype) -> str:
+
+def dtype_name(dtype) -> str:
+    """A torch dtype's name as TensorInfo and the wire protocol spell it (``torch.bfloat16`` -> ``bfloat16``)."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -116,12 +122,12 @@ def read_header(file: Path) -> list[TensorInfo]:
 
 def _tensor_info(file: Path, name: str, entry: object, data_start: int, file_size: int) -> TensorInfo:
     try:
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        dtype, itemsize = SAFETENSORS_DTYPES[entry["dtype"]]
         shape = tuple(int(d) for d in entry["shape"])
         begin, end = (int(x) for x in entry["data_offsets"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{file}: header entry for {name!r} is malformed ({exc!r})") from exc
-    expected = math.prod(shape) * dtype.itemsize
+    expected = math.prod(shape) * itemsize
     if any(d < 0 for d in shape) or begin < 0 or end - begin != expected:
         raise CheckpointError(f"{file}: tensor {name!r} has {end - begin} bytes, shape {shape} needs {expected}")
     if data_start + end > file_size:

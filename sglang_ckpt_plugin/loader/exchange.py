@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .plan import Step
-from .reader import BucketFiller
+from .filler import BucketFiller
 from .world import LoaderWorld
 
 

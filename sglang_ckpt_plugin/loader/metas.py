@@ -12,9 +12,8 @@ import math
 import os
 from pathlib import Path
 
-import torch
 
-from .checkpoint import CheckpointError, TensorInfo, dtype_name, inside
+from .checkpoint import DTYPE_ITEMSIZE, CheckpointError, TensorInfo, inside
 
 METAS_FORMAT = "sglang-ckpt-metas/2"
 
@@ -23,7 +22,7 @@ def save_metas(path: str | Path, checkpoint_name: str, shards: list[list[TensorI
     root = Path(checkpoint_dir).resolve()
     root = root.parent if root.is_file() else root
     tensors = [
-        {"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
+        {"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
          "file": os.path.relpath(Path(t.file).resolve(), root), "file_offset": t.file_offset, "nbytes": t.nbytes,
          "owner": rank}
         for rank, shard in enumerate(shards) for t in shard
@@ -45,15 +44,15 @@ def load_metas(path: str | Path, checkpoint_dir: str | Path | None = None) -> tu
         sizes: dict[str, int] = {}
         shards: list[list[TensorInfo]] = [[] for _ in range(int(doc["world_size"]))]
         for t in doc["tensors"]:
-            dtype = getattr(torch, t["dtype"])
-            if not isinstance(dtype, torch.dtype):
-                raise CheckpointError(f"{path}: unknown dtype {t['dtype']!r}")
+            dtype = t["dtype"]
+            if dtype not in DTYPE_ITEMSIZE:
+                raise CheckpointError(f"{path}: unknown dtype {dtype!r}")
             file = inside(root, str(t["file"]), what=f"{path}: tensor {t['name']!r}")
             shape = tuple(int(d) for d in t["shape"])
             offset, nbytes = int(t["file_offset"]), int(t["nbytes"])
             if file not in sizes:
                 sizes[file] = os.stat(file).st_size
-            if any(d < 0 for d in shape) or nbytes != math.prod(shape) * dtype.itemsize or offset < 0 \
+            if any(d < 0 for d in shape) or nbytes != math.prod(shape) * DTYPE_ITEMSIZE[dtype] or offset < 0 \
                     or offset + nbytes > sizes[file]:  # fmt: skip
                 raise CheckpointError(f"{path}: tensor {t['name']!r} ({nbytes} bytes at {offset}) does not fit its "
                                       f"shape {list(shape)} or its file ({sizes[file]} bytes)")  # fmt: skip

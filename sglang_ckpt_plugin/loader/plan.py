@@ -149,7 +149,7 @@ def parse_ranks(text: str | None, world_size: int, parallel_size: int) -> list[i
 
 def mappable(tensors: list[TensorInfo]) -> bool:
     """Page-cache mode needs every tensor at an offset its dtype can be viewed at (safetensors pads to 8)."""
-    return all(t.file_offset % t.dtype.itemsize == 0 for t in tensors)
+    return all(t.file_offset % t.itemsize == 0 for t in tensors)
 
 
 def plan_file_buckets(tensors: list[TensorInfo], bucket_size: int) -> tuple[list[str], list[tuple[int, Bucket]]]:

@@ -11,8 +11,8 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
 
 from ..transport.channel import Channel, PeerGone
 from ..transport.fdpass import FdOffer, fd_socket_path
@@ -21,9 +21,12 @@ from ..transport.integrity import Fingerprint
 from ..transport.messages import (
     PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorMeta, TensorSlot,
 )  # fmt: skip
-from .checkpoint import dtype_name
 from .plan import Bucket
-from .reader import BucketFiller
+
+if TYPE_CHECKING:  # torch only where buckets are filled: the one-rank page-cache path never imports it
+    import torch
+
+    from .filler import BucketFiller
 
 
 class PushError(RuntimeError):
@@ -49,7 +52,7 @@ def new_update_id(checkpoint_name: str) -> str:
 
 def bucket_message(seq: int, buffer: int, bucket: Bucket, digests: list[int] | None = None) -> BucketReady:
     slots = [
-        TensorSlot(s.tensor.name, dtype_name(s.tensor.dtype), list(s.tensor.shape), s.offset) for s in bucket.slots
+        TensorSlot(s.tensor.name, s.tensor.dtype, list(s.tensor.shape), s.offset) for s in bucket.slots
     ]
     return BucketReady(seq=seq, buffer=buffer, tensors=slots, digests=digests)
 
@@ -128,7 +131,7 @@ class RankFeeder:
                 num_tensors=sum(len(b.slots) for b in buckets),
                 total_bytes=sum(b.payload_bytes for b in buckets),
                 checksum="xxh3" if self.verify else "none",
-                manifest=[TensorMeta(s.tensor.name, dtype_name(s.tensor.dtype), list(s.tensor.shape))
+                manifest=[TensorMeta(s.tensor.name, s.tensor.dtype, list(s.tensor.shape))
                           for b in buckets for s in b.slots],  # fmt: skip
                 partial=self.partial,
                 allow_unused=self.allow_unused,
@@ -213,7 +216,7 @@ class RankFeeder:
 
     def _record_digests(self, bucket: Bucket, digests: list[int]) -> None:
         for s, digest in zip(bucket.slots, digests):
-            self.digests.add(s.tensor.name, dtype_name(s.tensor.dtype), s.tensor.shape, digest)
+            self.digests.add(s.tensor.name, s.tensor.dtype, s.tensor.shape, digest)
 
     @property
     def fingerprint(self) -> str | None:

@@ -2,29 +2,32 @@
 
 Every rank walks the same steps; after each local step that can fail, the ranks agree (one small gloo
 all-reduce) so that one rank's error stops all of them at the same point instead of leaving the others in a
-collective. With one rank there is nothing to agree on and no torch.distributed at all.
+collective. With one rank there is nothing to agree on and no torch.distributed at all; where the server maps the
+checkpoint files itself (one rank, CPU: page-cache mode) nothing imports torch, so the push starts at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import threading
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..placement import LoaderPlacement, ServerPlacement, choose_placement, shared_gpus
 from ..transport.channel import make_endpoint
 from ..transport.handles import visible_gpu_keys
 from .checkpoint import CheckpointError, discover_files, read_checkpoint
-from .exchange import Exchange
 from .http import ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
 from .plan import mappable, parse_ranks, plan_file_buckets, plan_world, shard_by_bytes
 from .push import PushError, RankFeeder, StageTimes, new_update_id
-from .reader import BucketFiller, CheckpointReader
+from .reader import CheckpointReader
 from .world import Control, LoaderWorld
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PeerFailed(PushError):
@@ -46,8 +49,9 @@ def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control) -
     server = from_instance_leader(server, world, control)
     placement = None
     try:
+        look_for_gpus = args.device != "cpu" and server.device != "cpu"  # a CPU server needs no GPU (nor torch)
         placement = choose_placement(args.device, server, world.tp_rank, world.local_rank,
-                                     visible_gpu_keys() if args.device != "cpu" else [])  # fmt: skip
+                                     visible_gpu_keys() if look_for_gpus else [])  # fmt: skip
     except ValueError as exc:
         error = exc
     if control.any_failed(error is not None):
@@ -83,13 +87,15 @@ def agree_on_kind(placement: LoaderPlacement, control: Control, world: LoaderWor
 def torch_device(placement: LoaderPlacement) -> torch.device:
     """Made only now, once the server listens: a CUDA context made earlier would sit in SGLang's start-up
     memory profile when both start together."""
+    import torch
+
     if placement.kind == "cuda":
         torch.cuda.set_device(placement.gpu_index)
         return torch.device("cuda", placement.gpu_index)
     return torch.device("cpu")
 
 
-def available_memory(device: torch.device) -> int:
+def available_memory(placement: LoaderPlacement) -> int:
     """Bytes the buffers may take: MemAvailable (shared memory counts against it; so does CUDA's pinned staging),
     and on CUDA also the GPU's free memory (SGLang already took its --mem-fraction-static of it)."""
     host = 0
@@ -101,8 +107,10 @@ def available_memory(device: torch.device) -> int:
                     break
     except OSError:
         pass
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
+    if placement.kind == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(placement.gpu_index)
         return min(host, free) if host else free
     return host
 
@@ -128,15 +136,15 @@ def run_update(args: argparse.Namespace) -> int:
             discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
         control = Control(world, args.timeout)
         placement = agree_on_kind(place_rank(args, world, control), control, world)
-        device = torch_device(placement)
-        if device.type == "cuda":  # before the first NCCL call, which would fail on a shared GPU
+        if placement.kind == "cuda":  # before the first NCCL call, which would fail on a shared GPU
+            torch_device(placement)
             problem = shared_gpus(list(zip(control.all_gather_int(world.node_rank),
                                            control.all_gather_str(placement.rank_key))))  # fmt: skip
             if problem:
                 raise ValueError(problem)
             control.use_nccl()
         for receivers in update_rounds(args.update_method, args.ranks, world):
-            Update(args, world, control, device, receivers, placement.rank_key).run()
+            Update(args, world, control, placement, receivers).run()
         if args.sleep_time:
             time.sleep(args.sleep_time)
         return 0
@@ -154,13 +162,12 @@ def run_update(args: argparse.Namespace) -> int:
 class Update:
     """One update from this rank's point of view (a source, a receiver feeding its inference rank, or both)."""
 
-    def __init__(self, args, world: LoaderWorld, control: Control, device: torch.device, receivers: list[int],
-                 rank_key: str):  # fmt: skip
+    def __init__(self, args, world: LoaderWorld, control: Control, placement: LoaderPlacement, receivers: list[int]):
         self.args = args
-        self.rank_key = rank_key  # the server rank this loader rank feeds (from the server's /model_info)
+        self.placement = placement
+        self.rank_key = placement.rank_key  # the server rank this loader rank feeds (from the server's /model_info)
         self.world = world
         self.control = control
-        self.device = device
         self.receivers = receivers
         self.receives = world.rank in receivers
         self.leads = self.receives and world.is_leader
@@ -189,7 +196,7 @@ class Update:
     def run(self) -> None:
         t_start = time.perf_counter()
         # auto bucket sizes must be identical on every rank: the smallest free memory decides
-        self.memory_budget = min(self.control.all_gather_int(available_memory(self.device)))
+        self.memory_budget = min(self.control.all_gather_int(available_memory(self.placement)))
         steps, bucket_bytes = self.guarded(self.plan)
         t_plan = time.perf_counter()
         self.guarded(self.check_server)
@@ -248,7 +255,7 @@ class Update:
     def choose_page_cache_mode(self, tensors) -> bool:
         """Page-cache mode (the server maps the checkpoint files; no loader copy) where it applies: one loader
         rank, CPU, every tensor at a viewable offset. ``--transfer copy`` forces bucket buffers."""
-        possible = not self.world.distributed and self.device.type == "cpu" and mappable(tensors)
+        possible = not self.world.distributed and self.placement.kind == "cpu" and mappable(tensors)
         if self.args.transfer == "map" and not possible:
             raise ValueError("--transfer map needs one loader rank, --device cpu and dtype-aligned tensor offsets; "
                              "use --transfer copy (or auto)")  # fmt: skip
@@ -271,7 +278,10 @@ class Update:
         self.endpoint = make_endpoint(f"{self.update_id}-i{world.instance}", self.rank_key)
         self.keys = self.control.all_gather_str(self.rank_key)
         self.endpoints = self.control.all_gather_str(self.endpoint)
-        self.exchange = Exchange(self.world, self.receivers, self.device, self.control.data_group)
+        if not self.mapped:  # buckets move (torch from here on)
+            from .exchange import Exchange
+
+            self.exchange = Exchange(self.world, self.receivers, self.device, self.control.data_group)
 
     def bind(self) -> None:
         """Every receiver binds its endpoint (cheap); the agreement after it orders this before any HTTP call."""
@@ -287,7 +297,13 @@ class Update:
             args = self.args
             self.http = self.client.start_update(handles, args.weight_version, not args.no_flush_cache, self.cancelled)
 
+    @functools.cached_property
+    def device(self) -> torch.device:
+        return torch_device(self.placement)
+
     def allocate(self, bucket_bytes: int, num_buckets: int) -> None:
+        from .filler import BucketFiller
+
         if self.feeder is not None:
             self.feeder.allocate(bucket_bytes, min(self.args.num_buffers, num_buckets), self.device)
         self.filler = BucketFiller(self.reader, self.device, bucket_bytes)

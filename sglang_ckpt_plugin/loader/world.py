@@ -6,7 +6,8 @@ each node's loader ranks feed the instance on that node.
 
 Two groups: a gloo group (the default one) carries control (health flags, names) and, on CPU, buckets; on CUDA
 an NCCL group over the same ranks carries buckets, once every rank agreed that its buffers are on its GPU.
-Strings travel as fixed-size byte tensors: nothing is pickled.
+Strings travel as fixed-size byte tensors: nothing is pickled. With one rank there are no groups and no torch
+import at all (the one-rank CPU page-cache push starts in a fraction of a second).
 """
 
 from __future__ import annotations
@@ -15,10 +16,6 @@ import datetime
 import os
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
-from ..transport.strings import all_gather_str, broadcast_str
 
 
 @dataclass(frozen=True)
@@ -85,18 +82,25 @@ class Control:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         if not world.distributed:
             return
+        import torch.distributed as dist
+
         dist.init_process_group(backend="gloo", timeout=self.timeout)
         self.group = dist.group.WORLD
 
     def use_nccl(self) -> None:
         """Collective: bucket bytes move over NCCL from now on (every rank's buffers are on its GPU)."""
         if self.world.distributed:
+            import torch.distributed as dist
+
             self.data_group = dist.new_group(backend="nccl", timeout=self.timeout)
 
     def any_failed(self, failed: bool) -> bool:
         """True on every rank if any rank passed True (every rank must call it at the same point)."""
         if not self.world.distributed:
             return failed
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
@@ -104,28 +108,41 @@ class Control:
     def broadcast_str(self, text: str, src: int = 0) -> str:
         if not self.world.distributed:
             return text
+        from ..transport.strings import broadcast_str
+
         return broadcast_str(text, src, self.world.rank == src, self.group)
 
     def all_gather_str(self, text: str) -> list[str]:
         if not self.world.distributed:
             return [text]
+        from ..transport.strings import all_gather_str
+
         return all_gather_str(text, self.group, self.world.world_size)
 
     def all_gather_int(self, value: int) -> list[int]:
         if not self.world.distributed:
             return [value]
+        import torch
+        import torch.distributed as dist
+
         out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world.world_size)]
         dist.all_gather(out, torch.tensor([value], dtype=torch.int64), group=self.group)
         return [int(t.item()) for t in out]
 
     def barrier(self) -> None:
         if self.world.distributed:
+            import torch.distributed as dist
+
             dist.barrier(group=self.group)
 
     def close(self) -> None:
         """Tear down together: a rank that destroys its groups while a peer still talks to it can make the
         peer's gloo threads abort the process (seen as SIGABRT at exit)."""
-        if not (self.world.distributed and dist.is_initialized()):
+        if not self.world.distributed:
+            return
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
             return
         try:
             dist.monitored_barrier(group=self.group, timeout=datetime.timedelta(seconds=60))

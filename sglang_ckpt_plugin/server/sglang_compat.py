@@ -157,7 +157,7 @@ def metrics_enabled() -> bool:
 
     try:
         return bool(get_observability().enable_metrics)
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError, ValueError):  # outside a server: no config published
         return False
 
 

@@ -17,10 +17,13 @@ import re
 import secrets
 import stat
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
 
 from .messages import BufferHandle, CudaIpcHandle, FileHandle, ShmFdHandle, ShmHandle
+
+if TYPE_CHECKING:  # imported where used: the one-rank page-cache loader hands files over and never needs torch
+    import torch
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "sglang-ckpt-"
@@ -33,6 +36,8 @@ def device_rank_key(device: torch.device, tp_rank: int) -> str:
     CUDA: ``GPU-<uuid>`` of the device (unique per GPU, independent of CUDA_VISIBLE_DEVICES).
     CPU: ``cpu-tp<rank>``, the rank's index inside its inference instance (= loader rank % parallel size).
     """
+    import torch
+
     if device.type == "cuda":
         return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
     return f"cpu-tp{tp_rank}"
@@ -40,6 +45,8 @@ def device_rank_key(device: torch.device, tp_rank: int) -> str:
 
 def visible_gpu_keys() -> list[str]:
     """``GPU-<uuid>`` of every GPU this process sees, by local index (no CUDA context is made)."""
+    import torch
+
     if not torch.cuda.is_available():
         return []
     return [device_rank_key(torch.device("cuda", i), -1) for i in range(torch.cuda.device_count())]
@@ -55,6 +62,8 @@ class ShmBuffer:
     """
 
     def __init__(self, nbytes: int, reusable: bool = False):
+        import torch
+
         self.nbytes = nbytes
         self.reusable = reusable
         self.name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
@@ -145,6 +154,8 @@ class CudaBuffer:
     """A device bucket buffer shared through CUDA IPC; freed when the loader drops it."""
 
     def __init__(self, nbytes: int, device: torch.device):
+        import torch
+
         self.nbytes = nbytes
         self.device = device
         expandable = expandable_segments_enabled()
@@ -216,6 +227,8 @@ class MappedBuffer:
 
 def _storage_users(tensor: torch.Tensor) -> int:
     """How many tensors share ``tensor``'s storage (torch's own count; 0 where this torch lacks it)."""
+    import torch
+
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     return use_count(tensor.untyped_storage()._cdata) if use_count is not None else 0
 
@@ -251,6 +264,8 @@ def _map_read_only(fd: int, length: int, offset: int = 0) -> mmap.mmap:
 
 
 def _read_only_view(mapping: mmap.mmap) -> torch.Tensor:
+    import torch
+
     with warnings.catch_warnings():  # read-only memory: torch warns that writing would be undefined; we never write
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(mapping, dtype=torch.uint8)
@@ -280,6 +295,8 @@ def open_file_range(fd: int, handle: FileHandle, start: int, end: int) -> Mapped
     """Map bytes [start, end) of a loader's open checkpoint file (its descriptor ``fd``, received over the
     socket), read-only: page-cache mode maps one bucket's range at a time, so the rank's resident memory grows
     by about one bucket."""
+    import torch
+
     if not 0 <= start <= end <= handle.nbytes:
         raise ValueError(f"refusing file range [{start}, {end}) of a {handle.nbytes}-byte file")
     st = os.fstat(fd)
@@ -293,6 +310,8 @@ def open_file_range(fd: int, handle: FileHandle, start: int, end: int) -> Mapped
 
 
 def _open_cuda(handle: CudaIpcHandle, device: torch.device) -> MappedBuffer:
+    import torch
+
     # Our own device index: the loader may see the GPU under another index (CUDA_VISIBLE_DEVICES).
     storage = torch.UntypedStorage._new_shared_cuda(
         device.index if device.index is not None else torch.cuda.current_device(),

@@ -7,8 +7,12 @@ file layout, bucket size and loader rank count.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 import xxhash
+
+if TYPE_CHECKING:
+    import torch
 
 
 def tensor_digest(flat_bytes: torch.Tensor) -> int:

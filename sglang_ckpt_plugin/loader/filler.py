@@ -1,0 +1,88 @@
+"""Fill a bucket buffer: on CPU straight from the files (reader.py); on CUDA through two pinned host staging
+halves, copied to the device buffer asynchronously, one half while the other is read.
+"""
+
+from __future__ import annotations
+
+import torch
+import xxhash
+
+from ..transport.integrity import tensor_digest
+from .plan import Bucket
+from .reader import CheckpointReader
+
+STAGING_CHUNK_BYTES = 64 << 20  # each of the two pinned staging halves (CUDA)
+
+
+def bucket_digests(bucket: Bucket, host: torch.Tensor) -> list[int]:
+    """xxh3 of every tensor's bytes in a filled bucket (``host``: the bucket's bytes in CPU memory)."""
+    return [tensor_digest(host[s.offset : s.offset + s.tensor.nbytes]) for s in bucket.slots]
+
+
+class BucketFiller:
+    """Writes buckets into bucket buffers: on CPU straight from the files; on CUDA through two pinned staging
+    halves, so that reading the next chunk from disk overlaps the host -> device copy of the last one."""
+
+    def __init__(self, reader: CheckpointReader, device: torch.device, bucket_bytes: int,
+                 chunk_bytes: int = STAGING_CHUNK_BYTES, staged: bool | None = None):  # fmt: skip
+        """``staged``: go through the staging halves (default: on CUDA only; on CPU it tests the same logic)."""
+        self.reader = reader
+        self.device = device
+        self.staged = device.type == "cuda" if staged is None else staged
+        self._cuda = device.type == "cuda"
+        if self.staged:
+            chunk = min(bucket_bytes, chunk_bytes)
+            self._halves = [torch.empty(chunk, dtype=torch.uint8, pin_memory=self._cuda) for _ in range(2)]
+            if self._cuda:
+                self._copied = [torch.cuda.Event() for _ in range(2)]  # the half's last copy to the device is done
+                self._stream = torch.cuda.Stream(device)
+
+    def fill(self, bucket: Bucket, buffer: torch.Tensor, digests: bool = False) -> list[int] | None:
+        """Fill ``buffer`` with the bucket; returns the tensors' xxh3 digests when asked (computed from host memory
+        as the bytes pass). Returns once the bytes are in ``buffer``, on CUDA too: the caller's next step is to
+        tell the server, or another rank, to read them."""
+        if not self.staged:
+            self.reader.fill(bucket, buffer)
+            return bucket_digests(bucket, buffer) if digests else None
+        hashers = [xxhash.xxh3_64() for _ in bucket.slots] if digests else None
+        chunk = self._halves[0].numel()
+        half, start, end = 0, None, 0  # the staged span: buffer bytes [start, end) sit in self._halves[half]
+        pending: list[tuple[int, str, int, memoryview]] = []  # (slot index, file, offset, dest) of the span
+        for i, slot in enumerate(bucket.slots):
+            t, done = slot.tensor, 0
+            while done < t.nbytes:
+                pos = slot.offset + done
+                if start is not None and pos - start >= chunk:  # the span is full: ship it, stage in the other half
+                    self._ship(half, buffer, start, end, pending, hashers)
+                    half, start, pending = 1 - half, None, []
+                if start is None:
+                    if self._cuda:
+                        self._copied[half].synchronize()  # its previous copy must be done before we overwrite it
+                    start = pos
+                n = min(chunk - (pos - start), t.nbytes - done)
+                pending.append((i, t.file, t.file_offset + done,
+                                memoryview(self._halves[half].numpy())[pos - start : pos - start + n]))  # fmt: skip
+                done += n
+                end = pos + n
+        if start is not None:
+            self._ship(half, buffer, start, end, pending, hashers)
+        if self._cuda:
+            self._stream.synchronize()
+        return [h.intdigest() for h in hashers] if hashers is not None else None
+
+    def _ship(self, half: int, buffer: torch.Tensor, start: int, end: int,
+              pending: list[tuple[int, str, int, memoryview]], hashers: list | None) -> None:  # fmt: skip
+        """Read the span's pieces into the half (all threads at once), digest them in order, copy the half out."""
+        self.reader.read_ranges([(path, offset, dest) for _, path, offset, dest in pending])
+        if hashers is not None:
+            for i, _, _, dest in pending:
+                hashers[i].update(dest)
+        self._copy_out(half, buffer, start, end)
+
+    def _copy_out(self, half: int, buffer: torch.Tensor, start: int, end: int) -> None:
+        if not self._cuda:
+            buffer[start:end].copy_(self._halves[half][: end - start])
+            return
+        with torch.cuda.stream(self._stream):
+            buffer[start:end].copy_(self._halves[half][: end - start], non_blocking=True)
+            self._copied[half].record(self._stream)
