@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from sglang_ckpt_plugin.loader import cli, push, reader
+from sglang_ckpt_plugin.loader import cli, filler, push
 
 mode, args = sys.argv[1], sys.argv[sys.argv.index("--") + 1 :]
 if "--transfer" not in args:
@@ -63,7 +63,7 @@ elif mode == "oom-rank1":
 
     push.RankFeeder.allocate = allocate
 elif mode == "stall-before-buckets":
-    reader.BucketFiller.fill = lambda self, *args, **kwargs: time.sleep(3600)
+    filler.BucketFiller.fill = lambda self, *args, **kwargs: time.sleep(3600)
 else:
     raise SystemExit(f"unknown mode {mode}")
 

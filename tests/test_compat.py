@@ -57,3 +57,22 @@ def test_server_on_a_release_without_a_target_refuses_to_start(llama_a, tmp_path
     assert "cannot resolve sglang.srt.managers.scheduler.Scheduler.no_such_hook (AttributeError" in lines[0]
     assert "tested: 0.5.21" in lines[0]
     assert "Uvicorn running" not in err and "Application startup complete" not in err
+
+
+@pytest.mark.slow
+def test_the_package_builds_without_warnings_and_with_an_spdx_license(tmp_path):
+    """What `pip install sglang-ckpt-plugin` builds: no deprecation warnings of ours, License-Expression set."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(root)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = "\n".join(line for line in (out.stdout + out.stderr).splitlines() if "Location 'file:" not in line)
+    assert "Deprecat" not in text and "SetuptoolsWarning" not in text, text[-4000:]
+    (wheel,) = tmp_path.glob("sglang_ckpt_plugin-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        meta = zf.read(next(n for n in zf.namelist() if n.endswith("METADATA"))).decode()
+        assert any(n.endswith("licenses/LICENSE") for n in zf.namelist())
+    assert "License-Expression: Apache-2.0" in meta and "Requires-Dist: sglang>=0.5.21" in meta

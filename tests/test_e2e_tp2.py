@@ -42,6 +42,10 @@ def server(llama_a, tmp_path_factory):
 
 def test_trainer_push_over_the_distributed_group_opens_the_gate(server, llama_b):
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
+    # started with the plain cpu_env: the plugin bound one core range per rank from --tp 2 itself
+    assert "SGLANG_CPU_OMP_THREADS_BIND=" in server.log_path.read_text() and "set by sglang-ckpt-plugin" in \
+        server.log_path.read_text()  # fmt: skip
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in server.env
     waiting = scrape(server.url)  # --enable-metrics with --tp 2: before any weights
     assert sample(waiting, "sglang:ckpt_weights_loaded") == 0 and waiting[("sglang:ckpt_weights_loaded",)] == 0
     assert sample(waiting, "sglang:ckpt_weights_state", state="waiting") == 1
