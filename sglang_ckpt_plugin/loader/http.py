@@ -7,7 +7,6 @@ import threading
 import time
 
 import httpx
-from tqdm import tqdm
 
 from ..placement import PLUGIN_MARKER, ServerPlacement, unsupported_layout
 
@@ -138,5 +137,7 @@ class ServerClient:
         return UpdateCall(self, body, cancelled)
 
     @staticmethod
-    def progress(total: int, disable: bool) -> tqdm:
+    def progress(total: int, disable: bool):
+        from tqdm import tqdm  # only where buckets are filled: the page-cache path shows no bar
+
         return tqdm(total=total, unit="B", unit_scale=True, desc="push", disable=disable, leave=False)

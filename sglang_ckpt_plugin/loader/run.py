@@ -34,14 +34,17 @@ class PeerFailed(PushError):
     """Another loader rank failed; it printed why."""
 
 
-def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control) -> LoaderPlacement:
+def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control,
+               asked: dict) -> LoaderPlacement:  # fmt: skip
     """Each instance's leader asks its server where the ranks run (``/model_info``; a server spread over nodes
-    answers HTTP on its first node only); the instance's ranks learn it over the control group and follow it."""
+    answers HTTP on its first node only); the instance's ranks learn it over the control group and follow it.
+    ``asked``: the leader keeps its ``client`` and the ``info`` it read there (the update's layout check uses it)."""
     server, error = None, None
     try:
         if world.is_leader:
-            client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
-            server = ServerPlacement.from_model_info(client.wait_until_listening())
+            asked["client"] = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
+            asked["info"] = asked["client"].wait_until_listening()
+            server = ServerPlacement.from_model_info(asked["info"])
     except (ServerError, ValueError, OSError) as exc:
         error = exc
     if control.any_failed(error is not None):
@@ -135,7 +138,8 @@ def run_update(args: argparse.Namespace) -> int:
         if args.checkpoint_path and not args.load_metas_file:
             discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
         control = Control(world, args.timeout)
-        placement = agree_on_kind(place_rank(args, world, control), control, world)
+        asked: dict = {}  # the leader's client and /model_info, read once
+        placement = agree_on_kind(place_rank(args, world, control, asked), control, world)
         if placement.kind == "cuda":  # before the first NCCL call, which would fail on a shared GPU
             torch_device(placement)
             problem = shared_gpus(list(zip(control.all_gather_int(world.node_rank),
@@ -144,7 +148,7 @@ def run_update(args: argparse.Namespace) -> int:
                 raise ValueError(problem)
             control.use_nccl()
         for receivers in update_rounds(args.update_method, args.ranks, world):
-            Update(args, world, control, placement, receivers).run()
+            Update(args, world, control, placement, receivers, asked).run()
         if args.sleep_time:
             time.sleep(args.sleep_time)
         return 0
@@ -162,8 +166,10 @@ def run_update(args: argparse.Namespace) -> int:
 class Update:
     """One update from this rank's point of view (a source, a receiver feeding its inference rank, or both)."""
 
-    def __init__(self, args, world: LoaderWorld, control: Control, placement: LoaderPlacement, receivers: list[int]):
+    def __init__(self, args, world: LoaderWorld, control: Control, placement: LoaderPlacement, receivers: list[int],
+                 asked: dict):  # fmt: skip
         self.args = args
+        self.asked = asked
         self.placement = placement
         self.rank_key = placement.rank_key  # the server rank this loader rank feeds (from the server's /model_info)
         self.world = world
@@ -265,8 +271,8 @@ class Update:
         if not self.leads:
             return
         args = self.args
-        self.client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
-        error = layout_mismatch(self.client.wait_until_listening(), args.endpoint, args.inference_parallel_size)
+        self.client = self.asked["client"]  # every leader asked its server in place_rank
+        error = layout_mismatch(self.asked["info"], args.endpoint, args.inference_parallel_size)
         if error:
             raise ValueError(error)
 
