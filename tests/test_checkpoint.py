@@ -132,3 +132,11 @@ def test_duplicate_names_across_files(tmp_path):
     save_file({"x": torch.ones(2)}, tmp_path / "b.safetensors")
     with pytest.raises(CheckpointError, match="appears in both"):
         read_checkpoint(tmp_path)
+
+
+def test_read_threads_follow_the_environment(monkeypatch):
+    monkeypatch.setenv("SGLANG_CKPT_READ_THREADS", "3")
+    assert CheckpointReader().threads == 3
+    monkeypatch.delenv("SGLANG_CKPT_READ_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # many ranks on this node's cores: at least one thread each
+    assert CheckpointReader().threads == 1

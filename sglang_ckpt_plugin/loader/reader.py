@@ -17,8 +17,14 @@ from .plan import Bucket
 READ_PIECE_BYTES = 4 << 20  # reads are split into pieces of this size for the reading threads
 
 
+READ_THREADS_ENV = "SGLANG_CKPT_READ_THREADS"
+
+
 def default_read_threads() -> int:
-    """Up to 8, sharing this process's cores with the other loader ranks of the node (torchrun's LOCAL_WORLD_SIZE)."""
+    """``SGLANG_CKPT_READ_THREADS`` if set, else up to 8, sharing this process's cores with the other loader ranks
+    of the node (torchrun's LOCAL_WORLD_SIZE)."""
+    if os.environ.get(READ_THREADS_ENV):
+        return max(1, int(os.environ[READ_THREADS_ENV]))
     ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, len(os.sched_getaffinity(0)) // ranks_here))
 
