@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The end-to-end smoke against another SGLang release, in its own environment (.venv-sglang-<X>):
 #   make compat SGLANG=0.5.22
-# 1. a venv with exactly that SGLang (pip resolves its own torch pin), 2. the plugin installed on top with its
-# dependencies, which must leave that SGLang and its torch untouched, 3. the tests marked `compat`: the gate
-# (503 to health and generation until weights arrive), a push, and the pushed weights bit-identical to SGLang's
-# own disk reload of the same files.
+# 1. a venv with exactly that SGLang (with its own torch pin), 2. the plugin and its own dependencies installed
+# on top, which must leave that SGLang and its torch untouched, 3. patches/sglang-<X>-*.patch applied, 4. the
+# tests marked `compat`: the gate (503 to health and generation until weights arrive), a push, the pushed
+# weights bit-identical to SGLang's own disk reload of the same files, and the release check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 X=${1:?usage: scripts/compat.sh <sglang version>, e.g. 0.5.22}
@@ -15,7 +15,7 @@ if [ ! -f "$VENV/.sglang-only" ]; then  # made once; the plugin is (re)installed
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # SGLang's own pins, except CUDA-only kernel packages that cannot install without a GPU driver or NVIDIA's
-  # index (cuda-tile's wheel is a stub that downloads at install time); as in ../docs/reference.md#compat
+  # index (cuda-tile's wheel is a stub that downloads at install time); docs/reference.md#sglang-releases
   "$VENV/bin/python" -m pip install -q --no-deps "sglang==$X"
   "$VENV/bin/python" - <<'PYEOF' > "$VENV/sglang-requirements.txt"
 import re
