@@ -55,3 +55,22 @@ def test_closed_gate_closes_websockets():
 def test_lifespan_is_not_gated():
     gate = WeightsGate(inner_app, is_open=lambda: False)
     assert call(gate, "", kind="lifespan")[0]["status"] == 200
+
+
+def test_a_metrics_error_never_reaches_the_update_routes(monkeypatch):
+    """Whatever goes wrong in the metrics (a prometheus_client that refuses a metric, say) is logged once and
+    counting stops; the state reading that called it (and so the gate) goes on."""
+    from sglang_ckpt_plugin.server import metrics
+    from sglang_ckpt_plugin.server import sglang_compat as sg
+
+    def refuse():
+        raise ValueError("multiprocess_mode not supported")
+
+    monkeypatch.setattr(sg, "metrics_enabled", lambda: True)
+    monkeypatch.setattr(metrics, "PluginMetrics", refuse)
+    monkeypatch.setattr(metrics, "_serving", True)
+    monkeypatch.setattr(metrics, "_metrics", None)
+    monkeypatch.setattr(metrics, "_broken", False)
+    metrics.observe({"state": "complete"}, True, None)  # does not raise
+    assert metrics._broken
+    metrics.observe({"state": "complete"}, True, None)  # and stays quiet

@@ -17,9 +17,12 @@ imported, so nothing here imports it before the first request has arrived.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from . import sglang_compat as sg
+
+logger = logging.getLogger("sglang_ckpt_plugin")
 
 STATES = ("waiting", "complete", "incomplete")
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -69,6 +72,7 @@ class PluginMetrics:
 
 _metrics: PluginMetrics | None = None
 _serving = False  # SGLang has set up its metrics (the first request arrived): prometheus_client may be imported
+_broken = False
 
 
 def first_request(report: dict | None, gate_open: bool) -> None:
@@ -82,9 +86,13 @@ def first_request(report: dict | None, gate_open: bool) -> None:
 def observe(report: dict | None, gate_open: bool, started: float | None) -> None:
     """After every state reading. ``started``: monotonic time the update being recorded began (None: no update
     call, e.g. the first look). A no-op without --enable-metrics or before serving started."""
-    global _metrics
-    if not _serving or not sg.metrics_enabled():
+    global _metrics, _broken
+    if _broken or not _serving or not sg.metrics_enabled():
         return
-    if _metrics is None:
-        _metrics = PluginMetrics()
-    _metrics.observe(report, gate_open, started)
+    try:
+        if _metrics is None:
+            _metrics = PluginMetrics()
+        _metrics.observe(report, gate_open, started)
+    except Exception:  # metrics must never fail an update route or the gate: say so once, then stop counting
+        _broken = True
+        logger.exception("sglang-ckpt-plugin metrics disabled after an error")
