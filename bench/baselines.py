@@ -163,3 +163,64 @@ def startup_load_weight_s(log: Path) -> float | None:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
+
+
+class PauseProbe:
+    """What a client sees during an update: a short greedy ``/generate`` (1 token) fired every ``every_s``
+    seconds, whether or not the previous one has answered; the pause is the longest latency of a request sent
+    while the update ran (SGLang's model-update lock holds requests for as long as it is held)."""
+
+    def __init__(self, url: str, every_s: float = 0.05):
+        import concurrent.futures
+        import threading
+
+        self.url, self.every_s = url, every_s
+        self.samples: list[tuple[float, float]] = []  # (sent at, latency), perf_counter seconds
+        self._stop = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(64)
+        self._thread = threading.Thread(target=self._fire, daemon=True)
+
+    def _one(self) -> None:
+        import httpx
+
+        body = {"input_ids": list(range(10, 20)), "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
+        sent = time.perf_counter()
+        try:
+            httpx.post(f"{self.url}/generate", json=body, timeout=120).raise_for_status()
+            self.samples.append((sent, time.perf_counter() - sent))
+        except Exception:  # noqa: BLE001 - an error is a pause too
+            self.samples.append((sent, float("inf")))
+
+    def _fire(self) -> None:
+        while not self._stop.is_set():
+            self._pool.submit(self._one)
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "PauseProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._pool.shutdown(wait=True)
+
+    def pause(self, start: float, end: float) -> float:
+        """The longest latency among requests sent in [start, end]."""
+        return max((lat for sent, lat in self.samples if start <= sent <= end), default=0.0)
+
+    def idle(self, before: float) -> float:
+        """Median latency of the requests sent before ``before`` (no update running)."""
+        lats = sorted(lat for sent, lat in self.samples if sent < before)
+        return lats[len(lats) // 2] if lats else 0.0
+
+
+def measure_pause(url: str, update) -> tuple[float, float, float]:
+    """(idle median latency, pause during ``update()``, the update's own seconds), same server, same probe."""
+    with PauseProbe(url) as probe:
+        time.sleep(1.0)
+        start = time.perf_counter()
+        update()
+        end = time.perf_counter()
+        time.sleep(0.5)
+    return probe.idle(start), probe.pause(start, end), end - start

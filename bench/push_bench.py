@@ -31,7 +31,8 @@ from sglang_ckpt_plugin.demo.tiny_model import model_config, word_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import (  # noqa: E402
-    GB, RssSampler, import_baseline_rss, run_loader, scheduler_pid, startup_load_weight_s, time_disk_update,
+    GB, RssSampler, import_baseline_rss, measure_pause, run_loader, scheduler_pid, startup_load_weight_s,
+    time_disk_update,
     time_memcpy, time_to_ready_auto, time_update_from_tensor,
 )  # fmt: skip
 
@@ -213,6 +214,19 @@ def main() -> int:
             check("local push")
             r["trainer"].append(trainer.push(tensors.items(), weight_version=f"trainer-{i}").seconds)
             check("trainer push")
+        # what a client sees: a 1-token request every 50 ms while each method updates (groundwork for issue 11)
+        print("measuring the pause clients see during updates...", flush=True)
+        pauses = {
+            "SGLang /update_weights_from_disk": measure_pause(
+                srv.url, lambda: time_disk_update(srv.url, ckpt, "pause-disk")),
+            "our push, 1 rank, page cache (CLI)": measure_pause(
+                srv.url, lambda: run_loader(loader_cmd(srv.url, ckpt, "pause-push", extra))),
+            "our push, 1 rank, shm bucket buffers (CLI)": measure_pause(
+                srv.url, lambda: run_loader(loader_cmd(srv.url, ckpt, "pause-copy", [*extra, "--transfer", "copy"]))),
+            "LocalPush (shm buckets, reused)": measure_pause(
+                srv.url, lambda: local.push(tensors.items(), weight_version="pause-local")),
+        }  # fmt: skip
+        check("after the pause probes")
         trainer.close()
         local.close()
     bad = {k: v for k, v in outputs.items() if v != outputs["disk"]}
@@ -288,6 +302,11 @@ def main() -> int:
         print("\n| checkpoint GB | push s (buckets only) | GB/s |\n|---|---|---|")
         for gb, s, rate in sorted([*scaling, one]):
             print(f"| {gb:.2f} | {s:.3f} | {rate:.2f} |")
+    disk_pause = pauses["SGLang /update_weights_from_disk"][1]
+    print("\n| pause a client sees (1-token /generate every 50 ms) | idle latency s | longest latency during "
+          "the update s | update s (caller's view) | pause vs SGLang disk |\n|---|---|---|---|---|")
+    for name, (idle, pause, took) in pauses.items():
+        print(f"| {name} | {idle:.3f} | {pause:.3f} | {took:.3f} | {pause / disk_pause:.2f} |")
     print(f"\ngreedy output after every method == after the disk reload: {not bad}")
     return 0
 
