@@ -35,7 +35,7 @@ def _ranges(cores: list[int]) -> list[str]:
     """[0,1,2,5] -> ["0-2", "5"] (SGLang parses each group as comma-separated ranges)."""
     out, start = [], cores[0]
     for prev, cur in zip(cores, cores[1:] + [None]):
-        if cur != prev + 1 if cur is not None else True:
+        if cur is None or cur != prev + 1:  # a run ends at prev
             out.append(f"{start}-{prev}" if prev != start else str(start))
             start = cur
     return out

@@ -65,8 +65,15 @@ def test_the_package_builds_without_warnings_and_with_an_spdx_license(tmp_path):
     import zipfile
     from pathlib import Path
 
-    root = Path(__file__).parents[1]
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(root)],
+    import shutil
+
+    root, src = Path(__file__).parents[1], tmp_path / "src"  # a copy: setuptools writes build/ beside the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "sglang_ckpt_plugin", src / "sglang_ckpt_plugin",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(src)],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     text = "\n".join(line for line in (out.stdout + out.stderr).splitlines() if "Location 'file:" not in line)

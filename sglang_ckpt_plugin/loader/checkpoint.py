@@ -13,26 +13,17 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..transport.messages import WIRE_DTYPE_ITEMSIZE
+
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 
-# safetensors dtype tag -> (dtype name as torch spells it, which the wire protocol uses; bytes per element).
-# Plain data: planning a push needs no torch (the one-rank CPU path never imports it).
-SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-}
-DTYPE_ITEMSIZE: dict[str, int] = dict(SAFETENSORS_DTYPES.values())
+# safetensors dtype tag -> dtype name as torch spells it, which the wire protocol uses (its bytes per element:
+# WIRE_DTYPE_ITEMSIZE). Plain data: planning a push needs no torch (the one-rank CPU path never imports it).
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -51,7 +42,7 @@ class TensorInfo:
     @property
     def itemsize(self) -> int:
         numel = math.prod(self.shape)
-        return self.nbytes // numel if numel else DTYPE_ITEMSIZE.get(self.dtype, 1)
+        return self.nbytes // numel if numel else WIRE_DTYPE_ITEMSIZE.get(self.dtype, 1)
 
 
 def dtype_name(dtype) -> str:
@@ -122,12 +113,12 @@ def read_header(file: Path) -> list[TensorInfo]:
 
 def _tensor_info(file: Path, name: str, entry: object, data_start: int, file_size: int) -> TensorInfo:
     try:
-        dtype, itemsize = SAFETENSORS_DTYPES[entry["dtype"]]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         shape = tuple(int(d) for d in entry["shape"])
         begin, end = (int(x) for x in entry["data_offsets"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{file}: header entry for {name!r} is malformed ({exc!r})") from exc
-    expected = math.prod(shape) * itemsize
+    expected = math.prod(shape) * WIRE_DTYPE_ITEMSIZE[dtype]
     if any(d < 0 for d in shape) or begin < 0 or end - begin != expected:
         raise CheckpointError(f"{file}: tensor {name!r} has {end - begin} bytes, shape {shape} needs {expected}")
     if data_start + end > file_size:

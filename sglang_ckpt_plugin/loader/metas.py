@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 
-from .checkpoint import DTYPE_ITEMSIZE, CheckpointError, TensorInfo, inside
+from ..transport.messages import WIRE_DTYPE_ITEMSIZE
+from .checkpoint import CheckpointError, TensorInfo, inside
 
 METAS_FORMAT = "sglang-ckpt-metas/2"
 
@@ -45,14 +46,14 @@ def load_metas(path: str | Path, checkpoint_dir: str | Path | None = None) -> tu
         shards: list[list[TensorInfo]] = [[] for _ in range(int(doc["world_size"]))]
         for t in doc["tensors"]:
             dtype = t["dtype"]
-            if dtype not in DTYPE_ITEMSIZE:
+            if dtype not in WIRE_DTYPE_ITEMSIZE:
                 raise CheckpointError(f"{path}: unknown dtype {dtype!r}")
             file = inside(root, str(t["file"]), what=f"{path}: tensor {t['name']!r}")
             shape = tuple(int(d) for d in t["shape"])
             offset, nbytes = int(t["file_offset"]), int(t["nbytes"])
             if file not in sizes:
                 sizes[file] = os.stat(file).st_size
-            if any(d < 0 for d in shape) or nbytes != math.prod(shape) * DTYPE_ITEMSIZE[dtype] or offset < 0 \
+            if any(d < 0 for d in shape) or nbytes != math.prod(shape) * WIRE_DTYPE_ITEMSIZE[dtype] or offset < 0 \
                     or offset + nbytes > sizes[file]:  # fmt: skip
                 raise CheckpointError(f"{path}: tensor {t['name']!r} ({nbytes} bytes at {offset}) does not fit its "
                                       f"shape {list(shape)} or its file ({sizes[file]} bytes)")  # fmt: skip

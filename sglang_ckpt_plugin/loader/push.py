@@ -13,7 +13,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-
 from ..transport.channel import Channel, PeerGone
 from ..transport.fdpass import FdOffer, fd_socket_path
 from ..transport.handles import FileBuffer, allocate_buffer

@@ -13,10 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .plan import Bucket
 
-
 READ_PIECE_BYTES = 4 << 20  # reads are split into pieces of this size for the reading threads
-
-
 READ_THREADS_ENV = "SGLANG_CKPT_READ_THREADS"
 
 

@@ -70,15 +70,14 @@ def resolve(name: str):
     """The object a dotted name points to: its longest module prefix imported (an ImportError inside a module that
     exists is raised as itself, not hidden behind an AttributeError as pkgutil.resolve_name does), then attributes."""
     parts = name.split(".")
-    obj, i = importlib.import_module(parts[0]), 1
-    while i < len(parts):
+    obj = importlib.import_module(parts[0])
+    for i in range(1, len(parts)):
         module = ".".join(parts[: i + 1])
         is_package = hasattr(obj, "__path__")
         if is_package and not hasattr(obj, parts[i]) and importlib.util.find_spec(module) is not None:
             obj = importlib.import_module(module)
         else:
             obj = getattr(obj, parts[i])
-        i += 1
     return obj
 
 

@@ -22,11 +22,12 @@ MAX_DIMS = 8
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME)]
 Shape = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_DIMS)]
 
-# dtype names as torch spells them (without the "torch." prefix)
-WIRE_DTYPES = (
-    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-    "float8_e4m3fn", "float8_e5m2",
-)  # fmt: skip
+# dtype names as torch spells them (without the "torch." prefix) -> bytes per element
+WIRE_DTYPE_ITEMSIZE: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+}  # fmt: skip
+WIRE_DTYPES = tuple(WIRE_DTYPE_ITEMSIZE)
 
 
 class ProtocolError(ValueError):
