@@ -39,6 +39,39 @@ def test_sglang_serve_carries_the_plugin_like_launch_server(llama_a, tmp_path):
     assert srv.group_pids() == []
 
 
+def test_server_whose_port_is_taken_exits_instead_of_waiting_for_weights(llama_a, tmp_path):
+    """SGLang joins the thread that waits for weights when its HTTP server stops (here: the port is taken). That
+    wait must end, so the server exits non-zero at once and leaves nothing behind."""
+    import socket
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        srv = SGLangServer(llama_a, tmp_path / "taken.log", port=blocker.getsockname()[1])
+        with srv:
+            code = srv.proc.wait(timeout=180)
+    assert code != 0
+    log = srv.log_path.read_text()
+    assert "address already in use" in log and "stopped before any weights arrived" in log
+    assert srv.group_pids() == []
+
+
+def test_launcher_moves_to_another_port_when_its_port_was_taken(llama_a, tmp_path):
+    """The tests' launcher: a port it picked and lost before the server bound it (the multi-node tests start two
+    servers at once) means a restart on another port, not a test that waits out its timeout."""
+    import socket
+
+    srv = SGLangServer(llama_a, tmp_path / "moved.log")
+    lost = srv.port
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", lost))
+        blocker.listen(1)
+        with srv:
+            srv.wait_listening()
+            assert srv.port != lost and httpx.get(f"{srv.url}/model_info").status_code == 200
+    assert srv.group_pids() == []
+
+
 def test_no_weights_within_timeout_exits_nonzero(llama_a, tmp_path):
     srv = SGLangServer(llama_a, tmp_path / "timeout.log", extra_args=["--initial-weights-timeout", "3"])
     with srv:

@@ -47,6 +47,7 @@ class SGLangServer:
     ):
         """``launcher``: ``launch_server`` (python -m sglang.launch_server) or ``serve`` (SGLang's ``sglang serve``
         command, the one its docs recommend)."""
+        self._port_given = port is not None
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -68,9 +69,24 @@ class SGLangServer:
                                      start_new_session=True)  # fmt: skip
         return self
 
-    def wait_listening(self, timeout_s: float = 240.0) -> None:
-        """Until ``/model_info`` answers (the gate lets it through before weights arrive)."""
-        self._wait(lambda c: c.get(f"{self.url}/model_info").status_code == 200, timeout_s, "listen")
+    def wait_listening(self, timeout_s: float = 240.0, attempts: int = 3) -> None:
+        """Until ``/model_info`` answers (the gate lets it through before weights arrive). A port we picked can be
+        taken before the server binds it (another server's internal ports are chosen at random as it starts):
+        then the server exits, and it is started again on another port."""
+        for attempt in range(attempts):
+            try:
+                return self._wait(lambda c: c.get(f"{self.url}/model_info").status_code == 200, timeout_s, "listen")
+            except RuntimeError:
+                clash = "address already in use" in self.log_tail()
+                if self._port_given or not clash or attempt == attempts - 1:
+                    raise
+            self.stop()
+            self._move_to(free_port())
+            self.start()
+
+    def _move_to(self, port: int) -> None:
+        self.args[self.args.index("--port") + 1] = str(port)
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
 
     def wait_healthy(self, timeout_s: float = 240.0) -> None:
         self._wait(lambda c: c.get(f"{self.url}/health").status_code == 200, timeout_s, "become healthy")

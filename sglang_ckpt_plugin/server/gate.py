@@ -40,6 +40,7 @@ class GateState:
 
     open: bool = True  # set at install: closed under --wait-for-initial-weights
     report: dict | None = None  # the scheduler's WeightsReport, as sent
+    shutting_down: bool = False  # the HTTP server's lifespan is ending (e.g. its port was taken)
 
 
 def closed_message() -> str:
@@ -67,6 +68,8 @@ class WeightsGate:
         self.is_open = is_open
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self.app(scope, _noting_shutdown(receive), send)
         if scope["type"] in ("http", "websocket"):
             metrics.first_request(GateState.report, GateState.open)
         if scope["type"] not in ("http", "websocket") or self.is_open():
@@ -86,12 +89,28 @@ class WeightsGate:
         await send({"type": "http.response.body", "body": body})
 
 
+def _noting_shutdown(receive):
+    """The lifespan's receive, noting its shutdown: SGLang joins the thread that waits for weights when the HTTP
+    server stops, so that wait must end then (a server whose port was taken must exit, not wait forever)."""
+
+    async def wrapped():
+        message = await receive()
+        if message.get("type") == "lifespan.shutdown":
+            GateState.shutting_down = True
+        return message
+
+    return wrapped
+
+
 def wait_for_initial_weights(poll_s: float = 0.2, log_every_s: float = 30.0) -> None:
     """Replaces SGLang's ``_wait_weights_ready``: no fall-through to dummy weights, ever."""
     timeout = initial_weights_timeout()
     start = last_log = time.monotonic()
     logger.warning("waiting for initial weights; %s", HOW_TO_PUSH)
     while not GateState.open:
+        if GateState.shutting_down:  # SystemExit ends SGLang's warm-up thread quietly: no warm-up on dummy weights
+            logger.warning("the HTTP server stopped before any weights arrived; not waiting any longer")
+            raise SystemExit(EXIT_NO_WEIGHTS)
         now = time.monotonic()
         if timeout is not None and now - start > timeout:
             msg = (f"[sglang-ckpt-plugin] no weights arrived within --initial-weights-timeout {timeout:g} s; "
