@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "that does not cover every parameter)")
     p.add_argument("--allow-unused", action="store_true",
                    help="accept tensors the served model does not use (otherwise the server rejects the update)")
+    p.add_argument("--two-phase", choices=["auto", "on", "off"], default="auto",
+                   help="auto/on: stage every bucket on the server while it keeps serving the old weights, then commit "
+                        "in one short pause (all instances of the loader group together, only once every one staged); "
+                        "auto falls back to streaming when the staged bytes exceed --staging-budget (said on stderr); "
+                        "off: stream (the server pauses for the whole transfer, bounded loader memory)")
+    p.add_argument("--staging-budget", type=parse_size, default=0,
+                   help="shared memory the staged buckets may take on one node, e.g. 8G; default 80%% of MemAvailable")
+    p.add_argument("--commit-retries", type=int, default=2,
+                   help="retries of a failed commit, from the bytes the server staged (nothing is read again)")
     p.add_argument("--no-flush-cache", action="store_true", help="keep the radix cache after the update")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p  # fmt: skip
@@ -82,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.inference_parallel_size < 1:
         parser.error("--inference-parallel-size must be >= 1")
+    if args.commit_retries < 0:
+        parser.error("--commit-retries must be >= 0")
     if args.num_buffers < 1:
         parser.error("--num-buffers must be >= 1")
     if not args.checkpoint_path and not args.load_metas_file:

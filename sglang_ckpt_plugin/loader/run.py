@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ..placement import LoaderPlacement, ServerPlacement, choose_placement, shared_gpus
 from ..transport.channel import make_endpoint
 from ..transport.handles import visible_gpu_keys
+from ..transport.messages import PHASE_KEY
 from .checkpoint import CheckpointError, discover_files, read_checkpoint
 from .http import ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
@@ -28,6 +29,9 @@ from .world import Control, LoaderWorld
 
 if TYPE_CHECKING:
     import torch
+
+
+STAGING_SHARE = 0.8  # default staging budget: this share of the node's available memory
 
 
 class PeerFailed(PushError):
@@ -183,6 +187,8 @@ class Update:
         self.feeder: RankFeeder | None = None
         self.mapped = False
         self.http = None
+        self.two_phase = False
+        self.commit_message = ""
 
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank if any rank failed: its own error here, PeerFailed elsewhere."""
@@ -204,39 +210,76 @@ class Update:
         # auto bucket sizes must be identical on every rank: the smallest free memory decides
         self.memory_budget = min(self.control.all_gather_int(available_memory(self.placement)))
         steps, bucket_bytes = self.guarded(self.plan)
+        self.two_phase = self.choose_phases(steps)  # the same answer on every rank (from the same plan and budget)
         t_plan = time.perf_counter()
         self.guarded(self.check_server)
         t_listening = time.perf_counter()
         try:
-            self.share_names()
-            self.guarded(self.bind)
-            self.start_call()
-            if self.mapped:
-                t_buffers = time.perf_counter()
-                self.push_mapped()
-            else:
-                self.guarded(lambda: self.allocate(bucket_bytes, len(steps)))
-                t_buffers = time.perf_counter()
-                self.push(steps, bucket_bytes)
-        except BaseException as exc:
-            if self.feeder is not None:
-                self.feeder.abort(str(exc))
-            self.cancelled.set()
-            if self.http is not None:
-                self.http.join_quietly()
-                if isinstance(exc, PushError) and self.http.error:
-                    raise self.http.error from None
-            raise
+            try:
+                self.share_names()
+                self.guarded(self.bind)
+                if not self.two_phase:
+                    self.start_call()  # a streaming update's call lasts as long as the transfer
+                if self.mapped:
+                    t_buffers = time.perf_counter()
+                    if self.two_phase:
+                        self.guarded(self.stage_call)
+                    self.push_mapped()
+                else:
+                    num_buffers = len(steps) if self.two_phase else min(self.args.num_buffers, len(steps))
+                    self.guarded(lambda: self.allocate(bucket_bytes, num_buffers))
+                    t_buffers = time.perf_counter()
+                    self.push(steps)
+            except BaseException as exc:
+                if self.feeder is not None:
+                    self.feeder.abort(str(exc))
+                self.cancelled.set()
+                if self.http is not None:
+                    self.http.join_quietly()
+                    if isinstance(exc, PushError) and self.http.error:
+                        raise self.http.error from None
+                raise
+            t_pushed = time.perf_counter()
+            self.guarded(lambda: self.http.join() if self.http is not None else None)
+            t_done = time.perf_counter()
+            if self.two_phase:  # every rank of every instance has staged and checked its bytes: commit together
+                self.commit()
         finally:
-            if self.feeder is not None:
+            if self.feeder is not None:  # after the commit: the server copies out of these buffers
                 self.feeder.close()
             self.reader.close()
-        t_pushed = time.perf_counter()
-        self.guarded(lambda: self.http.join() if self.http is not None else None)
+        phase = {"commit (the pause)": time.perf_counter() - t_done} if self.two_phase else {}
         self.times.extra = {"plan": t_plan - t_start, "server check": t_listening - t_plan,
-                            "buffers": t_buffers - t_listening, "server finalize": time.perf_counter() - t_pushed,
-                            **self.times.extra}  # fmt: skip
+                            "buffers": t_buffers - t_listening, "server finalize": t_done - t_pushed,
+                            **phase, **self.times.extra}  # fmt: skip
         self.report(time.perf_counter() - t_start)
+
+    def choose_phases(self, steps) -> bool:
+        """Two phases (stage while serving, then a short commit) where the staged bytes fit: page-cache mode stages
+        nothing of its own (the checkpoint files are the staging memory); bucket buffers hold every bucket at once
+        on each receiving rank. Deterministic, so every rank takes the same path without a collective."""
+        mode = self.args.two_phase
+        if mode == "off":
+            return False
+        reason = None
+        if self.mapped:
+            return True
+        if self.placement.kind == "cuda":
+            reason = "staging uses host memory: pass --device cpu to stage for a GPU server (its commit copies to the GPU)"
+        else:
+            need = sum(s.bucket.nbytes for s in steps) * self.world.local_world_size  # each local rank holds it all
+            budget = self.args.staging_budget or int(self.memory_budget * STAGING_SHARE)
+            if need > budget:
+                reason = (f"staging needs {need / 1e9:.2f} GB of shared memory on this node, over the staging budget "
+                          f"of {budget / 1e9:.2f} GB (--staging-budget)")  # fmt: skip
+        if reason is None:
+            return True
+        if mode == "on":
+            raise ValueError(f"--two-phase on: {reason}")
+        if self.world.rank == 0:
+            print(f"[sglang-ckpt] streaming the update (one phase; the server pauses for the whole transfer): {reason}",
+                  file=sys.stderr)  # fmt: skip
+        return False
 
     # ------------------------------------------------------------------ phases
     def plan(self):
@@ -303,22 +346,75 @@ class Update:
             args = self.args
             self.http = self.client.start_update(handles, args.weight_version, not args.no_flush_cache, self.cancelled)
 
+    def instance_handles(self, value_of) -> dict[str, str]:
+        return {self.keys[r]: value_of(r) for r in self.world.instance_ranks()}
+
+    def stage_call(self) -> None:
+        """Each instance's leader asks its server to stage: every rank starts receiving in the background and the
+        call returns at once; each rank then hears of every bucket over its own channel."""
+        if self.leads:
+            handles = {**self.instance_handles(lambda r: self.endpoints[r]), PHASE_KEY: "stage"}
+            self.client.post("/update_weights_from_ipc", {"zmq_handles": handles, "flush_cache": False})
+
+    def commit(self) -> None:
+        """Every instance's leader commits at once; the ranks agree on the outcome. A commit that failed is retried
+        from the bytes the server staged (nothing is read again), up to --commit-retries times."""
+        args, error, done = self.args, None, False
+        handles = {**self.instance_handles(lambda r: self.update_id), PHASE_KEY: "commit"}
+        body = {"zmq_handles": handles, "flush_cache": not args.no_flush_cache}
+        if args.weight_version is not None:
+            body["weight_version"] = args.weight_version
+        for attempt in range(1 + args.commit_retries):
+            error = None
+            if self.leads and not done:
+                try:
+                    self.commit_message = self.client.post("/update_weights_from_ipc", body)
+                    done = True
+                except ServerError as exc:
+                    error = exc
+                    if attempt < args.commit_retries:
+                        print(f"[sglang-ckpt] commit on {args.endpoint} failed (attempt {attempt + 1}): {exc}; retrying "
+                              "from the staged bytes", file=sys.stderr)  # fmt: skip
+            if not self.control.any_failed(error is not None):
+                return
+        raise error or PeerFailed("another instance's commit failed (its error is printed above)")
+
     @functools.cached_property
     def device(self) -> torch.device:
         return torch_device(self.placement)
 
-    def allocate(self, bucket_bytes: int, num_buckets: int) -> None:
+    def allocate(self, bucket_bytes: int, num_buffers: int) -> None:
         from .filler import BucketFiller
 
         if self.feeder is not None:
-            self.feeder.allocate(bucket_bytes, min(self.args.num_buffers, num_buckets), self.device)
+            self.feeder.allocate(bucket_bytes, num_buffers, self.device)
         self.filler = BucketFiller(self.reader, self.device, bucket_bytes)
         self.exchange.allocate(bucket_bytes)
 
-    def push(self, steps, bucket_bytes: int) -> None:
-        args, feeder, times, rank = self.args, self.feeder, self.times, self.world.rank
-        self.guarded(lambda: feeder.hello([s.bucket for s in steps]) if feeder is not None else None)
+    def read_ahead(self, steps) -> dict[int, list[int] | None]:
+        """Two phases: each receiving rank first reads every bucket it owns into that bucket's own buffer, all
+        ranks at once (each its own bytes), before anything is exchanged. Returns their digests by step."""
+        ready: dict[int, list[int] | None] = {}
+        if not self.two_phase or self.feeder is None:
+            return ready
         t0 = time.perf_counter()
+        for step in steps:
+            if step.owner == self.world.rank:
+                _, ready[step.seq] = self.exchange.read(step, self.filler, self.feeder.buffers[step.seq].tensor,
+                                                        self.args.verify)  # fmt: skip
+        self.times.read_s += time.perf_counter() - t0
+        return ready
+
+    def push(self, steps) -> None:
+        """The one bucket pipeline: for each step its owner reads the bucket (or has read it ahead), the exchange
+        moves it to every receiving rank, and each receiver hands it to its server rank, which loads it (streaming)
+        or checks and keeps it (two phases: every bucket has its own buffer, so nothing waits for the server)."""
+        args, feeder, times, rank = self.args, self.feeder, self.times, self.world.rank
+        t0 = time.perf_counter()
+        ready = self.guarded(lambda: self.read_ahead(steps))
+        if self.two_phase:
+            self.guarded(self.stage_call)  # after the reads: the server's hello wait is short
+        self.guarded(lambda: feeder.hello([s.bucket for s in steps]) if feeder is not None else None)
         move_s = 0.0
         with ServerClient.progress(total=sum(s.bucket.payload_bytes for s in steps),
                                    disable=args.quiet or not self.leads) as bar:  # fmt: skip
@@ -330,7 +426,9 @@ class Update:
                 try:
                     if error is None:
                         buffer = feeder.free_buffer(step.seq, times) if feeder is not None else None
-                        if rank == step.owner:
+                        if step.seq in ready:
+                            digests = ready[step.seq]
+                        elif rank == step.owner:
                             t_read = time.perf_counter()
                             buffer, digests = self.exchange.read(step, self.filler, buffer, args.verify)
                             times.read_s += time.perf_counter() - t_read
@@ -367,6 +465,8 @@ class Update:
             gb = times.bytes / 1e9
             rate = gb / times.total_s if times.total_s else 0.0
             mode = "page cache: the server mapped the files" if self.mapped else "shared bucket buffers"
+            if self.two_phase:
+                mode += "; staged while the server kept serving, then committed"
             print(f"{tag} pushed {times.buckets} buckets, {gb:.3f} GB in {times.total_s:.3f} s ({rate:.2f} GB/s) "
                   f"via {mode}", file=out)  # fmt: skip
             print(f"{tag} stages: read {times.read_s:.3f} s | wait for server {times.wait_s:.3f} s | server load "
@@ -378,7 +478,8 @@ class Update:
             per_rank = " | ".join(f"rank {r}: {b} ({100 * b / total:.1f}%)" for r, b in enumerate(read))
             print(f"[sglang-ckpt] bytes read from disk per rank: {per_rank}", file=out)
         if self.leads:
-            print(f"{tag} server {self.args.endpoint}: {self.http.message} (weight_version={self.args.weight_version}); "
+            message = self.commit_message if self.two_phase else self.http.message
+            print(f"{tag} server {self.args.endpoint}: {message} (weight_version={self.args.weight_version}); "
                   f"wall {wall_s:.3f} s including planning and waiting for the server", file=out)  # fmt: skip
         if self.feeder is not None and self.feeder.fingerprint and world.rank == self.receivers[0]:
             print(f"[sglang-ckpt] checkpoint fingerprint={self.feeder.fingerprint} (the server reports it in /model_info)")

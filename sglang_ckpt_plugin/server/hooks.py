@@ -27,7 +27,7 @@ import msgspec
 import torch
 
 from ..cpu_env import core_binds
-from . import gate, options, rank_state, routes, tp_worker, trainer_updates
+from . import gate, options, rank_state, routes, staging, tp_worker, trainer_updates
 from . import sglang_compat as sg
 
 logger = logging.getLogger("sglang_ckpt_plugin")
@@ -74,8 +74,13 @@ def _before_launch_server(server_args, *args, **kwargs):
 
 
 def _add_weights_state(result, scheduler, *args, **kwargs):
+    """An error here must not take the scheduler down: without our entry the HTTP process closes the gate."""
     report = msgspec.to_builtins(rank_state.state(sg.scheduler_model(scheduler)).report())
-    report["placement"] = msgspec.to_builtins(rank_state.placement(*sg.scheduler_rank(scheduler)))
+    report["placement"] = msgspec.to_builtins(rank_state.placement(*sg.scheduler_rank(scheduler)))  # collective
+    try:
+        report["staging"] = msgspec.to_builtins(staging.report())
+    except Exception:
+        logger.exception("could not report the staged update")
     sg.add_internal_state(result, report)
     return result
 

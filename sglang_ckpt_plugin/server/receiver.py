@@ -142,6 +142,7 @@ class ReceiveSession:
         validate: Callable[[list, bool, bool], dict],
         prepare: Callable[[], None] = lambda: None,
         hello_timeout_s: float | None = None,
+        staging: bool = False,
     ):
         self.endpoint = check_endpoint(endpoint)
         self.device = device
@@ -160,14 +161,24 @@ class ReceiveSession:
         self.manifest: Manifest | None = None
         self.verify = False
         self.digests = Fingerprint()
+        # Stage mode: every bucket is checked (manifest, bounds, digests) and kept mapped, nothing is loaded;
+        # commit() loads them later. Streaming mode loads each bucket as it arrives.
+        self.staging = staging
+        self.staged: list[BucketReady] = []
+        self.update_id: str | None = None  # from the hello
 
     def run(self) -> ReceiveStats:
+        """Streaming: the whole update. Stage mode: receive and check every bucket; on success the buffers stay
+        mapped for commit() (release() frees them); on failure nothing is kept."""
+        keep = False
         try:
             with Channel(self.endpoint, bind=False) as channel:
                 try:
                     self._serve(channel)
+                    keep = self.staging
                 finally:
-                    self._release()
+                    if not keep:
+                        self._release()
         finally:
             # A loader killed with SIGKILL cannot remove its socket files; they live in our private directory.
             for path in (self.endpoint.removeprefix("ipc://"), fd_socket_path(self.endpoint)):
@@ -194,6 +205,7 @@ class ReceiveSession:
             raise UpdateFailed(f"loader aborted the update before it started: {hello.reason}")
         if not isinstance(hello, Hello):
             raise UpdateFailed(f"expected hello, got {type(hello).__name__}")
+        self.update_id = hello.update_id
         try:
             self._map(hello)
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a CUDA IPC handle that will not open
@@ -244,6 +256,11 @@ class ReceiveSession:
             views = bucket_views(msg, self.buffers)
             if self.verify:
                 self._verify(msg, views)
+            if self.staging:  # checked and kept; loaded by commit()
+                self.staged.append(msg)
+                del views
+                _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=time.perf_counter() - t0))
+                return
             if not self.touched_weights:
                 self.touched_weights = True
                 self.prepare()
@@ -282,21 +299,66 @@ class ReceiveSession:
     def _finish(self, channel: Channel, msg: Finish) -> None:
         try:
             self.manifest.check_finished()
+            if self.staging:
+                self._drop_file_ranges()
+                _send_ok(channel, Reply(seq=msg.seq, ok=True))
+                return
             self._unmap()  # release the loader's memory before post-processing (peak memory)
         except (ProtocolError, UpdateFailed) as exc:
             _send_error(channel, msg.seq, str(exc))
             raise UpdateFailed(str(exc)) from exc
+        try:
+            self._post_process()
+        except UpdateFailed as exc:
+            _send_error(channel, msg.seq, str(exc))
+            raise
+        _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=self.stats.post_s))
+
+    def _post_process(self) -> None:
         t0 = time.perf_counter()
         self.touched_weights = True
         try:
             self.post_process()
         except Exception as exc:
-            _send_error(channel, msg.seq, f"post-processing failed: {exc}")
             raise UpdateFailed(f"post-load processing failed: {type(exc).__name__}: {exc}") from exc
         self.stats.post_s = time.perf_counter() - t0
         if self.verify:
             self.stats.fingerprint = self.digests.hexdigest()
-        _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=self.stats.post_s))
+
+    def commit(self) -> ReceiveStats:
+        """Stage mode, after run() succeeded: load every staged bucket, then post-process. The staged bytes stay
+        mapped (a failed commit can be retried from them) until release(). Raises UpdateFailed."""
+        self.stats = ReceiveStats(fingerprint=None)
+        for msg in self.staged:
+            t0 = time.perf_counter()
+            try:
+                self._map_for(msg)
+                views = bucket_views(msg, self.buffers)
+                if not self.touched_weights:
+                    self.touched_weights = True
+                    self.prepare()
+                self.load_weights(views)
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
+            except Exception as exc:
+                raise UpdateFailed(f"loading staged bucket {msg.seq} failed: {type(exc).__name__}: {exc}") from exc
+            self.stats.buckets += 1
+            self.stats.tensors += len(views)
+            self.stats.bytes += sum(v.nbytes for _, v in views)
+            self.stats.load_s += time.perf_counter() - t0
+            del views
+        self._drop_file_ranges()
+        if any(b is not None and b.views_alive() for b in self.buffers):
+            raise UpdateFailed("the model kept a reference to a tensor it was given instead of copying it")
+        self._post_process()
+        return self.stats
+
+    def staged_bytes(self) -> int:
+        return sum(_nbytes(t.dtype, t.shape) for msg in self.staged for t in msg.tensors)
+
+    def release(self) -> None:
+        """Unmap and close everything a staged update holds (idempotent)."""
+        self._release()
 
     def _map_for(self, msg: BucketReady) -> None:
         """Page-cache mode: map just this bucket's byte range of its file, dropping the previous range, so the
@@ -304,15 +366,18 @@ class ReceiveSession:
         index = msg.buffer
         if not 0 <= index < len(self.handles) or not isinstance(self.handles[index], FileHandle):
             return
-        for i, b in enumerate(self.buffers):
-            if b is not None and isinstance(self.handles[i], FileHandle):
-                self.buffers[i] = None
-                b.close()
+        self._drop_file_ranges()
         if msg.tensors:
             start = min(s.offset for s in msg.tensors)
             end = max(s.offset + _nbytes(s.dtype, s.shape) for s in msg.tensors)
             handle = self.handles[index]
             self.buffers[index] = open_file_range(self.fds[handle.slot], handle, start, end)
+
+    def _drop_file_ranges(self) -> None:
+        for i, b in enumerate(self.buffers):
+            if b is not None and isinstance(self.handles[i], FileHandle):
+                self.buffers[i] = None
+                b.close()
 
     def _unmap(self) -> None:
         """Unmap every buffer. A view still referenced somewhere (a model that kept a tensor it was given)

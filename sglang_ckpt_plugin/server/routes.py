@@ -5,7 +5,9 @@ After every route that can change weights (``/update_weights_from_ipc`` / ``_dis
 state, as structured data through SGLang's internal-state request, and opens or closes the gate from that alone:
 nothing is read out of messages (which carry caller text such as ``weight_version``).
 
-- ``/update_weights_from_ipc``: one update at a time (a second gets 409).
+- ``/update_weights_from_ipc``: one update at a time (a second gets 409). With ``zmq_handles[PHASE_KEY] ==
+  "stage"`` it goes to the schedulers without SGLang's model-update lock (staging writes no weight); "commit"
+  and plain streaming updates take the lock as SGLang's route does.
 - ``/begin_weight_update`` … ``/end_weight_update``: generation is held for the whole session (requests in
   flight finish first, new ones wait), so no request runs on a mix of old and new weights.
 - ``/model_info``: adds ``weights_loaded`` and a ``ckpt_plugin`` section (the loader checks for it).
@@ -23,6 +25,7 @@ from fastapi.responses import ORJSONResponse
 
 from .. import __version__
 from ..placement import unsupported_layout
+from ..transport.messages import PHASE_KEY
 from . import metrics
 from . import sglang_compat as sg
 from .gate import GateState, WeightsGate
@@ -97,10 +100,23 @@ def _wrap_update_ipc(original):
                 {"success": False, "message": "another weight update is in progress; retry when it has finished"},
                 status_code=409,
             )
+        obj = kwargs.get("obj")
+        phase = (getattr(obj, "zmq_handles", None) or {}).get(PHASE_KEY)
         async with _update_lock:
+            if phase == "stage":
+                return await _stage(obj)
             return await refreshing(*args, **kwargs)
 
     return update_weights_from_ipc
+
+
+async def _stage(obj) -> ORJSONResponse:
+    """Hand the stage request to every scheduler without SGLang's model-update lock (generation goes on: staging
+    writes no weight); each answers as soon as its background receiver started. Nothing to refresh: the weights
+    state does not change until a commit."""
+    obj.flush_cache, obj.weight_version = False, None  # nothing is served from staged bytes: no flush, no version
+    success, message = await sg.stage_on_schedulers(obj)
+    return ORJSONResponse({"success": success, "message": message}, status_code=200 if success else 400)
 
 
 def _wrap_begin_session(original):
@@ -172,6 +188,7 @@ def _wrap_model_info(original):
             "session_open": report.get("session_open", False),
             "fingerprint": report.get("fingerprint"),
             "last_update": report.get("last_update"),
+            "staging": report.get("staging"),  # this server's latest staged update (TP rank 0's view)
         }
         return result
 

@@ -49,6 +49,7 @@ ACCESSED_NAMES = (
     f"sglang.srt.server_args.ServerArgs.{WAIT_FLAG_FIELD}",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.get_internal_state",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.config_value",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.auto_create_handle_loop",
 )
 
 
@@ -189,6 +190,16 @@ def set_initial_weights_loaded(loaded: bool) -> None:
 async def scheduler_internal_states() -> list[dict]:
     """SGLang's internal-state request to the schedulers (one dict per DP rank, from TP rank 0)."""
     return await tokenizer_manager().get_internal_state()
+
+
+async def stage_on_schedulers(obj) -> tuple[bool, str]:
+    """Send an ``UpdateWeightsFromIPCReqInput`` to every scheduler as SGLang's route does, but without its
+    model-update writer lock and without recording a weight version (the request names the stage phase)."""
+    tm = tokenizer_manager()
+    tm.auto_create_handle_loop()
+    results = await tm.update_weights_from_ipc_communicator(obj)
+    failed = [r.message for r in results if not r.success]
+    return not failed, "; ".join(failed) if failed else "; ".join(r.message for r in results)
 
 
 async def hold_generation() -> bool:

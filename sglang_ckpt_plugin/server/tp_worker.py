@@ -12,9 +12,10 @@ import logging
 import os
 
 from ..transport.handles import device_rank_key
-from . import foreign, rank_state
+from ..transport.messages import PHASE_KEY, PHASES
+from . import foreign, rank_state, staging
 from . import sglang_compat as sg
-from .receiver import ReceiveSession, UpdateRefused
+from .receiver import ReceiveSession, UpdateFailed, UpdateRefused
 from .validate import validate_update
 
 logger = logging.getLogger("sglang_ckpt_plugin")
@@ -33,37 +34,32 @@ def idle_timeout_s() -> float:
 
 
 def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
-    """Receive one update for this rank. Returns SGLang's (success, message)."""
+    """Receive one update for this rank (streaming), stage one, or commit a staged one (``PHASE_KEY`` in
+    ``zmq_handles``). Returns SGLang's (success, message)."""
+    handles = dict(recv_req.zmq_handles or {})
+    phase = handles.pop(PHASE_KEY, None)
+    if phase == "stage":
+        return _stage(updater, handles)
     device = sg.runner_device(updater)
     key = device_rank_key(device, sg.runner_rank(updater))
-    handles = recv_req.zmq_handles or {}
     model = updater.get_model()
     weights = rank_state.state(model)
-    session = None
+    session, stats = None, None
     ok, refused, error = True, False, ""
     try:
-        refusal = sg.check_online_update_allowed(updater)
-        if refusal:
-            raise UpdateRefused(refusal)
-        if key not in handles:
-            raise UpdateRefused(f"no endpoint for this rank ({key}) in zmq_handles (keys: {sorted(handles)[:8]}); "
-                                "is --inference-parallel-size the server's --tp?")  # fmt: skip
-        if foreign.answer_checkpoint_engine(handles[key]):  # SGLang's documented pusher, not ours
-            raise UpdateRefused(foreign.CHECKPOINT_ENGINE_REFUSAL)
+        _check_request(updater, key, handles, phase)
         with sg.model_dtype_context(updater):
-            session = ReceiveSession(
-                endpoint=handles[key],
-                device=device,
-                load_weights=model.load_weights,
-                post_process=lambda: sg.post_process_model(model, device),
-                idle_timeout_s=idle_timeout_s(),
-                validate=lambda manifest, partial, allow_unused: validate_update(model, manifest, partial, allow_unused),
-                prepare=lambda: sg.prepare_model_for_loading(model, device),
-            )
-            stats = session.run()
+            if phase == "commit":
+                staged, stats = staging.commit(handles[key])
+                session = staged.session
+            else:
+                session = _session(updater, model, device, handles[key], staging=False)
+                stats = session.run()
     except Exception as exc:  # never let a bad update take the scheduler down
         logger.error("weight update on %s failed: %s", key, exc)
         ok, refused, error = False, isinstance(exc, UpdateRefused), str(exc)
+        if phase == "commit" and isinstance(exc, UpdateFailed) and not refused:
+            session = staging.session_of(handles.get(key))
     touched = session is not None and session.touched_weights
     coverage = session.coverage if session is not None else None
     # TP ranks agree: a model half-updated on one rank is half-updated everywhere; a coverage one rank does not
@@ -73,7 +69,8 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
         why = error or "another tensor-parallel rank failed (see its log line)"
         if any_touched:
             weights.failed_partway(None if any_unknown else coverage, "ipc", why)
-            return False, f"weight update on {key} failed part-way (the weights are now incomplete): {why}"
+            retry = " (the staged bytes are kept: commit again to retry)" if phase == "commit" else ""
+            return False, f"weight update on {key} failed part-way (the weights are now incomplete){retry}: {why}"
         if any_refused:
             weights.rejected("ipc", why)
         else:
@@ -82,7 +79,55 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     weights.succeeded(coverage, "ipc", f"loaded {stats.tensors} tensors in {stats.buckets} buckets",
                       tensors=stats.tensors, nbytes=stats.bytes, fingerprint=stats.fingerprint)  # fmt: skip
     logger.info(
-        "rank %s loaded %d tensors (%.3f GB) in %d buckets: load %.3f s, post-process %.3f s",
-        key, stats.tensors, stats.bytes / 1e9, stats.buckets, stats.load_s, stats.post_s,
+        "rank %s loaded %d tensors (%.3f GB) in %d buckets%s: load %.3f s, post-process %.3f s",
+        key, stats.tensors, stats.bytes / 1e9, stats.buckets, " (staged)" if phase == "commit" else "",
+        stats.load_s, stats.post_s,
     )  # fmt: skip
     return True, f"loaded {stats.tensors} tensors ({stats.bytes} bytes) in {stats.buckets} buckets"
+
+
+def _check_request(updater, key: str, handles: dict, phase: str | None) -> None:
+    """Refusals that need no loader: raise UpdateRefused."""
+    if phase not in (None, *PHASES):
+        raise UpdateRefused(f"unknown update phase {phase!r} in zmq_handles[{PHASE_KEY!r}] (expected one of {PHASES})")
+    refusal = sg.check_online_update_allowed(updater)
+    if refusal:
+        raise UpdateRefused(refusal)
+    if key not in handles:
+        raise UpdateRefused(f"no endpoint for this rank ({key}) in zmq_handles (keys: {sorted(handles)[:8]}); "
+                            "is --inference-parallel-size the server's --tp?")  # fmt: skip
+    if phase is None and foreign.answer_checkpoint_engine(handles[key]):  # SGLang's documented pusher, not ours
+        raise UpdateRefused(foreign.CHECKPOINT_ENGINE_REFUSAL)
+
+
+def _session(updater, model, device, endpoint: str, staging: bool) -> ReceiveSession:
+    return ReceiveSession(
+        endpoint=endpoint,
+        device=device,
+        load_weights=model.load_weights,
+        post_process=lambda: sg.post_process_model(model, device),
+        idle_timeout_s=idle_timeout_s(),
+        validate=lambda manifest, partial, allow_unused: validate_update(model, manifest, partial, allow_unused),
+        prepare=lambda: sg.prepare_model_for_loading(model, device),
+        staging=staging,
+    )
+
+
+def _stage(updater, handles: dict) -> tuple[bool, str]:
+    """Start receiving a staged update in the background and answer at once (the loader hears of the outcome of
+    each bucket over its channel). The weights state does not change: nothing is written until the commit."""
+    device = sg.runner_device(updater)
+    key = device_rank_key(device, sg.runner_rank(updater))
+    error = None
+    try:
+        _check_request(updater, key, handles, "stage")
+        session = _session(updater, updater.get_model(), device, handles[key], staging=True)
+    except Exception as exc:
+        error = str(exc)
+    (any_refused,) = rank_state.agree(error is not None)  # every rank stages, or none does
+    if any_refused:
+        why = error or "another tensor-parallel rank refused to stage (see its log line)"
+        logger.error("staging on %s refused: %s", key, why)
+        return False, f"staging on {key} refused: {why}"
+    staging.start(session)
+    return True, f"staging on {key}"
