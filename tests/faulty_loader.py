@@ -8,7 +8,7 @@ MODE corrupt-digests: with --verify, announce wrong digests (as if the bytes cha
 MODE corrupt-rank1-after-first: under torchrun, loader rank 1 announces wrong digests from its second bucket on
 (its TP rank loads bucket 0, then refuses bucket 1; rank 0 alone would have succeeded).
 MODE oom-rank1: under torchrun, loader rank 1 fails to allocate its bucket buffers (as a CUDA OOM would).
-Runs with --transfer copy unless the arguments name a transfer mode.
+Runs with --transfer copy and --two-phase off unless the arguments name them.
 """
 
 import os
@@ -21,6 +21,8 @@ from sglang_ckpt_plugin.loader import cli, filler, push
 mode, args = sys.argv[1], sys.argv[sys.argv.index("--") + 1 :]
 if "--transfer" not in args:
     args += ["--transfer", "copy"]  # the faults are injected on the bucket-buffer path unless a test says otherwise
+if "--two-phase" not in args:
+    args += ["--two-phase", "off"]  # ... of a streaming update, unless a test says otherwise
 
 original_send = push.RankFeeder.send_bucket
 

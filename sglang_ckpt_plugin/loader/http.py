@@ -86,10 +86,11 @@ class ServerClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.base_url, transport=transport, timeout=30.0, headers=headers)
 
-    def post(self, path: str, body: dict) -> str:
+    def post(self, path: str, body: dict, timeout_s: float | None = None) -> str:
         """POST and return the server's message; ServerError if it failed or refused."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
-            resp = self.http.post(path, json=body, timeout=httpx.Timeout(self.timeout_s, connect=30.0))
+            resp = self.http.post(path, json=body, timeout=httpx.Timeout(timeout_s, connect=min(30.0, timeout_s)))
         except httpx.HTTPError as exc:
             raise ServerError(f"{path} on {self.base_url} failed: {exc}") from exc
         data = _json(resp)

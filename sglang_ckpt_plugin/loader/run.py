@@ -188,6 +188,7 @@ class Update:
         self.mapped = False
         self.http = None
         self.two_phase = False
+        self.staged_call_made = False
         self.commit_message = ""
 
     def agree(self, error: BaseException | None) -> None:
@@ -234,6 +235,7 @@ class Update:
                 if self.feeder is not None:
                     self.feeder.abort(str(exc))
                 self.cancelled.set()
+                self.abort_staged()
                 if self.http is not None:
                     self.http.join_quietly()
                     if isinstance(exc, PushError) and self.http.error:
@@ -243,7 +245,11 @@ class Update:
             self.guarded(lambda: self.http.join() if self.http is not None else None)
             t_done = time.perf_counter()
             if self.two_phase:  # every rank of every instance has staged and checked its bytes: commit together
-                self.commit()
+                try:
+                    self.commit()
+                except BaseException:
+                    self.abort_staged()
+                    raise
         finally:
             if self.feeder is not None:  # after the commit: the server copies out of these buffers
                 self.feeder.close()
@@ -354,7 +360,20 @@ class Update:
         call returns at once; each rank then hears of every bucket over its own channel."""
         if self.leads:
             handles = {**self.instance_handles(lambda r: self.endpoints[r]), PHASE_KEY: "stage"}
+            self.staged_call_made = True  # from here on a failure drops the staged bytes on the server
             self.client.post("/update_weights_from_ipc", {"zmq_handles": handles, "flush_cache": False})
+
+    def abort_staged(self) -> None:
+        """After a stage call: tell the server the update is off, so it frees the staged bytes now and records why
+        (best effort: a server that cannot be reached releases them after SGLANG_CKPT_STAGED_TIMEOUT)."""
+        if not (self.leads and self.staged_call_made):
+            return
+        self.staged_call_made = False
+        handles = {**self.instance_handles(lambda r: self.update_id), PHASE_KEY: "abort"}
+        try:
+            self.client.post("/update_weights_from_ipc", {"zmq_handles": handles, "flush_cache": False}, timeout_s=30)
+        except ServerError as exc:
+            print(f"[sglang-ckpt] could not drop the staged update on {self.args.endpoint}: {exc}", file=sys.stderr)
 
     def commit(self) -> None:
         """Every instance's leader commits at once; the ranks agree on the outcome. A commit that failed is retried

@@ -105,13 +105,19 @@ def _wrap_update_ipc(original):
         async with _update_lock:
             if phase == "stage":
                 return await _stage(obj)
+            if phase == "abort":
+                started = time.monotonic()
+                try:
+                    return await _stage(obj)  # the same way in: no weight changes
+                finally:
+                    await refresh_state(started)  # the dropped update's outcome counts
             return await refreshing(*args, **kwargs)
 
     return update_weights_from_ipc
 
 
 async def _stage(obj) -> ORJSONResponse:
-    """Hand the stage request to every scheduler without SGLang's model-update lock (generation goes on: staging
+    """Hand the stage (or abort) request to every scheduler without SGLang's model-update lock (generation goes on: staging
     writes no weight); each answers as soon as its background receiver started. Nothing to refresh: the weights
     state does not change until a commit."""
     obj.flush_cache, obj.weight_version = False, None  # nothing is served from staged bytes: no flush, no version

@@ -55,6 +55,8 @@ class StagedUpdate:
         self.staged_at: float | None = None
         self.committed_at: float | None = None
         self.bytes = 0  # payload staged (once every bucket arrived)
+        self.refused = False  # failed because the update does not fit the model (nothing was ever written)
+        self.commit_failed = False  # a commit was tried and failed (its outcome is recorded already)
         self._timer: threading.Timer | None = None
         self.thread = threading.Thread(target=self._receive, name="ckpt-stage", daemon=True)
 
@@ -71,6 +73,7 @@ class StagedUpdate:
         except Exception as exc:  # UpdateFailed, or anything unexpected: never kept half-received
             with _lock:
                 self.state, self.error = "failed", str(exc)
+                self.refused = isinstance(exc, UpdateRefused)
             logger.error("staging update %s failed (the served weights are unchanged): %s", self.update_id, exc)
             return
         with _lock:
@@ -145,6 +148,7 @@ def commit(update_id: str) -> tuple[StagedUpdate, ReceiveStats]:
     except Exception as exc:
         with _lock:
             staged.state, staged.error = "staged", f"commit failed: {exc}"  # retry from the same bytes
+            staged.commit_failed = True
             staged._arm_timer()
         if isinstance(exc, UpdateFailed):
             raise
@@ -154,6 +158,22 @@ def commit(update_id: str) -> tuple[StagedUpdate, ReceiveStats]:
         staged._release_locked("committed")
         staged.state, staged.error = "committed", None
     return staged, stats
+
+
+def abort(update_id: str) -> StagedUpdate | None:
+    """The loader called the update off: release what ``update_id`` staged (or is staging) now. Returns it (its
+    ``error`` says why it failed here, if it did), or None when this rank holds nothing of it."""
+    with _lock:
+        staged = _current
+        if staged is None or staged.update_id != update_id or staged.state == "committed":
+            return None
+        if staged.state == "staging":
+            staged.state = "released"  # its thread releases the buffers when the loader's channel ends
+            staged.error = staged.error or "aborted by the loader"
+        elif staged.state in ("staged", "failed"):
+            error = staged.error
+            staged._release_locked(error or "aborted by the loader")
+        return staged
 
 
 def report() -> StagingReport | None:

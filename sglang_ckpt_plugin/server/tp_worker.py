@@ -40,6 +40,8 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     phase = handles.pop(PHASE_KEY, None)
     if phase == "stage":
         return _stage(updater, handles)
+    if phase == "abort":
+        return _abort(updater, handles)
     device = sg.runner_device(updater)
     key = device_rank_key(device, sg.runner_rank(updater))
     model = updater.get_model()
@@ -131,3 +133,24 @@ def _stage(updater, handles: dict) -> tuple[bool, str]:
         return False, f"staging on {key} refused: {why}"
     staging.start(session)
     return True, f"staging on {key}"
+
+
+def _abort(updater, handles: dict) -> tuple[bool, str]:
+    """The loader called a staged update off (a rank or an instance failed): drop what this rank staged and
+    record why, as the streaming path records a refused or failed update. The served weights were never touched."""
+    key = device_rank_key(sg.runner_device(updater), sg.runner_rank(updater))
+    staged = staging.abort(handles.get(key, ""))
+    # nothing to record where nothing of it is held (committed, or never staged) or a failed commit was recorded
+    record = staged is not None and not staged.commit_failed
+    error = staged.error if record and staged.error else None
+    any_record, any_error, any_refused = rank_state.agree(record, error is not None, record and staged.refused)
+    if not any_record:
+        return True, f"nothing staged to drop on {key}"
+    why = error or ("another tensor-parallel rank failed to stage (see its log line)" if any_error
+                    else "another loader rank or instance failed before the commit; nothing was changed")  # fmt: skip
+    weights = rank_state.state(updater.get_model())
+    if any_refused:
+        weights.rejected("ipc", why)
+    else:
+        weights.failed_untouched("ipc", why)
+    return True, f"staged update dropped on {key}: {why}"

@@ -32,9 +32,10 @@ WIRE_DTYPES = tuple(WIRE_DTYPE_ITEMSIZE)
 # Two-phase updates ride SGLang's own ``/update_weights_from_ipc`` request (its auth, its fan-out to every TP rank):
 # this reserved key of ``zmq_handles`` names the phase. "stage": each rank receives and checks the bytes in the
 # background, the served weights untouched, without SGLang's model-update lock; "commit": under the lock, each rank
-# loads what it staged (the other keys map rank keys to the staged update's id). Absent: one streaming update.
+# loads what it staged (the other keys map rank keys to the staged update's id); "abort": each rank drops what it
+# staged and records why the update did not happen. Absent: one streaming update.
 PHASE_KEY = "ckpt_plugin.phase"
-PHASES = ("stage", "commit")
+PHASES = ("stage", "commit", "abort")
 
 
 class ProtocolError(ValueError):
