@@ -33,6 +33,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/push_bench.py
+	$(BIN)/python bench/two_phase_bench.py
 
 # the end-to-end smoke against another SGLang release, in its own environment: make compat SGLANG=0.5.22
 compat:

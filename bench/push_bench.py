@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -308,6 +309,8 @@ def main() -> int:
     for name, (idle, pause, took) in pauses.items():
         print(f"| {name} | {idle:.3f} | {pause:.3f} | {took:.3f} | {pause / disk_pause:.2f} |")
     print(f"\ngreedy output after every method == after the disk reload: {not bad}")
+    if not a.workdir:
+        shutil.rmtree(work, ignore_errors=True)  # GBs of generated checkpoints; --workdir keeps (and reuses) them
     return 0
 
 

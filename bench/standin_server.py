@@ -7,7 +7,8 @@ and ``/memory`` this device's free memory, so the check can prove byte identity 
 
     python bench/standin_server.py --checkpoint DIR --device cuda --port 31000
 
-Stdlib HTTP, one request at a time: the loader's update call is the only long one.
+Stdlib HTTP, one request at a time: the loader's update call is the only long one (two phases: its stage call
+returns at once, the receiver runs on a thread, the commit loads what was staged).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sglang_ckpt_plugin.loader.checkpoint import dtype_name, read_checkpoint  # noqa: E402
+from sglang_ckpt_plugin.server import staging  # noqa: E402
 from sglang_ckpt_plugin.server.receiver import ReceiveSession  # noqa: E402
 from sglang_ckpt_plugin.server.weights_state import WHOLE  # noqa: E402
 from sglang_ckpt_plugin.transport.handles import device_rank_key  # noqa: E402
 from sglang_ckpt_plugin.transport.integrity import tensor_digest  # noqa: E402
+from sglang_ckpt_plugin.transport.messages import PHASE_KEY  # noqa: E402
 
 
 class Weights:
@@ -99,14 +102,25 @@ def make_handler(weights: Weights, key: str):
             if self.path != "/update_weights_from_ipc":
                 self._reply(404, {"success": False, "message": "not here"})
                 return
-            handles = body.get("zmq_handles") or {}
+            handles = dict(body.get("zmq_handles") or {})
+            phase = handles.pop(PHASE_KEY, None)  # two phases as the plugin serves them (server/staging.py)
             if key not in handles:
                 self._reply(400, {"success": False, "message": f"no endpoint for {key} in {sorted(handles)}"})
                 return
             t0 = time.perf_counter()
             try:
-                stats = ReceiveSession(handles[key], weights.device, weights.load_weights, weights.post_process,
-                                       idle_timeout_s=120, validate=weights.validate).run()  # fmt: skip
+                if phase == "abort":
+                    staging.abort(handles[key])
+                    self._reply(200, {"success": True, "message": "dropped"})
+                    return
+                session = ReceiveSession(handles[key], weights.device, weights.load_weights, weights.post_process,
+                                         idle_timeout_s=120, validate=weights.validate,
+                                         staging=phase == "stage") if phase != "commit" else None  # fmt: skip
+                if phase == "stage":
+                    staging.start(session)  # receives in the background; the loader hears per bucket
+                    self._reply(200, {"success": True, "message": "staging"})
+                    return
+                stats = staging.commit(handles[key])[1] if phase == "commit" else session.run()
             except Exception as exc:  # the loader prints it
                 self._reply(400, {"success": False, "message": f"{type(exc).__name__}: {exc}"})
                 return

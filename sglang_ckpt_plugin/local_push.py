@@ -8,11 +8,16 @@ overlapped. With ``--tp N`` every TP rank maps the same buffers: each bucket is 
     from sglang_ckpt_plugin.local_push import LocalPush
 
     with LocalPush("http://127.0.0.1:30000") as pusher:
-        pusher.push(model.state_dict().items(), weight_version="step-7")
+        pusher.push(model.state_dict().items(), weight_version="step-7")    # stage, then commit
+
+        staged = pusher.stage(model.state_dict().items())   # or: the two phases apart (the server keeps serving)
+        ...                                                 # train on; the bytes are in the pusher's buffers
+        pusher.commit(staged, weight_version="step-8")      # the pause clients see is this alone
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -21,10 +26,11 @@ from typing import Iterable
 import torch
 
 from .loader.checkpoint import TensorInfo, dtype_name
-from .loader.http import ServerClient
-from .loader.plan import Bucket, align_up, plan_buckets
+from .loader.http import ServerClient, ServerError
+from .loader.plan import Bucket, align_up, plan_buckets, staging_problem
 from .loader.push import PushError, RankFeeder, StageTimes, new_update_id
-from .placement import ServerPlacement, choose_placement
+from .loader.run import STAGING_SHARE, available_memory
+from .placement import LoaderPlacement, ServerPlacement, choose_placement
 from .transport.channel import make_endpoint
 from .trainer import PushStats
 from .transport.handles import allocate_buffer, visible_gpu_keys
@@ -54,15 +60,31 @@ class TensorFiller:
 @dataclass
 class LocalPushStats(PushStats):
     fill_s: float = 0.0  # trainer: tensors -> bucket buffers
-    server_load_s: float = 0.0
+    server_load_s: float = 0.0  # streaming: the server's load_weights over all buckets
+    stage_s: float = 0.0  # two phases: staging, while the server kept serving
+    commit_s: float = 0.0  # two phases: the commit (the pause clients see)
+
+
+@dataclass
+class StagedPush:
+    """An update every TP rank has staged; ``LocalPush.commit`` swaps it in."""
+
+    update_id: str
+    stats: LocalPushStats
 
 
 class LocalPush:
     def __init__(self, url: str, *, bucket_bytes: int = 64 * MiB, num_buffers: int = 2, api_key: str | None = None,
-                 timeout_s: float = 600.0, device: torch.device | str = "auto"):  # fmt: skip
+                 timeout_s: float = 600.0, device: torch.device | str = "auto", two_phase: str = "auto"):  # fmt: skip
         """``device``: where the bucket buffers live. ``auto`` follows the server (placement.py): CUDA IPC on the
         server's GPU when it runs one TP rank on a GPU this process sees, else shared memory (which every TP
-        rank maps; a CUDA rank copies from it to its GPU)."""
+        rank maps; a CUDA rank copies from it to its GPU). ``two_phase``: "auto" stages every push (a buffer per
+        bucket, kept across pushes) where shared memory allows and streams otherwise; "on" refuses to stream;
+        "off" always streams through ``num_buffers`` buffers."""
+        if two_phase not in ("auto", "on", "off"):
+            raise ValueError(f"LocalPush: two_phase must be auto, on or off, not {two_phase!r}")
+        self.two_phase = two_phase
+        self._staged: StagedPush | None = None
         self.client = ServerClient(url, timeout_s=timeout_s, api_key=api_key)
         self.bucket_bytes = align_up(bucket_bytes)
         self.num_buffers = num_buffers
@@ -82,6 +104,8 @@ class LocalPush:
         self.close()
 
     def close(self) -> None:
+        if self._staged is not None:  # the server lets go of a staged update now, not at its timeout
+            self.abort(self._staged)
         for b in self.buffers:
             b.release()
         self.buffers = []
@@ -104,59 +128,155 @@ class LocalPush:
         self.rank_keys = [p.rank_key for p in places]
         self.device = torch.device("cuda", places[0].gpu_index) if places[0].kind == "cuda" else torch.device("cpu")
 
-    def _ensure_buffers(self, nbytes: int) -> None:
-        if self.buffers and self.buffers[0].nbytes >= nbytes:
+    def _ensure_buffers(self, nbytes: int, count: int) -> None:
+        """Buffers kept across pushes; grown once when a push needs larger or more of them."""
+        if len(self.buffers) >= count and self.buffers and self.buffers[0].nbytes >= nbytes:
             return
-        self.close()  # a larger tensor than ever before: grow once
-        self.buffers = [allocate_buffer(nbytes, self.device, reusable=True) for _ in range(self.num_buffers)]
+        nbytes = max(nbytes, self.buffers[0].nbytes if self.buffers else 0)
+        self.close()
+        self.buffers = [allocate_buffer(nbytes, self.device, reusable=True) for _ in range(count)]
+
+    def _plan(self, named_tensors) -> tuple[dict[str, torch.Tensor], list[TensorInfo], list[Bucket]]:
+        tensors = {name: t.detach().contiguous() for name, t in named_tensors}
+        if not tensors:
+            raise ValueError("LocalPush: no tensors given")
+        infos = [TensorInfo(name, dtype_name(t.dtype), tuple(t.shape), "", 0, t.numel() * t.element_size())
+                 for name, t in tensors.items()]  # fmt: skip
+        buckets = plan_buckets(infos, max(self.bucket_bytes, align_up(max(i.nbytes for i in infos))))
+        if self.tp_size is None:
+            self._place()
+        return tensors, infos, buckets
+
+    def _stages(self, buckets: list[Bucket]) -> str | None:
+        """Why this push streams instead of staging, or None (two phases)."""
+        if self.two_phase == "off":
+            return "two_phase='off'"
+        budget = int(available_memory(LoaderPlacement("cpu", None, "")) * STAGING_SHARE)
+        return staging_problem([b.nbytes for b in buckets], 1, budget, self.device.type)
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None = None,
              flush_cache: bool = True, partial: bool = False) -> LocalPushStats:  # fmt: skip
-        """One complete update (``partial=True``: only some parameters, on purpose)."""
+        """One complete update (``partial=True``: only some parameters, on purpose): staged, then committed (the
+        server pauses for the commit alone), or streamed where staging does not fit (``two_phase``)."""
         t0 = time.perf_counter()
-        tensors = {name: t.detach().contiguous() for name, t in named_tensors}
-        if not tensors:
-            raise ValueError("LocalPush.push: no tensors given")
-        infos = [TensorInfo(name, dtype_name(t.dtype), tuple(t.shape), "", 0, t.numel() * t.element_size())
-                 for name, t in tensors.items()]  # fmt: skip
-        size = max(self.bucket_bytes, align_up(max(i.nbytes for i in infos)))
-        buckets = plan_buckets(infos, size)
-        if self.tp_size is None:
-            self._place()
-        self._ensure_buffers(max(b.nbytes for b in buckets))
+        tensors, infos, buckets = self._plan(named_tensors)
+        why = self._stages(buckets)
+        if why is not None and self.two_phase == "on":
+            raise ValueError(f"LocalPush(two_phase='on'): {why}")
+        if why is None:
+            stats = self.commit(self._stage(tensors, infos, buckets, partial), weight_version, flush_cache)
+        else:
+            stats = self._stream(tensors, infos, buckets, weight_version, flush_cache, partial)
+        stats.seconds = time.perf_counter() - t0
+        return stats
 
+    def stage(self, named_tensors: Iterable[tuple[str, torch.Tensor]], partial: bool = False) -> StagedPush:
+        """First phase alone: every bucket reaches every TP rank, which checks and keeps it; the server goes on
+        serving its weights. ``commit(staged)`` then swaps them in (or ``abort(staged)``). The tensors may change
+        as soon as this returns: the bytes are in the pusher's buffers."""
+        tensors, infos, buckets = self._plan(named_tensors)
+        why = self._stages(buckets)
+        if why is not None:
+            raise ValueError(f"LocalPush.stage: {why}")
+        return self._stage(tensors, infos, buckets, partial)
+
+    def _stage(self, tensors, infos, buckets, partial: bool) -> StagedPush:
+        if self._staged is not None:  # its buffers are about to be refilled: the server must let go of it first
+            self.abort(self._staged)
+        t0 = time.perf_counter()
+        self._ensure_buffers(max(b.nbytes for b in buckets), len(buckets))
         update_id = new_update_id("local")
-        cancelled = threading.Event()
-        feeders = []
+        stats = LocalPushStats(tensors=len(infos), bytes=sum(i.nbytes for i in infos), buckets=len(buckets))
         times = [StageTimes() for _ in range(self.tp_size)]
-        stats = LocalPushStats()
+        with self._feeders(update_id, partial) as (feeders, cancelled):
+            self.client.stage({key: f.channel.endpoint for key, f in feeders})
+            try:
+                self._run(feeders, buckets, TensorFiller(tensors), times, stats)
+            except BaseException:
+                self._abort_quietly(update_id)
+                raise
+        stats.server_load_s = max(t.load_s for t in times)
+        stats.stage_s = time.perf_counter() - t0
+        self._staged = StagedPush(update_id, stats)
+        return self._staged
+
+    def commit(self, staged: StagedPush, weight_version: str | None = None, flush_cache: bool = True,
+               retries: int = 2) -> LocalPushStats:  # fmt: skip
+        """Second phase: every TP rank loads what it staged (under SGLang's model-update lock: the pause clients
+        see). A failed commit is retried from the staged bytes up to ``retries`` times."""
+        if staged is not self._staged:
+            raise ValueError("LocalPush.commit: that update is no longer staged (committed, aborted or replaced)")
+        t0 = time.perf_counter()
         try:
-            for key in self.rank_keys:
-                feeder = RankFeeder(make_endpoint(update_id, key), update_id, self.timeout_s, cancelled, partial=partial)
-                feeder.adopt(self.buffers)
-                feeders.append((key, feeder))
+            for attempt in range(retries + 1):
+                try:
+                    self.client.commit(self.rank_keys, staged.update_id, weight_version, flush_cache)
+                    break
+                except ServerError:
+                    if attempt == retries:
+                        raise
+        except BaseException:
+            self._abort_quietly(staged.update_id)
+            raise
+        finally:
+            self._staged = None
+        staged.stats.commit_s = time.perf_counter() - t0
+        return staged.stats
+
+    def abort(self, staged: StagedPush) -> None:
+        """Call a staged update off: the server drops it and keeps serving what it serves."""
+        if staged is self._staged:
+            self._staged = None
+            self._abort_quietly(staged.update_id)
+
+    def _abort_quietly(self, update_id: str) -> None:
+        try:
+            self.client.abort(self.rank_keys, update_id)
+        except ServerError:
+            pass  # the server releases it after SGLANG_CKPT_STAGED_TIMEOUT
+
+    def _stream(self, tensors, infos, buckets, weight_version, flush_cache: bool, partial: bool) -> LocalPushStats:
+        self._ensure_buffers(max(b.nbytes for b in buckets), self.num_buffers)
+        update_id = new_update_id("local")
+        times = [StageTimes() for _ in range(self.tp_size)]
+        stats = LocalPushStats(tensors=len(infos), bytes=sum(i.nbytes for i in infos), buckets=len(buckets))
+        with self._feeders(update_id, partial) as (feeders, cancelled):
             call = self.client.start_update({k: f.channel.endpoint for k, f in feeders}, weight_version, flush_cache,
                                             cancelled)  # fmt: skip
             try:
                 self._run(feeders, buckets, TensorFiller(tensors), times, stats)
             except BaseException as exc:
-                for _, f in feeders:
-                    f.abort(str(exc))
                 cancelled.set()
                 call.join_quietly()
                 raise (call.error if isinstance(exc, PushError) and call.error else exc)
             call.join()
+        stats.server_load_s = max(t.load_s for t in times)
+        return stats
+
+    @contextlib.contextmanager
+    def _feeders(self, update_id: str, partial: bool):
+        """One RankFeeder per TP rank, all on the pusher's buffers; aborted (if still open) and closed on the way out."""
+        cancelled = threading.Event()
+        feeders = []
+        try:
+            for key in self.rank_keys:
+                feeder = RankFeeder(make_endpoint(update_id, key), update_id, self.timeout_s, cancelled, partial=partial)
+                feeder.adopt(self.buffers)
+                feeders.append((key, feeder))
+            try:
+                yield feeders, cancelled
+            except BaseException as exc:
+                for _, f in feeders:
+                    f.abort(str(exc))
+                raise
         finally:
             for _, f in feeders:
                 f.close()
-        stats.tensors, stats.bytes, stats.buckets = len(infos), sum(i.nbytes for i in infos), len(buckets)
-        stats.server_load_s = max(t.load_s for t in times)
-        stats.seconds = time.perf_counter() - t0
-        return stats
 
     @staticmethod
     def _run(feeders, buckets: list[Bucket], filler: TensorFiller, times: list[StageTimes], stats) -> None:
-        """Every rank gets the same buffer for a bucket: it is refilled once every rank has acknowledged."""
+        """Every rank gets the same buffer for a bucket: it is refilled once every rank has acknowledged (two phases:
+        there is a buffer per bucket, so nothing waits)."""
         for _, f in feeders:
             f.hello(buckets)
         for seq, bucket in enumerate(buckets):

@@ -8,6 +8,9 @@ MODE corrupt-digests: with --verify, announce wrong digests (as if the bytes cha
 MODE corrupt-rank1-after-first: under torchrun, loader rank 1 announces wrong digests from its second bucket on
 (its TP rank loads bucket 0, then refuses bucket 1; rank 0 alone would have succeeded).
 MODE oom-rank1: under torchrun, loader rank 1 fails to allocate its bucket buffers (as a CUDA OOM would).
+MODE pause-after-first-bucket: once the server took bucket 0, sleep CKPT_TEST_PAUSE_S seconds, then go on.
+MODE kill-in-staging: SIGKILL at a random point of a two-phase update (see below).
+MODE kill-before-commit: SIGKILL once every bucket is staged, instead of committing.
 Runs with --transfer copy and --two-phase off unless the arguments name them.
 """
 
@@ -64,6 +67,53 @@ elif mode == "oom-rank1":
         return original_allocate(self, *args, **kwargs)
 
     push.RankFeeder.allocate = allocate
+elif mode == "pause-after-first-bucket":
+
+    def send_bucket(self, seq, bucket, digests, times, **kw):
+        original_send(self, seq, bucket, digests, times, **kw)
+        if seq == 0:
+            self._wait_reply(self._in_flight.popleft(), "stage a bucket")
+            print("paused after bucket 0", flush=True)
+            time.sleep(float(os.environ.get("CKPT_TEST_PAUSE_S", "4")))
+
+    push.RankFeeder.send_bucket = send_bucket
+elif mode == "kill-in-staging":
+    # SIGKILL at a random point of a two-phase update (seeded by CKPT_TEST_SEED), on loader rank CKPT_TEST_RANK only:
+    # while reading bucket k ahead, or right after handing bucket k to the server
+    import random
+
+    rng = random.Random(int(os.environ.get("CKPT_TEST_SEED", "0")))
+    where, at = rng.choice(["read", "send"]), rng.randrange(int(os.environ.get("CKPT_TEST_BUCKETS", "3")))
+    counts = {"read": 0, "send": 0}
+    doomed = os.environ.get("RANK", "0") == os.environ.get("CKPT_TEST_RANK", "0")
+
+    def maybe_die(point):
+        if doomed and point == where:
+            if counts[point] == at:
+                print(f"killed while staging: {point} #{at}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            counts[point] += 1
+
+    original_fill = filler.BucketFiller.fill
+
+    def fill(self, *args, **kwargs):
+        maybe_die("read")
+        return original_fill(self, *args, **kwargs)
+
+    def send_bucket(self, seq, bucket, digests, times, **kw):
+        original_send(self, seq, bucket, digests, times, **kw)
+        maybe_die("send")
+
+    filler.BucketFiller.fill = fill
+    push.RankFeeder.send_bucket = send_bucket
+elif mode == "kill-before-commit":
+    from sglang_ckpt_plugin.loader import run
+
+    def commit(self):
+        print("staged; killed before the commit", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    run.Update.commit = commit
 elif mode == "stall-before-buckets":
     filler.BucketFiller.fill = lambda self, *args, **kwargs: time.sleep(3600)
 else:

@@ -2,6 +2,7 @@
 
 import json
 import struct
+import time
 
 import pytest
 import torch
@@ -140,3 +141,21 @@ def test_read_threads_follow_the_environment(monkeypatch):
     monkeypatch.delenv("SGLANG_CKPT_READ_THREADS")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # many ranks on this node's cores: at least one thread each
     assert CheckpointReader().threads == 1
+
+
+def test_read_rate_limit_holds_a_reader_to_its_rate(tmp_path, monkeypatch):
+    from sglang_ckpt_plugin.loader import reader as reader_mod
+
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    monkeypatch.setenv(reader_mod.READ_RATE_ENV, "4M")
+    r = reader_mod.CheckpointReader(threads=1)
+    dest = bytearray(1 << 20)
+    t0 = time.monotonic()
+    r.read_range(str(path), 0, memoryview(dest))
+    r.close()
+    assert time.monotonic() - t0 >= (1 << 20) / 4e6 * 0.95  # 1 MiB at 4 MB/s: about a quarter of a second
+    assert bytes(dest) == path.read_bytes()
+    monkeypatch.setenv(reader_mod.READ_RATE_ENV, "fast")
+    with pytest.raises(ValueError, match="SGLANG_CKPT_READ_RATE"):
+        reader_mod.read_rate_limit()

@@ -22,10 +22,11 @@ FAULTY = Path(__file__).with_name("faulty_loader.py")
 IDLE_TIMEOUT_S = 20  # the server's SGLANG_CKPT_IDLE_TIMEOUT in this module
 
 
-def faulty(mode: str, url: str, ckpt: Path, *extra: str) -> subprocess.Popen:
+def faulty(mode: str, url: str, ckpt: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, str(FAULTY), mode, "--", "--checkpoint-path", str(ckpt), "--endpoint", url, "--quiet",
            "--bucket-size", "300K", *extra]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})  # fmt: skip
 
 
 def finish(proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:

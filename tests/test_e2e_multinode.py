@@ -2,10 +2,13 @@
 
 Node i's loader rank feeds node i's server (its own ``--endpoint``); the two ranks read half the checkpoint
 each and exchange the rest over gloo. P2P: only the listed ranks' servers are updated, fed by both ranks.
+Two phases (the default): a fleet of two instances stages on both, then commits on both; a loader rank killed
+while staging leaves both serving what they served.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -15,8 +18,10 @@ import pytest
 from sglang_ckpt_plugin.demo.evidence import checksum
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
 
-from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, communicate_or_dump, our_leftovers
+from .test_e2e_faults import FAULTY, info
 from .test_e2e_tp2 import bytes_per_rank
+from .test_e2e_two_phase import Client, dropped_or_never_staged
 
 pytestmark = pytest.mark.slow
 
@@ -37,21 +42,25 @@ def servers(llama_a, tmp_path_factory):
     assert [srv.group_pids() for srv in pair] == [[], []], "server processes left behind"
 
 
-def run_two_nodes(servers, *args: str) -> list[subprocess.CompletedProcess]:
-    """``torchrun --nnodes 2 --node-rank i --master-addr 127.0.0.1`` once per node, as on two machines."""
+def run_two_nodes(servers, *args: str, fault: str | None = None, env: dict | None = None,
+                  check: bool = True) -> list[subprocess.CompletedProcess]:  # fmt: skip
+    """``torchrun --nnodes 2 --node-rank i --master-addr 127.0.0.1`` once per node, as on two machines.
+    ``fault``: every node runs tests/faulty_loader.py with that mode (``env`` says which rank it hits)."""
     port = free_port()
     procs = []
     for node, srv in enumerate(servers):
+        program = ["-m", "sglang_ckpt_plugin.update"] if fault is None else [str(FAULTY), fault, "--"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-               "-m", "sglang_ckpt_plugin.update", "--endpoint", srv.url, "--quiet", "--timeout", "120", *args]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+               *program, "--endpoint", srv.url, "--quiet", "--timeout", "120", *args]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, **(env or {})}))  # fmt: skip
     results = []
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        out, err = communicate_or_dump(p, 300, "loader node")
         results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     for r in results:
-        assert r.returncode == 0, f"loader node failed:\n{r.stdout}\n{r.stderr}"
+        assert not check or r.returncode == 0, f"loader node failed:\n{r.stdout}\n{r.stderr}"
     return results
 
 
@@ -91,3 +100,43 @@ def test_two_nodes_broadcast_each_reads_half(servers, llama_a):
     for srv in servers:
         assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-2nodes"
         assert_serves(srv.url, llama_a)
+
+
+def test_a_fleet_commits_only_once_every_instance_staged(servers, llama_a, llama_b):
+    run_two_nodes(servers, "--checkpoint-path", str(llama_b), "--weight-version", "b-fleet")
+    staged = [info(srv.url)["ckpt_plugin"]["staging"] for srv in servers]
+    assert staged[0]["update_id"] == staged[1]["update_id"]
+    assert [s["state"] for s in staged] == ["committed", "committed"]
+    assert all(s["staged_at"] <= min(t["committed_at"] for t in staged) for s in staged), staged  # stage, then commit
+    for srv in servers:
+        assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "b-fleet"
+        assert_serves(srv.url, llama_b)
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_a_loader_rank_killed_while_a_fleet_stages_changes_no_instance(servers, llama_a, llama_b, seed):
+    run_two_nodes(servers, "--checkpoint-path", str(llama_a), "--weight-version", f"a-fleet{seed}")
+    expected = [generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"] for srv in servers]
+    before = set(our_leftovers())
+    previous = [info(srv.url)["ckpt_plugin"]["staging"]["update_id"] for srv in servers]
+    clients = [Client(srv.url) for srv in servers]
+    try:
+        results = run_two_nodes(servers, "--checkpoint-path", str(llama_b), "--weight-version", f"b-fleet{seed}",
+                                "--bucket-size", "300K", "--transfer", "copy", fault="kill-in-staging", check=False,
+                                env={"CKPT_TEST_SEED": str(seed), "CKPT_TEST_RANK": "1", "CKPT_TEST_BUCKETS": "2"})  # fmt: skip
+    finally:
+        for c in clients:
+            c.close()
+    assert "killed while staging" in results[1].stdout, results[1].stdout + results[1].stderr
+    assert results[0].returncode != 0 and results[1].returncode != 0
+    for srv, client, ids in zip(servers, clients, expected):
+        assert client.errors == [], client.errors  # no 503, no failure: served all along
+        assert {v for _, _, v, _ in client.seen} == {f"a-fleet{seed}"}
+        assert all(out == ids for *_, out in client.seen)
+        doc = info(srv.url)
+        assert doc["weight_version"] == f"a-fleet{seed}" and doc["ckpt_plugin"]["weights_state"] == "complete"
+        assert dropped_or_never_staged(doc["ckpt_plugin"]["staging"], previous[servers.index(srv)])
+    assert set(our_leftovers()) - before == set()
+    run_two_nodes(servers, "--checkpoint-path", str(llama_b), "--weight-version", f"b-fleet{seed}-again")
+    for srv in servers:
+        assert_serves(srv.url, llama_b)

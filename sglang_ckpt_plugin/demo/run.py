@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,8 @@ def main() -> int:
     print(f"   server processes left: {left or 'none'}; our shared memory / sockets left: {left_files or 'none'}")
     clean = not left and not left_files
     print(f"\nVERDICT {evidence.verdict()}; {'nothing' if clean else 'SOMETHING'} left behind", flush=True)
+    if evidence.ok and clean and not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)  # a failed run keeps its checkpoint and server log to look at
     return 0 if evidence.ok and clean else 1
 
 

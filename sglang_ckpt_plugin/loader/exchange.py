@@ -29,16 +29,21 @@ class Exchange:
         self.device = device
         self.group = group
         self.everyone = set(range(world.world_size))
-        self._staging = None
+        self._private: list[torch.Tensor] = []  # a source-only rank reads into these
         if world.distributed and device.type == "cuda":
             # NCCL makes its communicator on first use, which must be collective (p2p ops otherwise hang)
             warm = torch.zeros(1, device=device)
             dist.all_reduce(warm, group=group)
             torch.cuda.current_stream(device).synchronize()
 
-    def allocate(self, bucket_bytes: int) -> None:
-        if self.world.rank not in self.receivers:  # a source only: reads into a private buffer
-            self._staging = torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device)
+    def allocate(self, bucket_bytes: int, count: int = 1) -> None:
+        """A source only (no server of its own): ``count`` private buffers to read into (two phases: one per bucket
+        it owns, so it reads all of them ahead, at the same time as the other ranks read theirs)."""
+        if self.world.rank not in self.receivers:
+            self._private = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(count)]
+
+    def private_buffer(self, index: int) -> torch.Tensor:
+        return self._private[index]
 
     def takes_part(self, step: Step) -> bool:
         return self.world.rank == step.owner or self.world.rank in self.receivers
@@ -46,7 +51,7 @@ class Exchange:
     def read(self, step: Step, filler: BucketFiller, dest: torch.Tensor | None,
              digests: bool) -> tuple[torch.Tensor, list[int] | None]:  # fmt: skip
         """Owner only: fill the bucket; returns (the buffer to send from, the digests when asked)."""
-        buffer = dest if dest is not None else self._staging
+        buffer = dest if dest is not None else self._private[0]
         return buffer, filler.fill(step.bucket, buffer, digests)
 
     def move(self, step: Step, buffer: torch.Tensor, digests: list[int] | None, verify: bool) -> list[int] | None:

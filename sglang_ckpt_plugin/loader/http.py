@@ -9,6 +9,7 @@ import time
 import httpx
 
 from ..placement import PLUGIN_MARKER, ServerPlacement, unsupported_layout
+from ..transport.messages import PHASE_KEY
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -136,6 +137,24 @@ class ServerClient:
         if weight_version is not None:
             body["weight_version"] = weight_version
         return UpdateCall(self, body, cancelled)
+
+    # ---- two phases, over SGLang's /update_weights_from_ipc (PHASE_KEY in zmq_handles; server/routes.py)
+    def stage(self, endpoints: dict[str, str]) -> str:
+        """Every TP rank starts receiving from its endpoint in the background; answered at once."""
+        return self.post("/update_weights_from_ipc", {"zmq_handles": {**endpoints, PHASE_KEY: "stage"},
+                                                      "flush_cache": False})  # fmt: skip
+
+    def commit(self, rank_keys: list[str], update_id: str, weight_version: str | None, flush_cache: bool) -> str:
+        """Load what every TP rank staged under ``update_id`` (under SGLang's model-update lock: the pause)."""
+        body = {"zmq_handles": {**dict.fromkeys(rank_keys, update_id), PHASE_KEY: "commit"}, "flush_cache": flush_cache}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        return self.post("/update_weights_from_ipc", body)
+
+    def abort(self, rank_keys: list[str], update_id: str) -> str:
+        """Drop what the TP ranks staged under ``update_id`` and record why the update did not happen."""
+        body = {"zmq_handles": {**dict.fromkeys(rank_keys, update_id), PHASE_KEY: "abort"}, "flush_cache": False}
+        return self.post("/update_weights_from_ipc", body, timeout_s=30)
 
     @staticmethod
     def progress(total: int, disable: bool):

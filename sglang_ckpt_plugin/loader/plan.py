@@ -168,3 +168,15 @@ def plan_file_buckets(tensors: list[TensorInfo], bucket_size: int) -> tuple[list
         if current.slots:
             out.append((index, current))
     return files, out
+
+
+def staging_problem(bucket_bytes: list[int], local_ranks: int, budget: int, kind: str) -> str | None:
+    """Why an update with these buckets cannot be staged, or None. Each receiving rank holds every bucket at once
+    (one buffer per bucket), and ``local_ranks`` ranks of a node do so side by side in its shared memory."""
+    if kind == "cuda":
+        return "staging uses host memory: pass --device cpu to stage for a GPU server (its commit copies to the GPU)"
+    need = sum(bucket_bytes) * local_ranks
+    if need > budget:
+        return (f"staging needs {need / 1e9:.2f} GB of shared memory on this node, over the staging budget of "
+                f"{budget / 1e9:.2f} GB (--staging-budget)")  # fmt: skip
+    return None

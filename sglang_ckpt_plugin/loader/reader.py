@@ -9,12 +9,30 @@ memory bandwidth: 5.5 GB/s against 55 GB/s pinned host -> H200 measured on one m
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .plan import Bucket
 
 READ_PIECE_BYTES = 4 << 20  # reads are split into pieces of this size for the reading threads
 READ_THREADS_ENV = "SGLANG_CKPT_READ_THREADS"
+# Bytes per second one loader rank may read (suffix K/M/G), unset: no limit. For a shared filesystem that must not
+# be saturated, and for the bench, which emulates slow storage with it (page-cache reads here run at GB/s).
+READ_RATE_ENV = "SGLANG_CKPT_READ_RATE"
+
+
+def read_rate_limit() -> float | None:
+    text = os.environ.get(READ_RATE_ENV, "").strip().upper()
+    if not text:
+        return None
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1], 1.0)
+    try:
+        rate = float(text[:-1] if text[-1] in "KMG" else text) * scale
+    except ValueError:
+        raise ValueError(f"{READ_RATE_ENV}={os.environ[READ_RATE_ENV]!r}: expected bytes per second, e.g. 200M") from None
+    if rate <= 0:
+        raise ValueError(f"{READ_RATE_ENV} must be positive")
+    return rate
 
 
 def default_read_threads() -> int:
@@ -34,6 +52,8 @@ class CheckpointReader:
         self.bytes_read = 0
         self.threads = threads or default_read_threads()
         self._pool: ThreadPoolExecutor | None = None
+        self.rate = read_rate_limit()
+        self._rate_start: float | None = None
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -47,6 +67,8 @@ class CheckpointReader:
     def read_ranges(self, ranges: list[tuple[str, int, memoryview]]) -> None:
         """Read each ``(path, offset, dest)``; returns once all are read. Split over the reading threads when
         there is enough to share."""
+        if self.rate and self._rate_start is None:
+            self._rate_start = time.monotonic()
         pieces = [(self._fd(path), path, offset + at, dest[at : at + READ_PIECE_BYTES])
                   for path, offset, dest in ranges for at in range(0, len(dest), READ_PIECE_BYTES)]  # fmt: skip
         if self.threads > 1 and len(pieces) > 1:
@@ -58,6 +80,14 @@ class CheckpointReader:
             for piece in pieces:
                 _pread_exactly(*piece)
         self.bytes_read += sum(len(dest) for _, _, dest in ranges)
+        if self.rate:
+            self._throttle()
+
+    def _throttle(self) -> None:
+        """Sleep until this reader's average rate since its first read began is within the limit."""
+        ahead = self.bytes_read / self.rate - (time.monotonic() - self._rate_start)
+        if ahead > 0:
+            time.sleep(ahead)
 
     def fill(self, bucket: Bucket, host) -> None:
         """Read every tensor of ``bucket`` into ``host`` (a CPU uint8 tensor) at its slot offset."""

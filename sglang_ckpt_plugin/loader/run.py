@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING
 from ..placement import LoaderPlacement, ServerPlacement, choose_placement, shared_gpus
 from ..transport.channel import make_endpoint
 from ..transport.handles import visible_gpu_keys
-from ..transport.messages import PHASE_KEY
 from .checkpoint import CheckpointError, discover_files, read_checkpoint
 from .http import ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
-from .plan import mappable, parse_ranks, plan_file_buckets, plan_world, shard_by_bytes
+from .plan import mappable, parse_ranks, plan_file_buckets, plan_world, shard_by_bytes, staging_problem
 from .push import PushError, RankFeeder, StageTimes, new_update_id
 from .reader import CheckpointReader
 from .world import Control, LoaderWorld
@@ -190,6 +189,7 @@ class Update:
         self.two_phase = False
         self.staged_call_made = False
         self.commit_message = ""
+        self.read_into: dict = {}  # two phases: step -> the buffer its bucket was read ahead into
 
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank if any rank failed: its own error here, PeerFailed elsewhere."""
@@ -211,6 +211,7 @@ class Update:
         # auto bucket sizes must be identical on every rank: the smallest free memory decides
         self.memory_budget = min(self.control.all_gather_int(available_memory(self.placement)))
         steps, bucket_bytes = self.guarded(self.plan)
+        self.steps = steps
         self.two_phase = self.choose_phases(steps)  # the same answer on every rank (from the same plan and budget)
         t_plan = time.perf_counter()
         self.guarded(self.check_server)
@@ -254,7 +255,8 @@ class Update:
             if self.feeder is not None:  # after the commit: the server copies out of these buffers
                 self.feeder.close()
             self.reader.close()
-        phase = {"commit (the pause)": time.perf_counter() - t_done} if self.two_phase else {}
+        phase = {"stage (the server kept serving)": t_done - t_listening,
+                 "commit (the pause)": time.perf_counter() - t_done} if self.two_phase else {}  # fmt: skip
         self.times.extra = {"plan": t_plan - t_start, "server check": t_listening - t_plan,
                             "buffers": t_buffers - t_listening, "server finalize": t_done - t_pushed,
                             **phase, **self.times.extra}  # fmt: skip
@@ -267,17 +269,11 @@ class Update:
         mode = self.args.two_phase
         if mode == "off":
             return False
-        reason = None
         if self.mapped:
             return True
-        if self.placement.kind == "cuda":
-            reason = "staging uses host memory: pass --device cpu to stage for a GPU server (its commit copies to the GPU)"
-        else:
-            need = sum(s.bucket.nbytes for s in steps) * self.world.local_world_size  # each local rank holds it all
-            budget = self.args.staging_budget or int(self.memory_budget * STAGING_SHARE)
-            if need > budget:
-                reason = (f"staging needs {need / 1e9:.2f} GB of shared memory on this node, over the staging budget "
-                          f"of {budget / 1e9:.2f} GB (--staging-budget)")  # fmt: skip
+        budget = self.args.staging_budget or int(self.memory_budget * STAGING_SHARE)
+        reason = staging_problem([s.bucket.nbytes for s in steps], self.world.local_world_size, budget,
+                                 self.placement.kind)  # fmt: skip
         if reason is None:
             return True
         if mode == "on":
@@ -352,16 +348,15 @@ class Update:
             args = self.args
             self.http = self.client.start_update(handles, args.weight_version, not args.no_flush_cache, self.cancelled)
 
-    def instance_handles(self, value_of) -> dict[str, str]:
-        return {self.keys[r]: value_of(r) for r in self.world.instance_ranks()}
+    def instance_keys(self) -> list[str]:
+        return [self.keys[r] for r in self.world.instance_ranks()]
 
     def stage_call(self) -> None:
         """Each instance's leader asks its server to stage: every rank starts receiving in the background and the
         call returns at once; each rank then hears of every bucket over its own channel."""
         if self.leads:
-            handles = {**self.instance_handles(lambda r: self.endpoints[r]), PHASE_KEY: "stage"}
             self.staged_call_made = True  # from here on a failure drops the staged bytes on the server
-            self.client.post("/update_weights_from_ipc", {"zmq_handles": handles, "flush_cache": False})
+            self.client.stage({self.keys[r]: self.endpoints[r] for r in self.world.instance_ranks()})
 
     def abort_staged(self) -> None:
         """After a stage call: tell the server the update is off, so it frees the staged bytes now and records why
@@ -369,9 +364,8 @@ class Update:
         if not (self.leads and self.staged_call_made):
             return
         self.staged_call_made = False
-        handles = {**self.instance_handles(lambda r: self.update_id), PHASE_KEY: "abort"}
         try:
-            self.client.post("/update_weights_from_ipc", {"zmq_handles": handles, "flush_cache": False}, timeout_s=30)
+            self.client.abort(self.instance_keys(), self.update_id)
         except ServerError as exc:
             print(f"[sglang-ckpt] could not drop the staged update on {self.args.endpoint}: {exc}", file=sys.stderr)
 
@@ -379,15 +373,12 @@ class Update:
         """Every instance's leader commits at once; the ranks agree on the outcome. A commit that failed is retried
         from the bytes the server staged (nothing is read again), up to --commit-retries times."""
         args, error, done = self.args, None, False
-        handles = {**self.instance_handles(lambda r: self.update_id), PHASE_KEY: "commit"}
-        body = {"zmq_handles": handles, "flush_cache": not args.no_flush_cache}
-        if args.weight_version is not None:
-            body["weight_version"] = args.weight_version
         for attempt in range(1 + args.commit_retries):
             error = None
             if self.leads and not done:
                 try:
-                    self.commit_message = self.client.post("/update_weights_from_ipc", body)
+                    self.commit_message = self.client.commit(self.instance_keys(), self.update_id, args.weight_version,
+                                                             not args.no_flush_cache)  # fmt: skip
                     done = True
                 except ServerError as exc:
                     error = exc
@@ -408,19 +399,21 @@ class Update:
         if self.feeder is not None:
             self.feeder.allocate(bucket_bytes, num_buffers, self.device)
         self.filler = BucketFiller(self.reader, self.device, bucket_bytes)
-        self.exchange.allocate(bucket_bytes)
+        owned = sum(1 for s in self.steps if s.owner == self.world.rank)
+        self.exchange.allocate(bucket_bytes, max(1, owned) if self.two_phase else 1)
 
     def read_ahead(self, steps) -> dict[int, list[int] | None]:
         """Two phases: each receiving rank first reads every bucket it owns into that bucket's own buffer, all
         ranks at once (each its own bytes), before anything is exchanged. Returns their digests by step."""
         ready: dict[int, list[int] | None] = {}
-        if not self.two_phase or self.feeder is None:
+        if not self.two_phase:
             return ready
         t0 = time.perf_counter()
-        for step in steps:
-            if step.owner == self.world.rank:
-                _, ready[step.seq] = self.exchange.read(step, self.filler, self.feeder.buffers[step.seq].tensor,
-                                                        self.args.verify)  # fmt: skip
+        owned = [s for s in steps if s.owner == self.world.rank]
+        for i, step in enumerate(owned):
+            dest = self.feeder.buffers[step.seq].tensor if self.feeder else self.exchange.private_buffer(i)
+            _, ready[step.seq] = self.exchange.read(step, self.filler, dest, self.args.verify)
+            self.read_into[step.seq] = dest
         self.times.read_s += time.perf_counter() - t0
         return ready
 
@@ -446,7 +439,7 @@ class Update:
                     if error is None:
                         buffer = feeder.free_buffer(step.seq, times) if feeder is not None else None
                         if step.seq in ready:
-                            digests = ready[step.seq]
+                            buffer, digests = self.read_into[step.seq], ready[step.seq]
                         elif rank == step.owner:
                             t_read = time.perf_counter()
                             buffer, digests = self.exchange.read(step, self.filler, buffer, args.verify)

@@ -103,14 +103,12 @@ def _wrap_update_ipc(original):
         obj = kwargs.get("obj")
         phase = (getattr(obj, "zmq_handles", None) or {}).get(PHASE_KEY)
         async with _update_lock:
-            if phase == "stage":
-                return await _stage(obj)
-            if phase == "abort":
+            if phase in ("stage", "abort"):  # no weight changes: no model-update lock
                 started = time.monotonic()
-                try:
-                    return await _stage(obj)  # the same way in: no weight changes
-                finally:
-                    await refresh_state(started)  # the dropped update's outcome counts
+                resp = await _stage(obj)
+                if phase == "abort" or resp.status_code != 200:
+                    await refresh_state(started)  # a refused stage or a dropped update counts as an outcome
+                return resp
             return await refreshing(*args, **kwargs)
 
     return update_weights_from_ipc

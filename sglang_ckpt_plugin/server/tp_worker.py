@@ -130,6 +130,7 @@ def _stage(updater, handles: dict) -> tuple[bool, str]:
     if any_refused:
         why = error or "another tensor-parallel rank refused to stage (see its log line)"
         logger.error("staging on %s refused: %s", key, why)
+        rank_state.state(updater.get_model()).rejected("ipc", why)
         return False, f"staging on {key} refused: {why}"
     staging.start(session)
     return True, f"staging on {key}"

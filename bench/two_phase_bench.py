@@ -1,0 +1,174 @@
+"""Two-phase updates (``make bench`` runs this after push_bench.py): the pause clients see against the whole update
+and against SGLang's own ``/update_weights_from_disk`` of the same bytes, for 1 loader rank, 2 loader ranks and a
+fleet of 2 instances fed by one loader group; staging time of 1 and 2 ranks when each rank's reads are slow
+(``SGLANG_CKPT_READ_RATE`` per rank); the commit skew across the fleet.
+
+    python bench/two_phase_bench.py [--gb 1.0] [--repeats 2] [--read-rate 300M] [--workdir DIR]
+
+Two servers, same run: every row's pause is measured by the same probe (a 1-token greedy ``/generate`` every 50 ms
+on each server; the pause is the longest latency of a request sent while the update ran). Greedy output after
+each method must equal the output after the disk reload, or the bench fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
+
+sys.path.insert(0, str(Path(__file__).parent))
+from baselines import GB, PauseProbe, time_disk_update  # noqa: E402
+from push_bench import checkpoint_bytes, loader_cmd, make_random_checkpoint, warm_page_cache  # noqa: E402
+
+PROMPT = list(range(10, 20))
+
+
+def fleet_cmds(urls: list[str], ckpt: Path, version: str, extra: list[str]) -> list[list[str]]:
+    """One torchrun per "node" (as on two machines), each loader rank feeding its own server (broadcast)."""
+    port = free_port()
+    return [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(urls)), "--node-rank", str(i),
+             "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(ckpt), "--endpoint", url,
+             "--weight-version", version, "--quiet", *extra] for i, url in enumerate(urls)]  # fmt: skip
+
+
+def run_all(cmds: list[list[str]], env: dict | None = None) -> list[str]:
+    """Run the commands at once; their stdout (all must succeed)."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in cmds]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=1800)
+        if p.returncode != 0:
+            raise RuntimeError(f"loader failed: {out[-2000:]}\n{err[-3000:]}")
+        outs.append(out)
+    return outs
+
+
+def figure(out: str, label: str) -> float | None:
+    found = re.search(rf"{re.escape(label)} ([\d.]+) s", out)
+    return float(found.group(1)) if found else None
+
+
+def measure(urls: list[str], update) -> dict:
+    """Pause on every server (the largest), the update's own seconds, and what update() returned."""
+    probes = [PauseProbe(u) for u in urls]
+    for p in probes:
+        p.__enter__()
+    try:
+        time.sleep(1.0)
+        start = time.perf_counter()
+        result = update()
+        end = time.perf_counter()
+        time.sleep(0.5)
+    finally:
+        for p in probes:
+            p.__exit__(None, None, None)
+    return {"idle": max(p.idle(start) for p in probes), "pause": max(p.pause(start, end) for p in probes),
+            "whole": end - start, "result": result}  # fmt: skip
+
+
+def commit_skew(urls: list[str]) -> float:
+    times = [httpx.get(f"{u}/model_info", timeout=30).json()["ckpt_plugin"]["staging"]["committed_at"] for u in urls]
+    return max(times) - min(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gb", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--read-rate", default="300M", help="per-rank read limit for the staging rows (bytes/s)")
+    p.add_argument("--workdir", default=None)
+    a = p.parse_args()
+    keep = a.workdir is not None
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-bench2-"))
+    ckpt = work / f"random-llama-{a.gb:g}gb"
+    if not (ckpt / "config.json").exists():
+        print(f"making a random bf16 checkpoint of ~{a.gb:g} GB in {ckpt} ...", flush=True)
+        make_random_checkpoint(ckpt, a.gb)
+    nbytes = checkpoint_bytes(ckpt)
+    copy = ["--transfer", "copy"]
+    methods = {  # name -> (servers it updates: 1 or 2, update(urls, version))
+        "SGLang /update_weights_from_disk": (1, lambda u, v: time_disk_update(u[0], ckpt, v)),
+        "1 rank, two phases, page cache (CLI default)": (1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, [])])),
+        "1 rank, two phases, shm buffers": (1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, copy)])),
+        "1 rank, streaming (--two-phase off), page cache": (
+            1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, ["--two-phase", "off"])])),
+        "2 ranks (p2p into one server), two phases": (1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, [], ranks=2)])),
+        "2 ranks, streaming": (1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, ["--two-phase", "off"], ranks=2)])),
+        "fleet of 2 instances (2 nodes, broadcast), two phases": (2, lambda u, v: run_all(fleet_cmds(u, ckpt, v, []))),
+        "fleet of 2 instances, streaming": (2, lambda u, v: run_all(fleet_cmds(u, ckpt, v, ["--two-phase", "off"]))),
+    }  # fmt: skip
+    rows: dict[str, list[dict]] = {name: [] for name in methods}
+    skews: list[float] = []
+    outputs: dict[str, list[int]] = {}
+    servers = [SGLangServer(ckpt, work / f"server{i}.log") for i in range(2)]
+    try:
+        for srv in servers:
+            srv.start()
+        for srv in servers:
+            srv.wait_listening(timeout_s=900)
+        urls = [srv.url for srv in servers]
+        run_all(fleet_cmds(urls, ckpt, "initial", ["--timeout", "900"]))
+        for srv in servers:
+            srv.wait_healthy(timeout_s=300)
+        for i in range(a.repeats):
+            print(f"round {i + 1}/{a.repeats}", flush=True)
+            for name, (count, update) in methods.items():
+                warm_page_cache(ckpt)
+                row = measure(urls[:count], lambda: update(urls[:count], f"r{i}"))
+                rows[name].append(row)
+                if name.startswith("fleet") and "two phases" in name:
+                    skews.append(commit_skew(urls))
+                outputs[name] = generate_ids(urls[0], PROMPT, 8)["output_ids"]
+        print("staging under a per-rank read limit...", flush=True)
+        env = {**__import__("os").environ, "SGLANG_CKPT_READ_RATE": a.read_rate}
+        staging = {}
+        for ranks in (1, 2):
+            outs = run_all([loader_cmd(urls[0], ckpt, f"slow-{ranks}", copy, ranks=ranks)], env=env)
+            staging[ranks] = figure(outs[0], "stage (the server kept serving)")
+    finally:
+        for srv in servers:
+            srv.stop()
+    bad = {k: v for k, v in outputs.items() if v != outputs["SGLang /update_weights_from_disk"]}
+
+    def med(name, key):
+        return statistics.median(r[key] for r in rows[name])
+
+    disk_pause = med("SGLang /update_weights_from_disk", "pause")
+    disk_whole = med("SGLang /update_weights_from_disk", "whole")
+    print(f"\n{nbytes / GB:.3f} GB bf16 checkpoint, page cache warm, median of {a.repeats}, same run, same servers\n")
+    print("| method | idle latency s | pause s (longest request during the update) | whole update s | "
+          "pause vs SGLang disk pause | pause vs SGLang disk reload |\n|---|---|---|---|---|---|")
+    for name in methods:
+        pause = med(name, "pause")
+        print(f"| {name} | {med(name, 'idle'):.3f} | {pause:.3f} | {med(name, 'whole'):.3f} | "
+              f"{pause / disk_pause:.2f} | {pause / disk_whole:.2f} |")  # fmt: skip
+    if skews:
+        print(f"\ncommit skew across the 2 instances (committed_at, /model_info): median {statistics.median(skews) * 1e3:.1f} "
+              f"ms, max {max(skews) * 1e3:.1f} ms (target <= 100 ms)")  # fmt: skip
+    if staging[1] and staging[2]:
+        rate1, rate2 = nbytes / GB / staging[1], nbytes / GB / staging[2]
+        print(f"\n| staging, each rank reading at most {a.read_rate}B/s | stage s | GB/s | vs 1 rank |\n|---|---|---|---|")
+        print(f"| 1 rank | {staging[1]:.3f} | {rate1:.3f} | 1.00 |")
+        print(f"| 2 ranks (each reads its half at once, then they exchange) | {staging[2]:.3f} | {rate2:.3f} | "
+              f"{rate2 / rate1:.2f} (target >= 1.7) |")  # fmt: skip
+    print(f"\ngreedy output after every method == after the disk reload: {not bad}")
+    if bad:
+        print(f"MISMATCH: {bad}", file=sys.stderr)
+    if not keep and not bad:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

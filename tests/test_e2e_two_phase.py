@@ -1,0 +1,222 @@
+"""Two-phase updates against a real SGLang server: the server keeps serving its weights while an update stages,
+a loader killed while staging changes nothing, and a commit that fails part-way is retried from the staged bytes.
+
+The server carries a second, test-only SGLang plugin (tests/server_faults, found through its entry point on the
+server's PYTHONPATH) that can make the next commit fail after its first bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
+
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push
+from .test_e2e_faults import faulty, finish, info, wait_for
+
+pytestmark = pytest.mark.slow
+FAULT_PLUGIN_DIR = Path(__file__).with_name("server_faults")
+REPO = Path(__file__).resolve().parents[1]
+STAGED_TIMEOUT_S = 15  # the server's SGLANG_CKPT_STAGED_TIMEOUT in this module
+
+
+@pytest.fixture(scope="module")
+def fault_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def server(llama_a, fault_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "two_phase_server.log"
+    path = os.pathsep.join(p for p in (str(FAULT_PLUGIN_DIR), str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {"PYTHONPATH": path, "CKPT_TEST_FAULTS_DIR": str(fault_dir), "SGLANG_CKPT_STAGED_TIMEOUT": str(STAGED_TIMEOUT_S)}
+    with SGLangServer(llama_a, log, env=env) as srv:
+        srv.wait_listening()
+        push(srv.url, llama_a, "--weight-version", "a-1")
+        srv.wait_healthy(timeout_s=60)
+        yield srv
+    assert srv.group_pids() == []
+
+
+@pytest.fixture(scope="module")
+def outputs(server, llama_a, llama_b) -> dict[str, list[int]]:
+    """Each checkpoint's greedy output, from SGLang's own disk reload on this server."""
+    out = {}
+    for name, ckpt in (("a", llama_a), ("b", llama_b)):
+        push(server.url, ckpt, "--weight-version", f"{name}-ref")
+        out[name] = assert_serves(server.url, ckpt).disk_ids
+    assert out["a"] != out["b"]
+    return out
+
+
+def dropped_or_never_staged(staging: dict, previous_id: str) -> bool:
+    """After a killed update: the server dropped what it had staged of it, or never began staging it (killed while
+    reading ahead, before the stage call)."""
+    return staging["update_id"] == previous_id or staging["state"] in ("failed", "released")
+
+
+class Client:
+    """Generates in a loop from a thread: every answer's weight_version and ids, and every failure."""
+
+    def __init__(self, url: str):
+        self.url, self.seen, self.errors = url, [], []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            try:
+                r = generate_ids(self.url, PROMPT, NEW_TOKENS)
+                self.seen.append((t0, time.monotonic(), r["meta_info"]["weight_version"], r["output_ids"]))
+            except (httpx.HTTPError, KeyError, AssertionError) as exc:
+                self.errors.append(repr(exc))
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+def test_the_server_keeps_serving_while_an_update_stages(server, llama_a, llama_b, outputs):
+    push(server.url, llama_a, "--weight-version", "a-2")
+    client = Client(server.url)
+    try:
+        loader = faulty("pause-after-first-bucket", server.url, llama_b, "--weight-version", "b-2", "--two-phase", "on")
+        assert loader.stdout.readline().strip() == "paused after bucket 0"
+        paused_at = time.monotonic()
+        staging = info(server.url)["ckpt_plugin"]["staging"]
+        assert staging["state"] == "staging"
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+        wait_for(lambda: len([s for s in client.seen if s[0] > paused_at]) >= 3, timeout_s=30)
+        out, err = finish(loader, 120)
+        assert loader.returncode == 0, err
+    finally:
+        client.close()
+    assert client.errors == []
+    during = [s for s in client.seen if s[0] > paused_at and s[2] == "a-2"]
+    assert len(during) >= 3, "requests sent while the update staged must be answered by the old weights"
+    for _, _, version, ids in client.seen:
+        assert version in ("a-2", "b-2") and ids == outputs[version[0]], f"{version} answered with other weights"
+    doc = info(server.url)
+    assert doc["weight_version"] == "b-2" and doc["ckpt_plugin"]["staging"]["state"] == "committed"
+    assert_serves(server.url, llama_b)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_loader_killed_while_staging_changes_nothing(server, llama_a, llama_b, outputs, seed):
+    push(server.url, llama_a, "--weight-version", f"a-k{seed}")
+    before = set(our_leftovers())
+    previous = info(server.url)["ckpt_plugin"]["staging"]["update_id"]
+    client = Client(server.url)
+    try:
+        loader = faulty("kill-in-staging", server.url, llama_b, "--weight-version", f"b-k{seed}", "--two-phase", "on",
+                        env={"CKPT_TEST_SEED": str(seed), "CKPT_TEST_BUCKETS": "3"})  # fmt: skip
+        out, _ = finish(loader, 120)
+        assert loader.returncode == -signal.SIGKILL and "killed while staging" in out
+        wait_for(lambda: dropped_or_never_staged(info(server.url)["ckpt_plugin"]["staging"], previous), 30)
+    finally:
+        client.close()
+    assert client.errors == []
+    assert {v for _, _, v, _ in client.seen} <= {f"a-k{seed}"}
+    assert all(ids == outputs["a"] for *_, ids in client.seen)
+    doc = info(server.url)
+    assert doc["weights_loaded"] and doc["ckpt_plugin"]["weights_state"] == "complete"
+    assert doc["weight_version"] == f"a-k{seed}"
+    assert set(our_leftovers()) - before == set(), "shared memory or socket files left behind"
+    assert_serves(server.url, llama_a)
+    push(server.url, llama_b, "--weight-version", f"b-after-k{seed}")  # a fresh update goes through
+    assert_serves(server.url, llama_b)
+
+
+def test_a_failed_commit_is_retried_from_the_staged_bytes(server, llama_a, llama_b, fault_dir):
+    push(server.url, llama_a, "--weight-version", "a-r")
+    (fault_dir / "fail-next-commit").touch()
+    proc = push(server.url, llama_b, "--weight-version", "b-r", "--transfer", "copy", "--bucket-size", "300K")
+    assert not (fault_dir / "fail-next-commit").exists(), "the injected fault did not fire"
+    assert "commit fault injected by the test" in proc.stderr and "retrying from the staged bytes" in proc.stderr
+    assert proc.stdout.count("bytes read from disk per rank") == 1  # read once, committed twice
+    doc = info(server.url)
+    assert doc["weight_version"] == "b-r" and doc["ckpt_plugin"]["weights_state"] == "complete"
+    assert_serves(server.url, llama_b)
+
+
+def test_a_commit_that_keeps_failing_leaves_the_server_closed_until_a_complete_push(server, llama_a, llama_b,
+                                                                                       fault_dir):  # fmt: skip
+    push(server.url, llama_a, "--weight-version", "a-f")
+    (fault_dir / "fail-next-commit").touch()
+    before = set(our_leftovers())
+    proc = push(server.url, llama_b, "--weight-version", "b-f", "--bucket-size", "300K", "--commit-retries", "0",
+                check=False)  # fmt: skip
+    assert proc.returncode == 1 and "commit fault injected by the test" in proc.stderr
+    doc = info(server.url)
+    assert doc["ckpt_plugin"]["weights_state"] == "incomplete" and not doc["weights_loaded"]
+    assert doc["ckpt_plugin"]["staging"]["state"] == "released"  # the loader dropped the staged bytes on its way out
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
+    assert set(our_leftovers()) - before == set()
+    push(server.url, llama_a, "--weight-version", "a-f2")
+    assert_serves(server.url, llama_a)
+
+
+def test_a_staged_update_nobody_commits_is_released_after_the_timeout(server, llama_a, llama_b):
+    push(server.url, llama_a, "--weight-version", "a-t")
+    loader = faulty("kill-before-commit", server.url, llama_b, "--weight-version", "b-t", "--two-phase", "on")
+    out, _ = finish(loader, 120)
+    assert loader.returncode == -signal.SIGKILL and "killed before the commit" in out
+    staged = info(server.url)["ckpt_plugin"]["staging"]
+    assert staged["state"] == "staged" and staged["bytes"] > 0
+    assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-t"
+    wait_for(lambda: info(server.url)["ckpt_plugin"]["staging"]["state"] == "released", STAGED_TIMEOUT_S + 15)
+    assert "not committed within" in info(server.url)["ckpt_plugin"]["staging"]["error"]
+    # its commit now is refused, the weights untouched
+    body = {"zmq_handles": {"cpu-tp0": staged["update_id"], "ckpt_plugin.phase": "commit"}, "weight_version": "b-t"}
+    resp = httpx.post(f"{server.url}/update_weights_from_ipc", json=body, timeout=30)
+    assert resp.status_code == 400 and "not staged" in resp.json()["message"]
+    doc = info(server.url)
+    assert doc["weight_version"] == "a-t" and doc["ckpt_plugin"]["weights_state"] == "complete"
+    assert doc["ckpt_plugin"]["last_update"]["outcome"] == "rejected"
+    assert_serves(server.url, llama_a)
+
+
+def test_an_update_over_the_staging_budget_streams_and_says_so(server, llama_a, llama_b):
+    push(server.url, llama_a, "--weight-version", "a-budget")
+    proc = push(server.url, llama_b, "--weight-version", "b-budget", "--transfer", "copy", "--staging-budget", "64K")
+    assert "streaming the update (one phase" in proc.stderr and "--staging-budget" in proc.stderr
+    assert "staged while the server kept serving" not in proc.stdout
+    assert info(server.url)["weight_version"] == "b-budget"
+    assert_serves(server.url, llama_b)
+    proc = push(server.url, llama_a, "--weight-version", "a-on", "--staging-budget", "64K", "--transfer", "copy",
+                "--two-phase", "on", check=False)  # fmt: skip
+    assert proc.returncode == 1 and "--two-phase on: staging needs" in proc.stderr
+    assert info(server.url)["weight_version"] == "b-budget"
+
+
+def test_local_push_stages_while_serving_then_commits(server, llama_a, llama_b, outputs):
+    from safetensors.torch import load_file
+
+    from sglang_ckpt_plugin.local_push import LocalPush
+
+    tensors = {}
+    for f in sorted(llama_b.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    push(server.url, llama_a, "--weight-version", "a-local")
+    with LocalPush(server.url, bucket_bytes=256 << 10) as pusher:
+        staged = pusher.stage(tensors.items())
+        assert info(server.url)["ckpt_plugin"]["staging"]["state"] == "staged"
+        served = generate_ids(server.url, PROMPT, NEW_TOKENS)
+        assert served["meta_info"]["weight_version"] == "a-local" and served["output_ids"] == outputs["a"]
+        stats = pusher.commit(staged, weight_version="b-local")
+        assert stats.buckets > 1 and stats.commit_s > 0
+        with pytest.raises(ValueError, match="no longer staged"):
+            pusher.commit(staged)
+        assert pusher.push(tensors.items(), weight_version="b-local-2").commit_s > 0  # stage + commit in one call
+    assert info(server.url)["ckpt_plugin"]["staging"]["state"] == "committed"
+    assert_serves(server.url, llama_b)
