@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
+from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids, server_env
 
 from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push
 from .test_e2e_faults import faulty, finish, info, wait_for
@@ -35,7 +35,8 @@ def fault_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(llama_a, fault_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "two_phase_server.log"
-    path = os.pathsep.join(p for p in (str(FAULT_PLUGIN_DIR), str(REPO), os.environ.get("PYTHONPATH")) if p)
+    base = server_env("cpu").get("PYTHONPATH")  # the CPU environment's own entries (the sgl_kernel stand-in)
+    path = os.pathsep.join(p for p in (str(FAULT_PLUGIN_DIR), str(REPO), base) if p)
     env = {"PYTHONPATH": path, "CKPT_TEST_FAULTS_DIR": str(fault_dir), "SGLANG_CKPT_STAGED_TIMEOUT": str(STAGED_TIMEOUT_S)}
     with SGLangServer(llama_a, log, env=env) as srv:
         srv.wait_listening()

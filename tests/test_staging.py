@@ -125,3 +125,4 @@ def test_staging_fits_the_budget_with_every_local_rank_counted():
     assert staging_problem([100, 100], 1, 200, "cpu") is None
     assert "0.00 GB" in staging_problem([100, 100], 2, 300, "cpu")  # two ranks of this node hold 400 bytes
     assert "--device cpu" in staging_problem([1], 1, 10**12, "cuda")
+    assert "raise --bucket-size" in staging_problem([1] * 254, 1, 10**12, "cpu")

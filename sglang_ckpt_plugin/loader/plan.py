@@ -8,6 +8,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+from ..transport.messages import MAX_BUFFERS
 from .checkpoint import TensorInfo
 
 # Tensor offsets inside a bucket are aligned so every dtype view is aligned (and CUDA copies are fast).
@@ -175,6 +176,8 @@ def staging_problem(bucket_bytes: list[int], local_ranks: int, budget: int, kind
     (one buffer per bucket), and ``local_ranks`` ranks of a node do so side by side in its shared memory."""
     if kind == "cuda":
         return "staging uses host memory: pass --device cpu to stage for a GPU server (its commit copies to the GPU)"
+    if len(bucket_bytes) > MAX_BUFFERS:
+        return f"{len(bucket_bytes)} buckets, one buffer each, exceed the {MAX_BUFFERS} one update can hand over; raise --bucket-size"
     need = sum(bucket_bytes) * local_ranks
     if need > budget:
         return (f"staging needs {need / 1e9:.2f} GB of shared memory on this node, over the staging budget of "

@@ -60,9 +60,10 @@ class RankFeeder:
     """Owns the buffers and the channel for one inference rank during one update."""
 
     def __init__(self, endpoint: str, update_id: str, timeout_s: float, cancelled: threading.Event,
-                 verify: bool = False, partial: bool = False, allow_unused: bool = False):  # fmt: skip
-        """Binds the endpoint at once (cheap), so the server may connect while buffers are allocated.
-        With ``verify``, every bucket carries per-tensor xxh3 digests that the server checks."""
+                 verify: bool = False, partial: bool = False, allow_unused: bool = False, listen: bool = True):  # fmt: skip
+        """Binds the endpoint at once (cheap), so the server may connect while buffers are allocated; with
+        ``listen=False`` only at ``listen()`` (a two-phase update reads every bucket first: a loader killed then
+        leaves no socket file behind). With ``verify``, every bucket carries per-tensor xxh3 digests."""
         self.update_id = update_id
         self.verify = verify
         self.partial = partial
@@ -74,12 +75,19 @@ class RankFeeder:
         self.owns_buffers = True
         self.on_bucket = lambda bucket: None  # progress callback
         self._fd_offer: FdOffer | None = None
-        self.channel = Channel(endpoint, bind=True)
+        self.endpoint = endpoint
+        self.channel: Channel | None = None
+        if listen:
+            self.listen()
 
-    def allocate(self, bucket_bytes: int, num_buffers: int, device: torch.device) -> None:
-        """Allocate and touch the bucket buffers (first touch of shared memory is the expensive part)."""
+    def listen(self) -> None:
+        self.channel = Channel(self.endpoint, bind=True)
+
+    def allocate(self, bucket_bytes: int, num_buffers: int, device: torch.device, unnamed: bool = False) -> None:
+        """Allocate and touch the bucket buffers (first touch of shared memory is the expensive part).
+        ``unnamed``: shared memory without a name (its descriptor goes to the server), nothing to leak if killed."""
         for _ in range(num_buffers):
-            self.buffers.append(allocate_buffer(bucket_bytes, device))
+            self.buffers.append(allocate_buffer(bucket_bytes, device, reusable=unnamed))
 
     def adopt(self, buffers: list) -> None:
         """Use buffers that outlive this update (kept by a long-lived pusher); close() leaves them alone."""

@@ -219,7 +219,8 @@ class Update:
         try:
             try:
                 self.share_names()
-                self.guarded(self.bind)
+                staged_buffers = self.two_phase and not self.mapped
+                self.guarded(lambda: self.bind(listen=not staged_buffers))
                 if not self.two_phase:
                     self.start_call()  # a streaming update's call lasts as long as the transfer
                 if self.mapped:
@@ -334,12 +335,13 @@ class Update:
 
             self.exchange = Exchange(self.world, self.receivers, self.device, self.control.data_group)
 
-    def bind(self) -> None:
-        """Every receiver binds its endpoint (cheap); the agreement after it orders this before any HTTP call."""
+    def bind(self, listen: bool = True) -> None:
+        """Every receiver binds its endpoint (cheap); the agreement after it orders this before any HTTP call.
+        ``listen=False``: only once its buckets are read (push)."""
         if self.receives:
             args = self.args
             self.feeder = RankFeeder(self.endpoint, self.update_id, args.timeout, self.cancelled, verify=args.verify,
-                                     partial=args.partial, allow_unused=args.allow_unused)  # fmt: skip
+                                     partial=args.partial, allow_unused=args.allow_unused, listen=listen)  # fmt: skip
 
     def start_call(self) -> None:
         """Each instance's leader makes the HTTP call naming the endpoints of all its ranks."""
@@ -396,8 +398,8 @@ class Update:
     def allocate(self, bucket_bytes: int, num_buffers: int) -> None:
         from .filler import BucketFiller
 
-        if self.feeder is not None:
-            self.feeder.allocate(bucket_bytes, num_buffers, self.device)
+        if self.feeder is not None:  # two phases: unnamed (the server gets descriptors), nothing to leak meanwhile
+            self.feeder.allocate(bucket_bytes, num_buffers, self.device, unnamed=self.two_phase)
         self.filler = BucketFiller(self.reader, self.device, bucket_bytes)
         owned = sum(1 for s in self.steps if s.owner == self.world.rank)
         self.exchange.allocate(bucket_bytes, max(1, owned) if self.two_phase else 1)
@@ -425,6 +427,7 @@ class Update:
         t0 = time.perf_counter()
         ready = self.guarded(lambda: self.read_ahead(steps))
         if self.two_phase:
+            self.guarded(lambda: feeder.listen() if feeder is not None else None)
             self.guarded(self.stage_call)  # after the reads: the server's hello wait is short
         self.guarded(lambda: feeder.hello([s.bucket for s in steps]) if feeder is not None else None)
         move_s = 0.0

@@ -173,8 +173,8 @@ def _wrap_model_info(original):
     @functools.wraps(original)
     async def model_info(*args, **kwargs):
         result = await original(*args, **kwargs)
-        if GateState.report is None and not _update_lock.locked():
-            await refresh_state()  # first look: what is missing before any update
+        if not _update_lock.locked():
+            await refresh_state()  # fresh: a staged update moves on in the background (a running update would block it)
         report = GateState.report or {}
         placement = report.get("placement") or {}
         result["weights_loaded"] = GateState.open
