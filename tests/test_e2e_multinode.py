@@ -113,7 +113,10 @@ def test_a_fleet_commits_only_once_every_instance_staged(servers, llama_a, llama
         assert_serves(srv.url, llama_b)
 
 
-@pytest.mark.parametrize("seed", [11, 12, 13])
+KILL_SEEDS = [int(x) for x in os.environ.get("CKPT_TEST_KILL_SEEDS", "11,12,13").split(",")]  # scripts/kill_trials.sh
+
+
+@pytest.mark.parametrize("seed", KILL_SEEDS)
 def test_a_loader_rank_killed_while_a_fleet_stages_changes_no_instance(servers, llama_a, llama_b, seed):
     run_two_nodes(servers, "--checkpoint-path", str(llama_a), "--weight-version", f"a-fleet{seed}")
     expected = [generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"] for srv in servers]
@@ -122,7 +125,7 @@ def test_a_loader_rank_killed_while_a_fleet_stages_changes_no_instance(servers, 
     clients = [Client(srv.url) for srv in servers]
     try:
         results = run_two_nodes(servers, "--checkpoint-path", str(llama_b), "--weight-version", f"b-fleet{seed}",
-                                "--bucket-size", "300K", "--transfer", "copy", fault="kill-in-staging", check=False,
+                                "--bucket-size", "300K", "--two-phase", "on", fault="kill-in-staging", check=False,
                                 env={"CKPT_TEST_SEED": str(seed), "CKPT_TEST_RANK": "1", "CKPT_TEST_BUCKETS": "2"})  # fmt: skip
     finally:
         for c in clients:
