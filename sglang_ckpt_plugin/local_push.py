@@ -27,9 +27,9 @@ import torch
 
 from .loader.checkpoint import TensorInfo, dtype_name
 from .loader.http import ServerClient, ServerError
-from .loader.plan import Bucket, align_up, plan_buckets, staging_problem
-from .loader.push import PushError, RankFeeder, StageTimes, new_update_id
-from .loader.run import STAGING_SHARE, available_memory
+from .loader.plan import STAGING_SHARE, Bucket, align_up, plan_buckets, staging_problem
+from .loader.push import PushError, RankFeeder, StageTimes, feed, new_update_id
+from .loader.rank_setup import available_memory
 from .placement import LoaderPlacement, ServerPlacement, choose_placement
 from .transport.channel import make_endpoint
 from .trainer import PushStats
@@ -275,18 +275,4 @@ class LocalPush:
 
     @staticmethod
     def _run(feeders, buckets: list[Bucket], filler: TensorFiller, times: list[StageTimes], stats) -> None:
-        """Every rank gets the same buffer for a bucket: it is refilled once every rank has acknowledged (two phases:
-        there is a buffer per bucket, so nothing waits)."""
-        for _, f in feeders:
-            f.hello(buckets)
-        for seq, bucket in enumerate(buckets):
-            buffer = None
-            for (_, f), t in zip(feeders, times):
-                buffer = f.free_buffer(seq, t)
-            t_fill = time.perf_counter()
-            filler.fill(bucket, buffer)
-            stats.fill_s += time.perf_counter() - t_fill
-            for (_, f), t in zip(feeders, times):
-                f.send_bucket(seq, bucket, None, t)
-        for (_, f), t in zip(feeders, times):
-            f.finish(len(buckets), t)
+        stats.fill_s += feed([f for _, f in feeders], buckets, filler.fill, times)

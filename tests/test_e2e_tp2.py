@@ -262,3 +262,13 @@ def test_rl_guide_code_runs_as_written(server, llama_a, llama_b, tmp_path):
     guide["sync_over_the_group"](server.url, policy_b, step=4)
     assert guide["rollout"](server.url, PROMPT)[1] == "step-4"
     assert_serves(server.url, llama_b)
+
+    overlapped = guide["OverlappedSync"](server.url)
+    try:
+        overlapped.stage(policy_a)  # both TP ranks stage; the server serves step-4 meanwhile
+        assert guide["rollout"](server.url, PROMPT)[1] == "step-4"
+        assert overlapped.commit(step=5).commit_s > 0
+        assert guide["rollout"](server.url, PROMPT)[1] == "step-5"
+    finally:
+        overlapped.close()
+    assert_serves(server.url, llama_a)

@@ -98,7 +98,7 @@ def test_exchange_moves_every_bucket_to_every_receiver_on_one_group(receivers):
 
 
 AGREE = textwrap.dedent("""
-    from sglang_ckpt_plugin.loader.run import agree_on_kind
+    from sglang_ckpt_plugin.loader.rank_setup import agree_on_kind
     from sglang_ckpt_plugin.loader.world import Control, LoaderWorld
     from sglang_ckpt_plugin.placement import LoaderPlacement
     world = LoaderWorld.from_env(2)

@@ -196,14 +196,8 @@ class RankFeeder:
 
     def run(self, buckets: list[Bucket], filler: BucketFiller, times: StageTimes) -> None:
         """The whole update from one reader (one loader rank feeding one inference rank)."""
-        self.hello(buckets)
-        for seq, bucket in enumerate(buckets):
-            buffer = self.free_buffer(seq, times)
-            t0 = time.perf_counter()
-            digests = filler.fill(bucket, buffer, digests=self.verify)
-            times.read_s += time.perf_counter() - t0
-            self.send_bucket(seq, bucket, digests, times)
-        self.finish(len(buckets), times)
+        times.read_s += feed([self], buckets, lambda bucket, buffer: filler.fill(bucket, buffer, digests=self.verify),
+                             [times])  # fmt: skip
 
     def run_mapped(self, files: list[str], buckets: list[tuple[int, Bucket]], times: StageTimes) -> None:
         """Page-cache mode: the buffers are the checkpoint files, held open read-only; the server maps each
@@ -261,3 +255,25 @@ class RankFeeder:
             for b in self.buffers:
                 b.release()
         self.buffers = []
+
+
+def feed(feeders: list[RankFeeder], buckets: list[Bucket], fill, times: list[StageTimes]) -> float:
+    """The bucket loop of one process feeding one or more inference ranks from the same buffers (a one-rank loader;
+    ``LocalPush``, whose TP ranks all map its buffers): bucket k goes into buffer k mod n once every rank has
+    acknowledged the bucket that used it last (two phases: a buffer per bucket, nothing waits). ``fill(bucket,
+    buffer)`` returns the bucket's digests or None. Returns the seconds spent filling."""
+    for f in feeders:
+        f.hello(buckets)
+    fill_s = 0.0
+    for seq, bucket in enumerate(buckets):
+        buffer = None
+        for f, t in zip(feeders, times):
+            buffer = f.free_buffer(seq, t)
+        t0 = time.perf_counter()
+        digests = fill(bucket, buffer)
+        fill_s += time.perf_counter() - t0
+        for f, t in zip(feeders, times):
+            f.send_bucket(seq, bucket, digests, t)
+    for f, t in zip(feeders, times):
+        f.finish(len(buckets), t)
+    return fill_s

@@ -15,110 +15,21 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ..placement import LoaderPlacement, ServerPlacement, choose_placement, shared_gpus
+from ..placement import LoaderPlacement, shared_gpus
 from ..transport.channel import make_endpoint
-from ..transport.handles import visible_gpu_keys
 from .checkpoint import CheckpointError, discover_files, read_checkpoint
 from .http import ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
-from .plan import mappable, parse_ranks, plan_file_buckets, plan_world, shard_by_bytes, staging_problem
+from .plan import (
+    STAGING_SHARE, mappable, parse_ranks, plan_file_buckets, plan_world, shard_by_bytes, staging_problem,
+)  # fmt: skip
 from .push import PushError, RankFeeder, StageTimes, new_update_id
+from .rank_setup import PeerFailed, agree_on_kind, available_memory, place_rank, torch_device
 from .reader import CheckpointReader
 from .world import Control, LoaderWorld
 
 if TYPE_CHECKING:
     import torch
-
-
-STAGING_SHARE = 0.8  # default staging budget: this share of the node's available memory
-
-
-class PeerFailed(PushError):
-    """Another loader rank failed; it printed why."""
-
-
-def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control,
-               asked: dict) -> LoaderPlacement:  # fmt: skip
-    """Each instance's leader asks its server where the ranks run (``/model_info``; a server spread over nodes
-    answers HTTP on its first node only); the instance's ranks learn it over the control group and follow it.
-    ``asked``: the leader keeps its ``client`` and the ``info`` it read there (the update's layout check uses it)."""
-    server, error = None, None
-    try:
-        if world.is_leader:
-            asked["client"] = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
-            asked["info"] = asked["client"].wait_until_listening()
-            server = ServerPlacement.from_model_info(asked["info"])
-    except (ServerError, ValueError, OSError) as exc:
-        error = exc
-    if control.any_failed(error is not None):
-        raise error or PeerFailed("another loader rank could not ask its server (its error is printed above)")
-    server = from_instance_leader(server, world, control)
-    placement = None
-    try:
-        look_for_gpus = args.device != "cpu" and server.device != "cpu"  # a CPU server needs no GPU (nor torch)
-        placement = choose_placement(args.device, server, world.tp_rank, world.local_rank,
-                                     visible_gpu_keys() if look_for_gpus else [])  # fmt: skip
-    except ValueError as exc:
-        error = exc
-    if control.any_failed(error is not None):
-        raise error or PeerFailed("another loader rank cannot place its buffers (its error is printed above)")
-    if placement.note and not args.quiet:
-        print(f"[sglang-ckpt rank {world.rank}] {placement.note}", file=sys.stderr)
-    return placement
-
-
-def from_instance_leader(server: ServerPlacement | None, world: LoaderWorld, control: Control) -> ServerPlacement:
-    """The server's device and rank keys as this instance's leader read them (one short string per collective)."""
-    if not world.distributed:
-        return server
-    leader = world.instance_ranks()[0]
-    device = control.all_gather_str((server.device or "") if world.is_leader else "")[leader]
-    keys = [control.all_gather_str((server.key_of(i) or "") if world.is_leader else "")[leader]
-            for i in range(world.parallel_size)]  # fmt: skip
-    return ServerPlacement(device or None, keys if all(keys) else [], tp_size=world.parallel_size)
-
-
-def agree_on_kind(placement: LoaderPlacement, control: Control, world: LoaderWorld) -> LoaderPlacement:
-    """Buckets move between ranks over one group, so every rank's buffers are of one kind: if any rank has to use
-    shared memory (its TP rank's GPU is not visible to it), all do (a GPU rank then copies host -> device)."""
-    kinds = control.all_gather_str(placement.kind)
-    if placement.kind == "cuda" and "cpu" in kinds:
-        if world.rank == min(r for r, k in enumerate(kinds) if k == "cuda"):
-            print(f"[sglang-ckpt] loader ranks {[r for r, k in enumerate(kinds) if k == 'cpu']} cannot reach their "
-                  "GPU by CUDA IPC: every rank uses shared memory", file=sys.stderr)  # fmt: skip
-        return LoaderPlacement("cpu", None, placement.rank_key)
-    return placement
-
-
-def torch_device(placement: LoaderPlacement) -> torch.device:
-    """Made only now, once the server listens: a CUDA context made earlier would sit in SGLang's start-up
-    memory profile when both start together."""
-    import torch
-
-    if placement.kind == "cuda":
-        torch.cuda.set_device(placement.gpu_index)
-        return torch.device("cuda", placement.gpu_index)
-    return torch.device("cpu")
-
-
-def available_memory(placement: LoaderPlacement) -> int:
-    """Bytes the buffers may take: MemAvailable (shared memory counts against it; so does CUDA's pinned staging),
-    and on CUDA also the GPU's free memory (SGLang already took its --mem-fraction-static of it)."""
-    host = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    host = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if placement.kind == "cuda":
-        import torch
-
-        free, _total = torch.cuda.mem_get_info(placement.gpu_index)
-        return min(host, free) if host else free
-    return host
 
 
 def update_rounds(method: str, ranks: str | None, world: LoaderWorld) -> list[list[int]]:
@@ -233,6 +144,9 @@ class Update:
                     self.guarded(lambda: self.allocate(bucket_bytes, num_buffers))
                     t_buffers = time.perf_counter()
                     self.push(steps)
+                t_pushed = time.perf_counter()
+                self.guarded(lambda: self.http.join() if self.http is not None else None)
+                t_done = time.perf_counter()
             except BaseException as exc:
                 if self.feeder is not None:
                     self.feeder.abort(str(exc))
@@ -243,9 +157,6 @@ class Update:
                     if isinstance(exc, PushError) and self.http.error:
                         raise self.http.error from None
                 raise
-            t_pushed = time.perf_counter()
-            self.guarded(lambda: self.http.join() if self.http is not None else None)
-            t_done = time.perf_counter()
             if self.two_phase:  # every rank of every instance has staged and checked its bytes: commit together
                 try:
                     self.commit()
