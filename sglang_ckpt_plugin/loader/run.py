@@ -167,7 +167,7 @@ class Update:
             if self.feeder is not None:  # after the commit: the server copies out of these buffers
                 self.feeder.close()
             self.reader.close()
-        phase = {"stage (the server kept serving)": t_done - t_listening,
+        phase = {"stage (the server kept serving)": t_done - t_buffers,  # read, exchange, hand over, checked
                  "commit (the pause)": time.perf_counter() - t_done} if self.two_phase else {}  # fmt: skip
         self.times.extra = {"plan": t_plan - t_start, "server check": t_listening - t_plan,
                             "buffers": t_buffers - t_listening, "server finalize": t_done - t_pushed,
