@@ -83,8 +83,19 @@ def measure(urls: list[str], update) -> dict:
     finally:
         for p in probes:
             p.__exit__(None, None, None)
-    return {"idle": max(p.idle(start) for p in probes), "pause": max(p.pause(start, end) for p in probes),
-            "whole": end - start, "result": result}  # fmt: skip
+    row = {"idle": max(p.idle(start) for p in probes), "pause": max(p.pause(start, end) for p in probes),
+           "whole": end - start, "result": result}  # fmt: skip
+    # two phases: split the pause at the moment each server had staged (/model_info staging.staged_at, epoch)
+    epoch_to_perf = time.time() - time.perf_counter()
+    staged = []
+    for u in urls:
+        doc = httpx.get(f"{u}/model_info", timeout=30).json()["ckpt_plugin"].get("staging") or {}
+        at = doc.get("staged_at")
+        staged.append(at - epoch_to_perf if at and start <= at - epoch_to_perf <= end else None)
+    if all(staged):
+        row["while_staging"] = max(p.pause(start, at) for p, at in zip(probes, staged))
+        row["staged_to_end"] = max(p.pause(at, end) for p, at in zip(probes, staged))
+    return row
 
 
 def rounds(ckpt: Path, methods: dict, urls: list[str], repeats: int, rows: dict, outputs: dict, skews: list) -> None:
@@ -177,6 +188,12 @@ def main() -> int:
         pause, base = med(name, "pause"), disk[count]
         print(f"| {name} | {med(name, 'idle'):.3f} | {pause:.3f} | {med(name, 'whole'):.3f} | "
               f"{pause / med(base, 'pause'):.2f} | {pause / med(base, 'whole'):.2f} |")  # fmt: skip
+    split = [n for n in methods if all("while_staging" in r for r in rows[n])]
+    if split:
+        print("\n| two phases: where the pause falls | longest latency, requests sent while staging | "
+              "requests sent from staged to committed (the commit) |\n|---|---|---|")
+        for name in split:
+            print(f"| {name} | {med(name, 'while_staging'):.3f} | {med(name, 'staged_to_end'):.3f} |")
     if skews:
         print(f"\ncommit skew across the 2 instances (committed_at, /model_info): median {statistics.median(skews) * 1e3:.1f} "
               f"ms, max {max(skews) * 1e3:.1f} ms (target <= 100 ms)")  # fmt: skip
