@@ -115,9 +115,8 @@ def _wrap_update_ipc(original):
 
 
 async def _stage(obj) -> ORJSONResponse:
-    """Hand the stage (or abort) request to every scheduler without SGLang's model-update lock (generation goes on: staging
-    writes no weight); each answers as soon as its background receiver started. Nothing to refresh: the weights
-    state does not change until a commit."""
+    """Hand a stage (or abort) request to every scheduler without SGLang's model-update lock: generation goes on,
+    as neither writes a weight. A stage is answered as soon as each rank's background receiver started."""
     obj.flush_cache, obj.weight_version = False, None  # nothing is served from staged bytes: no flush, no version
     success, message = await sg.stage_on_schedulers(obj)
     return ORJSONResponse({"success": success, "message": message}, status_code=200 if success else 400)
