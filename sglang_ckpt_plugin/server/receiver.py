@@ -261,21 +261,11 @@ class ReceiveSession:
                 del views
                 _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=time.perf_counter() - t0))
                 return
-            if not self.touched_weights:
-                self.touched_weights = True
-                self.prepare()
-            self.load_weights(views)
-            if self.device.type == "cuda":
-                # the loader refills this buffer as soon as we acknowledge: our copies must be done
-                torch.cuda.current_stream(self.device).synchronize()
+            self._write(views)
         except Exception as exc:
             _send_error(channel, msg.seq, f"{type(exc).__name__}: {exc}")
             raise UpdateFailed(f"loading bucket {msg.seq} failed: {type(exc).__name__}: {exc}") from exc
-        elapsed = time.perf_counter() - t0
-        self.stats.buckets += 1
-        self.stats.tensors += len(views)
-        self.stats.bytes += sum(v.nbytes for _, v in views)
-        self.stats.load_s += elapsed
+        elapsed = self._count(views, t0)
         del views
         if self.buffers[msg.buffer] is not None and self.buffers[msg.buffer].views_alive():
             # the loader refills (or unmaps) this memory next: a kept view would change under the model
@@ -283,6 +273,24 @@ class ReceiveSession:
             raise UpdateFailed(f"bucket {msg.seq}: the model kept a reference to a tensor it was given instead of "
                                "copying it; refusing to let the loader reuse that memory")  # fmt: skip
         _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=elapsed))
+
+    def _write(self, views: list[tuple[str, torch.Tensor]]) -> None:
+        """Hand one bucket to the model's own load_weights (the model prepared before its first write). On CUDA the
+        copies are finished on return: the loader may refill (streaming) or release (commit) the buffer next."""
+        if not self.touched_weights:
+            self.touched_weights = True
+            self.prepare()
+        self.load_weights(views)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _count(self, views: list[tuple[str, torch.Tensor]], t0: float) -> float:
+        elapsed = time.perf_counter() - t0
+        self.stats.buckets += 1
+        self.stats.tensors += len(views)
+        self.stats.bytes += sum(v.nbytes for _, v in views)
+        self.stats.load_s += elapsed
+        return elapsed
 
     def _verify(self, msg: BucketReady, views: list[tuple[str, torch.Tensor]]) -> None:
         """Check every tensor's bytes against the loader's digest before anything is written."""
@@ -334,18 +342,10 @@ class ReceiveSession:
             try:
                 self._map_for(msg)
                 views = bucket_views(msg, self.buffers)
-                if not self.touched_weights:
-                    self.touched_weights = True
-                    self.prepare()
-                self.load_weights(views)
-                if self.device.type == "cuda":
-                    torch.cuda.current_stream(self.device).synchronize()
+                self._write(views)
             except Exception as exc:
                 raise UpdateFailed(f"loading staged bucket {msg.seq} failed: {type(exc).__name__}: {exc}") from exc
-            self.stats.buckets += 1
-            self.stats.tensors += len(views)
-            self.stats.bytes += sum(v.nbytes for _, v in views)
-            self.stats.load_s += time.perf_counter() - t0
+            self._count(views, t0)
             del views
         self._drop_file_ranges()
         if any(b is not None and b.views_alive() for b in self.buffers):
