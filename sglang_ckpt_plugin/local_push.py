@@ -151,7 +151,8 @@ class LocalPush:
         """Why this push streams instead of staging, or None (two phases)."""
         if self.two_phase == "off":
             return "two_phase='off'"
-        budget = int(available_memory(LoaderPlacement("cpu", None, "")) * STAGING_SHARE)
+        held = sum(b.nbytes for b in self.buffers) if self.device.type == "cpu" else 0  # reused, not allocated again
+        budget = int(available_memory(LoaderPlacement("cpu", None, "")) * STAGING_SHARE) + held
         return staging_problem([b.nbytes for b in buckets], 1, budget, self.device.type)
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None = None,
