@@ -126,3 +126,14 @@ def test_staging_fits_the_budget_with_every_local_rank_counted():
     assert "0.00 GB" in staging_problem([100, 100], 2, 300, "cpu")  # two ranks of this node hold 400 bytes
     assert "--device cpu" in staging_problem([1], 1, 10**12, "cuda")
     assert "raise --bucket-size" in staging_problem([1] * 254, 1, 10**12, "cpu")
+
+
+def test_an_abort_waits_for_the_thread_to_record_why_staging_failed():
+    """The loader aborts as soon as it reads the rank's error reply; the rank's thread records the refusal a
+    moment later. The abort must report that refusal, not its own reason."""
+    s = Session("u6", fail_run=UpdateRefused("update rejected: shape mismatch"))
+    s.go.clear()
+    staging.start(s)
+    threading.Timer(0.3, s.go.set).start()
+    dropped = staging.abort("u6")
+    assert dropped.refused and "shape mismatch" in dropped.error

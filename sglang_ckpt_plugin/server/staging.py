@@ -28,7 +28,7 @@ logger = logging.getLogger("sglang_ckpt_plugin")
 
 STAGED_TIMEOUT_ENV = "SGLANG_CKPT_STAGED_TIMEOUT"
 DEFAULT_STAGED_TIMEOUT_S = 600.0
-SETTLE_S = 10.0  # a commit that finds its update still "staging" waits this long for the receiving thread's end
+SETTLE_S = 10.0  # a commit or abort that finds its update still "staging" waits this long for the thread's end
 StageState = Literal["staging", "staged", "failed", "committing", "committed", "released"]
 
 
@@ -109,6 +109,14 @@ _lock = threading.Lock()
 _current: StagedUpdate | None = None
 
 
+def _settle(update_id: str) -> None:
+    """Wait (at most SETTLE_S) for the receiving thread of ``update_id`` to record how staging ended."""
+    with _lock:
+        staged = _current
+    if staged is not None and staged.update_id == update_id and staged.state == "staging":
+        staged.thread.join(timeout=SETTLE_S)
+
+
 def start(session: ReceiveSession) -> None:
     """Begin staging in the background (returns at once); an older staged update is released first."""
     global _current
@@ -127,11 +135,7 @@ def start(session: ReceiveSession) -> None:
 def commit(update_id: str) -> tuple[StagedUpdate, ReceiveStats]:
     """Load the staged update ``update_id`` into the model (the caller holds SGLang's lock). UpdateRefused when there
     is nothing to commit (the weights are untouched); UpdateFailed when loading failed (staged bytes kept)."""
-    with _lock:
-        staged = _current
-    if staged is not None and staged.update_id == update_id and staged.state == "staging":
-        # the loader had its last reply, so the receiving thread is about to mark it staged
-        staged.thread.join(timeout=SETTLE_S)
+    _settle(update_id)  # the loader had its last reply: the receiving thread is about to mark it staged
     with _lock:
         staged = _current
         if staged is None or staged.update_id != update_id:
@@ -163,6 +167,7 @@ def commit(update_id: str) -> tuple[StagedUpdate, ReceiveStats]:
 def abort(update_id: str) -> StagedUpdate | None:
     """The loader called the update off: release what ``update_id`` staged (or is staging) now. Returns it (its
     ``error`` says why it failed here, if it did), or None when this rank holds nothing of it."""
+    _settle(update_id)  # the loader aborts after an error reply or its own Abort message: the thread ends at once
     with _lock:
         staged = _current
         if staged is None or staged.update_id != update_id or staged.state == "committed":
