@@ -91,7 +91,8 @@ def test_the_server_keeps_serving_while_an_update_stages(server, llama_a, llama_
     push(server.url, llama_a, "--weight-version", "a-2")
     client = Client(server.url)
     try:
-        loader = faulty("pause-after-first-bucket", server.url, llama_b, "--weight-version", "b-2", "--two-phase", "on")
+        loader = faulty("pause-after-first-bucket", server.url, llama_b, "--weight-version", "b-2", "--two-phase", "on",
+                        env={"CKPT_TEST_PAUSE_S": "10"})  # long enough for 3 answers on a loaded machine  # fmt: skip
         assert loader.stdout.readline().strip() == "paused after bucket 0"
         paused_at = time.monotonic()
         staging = info(server.url)["ckpt_plugin"]["staging"]
