@@ -257,19 +257,23 @@ class Update:
     def start_call(self) -> None:
         """Each instance's leader makes the HTTP call naming the endpoints of all its ranks."""
         if self.leads:
-            handles = {self.keys[r]: self.endpoints[r] for r in self.world.instance_ranks()}
             args = self.args
-            self.http = self.client.start_update(handles, args.weight_version, not args.no_flush_cache, self.cancelled)
+            self.http = self.client.start_update(self.instance_endpoints(), args.weight_version,
+                                                 not args.no_flush_cache, self.cancelled)  # fmt: skip
+
+    def instance_endpoints(self) -> dict[str, str]:
+        """Rank key -> ZeroMQ endpoint of every rank of this instance (what its server's ranks connect to)."""
+        return {self.keys[r]: self.endpoints[r] for r in self.world.instance_ranks()}
 
     def instance_keys(self) -> list[str]:
-        return [self.keys[r] for r in self.world.instance_ranks()]
+        return list(self.instance_endpoints())
 
     def stage_call(self) -> None:
         """Each instance's leader asks its server to stage: every rank starts receiving in the background and the
         call returns at once; each rank then hears of every bucket over its own channel."""
         if self.leads:
             self.staged_call_made = True  # from here on a failure drops the staged bytes on the server
-            self.client.stage({self.keys[r]: self.endpoints[r] for r in self.world.instance_ranks()})
+            self.client.stage(self.instance_endpoints())
 
     def abort_staged(self) -> None:
         """After a stage call: tell the server the update is off, so it frees the staged bytes now and records why
