@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sglang_ckpt_plugin.loader.checkpoint import dtype_name, read_checkpoint  # noqa: E402
 from sglang_ckpt_plugin.server import staging  # noqa: E402
 from sglang_ckpt_plugin.server.receiver import ReceiveSession  # noqa: E402
-from sglang_ckpt_plugin.server.weights_state import WHOLE  # noqa: E402
 from sglang_ckpt_plugin.transport.handles import device_rank_key  # noqa: E402
 from sglang_ckpt_plugin.transport.integrity import tensor_digest  # noqa: E402
 from sglang_ckpt_plugin.transport.messages import PHASE_KEY  # noqa: E402
@@ -52,7 +51,7 @@ class Weights:
         names = {name for name, _, _ in manifest}
         if not partial and names != set(self.params):
             raise ValueError(f"the update does not cover {len(set(self.params) - names)} parameters")
-        return {name: frozenset({WHOLE}) for name in names}
+        return {name: ((0, self.params[name].nbytes),) for name in names}
 
     def load_weights(self, weights) -> None:
         for name, tensor in weights:

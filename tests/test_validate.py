@@ -73,7 +73,7 @@ def test_loader_that_bypasses_weight_loader_cannot_write_during_the_dry_run():
                 dict(self.named_parameters())[name].data.copy_(w)
 
     model = Bypass()
-    with pytest.raises(UpdateRejected, match="does not fit"):
+    with pytest.raises(UpdateRejected, match="writes into the model's memory outside its weight_loader"):
         validate_update(model, [("norm", "float32", [4])], partial=True)
     assert torch.count_nonzero(model.norm) == 0
 
@@ -127,18 +127,23 @@ STACKED = [("q_proj", "float32", [4, 4]), ("k_proj", "float32", [4, 4]), ("v_pro
            ("norm", "float32", [4])]  # fmt: skip
 
 
-def test_required_coverage_knows_stacked_shards():
+QKV_FULL = ((0, 192),)  # 12 x 4 float32
+NORM_FULL = ((0, 16),)
+
+
+def test_required_coverage_is_every_byte_of_every_parameter():
+    from sglang_ckpt_plugin.server.coverage import Extent
     from sglang_ckpt_plugin.server.validate import required_coverage
 
-    assert required_coverage(Stacked()) == {"attn.weight": frozenset("qkv"), "norm": frozenset("*")}
+    assert required_coverage(Stacked()) == {"attn.weight": Extent(192, 12), "norm": Extent(16, 4)}
 
 
 def test_a_missing_stacked_shard_is_missing():
     cov = validate_update(Stacked(), STACKED, partial=False)
-    assert cov == {"attn.weight": frozenset("qkv"), "norm": frozenset("*")}
-    with pytest.raises(UpdateRejected, match=r"does not cover 1 parameter.*attn.weight \(shards v\)"):
+    assert cov == {"attn.weight": QKV_FULL, "norm": NORM_FULL}
+    with pytest.raises(UpdateRejected, match=r"does not cover 1 parameter.*attn.weight \(unwritten: dim-0 index 8-11 of 12\)"):
         validate_update(Stacked(), [m for m in STACKED if m[0] != "v_proj"], partial=False)
-    assert validate_update(Stacked(), STACKED[:2], partial=True) == {"attn.weight": frozenset("qk")}
+    assert validate_update(Stacked(), STACKED[:2], partial=True) == {"attn.weight": ((0, 128),)}
 
 
 def test_partial_pushes_that_together_cover_the_model_make_it_complete():
@@ -150,7 +155,7 @@ def test_partial_pushes_that_together_cover_the_model_make_it_complete():
     assert state.report().state == "waiting" and state.report().missing_count == 2
     state.succeeded(validate_update(model, STACKED[:2], partial=True), "ipc", "q and k")
     report = state.report()
-    assert report.state == "waiting" and sorted(report.missing) == ["attn.weight (shards v)", "norm"]
+    assert report.state == "waiting" and sorted(report.missing) == ["attn.weight (unwritten: dim-0 index 8-11 of 12)", "norm"]
     state.succeeded(validate_update(model, STACKED[2:], partial=True), "ipc", "v and norm")
     assert state.complete and state.report().state == "complete"
 
@@ -161,7 +166,7 @@ def test_zero_tensor_or_partial_update_never_completes_a_waiting_model():
 
     state = WeightsState(required_coverage(Stacked()), complete=False)
     state.succeeded({}, "ipc", "nothing", fingerprint="abc")
-    state.succeeded({"norm": frozenset("*")}, "ipc", "norm only")
+    state.succeeded({"norm": NORM_FULL}, "ipc", "norm only")
     assert state.report().state == "waiting" and state.report().fingerprint is None
 
 
@@ -170,10 +175,10 @@ def test_failure_partway_takes_back_what_the_update_meant_to_write():
     from sglang_ckpt_plugin.server.weights_state import WeightsState
 
     state = WeightsState(required_coverage(Stacked()), complete=True)
-    state.failed_partway({"norm": frozenset("*")}, "ipc", "loader died")
+    state.failed_partway({"norm": NORM_FULL}, "ipc", "loader died")
     report = state.report()
     assert report.state == "incomplete" and report.missing == ["norm"] and report.last_update.outcome == "incomplete"
-    state.succeeded({"norm": frozenset("*")}, "ipc", "norm again")  # rewriting what it meant to write heals it
+    state.succeeded({"norm": NORM_FULL}, "ipc", "norm again")  # rewriting what it meant to write heals it
     assert state.report().state == "complete"
     state.failed_partway(None, "disk", "unknown")  # unknown plan: everything must be written again
     assert state.report().missing_count == 2
@@ -185,20 +190,21 @@ def test_trainer_session_counts_only_when_it_ends_without_failure():
 
     state = WeightsState(required_coverage(Stacked()), complete=False)
     state.begin_session()
-    state.session_loaded({"attn.weight": frozenset("qkv"), "norm": frozenset("*")})
+    state.session_loaded({"attn.weight": ((0, 64),), "norm": NORM_FULL})
+    state.session_loaded({"attn.weight": ((64, 192),)})
     assert state.report().state == "waiting" and state.report().session_open
     state.end_session("trainer")
     assert state.report().state == "complete" and not state.report().session_open
     # a refused bucket after a loaded one: the loaded parameters now hold a mix
     state.begin_session()
-    state.session_loaded({"norm": frozenset("*")})
-    state.session_bucket_failed({"attn.weight": frozenset("q")}, False, "trainer", "rejected")
+    state.session_loaded({"norm": NORM_FULL})
+    state.session_bucket_failed({"attn.weight": ((0, 64),)}, False, "trainer", "rejected")
     state.end_session("trainer")
     assert state.report().state == "incomplete" and state.report().missing == ["norm"]
     # a refused first bucket changes nothing
-    state.succeeded({"norm": frozenset("*")}, "ipc", "heal")
+    state.succeeded({"norm": NORM_FULL}, "ipc", "heal")
     state.begin_session()
-    state.session_bucket_failed({"norm": frozenset("*")}, False, "trainer", "rejected")
+    state.session_bucket_failed({"norm": NORM_FULL}, False, "trainer", "rejected")
     state.end_session("trainer")
     assert state.report().state == "complete" and state.last_update.outcome == "rejected"
 
@@ -208,10 +214,10 @@ def test_fingerprint_only_for_a_verified_update_that_covered_the_model():
     from sglang_ckpt_plugin.server.weights_state import WeightsState
 
     state = WeightsState(required_coverage(Stacked()), complete=False)
-    full = {"attn.weight": frozenset("qkv"), "norm": frozenset("*")}
+    full = {"attn.weight": QKV_FULL, "norm": NORM_FULL}
     state.succeeded(full, "ipc", "verified", fingerprint="f00d")
     assert state.report().fingerprint == "f00d"
-    state.succeeded({"norm": frozenset("*")}, "ipc", "partial, verified", fingerprint="beef")
+    state.succeeded({"norm": NORM_FULL}, "ipc", "partial, verified", fingerprint="beef")
     assert state.report().fingerprint is None  # the served weights are no longer one verified checkpoint
 
 
@@ -221,7 +227,7 @@ def test_observe_records_what_reached_load_weights_and_can_refuse_first():
     model = Stacked()
     with observe(model, lambda manifest: validate_update(model, manifest, partial=True)) as seen:
         model.load_weights([("norm", torch.ones(4))])
-    assert seen.touched and seen.coverage == {"norm": frozenset("*")} and torch.all(model.norm == 1)
+    assert seen.touched and seen.coverage == {"norm": NORM_FULL} and torch.all(model.norm == 1)
     assert "load_weights" not in model.__dict__  # the model's own method again
     with observe(model, lambda manifest: validate_update(model, manifest, partial=True)) as seen:
         with pytest.raises(UpdateRejected):

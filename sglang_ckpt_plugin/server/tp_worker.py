@@ -17,6 +17,7 @@ from . import foreign, rank_state, staging
 from . import sglang_compat as sg
 from .receiver import ReceiveSession, UpdateFailed, UpdateRefused
 from .validate import validate_update
+from .writer import exclusive
 
 logger = logging.getLogger("sglang_ckpt_plugin")
 
@@ -50,7 +51,7 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     ok, refused, error = True, False, ""
     try:
         _check_request(updater, key, handles, phase)
-        with sg.model_dtype_context(updater):
+        with sg.model_dtype_context(updater), exclusive():  # the one writer of the model for the whole update
             if phase == "commit":
                 staged, stats = staging.commit(handles[key])
                 session = staged.session

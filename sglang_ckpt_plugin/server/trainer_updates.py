@@ -7,15 +7,23 @@ disk reload. Each call's outcome is agreed across TP ranks and recorded in the r
 - What a session loaded counts when the session ends without a failure; a refused or failed bucket after loaded
   ones leaves a mix, so the weights are incomplete until those parameters are written again.
 - Generation is held for the whole session on the HTTP side (routes.py), so no request sees a mix.
+- A disk reload of a local safetensors checkpoint is dry-run from the files' headers first (names, shapes, every
+  byte of every parameter covered): a checkpoint that does not fit is refused with SGLang's own
+  ``(False, message)`` and nothing is written, where SGLang itself would load part of it, fail, "roll back" from
+  the same files, fail again and take the server down.
+- Each load holds the one-writer lock (writer.py) for its whole duration, dry run included.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
+from ..loader.checkpoint import CheckpointError, read_checkpoint
 from . import rank_state
 from . import sglang_compat as sg
 from .validate import UpdateRejected, observe, validate_update
+from .writer import exclusive
 
 logger = logging.getLogger("sglang_ckpt_plugin")
 
@@ -35,7 +43,7 @@ def _guarded_load(original, updater, source: str, *args, **kwargs):
             rejection.append(str(exc))
             raise
 
-    with observe(model, check) as seen:
+    with observe(model, check) as seen:  # holds the one-writer lock
         try:
             ok, message = original(updater, *args, **kwargs)
         except Exception as exc:  # SGLang's tensor path lets load errors escape; never crash the scheduler
@@ -61,22 +69,52 @@ def update_weights_from_tensor(original, updater, named_tensors, load_format=Non
     return _guarded_load(original, updater, "tensor", named_tensors, load_format, **kwargs)
 
 
-def update_weights_from_disk(original, updater, *args, **kwargs):
-    """AROUND the model runner's disk reload: a success writes every parameter; a failure after loading began
-    (SGLang then tries to roll back from the same path) leaves the weights unknown, hence incomplete."""
+def update_weights_from_disk(original, updater, model_path, load_format=None, *args, **kwargs):
+    """AROUND the model runner's disk reload: the checkpoint's headers are dry-run first (a misfit is refused, the
+    served weights untouched); a success writes what the dry run measured (every parameter, when it could not
+    run); a failure after loading began (SGLang then reloads the same files) leaves the weights incomplete."""
     if sg.is_draft_runner(updater):
-        return original(updater, *args, **kwargs)
-    weights = rank_state.state(updater.get_model())
-    with observe(updater.get_model()) as seen:
-        ok, message = original(updater, *args, **kwargs)
-    any_failed, any_touched = rank_state.agree(not ok, seen.touched)
+        return original(updater, model_path, load_format, *args, **kwargs)
+    model = updater.get_model()
+    weights = rank_state.state(model)
+    with exclusive():
+        try:
+            coverage, error = disk_checkpoint_coverage(model, model_path, load_format, kwargs.get("weight_name_filter")), None
+        except UpdateRejected as exc:
+            coverage, error = None, str(exc)
+        (any_refused,) = rank_state.agree(error is not None)
+        if any_refused:
+            why = error or "another tensor-parallel rank refused the checkpoint (see its log line)"
+            weights.rejected("disk", f"{model_path}: {why}")
+            return False, f"update_weights_from_disk refused {model_path!r}, the served weights are unchanged: {why}"
+        with observe(model) as seen:
+            ok, message = original(updater, model_path, load_format, *args, **kwargs)
+        any_failed, any_touched = rank_state.agree(not ok, seen.touched)
     if not any_failed:
-        weights.reloaded_from_disk(message)
+        weights.reloaded_from_disk(message, coverage)
     elif any_touched:
         weights.failed_partway(None, "disk", message)
     else:
         weights.failed_untouched("disk", message)
     return ok and not any_failed, message
+
+
+def disk_checkpoint_coverage(model, model_path: str, load_format, name_filter=None):
+    """What SGLang's reload of ``model_path`` would write, from the safetensors headers SGLang's loader would read
+    (the index's files, else every ``*.safetensors``); UpdateRejected when it does not fit the model. None when
+    the files are not local safetensors (a hub name, .bin/.pt): SGLang's loader is left to judge them."""
+    fmt = str(getattr(load_format, "value", load_format) or "auto").lower()
+    if fmt not in ("auto", "safetensors") or not os.path.isdir(model_path):
+        return None
+    try:
+        tensors = read_checkpoint(model_path)
+    except CheckpointError as exc:
+        if fmt == "auto" and not any(name.endswith(".safetensors") for name in os.listdir(model_path)):
+            return None  # .bin / .pt weights: SGLang falls back to them
+        raise UpdateRejected(str(exc)) from None
+    manifest = [(t.name, t.dtype, list(t.shape)) for t in tensors if name_filter is None or name_filter(t.name)]
+    # SGLang's reload skips tensors a model ignores (e.g. MTP layers): unused tensors are allowed, as there
+    return validate_update(model, manifest, partial=name_filter is not None, allow_unused=True)
 
 
 def begin_session(original, manager, recv_req, **kwargs):

@@ -4,9 +4,10 @@ Every update path (our IPC push, SGLang's trainer session and tensor path, disk 
 wrote, after the TP ranks agreed on its outcome, so every rank holds the same state. The HTTP process reads it
 as structured data (``WeightsReport``, through SGLang's own internal-state request), never from messages.
 
-Coverage is tracked per parameter and per stacked shard: several partial pushes that together write every
-shard of every parameter make the weights complete; a push that fails part-way takes back the coverage of
-everything it meant to write (those parameters now hold a mix), so they must be written again.
+Coverage is tracked per parameter, byte by byte (coverage.py): several partial pushes that together write every
+byte of every parameter (every stacked shard, every expert) make the weights complete; a push that fails
+part-way takes back the coverage of everything it meant to write (those parameters now hold a mix), so they must
+be written again.
 """
 
 from __future__ import annotations
@@ -16,24 +17,11 @@ from typing import Literal
 
 import msgspec
 
-WHOLE = "*"  # shard key: the parameter was written whole (no stacked shards, or a fused tensor)
-Coverage = dict  # parameter name -> frozenset of shard keys written
+from .coverage import Coverage, Extent, missing_from, union_coverage, whole
+
 Outcome = Literal["success", "rejected", "failed", "incomplete"]
 Source = Literal["ipc", "trainer", "tensor", "disk"]
 MISSING_LISTED = 20
-
-
-def missing_from(required: dict[str, frozenset[str]], covered: Coverage) -> list[str]:
-    """Parameters (with the shards still missing) that ``covered`` does not fully write."""
-    out = []
-    for pname, need in required.items():
-        have = covered.get(pname, frozenset())
-        if WHOLE in have or (have and need == {WHOLE}):  # any write fills a parameter without stacked shards
-            continue
-        lacking = sorted(need - have)
-        if lacking:
-            out.append(pname if lacking == [WHOLE] or set(lacking) == set(need) else f"{pname} (shards {','.join(lacking)})")
-    return out
 
 
 class UpdateRecord(msgspec.Struct, frozen=True):
@@ -58,20 +46,21 @@ class WeightsReport(msgspec.Struct, frozen=True):
 
 
 class WeightsState:
-    def __init__(self, required: dict[str, frozenset[str]], complete: bool):
+    def __init__(self, required: dict[str, Extent], complete: bool):
         self.required = required
-        self.covered: dict[str, frozenset[str]] = (
-            {p: frozenset({WHOLE}) for p in required} if complete else {}
-        )
+        self.covered: Coverage = self.everything() if complete else {}
         self.incomplete_reason: str | None = None
         self.ever_complete = complete
         self.fingerprint: str | None = None
         self.last_update: UpdateRecord | None = None
-        self.session: dict[str, frozenset[str]] | None = None  # coverage loaded by the open trainer session
+        self.session: Coverage | None = None  # coverage loaded by the open trainer session
         self.session_failed = False
         self._missing: list[str] | None = None  # cached: the generate guard asks on every request
 
     # ---------------------------------------------------------------- queries
+    def everything(self) -> Coverage:
+        return {p: whole(extent) for p, extent in self.required.items()}
+
     def missing(self) -> list[str]:
         if self._missing is None:
             self._missing = missing_from(self.required, self.covered)
@@ -95,8 +84,7 @@ class WeightsState:
     def succeeded(self, coverage: Coverage, source: Source, message: str, *, tensors: int = 0, nbytes: int = 0,
                   fingerprint: str | None = None) -> None:  # fmt: skip
         """An update wrote ``coverage`` and nothing else. ``fingerprint``: it was verified and covered the model."""
-        for pname, keys in coverage.items():
-            self.covered[pname] = self.covered.get(pname, frozenset()) | keys
+        self.covered = union_coverage(self.covered, coverage)
         self._missing = None
         covers_model = not missing_from(self.required, coverage)
         self.fingerprint = fingerprint if (fingerprint and covers_model) else None
@@ -126,8 +114,9 @@ class WeightsState:
         """Failed after it started but before any weight changed."""
         self._record("failed", source, message)
 
-    def reloaded_from_disk(self, message: str) -> None:
-        self.succeeded({p: frozenset({WHOLE}) for p in self.required}, "disk", message)
+    def reloaded_from_disk(self, message: str, coverage: Coverage | None = None) -> None:
+        """``coverage``: what the checked checkpoint wrote (None: SGLang's loader wrote every parameter)."""
+        self.succeeded(self.everything() if coverage is None else coverage, "disk", message)
 
     # ---------------------------------------------------------------- trainer sessions
     def begin_session(self) -> None:
@@ -135,8 +124,7 @@ class WeightsState:
 
     def session_loaded(self, coverage: Coverage) -> None:
         if self.session is not None:
-            for pname, keys in coverage.items():
-                self.session[pname] = self.session.get(pname, frozenset()) | keys
+            self.session = union_coverage(self.session, coverage)
 
     def session_bucket_failed(self, planned: Coverage | None, touched: bool, source: Source, message: str) -> None:
         """A bucket of the open session failed. If it or an earlier bucket wrote weights, they hold a mix."""
