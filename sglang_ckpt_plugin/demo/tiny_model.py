@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("llama", "qwen3", "mistral")
+ARCHS = ("llama", "qwen3", "mistral", "qwen3_moe", "mixtral")
+MOE_EXPERTS = 4  # the MoE archs: experts per layer (2 of them routed per token)
 WEIGHT_SCALE = 4.0
 
 
 def model_config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.dtype, tie: bool, **overrides):
     """An HF config for a small model of ``arch``; ``overrides`` replace any of the derived sizes."""
-    from transformers import LlamaConfig, MistralConfig, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         hidden_size=hidden,
@@ -35,7 +36,8 @@ def model_config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.d
         bos_token_id=1,
         eos_token_id=2,
         dtype=dtype,
-        architectures=[{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}[arch]],
+        architectures=[{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
+                        "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[arch]],
     )
     common.update(overrides)
     if arch == "llama":
@@ -44,6 +46,11 @@ def model_config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.d
         return Qwen3Config(head_dim=16, **common)
     if arch == "mistral":
         return MistralConfig(sliding_window=None, **common)
+    if arch == "qwen3_moe":  # every layer sparse: experts fused into one w13/w2 parameter per layer in SGLang
+        return Qwen3MoeConfig(head_dim=16, num_experts=MOE_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=hidden,
+                              decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, **common)  # fmt: skip
+    if arch == "mixtral":
+        return MixtralConfig(sliding_window=None, num_local_experts=MOE_EXPERTS, num_experts_per_tok=2, **common)
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 

@@ -1,0 +1,94 @@
+"""Mixture-of-experts models on a real SGLang server (tiny Qwen3-MoE and Mixtral, 4 experts per layer, fused by
+SGLang into one w13/w2 parameter per layer): a push that lacks experts never opens the gate, with or without
+``--partial``; a full push is bit-exact against SGLang's own disk reload; SGLang's own disk reload of a
+checkpoint that does not fit the model is refused and the server keeps serving."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sglang_ckpt_plugin.demo import evidence
+from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
+from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
+
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, push
+from .test_e2e_faults import info
+
+pytestmark = pytest.mark.slow
+LACKING = re.compile(r"\.experts\.[123]\.")  # every tensor of experts 1-3 (w1, w2, w3 / gate, up, down)
+
+
+def without(src: Path, dst: Path, drop: re.Pattern) -> Path:
+    """A copy of checkpoint ``src`` without the tensors whose names match ``drop``."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {k: v for k, v in load_file(src / "model.safetensors").items() if not drop.search(k)}
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def moe(request, ckpt_root, tmp_path_factory):
+    arch = request.param
+    full = make_tiny_model(ckpt_root / f"{arch}_full", arch, seed=3, dtype=torch.float32)
+    lacking = without(full, ckpt_root / f"{arch}_lacking", LACKING)
+    log = tmp_path_factory.mktemp("logs") / f"{arch}_server.log"
+    with SGLangServer(full, log) as srv:
+        srv.wait_listening()
+        yield arch, srv, full, lacking
+    assert srv.group_pids() == []
+
+
+def assert_closed(url: str) -> dict:
+    state = info(url)
+    assert state["weights_loaded"] is False, state
+    assert httpx.post(f"{url}/generate", json={"input_ids": PROMPT}, timeout=30).status_code == 503
+    return state
+
+
+def test_a_push_lacking_experts_keeps_the_gate_shut_then_a_full_push_is_bit_exact(moe):
+    arch, srv, full, lacking = moe
+    proc = push(srv.url, lacking, "--weight-version", "lacking", check=False)
+    assert proc.returncode != 0
+    assert re.search(r"does not cover \d+ parameter.*experts\.w13_weight \(unwritten: dim-0 index 1-3 of 4\)", proc.stderr)
+    assert_closed(srv.url)
+
+    push(srv.url, lacking, "--partial", "--weight-version", "lacking-partial")  # accepted, as a partial update
+    missing = assert_closed(srv.url)["ckpt_plugin"]["missing"]
+    assert any(re.search(r"experts\.w13_weight \(unwritten: dim-0 index 1-3 of 4\)", m) for m in missing), missing
+    assert any(re.search(r"experts\.w2_weight \(unwritten: dim-0 index 1-3 of 4\)", m) for m in missing), missing
+
+    push(srv.url, full, "--weight-version", f"{arch}-full")
+    srv.wait_healthy(timeout_s=60)
+    assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == f"{arch}-full"
+    assert_serves(srv.url, full)
+
+
+def test_sglang_disk_reload_of_a_checkpoint_that_does_not_fit_is_refused_and_the_server_lives(moe, ckpt_root):
+    """SGLang alone would load part of it, fail, reload the same files to "roll back", fail again and exit."""
+    arch, srv, full, lacking = moe
+    push(srv.url, full, "--weight-version", "served")
+    srv.wait_healthy(timeout_s=60)
+    served = evidence.checksum(srv.url)
+    ids = generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"]
+    other_size = ckpt_root / f"{arch}_hidden32"
+    if not other_size.exists():
+        make_tiny_model(other_size, arch, seed=4, hidden=32, dtype=torch.float32)
+    for bad, why in ((other_size, r"does not fit|shape mismatch"), (lacking, r"does not cover")):
+        resp = httpx.post(f"{srv.url}/update_weights_from_disk", json={"model_path": str(bad)}, timeout=300)
+        body = resp.json()
+        assert body["success"] is False and re.search(why, body["message"]), body
+        assert "the served weights are unchanged" in body["message"]
+        state = info(srv.url)
+        assert state["weights_loaded"] is True and state["weight_version"] == "served"
+        assert state["ckpt_plugin"]["last_update"]["outcome"] == "rejected"
+        assert evidence.checksum(srv.url) == served
+        assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"] == ids
+    assert srv.proc.poll() is None
+    assert httpx.get(f"{srv.url}/health", timeout=30).status_code == 200
