@@ -222,3 +222,85 @@ def test_local_push_stages_while_serving_then_commits(server, llama_a, llama_b, 
         assert pusher.push(tensors.items(), weight_version="b-local-2").commit_s > 0  # stage + commit in one call
     assert info(server.url)["ckpt_plugin"]["staging"]["state"] == "committed"
     assert_serves(server.url, llama_b)
+
+
+# ---------------------------------------------------------------- one writer of the model at a time
+class Background:
+    """``fn()`` on a thread; ``result()`` re-raises its exception."""
+
+    def __init__(self, fn):
+        self.value, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self.value = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            self.error = exc
+
+    def result(self, timeout_s: float = 180):
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "still running"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def checkpoint_tensors(ckpt: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def checksums(server, llama_a, llama_b) -> dict[str, str]:
+    """SGLang's /weights_checker checksum after its own disk load of each checkpoint, before any overlap."""
+    from sglang_ckpt_plugin.demo import evidence
+
+    out = {}
+    for name, ckpt in (("a", llama_a), ("b", llama_b)):
+        evidence.reload_from_disk(server.url, ckpt)
+        out[name] = evidence.checksum(server.url)
+    assert out["a"] != out["b"]
+    return out
+
+
+@pytest.mark.parametrize("other", ["disk-reload", "trainer-bucket"])
+def test_a_load_overlapping_a_staged_manifest_check_lands_in_full(server, llama_a, llama_b, fault_dir, checksums,
+                                                                   other):  # fmt: skip
+    """A stage of B checks its manifest (held open by the test plugin) while SGLang's own disk reload of A, or a
+    trainer session's bucket of A, runs: that load must write every parameter (the checksums of SGLang's own load
+    of A), and the stage, committed afterwards, too."""
+    from sglang_ckpt_plugin.demo import evidence
+    from sglang_ckpt_plugin.local_push import LocalPush
+    from sglang_ckpt_plugin.trainer import TrainerPush
+
+    def trainer_push():
+        with TrainerPush(server.url, timeout_s=120) as trainer:
+            trainer.push(checkpoint_tensors(llama_a).items(), weight_version="a-trainer")
+
+    load_a = {"disk-reload": lambda: evidence.reload_from_disk(server.url, llama_a), "trainer-bucket": trainer_push}
+    evidence.reload_from_disk(server.url, llama_b)
+    hold, held = fault_dir / "hold-dry-run", fault_dir / "dry-run-held"
+    hold.touch()
+    try:
+        with LocalPush(server.url, bucket_bytes=256 << 10) as pusher:
+            stage = Background(lambda: pusher.stage(checkpoint_tensors(llama_b).items()))
+            wait_for(held.exists, timeout_s=60)
+            overlapping = Background(load_a[other])
+            time.sleep(1.0)  # while the check is held: a load that does not wait for it runs now
+            hold.unlink()
+            overlapping.result()
+            assert evidence.checksum(server.url) == checksums["a"], f"the {other} of A did not land in full"
+            pusher.commit(stage.result(), weight_version="b-after-overlap")
+        assert evidence.checksum(server.url) == checksums["b"]
+    finally:
+        hold.unlink(missing_ok=True)
+    evidence.reload_from_disk(server.url, llama_a)  # every later update too
+    assert evidence.checksum(server.url) == checksums["a"]
+    push(server.url, llama_b, "--weight-version", "b-later")
+    assert evidence.checksum(server.url) == checksums["b"]

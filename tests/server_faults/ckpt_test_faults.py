@@ -1,22 +1,34 @@
 """A second SGLang plugin, for the tests only: SGLang loads it (entry point group ``sglang.srt.plugins``) in every
 server process when this directory is on the server's PYTHONPATH, as it loads sglang-ckpt-plugin.
 
-Armed by a file: when ``$CKPT_TEST_FAULTS_DIR/fail-next-commit`` exists, the next commit of a staged update on
-this rank loads its first bucket into the model, then fails (the file is consumed), as a commit that dies part-way
-would. The plugin under test is not changed; this wraps its commit from outside.
+Armed by files in ``$CKPT_TEST_FAULTS_DIR``:
+- ``fail-next-commit``: the next commit of a staged update on this rank loads its first bucket into the model,
+  then fails (the file is consumed), as a commit that dies part-way would.
+- ``hold-dry-run``: the next dry run of an update (the model's ``load_weights`` given meta tensors) stops at its
+  first tensor, says so by creating ``dry-run-held``, and goes on when the test removes ``hold-dry-run``: a
+  manifest check held open, so that the test can overlap it with another load deterministically.
+The plugin under test is not changed; this wraps its commit and the model's ``load_weights`` from outside.
 """
 
 import os
+import threading
+import time
 from pathlib import Path
 
+HOLD_LIMIT_S = 120.0
 
-def register():
+
+def _dir() -> Path:
+    return Path(os.environ.get("CKPT_TEST_FAULTS_DIR", "/nonexistent"))
+
+
+def _fail_next_commit():
     from sglang_ckpt_plugin.server import receiver
 
     original = receiver.ReceiveSession.commit
 
     def commit(self):
-        flag = Path(os.environ.get("CKPT_TEST_FAULTS_DIR", "/nonexistent")) / "fail-next-commit"
+        flag = _dir() / "fail-next-commit"
         try:
             flag.unlink()
         except FileNotFoundError:
@@ -36,3 +48,30 @@ def register():
             self.load_weights = load
 
     receiver.ReceiveSession.commit = commit
+
+
+def _hold_dry_runs():
+    from sglang.srt.models.llama import LlamaForCausalLM
+
+    original = LlamaForCausalLM.load_weights
+    holding = threading.Lock()
+
+    def load_weights(self, weights):
+        is_dry_run = isinstance(weights, list) and weights and all(t.is_meta for _, t in weights)
+        if is_dry_run and (_dir() / "hold-dry-run").exists() and holding.acquire(blocking=False):
+            try:
+                (_dir() / "dry-run-held").touch()
+                deadline = time.monotonic() + HOLD_LIMIT_S
+                while (_dir() / "hold-dry-run").exists() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            finally:
+                (_dir() / "dry-run-held").unlink(missing_ok=True)
+                holding.release()
+        return original(self, weights)
+
+    LlamaForCausalLM.load_weights = load_weights
+
+
+def register():
+    _fail_next_commit()
+    _hold_dry_runs()
