@@ -81,7 +81,8 @@ def test_sglang_disk_reload_of_a_checkpoint_that_does_not_fit_is_refused_and_the
     if not other_size.exists():
         make_tiny_model(other_size, arch, seed=4, hidden=32, dtype=torch.float32)
     for bad, why in ((other_size, r"does not fit|shape mismatch"), (lacking, r"does not cover")):
-        resp = httpx.post(f"{srv.url}/update_weights_from_disk", json={"model_path": str(bad)}, timeout=300)
+        body = {"model_path": str(bad), "load_format": "auto"}
+        resp = httpx.post(f"{srv.url}/update_weights_from_disk", json=body, timeout=300)
         body = resp.json()
         assert body["success"] is False and re.search(why, body["message"]), body
         assert "the served weights are unchanged" in body["message"]
