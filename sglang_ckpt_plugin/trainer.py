@@ -15,6 +15,7 @@ CUDA. Works with or without sglang-ckpt-plugin on the server; with the plugin a 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -57,6 +58,17 @@ def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
         yield bucket
 
 
+def wait_for_broadcast(work, call: UpdateCall, poll_s: float = 0.002) -> str | None:
+    """Wait until the broadcast completes (None), or the server's answer says it refused the bucket before joining
+    it (the reason): then the broadcast never completes, and waiting for it would hang."""
+    while not work.is_completed():
+        if call.finished() and call.error is not None:
+            return str(call.error)
+        time.sleep(poll_s)
+    work.wait()  # raises the group's own error, if it failed
+    return None
+
+
 class TrainerPush:
     def __init__(self, url: str, *, master_addr: str = "127.0.0.1", master_port: int | None = None,
                  backend: str | None = None, group_name: str = "weight_update_group",
@@ -86,8 +98,9 @@ class TrainerPush:
         body = {"master_address": self.master_addr, "master_port": self.master_port, "rank_offset": 1,
                 "world_size": 1 + tp_size, "group_name": self.group_name, "backend": self.backend}  # fmt: skip
         call = UpdateCall(self.client, body, threading.Event(), path="/init_weights_update_group")
-        self.group = sg.trainer_process_group(self.backend, f"tcp://{self.master_addr}:{self.master_port}",
-                                              1 + tp_size, self.group_name, self.timeout_s)  # fmt: skip
+        with self._on_device():
+            self.group = sg.trainer_process_group(self.backend, f"tcp://{self.master_addr}:{self.master_port}",
+                                                  1 + tp_size, self.group_name, self.timeout_s)  # fmt: skip
         call.join()
         return self
 
@@ -110,9 +123,13 @@ class TrainerPush:
             if gpus[index] in server.rank_keys:
                 raise ValueError(f"cuda:{index} ({gpus[index]}) is a GPU of the server's TP ranks: an NCCL group "
                                  "cannot hold two ranks on one GPU; pick another GPU")  # fmt: skip
-        if index != torch.cuda.current_device():
-            torch.cuda.set_device(index)  # NCCL's group uses the current device
+        # No set_device: the trainer's own "cuda" allocations stay on its GPU; our GPU work runs under
+        # torch.cuda.device(self.device) (_on_device), where NCCL takes its device from.
         return torch.device("cuda", index)
+
+    def _on_device(self):
+        """The push GPU as current device for the group's set-up and each bucket, and only for them."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def close(self) -> None:
         if self.group is None:
@@ -157,10 +174,31 @@ class TrainerPush:
                 "load_format": sg.FLATTENED_BUCKET_FORMAT, "flush_cache": flush_cache}  # fmt: skip
         if weight_version is not None:
             body["weight_version"] = weight_version
-        flat = self._pack(bucket)
-        call = UpdateCall(self.client, body, threading.Event(), path="/update_weights_from_distributed")
-        dist.broadcast(flat, src=0, group=self.group)
+        with self._on_device():
+            flat = self._pack(bucket)
+            call = UpdateCall(self.client, body, threading.Event(), path="/update_weights_from_distributed")
+            work = dist.broadcast(flat, src=0, group=self.group, async_op=True)
+            refusal = wait_for_broadcast(work, call)
+        if refusal is not None:
+            self._abandon_group()
+            raise ServerError(f"the server refused a bucket before receiving it ({refusal}); the weight-update group "
+                              "was torn down (its broadcast can never complete): call connect() to push again")  # fmt: skip
         call.join()
+
+    def _abandon_group(self) -> None:
+        """A broadcast the server never joined stays queued on the group (NCCL: on the trainer's stream, where the
+        next GPU op would wait for the watchdog). Abort the group's communicators, drop the server's side of it."""
+        group, self.group = self.group, None
+        self.master_port = free_port(self.master_addr)  # the next connect() rendezvouses afresh
+        try:
+            abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            abort(group) if abort is not None and self.backend == "nccl" else dist.destroy_process_group(group)
+        except Exception:  # a group stuck in a collective may refuse to go quietly: it is dropped all the same
+            pass
+        try:
+            self.client.post("/destroy_weights_update_group", {"group_name": self.group_name})
+        except ServerError:
+            pass
 
     def _pack(self, bucket) -> torch.Tensor:
         """Copy the bucket's tensors back to back into one reused send buffer."""

@@ -179,3 +179,25 @@ def test_one_rank_cpu_push_starts_without_torch(server, llama_a, llama_b):
                               "--transfer", "copy"], 300)  # fmt: skip
     assert copied.returncode == 0 and copied.stdout.strip().endswith("TORCH_IMPORTED"), copied.stdout
     assert_serves(server.url, llama_a)
+
+
+def test_trainer_bucket_refused_before_its_broadcast_fails_fast_and_the_trainer_pushes_again(server, llama_a):
+    """SGLang refuses a bucket outside a begin/end session before it joins the broadcast: the trainer's broadcast
+    can never complete. The trainer must say so at once (not wait out the group's timeout, or on NCCL hang its
+    next GPU op) and be able to reconnect and push."""
+    import time
+
+    from safetensors.torch import load_file
+
+    from sglang_ckpt_plugin.trainer import ServerError, TrainerPush
+
+    tensors = load_file(llama_a / "model.safetensors")
+    with TrainerPush(server.url, timeout_s=90) as trainer:
+        t0 = time.monotonic()
+        with pytest.raises(ServerError, match="refused a bucket before receiving it.*call connect"):
+            trainer._push_bucket([("model.norm.weight", tensors["model.norm.weight"])], None, False)
+        assert time.monotonic() - t0 < 30 and trainer.group is None
+        trainer.connect()
+        trainer.push(tensors.items(), weight_version="trainer-again")
+    assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "trainer-again"
+    assert_serves(server.url, llama_a)

@@ -58,6 +58,9 @@ class UpdateCall:
         if self.error is not None:
             self._cancelled.set()  # stop the feeder waiting for a server that will not come
 
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
     def join_quietly(self) -> None:
         self._thread.join(timeout=30)
 

@@ -109,6 +109,9 @@ class RankFeeder:
                 raise PushError(f"the server's rank disconnected before it could {what} (see the server log)") from None
             if not isinstance(msg, Reply) or msg.seq != seq:
                 raise PushError(f"protocol error: expected reply to {seq}, got {msg!r}")
+            if seq == -1:  # the rank answered the hello: it mapped our buffers (or tried), and releases what it mapped
+                for b in self.buffers:
+                    b.mapped = True
             if not msg.ok:
                 raise PushError(f"server failed to {what}: {msg.error}")
             return msg

@@ -21,7 +21,7 @@ from ..transport.fdpass import fd_socket_path, receive_fds
 from ..transport.handles import MappedBuffer, open_buffer, open_file_range
 from ..transport.integrity import Fingerprint, tensor_digest
 from ..transport.messages import (
-    Abort, BucketReady, FileHandle, Finish, Hello, ProtocolError, Reply, ShmFdHandle,
+    Abort, BucketReady, CudaIpcHandle, FileHandle, Finish, Hello, ProtocolError, Reply, ShmFdHandle,
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,12 @@ LoadFn = Callable[[Iterable[tuple[str, torch.Tensor]]], object]
 _KEPT_ALIVE: list = []  # mappings a model kept views into (see _unmap)
 HELLO_TIMEOUT_ENV = "SGLANG_CKPT_HELLO_TIMEOUT"
 DEFAULT_HELLO_TIMEOUT_S = 15.0  # a loader that bound its socket says hello at once; not the long idle timeout
+
+
+STAGED_CUDA_IPC_REFUSAL = (
+    "a staged update must be held in host shared memory (run the loader with --device cpu, or stream it with "
+    "--two-phase off): CUDA IPC buffers live only as long as the loader process"
+)
 
 
 class UpdateFailed(RuntimeError):
@@ -206,6 +212,10 @@ class ReceiveSession:
         if not isinstance(hello, Hello):
             raise UpdateFailed(f"expected hello, got {type(hello).__name__}")
         self.update_id = hello.update_id
+        if self.staging and any(isinstance(h, CudaIpcHandle) for h in hello.buffers):
+            # a loader that exits before the commit would leave staged views into freed device memory
+            _send_error(channel, -1, STAGED_CUDA_IPC_REFUSAL)
+            raise UpdateRefused(STAGED_CUDA_IPC_REFUSAL)
         try:
             self._map(hello)
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a CUDA IPC handle that will not open

@@ -144,28 +144,80 @@ class FileBuffer:
             self._fd = None
 
 
-def expandable_segments_enabled() -> bool:
+def allocator_settings() -> str:
+    """The caching allocator's settings as in force now (set at run time or from the environment)."""
+    import torch
+
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    if get is not None:
+        try:
+            return get()
+        except RuntimeError:
+            pass
+    return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+
+
+def _settings_items(conf: str) -> list[str]:
+    """``key:value`` items of an allocator config; commas inside ``[...]`` (roundup_power2_divisions) kept."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(conf + ","):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            if conf[start:i].strip():
+                items.append(conf[start:i].strip())
+            start = i + 1
+    return items
+
+
+def expandable_segments_enabled(conf: str) -> bool:
     """``expandable_segments:True`` in the allocator settings (common in RL stacks)."""
-    conf = ",".join(os.environ.get(k, "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
-    return "expandable_segments:true" in conf.replace(" ", "").lower()
+    return any(item.replace(" ", "").lower() == "expandable_segments:true" for item in _settings_items(conf))
+
+
+def with_expandable_segments(conf: str, enabled: bool) -> str:
+    """``conf`` with only expandable_segments changed: setting the allocator's config re-parses all of it, so every
+    other setting (max_split_size_mb, roundup_power2_divisions, garbage_collection_threshold...) is passed again."""
+    kept = [item for item in _settings_items(conf) if item.split(":")[0].strip().lower() != "expandable_segments"]
+    return ",".join([*kept, f"expandable_segments:{enabled}"])
+
+
+def _set_allocator_settings(conf: str) -> None:
+    import torch
+
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter(conf)
+
+
+def _release_ipc_counter(ref_counter_handle: bytes, ref_counter_offset: int) -> None:
+    """Drop the reference torch counts for a receiver of a shared CUDA allocation (what a receiver's release does)."""
+    import torch
+
+    torch.UntypedStorage._release_ipc_counter_cuda(ref_counter_handle, ref_counter_offset)
 
 
 class CudaBuffer:
-    """A device bucket buffer shared through CUDA IPC; freed when the loader drops it."""
+    """A device bucket buffer shared through CUDA IPC; freed when the loader drops it.
+
+    torch keeps a shared allocation alive until its IPC reference counter reaches zero, and a receiver that maps
+    and later closes it is what brings it there. A buffer handed out but never reached by a receiver (the server
+    refused the request, never connected, or never answered the hello) is released by us instead."""
 
     def __init__(self, nbytes: int, device: torch.device):
         import torch
 
         self.nbytes = nbytes
         self.device = device
-        expandable = expandable_segments_enabled()
+        self.mapped = False  # a receiver answered the hello that carried it: its close releases the counter
+        self._ref_counter: tuple[bytes, int] | None = None
+        conf = allocator_settings()
+        expandable = expandable_segments_enabled(conf)
         if expandable:  # torch cannot share an expandable segment by CUDA IPC: this allocation gets a classic one
-            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+            _set_allocator_settings(with_expandable_segments(conf, False))
         try:
             self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
         finally:
             if expandable:
-                torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+                _set_allocator_settings(conf)  # exactly the settings found
 
     fd = None  # shared by CUDA IPC, not by descriptor
 
@@ -173,6 +225,7 @@ class CudaBuffer:
         (_dev, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync) = (
             self.tensor.untyped_storage()._share_cuda_()
         )
+        self._ref_counter = (ref_handle, ref_offset)
         return CudaIpcHandle(
             nbytes=self.nbytes,
             device_uuid=device_rank_key(self.device, -1),
@@ -189,6 +242,9 @@ class CudaBuffer:
         pass
 
     def release(self) -> None:
+        if self._ref_counter is not None and not self.mapped:
+            _release_ipc_counter(*self._ref_counter)
+            self._ref_counter = None
         self.tensor = None
 
 
@@ -321,7 +377,10 @@ def _open_cuda(handle: CudaIpcHandle, device: torch.device) -> MappedBuffer:
         handle.ref_counter_handle,
         handle.ref_counter_offset,
         handle.event_handle,
-        handle.event_sync_required,
+        # No IPC event: opening one per buffer per update leaks it in a long-lived server, and makes our stream
+        # wait on whatever the loader had queued when it shared. The loader synchronises its copies before it
+        # announces a bucket, which is the only ordering the receiver needs.
+        False,
     )
     tensor = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (handle.nbytes,), (1,))
     return MappedBuffer(tensor)

@@ -1,0 +1,110 @@
+"""Unit tests (CPU) for the logic of the CUDA paths: allocator settings kept whole, the IPC reference of a buffer no
+server ever mapped released, CUDA IPC handles refused for a staged update, the trainer's current device left alone."""
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
+from sglang_ckpt_plugin.loader.plan import plan_buckets
+from sglang_ckpt_plugin.loader.push import PushError, RankFeeder, new_update_id
+from sglang_ckpt_plugin.placement import ServerPlacement
+from sglang_ckpt_plugin.server.receiver import STAGED_CUDA_IPC_REFUSAL, ReceiveSession, UpdateRefused
+from sglang_ckpt_plugin.transport import handles
+from sglang_ckpt_plugin.transport.channel import make_endpoint
+from sglang_ckpt_plugin.transport.messages import CudaIpcHandle
+
+CONF = "max_split_size_mb:256,roundup_power2_divisions:[256:1,512:2,>:4],expandable_segments:True," \
+       "garbage_collection_threshold:0.6"  # fmt: skip
+
+
+def test_allocator_settings_change_only_expandable_segments():
+    assert handles.expandable_segments_enabled(CONF)
+    off = handles.with_expandable_segments(CONF, False)
+    assert off == ("max_split_size_mb:256,roundup_power2_divisions:[256:1,512:2,>:4],"
+                   "garbage_collection_threshold:0.6,expandable_segments:False")  # fmt: skip
+    assert not handles.expandable_segments_enabled(off)
+    assert not handles.expandable_segments_enabled("max_split_size_mb:128")
+
+
+def test_the_settings_in_force_are_read_at_run_time(monkeypatch):
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: "expandable_segments:True", raising=False)
+    assert handles.expandable_segments_enabled(handles.allocator_settings())  # set by a framework, not the env
+
+
+def cuda_buffer_stub() -> handles.CudaBuffer:
+    """A CudaBuffer as after allocation, without a GPU: the release decision is plain bookkeeping."""
+    buf = object.__new__(handles.CudaBuffer)
+    buf.nbytes, buf.device, buf.tensor, buf.mapped, buf._ref_counter = 64, torch.device("cuda", 0), None, False, None
+    return buf
+
+
+def test_a_buffer_no_receiver_mapped_gives_back_its_ipc_reference(monkeypatch):
+    released = []
+    monkeypatch.setattr(handles, "_release_ipc_counter", lambda h, o: released.append((h, o)))
+    never_shared, unmapped, mapped = cuda_buffer_stub(), cuda_buffer_stub(), cuda_buffer_stub()
+    unmapped._ref_counter = mapped._ref_counter = (b"ref", 8)
+    mapped.mapped = True  # its receiver's close releases it
+    for b in (never_shared, unmapped, mapped):
+        b.release()
+    unmapped.release()  # idempotent
+    assert released == [(b"ref", 8)]
+
+
+class FakeCudaBuffer:
+    """What a loader rank holds for a CUDA IPC buffer, as the server sees it on the wire."""
+
+    fd, nbytes, mapped = None, 1 << 16, False
+
+    def handle(self, slot: int = -1) -> CudaIpcHandle:
+        return CudaIpcHandle(self.nbytes, "GPU-x", b"h", self.nbytes, 0, b"r", 0, b"e", True)
+
+    def unlink(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_staged_update_refuses_cuda_ipc_buffers_and_the_loader_knows_it_was_answered(tmp_path):
+    save_file({"w": torch.ones(4, 4)}, tmp_path / "model.safetensors")
+    buckets = plan_buckets(read_checkpoint(tmp_path), 1 << 16)
+    update_id = new_update_id("test")
+    endpoint = make_endpoint(update_id, "cpu-tp0")
+    feeder = RankFeeder(endpoint, update_id, 10.0, threading.Event())
+    buf = FakeCudaBuffer()
+    feeder.adopt([buf])
+    errors = []
+
+    def loader():
+        try:
+            feeder.hello(buckets)
+        except PushError as exc:
+            errors.append(str(exc))
+        finally:
+            feeder.close()
+
+    t = threading.Thread(target=loader)
+    t.start()
+    session = ReceiveSession(endpoint, torch.device("cpu"), lambda w: None, lambda: None, 10.0,
+                             lambda *a: {}, staging=True)  # fmt: skip
+    with pytest.raises(UpdateRefused, match="host shared memory"):
+        session.run()
+    t.join()
+    assert STAGED_CUDA_IPC_REFUSAL in errors[0] and buf.mapped  # answered: its release is the receiver's business
+
+
+def test_trainer_push_never_moves_the_trainers_current_device(monkeypatch):
+    from sglang_ckpt_plugin import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "visible_gpu_keys", lambda: ["GPU-a", "GPU-b", "GPU-c"])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the trainer's GPU is the server's rank 0 GPU
+
+    def set_device(_):
+        raise AssertionError("TrainerPush changed the trainer's current device")
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    server = ServerPlacement("cuda", ["GPU-a", "GPU-b"], tp_size=2)
+    assert trainer_mod.TrainerPush("http://127.0.0.1:9")._choose_device(server) == torch.device("cuda", 2)
