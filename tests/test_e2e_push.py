@@ -92,7 +92,8 @@ def test_partial_pushes_that_together_cover_the_model_open_the_gate(server, llam
     push(server.url, first, "--weight-version", "a-first", "--partial")
     info = httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]
     assert info["weights_state"] == "waiting" and info["missing_count"] == 2
-    assert info["missing"] == [f"model.layers.{i}.self_attn.qkv_proj.weight (shards v)" for i in range(2)]
+    v_rows = "unwritten: dim-0 index 96-127 of 128"  # q: rows 0-63, k: 64-95, v: 96-127 of the fused qkv_proj
+    assert info["missing"] == [f"model.layers.{i}.self_attn.qkv_proj.weight ({v_rows})" for i in range(2)]
     resp = httpx.post(f"{server.url}/generate", json=MODEL_ROUTES[0][2], timeout=30)
     assert resp.status_code == 503 and "qkv_proj" in resp.json()["message"]
     push(server.url, second, "--weight-version", "a-1", "--partial")

@@ -69,8 +69,9 @@ class StagedUpdate:
         return StagingReport(self.update_id, self.state, self.error, self.bytes, self.staged_at, self.committed_at)
 
     def _receive(self) -> None:
-        if self.session.device.type == "cuda":  # else this thread's current device is 0 on every rank: the dry
-            torch.cuda.set_device(self.session.device)  # run's model code would make a context on GPU 0
+        device = getattr(self.session, "device", None)
+        if device is not None and device.type == "cuda":  # else this thread's current device is 0 on every rank:
+            torch.cuda.set_device(device)  # the dry run's model code would make a context on GPU 0
         try:
             self.session.run()
         except Exception as exc:  # UpdateFailed, or anything unexpected: never kept half-received
