@@ -181,8 +181,10 @@ class TrainerPush:
             refusal = wait_for_broadcast(work, call)
         if refusal is not None:
             self._abandon_group()
-            raise ServerError(f"the server refused a bucket before receiving it ({refusal}); the weight-update group "
-                              "was torn down (its broadcast can never complete): call connect() to push again")  # fmt: skip
+            raise ServerError(
+                f"the server refused a bucket before receiving it ({refusal}); the weight-update group was torn "
+                "down (its broadcast can never complete): call connect() to push again"
+            )
         call.join()
 
     def _abandon_group(self) -> None:

@@ -78,8 +78,9 @@ def update_weights_from_disk(original, updater, model_path, load_format=None, *a
     model = updater.get_model()
     weights = rank_state.state(model)
     with exclusive():
+        coverage, error = None, None
         try:
-            coverage, error = disk_checkpoint_coverage(model, model_path, load_format, kwargs.get("weight_name_filter")), None
+            coverage = disk_checkpoint_coverage(model, model_path, load_format, kwargs.get("weight_name_filter"))
         except UpdateRejected as exc:
             coverage, error = None, str(exc)
         (any_refused,) = rank_state.agree(error is not None)

@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .coverage import Coverage, Extent, clip, extent_of, missing_from, union_coverage, view_runs, whole
 from .writer import exclusive
@@ -87,22 +87,22 @@ def _written(func, args, kwargs) -> list[tuple[str, torch.Tensor]]:
 class _Recorder(TorchDispatchMode):
     """Active on the dry run's thread only: records where writes into stand-ins land, blocks live writes."""
 
-    def __init__(self, standins: dict[int, tuple[str, Extent]], live: set[int]):
+    def __init__(self, standins: dict[int, str], live: set[int]):
         super().__init__()
-        self.standins = standins  # storage of a stand-in -> (parameter name, extent)
+        self.standins = standins  # storage of a stand-in -> its parameter's name
         self.live = live  # data pointers of the live model's parameters and buffers
         self.runs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.unmeasured: dict[str, str] = {}  # parameter -> the op whose write could not be placed
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         any_meta = any(t.device.type == "meta" for t in tensors)
         for name, t in _written(func, args, kwargs):
             if t.device.type == "meta":
-                owner = self.standins.get(_storage_key(t))
-                if owner is not None:
-                    self._record(func, name, t, *owner)
+                pname = self.standins.get(_storage_key(t))
+                if pname is not None:
+                    self._record(func, name, t, pname)
             elif t.untyped_storage().data_ptr() in self.live:
                 raise _LiveWrite(f"{func} writes into the served model's memory")
             elif any_meta:  # a scratch tensor of the loader's, filled from a meta tensor: nothing to compute
@@ -111,7 +111,7 @@ class _Recorder(TorchDispatchMode):
             args, kwargs = tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, (args, kwargs))
         return func(*args, **kwargs)
 
-    def _record(self, func, argname: str, view: torch.Tensor, pname: str, extent: Extent) -> None:
+    def _record(self, func, argname: str, view: torch.Tensor, pname: str) -> None:
         runs = None
         if func in _OVERWRITES or argname == "out":
             runs = view_runs(view.storage_offset(), view.shape, view.stride(), view.element_size())
@@ -158,9 +158,9 @@ def validate_update(
     dupes = [name for name, count in Counter(name for name, _, _ in manifest).items() if count > 1]
     if dupes:
         raise UpdateRejected(f"duplicate tensor names in the update: {_first(dupes)}")
+    extents = required_coverage(model)
     with exclusive():
         recorder, used, shape_errors = _dry_run(model, manifest)
-    extents = required_coverage(model)
     coverage = recorder.coverage(extents)
 
     if shape_errors:
@@ -195,11 +195,10 @@ def validate_update(
 def _dry_run(model: torch.nn.Module, manifest) -> tuple[_Recorder, set[str], list[str]]:
     """Run ``load_weights`` for each manifest tensor against stand-ins (the caller holds the one-writer lock)."""
     params = dict(model.named_parameters())
-    extents = required_coverage(model)
     standins = {pname: _standin(p) for pname, p in params.items()}
     twin_of = {id(params[pname]): twin for pname, twin in standins.items()}
     live = {t.untyped_storage().data_ptr() for t in (*params.values(), *model.buffers()) if t.device.type != "meta"}
-    recorder = _Recorder({_storage_key(t): (pname, extents[pname]) for pname, t in standins.items()}, live - {0})
+    recorder = _Recorder({_storage_key(t): pname for pname, t in standins.items()}, live - {0})
     used: set[str] = set()  # update tensors that reached some parameter's loader
     shape_errors: list[str] = []
     current = [""]  # the update tensor being dry-run, for messages
@@ -252,7 +251,8 @@ def _dry_run(model: torch.nn.Module, manifest) -> tuple[_Recorder, set[str], lis
                         "the plugin cannot check an update before writing it; use /update_weights_from_disk"
                     ) from None
                 except Exception as exc:  # the model's own check, e.g. an assert on shapes
-                    raise UpdateRejected(f"tensor {name!r} does not fit the model: {type(exc).__name__}: {exc}") from None
+                    why = f"{type(exc).__name__}: {exc}"
+                    raise UpdateRejected(f"tensor {name!r} does not fit the model: {why}") from None
     finally:
         _restore(params, saved)
     return recorder, used, shape_errors
