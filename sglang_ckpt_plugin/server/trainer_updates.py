@@ -82,7 +82,7 @@ def update_weights_from_disk(original, updater, model_path, load_format=None, *a
         try:
             coverage = disk_checkpoint_coverage(model, model_path, load_format, kwargs.get("weight_name_filter"))
         except UpdateRejected as exc:
-            coverage, error = None, str(exc)
+            error = str(exc)
         (any_refused,) = rank_state.agree(error is not None)
         if any_refused:
             why = error or "another tensor-parallel rank refused the checkpoint (see its log line)"
