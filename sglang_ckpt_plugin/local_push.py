@@ -28,7 +28,8 @@ import torch
 from .loader.checkpoint import TensorInfo, dtype_name
 from .loader.http import ServerClient, ServerError
 from .loader.plan import STAGING_SHARE, Bucket, align_up, plan_buckets, staging_problem
-from .loader.push import PushError, RankFeeder, StageTimes, feed, new_update_id
+from .loader.node_feed import NodeFeeder
+from .loader.push import PushError, RankFeeder, StageTimes, new_update_id
 from .loader.rank_setup import available_memory
 from .placement import LoaderPlacement, ServerPlacement, choose_placement
 from .transport.channel import make_endpoint
@@ -188,15 +189,15 @@ class LocalPush:
         self._ensure_buffers(max(b.nbytes for b in buckets), len(buckets))
         update_id = new_update_id("local")
         stats = LocalPushStats(tensors=len(infos), bytes=sum(i.nbytes for i in infos), buckets=len(buckets))
-        times = [StageTimes() for _ in range(self.tp_size)]
-        with self._feeders(update_id, partial) as (feeders, cancelled):
-            self.client.stage({key: f.channel.endpoint for key, f in feeders})
+        times = StageTimes()
+        with self._feeders(update_id, partial) as (node, cancelled):
+            self.client.stage(dict(zip(self.rank_keys, node.endpoints)))
             try:
-                self._run(feeders, buckets, TensorFiller(tensors), times, stats)
+                self._run(node, buckets, TensorFiller(tensors), times, stats)
             except BaseException:
                 self._abort_quietly(update_id)
                 raise
-        stats.server_load_s = max(t.load_s for t in times)
+        stats.server_load_s = times.load_s
         stats.stage_s = time.perf_counter() - t0
         self._staged = StagedPush(update_id, stats)
         return self._staged
@@ -239,41 +240,41 @@ class LocalPush:
     def _stream(self, tensors, infos, buckets, weight_version, flush_cache: bool, partial: bool) -> LocalPushStats:
         self._ensure_buffers(max(b.nbytes for b in buckets), self.num_buffers)
         update_id = new_update_id("local")
-        times = [StageTimes() for _ in range(self.tp_size)]
+        times = StageTimes()
         stats = LocalPushStats(tensors=len(infos), bytes=sum(i.nbytes for i in infos), buckets=len(buckets))
-        with self._feeders(update_id, partial) as (feeders, cancelled):
-            call = self.client.start_update({k: f.channel.endpoint for k, f in feeders}, weight_version, flush_cache,
+        with self._feeders(update_id, partial) as (node, cancelled):
+            call = self.client.start_update(dict(zip(self.rank_keys, node.endpoints)), weight_version, flush_cache,
                                             cancelled)  # fmt: skip
             try:
-                self._run(feeders, buckets, TensorFiller(tensors), times, stats)
+                self._run(node, buckets, TensorFiller(tensors), times, stats)
             except BaseException as exc:
                 cancelled.set()
                 call.join_quietly()
                 raise (call.error if isinstance(exc, PushError) and call.error else exc)
             call.join()
-        stats.server_load_s = max(t.load_s for t in times)
+        stats.server_load_s = times.load_s
         return stats
 
     @contextlib.contextmanager
     def _feeders(self, update_id: str, partial: bool):
-        """One RankFeeder per TP rank, all on the pusher's buffers; aborted (if still open) and closed on the way out."""
+        """One RankFeeder per TP rank, driven as one NodeFeeder on the pusher's buffers (which outlive the update);
+        aborted (if still open) and closed on the way out."""
         cancelled = threading.Event()
-        feeders = []
+        node = NodeFeeder()
         try:
             for key in self.rank_keys:
-                feeder = RankFeeder(make_endpoint(update_id, key), update_id, self.timeout_s, cancelled, partial=partial)
-                feeder.adopt(self.buffers)
-                feeders.append((key, feeder))
+                node.add(RankFeeder(make_endpoint(update_id, key), update_id, self.timeout_s, cancelled,
+                                    partial=partial))  # fmt: skip
+            node.adopt(self.buffers)
             try:
-                yield feeders, cancelled
+                yield node, cancelled
             except BaseException as exc:
-                for _, f in feeders:
-                    f.abort(str(exc))
+                node.abort(str(exc))
                 raise
         finally:
-            for _, f in feeders:
-                f.close()
+            node.close()
 
     @staticmethod
-    def _run(feeders, buckets: list[Bucket], filler: TensorFiller, times: list[StageTimes], stats) -> None:
-        stats.fill_s += feed([f for _, f in feeders], buckets, filler.fill, times)
+    def _run(node: NodeFeeder, buckets: list[Bucket], filler: TensorFiller, times: StageTimes, stats) -> None:
+        node.run(buckets, filler.fill, times)
+        stats.fill_s += times.read_s

@@ -59,14 +59,16 @@ elif mode == "corrupt-rank1-after-first":
 
     push.RankFeeder.send_bucket = send_bucket
 elif mode == "oom-rank1":
-    original_allocate = push.RankFeeder.allocate
+    from sglang_ckpt_plugin.loader import node_feed
+
+    original_allocate = node_feed.NodeFeeder.allocate
 
     def allocate(self, *args, **kwargs):
         if os.environ.get("RANK") == "1":
             raise RuntimeError("CUDA out of memory (injected by the test)")
         return original_allocate(self, *args, **kwargs)
 
-    push.RankFeeder.allocate = allocate
+    node_feed.NodeFeeder.allocate = allocate
 elif mode == "pause-after-first-bucket":
 
     def send_bucket(self, seq, bucket, digests, times, **kw):

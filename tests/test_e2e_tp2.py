@@ -113,18 +113,46 @@ def test_trainer_bucket_refused_after_loaded_ones_makes_the_weights_incomplete(s
     assert_serves(server.url, llama_a)
 
 
-def test_two_loader_ranks_broadcast_into_tp2(server, llama_a):
+@pytest.mark.parametrize("transfer", ["map", "copy"])
+def test_one_loader_process_feeds_both_tp_ranks_and_nothing_moves_between_processes(server, llama_a, llama_b,
+                                                                                     transfer):  # fmt: skip
+    """No torchrun on one node: one process feeds both TP ranks from one set of buffers (the checkpoint files, or
+    shared bucket buffers filled once), each rank copying its own slice; bit-exact against SGLang's disk reload."""
     before = set(our_leftovers())
-    # one process: it relaunches itself under torchrun with 2 ranks, one per TP rank
-    out = push(server.url, llama_a, "--inference-parallel-size", "2", "--weight-version", "a-tp2", "--verify")
+    push(server.url, llama_b, "--inference-parallel-size", "2", "--weight-version", "b")  # A must really arrive
+    out = push(server.url, llama_a, "--inference-parallel-size", "2", "--weight-version", "a-tp2", "--verify",
+               "--transfer", transfer)  # fmt: skip
+    assert set(our_leftovers()) - before == set()
+    assert "rank 1" not in out.stdout + out.stderr, "a second loader process ran"
+    assert "between loader processes: 0 bytes" in out.stdout, out.stdout
+    mode = "page cache: 2 server ranks mapped the files" if transfer == "map" else "shared bucket buffers"
+    assert mode in out.stdout, out.stdout
+    assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
+    fingerprint = out.stdout.split("fingerprint=")[1].split()[0]
+    assert httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["fingerprint"] == fingerprint
+    assert_serves(server.url, llama_a)
+
+
+def test_two_loader_ranks_under_torchrun_broadcast_into_tp2(server, llama_a, llama_b):
+    """One loader rank per TP rank (what a GPU server or several nodes take): each reads half, they exchange."""
+    import sys
+
+    from sglang_ckpt_plugin.demo.launch import free_port
+
+    before = set(our_leftovers())
+    push(server.url, llama_b, "--inference-parallel-size", "2", "--weight-version", "b")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "sglang_ckpt_plugin.update",
+           "--checkpoint-path", str(llama_a), "--endpoint", server.url, "--inference-parallel-size", "2",
+           "--quiet", "--timeout", "120", "--verify", "--weight-version", "a-tp2"]  # fmt: skip
+    out = run_with_stacks(cmd, 300)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert set(our_leftovers()) - before == set()
     read = bytes_per_rank(out.stdout)
     assert len(read) == 2
     for b in read:
         assert 0.4 <= b / sum(read) <= 0.6, read
     assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
-    fingerprint = out.stdout.split("fingerprint=")[1].split()[0]
-    assert httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["fingerprint"] == fingerprint
     assert_serves(server.url, llama_a)
 
 
@@ -144,8 +172,8 @@ def test_two_rank_update_rejected_by_the_server_fails_on_every_rank_and_changes_
     before = set(our_leftovers())
     out = push(server.url, bad, "--inference-parallel-size", "2", "--weight-version", "never", check=False)
     assert out.returncode != 0
-    # each TP rank refused at hello, before any write; each loader rank reports its rank's reason
-    assert out.stderr.count("[sglang-ckpt] error:") == 2 and "extra_proj" in out.stderr, out.stderr[-3000:]
+    # the TP ranks refused at hello, before any write; the loader reports the reason
+    assert "[sglang-ckpt] error:" in out.stderr and "extra_proj" in out.stderr, out.stderr[-3000:]
     assert set(our_leftovers()) - before == set()
     assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
     assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
 from sglang_ckpt_plugin.loader.plan import plan_buckets, plan_file_buckets
+from sglang_ckpt_plugin.loader.node_feed import NodeFeeder
 from sglang_ckpt_plugin.loader.push import PushError, RankFeeder, StageTimes, new_update_id
 from sglang_ckpt_plugin.loader.filler import BucketFiller
 from sglang_ckpt_plugin.loader.reader import CheckpointReader
@@ -134,8 +135,9 @@ def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_time
     endpoint = make_endpoint(update_id, "cpu-tp0")
     cancelled = threading.Event()
     feeder = RankFeeder(endpoint, update_id, 10.0, cancelled, verify=verify)
+    node = NodeFeeder([feeder])
     if not mapped:
-        feeder.allocate(max(b.nbytes for b in buckets), 2, CPU)
+        node.allocate(max(b.nbytes for b in buckets), 2, CPU)
     reader = CheckpointReader()
     errors = []
 
@@ -143,13 +145,14 @@ def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_time
         try:
             (loader_hook or (lambda f: None))(feeder)
             if mapped:
-                feeder.run_mapped(files, file_buckets, StageTimes())
+                node.run_mapped(files, file_buckets, StageTimes(), verify)
             else:
-                feeder.run(buckets, BucketFiller(reader, CPU, 0), StageTimes())
+                filler = BucketFiller(reader, CPU, 0)
+                node.run(buckets, lambda bucket, buffer: filler.fill(bucket, buffer, digests=verify), StageTimes())
         except Exception as exc:  # noqa: BLE001 - reported to the test
             errors.append(exc)
         finally:
-            feeder.close()
+            node.close()
 
     t = threading.Thread(target=loader)
     t.start()
@@ -270,13 +273,13 @@ def test_feeder_reports_server_refusal():
     cancelled = threading.Event()
     cancelled.set()
     ep = make_endpoint("refused", "cpu-tp0")
-    feeder = RankFeeder(ep, "refused", 5.0, cancelled)
-    feeder.allocate(4096, 2, CPU)
+    node = NodeFeeder([RankFeeder(ep, "refused", 5.0, cancelled)])
+    node.allocate(4096, 2, CPU)
     try:
         with pytest.raises(PushError, match="cancelled"):
-            feeder.run([], None, StageTimes())
+            node.run([], None, StageTimes())
     finally:
-        feeder.close()
+        node.close()
 
 
 def test_loader_that_dies_mid_update_is_noticed_at_once(checkpoint):
@@ -334,7 +337,7 @@ def test_corrupted_bytes_are_caught_before_anything_is_written(checkpoint):
 
     def corrupt(feeder):
         real = feeder.send_bucket
-        feeder.send_bucket = lambda seq, bucket, digests, times: real(seq, bucket, [d ^ 1 for d in digests], times)
+        feeder.send_bucket = lambda seq, bucket, digests, times, **kw: real(seq, bucket, [d ^ 1 for d in digests], times, **kw)
 
     with pytest.raises(UpdateFailed, match="checksum mismatch"):
         run_session(ckpt_dir, model, loader_hook=corrupt, verify=True)

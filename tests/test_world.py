@@ -124,3 +124,45 @@ def test_ranks_agree_on_one_kind_of_buffer():
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
     assert "placement cpu None GPU-a" in outs[0][0] and "placement cpu None GPU-b" in outs[1][0]
     assert "loader ranks [1] cannot reach their GPU" in outs[0][1]
+
+
+def test_peer_alarm_frees_a_rank_waiting_for_a_collective_that_cannot_finish():
+    """A rank whose NCCL call failed sounds the alarm; a peer polling its own (never-finishing) collective hears it
+    and stops, instead of waiting for the watchdog. Without an alarm the wait ends when the work is done."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from sglang_ckpt_plugin.loader.world import PeerAlarm
+
+    store = dist.HashStore()
+    waiting, failing = PeerAlarm(store), PeerAlarm(store)
+    assert waiting.reason() is None
+    finished = threading.Event()
+    threading.Timer(0.2, finished.set).start()
+    assert waiting.wait(finished.is_set, check_every_s=0.01) is None
+
+    threading.Timer(0.2, lambda: failing.sound("loader rank 1: DistBackendError: NCCL error")).start()
+    t0 = time.monotonic()
+    reason = waiting.wait(lambda: False, check_every_s=0.01)
+    assert reason == "loader rank 1: DistBackendError: NCCL error"
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_failed_data_group_call_sounds_the_alarm_for_the_peers():
+    import torch
+    import torch.distributed as dist
+
+    from sglang_ckpt_plugin.loader.exchange import Exchange
+    from sglang_ckpt_plugin.loader.world import PeerAlarm
+
+    alarm = PeerAlarm(dist.HashStore())
+    exchange = Exchange(LoaderWorld(rank=1, world_size=2), [0, 1], torch.device("cpu"), alarm=alarm)
+
+    def failing_call():
+        raise RuntimeError("NCCL error: unhandled system error")
+
+    with pytest.raises(RuntimeError):
+        exchange._guarded(failing_call)
+    assert alarm.reason() == "loader rank 1: RuntimeError: NCCL error: unhandled system error"

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", help="p2p: comma-separated loader ranks (whole instances) whose servers are updated")
     p.add_argument("--checkpoint-path", help="directory of *.safetensors (with or without an index)")
     p.add_argument("--inference-parallel-size", type=int, default=1,
-                   help="ranks per inference instance (the server's tp size); one loader process per rank")
+                   help="ranks per inference instance (the server's tp size); a CPU server's ranks are fed by this "
+                        "one process, a GPU server's by one loader process per rank (started with torchrun)")
     p.add_argument("--endpoint", default="http://localhost:19730", help="the SGLang server's base URL")
     p.add_argument("--checkpoint-name", default="my-checkpoint-iter-0", help="name of this checkpoint")
     p.add_argument("--save-metas-file", help="write the read plan (tensors, owners) as JSON for a later join")
@@ -138,29 +139,44 @@ def install_watchdog(timeout_s: float, grace_s: float = WATCHDOG_GRACE_S) -> Non
     faulthandler.dump_traceback_later(timeout_s + grace_s, exit=True)
 
 
-def check_server_tp(args: argparse.Namespace) -> str | None:
-    """Why this server cannot take this many loader ranks, or None."""
+def ask_server(args: argparse.Namespace) -> tuple[dict | None, str | None]:
+    """The server's /model_info, and why it cannot take this many loader ranks (None: it can)."""
     if args.update_method == "p2p":
-        return None  # the updated instances may not be the one at --endpoint
+        return None, None  # the updated instances may not be the one at --endpoint
     from .http import ServerClient, ServerError, layout_mismatch
 
     client = ServerClient(args.endpoint, uds=args.uds, timeout_s=args.timeout, api_key=args.api_key)
     try:
-        return layout_mismatch(client.wait_until_listening(), args.endpoint, args.inference_parallel_size)
+        info = client.wait_until_listening()
     except ServerError as exc:
-        return str(exc)
+        return None, str(exc)
+    return info, layout_mismatch(info, args.endpoint, args.inference_parallel_size)
+
+
+def feeds_from_one_process(args: argparse.Namespace, info: dict | None) -> bool:
+    """A CPU server on this node: one process feeds every TP rank from one set of buffers (the checkpoint files, or
+    shared bucket buffers) that each rank maps; nothing moves between loader processes. GPU servers, p2p rounds and
+    a plan saved by N ranks take one loader rank per TP rank (torchrun)."""
+    from ..placement import ServerPlacement
+
+    if info is None or args.device == "cuda" or args.update_method != "broadcast" or args.load_metas_file:
+        return False
+    return ServerPlacement.from_model_info(info).device == "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     install_watchdog(args.timeout)
+    args.feeds_instance = False
     if args.inference_parallel_size > 1 and "RANK" not in os.environ:
-        error = check_server_tp(args)  # before starting N processes: a clear message, no torchrun noise
+        info, error = ask_server(args)  # before starting N processes: a clear message, no torchrun noise
         if error:
             print(f"[sglang-ckpt] error: {error}", file=sys.stderr)
             return 1
-        relaunch_under_torchrun(args.inference_parallel_size, argv, args.api_key)
+        args.feeds_instance = feeds_from_one_process(args, info)
+        if not args.feeds_instance:
+            relaunch_under_torchrun(args.inference_parallel_size, argv, args.api_key)
     from .run import run_update  # heavy imports (torch) after argument errors
 
     return run_update(args)

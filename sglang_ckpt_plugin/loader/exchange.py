@@ -7,7 +7,9 @@ their server then reads. Broadcast mode: every rank receives (a broadcast over t
 listed ranks receive, by point-to-point sends from the owner on that same group (no communicator per owner).
 
 On CUDA a collective only orders the stream; ``move`` returns once the bytes have landed, because the next thing
-a receiver does is tell its server to read them, and the next thing an owner does is refill its buffer.
+a receiver does is tell its server to read them, and the next thing an owner does is refill its buffer. While it
+waits it listens for a peer's alarm: a rank whose NCCL call failed says so, and its peers abort the communicator
+and stop at once instead of waiting inside the collective for the watchdog.
 """
 
 from __future__ import annotations
@@ -15,26 +17,42 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .plan import Step
 from .filler import BucketFiller
-from .world import LoaderWorld
+from .plan import Step
+from .rank_setup import PeerFailed
+from .world import LoaderWorld, PeerAlarm
 
 
 class Exchange:
-    def __init__(self, world: LoaderWorld, receivers: list[int], device: torch.device, group=None):
-        """Collective and cheap: every rank makes it before any rank allocates buffers (an allocation that fails
-        on one rank must not leave the others inside a collective). ``group``: the data group (None: default)."""
+    def __init__(self, world: LoaderWorld, receivers: list[int], device: torch.device, group=None,
+                 alarm: PeerAlarm | None = None):  # fmt: skip
+        """Collective and cheap: every rank makes it before any rank allocates buffers or measures its free
+        memory (an allocation that fails on one rank must not leave the others inside a collective; NCCL's
+        communicator and p2p connections take device memory the budget must see). ``group``: the data group
+        (None: default); ``alarm``: how ranks tell each other of a failed NCCL call."""
         self.world = world
         self.receivers = set(receivers)
         self.device = device
         self.group = group
+        self.alarm = alarm
         self.everyone = set(range(world.world_size))
         self._private: list[torch.Tensor] = []  # a source-only rank reads into these
+        self.bytes_received = 0  # bucket bytes that came from another loader process
         if world.distributed and device.type == "cuda":
-            # NCCL makes its communicator on first use, which must be collective (p2p ops otherwise hang)
-            warm = torch.zeros(1, device=device)
-            dist.all_reduce(warm, group=group)
-            torch.cuda.current_stream(device).synchronize()
+            self._guarded(self._connect)
+
+    def _connect(self) -> None:
+        """NCCL makes its communicator on first use, which must be collective (p2p ops otherwise hang), and each
+        p2p connection on its first send: make both now, every owner -> receiver pair the moves will use."""
+        dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
+        if self.receivers != self.everyone:
+            ops = [dist.P2POp(dist.isend, torch.zeros(1, device=self.device), peer, group=self.group)
+                   for peer in sorted(self.receivers - {self.world.rank})]  # fmt: skip
+            if self.world.rank in self.receivers:
+                ops += [dist.P2POp(dist.irecv, torch.zeros(1, device=self.device), peer, group=self.group)
+                        for peer in sorted(self.everyone - {self.world.rank})]  # fmt: skip
+            for request in dist.batch_isend_irecv(ops) if ops else []:
+                request.wait()
 
     def allocate(self, bucket_bytes: int, count: int = 1) -> None:
         """A source only (no server of its own): ``count`` private buffers to read into (two phases: one per bucket
@@ -58,16 +76,52 @@ class Exchange:
         """Send the bucket (and its digests) from its owner into ``buffer`` on every receiver."""
         if self.receivers | {step.owner} == {step.owner}:  # one rank reads and feeds: nothing to move
             return digests
-        self._send(step.owner, buffer[: step.bucket.nbytes])
-        if verify:
+
+        def send() -> list[int] | None:
+            self._send(step.owner, buffer[: step.bucket.nbytes])
+            if self.world.rank != step.owner:
+                self.bytes_received += step.bucket.nbytes
+            if not verify:
+                return digests
             wire = torch.zeros(len(step.bucket.slots), dtype=torch.int64, device=buffer.device)
             if self.world.rank == step.owner:
                 wire.copy_(torch.tensor([_signed(d) for d in digests], dtype=torch.int64))
             self._send(step.owner, wire)
-            digests = [d & 0xFFFFFFFFFFFFFFFF for d in wire.cpu().tolist()]
-        if self.device.type == "cuda":
+            self._landed()  # before the host reads the wire
+            return [d & 0xFFFFFFFFFFFFFFFF for d in wire.cpu().tolist()]
+
+        return self._guarded(send)
+
+    def _guarded(self, calls):
+        """Run data-group calls and wait until they landed (CUDA). A call that fails here sounds the alarm; a peer's
+        alarm heard while waiting aborts this rank's communicator (its collective can never finish)."""
+        if self.alarm is None:
+            return calls()
+        try:
+            result = calls()
+            self._landed()
+            return result
+        except PeerFailed:
+            raise
+        except Exception as exc:
+            self.alarm.sound(f"loader rank {self.world.rank}: {type(exc).__name__}: {exc}")
+            raise
+
+    def _landed(self) -> None:
+        if self.device.type != "cuda":
+            return
+        if self.alarm is None:
             torch.cuda.current_stream(self.device).synchronize()
-        return digests
+            return
+        landed = torch.cuda.Event()
+        landed.record(torch.cuda.current_stream(self.device))
+        reason = self.alarm.wait(landed.query)
+        if reason is not None:
+            abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            if abort is not None:
+                abort(self.group)
+            raise PeerFailed(f"another loader rank's NCCL call failed ({reason}); this rank's communicator was "
+                             "aborted")  # fmt: skip
 
     def _send(self, owner: int, tensor: torch.Tensor) -> None:
         if self.receivers | {owner} == self.everyone:

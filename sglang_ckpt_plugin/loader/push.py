@@ -1,7 +1,8 @@
 """Feed one inference rank: fill buffers, send bucket messages, wait for acknowledgements.
 
 With ``n`` buffers, bucket ``k`` goes into buffer ``k % n`` once bucket ``k - n`` has been acknowledged, so
-the loader fills the next buffer while the server loads the current one (two processes, two cores).
+the loader fills the next buffer while the server loads the current one (two processes, two cores). The buffers
+belong to the NodeFeeder (node_feed.py) that drives this rank's feeder, alone or beside its instance's other ranks.
 """
 
 from __future__ import annotations
@@ -15,17 +16,14 @@ from typing import TYPE_CHECKING
 
 from ..transport.channel import Channel, PeerGone
 from ..transport.fdpass import FdOffer, fd_socket_path
-from ..transport.handles import FileBuffer, allocate_buffer
 from ..transport.integrity import Fingerprint
 from ..transport.messages import (
     PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorMeta, TensorSlot,
 )  # fmt: skip
 from .plan import Bucket
 
-if TYPE_CHECKING:  # torch only where buckets are filled: the one-rank page-cache path never imports it
+if TYPE_CHECKING:  # torch only where buckets are filled: the page-cache path never imports it
     import torch
-
-    from .filler import BucketFiller
 
 
 class PushError(RuntimeError):
@@ -57,7 +55,7 @@ def bucket_message(seq: int, buffer: int, bucket: Bucket, digests: list[int] | N
 
 
 class RankFeeder:
-    """Owns the buffers and the channel for one inference rank during one update."""
+    """The channel to one inference rank during one update, over buffers its NodeFeeder owns."""
 
     def __init__(self, endpoint: str, update_id: str, timeout_s: float, cancelled: threading.Event,
                  verify: bool = False, partial: bool = False, allow_unused: bool = False, listen: bool = True):  # fmt: skip
@@ -72,7 +70,6 @@ class RankFeeder:
         self.timeout_s = timeout_s
         self.cancelled = cancelled
         self.buffers = []
-        self.owns_buffers = True
         self.on_bucket = lambda bucket: None  # progress callback
         self._fd_offer: FdOffer | None = None
         self.endpoint = endpoint
@@ -83,16 +80,9 @@ class RankFeeder:
     def listen(self) -> None:
         self.channel = Channel(self.endpoint, bind=True)
 
-    def allocate(self, bucket_bytes: int, num_buffers: int, device: torch.device, unnamed: bool = False) -> None:
-        """Allocate and touch the bucket buffers (first touch of shared memory is the expensive part).
-        ``unnamed``: shared memory without a name (its descriptor goes to the server), nothing to leak if killed."""
-        for _ in range(num_buffers):
-            self.buffers.append(allocate_buffer(bucket_bytes, device, reusable=unnamed))
-
     def adopt(self, buffers: list) -> None:
-        """Use buffers that outlive this update (kept by a long-lived pusher); close() leaves them alone."""
+        """The buffers this update hands over (their owner releases them; close() leaves them alone)."""
         self.buffers = list(buffers)
-        self.owns_buffers = False
 
     def _wait_reply(self, seq: int, what: str) -> Reply:
         deadline = time.monotonic() + self.timeout_s
@@ -197,27 +187,6 @@ class RankFeeder:
         self.channel.send(Finish(seq=num_buckets))
         times.post_s = self._wait_reply(num_buckets, "finish the update").elapsed_s
 
-    def run(self, buckets: list[Bucket], filler: BucketFiller, times: StageTimes) -> None:
-        """The whole update from one reader (one loader rank feeding one inference rank)."""
-        times.read_s += feed([self], buckets, lambda bucket, buffer: filler.fill(bucket, buffer, digests=self.verify),
-                             [times])  # fmt: skip
-
-    def run_mapped(self, files: list[str], buckets: list[tuple[int, Bucket]], times: StageTimes) -> None:
-        """Page-cache mode: the buffers are the checkpoint files, held open read-only; the server maps each
-        and copies tensors straight into the parameters. Nothing is refilled, so every bucket is sent at once."""
-        self.buffers = [FileBuffer(path) for path in files]
-        self.hello([b for _, b in buckets])
-        t0 = time.perf_counter()
-        for seq, (index, bucket) in enumerate(buckets):
-            digests = None
-            if self.verify:
-                t_read = time.perf_counter()
-                digests = self.buffers[index].digests(bucket)
-                times.read_s += time.perf_counter() - t_read
-            self.send_bucket(seq, bucket, digests, times, buffer=index)
-        times.extra["send"] = time.perf_counter() - t0
-        self.finish(len(buckets), times)
-
     def _record_digests(self, bucket: Bucket, digests: list[int]) -> None:
         for s, digest in zip(bucket.slots, digests):
             self.digests.add(s.tensor.name, s.tensor.dtype, s.tensor.shape, digest)
@@ -254,29 +223,4 @@ class RankFeeder:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        if self.owns_buffers:
-            for b in self.buffers:
-                b.release()
         self.buffers = []
-
-
-def feed(feeders: list[RankFeeder], buckets: list[Bucket], fill, times: list[StageTimes]) -> float:
-    """The bucket loop of one process feeding one or more inference ranks from the same buffers (a one-rank loader;
-    ``LocalPush``, whose TP ranks all map its buffers): bucket k goes into buffer k mod n once every rank has
-    acknowledged the bucket that used it last (two phases: a buffer per bucket, nothing waits). ``fill(bucket,
-    buffer)`` returns the bucket's digests or None. Returns the seconds spent filling."""
-    for f in feeders:
-        f.hello(buckets)
-    fill_s = 0.0
-    for seq, bucket in enumerate(buckets):
-        buffer = None
-        for f, t in zip(feeders, times):
-            buffer = f.free_buffer(seq, t)
-        t0 = time.perf_counter()
-        digests = fill(bucket, buffer)
-        fill_s += time.perf_counter() - t0
-        for f, t in zip(feeders, times):
-            f.send_bucket(seq, bucket, digests, t)
-    for f, t in zip(feeders, times):
-        f.finish(len(buckets), t)
-    return fill_s

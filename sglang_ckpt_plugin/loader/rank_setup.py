@@ -22,10 +22,11 @@ class PeerFailed(PushError):
 
 
 def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control,
-               asked: dict) -> LoaderPlacement:  # fmt: skip
+               asked: dict) -> list[LoaderPlacement]:  # fmt: skip
     """Each instance's leader asks its server where the ranks run (``/model_info``; a server spread over nodes
     answers HTTP on its first node only); the instance's ranks learn it over the control group and follow it.
-    ``asked``: the leader keeps its ``client`` and the ``info`` it read there (the update's layout check uses it)."""
+    ``asked``: the leader keeps its ``client`` and the ``info`` it read there (the update's layout check uses it).
+    Returns the placement of each server rank this process feeds (all of them where it feeds its instance)."""
     server, error = None, None
     try:
         if world.is_leader:
@@ -37,18 +38,22 @@ def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control,
     if control.any_failed(error is not None):
         raise error or PeerFailed("another loader rank could not ask its server (its error is printed above)")
     server = from_instance_leader(server, world, control)
-    placement = None
+    placements = []
     try:
+        if world.feeds_instance and server.device != "cpu":
+            raise ValueError("one loader process feeds every TP rank of a CPU server only; this server runs on "
+                             f"{server.device}: run one loader rank per TP rank (torchrun)")  # fmt: skip
         look_for_gpus = args.device != "cpu" and server.device != "cpu"  # a CPU server needs no GPU (nor torch)
-        placement = choose_placement(args.device, server, world.tp_rank, world.local_rank,
-                                     visible_gpu_keys() if look_for_gpus else [])  # fmt: skip
+        gpus = visible_gpu_keys() if look_for_gpus else []
+        fed = range(world.parallel_size) if world.feeds_instance else [world.tp_rank]
+        placements = [choose_placement(args.device, server, tp, world.local_rank, gpus) for tp in fed]
     except ValueError as exc:
         error = exc
     if control.any_failed(error is not None):
         raise error or PeerFailed("another loader rank cannot place its buffers (its error is printed above)")
-    if placement.note and not args.quiet:
-        print(f"[sglang-ckpt rank {world.rank}] {placement.note}", file=sys.stderr)
-    return placement
+    if placements[0].note and not args.quiet:
+        print(f"[sglang-ckpt rank {world.rank}] {placements[0].note}", file=sys.stderr)
+    return placements
 
 
 def from_instance_leader(server: ServerPlacement | None, world: LoaderWorld, control: Control) -> ServerPlacement:

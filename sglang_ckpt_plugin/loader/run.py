@@ -23,6 +23,7 @@ from .metas import load_metas, save_metas
 from .plan import (
     STAGING_SHARE, mappable, parse_ranks, plan_file_buckets, plan_world, shard_by_bytes, staging_problem,
 )  # fmt: skip
+from .node_feed import NodeFeeder
 from .push import PushError, RankFeeder, StageTimes, new_update_id
 from .rank_setup import PeerFailed, agree_on_kind, available_memory, place_rank, torch_device
 from .reader import CheckpointReader
@@ -48,12 +49,13 @@ def update_rounds(method: str, ranks: str | None, world: LoaderWorld) -> list[li
 def run_update(args: argparse.Namespace) -> int:
     control = None
     try:
-        world = LoaderWorld.from_env(args.inference_parallel_size)
+        world = LoaderWorld.from_env(args.inference_parallel_size, getattr(args, "feeds_instance", False))
         if args.checkpoint_path and not args.load_metas_file:
             discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
         control = Control(world, args.timeout)
         asked: dict = {}  # the leader's client and /model_info, read once
-        placement = agree_on_kind(place_rank(args, world, control, asked), control, world)
+        placements = place_rank(args, world, control, asked)
+        placement = agree_on_kind(placements[0], control, world)
         if placement.kind == "cuda":  # before the first NCCL call, which would fail on a shared GPU
             torch_device(placement)
             problem = shared_gpus(list(zip(control.all_gather_int(world.node_rank),
@@ -62,7 +64,7 @@ def run_update(args: argparse.Namespace) -> int:
                 raise ValueError(problem)
             control.use_nccl()
         for receivers in update_rounds(args.update_method, args.ranks, world):
-            Update(args, world, control, placement, receivers, asked).run()
+            Update(args, world, control, placement, [p.rank_key for p in placements], receivers, asked).run()
         if args.sleep_time:
             time.sleep(args.sleep_time)
         return 0
@@ -78,14 +80,14 @@ def run_update(args: argparse.Namespace) -> int:
 
 
 class Update:
-    """One update from this rank's point of view (a source, a receiver feeding its inference rank, or both)."""
+    """One update from this rank's point of view (a source, a receiver feeding its inference ranks, or both)."""
 
-    def __init__(self, args, world: LoaderWorld, control: Control, placement: LoaderPlacement, receivers: list[int],
-                 asked: dict):  # fmt: skip
+    def __init__(self, args, world: LoaderWorld, control: Control, placement: LoaderPlacement, rank_keys: list[str],
+                 receivers: list[int], asked: dict):  # fmt: skip
         self.args = args
         self.asked = asked
-        self.placement = placement
-        self.rank_key = placement.rank_key  # the server rank this loader rank feeds (from the server's /model_info)
+        self.placement = placement  # where this process's buffers live
+        self.rank_keys = rank_keys  # the server ranks this process feeds (from the server's /model_info)
         self.world = world
         self.control = control
         self.receivers = receivers
@@ -94,7 +96,8 @@ class Update:
         self.times = StageTimes()
         self.cancelled = threading.Event()
         self.reader = CheckpointReader()
-        self.feeder: RankFeeder | None = None
+        self.feeder: NodeFeeder | None = None
+        self.exchange = None
         self.mapped = False
         self.http = None
         self.two_phase = False
@@ -119,6 +122,8 @@ class Update:
 
     def run(self) -> None:
         t_start = time.perf_counter()
+        if self.placement.kind == "cuda" and self.world.distributed:
+            self.make_exchange()  # NCCL's communicator and p2p connections take GPU memory: make them, then measure
         # auto bucket sizes must be identical on every rank: the smallest free memory decides
         self.memory_budget = min(self.control.all_gather_int(available_memory(self.placement)))
         steps, bucket_bytes = self.guarded(self.plan)
@@ -238,21 +243,34 @@ class Update:
         only, nothing that fails: it comes before any rank allocates)."""
         world = self.world
         self.update_id = self.control.broadcast_str(new_update_id(self.checkpoint_name) if world.rank == 0 else "")
-        self.endpoint = make_endpoint(f"{self.update_id}-i{world.instance}", self.rank_key)
-        self.keys = self.control.all_gather_str(self.rank_key)
-        self.endpoints = self.control.all_gather_str(self.endpoint)
-        if not self.mapped:  # buckets move (torch from here on)
-            from .exchange import Exchange
+        own = [make_endpoint(f"{self.update_id}-i{world.instance}", key) for key in self.rank_keys]
+        if world.feeds_instance:  # this process is the whole instance
+            self.keys, self.endpoints = self.rank_keys, own
+        else:
+            self.keys = self.control.all_gather_str(self.rank_keys[0])
+            self.endpoints = self.control.all_gather_str(own[0])
+        self.own_endpoints = own
+        if not self.mapped and self.exchange is None:  # buckets move (torch from here on)
+            self.make_exchange()
 
-            self.exchange = Exchange(self.world, self.receivers, self.device, self.control.data_group)
+    def make_exchange(self) -> None:
+        """Collective (every rank, same point), before any rank allocates."""
+        from .exchange import Exchange
+
+        self.exchange = Exchange(self.world, self.receivers, self.device, self.control.data_group, self.control.alarm)
 
     def bind(self, listen: bool = True) -> None:
         """Every receiver binds its endpoint (cheap); the agreement after it orders this before any HTTP call.
         ``listen=False``: only once its buckets are read (push)."""
         if self.receives:
             args = self.args
-            self.feeder = RankFeeder(self.endpoint, self.update_id, args.timeout, self.cancelled, verify=args.verify,
-                                     partial=args.partial, allow_unused=args.allow_unused, listen=listen)  # fmt: skip
+            self.feeder = NodeFeeder()
+            for endpoint in self.own_endpoints:
+                feeder = RankFeeder(
+                    endpoint, self.update_id, args.timeout, self.cancelled, verify=args.verify, partial=args.partial,
+                    allow_unused=args.allow_unused, listen=listen,
+                )
+                self.feeder.add(feeder)
 
     def start_call(self) -> None:
         """Each instance's leader makes the HTTP call naming the endpoints of all its ranks."""
@@ -314,7 +332,7 @@ class Update:
         from .filler import BucketFiller
 
         if self.feeder is not None:  # two phases: unnamed (the server gets descriptors), nothing to leak meanwhile
-            self.feeder.allocate(bucket_bytes, num_buffers, self.device, unnamed=self.two_phase)
+            self.feeder.allocate(bucket_bytes, num_buffers, self.device)
         self.filler = BucketFiller(self.reader, self.device, bucket_bytes)
         owned = sum(1 for s in self.steps if s.owner == self.world.rank)
         self.exchange.allocate(bucket_bytes, max(1, owned) if self.two_phase else 1)
@@ -383,7 +401,7 @@ class Update:
 
     def push_mapped(self) -> None:
         t0 = time.perf_counter()
-        self.feeder.run_mapped(self.files, self.file_buckets, self.times)
+        self.feeder.run_mapped(self.files, self.file_buckets, self.times, self.args.verify)
         self.times.total_s = time.perf_counter() - t0
         self.reader.bytes_read = sum(b.payload_bytes for _, b in self.file_buckets)  # read by the server, from our files
 
@@ -394,7 +412,11 @@ class Update:
         if self.receives:
             gb = times.bytes / 1e9
             rate = gb / times.total_s if times.total_s else 0.0
-            mode = "page cache: the server mapped the files" if self.mapped else "shared bucket buffers"
+            fed = len(self.rank_keys)
+            ranks = f"{fed} server ranks" if fed > 1 else "the server"
+            mode = f"page cache: {ranks} mapped the files" if self.mapped else "shared bucket buffers"
+            if fed > 1:
+                mode += f" (one set for {fed} server ranks, each copying its slice)"
             if self.two_phase:
                 mode += "; staged while the server kept serving, then committed"
             print(f"{tag} pushed {times.buckets} buckets, {gb:.3f} GB in {times.total_s:.3f} s ({rate:.2f} GB/s) "
@@ -403,7 +425,9 @@ class Update:
                   f"{times.load_s:.3f} s | server post-process {times.post_s:.3f} s", file=out)  # fmt: skip
         print(f"{tag} around the push: " + " | ".join(f"{k} {v:.3f} s" for k, v in times.extra.items()), file=out)
         read = self.control.all_gather_int(self.reader.bytes_read)
+        moved = sum(self.control.all_gather_int(self.exchange.bytes_received if self.exchange is not None else 0))
         if world.rank == 0:
+            print(f"[sglang-ckpt] between loader processes: {moved} bytes", file=out)
             total = sum(read) or 1
             per_rank = " | ".join(f"rank {r}: {b} ({100 * b / total:.1f}%)" for r, b in enumerate(read))
             print(f"[sglang-ckpt] bytes read from disk per rank: {per_rank}", file=out)

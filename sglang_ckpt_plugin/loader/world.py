@@ -1,8 +1,9 @@
 """The loader's process world: torchrun's environment, the torch.distributed groups, small control collectives.
 
-One loader process per inference rank. Loader rank ``r`` feeds TP rank ``r % P`` of inference instance
-``r // P`` (P = ``--inference-parallel-size``); torchrun places ranks node by node, so with P GPUs per node
-each node's loader ranks feed the instance on that node.
+Under torchrun, one loader process per inference rank: loader rank ``r`` feeds TP rank ``r % P`` of inference
+instance ``r // P`` (P = ``--inference-parallel-size``); torchrun places ranks node by node, so with P GPUs per
+node each node's loader ranks feed the instance on that node. Outside torchrun, one process feeds every rank of
+one instance on its node (``feeds_instance``) from one set of buffers that every rank maps.
 
 Two groups: a gloo group (the default one) carries control (health flags, names) and, on CPU, buckets; on CUDA
 an NCCL group over the same ranks carries buckets, once every rank agreed that its buffers are on its GPU.
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 
 
@@ -26,9 +29,10 @@ class LoaderWorld:
     local_world_size: int = 1
     node_rank: int = 0
     parallel_size: int = 1  # ranks per inference instance (the server's tp size)
+    feeds_instance: bool = False  # one process, no torchrun: it feeds every rank of its (one) instance
 
     @classmethod
-    def from_env(cls, parallel_size: int) -> "LoaderWorld":
+    def from_env(cls, parallel_size: int, feeds_instance: bool = False) -> "LoaderWorld":
         env = os.environ
         world = cls(
             rank=int(env.get("RANK", 0)),
@@ -37,7 +41,12 @@ class LoaderWorld:
             local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
             node_rank=int(env.get("GROUP_RANK", env.get("NODE_RANK", 0))),
             parallel_size=parallel_size,
+            feeds_instance=feeds_instance,
         )
+        if feeds_instance:
+            if world.world_size != 1:
+                raise ValueError("one loader process feeds every rank of an instance only outside torchrun")
+            return world
         if world.world_size % parallel_size:
             raise ValueError(
                 f"{world.world_size} loader ranks cannot feed instances of --inference-parallel-size {parallel_size}: "
@@ -68,7 +77,7 @@ class LoaderWorld:
 
     @property
     def num_instances(self) -> int:
-        return self.world_size // self.parallel_size
+        return 1 if self.feeds_instance else self.world_size // self.parallel_size
 
 
 class Control:
@@ -79,6 +88,7 @@ class Control:
         self.world = world
         self.group = None
         self.data_group = None  # None: the default group
+        self.alarm: PeerAlarm | None = None  # NCCL only (a gloo call that a peer never joins ends at --timeout)
         self.timeout = datetime.timedelta(seconds=timeout_s)
         if not world.distributed:
             return
@@ -88,11 +98,13 @@ class Control:
         self.group = dist.group.WORLD
 
     def use_nccl(self) -> None:
-        """Collective: bucket bytes move over NCCL from now on (every rank's buffers are on its GPU)."""
+        """Collective: bucket bytes move over NCCL from now on (every rank's buffers are on its GPU). The alarm
+        lets a rank whose NCCL call failed free its peers from the collective they wait in."""
         if self.world.distributed:
             import torch.distributed as dist
 
             self.data_group = dist.new_group(backend="nccl", timeout=self.timeout)
+            self.alarm = PeerAlarm(dist.distributed_c10d._get_default_store())
 
     def any_failed(self, failed: bool) -> bool:
         """True on every rank if any rank passed True (every rank must call it at the same point)."""
@@ -150,3 +162,39 @@ class Control:
             pass  # a peer is gone already: nothing left to wait for
         dist.destroy_process_group()
 
+
+
+ALARM_KEY = "sglang-ckpt/data-group-failed"
+
+
+class PeerAlarm:
+    """A failure of one rank's data-group call, told to its peers through torchrun's store (a TCP key-value
+    store that stays up while NCCL does not): a peer waiting for a collective that the failed rank will never
+    finish sees it, aborts its communicator and stops, instead of waiting for the watchdog's SIGABRT."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def sound(self, reason: str) -> None:
+        try:
+            self.store.set(ALARM_KEY, reason.encode()[:2000])
+        except Exception:  # the store is gone with rank 0: the peers' own calls fail too
+            pass
+
+    def reason(self) -> str | None:
+        try:
+            return self.store.get(ALARM_KEY).decode() if self.store.check([ALARM_KEY]) else None
+        except Exception:
+            return None
+
+    def wait(self, done: Callable[[], bool], poll_s: float = 0.0002, check_every_s: float = 0.05) -> str | None:
+        """Poll ``done`` until it is true (None) or a peer sounded the alarm (its reason)."""
+        next_check = time.monotonic() + check_every_s
+        while not done():
+            if time.monotonic() >= next_check:
+                reason = self.reason()
+                if reason is not None:
+                    return reason
+                next_check = time.monotonic() + check_every_s
+            time.sleep(poll_s)
+        return None

@@ -1,0 +1,136 @@
+"""One process feeding every inference rank of its instance on this node, from one set of buffers.
+
+Each TP rank maps the same memory (the checkpoint files in page-cache mode, or shared bucket buffers handed over
+as descriptors) and its own ``load_weights`` copies only its slice: nothing is copied between loader processes
+and each bucket is filled once per node. The loader CLI takes this path for a CPU server of any TP size (no
+torchrun, no torch in page-cache mode); ``LocalPush`` feeds a TP server through it too.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+from ..transport.handles import FileBuffer, allocate_buffer
+from .plan import Bucket
+from .push import RankFeeder, StageTimes
+
+if TYPE_CHECKING:
+    import torch
+
+
+class NodeFeeder:
+    """The RankFeeders of one instance's ranks, driven as one: each bucket goes to every rank; a buffer is refilled
+    once every rank acknowledged the bucket that used it last. Stage times: the slowest rank's load."""
+
+    def __init__(self, feeders: list[RankFeeder] = ()):
+        self.feeders: list[RankFeeder] = []
+        self._rank_times: list[StageTimes] = []
+        self.buffers: list = []
+        self.owns_buffers = False
+        for f in feeders:
+            self.add(f)
+
+    def add(self, feeder: RankFeeder) -> None:
+        self.feeders.append(feeder)
+        self._rank_times.append(StageTimes())
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f.endpoint for f in self.feeders]
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.feeders[0].fingerprint
+
+    @property
+    def on_bucket(self):
+        return self.feeders[0].on_bucket
+
+    @on_bucket.setter
+    def on_bucket(self, callback) -> None:  # progress: once per bucket, not once per rank
+        self.feeders[0].on_bucket = callback
+
+    def listen(self) -> None:
+        for f in self.feeders:
+            f.listen()
+
+    def allocate(self, bucket_bytes: int, num_buffers: int, device: torch.device, unnamed: bool = True) -> None:
+        """Buffers every rank maps: always by descriptor (a name would have to outlive the first rank's mapping
+        until the last rank mapped it). ``unnamed`` is accepted for RankFeeder's signature."""
+        self.adopt([allocate_buffer(bucket_bytes, device, reusable=True) for _ in range(num_buffers)])
+        self.owns_buffers = True
+
+    def adopt(self, buffers: list) -> None:
+        self.buffers = list(buffers)
+        for f in self.feeders:
+            f.adopt(self.buffers)
+
+    def hello(self, buckets: list[Bucket]) -> None:
+        for f in self.feeders:
+            f.hello(buckets)
+
+    def free_buffer(self, seq: int, times: StageTimes) -> torch.Tensor:
+        t0 = time.perf_counter()
+        for f, t in zip(self.feeders, self._rank_times):
+            buffer = f.free_buffer(seq, t)
+        times.wait_s += time.perf_counter() - t0
+        return buffer
+
+    def send_bucket(self, seq: int, bucket: Bucket, digests: list[int] | None, times: StageTimes,
+                    buffer: int | None = None) -> None:  # fmt: skip
+        for f, t in zip(self.feeders, self._rank_times):
+            f.send_bucket(seq, bucket, digests, t, buffer=buffer)
+        times.bytes += bucket.payload_bytes
+        times.buckets += 1
+
+    def finish(self, num_buckets: int, times: StageTimes) -> None:
+        t0 = time.perf_counter()
+        for f, t in zip(self.feeders, self._rank_times):
+            f.finish(num_buckets, t)
+        times.wait_s += time.perf_counter() - t0
+        times.load_s = max(t.load_s for t in self._rank_times)
+        times.post_s = max(t.post_s for t in self._rank_times)
+
+    def run(self, buckets: list[Bucket], fill: Callable, times: StageTimes) -> None:
+        """Streaming or staged, from this process's buffers: bucket k into buffer k mod n. ``fill(bucket, buffer)``
+        returns the bucket's digests or None."""
+        self.hello(buckets)
+        for seq, bucket in enumerate(buckets):
+            buffer = self.free_buffer(seq, times)
+            t0 = time.perf_counter()
+            digests = fill(bucket, buffer)
+            times.read_s += time.perf_counter() - t0
+            self.send_bucket(seq, bucket, digests, times)
+        self.finish(len(buckets), times)
+
+    def run_mapped(self, files: list[str], buckets: list[tuple[int, Bucket]], times: StageTimes,
+                   verify: bool = False) -> None:  # fmt: skip
+        """Page-cache mode: the buffers are the checkpoint files, held open read-only; every rank maps each and
+        copies its slice of each tensor straight into its parameters. Nothing is refilled: every bucket goes at
+        once."""
+        self.adopt([FileBuffer(path) for path in files])
+        self.owns_buffers = True
+        self.hello([b for _, b in buckets])
+        t0 = time.perf_counter()
+        for seq, (index, bucket) in enumerate(buckets):
+            digests = None
+            if verify:
+                t_read = time.perf_counter()
+                digests = self.buffers[index].digests(bucket)
+                times.read_s += time.perf_counter() - t_read
+            self.send_bucket(seq, bucket, digests, times, buffer=index)
+        times.extra["send"] = time.perf_counter() - t0
+        self.finish(len(buckets), times)
+
+    def abort(self, reason: str) -> None:
+        for f in self.feeders:
+            f.abort(reason)
+
+    def close(self) -> None:
+        for f in self.feeders:
+            f.close()
+        if self.owns_buffers:
+            for b in self.buffers:
+                b.release()
+        self.buffers = []
