@@ -45,9 +45,10 @@ class TensorFiller:
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
 
-    def fill(self, bucket: Bucket, buffer: torch.Tensor) -> None:
-        """Returns once the bytes are in ``buffer``: copies onto a GPU are asynchronous, and the next step
+    def fill(self, bucket: Bucket, owned) -> None:
+        """Returns once the bytes are in the OwnedBuffer: copies onto a GPU are asynchronous, and the next step
         tells the server to read them."""
+        buffer = owned.tensor
         gpus = {buffer.device} if buffer.is_cuda else set()
         for slot in bucket.slots:
             src = self.tensors[slot.tensor.name]

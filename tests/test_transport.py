@@ -148,7 +148,7 @@ def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_time
                 node.run_mapped(files, file_buckets, StageTimes(), verify)
             else:
                 filler = BucketFiller(reader, CPU, 0)
-                node.run(buckets, lambda bucket, buffer: filler.fill(bucket, buffer, digests=verify), StageTimes())
+                node.run(buckets, lambda bucket, owned: filler.fill(bucket, owned.view, digests=verify), StageTimes())
         except Exception as exc:  # noqa: BLE001 - reported to the test
             errors.append(exc)
         finally:

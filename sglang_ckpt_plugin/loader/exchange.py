@@ -14,17 +14,20 @@ and stop at once instead of waiting inside the collective for the watchdog.
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
+from ..transport.handles import device_kind
 from .filler import BucketFiller
 from .plan import Step
 from .rank_setup import PeerFailed
 from .world import LoaderWorld, PeerAlarm
 
+if TYPE_CHECKING:  # one process alone moves nothing: it fills its shared buffers without importing torch
+    import torch
+
 
 class Exchange:
-    def __init__(self, world: LoaderWorld, receivers: list[int], device: torch.device, group=None,
+    def __init__(self, world: LoaderWorld, receivers: list[int], device: torch.device | str | None, group=None,
                  alarm: PeerAlarm | None = None):  # fmt: skip
         """Collective and cheap: every rank makes it before any rank allocates buffers or measures its free
         memory (an allocation that fails on one rank must not leave the others inside a collective; NCCL's
@@ -36,14 +39,24 @@ class Exchange:
         self.group = group
         self.alarm = alarm
         self.everyone = set(range(world.world_size))
+        self.cuda = device_kind(device) == "cuda"
         self._private: list[torch.Tensor] = []  # a source-only rank reads into these
         self.bytes_received = 0  # bucket bytes that came from another loader process
-        if world.distributed and device.type == "cuda":
+        if world.distributed and self.cuda:
             self._guarded(self._connect)
+
+    def data(self, buffer):
+        """What a bucket is read into: a shared-memory buffer's memoryview where nothing moves between processes
+        (no torch needed), otherwise the buffer's tensor (torch.distributed sends it)."""
+        view = getattr(buffer, "view", None)
+        return view if view is not None and not self.world.distributed else buffer.tensor
 
     def _connect(self) -> None:
         """NCCL makes its communicator on first use, which must be collective (p2p ops otherwise hang), and each
         p2p connection on its first send: make both now, every owner -> receiver pair the moves will use."""
+        import torch
+        import torch.distributed as dist
+
         dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
         if self.receivers != self.everyone:
             ops = [dist.P2POp(dist.isend, torch.zeros(1, device=self.device), peer, group=self.group)
@@ -58,6 +71,8 @@ class Exchange:
         """A source only (no server of its own): ``count`` private buffers to read into (two phases: one per bucket
         it owns, so it reads all of them ahead, at the same time as the other ranks read theirs)."""
         if self.world.rank not in self.receivers:
+            import torch
+
             self._private = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(count)]
 
     def private_buffer(self, index: int) -> torch.Tensor:
@@ -66,8 +81,8 @@ class Exchange:
     def takes_part(self, step: Step) -> bool:
         return self.world.rank == step.owner or self.world.rank in self.receivers
 
-    def read(self, step: Step, filler: BucketFiller, dest: torch.Tensor | None,
-             digests: bool) -> tuple[torch.Tensor, list[int] | None]:  # fmt: skip
+    def read(self, step: Step, filler: BucketFiller, dest: torch.Tensor | memoryview | None,
+             digests: bool) -> tuple[torch.Tensor | memoryview, list[int] | None]:  # fmt: skip
         """Owner only: fill the bucket; returns (the buffer to send from, the digests when asked)."""
         buffer = dest if dest is not None else self._private[0]
         return buffer, filler.fill(step.bucket, buffer, digests)
@@ -76,6 +91,8 @@ class Exchange:
         """Send the bucket (and its digests) from its owner into ``buffer`` on every receiver."""
         if self.receivers | {step.owner} == {step.owner}:  # one rank reads and feeds: nothing to move
             return digests
+
+        import torch
 
         def send() -> list[int] | None:
             self._send(step.owner, buffer[: step.bucket.nbytes])
@@ -108,8 +125,11 @@ class Exchange:
             raise
 
     def _landed(self) -> None:
-        if self.device.type != "cuda":
+        if not self.cuda:
             return
+        import torch
+        import torch.distributed as dist
+
         if self.alarm is None:
             torch.cuda.current_stream(self.device).synchronize()
             return
@@ -124,6 +144,8 @@ class Exchange:
                              "aborted")  # fmt: skip
 
     def _send(self, owner: int, tensor: torch.Tensor) -> None:
+        import torch.distributed as dist
+
         if self.receivers | {owner} == self.everyone:
             dist.broadcast(tensor, src=owner, group=self.group)
             return

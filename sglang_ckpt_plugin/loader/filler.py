@@ -1,43 +1,54 @@
 """Fill a bucket buffer: on CPU straight from the files (reader.py); on CUDA through two pinned host staging
 halves, copied to the device buffer asynchronously, one half while the other is read.
+
+A CPU buffer may be a memoryview (a one-process CPU loader never imports torch) or a tensor.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 import xxhash
 
-from ..transport.integrity import tensor_digest
+from ..transport.handles import device_kind
+from ..transport.integrity import bytes_digest
 from .plan import Bucket
-from .reader import CheckpointReader
+from .reader import CheckpointReader, host_view
+
+if TYPE_CHECKING:
+    import torch
 
 STAGING_CHUNK_BYTES = 64 << 20  # each of the two pinned staging halves (CUDA)
 
 
-def bucket_digests(bucket: Bucket, host: torch.Tensor) -> list[int]:
+def bucket_digests(bucket: Bucket, host: torch.Tensor | memoryview) -> list[int]:
     """xxh3 of every tensor's bytes in a filled bucket (``host``: the bucket's bytes in CPU memory)."""
-    return [tensor_digest(host[s.offset : s.offset + s.tensor.nbytes]) for s in bucket.slots]
+    view = host_view(host)
+    return [bytes_digest(view[s.offset : s.offset + s.tensor.nbytes]) for s in bucket.slots]
 
 
 class BucketFiller:
     """Writes buckets into bucket buffers: on CPU straight from the files; on CUDA through two pinned staging
     halves, so that reading the next chunk from disk overlaps the host -> device copy of the last one."""
 
-    def __init__(self, reader: CheckpointReader, device: torch.device, bucket_bytes: int,
+    def __init__(self, reader: CheckpointReader, device: torch.device | str | None, bucket_bytes: int,
                  chunk_bytes: int = STAGING_CHUNK_BYTES, staged: bool | None = None):  # fmt: skip
-        """``staged``: go through the staging halves (default: on CUDA only; on CPU it tests the same logic)."""
+        """``staged``: go through the staging halves (default: on CUDA only; on CPU it tests the same logic).
+        ``device``: see transport.handles.device_kind."""
         self.reader = reader
         self.device = device
-        self.staged = device.type == "cuda" if staged is None else staged
-        self._cuda = device.type == "cuda"
+        self._cuda = device_kind(device) == "cuda"
+        self.staged = self._cuda if staged is None else staged
         if self.staged:
+            import torch
+
             chunk = min(bucket_bytes, chunk_bytes)
             self._halves = [torch.empty(chunk, dtype=torch.uint8, pin_memory=self._cuda) for _ in range(2)]
             if self._cuda:
                 self._copied = [torch.cuda.Event() for _ in range(2)]  # the half's last copy to the device is done
                 self._stream = torch.cuda.Stream(device)
 
-    def fill(self, bucket: Bucket, buffer: torch.Tensor, digests: bool = False) -> list[int] | None:
+    def fill(self, bucket: Bucket, buffer: torch.Tensor | memoryview, digests: bool = False) -> list[int] | None:
         """Fill ``buffer`` with the bucket; returns the tensors' xxh3 digests when asked (computed from host memory
         as the bytes pass). Returns once the bytes are in ``buffer``, on CUDA too: the caller's next step is to
         tell the server, or another rank, to read them."""
@@ -83,6 +94,8 @@ class BucketFiller:
         if not self._cuda:
             buffer[start:end].copy_(self._halves[half][: end - start])
             return
+        import torch
+
         with torch.cuda.stream(self._stream):
             buffer[start:end].copy_(self._halves[half][: end - start], non_blocking=True)
             self._copied[half].record(self._stream)

@@ -55,9 +55,9 @@ class NodeFeeder:
         for f in self.feeders:
             f.listen()
 
-    def allocate(self, bucket_bytes: int, num_buffers: int, device: torch.device, unnamed: bool = True) -> None:
-        """Buffers every rank maps: always by descriptor (a name would have to outlive the first rank's mapping
-        until the last rank mapped it). ``unnamed`` is accepted for RankFeeder's signature."""
+    def allocate(self, bucket_bytes: int, num_buffers: int, device: torch.device | str | None) -> None:
+        """Buffers every rank maps, handed over by descriptor: no name to leak if this process is killed, and none
+        that would have to outlive the first rank's mapping until the last rank mapped it."""
         self.adopt([allocate_buffer(bucket_bytes, device, reusable=True) for _ in range(num_buffers)])
         self.owns_buffers = True
 
@@ -70,7 +70,8 @@ class NodeFeeder:
         for f in self.feeders:
             f.hello(buckets)
 
-    def free_buffer(self, seq: int, times: StageTimes) -> torch.Tensor:
+    def free_buffer(self, seq: int, times: StageTimes):
+        """The OwnedBuffer bucket ``seq`` goes into, once every rank acknowledged the bucket that used it last."""
         t0 = time.perf_counter()
         for f, t in zip(self.feeders, self._rank_times):
             buffer = f.free_buffer(seq, t)
@@ -94,7 +95,7 @@ class NodeFeeder:
 
     def run(self, buckets: list[Bucket], fill: Callable, times: StageTimes) -> None:
         """Streaming or staged, from this process's buffers: bucket k into buffer k mod n. ``fill(bucket, buffer)``
-        returns the bucket's digests or None."""
+        (an OwnedBuffer) returns the bucket's digests or None."""
         self.hello(buckets)
         for seq, bucket in enumerate(buckets):
             buffer = self.free_buffer(seq, times)

@@ -145,13 +145,14 @@ class RankFeeder:
             b.unlink()
         self._in_flight: deque[int] = deque()
 
-    def free_buffer(self, seq: int, times: StageTimes) -> torch.Tensor:
-        """The buffer bucket ``seq`` goes into, once the server has acknowledged the bucket that used it last."""
+    def free_buffer(self, seq: int, times: StageTimes):
+        """The buffer (an OwnedBuffer) bucket ``seq`` goes into, once the server has acknowledged the bucket that
+        used it last."""
         if len(self._in_flight) == len(self.buffers):
             t0 = time.perf_counter()
             times.load_s += self._wait_reply(self._in_flight.popleft(), "load a bucket").elapsed_s
             times.wait_s += time.perf_counter() - t0
-        return self.buffers[seq % len(self.buffers)].tensor
+        return self.buffers[seq % len(self.buffers)]
 
     def send_bucket(self, seq: int, bucket: Bucket, digests: list[int] | None, times: StageTimes,
                     buffer: int | None = None) -> None:  # fmt: skip

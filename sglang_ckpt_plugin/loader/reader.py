@@ -90,8 +90,8 @@ class CheckpointReader:
             time.sleep(ahead)
 
     def fill(self, bucket: Bucket, host) -> None:
-        """Read every tensor of ``bucket`` into ``host`` (a CPU uint8 tensor) at its slot offset."""
-        view = memoryview(host.numpy())
+        """Read every tensor of ``bucket`` into ``host`` (a memoryview or a CPU uint8 tensor) at its slot offset."""
+        view = host_view(host)
         self.read_ranges([(s.tensor.file, s.tensor.file_offset, view[s.offset : s.offset + s.tensor.nbytes])
                           for s in bucket.slots])  # fmt: skip
 
@@ -102,6 +102,11 @@ class CheckpointReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def host_view(host) -> memoryview:
+    """The bytes of a CPU buffer: a memoryview as it is, a CPU uint8 tensor through numpy (zero-copy)."""
+    return host if isinstance(host, memoryview) else memoryview(host.numpy())
 
 
 def _pread_exactly(fd: int, path: str, offset: int, dest: memoryview) -> None:

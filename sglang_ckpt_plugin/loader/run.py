@@ -325,13 +325,15 @@ class Update:
         raise error or PeerFailed("another instance's commit failed (its error is printed above)")
 
     @functools.cached_property
-    def device(self) -> torch.device:
-        return torch_device(self.placement)
+    def device(self) -> torch.device | str:
+        """The buffers' device: the rank's GPU, or "cpu" (a name, not a torch.device: a CPU loader that moves
+        nothing between processes never imports torch)."""
+        return torch_device(self.placement) if self.placement.kind == "cuda" else "cpu"
 
     def allocate(self, bucket_bytes: int, num_buffers: int) -> None:
         from .filler import BucketFiller
 
-        if self.feeder is not None:  # two phases: unnamed (the server gets descriptors), nothing to leak meanwhile
+        if self.feeder is not None:
             self.feeder.allocate(bucket_bytes, num_buffers, self.device)
         self.filler = BucketFiller(self.reader, self.device, bucket_bytes)
         owned = sum(1 for s in self.steps if s.owner == self.world.rank)
@@ -346,7 +348,10 @@ class Update:
         t0 = time.perf_counter()
         owned = [s for s in steps if s.owner == self.world.rank]
         for i, step in enumerate(owned):
-            dest = self.feeder.buffers[step.seq].tensor if self.feeder else self.exchange.private_buffer(i)
+            if self.feeder is not None:
+                dest = self.exchange.data(self.feeder.buffers[step.seq])
+            else:
+                dest = self.exchange.private_buffer(i)
             _, ready[step.seq] = self.exchange.read(step, self.filler, dest, self.args.verify)
             self.read_into[step.seq] = dest
         self.times.read_s += time.perf_counter() - t0
@@ -373,7 +378,8 @@ class Update:
                 error, buffer, digests = carried, None, None
                 try:
                     if error is None:
-                        buffer = feeder.free_buffer(step.seq, times) if feeder is not None else None
+                        if feeder is not None:
+                            buffer = self.exchange.data(feeder.free_buffer(step.seq, times))
                         if step.seq in ready:
                             buffer, digests = self.read_into[step.seq], ready[step.seq]
                         elif rank == step.owner:

@@ -4,7 +4,8 @@ Two kinds behind one interface:
 - CPU: a POSIX shared-memory object ``/dev/shm/sglang-ckpt-*`` (mode 0600, same user only), mapped by both.
 - CUDA: a device allocation shared with CUDA IPC (``UntypedStorage._share_cuda_`` / ``_new_shared_cuda``).
 
-Owner side: ``allocate_buffer(nbytes, device)`` -> OwnedBuffer (``.tensor``, ``.handle()``, ``.release()``).
+Owner side: ``allocate_buffer(nbytes, device)`` -> OwnedBuffer (``.tensor``, ``.handle()``, ``.release()``; a
+shared-memory buffer also has ``.view``, a memoryview: a CPU loader fills it without importing torch).
 Receiver side: ``open_buffer(handle, device)`` -> MappedBuffer (``.tensor``, ``.close()``).
 Buffers are allocated and touched once, then reused for every bucket (first touch costs ~10x a copy).
 """
@@ -17,6 +18,7 @@ import re
 import secrets
 import stat
 import warnings
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 
@@ -28,6 +30,12 @@ if TYPE_CHECKING:  # imported where used: the one-rank page-cache loader hands f
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "sglang-ckpt-"
 _SHM_NAME = re.compile(r"^sglang-ckpt-[A-Za-z0-9_-]{1,100}$")
+
+
+def device_kind(device: torch.device | str | None) -> str:
+    """"cpu" or "cuda" of a torch.device or its name; None is host memory (a CPU loader never makes a torch.device,
+    so that it never imports torch)."""
+    return "cpu" if device is None else str(device).split(":")[0]
 
 
 def device_rank_key(device: torch.device, tp_rank: int) -> str:
@@ -62,8 +70,6 @@ class ShmBuffer:
     """
 
     def __init__(self, nbytes: int, reusable: bool = False):
-        import torch
-
         self.nbytes = nbytes
         self.reusable = reusable
         self.name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
@@ -75,7 +81,7 @@ class ShmBuffer:
         try:
             # Reserve the pages now: a full /dev/shm then fails here with ENOSPC instead of SIGBUS mid-copy.
             os.posix_fallocate(fd, 0, nbytes)
-            self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
         except BaseException:
             os.close(fd)
             self.unlink()
@@ -83,7 +89,13 @@ class ShmBuffer:
         self._fd = fd if reusable else None
         if not reusable:
             os.close(fd)
-        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.view = memoryview(self._map)
+
+    @cached_property
+    def tensor(self) -> torch.Tensor:
+        import torch
+
+        return torch.frombuffer(self._map, dtype=torch.uint8)
 
     @property
     def fd(self) -> int | None:
@@ -106,7 +118,8 @@ class ShmBuffer:
 
     def release(self) -> None:
         self.unlink()
-        self.tensor = None
+        self.__dict__.pop("tensor", None)
+        self.view.release()
         self._map.close()
         if self._fd is not None:
             os.close(self._fd)
@@ -248,11 +261,12 @@ class CudaBuffer:
         self.tensor = None
 
 
-def allocate_buffer(nbytes: int, device: torch.device, reusable: bool = False) -> ShmBuffer | CudaBuffer:
-    """``reusable``: the buffer may serve many updates (CUDA IPC buffers always can)."""
-    if device.type == "cuda":
+def allocate_buffer(nbytes: int, device: torch.device | str | None, reusable: bool = False) -> ShmBuffer | CudaBuffer:
+    """``reusable``: the buffer may serve many updates (CUDA IPC buffers always can). ``device``: see device_kind."""
+    kind = device_kind(device)
+    if kind == "cuda":
         return CudaBuffer(nbytes, device)
-    if device.type != "cpu":
+    if kind != "cpu":
         raise ValueError(f"unsupported device {device}")
     return ShmBuffer(nbytes, reusable=reusable)
 
