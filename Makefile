@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -v -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(BIN)/python bench/node_bench.py
 	$(BIN)/python bench/push_bench.py
 	$(BIN)/python bench/two_phase_bench.py
 

@@ -18,6 +18,17 @@ import torch
 GB = 1e9
 
 
+def bench_parser(doc: str, repeats: int) -> "argparse.ArgumentParser":
+    """The options every bench shares: checkpoint size, rounds, and a work directory that keeps checkpoints."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gb", type=float, default=1.0, help="size of the generated bf16 checkpoint")
+    p.add_argument("--repeats", type=int, default=repeats, help="rounds; every figure is a median over them")
+    p.add_argument("--workdir", default=None, help="keep (and reuse) the generated checkpoints here")
+    return p
+
+
 def time_memcpy(nbytes: int, repeats: int, threads: int) -> float:
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

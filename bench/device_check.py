@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import GB, time_disk_update  # noqa: E402
-from push_bench import checkpoint_bytes, make_random_checkpoint, time_push, warm_page_cache  # noqa: E402
+from push_bench import checkpoint_bytes, random_checkpoint, time_push, warm_page_cache  # noqa: E402
 
 from sglang_ckpt_plugin.demo.evidence import checksum, hf_ranks  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids  # noqa: E402
@@ -54,10 +54,8 @@ def main() -> int:
         return 2
     gb = a.gb or (1.0 if a.device == "cuda" else 0.4)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-device-check-"))
-    ckpt = work / f"random-llama-{gb:g}gb"
     t0 = time.perf_counter()
-    if not (ckpt / "config.json").exists():
-        make_random_checkpoint(ckpt, gb)
+    ckpt = random_checkpoint(work, gb)
     nbytes = checkpoint_bytes(ckpt)
     print(f"[device-check] {nbytes / GB:.2f} GB bf16 checkpoint ready in {time.perf_counter() - t0:.1f} s", flush=True)
     device = torch.device("cuda", 0) if a.device == "cuda" else torch.device("cpu")

@@ -13,7 +13,6 @@ disk reload (the same weights), or the bench fails.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -32,7 +31,7 @@ from sglang_ckpt_plugin.demo.tiny_model import model_config, word_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import (  # noqa: E402
-    GB, RssSampler, import_baseline_rss, measure_pause, run_loader, scheduler_pid, startup_load_weight_s,
+    GB, bench_parser, RssSampler, import_baseline_rss, measure_pause, run_loader, scheduler_pid, startup_load_weight_s,
     time_disk_update,
     time_memcpy, time_to_ready_auto, time_update_from_tensor,
 )  # fmt: skip
@@ -71,6 +70,15 @@ def make_random_checkpoint(out: Path, target_gb: float, shard_gb: float = 0.3) -
     word_tokenizer(32000).save_pretrained(out)
     config.save_pretrained(out)
     return out
+
+
+def random_checkpoint(work: Path, gb: float) -> Path:
+    """``work/random-llama-<gb>gb``, made once (config.json is written last) and reused by every bench."""
+    ckpt = work / f"random-llama-{gb:g}gb"
+    if not (ckpt / "config.json").exists():
+        print(f"making a random bf16 checkpoint of ~{gb:g} GB in {ckpt} ...", flush=True)
+        make_random_checkpoint(ckpt, gb)
+    return ckpt
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -126,10 +134,7 @@ def size_scaling(work: Path, sizes: list[float], extra: list[str]) -> list[tuple
     """(GB, push seconds, GB/s) for other checkpoint sizes, each on its own server (second push, warm cache)."""
     rows = []
     for gb in sizes:
-        ckpt = work / f"random-llama-{gb:g}gb"
-        if not (ckpt / "config.json").exists():
-            print(f"making a ~{gb:g} GB checkpoint for the size series...", flush=True)
-            make_random_checkpoint(ckpt, gb)
+        ckpt = random_checkpoint(work, gb)
         nbytes = checkpoint_bytes(ckpt)
         with SGLangServer(ckpt, work / f"server-{gb:g}.log") as srv:
             srv.wait_listening(timeout_s=900)
@@ -146,19 +151,13 @@ def main() -> int:
     from sglang_ckpt_plugin.local_push import LocalPush
     from sglang_ckpt_plugin.trainer import TrainerPush
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gb", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=3)
+    p = bench_parser(__doc__, repeats=3)
     p.add_argument("--sizes", default="0.25,2", help="other checkpoint sizes (GB) for the scaling series; '' skips")
-    p.add_argument("--workdir", default=None)
     p.add_argument("--loader-args", default="", help="extra loader arguments, e.g. '--bucket-size 128M'")
     a = p.parse_args()
     extra = a.loader_args.split()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-bench-"))
-    ckpt = work / f"random-llama-{a.gb:g}gb"
-    if not (ckpt / "config.json").exists():  # written last
-        print(f"making a random bf16 checkpoint of ~{a.gb:g} GB in {ckpt} ...", flush=True)
-        make_random_checkpoint(ckpt, a.gb)
+    ckpt = random_checkpoint(work, a.gb)
     nbytes = checkpoint_bytes(ckpt)
     tensors = {}
     for f in sorted(ckpt.glob("*.safetensors")):  # a trainer's weights: private memory, materialized

@@ -12,7 +12,6 @@ each method must equal the output after the disk reload, or the bench fails.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -29,8 +28,8 @@ import httpx
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import GB, PauseProbe, time_disk_update  # noqa: E402
-from push_bench import checkpoint_bytes, loader_cmd, make_random_checkpoint, warm_page_cache  # noqa: E402
+from baselines import GB, PauseProbe, bench_parser, time_disk_update  # noqa: E402
+from push_bench import checkpoint_bytes, loader_cmd, random_checkpoint, warm_page_cache  # noqa: E402
 
 PROMPT = list(range(10, 20))
 
@@ -116,18 +115,12 @@ def commit_skew(urls: list[str]) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gb", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=2)
+    p = bench_parser(__doc__, repeats=2)
     p.add_argument("--read-rate", default="300M", help="per-rank read limit for the staging rows (bytes/s)")
-    p.add_argument("--workdir", default=None)
     a = p.parse_args()
     keep = a.workdir is not None
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-bench2-"))
-    ckpt = work / f"random-llama-{a.gb:g}gb"
-    if not (ckpt / "config.json").exists():
-        print(f"making a random bf16 checkpoint of ~{a.gb:g} GB in {ckpt} ...", flush=True)
-        make_random_checkpoint(ckpt, a.gb)
+    ckpt = random_checkpoint(work, a.gb)
     nbytes = checkpoint_bytes(ckpt)
     copy = ["--transfer", "copy"]
     methods = {  # name -> (servers it updates: 1 or 2, update(urls, version))
