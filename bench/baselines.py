@@ -57,9 +57,12 @@ def time_disk_update(url: str, ckpt: Path, version: str) -> float:
     return time.perf_counter() - t0
 
 
-def time_update_from_tensor(url: str, tensors: dict[str, torch.Tensor], version: str) -> float:
+def time_update_from_tensor(url: str, tensors: dict[str, torch.Tensor], version: str, tp: int = 1,
+                            flush_cache: bool = True) -> float:  # fmt: skip
     """SGLang's RL path as a trainer uses it over HTTP: fresh tensors (not yet in shared memory), serialized
-    with SGLang's MultiprocessingSerializer inside a begin/end weight-update session."""
+    with SGLang's MultiprocessingSerializer inside a begin/end weight-update session; one payload per TP rank
+    (SGLang indexes the list by rank: a shorter list kills its scheduler). ``flush_cache=False`` while clients
+    send requests (SGLang answers failure when it cannot flush a busy cache, though the weights were updated)."""
     from sglang.srt.utils import MultiprocessingSerializer
 
     # The server is not our child, so fd passing (torch's default) cannot authenticate; shared-memory files can.
@@ -68,7 +71,8 @@ def time_update_from_tensor(url: str, tensors: dict[str, torch.Tensor], version:
     t0 = time.perf_counter()
     payload = base64.b64encode(MultiprocessingSerializer.serialize(fresh)).decode()
     _post(url, "/begin_weight_update", {})
-    _post(url, "/update_weights_from_tensor", {"serialized_named_tensors": [payload], "weight_version": version})
+    body = {"serialized_named_tensors": [payload] * tp, "weight_version": version, "flush_cache": flush_cache}
+    _post(url, "/update_weights_from_tensor", body)
     _post(url, "/end_weight_update", {})
     return time.perf_counter() - t0
 

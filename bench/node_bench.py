@@ -22,7 +22,14 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import GB, bench_parser, measure_pause, run_loader, time_disk_update, time_update_from_tensor  # noqa: E402
+from baselines import (  # noqa: E402
+    GB,
+    bench_parser,
+    measure_pause,
+    run_loader,
+    time_disk_update,
+    time_update_from_tensor,
+)
 from push_bench import checkpoint_bytes, random_checkpoint, warm_page_cache  # noqa: E402
 
 from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
@@ -32,15 +39,15 @@ SERVER_ARGS = ["--sleep-on-idle"]
 
 
 def cli(url: str, ckpt: Path, version: str, *extra: str, tp: int = 1) -> list[str]:
-    return [sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(ckpt), "--endpoint", url,
-            "--weight-version", version, "--quiet", "--inference-parallel-size", str(tp), *extra]  # fmt: skip
+    args = ["--checkpoint-path", str(ckpt), "--endpoint", url, "--weight-version", version, "--quiet"]
+    return [sys.executable, "-m", "sglang_ckpt_plugin.update", *args, "--inference-parallel-size", str(tp), *extra]
 
 
 def torchrun(url: str, ckpt: Path, version: str, tp: int) -> list[str]:
     """One loader rank per TP rank (what a GPU server or several nodes take), on one node."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp), "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()), "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(ckpt),
-            "--endpoint", url, "--weight-version", version, "--quiet", "--inference-parallel-size", str(tp)]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp)]
+    rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    return [*launcher, *rendezvous, *cli(url, ckpt, version, tp=tp)[1:]]
 
 
 class Methods:
@@ -60,7 +67,7 @@ class Methods:
             self.methods[f"push, {tp} loader ranks (torchrun, one node)"] = lambda v: run_loader(
                 torchrun(url, ckpt, v, tp))[0].stdout  # fmt: skip
         self.methods["SGLang update_weights_from_tensor (HTTP, fresh tensors)"] = lambda v: time_update_from_tensor(
-            url, tensors, v) and ""  # fmt: skip
+            url, tensors, v, tp, flush_cache=False) and ""  # fmt: skip
         self.methods["LocalPush (trainer memory, shm buffers kept)"] = lambda v: self.local.push(
             tensors.items(), weight_version=v) and ""  # fmt: skip
 

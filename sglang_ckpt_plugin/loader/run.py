@@ -419,10 +419,12 @@ class Update:
             gb = times.bytes / 1e9
             rate = gb / times.total_s if times.total_s else 0.0
             fed = len(self.rank_keys)
-            ranks = f"{fed} server ranks" if fed > 1 else "the server"
-            mode = f"page cache: {ranks} mapped the files" if self.mapped else "shared bucket buffers"
+            if self.mapped:
+                mode = f"page cache: {f'{fed} server ranks' if fed > 1 else 'the server'} mapped the files"
+            else:
+                mode = "shared bucket buffers" + (f" (one set for {fed} server ranks)" if fed > 1 else "")
             if fed > 1:
-                mode += f" (one set for {fed} server ranks, each copying its slice)"
+                mode += ", each rank copying its slice"
             if self.two_phase:
                 mode += "; staged while the server kept serving, then committed"
             print(f"{tag} pushed {times.buckets} buckets, {gb:.3f} GB in {times.total_s:.3f} s ({rate:.2f} GB/s) "
