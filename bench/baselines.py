@@ -16,6 +16,8 @@ import httpx
 import torch
 
 GB = 1e9
+# every bench server (ours and the baseline's): an idle scheduler otherwise spins one of the two cores
+SERVER_ARGS = ["--sleep-on-idle"]
 
 
 def bench_parser(doc: str, repeats: int) -> "argparse.ArgumentParser":
@@ -165,7 +167,7 @@ def time_to_ready_auto(ckpt: Path, log: Path) -> float:
     from sglang_ckpt_plugin.demo.launch import SGLangServer
 
     t0 = time.perf_counter()
-    with SGLangServer(ckpt, log, wait_for_weights=False) as srv:
+    with SGLangServer(ckpt, log, wait_for_weights=False, extra_args=SERVER_ARGS) as srv:
         srv.wait_healthy(timeout_s=900)
         return time.perf_counter() - t0
 
@@ -230,9 +232,10 @@ class PauseProbe:
         return lats[len(lats) // 2] if lats else 0.0
 
 
-def measure_pause(url: str, update) -> tuple[float, float, float]:
-    """(idle median latency, pause during ``update()``, the update's own seconds), same server, same probe."""
-    with PauseProbe(url) as probe:
+def measure_pause(url: str, update, every_s: float = 0.05) -> tuple[float, float, float]:
+    """(idle median latency, pause during ``update()``, the update's own seconds), same server, same probe (a
+    request every ``every_s``: keep it above a request's own latency, or the probe queues and measures itself)."""
+    with PauseProbe(url, every_s) as probe:
         time.sleep(1.0)
         start = time.perf_counter()
         update()

@@ -2,8 +2,8 @@
 server, TP=1 and TP=2, against SGLang's own ``/update_weights_from_disk`` of the same files in the same run.
 
 Every server runs with SGLang's ``--sleep-on-idle`` (an idle scheduler otherwise spins a core and every figure
-measures that). "whole" is the caller's time for the update: for the CLI the whole process, start-up included;
-"pause" is the longest latency of 1-token requests sent every 50 ms while it ran. Methods are interleaved in each
+measures that). "whole" is the caller's time for the update, measured alone: for the CLI the whole process, start-up included;
+"pause" is the longest latency of 1-token requests sent every 250 ms while the same update ran again. Methods are interleaved in each
 round, medians over ``--repeats``; the page cache is warm. After each method SGLang's ``/weights_checker`` checksum
 must equal the one after its own disk reload (the same bytes), or the bench fails.
 
@@ -17,6 +17,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import (  # noqa: E402
     GB,
+    SERVER_ARGS,
     bench_parser,
     measure_pause,
     run_loader,
@@ -35,7 +37,7 @@ from push_bench import checkpoint_bytes, random_checkpoint, warm_page_cache  # n
 from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port  # noqa: E402
 
-SERVER_ARGS = ["--sleep-on-idle"]
+PROBE_EVERY_S = 0.25  # a 1-token request of this model takes ~0.1 s on 2 cores: a faster probe queues
 
 
 def cli(url: str, ckpt: Path, version: str, *extra: str, tp: int = 1) -> list[str]:
@@ -81,6 +83,7 @@ def moved_bytes(out: str) -> str:
 
 
 def bench_server(tp: int, ckpt: Path, work: Path, tensors: dict, repeats: int) -> list[tuple]:
+    """Each method twice a round: alone (what the caller waits for), then under the request probe (the pause)."""
     rows: dict[str, dict] = {}
     with SGLangServer(ckpt, work / f"server-tp{tp}.log", tp_size=tp, extra_args=SERVER_ARGS) as srv:
         srv.wait_listening(timeout_s=900)
@@ -92,16 +95,17 @@ def bench_server(tp: int, ckpt: Path, work: Path, tensors: dict, repeats: int) -
             for i in range(repeats):
                 print(f"TP={tp}: round {i + 1}/{repeats}", flush=True)
                 for name, update in methods.methods.items():
-                    warm_page_cache(ckpt)
-                    printed = {}
-                    idle, pause, took = measure_pause(srv.url, lambda: printed.setdefault("out", update(f"r{i}")))
-                    if checksum(srv.url) != reference:
-                        raise RuntimeError(f"TP={tp} {name}: the served weights differ from SGLang's own load")
                     row = rows.setdefault(name, {"whole": [], "pause": [], "idle": [], "moved": "-"})
-                    row["whole"].append(took)
+                    warm_page_cache(ckpt)
+                    t0 = time.perf_counter()
+                    row["moved"] = moved_bytes(update(f"r{i}"))
+                    row["whole"].append(time.perf_counter() - t0)
+                    warm_page_cache(ckpt)
+                    idle, pause, _ = measure_pause(srv.url, lambda: update(f"p{i}"), every_s=PROBE_EVERY_S)
                     row["pause"].append(pause)
                     row["idle"].append(idle)
-                    row["moved"] = moved_bytes(printed.get("out"))
+                    if checksum(srv.url) != reference:
+                        raise RuntimeError(f"TP={tp} {name}: the served weights differ from SGLang's own load")
         finally:
             methods.local.close()
     return [(tp, name, statistics.median(r["whole"]), statistics.median(r["pause"]), statistics.median(r["idle"]),

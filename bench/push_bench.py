@@ -31,10 +31,20 @@ from sglang_ckpt_plugin.demo.tiny_model import model_config, word_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import (  # noqa: E402
-    GB, bench_parser, RssSampler, import_baseline_rss, measure_pause, run_loader, scheduler_pid, startup_load_weight_s,
+    GB,
+    SERVER_ARGS,
+    RssSampler,
+    bench_parser,
+    import_baseline_rss,
+    measure_pause,
+    run_loader,
+    scheduler_pid,
+    startup_load_weight_s,
     time_disk_update,
-    time_memcpy, time_to_ready_auto, time_update_from_tensor,
-)  # fmt: skip
+    time_memcpy,
+    time_to_ready_auto,
+    time_update_from_tensor,
+)
 
 
 def make_random_checkpoint(out: Path, target_gb: float, shard_gb: float = 0.3) -> Path:
@@ -136,7 +146,7 @@ def size_scaling(work: Path, sizes: list[float], extra: list[str]) -> list[tuple
     for gb in sizes:
         ckpt = random_checkpoint(work, gb)
         nbytes = checkpoint_bytes(ckpt)
-        with SGLangServer(ckpt, work / f"server-{gb:g}.log") as srv:
+        with SGLangServer(ckpt, work / f"server-{gb:g}.log", extra_args=SERVER_ARGS) as srv:
             srv.wait_listening(timeout_s=900)
             time_push(srv.url, ckpt, "first", extra)
             warm_page_cache(ckpt)
@@ -173,7 +183,7 @@ def main() -> int:
     outputs: dict[str, list[int]] = {}
     prompt = list(range(10, 20))
     log = work / "server.log"
-    srv = SGLangServer(ckpt, log)
+    srv = SGLangServer(ckpt, log, extra_args=SERVER_ARGS)
     t_start = time.perf_counter()
     with srv:
         # as a user starts them: server and loader together; the loader waits until the server listens

@@ -28,7 +28,7 @@ import httpx
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import GB, PauseProbe, bench_parser, time_disk_update  # noqa: E402
+from baselines import GB, SERVER_ARGS, PauseProbe, bench_parser, time_disk_update  # noqa: E402
 from push_bench import checkpoint_bytes, loader_cmd, random_checkpoint, warm_page_cache  # noqa: E402
 
 PROMPT = list(range(10, 20))
@@ -140,7 +140,7 @@ def main() -> int:
     outputs: dict[str, list[int]] = {}
     # An idle SGLang scheduler on CPU spins on one core: with two servers up, this 2-core machine has no core left
     # for anything else. So the one-server rows run with one server up; the second joins for the fleet rows.
-    servers = [SGLangServer(ckpt, work / f"server{i}.log") for i in range(2)]
+    servers = [SGLangServer(ckpt, work / f"server{i}.log", extra_args=SERVER_ARGS) for i in range(2)]
     staging: dict[int, float | None] = {}
     try:
         servers[0].start()
