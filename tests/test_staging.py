@@ -17,6 +17,7 @@ class Session:
     def __init__(self, update_id: str, fail_run: Exception | None = None, fail_commits: int = 0):
         self.update_id, self.fail_run, self.fail_commits = update_id, fail_run, fail_commits
         self.staged, self.commits, self.released = [], 0, 0
+        self.staged_at = None  # ReceiveSession's wall-clock time of its last check (None: the registry's clock)
         self.go = threading.Event()
         self.go.set()
 

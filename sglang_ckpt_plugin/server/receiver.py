@@ -170,6 +170,7 @@ class ReceiveSession:
         # Stage mode: every bucket is checked (manifest, bounds, digests) and kept mapped, nothing is loaded;
         # commit() loads them later. Streaming mode loads each bucket as it arrives.
         self.staging = staging
+        self.staged_at: float | None = None  # staging: when every bucket had been checked (wall clock)
         self.staged: list[BucketReady] = []
         self.update_id: str | None = None  # from the hello
 
@@ -319,6 +320,7 @@ class ReceiveSession:
             self.manifest.check_finished()
             if self.staging:
                 self._drop_file_ranges()
+                self.staged_at = time.time()  # before the reply: the loader may commit any instance once it has it
                 _send_ok(channel, Reply(seq=msg.seq, ok=True))
                 return
             self._unmap()  # release the loader's memory before post-processing (peak memory)

@@ -84,7 +84,7 @@ class StagedUpdate:
             if self.state != "staging":  # replaced while receiving
                 self.session.release()
                 return
-            self.state, self.staged_at = "staged", time.time()
+            self.state, self.staged_at = "staged", self.session.staged_at or time.time()
             self.bytes = self.session.staged_bytes()
             self._arm_timer()
         logger.info("staged update %s: %d buckets checked, waiting for its commit", self.update_id,
