@@ -3,13 +3,14 @@
 Each TP rank maps the same memory (the checkpoint files in page-cache mode, or shared bucket buffers handed over
 as descriptors) and its own ``load_weights`` copies only its slice: nothing is copied between loader processes
 and each bucket is filled once per node. The loader CLI takes this path for a CPU server of any TP size (no
-torchrun, no torch in page-cache mode); ``LocalPush`` feeds a TP server through it too.
+torchrun, no torch: the files, or shared buffers filled through a memoryview); ``LocalPush`` feeds a TP server
+through it too, and a torchrun rank feeds its one rank through a NodeFeeder of one.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..transport.handles import FileBuffer, allocate_buffer
 from .plan import Bucket
@@ -23,7 +24,7 @@ class NodeFeeder:
     """The RankFeeders of one instance's ranks, driven as one: each bucket goes to every rank; a buffer is refilled
     once every rank acknowledged the bucket that used it last. Stage times: the slowest rank's load."""
 
-    def __init__(self, feeders: list[RankFeeder] = ()):
+    def __init__(self, feeders: Iterable[RankFeeder] = ()):
         self.feeders: list[RankFeeder] = []
         self._rank_times: list[StageTimes] = []
         self.buffers: list = []

@@ -7,7 +7,9 @@ Two kinds behind one interface:
 Owner side: ``allocate_buffer(nbytes, device)`` -> OwnedBuffer (``.tensor``, ``.handle()``, ``.release()``; a
 shared-memory buffer also has ``.view``, a memoryview: a CPU loader fills it without importing torch).
 Receiver side: ``open_buffer(handle, device)`` -> MappedBuffer (``.tensor``, ``.close()``).
-Buffers are allocated and touched once, then reused for every bucket (first touch costs ~10x a copy).
+Buffers are allocated once and reused for every bucket; shared memory is reserved with ``fallocate`` (a full
+/dev/shm fails at once) and its pages are faulted in by the first fill, not pre-faulted (that cost 0.3-0.4 s per GB
+in the loader here, against 0.08 s for the reservation).
 """
 
 from __future__ import annotations
