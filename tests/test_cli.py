@@ -157,3 +157,23 @@ def test_a_hung_child_dumps_its_stacks_before_the_test_kills_it():
 
     with pytest.raises(AssertionError, match=r"still running after 3 s; its stacks:(.|\n)*File \"<string>\", line 1"):
         run_with_stacks([sys.executable, "-c", HANG.format(600, 0)], 3)
+
+
+def test_one_process_feeds_a_cpu_server_and_a_gpu_server_gets_one_loader_rank_per_tp_rank():
+    """The launch decision (cli.feeds_from_one_process): a CPU server of any TP size is fed by this one process;
+    a GPU server, a p2p round, a plan saved by N ranks or --device cuda relaunch under torchrun."""
+    from sglang_ckpt_plugin.loader.cli import feeds_from_one_process, parse_args
+
+    def info(device):
+        return {"ckpt_plugin": {"device": device, "rank_keys": [f"{device}-tp0", f"{device}-tp1"], "tp_size": 2}}
+
+    base = ["--checkpoint-path", "x", "--inference-parallel-size", "2"]
+    assert feeds_from_one_process(parse_args(base), info("cpu"))
+    assert feeds_from_one_process(parse_args([*base, "--transfer", "copy"]), info("cpu"))
+    assert not feeds_from_one_process(parse_args(base), info("cuda"))
+    assert not feeds_from_one_process(parse_args(base), {"ckpt_plugin": {}})  # an older plugin: unknown device
+    assert not feeds_from_one_process(parse_args(base), None)
+    assert not feeds_from_one_process(parse_args([*base, "--device", "cuda"]), info("cpu"))
+    assert not feeds_from_one_process(parse_args([*base, "--update-method", "p2p", "--ranks", "0"]), info("cpu"))
+    metas = parse_args(["--load-metas-file", "m.json", "--inference-parallel-size", "2"])
+    assert not feeds_from_one_process(metas, info("cpu"))

@@ -37,21 +37,17 @@ def test_admin_api_key_is_required_for_the_push(llama_a, tmp_path):
         assert_serves(srv.url, llama_a, headers={"Authorization": "Bearer s3cret"})
 
 
-def test_api_key_travels_to_torchrun_ranks_by_environment(llama_a, tmp_path):
-    """Two loader ranks (torchrun) against a keyed TP=2 server, key given only in the environment: the ranks
-    authenticate, and no process's command line carries the key."""
+def test_api_key_travels_by_environment_to_the_loader_and_its_torchrun_ranks(llama_a, tmp_path):
+    """A keyed TP=2 server, key given only in the environment: the one loader process that feeds both CPU ranks
+    authenticates, and so do the two torchrun ranks the loader relaunches itself as for a GPU server (driven here
+    through the same relaunch function); no process's command line carries the key."""
     import os
     import subprocess
     import sys
     import time
 
-    with SGLangServer(llama_a, tmp_path / "apikey2.log", tp_size=2, extra_args=["--admin-api-key", "s3cret"]) as srv:
-        srv.wait_listening()
-        env = {**os.environ, "SGLANG_CKPT_API_KEY": "s3cret"}
-        loader = subprocess.Popen([sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(llama_a),
-                                   "--endpoint", srv.url, "--inference-parallel-size", "2", "--quiet", "--timeout", "120",
-                                   "--sleep-time", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)  # fmt: skip
+    def run_watching_cmdlines(cmd: list[str], env: dict) -> list[bytes]:
+        loader = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         cmdlines = []
         while loader.poll() is None:
             for entry in os.listdir("/proc"):
@@ -63,6 +59,20 @@ def test_api_key_travels_to_torchrun_ranks_by_environment(llama_a, tmp_path):
             time.sleep(0.2)
         out, err = loader.communicate()
         assert loader.returncode == 0, err[-3000:]
-        assert not any(b"s3cret" in c and b"sglang_ckpt_plugin.update" in c for c in cmdlines)
+        assert not any(b"s3cret" in c and b"sglang_ckpt_plugin" in c for c in cmdlines)
+        return cmdlines
+
+    with SGLangServer(llama_a, tmp_path / "apikey2.log", tp_size=2, extra_args=["--admin-api-key", "s3cret"]) as srv:
+        srv.wait_listening()
+        env = {**os.environ, "SGLANG_CKPT_API_KEY": "s3cret"}
+        args = ["--checkpoint-path", str(llama_a), "--endpoint", srv.url, "--inference-parallel-size", "2", "--quiet",
+                "--timeout", "120", "--sleep-time", "3"]  # fmt: skip
+        cmdlines = run_watching_cmdlines([sys.executable, "-m", "sglang_ckpt_plugin.update", *args], env)
+        assert not any(b"torch.distributed.run" in c for c in cmdlines)  # a CPU server: one process feeds both
+        assert_serves(srv.url, llama_a, headers={"Authorization": "Bearer s3cret"})
+
+        relaunch = ("import sys; from sglang_ckpt_plugin.loader.cli import relaunch_under_torchrun; "
+                    "relaunch_under_torchrun(2, sys.argv[1:], None)")
+        cmdlines = run_watching_cmdlines([sys.executable, "-c", relaunch, *args], env)
         assert any(b"torch.distributed.run" in c and b"sglang_ckpt_plugin.update" in c for c in cmdlines)
         assert_serves(srv.url, llama_a, headers={"Authorization": "Bearer s3cret"})
