@@ -2,10 +2,11 @@
 server, TP=1 and TP=2, against SGLang's own ``/update_weights_from_disk`` of the same files in the same run.
 
 Every server runs with SGLang's ``--sleep-on-idle`` (an idle scheduler otherwise spins a core and every figure
-measures that). "whole" is the caller's time for the update, measured alone: for the CLI the whole process, start-up included;
-"pause" is the longest latency of 1-token requests sent every 250 ms while the same update ran again. Methods are interleaved in each
-round, medians over ``--repeats``; the page cache is warm. After each method SGLang's ``/weights_checker`` checksum
-must equal the one after its own disk reload (the same bytes), or the bench fails.
+measures that). "whole" is the caller's time for the update, measured alone: for the CLI the whole process,
+start-up included; "pause" is the longest latency of 1-token requests sent every 250 ms while the same update ran
+again. Methods are interleaved in each round, medians over ``--repeats``; the page cache is warm. After each
+method SGLang's ``/weights_checker`` checksum must equal the one after its own disk reload (the same bytes), or
+the bench fails.
 
     python bench/node_bench.py [--gb 1.0] [--repeats 3] [--workdir DIR]
 """
@@ -61,20 +62,32 @@ class Methods:
         self.url, self.ckpt, self.tp, self.tensors = url, ckpt, tp, tensors
         self.local = LocalPush(url)
         self.methods = {
-            "SGLang /update_weights_from_disk": lambda v: time_disk_update(url, ckpt, v) and "",
-            "push, page cache (one loader process)": lambda v: self._cli(v),
-            "push, shared bucket buffers (one process)": lambda v: self._cli(v, "--transfer", "copy"),
+            "SGLang /update_weights_from_disk": self.disk,
+            "push, page cache (one loader process)": self.cli,
+            "push, shared bucket buffers (one process)": lambda v: self.cli(v, "--transfer", "copy"),
         }
         if torchrun_too:
-            self.methods[f"push, {tp} loader ranks (torchrun, one node)"] = lambda v: run_loader(
-                torchrun(url, ckpt, v, tp))[0].stdout  # fmt: skip
-        self.methods["SGLang update_weights_from_tensor (HTTP, fresh tensors)"] = lambda v: time_update_from_tensor(
-            url, tensors, v, tp, flush_cache=False) and ""  # fmt: skip
-        self.methods["LocalPush (trainer memory, shm buffers kept)"] = lambda v: self.local.push(
-            tensors.items(), weight_version=v) and ""  # fmt: skip
+            self.methods[f"push, {tp} loader ranks (torchrun, one node)"] = self.torchrun
+        self.methods["SGLang update_weights_from_tensor (HTTP, fresh tensors)"] = self.tensor
+        self.methods["LocalPush (trainer memory, shm buffers kept)"] = self.local_push
 
-    def _cli(self, version: str, *extra: str) -> str:
+    def disk(self, version: str) -> str:
+        time_disk_update(self.url, self.ckpt, version)
+        return ""
+
+    def cli(self, version: str, *extra: str) -> str:
         return run_loader(cli(self.url, self.ckpt, version, *extra, tp=self.tp))[0].stdout
+
+    def torchrun(self, version: str) -> str:
+        return run_loader(torchrun(self.url, self.ckpt, version, self.tp))[0].stdout
+
+    def tensor(self, version: str) -> str:
+        time_update_from_tensor(self.url, self.tensors, version, self.tp, flush_cache=False)
+        return ""
+
+    def local_push(self, version: str) -> str:
+        self.local.push(self.tensors.items(), weight_version=version)
+        return ""
 
 
 def moved_bytes(out: str) -> str:
@@ -108,8 +121,8 @@ def bench_server(tp: int, ckpt: Path, work: Path, tensors: dict, repeats: int) -
                         raise RuntimeError(f"TP={tp} {name}: the served weights differ from SGLang's own load")
         finally:
             methods.local.close()
-    return [(tp, name, statistics.median(r["whole"]), statistics.median(r["pause"]), statistics.median(r["idle"]),
-             r["moved"]) for name, r in rows.items()]  # fmt: skip
+    med = statistics.median
+    return [(tp, name, med(r["whole"]), med(r["pause"]), med(r["idle"]), r["moved"]) for name, r in rows.items()]
 
 
 def main() -> int:
@@ -126,15 +139,15 @@ def main() -> int:
     for tp in [int(x) for x in a.tp.split(",")]:
         rows += bench_server(tp, ckpt, work, tensors, a.repeats)
 
-    print(f"\n{nbytes / GB:.3f} GB bf16 checkpoint, page cache warm, servers with --sleep-on-idle, median of "
-          f"{a.repeats}, same run\n")  # fmt: skip
+    header = f"{nbytes / GB:.3f} GB bf16 checkpoint, page cache warm, servers with --sleep-on-idle"
+    print(f"\n{header}, median of {a.repeats}, same run\n")
     print("| TP | method | whole s | vs disk | pause s | vs disk | idle latency s | between loader processes |")
     print("|---|---|---|---|---|---|---|---|")
     disk = {tp: (w, pz) for tp, name, w, pz, _, _ in rows if name.startswith("SGLang /update_weights_from_disk")}
     for tp, name, whole, pause, idle, moved in rows:
         d_whole, d_pause = disk[tp]
-        print(f"| {tp} | {name} | {whole:.3f} | {whole / d_whole:.2f}x | {pause:.3f} | {pause / d_pause:.2f}x | "
-              f"{idle:.3f} | {moved} |")  # fmt: skip
+        ratios = f"{whole / d_whole:.2f}x | {pause:.3f} | {pause / d_pause:.2f}x"
+        print(f"| {tp} | {name} | {whole:.3f} | {ratios} | {idle:.3f} | {moved} |")
     print("\ntargets (issue 16): one-node pushes whole <= disk + 1.0 s, pause <= 1.5x disk, 0 bytes between loader "
           "processes; LocalPush >= 10x faster than update_weights_from_tensor")
     if not a.workdir:

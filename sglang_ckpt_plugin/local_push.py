@@ -264,8 +264,8 @@ class LocalPush:
         node = NodeFeeder()
         try:
             for key in self.rank_keys:
-                node.add(RankFeeder(make_endpoint(update_id, key), update_id, self.timeout_s, cancelled,
-                                    partial=partial))  # fmt: skip
+                endpoint = make_endpoint(update_id, key)
+                node.add(RankFeeder(endpoint, update_id, self.timeout_s, cancelled, partial=partial))
             node.adopt(self.buffers)
             try:
                 yield node, cancelled

@@ -27,8 +27,14 @@ if TYPE_CHECKING:  # one process alone moves nothing: it fills its shared buffer
 
 
 class Exchange:
-    def __init__(self, world: LoaderWorld, receivers: list[int], device: torch.device | str | None, group=None,
-                 alarm: PeerAlarm | None = None):  # fmt: skip
+    def __init__(
+        self,
+        world: LoaderWorld,
+        receivers: list[int],
+        device: torch.device | str | None,
+        group=None,
+        alarm: PeerAlarm | None = None,
+    ):
         """Collective and cheap: every rank makes it before any rank allocates buffers or measures its free
         memory (an allocation that fails on one rank must not leave the others inside a collective; NCCL's
         communicator and p2p connections take device memory the budget must see). ``group``: the data group
@@ -57,13 +63,15 @@ class Exchange:
         import torch
         import torch.distributed as dist
 
+        def op(kind, peer: int):
+            return dist.P2POp(kind, torch.zeros(1, device=self.device), peer, group=self.group)
+
         dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
         if self.receivers != self.everyone:
-            ops = [dist.P2POp(dist.isend, torch.zeros(1, device=self.device), peer, group=self.group)
-                   for peer in sorted(self.receivers - {self.world.rank})]  # fmt: skip
+            others = self.everyone - {self.world.rank}
+            ops = [op(dist.isend, peer) for peer in sorted(self.receivers & others)]
             if self.world.rank in self.receivers:
-                ops += [dist.P2POp(dist.irecv, torch.zeros(1, device=self.device), peer, group=self.group)
-                        for peer in sorted(self.everyone - {self.world.rank})]  # fmt: skip
+                ops += [op(dist.irecv, peer) for peer in sorted(others)]
             for request in dist.batch_isend_irecv(ops) if ops else []:
                 request.wait()
 
@@ -140,8 +148,7 @@ class Exchange:
             abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
             if abort is not None:
                 abort(self.group)
-            raise PeerFailed(f"another loader rank's NCCL call failed ({reason}); this rank's communicator was "
-                             "aborted")  # fmt: skip
+            raise PeerFailed(f"another loader rank's NCCL call failed ({reason}); its communicator here was aborted")
 
     def _send(self, owner: int, tensor: torch.Tensor) -> None:
         import torch.distributed as dist

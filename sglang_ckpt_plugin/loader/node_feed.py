@@ -79,8 +79,9 @@ class NodeFeeder:
         times.wait_s += time.perf_counter() - t0
         return buffer
 
-    def send_bucket(self, seq: int, bucket: Bucket, digests: list[int] | None, times: StageTimes,
-                    buffer: int | None = None) -> None:  # fmt: skip
+    def send_bucket(
+        self, seq: int, bucket: Bucket, digests: list[int] | None, times: StageTimes, buffer: int | None = None
+    ) -> None:
         for f, t in zip(self.feeders, self._rank_times):
             f.send_bucket(seq, bucket, digests, t, buffer=buffer)
         times.bytes += bucket.payload_bytes
@@ -106,8 +107,9 @@ class NodeFeeder:
             self.send_bucket(seq, bucket, digests, times)
         self.finish(len(buckets), times)
 
-    def run_mapped(self, files: list[str], buckets: list[tuple[int, Bucket]], times: StageTimes,
-                   verify: bool = False) -> None:  # fmt: skip
+    def run_mapped(
+        self, files: list[str], buckets: list[tuple[int, Bucket]], times: StageTimes, verify: bool = False
+    ) -> None:
         """Page-cache mode: the buffers are the checkpoint files, held open read-only; every rank maps each and
         copies its slice of each tensor straight into its parameters. Nothing is refilled: every bucket goes at
         once."""

@@ -41,8 +41,10 @@ def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control,
     placements = []
     try:
         if world.feeds_instance and server.device != "cpu":
-            raise ValueError("one loader process feeds every TP rank of a CPU server only; this server runs on "
-                             f"{server.device}: run one loader rank per TP rank (torchrun)")  # fmt: skip
+            raise ValueError(
+                "one loader process feeds every TP rank of a CPU server only; this server runs on "
+                f"{server.device}: run one loader rank per TP rank (torchrun)"
+            )
         look_for_gpus = args.device != "cpu" and server.device != "cpu"  # a CPU server needs no GPU (nor torch)
         gpus = visible_gpu_keys() if look_for_gpus else []
         fed = range(world.parallel_size) if world.feeds_instance else [world.tp_rank]
