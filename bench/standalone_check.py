@@ -6,10 +6,10 @@ route runs the plugin's real receiver in another process on the device, loading 
 variant the server's parameters must be byte-identical to the checkpoint (xxh3 of every tensor) and its device
 memory back to the baseline. Variants: defaults, --verify, small buckets with --num-buffers 1, (CUDA) the loader
 seeing the GPU only by UUID, expandable_segments:True, --device cpu (shared memory, the server copies), and
-LocalPush of in-memory tensors (x, 2x, 3x; on CUDA the third push must not have grown the server's free memory
-use nor the pusher's reserved memory over the first). TrainerPush is not here: its NCCL group needs a second GPU and
-SGLang's group helper (its refusal path runs on CPU in tests/test_e2e_push.py). Prints pinned host-to-device and device-to-device copy rates measured
-in the same run, push rates and their ratios. ``--device cpu`` runs the same steps on the CPU path (test suite).
+LocalPush of in-memory tensors (x, 2x, 3x; on CUDA the third push must not have grown the server's memory use nor
+the pusher's reserved memory over the first). TrainerPush is not here: its NCCL group needs a second GPU and
+SGLang's group helper (its refusal path runs on CPU in tests/test_e2e_push.py). Prints pinned host-to-device and
+device-to-device copy rates measured in the same run, push rates and their ratios. ``--device cpu`` runs the same steps on the CPU path (test suite).
 """
 
 from __future__ import annotations
@@ -227,9 +227,9 @@ def local_push(url: str, device: torch.device, tensors: dict, check: Check, d2d:
     if device.type == "cuda":
         grown = {"server": server_free[0] - server_free[-1], "pusher": pusher_held[-1] - pusher_held[0]}
         check.ok &= max(grown.values()) <= MEMORY_SLACK
-        check.rows.append(("LocalPush 3x vs 1x: device memory grown", "", "", "", "",
-                           ", ".join(f"{side} {b / 2**20:+.0f} MiB" for side, b in grown.items())))  # fmt: skip
-    if device.type == "cuda":  # the per-bucket round trip against bucket size: 512 MiB buckets
+        cell = ", ".join(f"{side} {b / 2**20:+.0f} MiB" for side, b in grown.items())
+        check.rows.append(("LocalPush 3x vs 1x: device memory grown", "", "", "", "", cell))
+        # the per-bucket round trip against bucket size: 512 MiB buckets
         with LocalPush(url, timeout_s=300, bucket_bytes=512 << 20) as pusher:
             on_device = {n: t.to(device) for n, t in tensors.items()}  # before the clock starts
             stats = pusher.push(on_device.items(), weight_version="local-512m")
