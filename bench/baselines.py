@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import os
 import re
@@ -20,10 +21,8 @@ GB = 1e9
 SERVER_ARGS = ["--sleep-on-idle"]
 
 
-def bench_parser(doc: str, repeats: int) -> "argparse.ArgumentParser":
+def bench_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     """The options every bench shares: checkpoint size, rounds, and a work directory that keeps checkpoints."""
-    import argparse
-
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gb", type=float, default=1.0, help="size of the generated bf16 checkpoint")
     p.add_argument("--repeats", type=int, default=repeats, help="rounds; every figure is a median over them")

@@ -5,9 +5,9 @@ MODE kill-after-2: SIGKILL itself after sending the second bucket, once the firs
 MODE stall-before-buckets: after the server mapped the buffers, sleep instead of filling the first bucket.
 MODE stall-after-first-bucket: send the first bucket, wait until the server loaded it, say so on stdout, sleep.
 MODE corrupt-digests: with --verify, announce wrong digests (as if the bytes changed on the way).
-MODE corrupt-rank1-after-first: under torchrun, loader rank 1 announces wrong digests from its second bucket on
-(its TP rank loads bucket 0, then refuses bucket 1; rank 0 alone would have succeeded).
-MODE oom-rank1: under torchrun, loader rank 1 fails to allocate its bucket buffers (as a CUDA OOM would).
+MODE corrupt-tp1-after-first: the channel to server TP rank 1 announces wrong digests from its second bucket on
+(TP rank 1 loads bucket 0, then refuses bucket 1; TP rank 0 alone would have succeeded).
+MODE oom: under torchrun, loader rank CKPT_TEST_RANK fails to allocate its bucket buffers (as a CUDA OOM would).
 MODE pause-after-first-bucket: once the server took bucket 0, sleep CKPT_TEST_PAUSE_S seconds, then go on.
 MODE kill-in-staging: SIGKILL at a random point of a two-phase update (see below).
 MODE kill-before-commit: SIGKILL once every bucket is staged, instead of committing.
@@ -51,20 +51,20 @@ elif mode == "corrupt-digests":
         original_send(self, seq, bucket, [d ^ 1 for d in digests], times, **kw)
 
     push.RankFeeder.send_bucket = send_bucket
-elif mode == "corrupt-rank1-after-first":
+elif mode == "corrupt-tp1-after-first":
 
     def send_bucket(self, seq, bucket, digests, times, **kw):
-        bad = os.environ.get("RANK") == "1" and seq >= 1
+        bad = self.endpoint.endswith("-cpu-tp1.sock") and seq >= 1
         original_send(self, seq, bucket, [d ^ 1 for d in digests] if bad else digests, times, **kw)
 
     push.RankFeeder.send_bucket = send_bucket
-elif mode == "oom-rank1":
+elif mode == "oom":
     from sglang_ckpt_plugin.loader import node_feed
 
     original_allocate = node_feed.NodeFeeder.allocate
 
     def allocate(self, *args, **kwargs):
-        if os.environ.get("RANK") == "1":
+        if os.environ.get("RANK", "0") == os.environ.get("CKPT_TEST_RANK", "0"):
             raise RuntimeError("CUDA out of memory (injected by the test)")
         return original_allocate(self, *args, **kwargs)
 

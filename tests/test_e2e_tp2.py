@@ -133,8 +133,10 @@ def test_one_loader_process_feeds_both_tp_ranks_and_nothing_moves_between_proces
     assert_serves(server.url, llama_a)
 
 
-def test_two_loader_ranks_under_torchrun_broadcast_into_tp2(server, llama_a, llama_b):
-    """One loader rank per TP rank (what a GPU server or several nodes take): each reads half, they exchange."""
+@pytest.mark.parametrize("transfer", ["map", "copy"])
+def test_two_loader_ranks_under_torchrun_on_one_node_take_the_one_copy_path(server, llama_a, llama_b, transfer):
+    """``torchrun --nproc-per-node 2`` on one node for a CPU server: loader rank 0 feeds both TP ranks from one set
+    of buffers, rank 1 reads and holds nothing, no byte crosses between them; bit-exact against the disk reload."""
     import sys
 
     from sglang_ckpt_plugin.demo.launch import free_port
@@ -144,14 +146,16 @@ def test_two_loader_ranks_under_torchrun_broadcast_into_tp2(server, llama_a, lla
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "sglang_ckpt_plugin.update",
            "--checkpoint-path", str(llama_a), "--endpoint", server.url, "--inference-parallel-size", "2",
-           "--quiet", "--timeout", "120", "--verify", "--weight-version", "a-tp2"]  # fmt: skip
+           "--quiet", "--timeout", "120", "--verify", "--weight-version", "a-tp2", "--transfer", transfer]  # fmt: skip
     out = run_with_stacks(cmd, 300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert set(our_leftovers()) - before == set()
     read = bytes_per_rank(out.stdout)
-    assert len(read) == 2
-    for b in read:
-        assert 0.4 <= b / sum(read) <= 0.6, read
+    assert len(read) == 2 and read[1] == 0 and (read[0] > 0 or transfer == "map"), read
+    assert "between loader processes: 0 bytes" in out.stdout, out.stdout
+    mode = "page cache: 2 server ranks mapped the files" if transfer == "map" else "shared bucket buffers (one set"
+    assert "[sglang-ckpt rank 0] pushed" in out.stdout and mode in out.stdout, out.stdout
+    assert "[sglang-ckpt rank 1] pushed" not in out.stdout, out.stdout
     assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
     assert_serves(server.url, llama_a)
 
@@ -181,8 +185,9 @@ def test_two_rank_update_rejected_by_the_server_fails_on_every_rank_and_changes_
 
 
 def test_tp_ranks_that_disagree_all_record_the_failure(server, llama_a, llama_b):
-    """TP rank 0 would succeed; TP rank 1 loads a bucket, then refuses the next (bad digests). The ranks agree:
-    the update fails on both, both hold a mix, so the server is incomplete (gate and guard) until a full push."""
+    """TP rank 0 would succeed; TP rank 1 loads a bucket, then refuses the next (bad digests; both are fed by loader
+    rank 0 of a torchrun group). The ranks agree: the update fails on both, both hold a mix, so the server is
+    incomplete (gate and guard) until a full push."""
     import sys
 
     from sglang_ckpt_plugin.demo.launch import free_port
@@ -190,7 +195,7 @@ def test_tp_ranks_that_disagree_all_record_the_failure(server, llama_a, llama_b)
     before = set(our_leftovers())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(Path(__file__).with_name("faulty_loader.py")), "corrupt-rank1-after-first", "--",
+           str(Path(__file__).with_name("faulty_loader.py")), "corrupt-tp1-after-first", "--",
            "--checkpoint-path", str(llama_b), "--endpoint", server.url, "--inference-parallel-size", "2",
            "--quiet", "--timeout", "120", "--verify", "--bucket-size", "300K", "--weight-version", "split"]  # fmt: skip
     out = run_with_stacks(cmd, 300)
@@ -205,8 +210,9 @@ def test_tp_ranks_that_disagree_all_record_the_failure(server, llama_a, llama_b)
 
 
 def test_one_rank_that_cannot_allocate_stops_every_rank_at_once_and_changes_nothing(server, llama_b):
-    """A rank whose buffer allocation fails (a CUDA OOM) meets the others at the agreement, not inside a
-    collective (the data group is made before anyone allocates): every rank stops at once, nothing changes."""
+    """A rank whose buffer allocation fails (a CUDA OOM; here rank 0, which feeds both TP ranks) meets the others
+    at the agreement, not inside a collective (the data group is made before anyone allocates): every rank stops
+    at once, nothing changes."""
     import sys
     import time
 
@@ -218,7 +224,7 @@ def test_one_rank_that_cannot_allocate_stops_every_rank_at_once_and_changes_noth
     served = state()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(Path(__file__).with_name("faulty_loader.py")), "oom-rank1", "--",
+           str(Path(__file__).with_name("faulty_loader.py")), "oom", "--",
            "--checkpoint-path", str(llama_b), "--endpoint", server.url, "--inference-parallel-size", "2",
            "--quiet", "--timeout", "300", "--weight-version", "oom"]  # fmt: skip
     t0 = time.monotonic()

@@ -166,3 +166,44 @@ def test_a_failed_data_group_call_sounds_the_alarm_for_the_peers():
     with pytest.raises(RuntimeError):
         exchange._guarded(failing_call)
     assert alarm.reason() == "loader rank 1: RuntimeError: NCCL error: unhandled system error"
+
+
+def world(rank: int, size: int, per_node: int, per_instance: int) -> LoaderWorld:
+    return LoaderWorld(rank=rank, world_size=size, local_rank=rank % per_node, local_world_size=per_node,
+                       node_rank=rank // per_node, parallel_size=per_instance)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "size, per_node, per_instance, fed",
+    [
+        (2, 2, 2, ((0, 1), ())),  # one TP=2 instance on one node: one process, one copy
+        (4, 2, 2, ((0, 1), (), (2, 3), ())),  # one instance per node: buckets cross between nodes only
+        (4, 2, 4, ((0, 1), (), (2, 3), ())),  # one TP=4 instance over two nodes: each node feeds its ranks
+        (2, 1, 1, ((0,), (1,))),  # one rank per node
+        (4, 4, 2, ((0, 1), (), (2, 3), ())),  # two instances on one node: one feeder each
+    ],
+)
+def test_one_process_per_node_feeds_its_server_ranks(size, per_node, per_instance, fed):
+    from sglang_ckpt_plugin.loader.world import one_per_node
+
+    feeding = one_per_node(world(0, size, per_node, per_instance))
+    assert feeding.fed == fed
+    assert sorted(g for served in feeding.fed for g in served) == list(range(size))  # every server rank, once
+    on_node = [feeding.feeders_on_node(world(r, size, per_node, per_instance)) for r in range(size)]
+    assert on_node == [sum(1 for f in feeding.feeders if f // per_node == r // per_node) for r in range(size)]
+
+
+def test_feeding_is_one_process_per_node_only_where_every_server_is_on_cpu_and_all_take_one_broadcast():
+    from sglang_ckpt_plugin.loader.world import choose_feeding
+
+    w = world(0, 2, 2, 2)
+    per_node, per_rank = ((0, 1), ()), ((0,), (1,))
+    assert choose_feeding(w, True, "broadcast", False, "auto").fed == per_node
+    assert choose_feeding(w, True, "broadcast", False, "cpu").fed == per_node
+    assert choose_feeding(w, False, "broadcast", False, "auto").fed == per_rank  # GPU: each rank on its own GPU
+    assert choose_feeding(w, True, "p2p", False, "auto").fed == per_rank  # the listed ranks receive
+    assert choose_feeding(w, True, "all", False, "auto").fed == per_rank
+    assert choose_feeding(w, True, "broadcast", True, "auto").fed == per_rank  # a plan saved by N ranks
+    assert choose_feeding(w, True, "broadcast", False, "cuda").fed == per_rank
+    alone = LoaderWorld(parallel_size=2, feeds_instance=True)
+    assert choose_feeding(alone, True, "broadcast", False, "auto").fed == ((0, 1),)

@@ -12,7 +12,6 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..transport.channel import Channel, PeerGone
 from ..transport.fdpass import FdOffer, fd_socket_path
@@ -21,9 +20,6 @@ from ..transport.messages import (
     PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorMeta, TensorSlot,
 )  # fmt: skip
 from .plan import Bucket
-
-if TYPE_CHECKING:  # torch only where buckets are filled: the page-cache path never imports it
-    import torch
 
 
 class PushError(RuntimeError):

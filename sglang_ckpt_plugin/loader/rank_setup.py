@@ -11,7 +11,7 @@ from ..placement import LoaderPlacement, ServerPlacement, choose_placement
 from ..transport.handles import visible_gpu_keys
 from .http import ServerClient, ServerError
 from .push import PushError
-from .world import Control, LoaderWorld
+from .world import Control, Feeding, LoaderWorld, choose_feeding
 
 if TYPE_CHECKING:
     import torch
@@ -22,11 +22,12 @@ class PeerFailed(PushError):
 
 
 def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control,
-               asked: dict) -> list[LoaderPlacement]:  # fmt: skip
+               asked: dict) -> tuple[Feeding, list[LoaderPlacement]]:  # fmt: skip
     """Each instance's leader asks its server where the ranks run (``/model_info``; a server spread over nodes
     answers HTTP on its first node only); the instance's ranks learn it over the control group and follow it.
     ``asked``: the leader keeps its ``client`` and the ``info`` it read there (the update's layout check uses it).
-    Returns the placement of each server rank this process feeds (all of them where it feeds its instance)."""
+    Returns who feeds which server rank, and the placement of each server rank this process feeds (none: it
+    only takes part in the control collectives)."""
     server, error = None, None
     try:
         if world.is_leader:
@@ -38,6 +39,8 @@ def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control,
     if control.any_failed(error is not None):
         raise error or PeerFailed("another loader rank could not ask its server (its error is printed above)")
     server = from_instance_leader(server, world, control)
+    cpu_servers = not control.any_failed(server.device != "cpu")  # every instance's server is on CPU
+    feeding = choose_feeding(world, cpu_servers, args.update_method, bool(args.load_metas_file), args.device)
     placements = []
     try:
         if world.feeds_instance and server.device != "cpu":
@@ -47,15 +50,15 @@ def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control,
             )
         look_for_gpus = args.device != "cpu" and server.device != "cpu"  # a CPU server needs no GPU (nor torch)
         gpus = visible_gpu_keys() if look_for_gpus else []
-        fed = range(world.parallel_size) if world.feeds_instance else [world.tp_rank]
+        fed = [g % world.parallel_size for g in feeding.fed[world.rank]]
         placements = [choose_placement(args.device, server, tp, world.local_rank, gpus) for tp in fed]
     except ValueError as exc:
         error = exc
     if control.any_failed(error is not None):
         raise error or PeerFailed("another loader rank cannot place its buffers (its error is printed above)")
-    if placements[0].note and not args.quiet:
+    if placements and placements[0].note and not args.quiet:
         print(f"[sglang-ckpt rank {world.rank}] {placements[0].note}", file=sys.stderr)
-    return placements
+    return feeding, placements
 
 
 def from_instance_leader(server: ServerPlacement | None, world: LoaderWorld, control: Control) -> ServerPlacement:
@@ -69,16 +72,18 @@ def from_instance_leader(server: ServerPlacement | None, world: LoaderWorld, con
     return ServerPlacement(device or None, keys if all(keys) else [], tp_size=world.parallel_size)
 
 
-def agree_on_kind(placement: LoaderPlacement, control: Control, world: LoaderWorld) -> LoaderPlacement:
+def agree_on_kind(placement: LoaderPlacement | None, control: Control, world: LoaderWorld) -> LoaderPlacement:
     """Buckets move between ranks over one group, so every rank's buffers are of one kind: if any rank has to use
-    shared memory (its TP rank's GPU is not visible to it), all do (a GPU rank then copies host -> device)."""
-    kinds = control.all_gather_str(placement.kind)
-    if placement.kind == "cuda" and "cpu" in kinds:
-        if world.rank == min(r for r, k in enumerate(kinds) if k == "cuda"):
+    shared memory (its TP rank's GPU is not visible to it), all do (a GPU rank then copies host -> device).
+    ``None``: this rank feeds nothing (only where every server is on CPU) and holds no buffers."""
+    own = placement or LoaderPlacement("cpu", None, "")
+    kinds = control.all_gather_str(own.kind)
+    if own.kind == "cuda" and "cpu" in kinds:
+        if world.rank == kinds.index("cuda"):
             print(f"[sglang-ckpt] loader ranks {[r for r, k in enumerate(kinds) if k == 'cpu']} cannot reach their "
                   "GPU by CUDA IPC: every rank uses shared memory", file=sys.stderr)  # fmt: skip
-        return LoaderPlacement("cpu", None, placement.rank_key)
-    return placement
+        return LoaderPlacement("cpu", None, own.rank_key)
+    return own
 
 
 def torch_device(placement: LoaderPlacement) -> torch.device:

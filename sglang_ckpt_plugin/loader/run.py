@@ -27,15 +27,15 @@ from .node_feed import NodeFeeder
 from .push import PushError, RankFeeder, StageTimes, new_update_id
 from .rank_setup import PeerFailed, agree_on_kind, available_memory, place_rank, torch_device
 from .reader import CheckpointReader
-from .world import Control, LoaderWorld
+from .world import Control, Feeding, LoaderWorld
 
 if TYPE_CHECKING:
     import torch
 
 
-def update_rounds(method: str, ranks: str | None, world: LoaderWorld) -> list[list[int]]:
+def update_rounds(method: str, ranks: str | None, world: LoaderWorld, feeding: Feeding) -> list[list[int]]:
     """The receiving loader ranks of each update this run makes (``all``: broadcast, then p2p)."""
-    everyone = list(range(world.world_size))
+    everyone = feeding.feeders
     if method == "broadcast":
         return [everyone]
     if method == "p2p":
@@ -54,8 +54,8 @@ def run_update(args: argparse.Namespace) -> int:
             discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
         control = Control(world, args.timeout)
         asked: dict = {}  # the leader's client and /model_info, read once
-        placements = place_rank(args, world, control, asked)
-        placement = agree_on_kind(placements[0], control, world)
+        feeding, placements = place_rank(args, world, control, asked)
+        placement = agree_on_kind(placements[0] if placements else None, control, world)
         if placement.kind == "cuda":  # before the first NCCL call, which would fail on a shared GPU
             torch_device(placement)
             problem = shared_gpus(list(zip(control.all_gather_int(world.node_rank),
@@ -63,8 +63,8 @@ def run_update(args: argparse.Namespace) -> int:
             if problem:
                 raise ValueError(problem)
             control.use_nccl()
-        for receivers in update_rounds(args.update_method, args.ranks, world):
-            Update(args, world, control, placement, [p.rank_key for p in placements], receivers, asked).run()
+        for receivers in update_rounds(args.update_method, args.ranks, world, feeding):
+            Update(args, world, control, placement, feeding, [p.rank_key for p in placements], receivers, asked).run()
         if args.sleep_time:
             time.sleep(args.sleep_time)
         return 0
@@ -82,11 +82,12 @@ def run_update(args: argparse.Namespace) -> int:
 class Update:
     """One update from this rank's point of view (a source, a receiver feeding its inference ranks, or both)."""
 
-    def __init__(self, args, world: LoaderWorld, control: Control, placement: LoaderPlacement, rank_keys: list[str],
-                 receivers: list[int], asked: dict):  # fmt: skip
+    def __init__(self, args, world: LoaderWorld, control: Control, placement: LoaderPlacement, feeding: Feeding,
+                 rank_keys: list[str], receivers: list[int], asked: dict):  # fmt: skip
         self.args = args
         self.asked = asked
         self.placement = placement  # where this process's buffers live
+        self.feeding = feeding  # which loader process feeds which server rank
         self.rank_keys = rank_keys  # the server ranks this process feeds (from the server's /model_info)
         self.world = world
         self.control = control
@@ -189,7 +190,7 @@ class Update:
         if self.mapped:
             return True
         budget = self.args.staging_budget or int(self.memory_budget * STAGING_SHARE)
-        reason = staging_problem([s.bucket.nbytes for s in steps], self.world.local_world_size, budget,
+        reason = staging_problem([s.bucket.nbytes for s in steps], self.feeding.feeders_on_node(self.world), budget,
                                  self.placement.kind)  # fmt: skip
         if reason is None:
             return True
@@ -210,7 +211,10 @@ class Update:
                                  f"{world.world_size}; use as many ranks or re-plan with --checkpoint-path")  # fmt: skip
         else:
             self.checkpoint_name = args.checkpoint_name
-            shards = shard_by_bytes(read_checkpoint(args.checkpoint_path), world.world_size)
+            shards = [[] for _ in range(world.world_size)]  # only the feeders read: they hold the buffers
+            readers = self.feeding.feeders
+            for rank, shard in zip(readers, shard_by_bytes(read_checkpoint(args.checkpoint_path), len(readers))):
+                shards[rank] = shard
         if args.save_metas_file and world.rank == 0:
             save_metas(args.save_metas_file, self.checkpoint_name, shards, args.checkpoint_path)
         steps, bucket_bytes = plan_world(shards, args.bucket_size, self.memory_budget)
@@ -221,12 +225,14 @@ class Update:
         return steps, bucket_bytes
 
     def choose_page_cache_mode(self, tensors) -> bool:
-        """Page-cache mode (the server maps the checkpoint files; no loader copy) where it applies: one loader
-        rank, CPU, every tensor at a viewable offset. ``--transfer copy`` forces bucket buffers."""
-        possible = not self.world.distributed and self.placement.kind == "cpu" and mappable(tensors)
+        """Page-cache mode (the server maps the checkpoint files; no loader copy) where it applies: one process
+        feeds every server rank (one node), CPU, every tensor at a viewable offset. ``--transfer copy`` forces
+        bucket buffers."""
+        one_feeder = len(self.feeding.feeders) == 1
+        possible = one_feeder and self.placement.kind == "cpu" and mappable(tensors)
         if self.args.transfer == "map" and not possible:
-            raise ValueError("--transfer map needs one loader rank, --device cpu and dtype-aligned tensor offsets; "
-                             "use --transfer copy (or auto)")  # fmt: skip
+            raise ValueError("--transfer map needs every server rank on this node, on CPU (one loader process feeds "
+                             "them all) and dtype-aligned tensor offsets; use --transfer copy (or auto)")  # fmt: skip
         return self.args.transfer != "copy" and possible
 
     def check_server(self) -> None:
@@ -243,13 +249,9 @@ class Update:
         only, nothing that fails: it comes before any rank allocates)."""
         world = self.world
         self.update_id = self.control.broadcast_str(new_update_id(self.checkpoint_name) if world.rank == 0 else "")
-        own = [make_endpoint(f"{self.update_id}-i{world.instance}", key) for key in self.rank_keys]
-        if world.feeds_instance:  # this process is the whole instance
-            self.keys, self.endpoints = self.rank_keys, own
-        else:
-            self.keys = self.control.all_gather_str(self.rank_keys[0])
-            self.endpoints = self.control.all_gather_str(own[0])
-        self.own_endpoints = own
+        # every server rank's key, in server-rank order (each feeder's ranks are consecutive)
+        self.keys = [k for fed in self.control.all_gather_str(",".join(self.rank_keys)) for k in fed.split(",") if k]
+        self.own_endpoints = [self.endpoint_of(key) for key in self.rank_keys]
         if not self.mapped and self.exchange is None:  # buckets move (torch from here on)
             self.make_exchange()
 
@@ -279,9 +281,13 @@ class Update:
             self.http = self.client.start_update(self.instance_endpoints(), args.weight_version,
                                                  not args.no_flush_cache, self.cancelled)  # fmt: skip
 
+    def endpoint_of(self, rank_key: str) -> str:
+        """The ZeroMQ endpoint a server rank of this instance connects to (the same name in every process)."""
+        return make_endpoint(f"{self.update_id}-i{self.world.instance}", rank_key)
+
     def instance_endpoints(self) -> dict[str, str]:
         """Rank key -> ZeroMQ endpoint of every rank of this instance (what its server's ranks connect to)."""
-        return {self.keys[r]: self.endpoints[r] for r in self.world.instance_ranks()}
+        return {self.keys[g]: self.endpoint_of(self.keys[g]) for g in self.world.instance_ranks()}
 
     def instance_keys(self) -> list[str]:
         return list(self.instance_endpoints())
@@ -337,7 +343,7 @@ class Update:
             self.feeder.allocate(bucket_bytes, num_buffers, self.device)
         self.filler = BucketFiller(self.reader, self.device, bucket_bytes)
         owned = sum(1 for s in self.steps if s.owner == self.world.rank)
-        self.exchange.allocate(bucket_bytes, max(1, owned) if self.two_phase else 1)
+        self.exchange.allocate(bucket_bytes, owned if self.two_phase else min(owned, 1))
 
     def read_ahead(self, steps) -> dict[int, list[int] | None]:
         """Two phases: each receiving rank first reads every bucket it owns into that bucket's own buffer, all
@@ -406,6 +412,8 @@ class Update:
             times.extra["exchange between loader ranks"] = move_s
 
     def push_mapped(self) -> None:
+        if self.feeder is None:  # another loader process feeds this node's server ranks
+            return
         t0 = time.perf_counter()
         self.feeder.run_mapped(self.files, self.file_buckets, self.times, self.args.verify)
         self.times.total_s = time.perf_counter() - t0
