@@ -24,6 +24,13 @@ def bytes_per_rank(stdout: str) -> list[int]:
     return [int(b) for b in re.findall(r"rank \d+: (\d+)", line)]
 
 
+def copied_per_rank(stdout: str) -> dict[str, int]:
+    """Server rank key -> the bytes that rank copied into its weights, as the loader reports them."""
+    line = next(x for x in stdout.splitlines() if "bytes each server rank copied" in x)
+    ranks = line.split("dtype): ", 1)[1].split(" (of ")[0].split(" | ")
+    return {r.split()[0]: int(r.split()[1]) for r in ranks}
+
+
 def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -127,6 +134,20 @@ def test_one_loader_process_feeds_both_tp_ranks_and_nothing_moves_between_proces
     assert "between loader processes: 0 bytes" in out.stdout, out.stdout
     mode = "page cache: 2 server ranks mapped the files" if transfer == "map" else "shared bucket buffers"
     assert mode in out.stdout, out.stdout
+    # each rank's load_weights copied its slice, in the server's dtype (the float32 checkpoint's bytes, or half of
+    # them in bfloat16): the norms whole, half of every other tensor; the vocabulary (1000 rows) is padded to a
+    # multiple of 64 (SGLang's vocab padding) and each rank writes its 512 rows, the padding rows zeroed
+    slice_bytes = 0
+    for name, t in checkpoint_tensors(llama_a).items():
+        if name.endswith("norm.weight"):
+            slice_bytes += t.nbytes
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            slice_bytes += -(-t.shape[0] // 64) * 64 // 2 * t[0].nbytes
+        else:
+            slice_bytes += t.nbytes // 2
+    copied = copied_per_rank(out.stdout)
+    assert list(copied) == ["cpu-tp0", "cpu-tp1"], out.stdout
+    assert set(copied.values()) in ({slice_bytes}, {slice_bytes // 2}), (copied, slice_bytes)
     assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
     fingerprint = out.stdout.split("fingerprint=")[1].split()[0]
     assert httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["fingerprint"] == fingerprint
@@ -156,6 +177,7 @@ def test_two_loader_ranks_under_torchrun_on_one_node_take_the_one_copy_path(serv
     mode = "page cache: 2 server ranks mapped the files" if transfer == "map" else "shared bucket buffers (one set"
     assert "[sglang-ckpt rank 0] pushed" in out.stdout and mode in out.stdout, out.stdout
     assert "[sglang-ckpt rank 1] pushed" not in out.stdout, out.stdout
+    assert list(copied_per_rank(out.stdout)) == ["cpu-tp0", "cpu-tp1"], out.stdout
     assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
     assert_serves(server.url, llama_a)
 

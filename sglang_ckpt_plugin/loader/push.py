@@ -68,6 +68,7 @@ class RankFeeder:
         self.buffers = []
         self.on_bucket = lambda bucket: None  # progress callback
         self._fd_offer: FdOffer | None = None
+        self.written_bytes = 0  # what the server rank said, at hello, its load_weights will write (its slice)
         self.endpoint = endpoint
         self.channel: Channel | None = None
         if listen:
@@ -134,7 +135,7 @@ class RankFeeder:
             )
         )
         try:
-            self._wait_reply(-1, "accept the update")
+            self.written_bytes = self._wait_reply(-1, "accept the update").written_bytes
         finally:
             self._close_fd_offer()
         for b in self.buffers:  # the server has mapped them: drop the names so nothing can leak

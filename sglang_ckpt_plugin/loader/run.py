@@ -439,6 +439,9 @@ class Update:
                   f"via {mode}", file=out)  # fmt: skip
             print(f"{tag} stages: read {times.read_s:.3f} s | wait for server {times.wait_s:.3f} s | server load "
                   f"{times.load_s:.3f} s | server post-process {times.post_s:.3f} s", file=out)  # fmt: skip
+            copied = " | ".join(f"{key} {f.written_bytes}" for key, f in zip(self.rank_keys, self.feeder.feeders))
+            print(f"{tag} bytes each server rank copied into its weights (its slice, in its dtype): {copied} "
+                  f"(of {times.bytes} pushed)", file=out)  # fmt: skip
         print(f"{tag} around the push: " + " | ".join(f"{k} {v:.3f} s" for k, v in times.extra.items()), file=out)
         read = self.control.all_gather_int(self.reader.bytes_read)
         moved = sum(self.control.all_gather_int(self.exchange.bytes_received if self.exchange is not None else 0))

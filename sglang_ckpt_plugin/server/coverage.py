@@ -94,6 +94,11 @@ def clip(starts: np.ndarray, ends: np.ndarray, nbytes: int) -> Intervals:
     return merge(np.clip(starts, 0, nbytes), np.clip(ends, 0, nbytes))
 
 
+def written_bytes(coverage: Coverage) -> int:
+    """Bytes an update writes into the parameters (a TP rank's own slice of every tensor it loads)."""
+    return sum(end - start for cov in coverage.values() for start, end in cov)
+
+
 def is_whole(cov: Intervals, extent: Extent) -> bool:
     return cov == whole(extent)
 

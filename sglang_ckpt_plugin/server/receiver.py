@@ -23,6 +23,7 @@ from ..transport.integrity import Fingerprint, tensor_digest
 from ..transport.messages import (
     Abort, BucketReady, CudaIpcHandle, FileHandle, Finish, Hello, ProtocolError, Reply, ShmFdHandle,
 )  # fmt: skip
+from .coverage import written_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ class ReceiveSession:
         except ValueError as exc:
             _send_error(channel, -1, f"update rejected: {exc}")
             raise UpdateRefused(f"update rejected: {exc}") from exc
-        _send_ok(channel, Reply(seq=-1, ok=True))
+        _send_ok(channel, Reply(seq=-1, ok=True, written_bytes=written_bytes(self.coverage)))
 
         while True:
             msg = self._recv(channel, "bucket", self.idle_timeout_s)

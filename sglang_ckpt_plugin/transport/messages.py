@@ -149,6 +149,7 @@ class Reply(_Msg, tag="reply"):
     ok: bool
     error: str = ""
     elapsed_s: float = 0.0  # worker time spent on that message (load_weights, post-processing)
+    written_bytes: int = 0  # hello only: bytes of this rank's parameters the update writes (its slice, not the model)
 
 
 Message = Union[Hello, BucketReady, Finish, Abort, Reply]
