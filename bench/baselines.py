@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import re
 import statistics
@@ -234,10 +235,17 @@ class PauseProbe:
 def measure_pause(url: str, update, every_s: float = 0.05) -> tuple[float, float, float]:
     """(idle median latency, pause during ``update()``, the update's own seconds), same server, same probe (a
     request every ``every_s``: keep it above a request's own latency, or the probe queues and measures itself)."""
-    with PauseProbe(url, every_s) as probe:
+    idles, pauses, seconds = measure_pauses([url], update, every_s)
+    return idles[0], pauses[0], seconds
+
+
+def measure_pauses(urls: list[str], update, every_s: float = 0.05) -> tuple[list[float], list[float], float]:
+    """``measure_pause`` on several servers at once (a fleet update): one probe each, the same window."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(PauseProbe(url, every_s)) for url in urls]
         time.sleep(1.0)
         start = time.perf_counter()
         update()
         end = time.perf_counter()
         time.sleep(0.5)
-    return probe.idle(start), probe.pause(start, end), end - start
+    return [p.idle(start) for p in probes], [p.pause(start, end) for p in probes], end - start

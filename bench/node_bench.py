@@ -1,23 +1,29 @@
 """``make bench`` (first table): what a caller waits for and what clients see, for every way of updating one node's
-server, TP=1 and TP=2, against SGLang's own ``/update_weights_from_disk`` of the same files in the same run.
+server, TP=1 and TP=2, and a fleet of two TP=1 servers as two "nodes" on loopback (one torchrun loader rank per
+node), against SGLang's own ``/update_weights_from_disk`` of the same files in the same run (for the fleet: on both
+servers at once).
 
 Every server runs with SGLang's ``--sleep-on-idle`` (an idle scheduler otherwise spins a core and every figure
 measures that). "whole" is the caller's time for the update, measured alone: for the CLI the whole process,
 start-up included; "pause" is the longest latency of 1-token requests sent every 250 ms while the same update ran
-again. Methods are interleaved in each round, medians over ``--repeats``; the page cache is warm. After each
-method SGLang's ``/weights_checker`` checksum must equal the one after its own disk reload (the same bytes), or
-the bench fails.
+again (for the fleet: on each server, the larger of the two shown after the slash). Methods are interleaved in each
+round, medians over ``--repeats``; the page cache is warm. After each method SGLang's ``/weights_checker`` checksum
+must equal the one after its own disk reload (the same bytes), on every server, or the bench fails. "between loader
+processes" and "copied per server rank" are what the loader printed.
 
-    python bench/node_bench.py [--gb 1.0] [--repeats 3] [--workdir DIR]
+    python bench/node_bench.py [--gb 1.0] [--repeats 3] [--workdir DIR] [--tp 1,2,fleet]
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +34,7 @@ from baselines import (  # noqa: E402
     GB,
     SERVER_ARGS,
     bench_parser,
-    measure_pause,
+    measure_pauses,
     run_loader,
     time_disk_update,
     time_update_from_tensor,
@@ -90,44 +96,103 @@ class Methods:
         return ""
 
 
+class Fleet:
+    """Two TP=1 servers as two nodes: SGLang's disk reload on both at once, and one loader rank per node."""
+
+    def __init__(self, urls: list[str], ckpt: Path):
+        self.urls, self.ckpt = urls, ckpt
+        self.methods = {
+            "SGLang /update_weights_from_disk (both at once)": self.disk,
+            "push, 2 nodes (torchrun --nnodes 2, one loader rank each)": self.two_nodes,
+        }
+
+    def disk(self, version: str) -> str:
+        threads = [threading.Thread(target=time_disk_update, args=(url, self.ckpt, version)) for url in self.urls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return ""
+
+    def two_nodes(self, version: str) -> str:
+        """``torchrun --nnodes 2 --node-rank i`` once per node, as on two machines; both nodes' output."""
+        rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        procs = []
+        for node, url in enumerate(self.urls):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                   "--nproc-per-node", "1", *rendezvous, *cli(url, self.ckpt, version)[1:]]  # fmt: skip
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=900) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            if p.returncode:
+                raise RuntimeError(f"fleet loader failed:\n{out[-2000:]}\n{err[-3000:]}")
+        return "".join(out for out, _ in outs)
+
+
 def moved_bytes(out: str) -> str:
     found = re.search(r"between loader processes: (\d+) bytes", out or "")
     return f"{int(found.group(1)) / 1e6:.0f} MB" if found else "-"
 
 
-def bench_server(tp: int, ckpt: Path, work: Path, tensors: dict, repeats: int) -> list[tuple]:
+def copied_per_rank(out: str) -> str:
+    """What each server rank's load_weights wrote, as the loader printed it (GB, server ranks in order)."""
+    found = re.findall(r"copied into its weights \(its slice, in its dtype\): (.*) \(of \d+ pushed\)", out or "")
+    sizes = [int(rank.split()[1]) for line in found for rank in line.split(" | ")]
+    return " / ".join(f"{b / GB:.2f}" for b in sizes) or "-"
+
+
+def bench_methods(setting: str, urls: list[str], ckpt: Path, methods: dict, repeats: int) -> list[tuple]:
     """Each method twice a round: alone (what the caller waits for), then under the request probe (the pause)."""
     rows: dict[str, dict] = {}
+    references = [checksum(url) for url in urls]
+    for i in range(repeats):
+        print(f"{setting}: round {i + 1}/{repeats}", flush=True)
+        for name, update in methods.items():
+            row = rows.setdefault(name, {"whole": [], "pause": [], "idle": []})
+            warm_page_cache(ckpt)
+            t0 = time.perf_counter()
+            out = update(f"r{i}")
+            row["whole"].append(time.perf_counter() - t0)
+            row["moved"], row["copied"] = moved_bytes(out), copied_per_rank(out)
+            warm_page_cache(ckpt)
+            idles, pauses, _ = measure_pauses(urls, lambda: update(f"p{i}"), every_s=PROBE_EVERY_S)
+            row["pause"].append(pauses)
+            row["idle"].append(max(idles))
+            if [checksum(url) for url in urls] != references:
+                raise RuntimeError(f"{setting} {name}: the served weights differ from SGLang's own load")
+    med = statistics.median
+    return [(setting, name, med(r["whole"]), [med(p) for p in zip(*r["pause"])], med(r["idle"]), r["moved"],
+             r["copied"]) for name, r in rows.items()]  # fmt: skip
+
+
+def bench_server(tp: int, ckpt: Path, work: Path, tensors: dict, repeats: int) -> list[tuple]:
     with SGLangServer(ckpt, work / f"server-tp{tp}.log", tp_size=tp, extra_args=SERVER_ARGS) as srv:
         srv.wait_listening(timeout_s=900)
         time_disk_update(srv.url, ckpt, "initial")  # real weights in, the gate open
         srv.wait_healthy(timeout_s=300)
-        reference = checksum(srv.url)
         methods = Methods(srv.url, ckpt, tp, tensors, torchrun_too=tp > 1)
         try:
-            for i in range(repeats):
-                print(f"TP={tp}: round {i + 1}/{repeats}", flush=True)
-                for name, update in methods.methods.items():
-                    row = rows.setdefault(name, {"whole": [], "pause": [], "idle": [], "moved": "-"})
-                    warm_page_cache(ckpt)
-                    t0 = time.perf_counter()
-                    row["moved"] = moved_bytes(update(f"r{i}"))
-                    row["whole"].append(time.perf_counter() - t0)
-                    warm_page_cache(ckpt)
-                    idle, pause, _ = measure_pause(srv.url, lambda: update(f"p{i}"), every_s=PROBE_EVERY_S)
-                    row["pause"].append(pause)
-                    row["idle"].append(idle)
-                    if checksum(srv.url) != reference:
-                        raise RuntimeError(f"TP={tp} {name}: the served weights differ from SGLang's own load")
+            return bench_methods(f"TP={tp}", [srv.url], ckpt, methods.methods, repeats)
         finally:
             methods.local.close()
-    med = statistics.median
-    return [(tp, name, med(r["whole"]), med(r["pause"]), med(r["idle"]), r["moved"]) for name, r in rows.items()]
+
+
+def bench_fleet(ckpt: Path, work: Path, repeats: int) -> list[tuple]:
+    servers = [SGLangServer(ckpt, work / f"fleet-node{i}.log", extra_args=SERVER_ARGS) for i in range(2)]
+    with contextlib.ExitStack() as stack:
+        for srv in servers:
+            stack.enter_context(srv)  # both start at once
+        for srv in servers:
+            srv.wait_listening(timeout_s=900)
+            time_disk_update(srv.url, ckpt, "initial")
+            srv.wait_healthy(timeout_s=300)
+        urls = [srv.url for srv in servers]
+        return bench_methods("fleet 2x TP=1", urls, ckpt, Fleet(urls, ckpt).methods, repeats)
 
 
 def main() -> int:
     p = bench_parser(__doc__, repeats=3)
-    p.add_argument("--tp", default="1,2", help="server TP sizes to measure")
+    p.add_argument("--tp", default="1,2,fleet", help="what to measure: server TP sizes, and 'fleet' (two TP=1 nodes)")
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-node-bench-"))
     ckpt = random_checkpoint(work, a.gb)
@@ -136,20 +201,27 @@ def main() -> int:
     for f in sorted(ckpt.glob("*.safetensors")):  # a trainer's weights: private memory
         tensors.update({k: v.clone() for k, v in load_file(f).items()})
     rows = []
-    for tp in [int(x) for x in a.tp.split(",")]:
-        rows += bench_server(tp, ckpt, work, tensors, a.repeats)
+    for setting in a.tp.split(","):
+        if setting == "fleet":
+            rows += bench_fleet(ckpt, work, a.repeats)
+        else:
+            rows += bench_server(int(setting), ckpt, work, tensors, a.repeats)
 
     header = f"{nbytes / GB:.3f} GB bf16 checkpoint, page cache warm, servers with --sleep-on-idle"
     print(f"\n{header}, median of {a.repeats}, same run\n")
-    print("| TP | method | whole s | vs disk | pause s | vs disk | idle latency s | between loader processes |")
-    print("|---|---|---|---|---|---|---|---|")
-    disk = {tp: (w, pz) for tp, name, w, pz, _, _ in rows if name.startswith("SGLang /update_weights_from_disk")}
-    for tp, name, whole, pause, idle, moved in rows:
-        d_whole, d_pause = disk[tp]
-        ratios = f"{whole / d_whole:.2f}x | {pause:.3f} | {pause / d_pause:.2f}x"
-        print(f"| {tp} | {name} | {whole:.3f} | {ratios} | {idle:.3f} | {moved} |")
+    print("| setting | method | whole s | vs disk | pause s | vs disk | idle latency s | between loader processes "
+          "| copied per server rank, GB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    disk = {row[0]: row for row in rows if row[1].startswith("SGLang /update_weights_from_disk")}
+    for setting, name, whole, pauses, idle, moved, copied in rows:
+        d_whole, d_pauses = disk[setting][2], disk[setting][3]
+        worst = max(p / d for p, d in zip(pauses, d_pauses))  # the instance that paused most, against its disk reload
+        pause = " / ".join(f"{p:.3f}" for p in pauses)
+        print(f"| {setting} | {name} | {whole:.3f} | {whole / d_whole:.2f}x | {pause} | {worst:.2f}x | {idle:.3f} "
+              f"| {moved} | {copied} |")  # fmt: skip
     print("\ntargets (issue 16): one-node pushes whole <= disk + 1.0 s, pause <= 1.5x disk, 0 bytes between loader "
-          "processes; LocalPush >= 10x faster than update_weights_from_tensor")
+          "processes; fleet pause <= 1.5x disk on both instances; LocalPush >= 10x faster than "
+          "update_weights_from_tensor")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0
