@@ -140,7 +140,7 @@ def test_cli_unreachable_server(tmp_path, llama_a):
     assert proc.returncode == 1 and "not reachable" in proc.stderr
 
 
-HANG = "from sglang_ckpt_plugin.loader.cli import install_watchdog; install_watchdog({}, {}); import time; time.sleep(60)"
+HANG = "from sglang_ckpt_plugin.loader import watchdog; watchdog.install({}, {}); import time; time.sleep(60)"
 
 
 def test_timeout_is_a_hard_ceiling_that_shows_where_the_loader_hung():

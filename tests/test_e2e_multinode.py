@@ -8,7 +8,9 @@ while staging leaves both serving what they served.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -143,3 +145,64 @@ def test_a_loader_rank_killed_while_a_fleet_stages_changes_no_instance(servers, 
     run_two_nodes(servers, "--checkpoint-path", str(llama_b), "--weight-version", f"b-fleet{seed}-again")
     for srv in servers:
         assert_serves(srv.url, llama_b)
+
+
+def test_a_resident_loader_group_keeps_the_fleet_on_the_newest_checkpoint(servers, llama_a, llama_b, tmp_path):
+    """``--watch`` on both nodes (one torchrun group): a new checkpoint goes to both instances; node 1's server,
+    killed and restarted on dummy weights, is refilled alone (node 0's is not touched); Ctrl-C on both nodes (SIGINT
+    to each torchrun's process group, as a terminal sends it) stops the group at its next meeting, nothing staged."""
+    import signal
+    import time
+
+    from .test_e2e_watch import serves_version
+
+    watched, status = tmp_path / "ckpts", tmp_path / "status.json"
+    watched.mkdir()
+    before = set(our_leftovers())
+    port = free_port()
+    procs, logs = [], [tmp_path / f"node{i}.log" for i in range(2)]
+    for node, srv in enumerate(servers):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--endpoint", srv.url, "--quiet",
+               "--timeout", "120", "--poll-s", "0.2", "--status-file", str(status)]  # fmt: skip
+        with open(logs[node], "w") as out:
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def wait(check, what: str, timeout_s: float = 180.0):
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            assert all(p.poll() is None for p in procs), "\n".join(log.read_text()[-3000:] for log in logs)
+            assert time.monotonic() < deadline, f"not {what}:\n" + "\n".join(log.read_text()[-3000:] for log in logs)
+            time.sleep(0.2)
+
+    try:
+        shutil.copytree(llama_b, watched / "step-10")
+        wait(lambda: all(serves_version(srv.url, "step-10")() for srv in servers), "both serving step-10")
+        for srv in servers:
+            assert_serves(srv.url, llama_b)
+        node0_update = info(servers[0].url)["ckpt_plugin"]["last_update"]
+
+        servers[1].stop()
+        servers[1].start()
+        servers[1].wait_listening()
+        wait(serves_version(servers[1].url, "step-10"), "node 1 refilled")
+        assert "refilled" in logs[0].read_text()
+        assert info(servers[0].url)["ckpt_plugin"]["last_update"] == node0_update  # the serving one: untouched
+        assert_serves(servers[1].url, llama_b)
+
+        for p in procs:
+            os.killpg(p.pid, signal.SIGINT)
+        for p in procs:
+            p.wait(timeout=90)
+        assert "[sglang-ckpt watch] stopped" in logs[0].read_text(), logs[0].read_text()[-3000:]
+        assert json.loads(status.read_text())["stopped"] is True
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert set(our_leftovers()) - before == set()
+    for srv in servers:
+        assert info(srv.url)["ckpt_plugin"]["staging"]["state"] in ("committed", "released")
+        assert serves_version(srv.url, "step-10")()

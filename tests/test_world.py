@@ -207,3 +207,26 @@ def test_feeding_is_one_process_per_node_only_where_every_server_is_on_cpu_and_a
     assert choose_feeding(w, True, "broadcast", False, "cuda").fed == per_rank
     alone = LoaderWorld(parallel_size=2, feeds_instance=True)
     assert choose_feeding(alone, True, "broadcast", False, "auto").fed == ((0, 1),)
+
+
+LONG = textwrap.dedent("""
+    from sglang_ckpt_plugin.loader.world import Control, LoaderWorld
+    world = LoaderWorld.from_env(1)
+    c = Control(world, 30)
+    text = "x" * (1000 + 300 * world.rank)
+    print("long", [len(t) for t in c.all_gather_str(text)], len(c.broadcast_str(text, src=1)), c.all_gather_str(""))
+    c.close()
+""")
+
+
+def test_control_strings_of_any_length():
+    """A resident loader's actions and an instance's eight GPU uuids are longer than one fixed-size buffer."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", LONG], env=env, stdout=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert all("long [1000, 1300] 1300 ['', '']" in out for out in outs), outs

@@ -7,14 +7,13 @@ Options follow SGLang's checkpoint-engine entry point (``sglang.srt.checkpoint_e
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import os
-import signal
 import sys
+
+from . import watchdog
 
 MiB = 1 << 20
 API_KEY_ENV = "SGLANG_CKPT_API_KEY"
-WATCHDOG_GRACE_S = 30.0
 
 
 def parse_size(text: str) -> int:
@@ -82,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shared memory the staged buckets may take on one node, e.g. 8G; default 80%% of MemAvailable")
     p.add_argument("--commit-retries", type=int, default=2,
                    help="retries of a failed commit, from the bytes the server staged (nothing is read again)")
+    p.add_argument("--watch", metavar="DIR",
+                   help="stay resident: push every new complete checkpoint that appears under DIR (step directories, "
+                        "newest first, --weight-version = the directory's name) and refill any server that comes back "
+                        "without complete weights; ends cleanly on Ctrl-C / SIGTERM (docs/rl.md)")
+    p.add_argument("--ready-marker", metavar="NAME",
+                   help="--watch: a checkpoint is ready once the trainer wrote this file into it (e.g. COMPLETE); "
+                        "default: once its files are complete and unchanged between two scans")
+    p.add_argument("--poll-s", type=float, default=0.25, help="--watch: seconds between scans of DIR and the servers")
+    p.add_argument("--status-file", help="--watch: keep a JSON status here (what each server serves, the update in "
+                                         "progress, skipped checkpoints and why), rewritten atomically")
     p.add_argument("--no-flush-cache", action="store_true", help="keep the radix cache after the update")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p  # fmt: skip
@@ -96,8 +105,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--commit-retries must be >= 0")
     if args.num_buffers < 1:
         parser.error("--num-buffers must be >= 1")
-    if not args.checkpoint_path and not args.load_metas_file:
-        parser.error("--checkpoint-path is required (or --load-metas-file)")
+    if args.watch:
+        given = [flag for flag, value in (("--checkpoint-path", args.checkpoint_path), ("--load-metas-file",
+                 args.load_metas_file), ("--save-metas-file", args.save_metas_file), ("--weight-version",
+                 args.weight_version), ("--sleep-time", args.sleep_time)) if value]  # fmt: skip
+        if given or args.update_method != "broadcast":
+            parser.error(f"--watch takes the checkpoints and their versions from DIR and updates every instance: "
+                         f"drop {', '.join(given) or '--update-method ' + args.update_method}")  # fmt: skip
+        if args.poll_s <= 0:
+            parser.error("--poll-s must be positive")
+    elif not args.checkpoint_path and not args.load_metas_file:
+        parser.error("--checkpoint-path is required (or --load-metas-file, or --watch DIR)")
     if args.save_metas_file and args.load_metas_file:
         parser.error("--save-metas-file and --load-metas-file exclude each other")
     return args
@@ -132,13 +150,6 @@ def relaunch_under_torchrun(nproc: int, argv: list[str], api_key: str | None) ->
     os.execv(sys.executable, cmd)
 
 
-def install_watchdog(timeout_s: float, grace_s: float = WATCHDOG_GRACE_S) -> None:
-    """``--timeout`` is a hard ceiling for the whole process: past it (plus a grace for clean-up), every
-    thread's stack is printed to stderr and the process exits 1. SIGUSR1 prints the stacks at any time."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    faulthandler.dump_traceback_later(timeout_s + grace_s, exit=True)
-
-
 def ask_server(args: argparse.Namespace) -> tuple[dict | None, str | None]:
     """The server's /model_info, and why it cannot take this many loader ranks (None: it can)."""
     if args.update_method == "p2p":
@@ -167,7 +178,7 @@ def feeds_from_one_process(args: argparse.Namespace, info: dict | None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    install_watchdog(args.timeout)
+    watchdog.install(args.timeout)
     args.feeds_instance = False
     if args.inference_parallel_size > 1 and "RANK" not in os.environ:
         info, error = ask_server(args)  # before starting N processes: a clear message, no torchrun noise
@@ -177,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         args.feeds_instance = feeds_from_one_process(args, info)
         if not args.feeds_instance:
             relaunch_under_torchrun(args.inference_parallel_size, argv, args.api_key)
-    from .run import run_update  # heavy imports (torch) after argument errors
+    from .session import run_loader  # heavy imports after argument errors
 
-    return run_update(args)
+    return run_loader(args)
 
 
 def console_main() -> None:

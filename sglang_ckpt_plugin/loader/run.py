@@ -1,4 +1,4 @@
-"""One update, end to end, on every loader rank: plan, wait for the server, move buckets, push, report.
+"""One update, end to end, on every loader rank: plan, check the server, move buckets, push, report.
 
 Every rank walks the same steps; after each local step that can fail, the ranks agree (one small gloo
 all-reduce) so that one rank's error stops all of them at the same point instead of leaving the others in a
@@ -8,16 +8,15 @@ checkpoint files itself (one rank, CPU: page-cache mode) nothing imports torch, 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import threading
 import time
 from typing import TYPE_CHECKING
 
-from ..placement import LoaderPlacement, shared_gpus
+from ..placement import LoaderPlacement
 from ..transport.channel import make_endpoint
-from .checkpoint import CheckpointError, discover_files, read_checkpoint
+from .checkpoint import CheckpointError, read_checkpoint
 from .http import ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
 from .plan import (
@@ -25,7 +24,7 @@ from .plan import (
 )  # fmt: skip
 from .node_feed import NodeFeeder
 from .push import PushError, RankFeeder, StageTimes, new_update_id
-from .rank_setup import PeerFailed, agree_on_kind, available_memory, place_rank, torch_device
+from .rank_setup import PeerFailed, available_memory, torch_device
 from .reader import CheckpointReader
 from .world import Control, Feeding, LoaderWorld
 
@@ -46,37 +45,7 @@ def update_rounds(method: str, ranks: str | None, world: LoaderWorld, feeding: F
     return rounds
 
 
-def run_update(args: argparse.Namespace) -> int:
-    control = None
-    try:
-        world = LoaderWorld.from_env(args.inference_parallel_size, getattr(args, "feeds_instance", False))
-        if args.checkpoint_path and not args.load_metas_file:
-            discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
-        control = Control(world, args.timeout)
-        asked: dict = {}  # the leader's client and /model_info, read once
-        feeding, placements = place_rank(args, world, control, asked)
-        placement = agree_on_kind(placements[0] if placements else None, control, world)
-        if placement.kind == "cuda":  # before the first NCCL call, which would fail on a shared GPU
-            torch_device(placement)
-            problem = shared_gpus(list(zip(control.all_gather_int(world.node_rank),
-                                           control.all_gather_str(placement.rank_key))))  # fmt: skip
-            if problem:
-                raise ValueError(problem)
-            control.use_nccl()
-        for receivers in update_rounds(args.update_method, args.ranks, world, feeding):
-            Update(args, world, control, placement, feeding, [p.rank_key for p in placements], receivers, asked).run()
-        if args.sleep_time:
-            time.sleep(args.sleep_time)
-        return 0
-    except PeerFailed as exc:
-        print(f"[sglang-ckpt] stopped: {exc}", file=sys.stderr)
-        return 1
-    except (CheckpointError, ServerError, PushError, ValueError, OSError, RuntimeError) as exc:
-        print(f"[sglang-ckpt] error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if control is not None:
-            control.close()
+UPDATE_ERRORS = (CheckpointError, ServerError, PushError, ValueError, OSError, RuntimeError)
 
 
 class Update:
@@ -116,7 +85,7 @@ class Update:
         error, result = None, None
         try:
             result = fn()
-        except (CheckpointError, ServerError, PushError, ValueError, OSError, RuntimeError) as exc:
+        except UPDATE_ERRORS as exc:
             error = exc
         self.agree(error)
         return result

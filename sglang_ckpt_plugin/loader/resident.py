@@ -1,0 +1,240 @@
+"""``--watch DIR``: a loader that stays. It keeps its process, imports, process group and server clients between
+updates, pushes each new complete checkpoint under DIR to every instance that is up, and refills any instance
+that comes back without complete weights (a restarted server, or one left incomplete by a failed update) with the
+checkpoint the others serve, touching no other instance.
+
+Every ``--poll-s`` all ranks meet once: each instance's leader says what its server reports (``/model_info``),
+rank 0 scans DIR and decides one ``Action``, which every rank receives as JSON and runs as an ordinary update
+(run.py ``Update``; the receivers are the feeders of the instances it names). A push that fails (the servers
+refused the checkpoint, a rank failed) leaves every instance on what it served; its directory is skipped, with
+the reason in the log and the status file, until its files change. SIGTERM / Ctrl-C: a lone loader process
+unwinds the update in progress (its staged bytes are dropped on the server) and exits 0; ranks of a torchrun
+group stop together at their next meeting, after the update in progress; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import watchdog
+from .http import PLUGIN_MARKER
+from .rank_setup import PeerFailed
+from .run import UPDATE_ERRORS
+from .watch_dir import Candidate, CheckpointWatch
+
+if TYPE_CHECKING:
+    from .session import Session
+
+REFILL_RETRY_S = 5.0  # a refill that failed is tried again after this long
+POLL_TIMEOUT_S = 2.0  # a server that does not answer /model_info within this is counted as down
+TAG = "[sglang-ckpt watch]"
+
+
+class Stop(BaseException):
+    """SIGTERM / SIGINT: unwinds an update in progress through its clean-up."""
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    endpoint: str
+    up: bool = False
+    weights_state: str = ""  # the plugin's view: waiting / complete / incomplete
+    weight_version: str | None = None
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str = "idle"  # push: a new checkpoint to every instance up; refill: the served one to those behind;
+    path: str = ""  # adopt: every instance up already serves the newest checkpoint
+    version: str = ""
+    instances: tuple[int, ...] = ()
+
+
+def choose_action(newest: Candidate | None, serving: Candidate | None, states: list[InstanceState],
+                  may_refill: list[bool]) -> Action:  # fmt: skip
+    """What to do now: a newer checkpoint wins; else bring the instances that are up but behind onto ``serving``."""
+    up = tuple(i for i, s in enumerate(states) if s.up)
+    if newest is not None and up:
+        if all(states[i].weights_state == "complete" and states[i].weight_version == newest.version for i in up):
+            return Action("adopt", newest.path, newest.version, up)
+        return Action("push", newest.path, newest.version, up)
+    if serving is not None:
+        behind = tuple(i for i in up if may_refill[i] and (states[i].weights_state != "complete"
+                                                            or states[i].weight_version != serving.version))  # fmt: skip
+        if behind:
+            return Action("refill", serving.path, serving.version, behind)
+    return Action()
+
+
+class Resident:
+    def __init__(self, args: argparse.Namespace, session: Session):
+        self.args, self.session = args, session
+        self.world, self.control = session.world, session.control
+        self.watch = CheckpointWatch(Path(args.watch), args.ready_marker)
+        self.serving: Candidate | None = None
+        self.skipped: dict[tuple, str] = {}  # (path, signature) -> why its push failed
+        self.passed_over: set[str] = set()  # older checkpoints a newer one superseded before they were pushed
+        self.up_since: dict[int, float] = {}  # instance -> the meeting that first saw its server answer
+        self.retry_at: dict[int, float] = {}  # instance -> when a failed refill may be tried again
+        self.last_refill_s: dict[int, float] = {}
+        self.in_progress: Action | None = None
+        self.states: list[InstanceState] = []  # as of the last meeting
+        self.newest: Candidate | None = None  # rank 0: the checkpoint its last decision named
+        self.stopping = 0
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        watchdog.disarm()  # --timeout bounds each update, not the loader's life
+        if self.world.rank == 0:
+            print(f"{TAG} watching {self.args.watch} for checkpoints (every {self.args.poll_s:g} s)", flush=True)
+        try:
+            while True:
+                states = self.poll()
+                if self.control.any_failed(self.stopping > 0):  # every rank stops at the same meeting
+                    raise Stop()
+                action = self.agree(self.decide(states) if self.world.rank == 0 else None)
+                if action.kind == "adopt":
+                    self.serving = self.newest
+                    self.say(f"every instance already serves {action.version}: watching for newer checkpoints")
+                elif action.kind != "idle":
+                    self.execute(action, states)
+                self.write_status(states)
+                time.sleep(self.args.poll_s)
+        except Stop:
+            self.in_progress = None
+            self.say("stopped")
+            self.write_status(self.states, stopped=True)
+            return 0
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping += 1
+        if not self.world.distributed or self.stopping > 1:
+            raise Stop()
+
+    def say(self, text: str) -> None:
+        if self.world.rank == 0:
+            print(f"{TAG} {text}", flush=True)
+
+    # ------------------------------------------------------------------ one meeting
+    def poll(self) -> list[InstanceState]:
+        """Collective: what each instance's server reports, as its leader read it."""
+        own = json.dumps(asdict(self.ask_own_server())) if self.world.is_leader else ""
+        texts = self.control.all_gather_str(own)
+        leaders = range(0, self.world.world_size, self.world.parallel_size)
+        states = self.states = [InstanceState(**json.loads(texts[r])) for r in leaders]
+        now = time.monotonic()
+        for i, s in enumerate(states):
+            if not s.up:
+                self.up_since.pop(i, None)
+            else:
+                self.up_since.setdefault(i, now)
+        return states
+
+    def ask_own_server(self) -> InstanceState:
+        client, endpoint = self.session.asked["client"], self.args.endpoint
+        try:
+            resp = client.http.get("/model_info", timeout=POLL_TIMEOUT_S)
+            info = resp.json() if resp.status_code == 200 else {}
+        except Exception:  # noqa: BLE001 - down, restarting, or answering garbage: not up
+            return InstanceState(endpoint)
+        if not isinstance(info, dict) or not isinstance(info.get(PLUGIN_MARKER), dict):
+            return InstanceState(endpoint)
+        self.session.asked["info"] = info  # the update's layout check reads the server's current answer
+        plugin = info[PLUGIN_MARKER]
+        return InstanceState(endpoint, True, str(plugin.get("weights_state", "")), info.get("weight_version"))
+
+    def decide(self, states: list[InstanceState]) -> Action:
+        """Rank 0: the newest ready checkpoint newer than the one served (older ones it supersedes are passed
+        over), or a refill of the instances that are behind."""
+        newer = [c for c in self.watch.ready() if (self.serving is None or c.order > self.serving.order)
+                 and (c.path, c.signature) not in self.skipped]  # fmt: skip
+        for c in newer[:-1]:
+            if c.path not in self.passed_over:
+                self.passed_over.add(c.path)
+                self.say(f"passing over {c.version}: {newer[-1].version} is newer")
+        now = time.monotonic()
+        may_refill = [self.retry_at.get(i, 0.0) <= now for i in range(len(states))]
+        self.newest = newer[-1] if newer else None
+        return choose_action(self.newest, self.serving, states, may_refill)
+
+    def agree(self, action: Action | None) -> Action:
+        text = self.control.broadcast_str(json.dumps(asdict(action)) if action is not None else "")
+        fields = json.loads(text)
+        return Action(fields["kind"], fields["path"], fields["version"], tuple(fields["instances"]))
+
+    # ------------------------------------------------------------------ one update
+    def execute(self, action: Action, states: list[InstanceState]) -> None:
+        candidate = self.newest  # rank 0's record of a pushed checkpoint (the other ranks only follow)
+        receivers = [r for r in self.session.feeding.feeders if self.instance_of(r) in action.instances]
+        args = copy.copy(self.args)
+        args.checkpoint_path, args.weight_version, args.checkpoint_name = action.path, action.version, action.version
+        where = ", ".join(states[i].endpoint for i in action.instances)
+        self.say(f"{action.kind}: {action.version} to {where}")
+        self.in_progress = action
+        self.write_status(states)
+        t0 = time.monotonic()
+        error: BaseException | None = None
+        watchdog.arm(args.timeout)
+        try:
+            self.session.update(args, receivers).run()
+        except (PeerFailed, *UPDATE_ERRORS) as exc:
+            error = exc
+        finally:
+            watchdog.disarm()
+            self.in_progress = None
+        took = time.monotonic() - t0
+        if action.kind == "push":
+            if error is None:
+                self.serving = candidate
+                self.say(f"serving {action.version} on {where} ({took:.3f} s)")
+            elif self.world.rank == 0:
+                self.skipped[(candidate.path, candidate.signature)] = str(error)
+                self.say(f"skipped {action.version}: {error} (the instances keep what they served; the directory is "
+                         "tried again once its files change)")  # fmt: skip
+            return
+        for i in action.instances:
+            if error is None:
+                self.last_refill_s[i] = time.monotonic() - self.up_since.get(i, t0)
+                self.say(f"refilled {states[i].endpoint} with {action.version}: serving {self.last_refill_s[i]:.2f} s "
+                         "after this loader first saw its /model_info answer")  # fmt: skip
+            else:
+                self.retry_at[i] = time.monotonic() + REFILL_RETRY_S
+        if error is not None:
+            self.say(f"refill of {where} failed: {error} (tried again in {REFILL_RETRY_S:g} s)")
+
+    def instance_of(self, loader_rank: int) -> int:
+        return 0 if self.world.feeds_instance else loader_rank // self.world.parallel_size
+
+    # ------------------------------------------------------------------ status
+    def write_status(self, states: list[InstanceState], stopped: bool = False) -> None:
+        """Rank 0: the status file, replaced atomically (a reader never sees half of it)."""
+        if self.world.rank != 0 or not self.args.status_file:
+            return
+        serving = self.serving
+        status = {
+            "watching": str(self.args.watch),
+            "pid": os.getpid(),
+            "stopped": stopped,
+            "serving": {"version": serving.version, "path": serving.path} if serving else None,
+            "in_progress": asdict(self.in_progress) if self.in_progress else None,
+            "instances": [{**asdict(s), "last_refill_s": self.last_refill_s.get(i)} for i, s in enumerate(states)],
+            "skipped": [{"path": path, "reason": why} for (path, _), why in self.skipped.items()],
+            "passed_over": sorted(self.passed_over),
+            "updated_at": time.time(),
+        }
+        tmp = f"{self.args.status_file}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(status, f, indent=1)
+        os.replace(tmp, self.args.status_file)

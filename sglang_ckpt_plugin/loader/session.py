@@ -1,0 +1,77 @@
+"""A loader run: its process world and what every update of the run shares (``Session``), then the updates.
+
+One-shot: the rounds of ``--update-method`` (run.py ``Update`` each). Resident (``--watch``): resident.py, with the
+same session between updates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+from ..placement import LoaderPlacement, shared_gpus
+from .checkpoint import discover_files
+from .rank_setup import PeerFailed, agree_on_kind, place_rank, torch_device
+from .resident import Resident
+from .run import UPDATE_ERRORS, Update, update_rounds
+from .world import Control, Feeding, LoaderWorld
+
+
+@dataclass
+class Session:
+    """What every update of one loader run shares: the process world, its groups, who feeds which server rank,
+    where the buffers live, and each leader's server client (``asked``)."""
+
+    world: LoaderWorld
+    control: Control
+    feeding: Feeding
+    placement: LoaderPlacement
+    rank_keys: list[str]  # the server ranks this process feeds
+    asked: dict
+
+    def update(self, args: argparse.Namespace, receivers: list[int]) -> Update:
+        return Update(args, self.world, self.control, self.placement, self.feeding, self.rank_keys, receivers,
+                      self.asked)  # fmt: skip
+
+
+def open_session(args: argparse.Namespace, world: LoaderWorld, control: Control) -> Session:
+    asked: dict = {}  # the leader's client and /model_info, read once
+    feeding, placements = place_rank(args, world, control, asked)
+    placement = agree_on_kind(placements[0] if placements else None, control, world)
+    if placement.kind == "cuda":  # before the first NCCL call, which would fail on a shared GPU
+        torch_device(placement)
+        problem = shared_gpus(list(zip(control.all_gather_int(world.node_rank),
+                                       control.all_gather_str(placement.rank_key))))  # fmt: skip
+        if problem:
+            raise ValueError(problem)
+        control.use_nccl()
+    return Session(world, control, feeding, placement, [p.rank_key for p in placements], asked)
+
+
+def run_loader(args: argparse.Namespace) -> int:
+    """The loader process: set up, then one run of updates (or stay, ``--watch``); the exit code."""
+    control = None
+    try:
+        world = LoaderWorld.from_env(args.inference_parallel_size, getattr(args, "feeds_instance", False))
+        if args.checkpoint_path and not args.load_metas_file:
+            discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
+        control = Control(world, args.timeout)
+        session = open_session(args, world, control)
+        if args.watch:
+            return Resident(args, session).run()
+        for receivers in update_rounds(args.update_method, args.ranks, world, session.feeding):
+            session.update(args, receivers).run()
+        if args.sleep_time:
+            time.sleep(args.sleep_time)
+        return 0
+    except PeerFailed as exc:
+        print(f"[sglang-ckpt] stopped: {exc}", file=sys.stderr)
+        return 1
+    except UPDATE_ERRORS as exc:
+        print(f"[sglang-ckpt] error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if control is not None:
+            control.close()
