@@ -33,6 +33,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/node_bench.py
+	$(BIN)/python bench/watch_bench.py
 	$(BIN)/python bench/push_bench.py
 	$(BIN)/python bench/two_phase_bench.py
 

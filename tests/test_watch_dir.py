@@ -101,13 +101,18 @@ def test_instances_already_serving_the_newest_are_adopted_not_pushed():
 
 
 @pytest.mark.parametrize("state", [InstanceState("http://b", True, "waiting", None),
-                                   InstanceState("http://b", True, "incomplete", "step-1"),
-                                   InstanceState("http://b", True, "complete", "step-0")])  # fmt: skip
-def test_an_instance_that_comes_back_behind_is_refilled_alone(state):
+                                   InstanceState("http://b", True, "incomplete", "step-1")])  # fmt: skip
+def test_an_instance_that_comes_back_without_complete_weights_is_refilled_alone(state):
     got = choose_action(None, ckpt("step-1", 1), [UP_B, state], [True, True])
     assert got == Action("refill", "/w/step-1", "step-1", (1,))
     assert choose_action(None, ckpt("step-1", 1), [UP_B, state], [True, False]) == Action()  # retry later
     assert choose_action(None, None, [UP_B, state], [True, True]) == Action()  # nothing served yet
+
+
+def test_complete_weights_of_another_version_are_left_alone():
+    """A disk reload or a trainer's push on one instance: the loader does not fight it (a newer checkpoint will)."""
+    other = InstanceState("http://b", True, "complete", "trainer-7")
+    assert choose_action(None, ckpt("step-1", 1), [UP_B, other], [True, True]) == Action()
 
 
 def test_status_file_is_json_an_operator_can_read(tmp_path):

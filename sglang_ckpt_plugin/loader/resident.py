@@ -60,15 +60,16 @@ class Action:
 
 def choose_action(newest: Candidate | None, serving: Candidate | None, states: list[InstanceState],
                   may_refill: list[bool]) -> Action:  # fmt: skip
-    """What to do now: a newer checkpoint wins; else bring the instances that are up but behind onto ``serving``."""
+    """What to do now: a newer checkpoint wins; else refill the instances that are up without complete weights
+    (restarted with --wait-for-initial-weights, or left incomplete by a failed update) with ``serving``. An
+    instance whose complete weights carry another version (a disk reload, a trainer's push) is left alone."""
     up = tuple(i for i, s in enumerate(states) if s.up)
     if newest is not None and up:
         if all(states[i].weights_state == "complete" and states[i].weight_version == newest.version for i in up):
             return Action("adopt", newest.path, newest.version, up)
         return Action("push", newest.path, newest.version, up)
     if serving is not None:
-        behind = tuple(i for i in up if may_refill[i] and (states[i].weights_state != "complete"
-                                                            or states[i].weight_version != serving.version))  # fmt: skip
+        behind = tuple(i for i in up if may_refill[i] and states[i].weights_state != "complete")
         if behind:
             return Action("refill", serving.path, serving.version, behind)
     return Action()

@@ -1,0 +1,165 @@
+"""``make bench``: the resident loader (``--watch DIR``) against SGLang's own disk reload, same run.
+
+"whole" for the resident loader is what a trainer waits for: from the moment a checkpoint directory is complete
+in the watched directory (its files hard-linked in at once: the page cache is warm, as right after a trainer
+wrote it) until every instance reports its version (``/model_info`` polled every 20 ms). SGLang's row is its
+``/update_weights_from_disk`` of the same files (on both servers at once for the fleet). "refill" is a server
+killed and restarted on dummy weights: from its ``/model_info`` first answering until it serves the checkpoint the
+loader serves. Every push must leave SGLang's ``/weights_checker`` checksum equal to the one after its disk reload.
+Servers run with ``--sleep-on-idle``; the loader with its defaults (``--poll-s 0.25``; a checkpoint counts as
+settled once unchanged between two scans).
+
+    python bench/watch_bench.py [--gb 1.0] [--repeats 3] [--workdir DIR] [--settings single,fleet]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from baselines import GB, SERVER_ARGS, bench_parser, time_disk_update  # noqa: E402
+from node_bench import Fleet  # noqa: E402
+from push_bench import checkpoint_bytes, random_checkpoint, warm_page_cache  # noqa: E402
+
+from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
+from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port  # noqa: E402
+
+
+def version_of(url: str) -> str | None:
+    try:
+        info = httpx.get(f"{url}/model_info", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return info.get("weight_version") if info["ckpt_plugin"]["weights_state"] == "complete" else None
+
+
+def wait_serving(urls: list[str], version: str, timeout_s: float = 600.0) -> float:
+    t0 = time.perf_counter()
+    while not all(version_of(url) == version for url in urls):
+        if time.perf_counter() - t0 > timeout_s:
+            raise RuntimeError(f"{urls} did not serve {version} within {timeout_s:g} s")
+        time.sleep(0.02)
+    return time.perf_counter()
+
+
+def link_checkpoint(src: Path, dst: Path) -> None:
+    """A complete step directory in one go: every file hard-linked (same pages, nothing copied)."""
+    tmp = dst.with_name(f".{dst.name}")
+    tmp.mkdir()
+    for f in src.iterdir():
+        os.link(f, tmp / f.name)
+    os.rename(tmp, dst)
+
+
+def start_loaders(urls: list[str], watched: Path, log: Path) -> list[subprocess.Popen]:
+    """One resident loader for one server; one torchrun rank per node for a fleet."""
+    args = ["-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--quiet"]
+    out = open(log, "w")
+    if len(urls) == 1:
+        return [subprocess.Popen([sys.executable, *args, "--endpoint", urls[0]], stdout=out, stderr=out,
+                                 start_new_session=True)]  # fmt: skip
+    port, procs = free_port(), []
+    for node, url in enumerate(urls):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(urls)), "--node-rank", str(node),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), *args[1:],
+               "--endpoint", url]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True))
+    return procs
+
+
+def bench(setting: str, servers: list[SGLangServer], ckpt: Path, work: Path, repeats: int) -> list[tuple]:
+    urls = [s.url for s in servers]
+    fleet = Fleet(urls, ckpt)
+    watched = work / f"watched-{setting}"
+    shutil.rmtree(watched, ignore_errors=True)
+    watched.mkdir()
+    reference = [checksum(url) for url in urls]
+    loaders = start_loaders(urls, watched, work / f"watch-{setting}.log")
+    disk, resident, refill = [], [], []
+    try:
+        for i in range(repeats):
+            print(f"{setting}: round {i + 1}/{repeats}", flush=True)
+            warm_page_cache(ckpt)
+            t0 = time.perf_counter()
+            fleet.disk(f"step-{i}" if i else "initial")  # the version served: a reload of the same bytes
+            disk.append(time.perf_counter() - t0)
+            version = f"step-{i + 1}"
+            t0 = time.perf_counter()
+            link_checkpoint(ckpt, watched / version)
+            resident.append(wait_serving(urls, version) - t0)
+            if [checksum(url) for url in urls] != reference:
+                raise RuntimeError(f"{setting}: the served weights differ from SGLang's own load")
+            restarted = servers[-1]
+            restarted.stop()
+            restarted.start()
+            while not _answers(restarted.url):
+                time.sleep(0.02)
+            t_port = time.perf_counter()
+            refill.append(wait_serving([restarted.url], version) - t_port)
+            wait_serving(urls, version)
+    finally:
+        for p in loaders:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGINT)
+        for p in loaders:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    med = statistics.median
+    return [(setting, med(disk), med(resident), med(refill))]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/model_info", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def main() -> int:
+    p = bench_parser(__doc__, repeats=3)
+    p.add_argument("--settings", default="single,fleet", help="single: one TP=1 server; fleet: two, as two nodes")
+    a = p.parse_args()
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-watch-bench-"))
+    ckpt = random_checkpoint(work, a.gb)
+    rows = []
+    for setting in a.settings.split(","):
+        count = {"single": 1, "fleet": 2}[setting]
+        servers = [SGLangServer(ckpt, work / f"{setting}-server{i}.log", extra_args=SERVER_ARGS) for i in range(count)]
+        with contextlib.ExitStack() as stack:
+            for srv in servers:
+                stack.enter_context(srv)
+            for srv in servers:
+                srv.wait_listening(timeout_s=900)
+                time_disk_update(srv.url, ckpt, "initial")
+                srv.wait_healthy(timeout_s=300)
+            rows += bench(setting, servers, ckpt, work, a.repeats)
+
+    print(f"\n{checkpoint_bytes(ckpt) / GB:.3f} GB bf16 checkpoint, servers with --sleep-on-idle, median of {a.repeats}, "
+          "same run\n")  # fmt: skip
+    print("| setting | SGLang disk reload s | resident: complete -> serving s | minus disk s | restarted server: "
+          "port answering -> serving s |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for setting, disk, resident, refill in rows:
+        print(f"| {setting} | {disk:.3f} | {resident:.3f} | {resident - disk:+.3f} | {refill:.3f} |")
+    print("\ntargets (issue 19): resident whole <= disk reload + 1.0 s (one server and a 2-instance fleet); a restarted "
+          "server serves the current checkpoint within 2 s of its port answering")
+    if not a.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
