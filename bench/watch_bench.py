@@ -9,7 +9,7 @@ loader serves. Every push must leave SGLang's ``/weights_checker`` checksum equa
 Servers run with ``--sleep-on-idle``; the loader with its defaults (``--poll-s 0.25``; a checkpoint counts as
 settled once unchanged between two scans).
 
-    python bench/watch_bench.py [--gb 1.0] [--repeats 3] [--workdir DIR] [--settings single,fleet]
+    python bench/watch_bench.py [--gb 1.0] [--repeats 3] [--workdir DIR] [--settings single,fleet,...]
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ def version_of(url: str) -> str | None:
     return info.get("weight_version") if info["ckpt_plugin"]["weights_state"] == "complete" else None
 
 
-def wait_serving(urls: list[str], version: str, timeout_s: float = 600.0) -> float:
+def wait_serving(urls: list[str], version: str, loaders: list[subprocess.Popen], timeout_s: float = 600.0) -> float:
     t0 = time.perf_counter()
     while not all(version_of(url) == version for url in urls):
-        if time.perf_counter() - t0 > timeout_s:
-            raise RuntimeError(f"{urls} did not serve {version} within {timeout_s:g} s")
+        if time.perf_counter() - t0 > timeout_s or any(p.poll() is not None for p in loaders):
+            raise RuntimeError(f"{urls} did not serve {version} (a loader exited, or {timeout_s:g} s passed)")
         time.sleep(0.02)
     return time.perf_counter()
 
@@ -62,9 +62,9 @@ def link_checkpoint(src: Path, dst: Path) -> None:
     os.rename(tmp, dst)
 
 
-def start_loaders(urls: list[str], watched: Path, log: Path) -> list[subprocess.Popen]:
-    """One resident loader for one server; one torchrun rank per node for a fleet."""
-    args = ["-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--quiet"]
+def start_loaders(urls: list[str], watched: Path, log: Path, extra: list[str]) -> list[subprocess.Popen]:
+    """One resident loader for one server; one torchrun rank per node for a fleet. Returns once it watches."""
+    args = ["-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--quiet", *extra]
     out = open(log, "w")
     if len(urls) == 1:
         return [subprocess.Popen([sys.executable, *args, "--endpoint", urls[0]], stdout=out, stderr=out,
@@ -72,22 +72,38 @@ def start_loaders(urls: list[str], watched: Path, log: Path) -> list[subprocess.
     port, procs = free_port(), []
     for node, url in enumerate(urls):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(urls)), "--node-rank", str(node),
-               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), *args[1:],
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), *args,
                "--endpoint", url]  # fmt: skip
         procs.append(subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True))
     return procs
 
 
+def wait_watching(log: Path, loaders: list[subprocess.Popen]) -> None:
+    """Started, placed and watching (a torchrun group takes seconds to start: not part of an update)."""
+    while "[sglang-ckpt watch] watching" not in log.read_text():
+        if any(p.poll() is not None for p in loaders):
+            raise RuntimeError(f"the resident loader exited:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+SETTINGS = {  # name: (servers, loader options, what it is)
+    "single": (1, [], "one TP=1 server, one loader process"),
+    "fleet": (2, [], "2 nodes: each reads half, the halves cross between them"),
+    "fleet-map": (2, ["--transfer", "map"], "2 nodes, each maps the files itself (--transfer map)"),
+}
+
+
 def bench(setting: str, servers: list[SGLangServer], ckpt: Path, work: Path, repeats: int) -> list[tuple]:
     urls = [s.url for s in servers]
     fleet = Fleet(urls, ckpt)
-    watched = work / f"watched-{setting}"
+    watched, log = work / f"watched-{setting}", work / f"watch-{setting}.log"
     shutil.rmtree(watched, ignore_errors=True)
     watched.mkdir()
     reference = [checksum(url) for url in urls]
-    loaders = start_loaders(urls, watched, work / f"watch-{setting}.log")
+    loaders = start_loaders(urls, watched, log, SETTINGS[setting][1])
     disk, resident, refill = [], [], []
     try:
+        wait_watching(log, loaders)
         for i in range(repeats):
             print(f"{setting}: round {i + 1}/{repeats}", flush=True)
             warm_page_cache(ckpt)
@@ -97,7 +113,7 @@ def bench(setting: str, servers: list[SGLangServer], ckpt: Path, work: Path, rep
             version = f"step-{i + 1}"
             t0 = time.perf_counter()
             link_checkpoint(ckpt, watched / version)
-            resident.append(wait_serving(urls, version) - t0)
+            resident.append(wait_serving(urls, version, loaders) - t0)
             if [checksum(url) for url in urls] != reference:
                 raise RuntimeError(f"{setting}: the served weights differ from SGLang's own load")
             restarted = servers[-1]
@@ -106,8 +122,8 @@ def bench(setting: str, servers: list[SGLangServer], ckpt: Path, work: Path, rep
             while not _answers(restarted.url):
                 time.sleep(0.02)
             t_port = time.perf_counter()
-            refill.append(wait_serving([restarted.url], version) - t_port)
-            wait_serving(urls, version)
+            refill.append(wait_serving([restarted.url], version, loaders) - t_port)
+            wait_serving(urls, version, loaders)
     finally:
         for p in loaders:
             with contextlib.suppress(ProcessLookupError):
@@ -130,13 +146,13 @@ def _answers(url: str) -> bool:
 
 def main() -> int:
     p = bench_parser(__doc__, repeats=3)
-    p.add_argument("--settings", default="single,fleet", help="single: one TP=1 server; fleet: two, as two nodes")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-watch-bench-"))
     ckpt = random_checkpoint(work, a.gb)
     rows = []
     for setting in a.settings.split(","):
-        count = {"single": 1, "fleet": 2}[setting]
+        count = SETTINGS[setting][0]
         servers = [SGLangServer(ckpt, work / f"{setting}-server{i}.log", extra_args=SERVER_ARGS) for i in range(count)]
         with contextlib.ExitStack() as stack:
             for srv in servers:
@@ -153,7 +169,7 @@ def main() -> int:
           "port answering -> serving s |")  # fmt: skip
     print("|---|---|---|---|---|")
     for setting, disk, resident, refill in rows:
-        print(f"| {setting} | {disk:.3f} | {resident:.3f} | {resident - disk:+.3f} | {refill:.3f} |")
+        print(f"| {SETTINGS[setting][2]} | {disk:.3f} | {resident:.3f} | {resident - disk:+.3f} | {refill:.3f} |")
     print("\ntargets (issue 19): resident whole <= disk reload + 1.0 s (one server and a 2-instance fleet); a restarted "
           "server serves the current checkpoint within 2 s of its port answering")
     if not a.workdir:

@@ -104,6 +104,17 @@ def test_two_nodes_broadcast_each_reads_half(servers, llama_a):
         assert_serves(srv.url, llama_a)
 
 
+def test_two_nodes_that_each_map_the_files_exchange_nothing(servers, llama_b):
+    """``--transfer map`` on two nodes: each node's loader hands the checkpoint files to its own server ranks."""
+    results = run_two_nodes(servers, "--checkpoint-path", str(llama_b), "--weight-version", "b-mapped",
+                            "--transfer", "map")  # fmt: skip
+    assert "between loader processes: 0 bytes" in results[0].stdout, results[0].stdout
+    assert all("page cache: the server mapped the files" in r.stdout for r in results), [r.stdout for r in results]
+    for srv in servers:
+        assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "b-mapped"
+        assert_serves(srv.url, llama_b)
+
+
 def test_a_fleet_commits_only_once_every_instance_staged(servers, llama_a, llama_b):
     run_two_nodes(servers, "--checkpoint-path", str(llama_b), "--weight-version", "b-fleet")
     staged = [info(srv.url)["ckpt_plugin"]["staging"] for srv in servers]
@@ -147,6 +158,70 @@ def test_a_loader_rank_killed_while_a_fleet_stages_changes_no_instance(servers, 
         assert_serves(srv.url, llama_b)
 
 
+def start_resident_group(servers, watched, status, logs) -> list[subprocess.Popen]:
+    port, procs = free_port(), []
+    for node, srv in enumerate(servers):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--endpoint", srv.url, "--quiet",
+               "--timeout", "120", "--poll-s", "0.2", "--status-file", str(status)]  # fmt: skip
+        with open(logs[node], "w") as out:
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def workers_of(agent_pid: int) -> list[int]:
+    """The processes a torchrun agent started (they run in their own sessions: killing the agent's group misses
+    them)."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == agent_pid:  # ppid
+            found.append(int(stat.parent.name))
+    return found
+
+
+def stop_group(procs: list[subprocess.Popen]) -> None:
+    import signal
+
+    for p in procs:
+        if p.poll() is None:
+            for pid in workers_of(p.pid):
+                os.kill(pid, signal.SIGKILL)
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def test_a_resident_loader_group_that_loses_a_rank_stops_with_an_error(servers, tmp_path):
+    """A loader rank of a resident group dies (SIGKILL): the group stops, exit status != 0, nothing left behind."""
+    import signal
+    import time
+
+    before = set(our_leftovers())
+    served = [version(srv) for srv in servers]
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    procs = start_resident_group(servers, tmp_path / "empty", tmp_path / "status.json", logs)
+    try:
+        deadline = time.monotonic() + 120
+        while "[sglang-ckpt watch] watching" not in logs[0].read_text():
+            assert time.monotonic() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
+            time.sleep(0.2)
+        for pid in workers_of(procs[1].pid):
+            os.kill(pid, signal.SIGKILL)
+        assert procs[0].wait(timeout=120) != 0, logs[0].read_text()[-3000:]
+        assert "a loader rank of this resident group is gone" in logs[0].read_text(), logs[0].read_text()[-3000:]
+        assert procs[1].wait(timeout=120) != 0, logs[1].read_text()[-3000:]
+    finally:
+        stop_group(procs)
+    assert set(our_leftovers()) - before == set()
+    assert [version(srv) for srv in servers] == served
+
+
 def test_a_resident_loader_group_keeps_the_fleet_on_the_newest_checkpoint(servers, llama_a, llama_b, tmp_path):
     """``--watch`` on both nodes (one torchrun group): a new checkpoint goes to both instances; node 1's server,
     killed and restarted on dummy weights, is refilled alone (node 0's is not touched); Ctrl-C on both nodes (SIGINT
@@ -159,15 +234,8 @@ def test_a_resident_loader_group_keeps_the_fleet_on_the_newest_checkpoint(server
     watched, status = tmp_path / "ckpts", tmp_path / "status.json"
     watched.mkdir()
     before = set(our_leftovers())
-    port = free_port()
-    procs, logs = [], [tmp_path / f"node{i}.log" for i in range(2)]
-    for node, srv in enumerate(servers):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-               "-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--endpoint", srv.url, "--quiet",
-               "--timeout", "120", "--poll-s", "0.2", "--status-file", str(status)]  # fmt: skip
-        with open(logs[node], "w") as out:
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    procs = start_resident_group(servers, watched, status, logs)
 
     def wait(check, what: str, timeout_s: float = 180.0):
         deadline = time.monotonic() + timeout_s
@@ -198,10 +266,7 @@ def test_a_resident_loader_group_keeps_the_fleet_on_the_newest_checkpoint(server
         assert "[sglang-ckpt watch] stopped" in logs[0].read_text(), logs[0].read_text()[-3000:]
         assert json.loads(status.read_text())["stopped"] is True
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_group(procs)
     assert set(our_leftovers()) - before == set()
     for srv in servers:
         assert info(srv.url)["ckpt_plugin"]["staging"]["state"] in ("committed", "released")

@@ -1,11 +1,13 @@
 """The resident loader (``--watch DIR``) against a real SGLang server that starts on dummy weights: checkpoints
 written into the watched directory one after another, each served bit-exact against SGLang's own disk reload; a
 refused one skipped while the server keeps serving; a slow writer whose half-written checkpoint is never pushed;
-the server killed and restarted on dummy weights, refilled by the loader; SIGTERM ends the loader cleanly."""
+the server killed and restarted on dummy weights, refilled by the loader; SIGTERM in the middle of a push ends
+the loader cleanly, the server keeping what it served."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,23 +18,32 @@ import httpx
 import pytest
 
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
+from sglang_ckpt_plugin.loader.reader import READ_RATE_ENV
 from sglang_ckpt_plugin.loader.watch_dir import incomplete_reason
 
 from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers
 from .test_e2e_faults import _variant
+from .test_e2e_two_phase import dropped_or_never_staged
 from .test_watch_dir import copy_slowly_in_parts
 
 pytestmark = pytest.mark.slow
 
 
 def start_watch(url: str, watched, status, log) -> subprocess.Popen:
+    """Through shared bucket buffers, each read held to 1 MB/s: a push of the tiny model lasts about a second, long
+    enough to be interrupted in the middle."""
     cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--endpoint", url,
-           "--status-file", str(status), "--poll-s", "0.2", "--quiet", "--timeout", "120"]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+           "--status-file", str(status), "--poll-s", "0.2", "--quiet", "--timeout", "120", "--transfer", "copy",
+           "--bucket-size", "300K"]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, READ_RATE_ENV: "1M"})
+
+
+def served_info(url: str) -> dict:
+    return httpx.get(f"{url}/model_info", timeout=30).json()
 
 
 def served(url: str) -> tuple:
-    info = httpx.get(f"{url}/model_info", timeout=30).json()
+    info = served_info(url)
     return info.get("weight_version"), info["ckpt_plugin"]["weights_state"], info["ckpt_plugin"]["last_update"]
 
 
@@ -98,13 +109,20 @@ def test_resident_loader_follows_a_watched_directory_and_refills_a_restarted_ser
         assert status_of()["instances"][0]["last_refill_s"] is not None
         assert_serves(server.url, llama_b)
 
-        # SIGTERM: a clean exit, nothing left behind
+        # SIGTERM in the middle of a push: the update is called off, the server keeps step-4, nothing left behind
+        staged_before = served_info(server.url)["ckpt_plugin"]["staging"]["update_id"]
+        shutil.copytree(llama_a, watched / "step-5")
+        wait_for(lambda: (status_of().get("in_progress") or {}).get("version") == "step-5", "pushing step-5", loader,
+                 log)  # fmt: skip
         loader.send_signal(signal.SIGTERM)
         assert loader.wait(timeout=60) == 0, log.read_text()
         assert "stopped" in log.read_text() and status_of()["stopped"] is True
         assert status_of()["instances"][0]["weight_version"] == "step-4"
         assert set(our_leftovers()) - before == set()
-        assert served(server.url)[:2] == ("step-4", "complete")
+        doc = served_info(server.url)
+        assert (doc["weight_version"], doc["ckpt_plugin"]["weights_state"]) == ("step-4", "complete")
+        assert dropped_or_never_staged(doc["ckpt_plugin"]["staging"], staged_before), doc["ckpt_plugin"]["staging"]
+        assert_serves(server.url, llama_b)
     finally:
         if loader is not None and loader.poll() is None:
             loader.kill()

@@ -548,3 +548,19 @@ def test_handles_without_descriptor_or_outside_the_file_are_refused(tmp_path):
             open_buffer(buf.handle(slot=0), CPU, buf.fd)
     finally:
         buf.release()
+
+
+def test_a_buffer_released_while_a_view_of_it_is_alive_still_lets_go_of_its_descriptor():
+    """An update interrupted in the middle of a fill (SIGTERM, a read error) unwinds with a slice of the buffer
+    still referenced by the traceback: releasing the buffer must not raise on top of the real error."""
+    import os
+
+    from sglang_ckpt_plugin.transport.handles import allocate_buffer
+
+    buf = allocate_buffer(1 << 20, "cpu", reusable=True)
+    fd = buf.fd
+    held = buf.view[100:200]  # what the interrupted frame holds
+    buf.release()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
+    del held

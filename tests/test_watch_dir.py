@@ -131,3 +131,39 @@ def test_status_file_is_json_an_operator_can_read(tmp_path):
     assert got["serving"] == {"version": "step-1", "path": "/w/step-1"}
     assert got["skipped"] == [{"path": "/w/step-2", "reason": "update rejected: shape mismatch"}]
     assert [i["up"] for i in got["instances"]] == [True, False] and got["in_progress"] is None
+
+
+class FixedWatch:
+    def __init__(self, candidates):
+        self.candidates = candidates
+
+    def ready(self):
+        return self.candidates
+
+
+def resident_deciding(candidates, serving=None):
+    from types import SimpleNamespace
+
+    from sglang_ckpt_plugin.loader.resident import Resident
+
+    args = SimpleNamespace(watch="/w", ready_marker=None, status_file=None)
+    resident = Resident(args, SimpleNamespace(world=SimpleNamespace(rank=0), control=None))
+    resident.watch, resident.serving = FixedWatch(candidates), serving
+    return resident
+
+
+def test_checkpoints_that_appeared_during_a_push_are_coalesced_the_newest_wins(capsys):
+    resident = resident_deciding([ckpt("step-2", 2), ckpt("step-3", 3), ckpt("step-4", 4)], serving=ckpt("step-1", 1))
+    assert resident.decide([UP_B]) == Action("push", "/w/step-4", "step-4", (0,))
+    assert resident.passed_over == {"/w/step-2", "/w/step-3"}
+    assert "passing over step-3: step-4 is newer" in capsys.readouterr().out
+
+
+def test_a_skipped_checkpoint_is_tried_again_only_once_its_files_change():
+    step2 = ckpt("step-2", 2)
+    resident = resident_deciding([step2], serving=ckpt("step-1", 1))
+    resident.skipped[(step2.path, step2.signature)] = "update rejected: shape mismatch"
+    assert resident.decide([UP_B]) == Action()
+    rewritten = Candidate(step2.path, step2.version, step2.order, (("model.safetensors", 10, 1),))
+    resident.watch = FixedWatch([rewritten])
+    assert resident.decide([UP_B]).kind == "push"

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-buffers", type=int, default=2, help="bucket buffers in flight (>= 2 pipelines)")
     p.add_argument("--transfer", choices=["auto", "map", "copy"], default="auto",
                    help="map: the server maps the checkpoint files and copies tensors straight from the page cache "
-                        "(one loader rank, CPU); copy: through shared bucket buffers; auto: map where it applies")
+                        "(CPU; with several nodes each node maps them itself, nothing crosses between nodes); copy: "
+                        "through shared bucket buffers; auto: map where one process feeds every server rank")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where buffers live: cpu = shared memory, cuda = CUDA IPC on the server rank's GPU; auto = "
                         "follow the server (/model_info): CUDA IPC where this process sees that GPU, else shared memory")

@@ -99,10 +99,7 @@ class Resident:
             print(f"{TAG} watching {self.args.watch} for checkpoints (every {self.args.poll_s:g} s)", flush=True)
         try:
             while True:
-                states = self.poll()
-                if self.control.any_failed(self.stopping > 0):  # every rank stops at the same meeting
-                    raise Stop()
-                action = self.agree(self.decide(states) if self.world.rank == 0 else None)
+                states, action = self.meet()
                 if action.kind == "adopt":
                     self.serving = self.newest
                     self.say(f"every instance already serves {action.version}: watching for newer checkpoints")
@@ -129,6 +126,17 @@ class Resident:
             print(f"{TAG} {text}", flush=True)
 
     # ------------------------------------------------------------------ one meeting
+    def meet(self) -> tuple[list[InstanceState], Action]:
+        """Collective: the servers' states, whether to stop (every rank at the same meeting), rank 0's decision."""
+        try:
+            states = self.poll()
+            if self.control.any_failed(self.stopping > 0):
+                raise Stop()
+            return states, self.agree(self.decide(states) if self.world.rank == 0 else None)
+        except RuntimeError as exc:  # a collective of the group failed: a peer rank is gone
+            raise PeerFailed(f"a loader rank of this resident group is gone ({exc}); the group stops (torchrun's "
+                             "--max-restarts starts it again)") from exc  # fmt: skip
+
     def poll(self) -> list[InstanceState]:
         """Collective: what each instance's server reports, as its leader read it."""
         own = json.dumps(asdict(self.ask_own_server())) if self.world.is_leader else ""

@@ -194,15 +194,16 @@ class Update:
         return steps, bucket_bytes
 
     def choose_page_cache_mode(self, tensors) -> bool:
-        """Page-cache mode (the server maps the checkpoint files; no loader copy) where it applies: one process
-        feeds every server rank (one node), CPU, every tensor at a viewable offset. ``--transfer copy`` forces
-        bucket buffers."""
+        """Page-cache mode (the server maps the checkpoint files; no loader copy) where it applies: CPU buffers,
+        every tensor at a viewable offset, and (auto) one process feeding every server rank. ``--transfer map``
+        with several feeders (nodes): each maps the files for its own node's ranks, nothing crosses between nodes
+        (every node reads the whole checkpoint). ``--transfer copy`` forces bucket buffers."""
+        on_cpu = self.placement.kind == "cpu" and mappable(tensors)
+        if self.args.transfer == "map" and not on_cpu:
+            raise ValueError("--transfer map needs CPU buffers (shared memory) and dtype-aligned tensor offsets; use "
+                             "--transfer copy (or auto)")  # fmt: skip
         one_feeder = len(self.feeding.feeders) == 1
-        possible = one_feeder and self.placement.kind == "cpu" and mappable(tensors)
-        if self.args.transfer == "map" and not possible:
-            raise ValueError("--transfer map needs every server rank on this node, on CPU (one loader process feeds "
-                             "them all) and dtype-aligned tensor offsets; use --transfer copy (or auto)")  # fmt: skip
-        return self.args.transfer != "copy" and possible
+        return on_cpu and (self.args.transfer == "map" or (self.args.transfer == "auto" and one_feeder))
 
     def check_server(self) -> None:
         if not self.leads:

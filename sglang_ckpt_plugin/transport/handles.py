@@ -122,7 +122,10 @@ class ShmBuffer:
         self.unlink()
         self.__dict__.pop("tensor", None)
         self.view.release()
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:  # a view of it is still alive (e.g. in the traceback of an interrupted fill): the
+            pass  # mapping goes when that view does; the descriptor is closed now either way
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
