@@ -104,6 +104,7 @@ class Fleet:
         self.methods = {
             "SGLang /update_weights_from_disk (both at once)": self.disk,
             "push, 2 nodes (torchrun --nnodes 2, one loader rank each)": self.two_nodes,
+            "push, 2 nodes, each maps the files (--transfer map)": lambda v: self.two_nodes(v, "--transfer", "map"),
         }
 
     def disk(self, version: str) -> str:
@@ -114,13 +115,13 @@ class Fleet:
             t.join()
         return ""
 
-    def two_nodes(self, version: str) -> str:
+    def two_nodes(self, version: str, *extra: str) -> str:
         """``torchrun --nnodes 2 --node-rank i`` once per node, as on two machines; both nodes' output."""
         rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
         procs = []
         for node, url in enumerate(self.urls):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-                   "--nproc-per-node", "1", *rendezvous, *cli(url, self.ckpt, version)[1:]]  # fmt: skip
+                   "--nproc-per-node", "1", *rendezvous, *cli(url, self.ckpt, version, *extra)[1:]]  # fmt: skip
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outs = [p.communicate(timeout=900) for p in procs]
         for p, (out, err) in zip(procs, outs):
