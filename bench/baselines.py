@@ -232,6 +232,23 @@ class PauseProbe:
         return lats[len(lats) // 2] if lats else 0.0
 
 
+@contextlib.contextmanager
+def serving_servers(ckpt: Path, logs: list[Path], **kwargs):
+    """One server per log, started together (``--sleep-on-idle``), each given the real weights by SGLang's own disk
+    reload and healthy; all stopped on exit."""
+    from sglang_ckpt_plugin.demo.launch import SGLangServer
+
+    servers = [SGLangServer(ckpt, log, extra_args=SERVER_ARGS, **kwargs) for log in logs]
+    with contextlib.ExitStack() as stack:
+        for srv in servers:
+            stack.enter_context(srv)
+        for srv in servers:
+            srv.wait_listening(timeout_s=900)
+            time_disk_update(srv.url, ckpt, "initial")
+            srv.wait_healthy(timeout_s=300)
+        yield servers
+
+
 def measure_pause(url: str, update, every_s: float = 0.05) -> tuple[float, float, float]:
     """(idle median latency, pause during ``update()``, the update's own seconds), same server, same probe (a
     request every ``every_s``: keep it above a request's own latency, or the probe queues and measures itself)."""

@@ -16,7 +16,6 @@ processes" and "copied per server rank" are what the loader printed.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import statistics
@@ -32,17 +31,17 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import (  # noqa: E402
     GB,
-    SERVER_ARGS,
     bench_parser,
     measure_pauses,
     run_loader,
+    serving_servers,
     time_disk_update,
     time_update_from_tensor,
 )
 from push_bench import checkpoint_bytes, random_checkpoint, warm_page_cache  # noqa: E402
 
 from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
-from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port  # noqa: E402
+from sglang_ckpt_plugin.demo.launch import free_port  # noqa: E402
 
 PROBE_EVERY_S = 0.25  # a 1-token request of this model takes ~0.1 s on 2 cores: a faster probe queues
 
@@ -167,10 +166,7 @@ def bench_methods(setting: str, urls: list[str], ckpt: Path, methods: dict, repe
 
 
 def bench_server(tp: int, ckpt: Path, work: Path, tensors: dict, repeats: int) -> list[tuple]:
-    with SGLangServer(ckpt, work / f"server-tp{tp}.log", tp_size=tp, extra_args=SERVER_ARGS) as srv:
-        srv.wait_listening(timeout_s=900)
-        time_disk_update(srv.url, ckpt, "initial")  # real weights in, the gate open
-        srv.wait_healthy(timeout_s=300)
+    with serving_servers(ckpt, [work / f"server-tp{tp}.log"], tp_size=tp) as (srv,):
         methods = Methods(srv.url, ckpt, tp, tensors, torchrun_too=tp > 1)
         try:
             return bench_methods(f"TP={tp}", [srv.url], ckpt, methods.methods, repeats)
@@ -179,14 +175,7 @@ def bench_server(tp: int, ckpt: Path, work: Path, tensors: dict, repeats: int) -
 
 
 def bench_fleet(ckpt: Path, work: Path, repeats: int) -> list[tuple]:
-    servers = [SGLangServer(ckpt, work / f"fleet-node{i}.log", extra_args=SERVER_ARGS) for i in range(2)]
-    with contextlib.ExitStack() as stack:
-        for srv in servers:
-            stack.enter_context(srv)  # both start at once
-        for srv in servers:
-            srv.wait_listening(timeout_s=900)
-            time_disk_update(srv.url, ckpt, "initial")
-            srv.wait_healthy(timeout_s=300)
+    with serving_servers(ckpt, [work / f"fleet-node{i}.log" for i in range(2)]) as servers:
         urls = [srv.url for srv in servers]
         return bench_methods("fleet 2x TP=1", urls, ckpt, Fleet(urls, ckpt).methods, repeats)
 

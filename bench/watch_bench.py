@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import GB, SERVER_ARGS, bench_parser, time_disk_update  # noqa: E402
+from baselines import GB, bench_parser, serving_servers  # noqa: E402
 from node_bench import Fleet  # noqa: E402
 from push_bench import checkpoint_bytes, random_checkpoint, warm_page_cache  # noqa: E402
 
@@ -152,15 +152,8 @@ def main() -> int:
     ckpt = random_checkpoint(work, a.gb)
     rows = []
     for setting in a.settings.split(","):
-        count = SETTINGS[setting][0]
-        servers = [SGLangServer(ckpt, work / f"{setting}-server{i}.log", extra_args=SERVER_ARGS) for i in range(count)]
-        with contextlib.ExitStack() as stack:
-            for srv in servers:
-                stack.enter_context(srv)
-            for srv in servers:
-                srv.wait_listening(timeout_s=900)
-                time_disk_update(srv.url, ckpt, "initial")
-                srv.wait_healthy(timeout_s=300)
+        logs = [work / f"{setting}-server{i}.log" for i in range(SETTINGS[setting][0])]
+        with serving_servers(ckpt, logs) as servers:
             rows += bench(setting, servers, ckpt, work, a.repeats)
 
     print(f"\n{checkpoint_bytes(ckpt) / GB:.3f} GB bf16 checkpoint, servers with --sleep-on-idle, median of {a.repeats}, "

@@ -23,16 +23,23 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_control_collectives_between_two_processes():
+def run_ranks(script: str, ranks: int, *argv: str) -> list[tuple[str, str]]:
+    """``script`` once per rank of a gloo world on 127.0.0.1 (torchrun's environment); every rank must exit 0.
+    Returns each rank's (stdout, stderr)."""
     port = free_port()
     procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, stdout=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0]
-    for out in outs:
+    for rank in range(ranks):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *argv], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * ranks, [err for _, err in outs]
+    return outs
+
+
+def test_control_collectives_between_two_processes():
+    for out, _ in run_ranks(SCRIPT, 2):
         assert "id update-0" in out
         assert "names cpu-tp0,cpu-tp1" in out
         assert "ints [100, 101]" in out
@@ -81,15 +88,7 @@ EXCHANGE = textwrap.dedent("""
 def test_exchange_moves_every_bucket_to_every_receiver_on_one_group(receivers):
     """Broadcast (every rank receives) and p2p (only ranks 0 and 2): every receiver ends with each owner's bytes
     and digests (64-bit digests survive the int64 wire); a rank that neither owns nor receives a step sits it out."""
-    port = free_port()
-    procs = []
-    for rank in range(3):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="3",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-c", EXCHANGE, receivers], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+    outs = run_ranks(EXCHANGE, 3, receivers)
     expected_steps = {int(r) for r in receivers.split(",")}
     for rank, (out, _) in enumerate(outs):
         lines = [line for line in out.splitlines() if line.startswith("step")]
@@ -113,15 +112,7 @@ AGREE = textwrap.dedent("""
 def test_ranks_agree_on_one_kind_of_buffer():
     """Loader rank 1 cannot see its TP rank's GPU: both ranks use shared memory (one data group, one kind),
     each still naming its own server rank."""
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-c", AGREE], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    outs = run_ranks(AGREE, 2)
     assert "placement cpu None GPU-a" in outs[0][0] and "placement cpu None GPU-b" in outs[1][0]
     assert "loader ranks [1] cannot reach their GPU" in outs[0][1]
 
@@ -221,12 +212,5 @@ LONG = textwrap.dedent("""
 
 def test_control_strings_of_any_length():
     """A resident loader's actions and an instance's eight GPU uuids are longer than one fixed-size buffer."""
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-c", LONG], env=env, stdout=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0]
-    assert all("long [1000, 1300] 1300 ['', '']" in out for out in outs), outs
+    outs = run_ranks(LONG, 2)
+    assert all("long [1000, 1300] 1300 ['', '']" in out for out, _ in outs), outs
