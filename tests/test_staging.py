@@ -86,6 +86,18 @@ def test_a_commit_waits_for_the_receiving_thread_to_finish():
     assert s.commits == 1
 
 
+def test_the_report_of_an_update_that_answered_its_finish_says_staged():
+    """The loader has its last reply (the session stamped staged_at before sending it) and may be gone the next
+    instant: /model_info must not show it as still staging while the thread records the outcome."""
+    s = Session("u5")
+    s.go.clear()
+    staging.start(s)
+    assert staging.report().state == "staging"  # still receiving: answered at once, no wait
+    s.staged_at = time.time()
+    threading.Timer(0.3, s.go.set).start()
+    assert staging.report().state == "staged"
+
+
 def test_a_failed_stage_cannot_be_committed_and_abort_reports_why():
     s = Session("u4", fail_run=UpdateRefused("update rejected: shape mismatch"))
     staging.start(s)

@@ -187,6 +187,10 @@ def abort(update_id: str) -> StagedUpdate | None:
 
 def report() -> StagingReport | None:
     with _lock:
+        current = _current
+    if current is not None and current.state == "staging" and current.session.staged_at is not None:
+        current.thread.join(timeout=SETTLE_S)  # it answered the loader's finish: it is recording "staged" now
+    with _lock:
         return None if _current is None else _current.report()
 
 
