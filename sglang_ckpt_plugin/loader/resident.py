@@ -186,7 +186,7 @@ class Resident:
     # ------------------------------------------------------------------ one update
     def execute(self, action: Action, states: list[InstanceState]) -> None:
         candidate = self.newest  # rank 0's record of a pushed checkpoint (the other ranks only follow)
-        receivers = [r for r in self.session.feeding.feeders if self.instance_of(r) in action.instances]
+        receivers = [r for r in self.session.feeding.feeders if self.world.instance_of(r) in action.instances]
         args = copy.copy(self.args)
         args.checkpoint_path, args.weight_version, args.checkpoint_name = action.path, action.version, action.version
         where = ", ".join(states[i].endpoint for i in action.instances)
@@ -222,9 +222,6 @@ class Resident:
                 self.retry_at[i] = time.monotonic() + REFILL_RETRY_S
         if error is not None:
             self.say(f"refill of {where} failed: {error} (tried again in {REFILL_RETRY_S:g} s)")
-
-    def instance_of(self, loader_rank: int) -> int:
-        return 0 if self.world.feeds_instance else loader_rank // self.world.parallel_size
 
     # ------------------------------------------------------------------ status
     def write_status(self, states: list[InstanceState], stopped: bool = False) -> None:

@@ -61,7 +61,11 @@ class LoaderWorld:
 
     @property
     def instance(self) -> int:
-        return self.rank // self.parallel_size
+        return self.instance_of(self.rank)
+
+    def instance_of(self, rank: int) -> int:
+        """The inference instance loader rank ``rank`` stands for (the one process outside torchrun: instance 0)."""
+        return rank // self.parallel_size
 
     @property
     def tp_rank(self) -> int:
