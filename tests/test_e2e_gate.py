@@ -5,10 +5,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
+from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
 from sglang_ckpt_plugin.server.gate import EXIT_NO_WEIGHTS
 
-from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, communicate_or_dump, our_leftovers, push
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +104,50 @@ def test_scheduler_guard_starts_closed_without_the_http_gate(llama_a):
     assert INCOMPLETE_REFUSAL in steps["tensor-partial"]["error"]  # the tensor path wrote one parameter of 15
     assert steps["reload"]["ok"] is True, steps["reload"]["messages"]
     assert len(steps["after"]["output_ids"]) == 4
+
+
+def test_a_loader_started_before_the_server_reads_the_checkpoint_while_the_server_starts(llama_a, tmp_path):
+    """The loader brings a cold checkpoint into the page cache before the server answers (nothing waits for the
+    server's start to read), then pushes it: served bit-exactly, and the loader says when the server was ready."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from sglang_ckpt_plugin.loader.early_read import cached_bytes
+
+    files = sorted(llama_a.glob("*.safetensors"))
+    fds = [os.open(f, os.O_RDONLY) for f in files]
+    sizes = [os.fstat(fd).st_size for fd in fds]
+    try:
+        for fd in fds:
+            os.fsync(fd)  # written moments ago: dirty pages stay cached
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if any(cached_bytes(fd, 0, n) for fd, n in zip(fds, sizes)):
+            pytest.skip("this filesystem keeps the checkpoint cached after POSIX_FADV_DONTNEED (tmpfs?)")
+        srv = SGLangServer(llama_a, tmp_path / "late.log", port=free_port())
+        cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(llama_a), "--endpoint",
+               srv.url, "--quiet", "--timeout", "240", "--weight-version", "early-1"]  # fmt: skip
+        loader = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while any(cached_bytes(fd, 0, n) < n - 4096 for fd, n in zip(fds, sizes)):  # headers aside: data pages
+                assert loader.poll() is None and time.monotonic() < deadline, "the loader did not read ahead"
+                time.sleep(0.1)
+            with srv:
+                srv.wait_listening()
+                out, err = communicate_or_dump(loader, 240, "loader started before its server")
+                assert loader.returncode == 0, err
+                assert "while waiting for the server: read" in err
+                assert "[sglang-ckpt] ready: the server serves these weights" in out
+                srv.wait_healthy(timeout_s=60)
+                assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "early-1"
+                assert_serves(srv.url, llama_a)
+        finally:
+            if loader.poll() is None:
+                loader.kill()
+                loader.wait()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert srv.group_pids() == []

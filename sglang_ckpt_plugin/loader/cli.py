@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from . import watchdog
 
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status-file", help="--watch: keep a JSON status here (what each server serves, the update in "
                                          "progress, skipped checkpoints and why), rewritten atomically")
     p.add_argument("--no-flush-cache", action="store_true", help="keep the radix cache after the update")
+    p.add_argument("--no-read-ahead", action="store_true",
+                   help="do not read the checkpoint into the page cache while waiting for the server to answer")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p  # fmt: skip
 
@@ -177,21 +180,31 @@ def feeds_from_one_process(args: argparse.Namespace, info: dict | None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    t_start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     watchdog.install(args.timeout)
     args.feeds_instance = False
+    early = None
     if args.inference_parallel_size > 1 and "RANK" not in os.environ:
+        from .early_read import EarlyRead
+        from .world import LoaderWorld
+
+        early = EarlyRead.for_rank(args, LoaderWorld())  # this node reads the whole checkpoint, in any layout
+        if early is not None:
+            early.start()
         info, error = ask_server(args)  # before starting N processes: a clear message, no torchrun noise
         if error:
             print(f"[sglang-ckpt] error: {error}", file=sys.stderr)
             return 1
         args.feeds_instance = feeds_from_one_process(args, info)
         if not args.feeds_instance:
+            if early is not None:
+                early.report(LoaderWorld())  # each torchrun rank then skips what is cached already
             relaunch_under_torchrun(args.inference_parallel_size, argv, args.api_key)
     from .session import run_loader  # heavy imports after argument errors
 
-    return run_loader(args)
+    return run_loader(args, early, t_start)
 
 
 def console_main() -> None:

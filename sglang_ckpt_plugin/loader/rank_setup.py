@@ -97,18 +97,23 @@ def torch_device(placement: LoaderPlacement) -> torch.device:
     return torch.device("cpu")
 
 
-def available_memory(placement: LoaderPlacement) -> int:
-    """Bytes the buffers may take: MemAvailable (shared memory counts against it; so does CUDA's pinned staging),
-    and on CUDA also the GPU's free memory (SGLang already took its --mem-fraction-static of it)."""
-    host = 0
+def host_available_memory() -> int:
+    """MemAvailable in bytes (0 where /proc/meminfo cannot be read): shared memory and pinned staging count
+    against it, and so does what is read ahead into the page cache."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    host = int(line.split()[1]) * 1024
-                    break
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return 0
+
+
+def available_memory(placement: LoaderPlacement) -> int:
+    """Bytes the buffers may take: MemAvailable, and on CUDA also the GPU's free memory (SGLang already took its
+    --mem-fraction-static of it)."""
+    host = host_available_memory()
     if placement.kind == "cuda":
         import torch
 

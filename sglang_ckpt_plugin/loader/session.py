@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..placement import LoaderPlacement, shared_gpus
 from .checkpoint import discover_files
+from .early_read import EarlyRead
 from .rank_setup import PeerFailed, agree_on_kind, place_rank, torch_device
 from .resident import Resident
 from .run import UPDATE_ERRORS, Update, update_rounds
@@ -50,19 +51,35 @@ def open_session(args: argparse.Namespace, world: LoaderWorld, control: Control)
     return Session(world, control, feeding, placement, [p.rank_key for p in placements], asked)
 
 
-def run_loader(args: argparse.Namespace) -> int:
-    """The loader process: set up, then one run of updates (or stay, ``--watch``); the exit code."""
+def run_loader(args: argparse.Namespace, early: EarlyRead | None = None, t_start: float | None = None) -> int:
+    """The loader process: set up, then one run of updates (or stay, ``--watch``); the exit code. ``early``: the
+    read-ahead cli.main started before it waited for the server; ``t_start``: when the loader started."""
     control = None
+    t_start = t_start or time.perf_counter()
     try:
         world = LoaderWorld.from_env(args.inference_parallel_size, getattr(args, "feeds_instance", False))
         if args.checkpoint_path and not args.load_metas_file:
             discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
+        early = early or EarlyRead.for_rank(args, world)
+        if early is not None:
+            early.start()
         control = Control(world, args.timeout)
-        session = open_session(args, world, control)
+        try:
+            session = open_session(args, world, control)
+        finally:
+            if early is not None:
+                early.report(world)  # the server answered (or never will): the push reads from here on
+        t_answered = time.perf_counter()
         if args.watch:
             return Resident(args, session).run()
         for receivers in update_rounds(args.update_method, args.ranks, world, session.feeding):
             session.update(args, receivers).run()
+        if world.rank == 0:
+            serving_s, waited_s = time.perf_counter() - t_start, t_answered - t_start
+            print(
+                f"[sglang-ckpt] ready: the server serves these weights {serving_s:.3f} s after the loader started, "
+                f"{waited_s:.3f} s of it waiting for the server to answer"
+            )
         if args.sleep_time:
             time.sleep(args.sleep_time)
         return 0

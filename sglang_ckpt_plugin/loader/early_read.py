@@ -1,0 +1,168 @@
+"""Read the checkpoint while the server starts: the loader brings its share of the files into the page cache
+before the server answers, so that a cold checkpoint costs max(server start, read) + the hand-over instead of
+their sum. The push then reads (or the server maps) warm pages at memory speed.
+
+The page cache is the staging memory here, on CPU and GPU nodes alike: it is the memory the push reads from
+anyway, it needs no placement (which the server tells only once it is up), and pages already cached are skipped
+(``mincore``), so a checkpoint a trainer has just written costs nothing. At most half of the node's available
+memory is read ahead; the rest is read as the push goes. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from .checkpoint import TensorInfo, read_checkpoint
+from .plan import shard_by_bytes
+from .rank_setup import host_available_memory
+from .reader import CheckpointReader
+from .world import LoaderWorld, choose_feeding
+
+WINDOW_BYTES = 64 << 20  # read (and checked against the cache) in windows of this size
+MEMORY_SHARE = 0.5  # of MemAvailable at most is read ahead
+PAGE = mmap.PAGESIZE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def cached_bytes(fd: int, offset: int, length: int) -> int:
+    """How many bytes of ``[offset, offset + length)`` of the open file are in the page cache (whole pages)."""
+    start = offset - offset % PAGE
+    span = offset + length - start
+    if length <= 0:
+        return 0
+    addr = _libc.mmap(None, span, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, MAP_FAILED):
+        raise OSError(ctypes.get_errno(), f"mmap for mincore: {os.strerror(ctypes.get_errno())}")
+    try:
+        pages = (span + PAGE - 1) // PAGE
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(addr, span, vec) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore: {os.strerror(ctypes.get_errno())}")
+        return min(length, sum(v & 1 for v in bytes(vec)) * PAGE)
+    finally:
+        _libc.munmap(addr, span)
+
+
+def file_spans(tensors: list[TensorInfo]) -> list[tuple[str, int, int]]:
+    """(file, offset, length) covering the tensors, adjacent ones merged, in file order."""
+    spans: list[list] = []
+    for t in sorted(tensors, key=lambda t: (t.file, t.file_offset)):
+        if spans and spans[-1][0] == t.file and spans[-1][1] + spans[-1][2] == t.file_offset:
+            spans[-1][2] += t.nbytes
+        else:
+            spans.append([t.file, t.file_offset, t.nbytes])
+    return [tuple(s) for s in spans]
+
+
+def likely_share(args, world: LoaderWorld, tensors: list[TensorInfo]) -> list[TensorInfo]:
+    """The tensors this loader rank will read, as far as it can tell before the server says where it runs: the
+    server's device is guessed from ``--device`` or from the node's GPUs (a wrong guess only reads other bytes
+    ahead; the push reads what it needs either way)."""
+    cpu_server = args.device == "cpu" or (args.device == "auto" and not os.path.exists("/dev/nvidiactl"))
+    feeding = choose_feeding(world, cpu_server, args.update_method, False, args.device)
+    if not feeding.fed[world.rank]:
+        return []
+    if args.transfer == "map" and cpu_server:  # every node's feeder maps the whole checkpoint
+        return tensors
+    feeders = feeding.feeders
+    return shard_by_bytes(tensors, len(feeders))[feeders.index(world.rank)]
+
+
+@dataclass
+class EarlyReadResult:
+    read_bytes: int = 0  # read from storage into the page cache
+    cached_bytes: int = 0  # were cached already (skipped)
+    share_bytes: int = 0  # this rank's share of the checkpoint
+    seconds: float = 0.0
+    error: str = ""
+
+    def line(self, tag: str) -> str:
+        if self.error:
+            return f"{tag} reading ahead stopped: {self.error} (the push reads the files itself)"
+        return (
+            f"{tag} while waiting for the server: read {self.read_bytes / 1e9:.3f} GB of its "
+            f"{self.share_bytes / 1e9:.3f} GB share into the page cache in {self.seconds:.3f} s "
+            f"({self.cached_bytes / 1e9:.3f} GB were cached already)"
+        )
+
+
+class EarlyRead:
+    """A thread that reads this rank's share into the page cache until ``stop()`` (the server has answered)."""
+
+    def __init__(self, spans: list[tuple[str, int, int]], budget_bytes: int | None = None):
+        self.spans = spans
+        self.budget = budget_bytes if budget_bytes is not None else int(host_available_memory() * MEMORY_SHARE)
+        self.result = EarlyReadResult(share_bytes=sum(n for _, _, n in spans))
+        self._stop = threading.Event()
+        self._t0: float | None = None
+        self._thread = threading.Thread(target=self._run, name="ckpt-early-read", daemon=True)
+
+    @classmethod
+    def for_rank(cls, args, world: LoaderWorld) -> "EarlyRead | None":
+        """None where there is nothing to read ahead (a saved plan, a watched directory, reading ahead is off)."""
+        if not args.checkpoint_path or args.load_metas_file or getattr(args, "no_read_ahead", False):
+            return None
+        try:
+            share = likely_share(args, world, read_checkpoint(args.checkpoint_path))
+        except (OSError, ValueError):  # the update's own plan reports a bad checkpoint
+            return None
+        return cls(file_spans(share)) if share else None
+
+    def start(self) -> "EarlyRead":
+        """Start reading (once; a second call does nothing)."""
+        if not self._thread.is_alive() and not self._stop.is_set() and self._t0 is None:
+            self._t0 = time.perf_counter()
+            self._thread.start()
+        return self
+
+    def stop(self) -> EarlyReadResult:
+        """Stop after the window being read; what was read stays cached."""
+        self._stop.set()
+        if self._t0 is not None:
+            self._thread.join()
+        return self.result
+
+    def report(self, world: LoaderWorld) -> None:
+        """Stop, and say what was read ahead."""
+        tag = f"[sglang-ckpt rank {world.rank}]" if world.distributed else "[sglang-ckpt]"
+        print(self.stop().line(tag), file=sys.stderr)
+
+    def _run(self) -> None:
+        reader = CheckpointReader()
+        scratch = memoryview(bytearray(WINDOW_BYTES))
+        result, left = self.result, self.budget
+        fds: dict[str, int] = {}
+        try:
+            for path, offset, length in self.spans:
+                fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
+                for at in range(offset, offset + length, WINDOW_BYTES):
+                    n = min(WINDOW_BYTES, offset + length - at)
+                    if self._stop.is_set() or left < n:
+                        return
+                    cached = cached_bytes(fd, at, n)
+                    if cached >= n:
+                        result.cached_bytes += n
+                        continue
+                    reader.read_range(path, at, scratch[:n])
+                    result.read_bytes += n - cached
+                    result.cached_bytes += cached
+                    left -= n
+        except OSError as exc:
+            result.error = str(exc)
+        finally:
+            result.seconds = time.perf_counter() - self._t0
+            reader.close()
+            for fd in fds.values():
+                os.close(fd)

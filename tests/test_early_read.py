@@ -1,0 +1,107 @@
+"""Reading ahead while the server starts (loader/early_read.py): the page-cache check, the reader, the share."""
+
+import argparse
+import os
+
+import pytest
+
+from sglang_ckpt_plugin.loader.checkpoint import TensorInfo
+from sglang_ckpt_plugin.loader.early_read import WINDOW_BYTES, EarlyRead, cached_bytes, file_spans, likely_share
+from sglang_ckpt_plugin.loader.world import LoaderWorld
+
+MiB = 1 << 20
+
+
+def cold_file(path, nbytes: int) -> int:
+    """A file of ``nbytes`` written, flushed and dropped from the page cache; its open descriptor."""
+    with open(path, "wb") as f:
+        f.write(os.urandom(nbytes))
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    if cached_bytes(fd, 0, nbytes):
+        os.close(fd)
+        pytest.skip(f"this filesystem keeps {path} cached after POSIX_FADV_DONTNEED (tmpfs?)")
+    return fd
+
+
+def test_the_read_brings_the_share_into_the_page_cache_and_skips_what_is_cached(tmp_path):
+    path, span = tmp_path / "weights.bin", 90 * MiB
+    fd = cold_file(path, 100 * MiB)
+    try:
+        first = run_to_end(EarlyRead([(str(path), 4096 + 10, span)], budget_bytes=1 << 40))
+        assert first.error == "" and first.share_bytes == span
+        assert first.read_bytes + first.cached_bytes == span and first.read_bytes > span // 2
+        assert cached_bytes(fd, 4096 + 10, span) == span
+        again = run_to_end(EarlyRead([(str(path), 4096 + 10, span)], budget_bytes=1 << 40))
+        assert (again.read_bytes, again.cached_bytes) == (0, span)
+        assert "read 0.000 GB of its 0.094 GB share" in again.line("[t]")
+    finally:
+        os.close(fd)
+
+
+def test_stop_ends_the_reading_thread_after_its_window(tmp_path):
+    path = tmp_path / "weights.bin"
+    os.close(cold_file(path, 4 * WINDOW_BYTES))
+    early = EarlyRead([(str(path), 0, 4 * WINDOW_BYTES)], budget_bytes=1 << 40).start()
+    result = early.stop()
+    assert not early._thread.is_alive()
+    assert result.read_bytes + result.cached_bytes <= 4 * WINDOW_BYTES and result.seconds > 0
+
+
+def run_to_end(early: EarlyRead):
+    """Run the reading thread's body to its end in this thread (no stop in between)."""
+    early._t0 = 0.0
+    early._run()
+    return early.result
+
+
+def test_the_read_stops_at_its_memory_budget(tmp_path):
+    path = tmp_path / "big.bin"
+    fd = cold_file(path, 3 * WINDOW_BYTES)
+    try:
+        result = run_to_end(EarlyRead([(str(path), 0, 3 * WINDOW_BYTES)], budget_bytes=WINDOW_BYTES + 1))
+        assert result.read_bytes == WINDOW_BYTES
+        assert cached_bytes(fd, 2 * WINDOW_BYTES, WINDOW_BYTES) < WINDOW_BYTES
+    finally:
+        os.close(fd)
+
+
+def test_a_file_that_cannot_be_read_ends_the_read_with_the_reason():
+    result = run_to_end(EarlyRead([("/nonexistent/file.safetensors", 0, 10)], budget_bytes=1 << 30))
+    assert "No such file" in result.error and "the push reads the files itself" in result.line("[t]")
+
+
+def test_stop_before_start_reads_nothing(tmp_path):
+    early = EarlyRead([(str(tmp_path / "absent"), 0, 10)])
+    assert early.stop().read_bytes == 0
+    early.start()  # after a stop: nothing starts
+    assert early.stop().read_bytes == 0
+
+
+def test_file_spans_merge_adjacent_tensors_per_file():
+    def t(name, file, offset, n):
+        return TensorInfo(name, "uint8", (n,), file, offset, n)
+
+    spans = file_spans([t("b", "f1", 108, 50), t("a", "f1", 8, 100), t("c", "f1", 200, 8), t("d", "f2", 8, 4)])
+    assert spans == [("f1", 8, 150), ("f1", 200, 8), ("f2", 8, 4)]
+
+
+def args_for(device: str, transfer: str = "auto", method: str = "broadcast") -> argparse.Namespace:
+    return argparse.Namespace(device=device, transfer=transfer, update_method=method)
+
+
+def test_the_share_read_ahead_is_the_share_the_push_reads():
+    tensors = [TensorInfo(f"t{i}", "uint8", (n,), "f", 8 + 1000 * i, n) for i, n in enumerate([400, 300, 200, 100])]
+    one_node = [LoaderWorld(rank=r, world_size=2, local_rank=r, local_world_size=2, parallel_size=2) for r in (0, 1)]
+    # CPU servers: one process per node reads everything, the other nothing
+    assert [len(likely_share(args_for("cpu"), w, tensors)) for w in one_node] == [4, 0]
+    # GPU servers: every rank its half by bytes, together the whole checkpoint
+    halves = [likely_share(args_for("cuda"), w, tensors) for w in one_node]
+    assert sorted(t.name for h in halves for t in h) == ["t0", "t1", "t2", "t3"]
+    assert [sum(t.nbytes for t in h) for h in halves] == [500, 500]
+    # two CPU nodes that each map the files: each node's feeder reads the whole checkpoint
+    two_nodes = [LoaderWorld(rank=r, world_size=2, local_rank=0, local_world_size=1, node_rank=r) for r in (0, 1)]
+    assert [len(likely_share(args_for("cpu", "map"), w, tensors)) for w in two_nodes] == [4, 4]
+    assert sum(len(likely_share(args_for("cpu"), w, tensors)) for w in two_nodes) == 4
