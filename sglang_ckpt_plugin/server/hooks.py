@@ -27,7 +27,7 @@ import msgspec
 import torch
 
 from ..cpu_env import core_binds
-from . import gate, options, rank_state, routes, staging, tp_worker, trainer_updates
+from . import gate, options, prefault, rank_state, routes, staging, tp_worker, trainer_updates
 from . import sglang_compat as sg
 
 logger = logging.getLogger("sglang_ckpt_plugin")
@@ -95,9 +95,11 @@ def _guard_generate(original, scheduler, recv_req, **kwargs):
 
 
 def _skip_dummy_fill_when_waiting(original, model, *args, **kwargs):
-    """Parameters stay allocated and unfilled: nothing reads them before every one of them was written."""
+    """Parameters stay allocated and unfilled: nothing reads them before every one of them was written. Their CPU
+    pages are allocated in the background meanwhile, so the first push does not pay for it (prefault.py)."""
     if sg.wait_flag_enabled():
         logger.info("--wait-for-initial-weights: not filling dummy weights with random values")
+        prefault.populate_in_background(model)
         return None
     return original(model, *args, **kwargs)
 
