@@ -34,6 +34,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/node_bench.py
 	$(BIN)/python bench/watch_bench.py
+	$(BIN)/python bench/ready_bench.py
 	$(BIN)/python bench/push_bench.py
 	$(BIN)/python bench/two_phase_bench.py
 

@@ -111,12 +111,14 @@ def main() -> int:
             sums.add(checksum(srv.url))
         for key, (options, _) in ROWS.items():
             srv, row = start_with_loader(ckpt, work / f"{key}.log", options, f"{key}-{i}")
-            with srv:
+            try:  # started already: stop it, never start it again (``with`` would)
                 sums.add(checksum(srv.url))
                 warm_page_cache(ckpt)
                 row["handover"] = run_loader(loader_cmd(srv.url, ckpt, f"warm-{i}", options))[1]
                 time_disk_update(srv.url, ckpt, "disk")  # SGLang's own load of the same files: the same checksum
                 sums.add(checksum(srv.url))
+            finally:
+                srv.stop()
             figures[key].append(row)
     if len(sums) != 1:
         print(f"MISMATCH: /weights_checker checksums differ between SGLang's load and the pushes: {sums}",

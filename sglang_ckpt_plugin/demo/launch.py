@@ -64,6 +64,8 @@ class SGLangServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "SGLangServer":
+        if self.proc is not None and self.proc.poll() is None:  # a second process would outlive stop()
+            raise RuntimeError(f"the server on port {self.port} is running already")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)  # fmt: skip

@@ -130,7 +130,7 @@ class ServerClient:
                 last = f"HTTP {resp.status_code}"
             except httpx.TransportError as exc:
                 last = str(exc) or type(exc).__name__
-            time.sleep(0.5)
+            time.sleep(0.1)  # a starting server: push as soon as it answers
         raise ServerError(f"server {self.base_url} not reachable within {self.timeout_s:g} s ({last}); "
                           "is it running, and is --endpoint right?")  # fmt: skip
 
