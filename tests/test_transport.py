@@ -129,14 +129,14 @@ def whole_params(manifest, partial, allow_unused):
 
 
 def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_timeout_s=10.0, post=lambda: None,
-                verify=False, mapped=False, hello_timeout_s=10.0, session_out=None):  # fmt: skip
+                verify=False, mapped=False, hello_timeout_s=10.0, session_out=None, checksum="xxh3"):  # fmt: skip
     tensors = read_checkpoint(ckpt_dir)
     buckets = plan_buckets(tensors, bucket_size)
     files, file_buckets = plan_file_buckets(tensors, bucket_size)
     update_id = new_update_id("test")
     endpoint = make_endpoint(update_id, "cpu-tp0")
     cancelled = threading.Event()
-    feeder = RankFeeder(endpoint, update_id, 10.0, cancelled, verify=verify)
+    feeder = RankFeeder(endpoint, update_id, 10.0, cancelled, checksum=checksum if verify else "none")
     node = NodeFeeder([feeder])
     if not mapped:
         node.allocate(max(b.nbytes for b in buckets), 2, CPU)
@@ -149,7 +149,7 @@ def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_time
             if mapped:
                 node.run_mapped(files, file_buckets, StageTimes(), verify)
             else:
-                filler = BucketFiller(reader, CPU, 0)
+                filler = BucketFiller(reader, CPU, 0, checksum=checksum)
                 node.run(buckets, lambda bucket, owned: filler.fill(bucket, owned.view, digests=verify), StageTimes())
         except Exception as exc:  # noqa: BLE001 - reported to the test
             errors.append(exc)
@@ -344,6 +344,39 @@ def test_corrupted_bytes_are_caught_before_anything_is_written(checkpoint):
     with pytest.raises(UpdateFailed, match="checksum mismatch"):
         run_session(ckpt_dir, model, loader_hook=corrupt, verify=True)
     assert all(torch.count_nonzero(p) == 0 for p in model.parameters()), "a corrupted bucket reached the model"
+
+
+def test_word_sum_checksum_is_checked_in_place_and_catches_corruption(checkpoint, monkeypatch):
+    """The GPU path's checksum (--verify into GPU buffers), run on CPU buffers: the receiver computes it on the
+    tensor where it lies (no host copy of it), matches the loader's streaming sums, and catches a changed byte."""
+    from sglang_ckpt_plugin.server import receiver
+    from sglang_ckpt_plugin.transport.word_sums import host_digest
+
+    ckpt_dir, state = checkpoint
+    copied = []
+    monkeypatch.setattr(receiver, "tensor_digest", lambda flat: copied.append(flat) or 0)
+    model = Tiny()
+    stats, errors, _ = run_session(ckpt_dir, model, verify=True, checksum="wordsum")
+    assert errors == [] and copied == []
+    for name, value in state.items():
+        assert torch.equal(dict(model.named_parameters())[name].data, value)
+    from safetensors.torch import load_file
+
+    from sglang_ckpt_plugin.transport.integrity import fingerprint
+
+    entries = {name: (str(t.dtype).removeprefix("torch."), list(t.shape),
+                      host_digest(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+               for f in ckpt_dir.glob("*.safetensors") for name, t in load_file(f).items()}  # fmt: skip
+    assert stats.fingerprint == run_session.last_fingerprint == fingerprint(entries)
+
+    def corrupt(feeder):
+        real = feeder.send_bucket
+        feeder.send_bucket = lambda seq, bucket, digests, times, **kw: real(seq, bucket, [d ^ 1 for d in digests], times, **kw)
+
+    fresh = Tiny()
+    with pytest.raises(UpdateFailed, match="checksum mismatch"):
+        run_session(ckpt_dir, fresh, loader_hook=corrupt, verify=True, checksum="wordsum")
+    assert all(torch.count_nonzero(p) == 0 for p in fresh.parameters())
 
 
 def test_page_cache_session_maps_one_bucket_range_at_a_time(checkpoint, monkeypatch):

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import xxhash
-
 from ..transport.handles import device_kind
-from ..transport.integrity import bytes_digest
+from ..transport.integrity import host_checksum, new_hasher
 from .plan import Bucket
 from .reader import CheckpointReader, host_view
 
@@ -21,10 +19,10 @@ if TYPE_CHECKING:
 STAGING_CHUNK_BYTES = 64 << 20  # each of the two pinned staging halves (CUDA)
 
 
-def bucket_digests(bucket: Bucket, host: torch.Tensor | memoryview) -> list[int]:
-    """xxh3 of every tensor's bytes in a filled bucket (``host``: the bucket's bytes in CPU memory)."""
+def bucket_digests(bucket: Bucket, host: torch.Tensor | memoryview, checksum: str = "xxh3") -> list[int]:
+    """The digest of every tensor's bytes in a filled bucket (``host``: the bucket's bytes in CPU memory)."""
     view = host_view(host)
-    return [bytes_digest(view[s.offset : s.offset + s.tensor.nbytes]) for s in bucket.slots]
+    return [host_checksum(checksum, view[s.offset : s.offset + s.tensor.nbytes]) for s in bucket.slots]
 
 
 class BucketFiller:
@@ -32,10 +30,11 @@ class BucketFiller:
     halves, so that reading the next chunk from disk overlaps the host -> device copy of the last one."""
 
     def __init__(self, reader: CheckpointReader, device: torch.device | str | None, bucket_bytes: int,
-                 chunk_bytes: int = STAGING_CHUNK_BYTES, staged: bool | None = None):  # fmt: skip
+                 chunk_bytes: int = STAGING_CHUNK_BYTES, staged: bool | None = None, checksum: str = "xxh3"):  # fmt: skip
         """``staged``: go through the staging halves (default: on CUDA only; on CPU it tests the same logic).
-        ``device``: see transport.handles.device_kind."""
+        ``device``: see transport.handles.device_kind. ``checksum``: the digests' kind (transport.integrity)."""
         self.reader = reader
+        self.checksum = checksum
         self.device = device
         self._cuda = device_kind(device) == "cuda"
         self.staged = self._cuda if staged is None else staged
@@ -49,13 +48,13 @@ class BucketFiller:
                 self._stream = torch.cuda.Stream(device)
 
     def fill(self, bucket: Bucket, buffer: torch.Tensor | memoryview, digests: bool = False) -> list[int] | None:
-        """Fill ``buffer`` with the bucket; returns the tensors' xxh3 digests when asked (computed from host memory
+        """Fill ``buffer`` with the bucket; returns the tensors' digests when asked (computed from host memory
         as the bytes pass). Returns once the bytes are in ``buffer``, on CUDA too: the caller's next step is to
         tell the server, or another rank, to read them."""
         if not self.staged:
             self.reader.fill(bucket, buffer)
-            return bucket_digests(bucket, buffer) if digests else None
-        hashers = [xxhash.xxh3_64() for _ in bucket.slots] if digests else None
+            return bucket_digests(bucket, buffer, self.checksum) if digests else None
+        hashers = [new_hasher(self.checksum) for _ in bucket.slots] if digests else None
         chunk = self._halves[0].numel()
         half, start, end = 0, None, 0  # the staged span: buffer bytes [start, end) sit in self._halves[half]
         pending: list[tuple[int, str, int, memoryview]] = []  # (slot index, file, offset, dest) of the span

@@ -54,12 +54,14 @@ class RankFeeder:
     """The channel to one inference rank during one update, over buffers its NodeFeeder owns."""
 
     def __init__(self, endpoint: str, update_id: str, timeout_s: float, cancelled: threading.Event,
-                 verify: bool = False, partial: bool = False, allow_unused: bool = False, listen: bool = True):  # fmt: skip
+                 checksum: str = "none", partial: bool = False, allow_unused: bool = False, listen: bool = True):  # fmt: skip
         """Binds the endpoint at once (cheap), so the server may connect while buffers are allocated; with
         ``listen=False`` only at ``listen()`` (a two-phase update reads every bucket first: a loader killed then
-        leaves no socket file behind). With ``verify``, every bucket carries per-tensor xxh3 digests."""
+        leaves no socket file behind). ``checksum`` other than "none": every bucket carries per-tensor digests of
+        that kind (transport.integrity)."""
         self.update_id = update_id
-        self.verify = verify
+        self.checksum = checksum
+        self.verify = checksum != "none"
         self.partial = partial
         self.allow_unused = allow_unused
         self.digests = Fingerprint()
@@ -127,7 +129,7 @@ class RankFeeder:
                 num_buckets=len(buckets),
                 num_tensors=sum(len(b.slots) for b in buckets),
                 total_bytes=sum(b.payload_bytes for b in buckets),
-                checksum="xxh3" if self.verify else "none",
+                checksum=self.checksum,
                 manifest=[TensorMeta(s.tensor.name, s.tensor.dtype, list(s.tensor.shape))
                           for b in buckets for s in b.slots],  # fmt: skip
                 partial=self.partial,

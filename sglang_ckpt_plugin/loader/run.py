@@ -239,7 +239,7 @@ class Update:
             self.feeder = NodeFeeder()
             for endpoint in self.own_endpoints:
                 feeder = RankFeeder(
-                    endpoint, self.update_id, args.timeout, self.cancelled, verify=args.verify, partial=args.partial,
+                    endpoint, self.update_id, args.timeout, self.cancelled, checksum=self.checksum, partial=args.partial,
                     allow_unused=args.allow_unused, listen=listen,
                 )
                 self.feeder.add(feeder)
@@ -301,6 +301,14 @@ class Update:
         raise error or PeerFailed("another instance's commit failed (its error is printed above)")
 
     @functools.cached_property
+    def checksum(self) -> str:
+        """The digests' kind with --verify: GPU buffers are checked where they are (word sums on the device, no copy
+        back), host memory with xxh3."""
+        if not self.args.verify:
+            return "none"
+        return "wordsum" if self.placement.kind == "cuda" else "xxh3"
+
+    @functools.cached_property
     def device(self) -> torch.device | str:
         """The buffers' device: the rank's GPU, or "cpu" (a name, not a torch.device: a CPU loader that moves
         nothing between processes never imports torch)."""
@@ -311,7 +319,7 @@ class Update:
 
         if self.feeder is not None:
             self.feeder.allocate(bucket_bytes, num_buffers, self.device)
-        self.filler = BucketFiller(self.reader, self.device, bucket_bytes)
+        self.filler = BucketFiller(self.reader, self.device, bucket_bytes, checksum=self.checksum)
         owned = sum(1 for s in self.steps if s.owner == self.world.rank)
         self.exchange.allocate(bucket_bytes, owned if self.two_phase else min(owned, 1))
 

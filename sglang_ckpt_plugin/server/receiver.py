@@ -20,6 +20,7 @@ from ..transport.channel import Channel, PeerGone, check_endpoint
 from ..transport.fdpass import fd_socket_path, receive_fds
 from ..transport.handles import MappedBuffer, open_buffer, open_file_range
 from ..transport.integrity import Fingerprint, tensor_digest
+from ..transport.word_sums import device_digest
 from ..transport.messages import (
     Abort, BucketReady, CudaIpcHandle, FileHandle, Finish, Hello, ProtocolError, Reply, ShmFdHandle,
 )  # fmt: skip
@@ -223,7 +224,8 @@ class ReceiveSession:
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a CUDA IPC handle that will not open
             _send_error(channel, -1, str(exc))
             raise UpdateFailed(f"cannot map the loader's buffers: {exc}") from exc
-        self.verify = hello.checksum == "xxh3"
+        self.checksum = hello.checksum
+        self.verify = hello.checksum != "none"
         try:
             self.coverage = self.validate([(m.name, m.dtype, m.shape) for m in hello.manifest], hello.partial,
                                           hello.allow_unused)  # fmt: skip
@@ -309,8 +311,8 @@ class ReceiveSession:
         if msg.digests is None:
             raise ProtocolError(f"bucket {msg.seq} carries no digests although the loader asked for verification")
         for (name, view), slot, expected in zip(views, msg.tensors, msg.digests):
-            flat = view.reshape(-1).view(torch.uint8).cpu()
-            digest = tensor_digest(flat)
+            flat = view.reshape(-1).view(torch.uint8)
+            digest = device_digest(flat) if self.checksum == "wordsum" else tensor_digest(flat.cpu())
             if digest != expected:
                 raise ProtocolError(f"checksum mismatch on tensor {name!r} in bucket {msg.seq}: the bytes changed "
                                     "between the loader and the server (memory corruption or a concurrent writer)")  # fmt: skip

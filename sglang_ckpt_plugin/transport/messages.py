@@ -116,7 +116,8 @@ class Hello(_Msg, tag="hello"):
     # every tensor of the update: checked against the model before anything is written, and every bucket
     # is checked against it (names, dtypes, shapes; each tensor once) before it is loaded
     manifest: Annotated[list[TensorMeta], msgspec.Meta(max_length=MAX_TENSORS)]
-    checksum: Literal["none", "xxh3"] = "none"  # xxh3: every bucket carries per-tensor digests
+    # every bucket carries per-tensor digests: xxh3 of host bytes, or word sums (GPU buffers: checked in place)
+    checksum: Literal["none", "xxh3", "wordsum"] = "none"
     partial: bool = False  # the caller updates only some parameters on purpose
     allow_unused: bool = False  # the caller knows some tensors are not weights of the served model
 
@@ -127,7 +128,7 @@ class BucketReady(_Msg, tag="bucket"):
     seq: int
     buffer: int
     tensors: Annotated[list[TensorSlot], msgspec.Meta(max_length=MAX_BUCKET_TENSORS)]
-    digests: list[int] | None = None  # xxh3-64 of each tensor's bytes, in ``tensors`` order
+    digests: list[int] | None = None  # each tensor's digest (the hello's ``checksum``), in ``tensors`` order
 
 
 class Finish(_Msg, tag="finish"):
