@@ -171,6 +171,7 @@ def main() -> int:
                     raise RuntimeError("the stand-in server did not start") from None
                 time.sleep(0.5)
         check = Check(url, device)
+        word_sums_agree(tensors, device, check)
         variants = [("loader, defaults", [], {}), ("loader, --verify", ["--verify"], {}),
                     ("loader, 16M buckets, --num-buffers 1", ["--bucket-size", "16M", "--num-buffers", "1"], {})]  # fmt: skip
         if cuda:
@@ -201,6 +202,17 @@ def main() -> int:
     print(f"\nbaselines: loader rows vs {base}; LocalPush rows vs {'device-to-device' if cuda else 'host memcpy'} copy")
     print(f"VERDICT {'PASS' if check.ok else 'FAIL'}: every variant byte-identical and server memory back to its start")
     return 0 if check.ok else 1
+
+
+def word_sums_agree(tensors: dict, device: torch.device, check: Check) -> None:
+    """--verify's checksum for GPU buffers: the receiver's sums on the device equal the loader's on the host."""
+    from sglang_ckpt_plugin.transport.word_sums import device_digest, host_digest
+
+    sample = list(tensors.values())[:4]
+    same = all(device_digest(t.to(device).reshape(-1).view(torch.uint8)) == host_digest(t.reshape(-1).view(torch.uint8).numpy())
+               for t in sample)  # fmt: skip
+    check.ok &= same
+    check.rows.append((f"word sums on {device.type} == on the host ({len(sample)} tensors)", "", "", "", str(same), ""))
 
 
 def local_push(url: str, device: torch.device, tensors: dict, check: Check, d2d: float) -> None:

@@ -12,7 +12,13 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--no-sglang" ]; then
   shift
   PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-  PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" bench/standalone_check.py "$@"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  "$PY" bench/standalone_check.py "$@"
+  # the read stage alone: threads x staging memory (pinned, registered) against pinned H2D (bench/read_bench.py)
+  if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    "$PY" bench/read_bench.py --device cuda --gb "${READ_GB:-4}" --threads 1,4,8,16,32
+  fi
+  exit 0
 fi
 # on a GPU machine the venv sees the system's CUDA torch (--system-site-packages)
 if [ ! -f .venv/.installed ]; then make venv VENV_FLAGS=--system-site-packages; fi

@@ -27,4 +27,6 @@ def test_device_check_without_sglang_runs_on_the_cpu_path(tmp_path):
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| loader", "| LocalPush ")) and "| yes" in line
             or "| NO |" in line]  # fmt: skip
     assert len(rows) == 7 and all("| yes |" in row for row in rows), rows  # 4 loader variants, 3 LocalPush pushes
+    sums = [line for line in proc.stdout.splitlines() if line.startswith("| word sums on cpu == on the host")]
+    assert len(sums) == 1 and "| True |" in sums[0], sums
     assert "VERDICT PASS" in proc.stdout
