@@ -70,7 +70,8 @@ def test_staged_fill_gives_the_same_bytes_and_digests_as_a_direct_fill(tmp_path,
 def test_reads_split_over_threads_give_the_same_bytes(tmp_path, monkeypatch, threads):
     """Ranges cut into pieces (here 5 bytes) read by several threads land exactly where one sequential read puts
     them, staged or not; a file shorter than its header says is an error, not a silent short bucket."""
-    monkeypatch.setattr(reader_module, "READ_PIECE_BYTES", 5)
+    monkeypatch.setattr(reader_module, "MIN_PIECE_BYTES", 5)
+    monkeypatch.setattr(reader_module, "MAX_PIECE_BYTES", 5)
     tensors = {"a": torch.randn(5, 3), "b": torch.arange(7, dtype=torch.int16), "c": torch.randn(9, dtype=torch.float64)}
     save_file(tensors, tmp_path / "model.safetensors")
     bucket = plan_buckets(read_checkpoint(tmp_path), 4096)[0]
@@ -85,6 +86,14 @@ def test_reads_split_over_threads_give_the_same_bytes(tmp_path, monkeypatch, thr
     with pytest.raises(OSError, match="unexpected end of file"):
         reader.read_range(str(file), file.stat().st_size - 3, memoryview(bytearray(12)))
     reader.close()
+
+
+def test_pieces_are_about_two_per_thread_within_bounds():
+    MiB = 1 << 20
+    assert CheckpointReader(threads=2).piece_bytes(64 * MiB) == 16 * MiB
+    assert CheckpointReader(threads=32).piece_bytes(64 * MiB) == 2 * MiB
+    assert CheckpointReader(threads=4).piece_bytes(64 * MiB) == 8 * MiB
+    assert CheckpointReader(threads=1).piece_bytes(1 << 40) == 16 * MiB
 
 
 def test_sharded_index(tmp_path):

@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .plan import Bucket
 
-READ_PIECE_BYTES = 4 << 20  # reads are split into pieces of this size for the reading threads
+# reads are split into pieces for the reading threads: about two per thread, within these bounds (few threads:
+# fewer hand-offs; many threads: small slices that keep all of them busy to the end)
+MIN_PIECE_BYTES, MAX_PIECE_BYTES = 2 << 20, 16 << 20
 READ_THREADS_ENV = "SGLANG_CKPT_READ_THREADS"
 # Bytes per second one loader rank may read (suffix K/M/G), unset: no limit. For a shared filesystem that must not
 # be saturated, and for the bench, which emulates slow storage with it (page-cache reads here run at GB/s).
@@ -36,12 +38,12 @@ def read_rate_limit() -> float | None:
 
 
 def default_read_threads() -> int:
-    """``SGLANG_CKPT_READ_THREADS`` if set, else up to 8, sharing this process's cores with the other loader ranks
+    """``SGLANG_CKPT_READ_THREADS`` if set, else up to 32, sharing this process's cores with the other loader ranks
     of the node (torchrun's LOCAL_WORLD_SIZE)."""
     if os.environ.get(READ_THREADS_ENV):
         return max(1, int(os.environ[READ_THREADS_ENV]))
     ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, len(os.sched_getaffinity(0)) // ranks_here))
+    return max(1, min(32, len(os.sched_getaffinity(0)) // ranks_here))
 
 
 class CheckpointReader:
@@ -69,8 +71,12 @@ class CheckpointReader:
         there is enough to share."""
         if self.rate and self._rate_start is None:
             self._rate_start = time.monotonic()
-        pieces = [(self._fd(path), path, offset + at, dest[at : at + READ_PIECE_BYTES])
-                  for path, offset, dest in ranges for at in range(0, len(dest), READ_PIECE_BYTES)]  # fmt: skip
+        piece = self.piece_bytes(sum(len(dest) for _, _, dest in ranges))
+        pieces = [
+            (self._fd(path), path, offset + at, dest[at : at + piece])
+            for path, offset, dest in ranges
+            for at in range(0, len(dest), piece)
+        ]
         if self.threads > 1 and len(pieces) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-read")
@@ -82,6 +88,9 @@ class CheckpointReader:
         self.bytes_read += sum(len(dest) for _, _, dest in ranges)
         if self.rate:
             self._throttle()
+
+    def piece_bytes(self, total: int) -> int:
+        return max(MIN_PIECE_BYTES, min(MAX_PIECE_BYTES, total // (2 * self.threads)))
 
     def _throttle(self) -> None:
         """Sleep until this reader's average rate since its first read began is within the limit."""
