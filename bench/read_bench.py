@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import mmap
-import statistics
 import sys
 import tempfile
 import time
