@@ -143,10 +143,9 @@ class EarlyRead:
         reader = CheckpointReader()
         scratch = memoryview(bytearray(WINDOW_BYTES))
         result, left = self.result, self.budget
-        fds: dict[str, int] = {}
         try:
             for path, offset, length in self.spans:
-                fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
+                fd = reader.fd(path)
                 for at in range(offset, offset + length, WINDOW_BYTES):
                     n = min(WINDOW_BYTES, offset + length - at)
                     if self._stop.is_set() or left < n:
@@ -164,5 +163,3 @@ class EarlyRead:
         finally:
             result.seconds = time.perf_counter() - self._t0
             reader.close()
-            for fd in fds.values():
-                os.close(fd)

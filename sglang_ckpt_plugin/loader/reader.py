@@ -57,7 +57,8 @@ class CheckpointReader:
         self.rate = read_rate_limit()
         self._rate_start: float | None = None
 
-    def _fd(self, path: str) -> int:
+    def fd(self, path: str) -> int:
+        """The reader's descriptor of ``path`` (opened once, closed by ``close``)."""
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
@@ -73,7 +74,7 @@ class CheckpointReader:
             self._rate_start = time.monotonic()
         piece = self.piece_bytes(sum(len(dest) for _, _, dest in ranges))
         pieces = [
-            (self._fd(path), path, offset + at, dest[at : at + piece])
+            (self.fd(path), path, offset + at, dest[at : at + piece])
             for path, offset, dest in ranges
             for at in range(0, len(dest), piece)
         ]
