@@ -41,11 +41,12 @@ def test_read_header_matches_safetensors_and_bytes_round_trip(ckpt):
     assert reader.bytes_read == sum(v.numel() * v.element_size() for v in tensors.values())
 
 
+@pytest.mark.parametrize("chunks", [2, 3])
 @pytest.mark.parametrize("checksum", ["xxh3", "wordsum"])
 @pytest.mark.parametrize("chunk", [7, 24, 64, 4096], ids=["tensor-split-3-ways", "aligned", "two-tensors", "one-span"])
-def test_staged_fill_gives_the_same_bytes_and_digests_as_a_direct_fill(tmp_path, chunk, checksum):
-    """The CUDA path's staging logic (two halves, spans cut at any byte, digests streamed as bytes pass), run on
-    the CPU: every chunk size gives exactly the direct fill's bytes and digests."""
+def test_staged_fill_gives_the_same_bytes_and_digests_as_a_direct_fill(tmp_path, chunk, checksum, chunks):
+    """The CUDA path's staging logic (chunks in turn, spans cut at any byte, digests streamed as bytes pass), run on
+    the CPU: every chunk size and count gives exactly the direct fill's bytes and digests."""
     tensors = {"a": torch.randn(5, 3), "b": torch.arange(7, dtype=torch.int16), "c": torch.randn(9, dtype=torch.float64)}
     save_file(tensors, tmp_path / "model.safetensors")
     bucket = plan_buckets(read_checkpoint(tmp_path), 4096)[0]
@@ -53,7 +54,9 @@ def test_staged_fill_gives_the_same_bytes_and_digests_as_a_direct_fill(tmp_path,
     direct = torch.zeros(bucket.nbytes, dtype=torch.uint8)
     want = BucketFiller(reader, torch.device("cpu"), bucket.nbytes, checksum=checksum).fill(bucket, direct, digests=True)
     staged = torch.zeros(bucket.nbytes, dtype=torch.uint8)
-    filler = BucketFiller(reader, torch.device("cpu"), bucket.nbytes, chunk_bytes=chunk, staged=True, checksum=checksum)
+    filler = BucketFiller(
+        reader, torch.device("cpu"), bucket.nbytes, chunk_bytes=chunk, staged=True, checksum=checksum, chunks=chunks
+    )
     got = filler.fill(bucket, staged, digests=True)
     reader.close()
     assert got == want == bucket_digests(bucket, direct, checksum)
