@@ -13,7 +13,6 @@ server runs with ``--sleep-on-idle``; every push must serve the checkpoint bit-e
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ from push_bench import checkpoint_bytes, loader_cmd, random_checkpoint, warm_pag
 from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import SGLangServer  # noqa: E402
 from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint  # noqa: E402
-from sglang_ckpt_plugin.loader.early_read import cached_bytes, file_spans  # noqa: E402
+from sglang_ckpt_plugin.loader.early_read import drop_cached, file_spans  # noqa: E402
 from sglang_ckpt_plugin.loader.reader import CheckpointReader  # noqa: E402
 
 ROWS = {  # key: (loader options, what the row is)
@@ -43,14 +42,8 @@ ROWS = {  # key: (loader options, what the row is)
 
 def drop_from_page_cache(ckpt: Path) -> None:
     for f in ckpt.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            if f.suffix == ".safetensors" and cached_bytes(fd, 0, os.fstat(fd).st_size) > 1 << 20:
-                raise RuntimeError(f"{f} stays in the page cache after POSIX_FADV_DONTNEED: put --workdir on a disk")
-        finally:
-            os.close(fd)
+        if drop_cached(str(f)) > 1 << 20 and f.suffix == ".safetensors":
+            raise RuntimeError(f"{f} stays in the page cache after POSIX_FADV_DONTNEED: put --workdir on a disk")
 
 
 def cold_read_s(ckpt: Path) -> float:

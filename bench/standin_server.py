@@ -135,7 +135,10 @@ def main() -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--start-delay", type=float, default=0.0,
+                   help="seconds before it answers (a real server's start: model init, CUDA graphs)")
     a = p.parse_args()
+    time.sleep(a.start_delay)
     device = torch.device("cuda", 0) if a.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

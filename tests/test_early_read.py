@@ -6,24 +6,26 @@ import os
 import pytest
 
 from sglang_ckpt_plugin.loader.checkpoint import TensorInfo
-from sglang_ckpt_plugin.loader.early_read import WINDOW_BYTES, EarlyRead, cached_bytes, file_spans, likely_share
+from sglang_ckpt_plugin.loader.early_read import (
+    WINDOW_BYTES,
+    EarlyRead,
+    cached_bytes,
+    drop_cached,
+    file_spans,
+    likely_share,
+)
 from sglang_ckpt_plugin.loader.world import LoaderWorld
 
 MiB = 1 << 20
 
 
 def cold_file(path, nbytes: int) -> int:
-    """A file of ``nbytes`` written, flushed and dropped from the page cache; its open descriptor."""
+    """A file of ``nbytes`` written and dropped from the page cache; its open descriptor."""
     with open(path, "wb") as f:
         f.write(os.urandom(nbytes))
-        f.flush()
-        os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    if cached_bytes(fd, 0, nbytes):
-        os.close(fd)
+    if drop_cached(str(path)):
         pytest.skip(f"this filesystem keeps {path} cached after POSIX_FADV_DONTNEED (tmpfs?)")
-    return fd
+    return os.open(path, os.O_RDONLY)
 
 
 def test_the_read_brings_the_share_into_the_page_cache_and_skips_what_is_cached(tmp_path):

@@ -55,6 +55,18 @@ def cached_bytes(fd: int, offset: int, length: int) -> int:
         _libc.munmap(addr, span)
 
 
+def drop_cached(path: str) -> int:
+    """Write ``path``'s dirty pages and drop the file from the page cache (a cold start for benches and tests);
+    returns the bytes still cached (a filesystem such as tmpfs keeps them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return cached_bytes(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 def file_spans(tensors: list[TensorInfo]) -> list[tuple[str, int, int]]:
     """(file, offset, length) covering the tensors, adjacent ones merged, in file order."""
     spans: list[list] = []
