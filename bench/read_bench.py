@@ -77,7 +77,8 @@ def destinations(device: str) -> dict[str, tuple[memoryview, object]]:
     region = mmap.mmap(-1, CHUNK)  # page-aligned anonymous memory, then registered with the driver
     registered = torch.frombuffer(region, dtype=torch.uint8)
     registered.zero_()
-    torch.cuda.cudart().cudaHostRegister(registered.data_ptr(), CHUNK, 0)
+    if int(torch.cuda.cudart().cudaHostRegister(registered.data_ptr(), CHUNK, 0)) != 0:  # cudaSuccess is 0
+        raise RuntimeError("cudaHostRegister of page-aligned memory failed")
     return {"pinned (cudaHostAlloc)": (memoryview(pinned.numpy()), pinned),
             "registered (mmap + cudaHostRegister)": (memoryview(registered.numpy()), (registered, region))}  # fmt: skip
 
@@ -109,8 +110,8 @@ def registered_mapping_rate(spans, baseline: float) -> str:
         host = torch.frombuffer(memoryview(mapping), dtype=torch.uint8)  # read-only: torch warns, nothing writes
         start = offset - offset % mmap.PAGESIZE
         region = host[start : offset + length]
-        if rt.cudaHostRegister(region.data_ptr(), region.numel(), flags) != 0:
-            return "not supported here"
+        if int(rt.cudaHostRegister(region.data_ptr(), region.numel(), flags)) != 0:  # cudaSuccess is 0
+            return "not supported here (cudaHostRegister with cudaHostRegisterReadOnly failed)"
         dev = torch.empty(region.numel(), dtype=torch.uint8, device="cuda")
         best = float("inf")
         for _ in range(3):
