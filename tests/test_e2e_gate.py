@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -110,12 +112,15 @@ def test_a_loader_started_before_the_server_reads_the_checkpoint_while_the_serve
     """The loader brings a cold checkpoint into the page cache before the server answers (nothing waits for the
     server's start to read), then pushes it: served bit-exactly, and the loader says when the server was ready."""
     import os
+    import shutil
     import subprocess
     import sys
     import time
 
     from sglang_ckpt_plugin.loader.early_read import cached_bytes, drop_cached
 
+    # a copy no process maps (pages mapped elsewhere, e.g. by this process's reference model, stay cached)
+    llama_a = Path(shutil.copytree(llama_a, tmp_path / "cold-llama"))
     files = sorted(llama_a.glob("*.safetensors"))
     fds = [os.open(f, os.O_RDONLY) for f in files]
     sizes = [os.fstat(fd).st_size for fd in fds]
