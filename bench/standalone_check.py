@@ -182,7 +182,8 @@ def main() -> int:
             uuid = info["ckpt_plugin"]["rank_keys"][0]
             variants += [("loader sees the GPU by UUID only", [], {"CUDA_VISIBLE_DEVICES": uuid}),
                          ("loader, expandable_segments:True", [], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
-                         ("loader --device cpu (server copies H2D)", ["--device", "cpu"], {})]  # fmt: skip
+                         ("loader --device cpu (server copies H2D)", ["--device", "cpu"], {}),
+                         ("loader, --direct-io on (O_DIRECT into the staging)", ["--direct-io", "on"], {})]  # fmt: skip
         else:
             variants += [("loader, --transfer copy", ["--transfer", "copy"], {})]
         for name, args, env in variants:

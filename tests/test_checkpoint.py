@@ -69,6 +69,41 @@ def test_staged_fill_gives_the_same_bytes_and_digests_as_a_direct_fill(tmp_path,
         assert torch.equal(staged[span], direct[span]), s.tensor.name
 
 
+@pytest.mark.parametrize("checksum", ["xxh3", "wordsum"])
+@pytest.mark.parametrize("chunk", [4096, 12288, 1 << 20], ids=["page-windows", "three-page-windows", "one-window"])
+def test_direct_reads_through_the_staging_chunks_give_the_direct_fills_bytes_and_digests(tmp_path, chunk, checksum):
+    """A cold bucket on the CUDA path: O_DIRECT windows of the files into aligned staging chunks, then each
+    tensor's bytes to its slot (run on the CPU). Tensors cross windows and files; bytes and digests are exactly
+    those of a plain fill."""
+    from sglang_ckpt_plugin.loader.early_read import drop_cached
+
+    first = {"a": torch.randn(3000), "b": torch.arange(5001, dtype=torch.int16), "c": torch.randn(777).double()}
+    save_file(first, tmp_path / "model-1.safetensors")
+    save_file({"d": torch.randn(2050), "e": torch.ones(3, dtype=torch.bfloat16)}, tmp_path / "model-2.safetensors")
+    bucket = plan_buckets(read_checkpoint(tmp_path), 1 << 20)[0]
+    assert len({s.tensor.file for s in bucket.slots}) == 2
+    reader = CheckpointReader(threads=3)
+    plain = torch.zeros(bucket.nbytes, dtype=torch.uint8)
+    want = BucketFiller(reader, torch.device("cpu"), bucket.nbytes, checksum=checksum).fill(bucket, plain, digests=True)
+    staged = torch.zeros(bucket.nbytes, dtype=torch.uint8)
+    filler = BucketFiller(
+        reader, torch.device("cpu"), bucket.nbytes, chunk_bytes=chunk, staged=True, checksum=checksum, direct_io="on"
+    )
+    assert filler.read_mode(bucket) == "direct"
+    assert filler.fill(bucket, staged, digests=True) == want
+    for s in bucket.slots:
+        span = slice(s.offset, s.offset + s.tensor.nbytes)
+        assert torch.equal(staged[span], plain[span]), s.tensor.name
+    if reader.direct_fd(bucket.slots[0].tensor.file) is not None:  # not on tmpfs, which refuses O_DIRECT
+        assert reader.direct_bytes > 0
+    # auto: O_DIRECT for what the page cache does not hold, the page cache for what it holds
+    auto = BucketFiller(reader, torch.device("cpu"), bucket.nbytes, chunk_bytes=chunk, staged=True, direct_io="auto")
+    assert auto.read_mode(bucket) == "buffered"  # just read: cached
+    if all(drop_cached(str(f)) == 0 for f in tmp_path.glob("*.safetensors")):
+        assert auto.read_mode(bucket) == "direct"
+    reader.close()
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_reads_split_over_threads_give_the_same_bytes(tmp_path, monkeypatch, threads):
     """Ranges cut into pieces (here 5 bytes) read by several threads land exactly where one sequential read puts

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status-file", help="--watch: keep a JSON status here (what each server serves, the update in "
                                          "progress, skipped checkpoints and why), rewritten atomically")
     p.add_argument("--no-flush-cache", action="store_true", help="keep the radix cache after the update")
+    p.add_argument("--direct-io", choices=["auto", "on", "off"], default="auto",
+                   help="GPU buffers: read a bucket the page cache does not hold with O_DIRECT straight into the pinned "
+                        "staging chunks (auto), every bucket (on), or none (off)")
     p.add_argument("--no-read-ahead", action="store_true",
                    help="do not read the checkpoint into the page cache while waiting for the server to answer")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

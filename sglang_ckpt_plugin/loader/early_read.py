@@ -10,8 +10,6 @@ memory is read ahead; the rest is read as the push goes. Nothing here imports to
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import sys
 import threading
@@ -21,40 +19,11 @@ from dataclasses import dataclass
 from .checkpoint import TensorInfo, read_checkpoint
 from .plan import shard_by_bytes
 from .rank_setup import host_available_memory
-from .reader import CheckpointReader
+from .reader import CheckpointReader, cached_bytes
 from .world import LoaderWorld, choose_feeding
 
 WINDOW_BYTES = 64 << 20  # read (and checked against the cache) in windows of this size
 MEMORY_SHARE = 0.5  # of MemAvailable at most is read ahead
-PAGE = mmap.PAGESIZE
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
-MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def cached_bytes(fd: int, offset: int, length: int) -> int:
-    """How many bytes of ``[offset, offset + length)`` of the open file are in the page cache (whole pages)."""
-    start = offset - offset % PAGE
-    span = offset + length - start
-    if length <= 0:
-        return 0
-    addr = _libc.mmap(None, span, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-    if addr in (None, MAP_FAILED):
-        raise OSError(ctypes.get_errno(), f"mmap for mincore: {os.strerror(ctypes.get_errno())}")
-    try:
-        pages = (span + PAGE - 1) // PAGE
-        vec = (ctypes.c_ubyte * pages)()
-        if _libc.mincore(addr, span, vec) != 0:
-            raise OSError(ctypes.get_errno(), f"mincore: {os.strerror(ctypes.get_errno())}")
-        return min(length, sum(v & 1 for v in bytes(vec)) * PAGE)
-    finally:
-        _libc.munmap(addr, span)
-
-
 def drop_cached(path: str) -> int:
     """Write ``path``'s dirty pages and drop the file from the page cache (a cold start for benches and tests);
     returns the bytes still cached (a filesystem such as tmpfs keeps them)."""

@@ -8,6 +8,8 @@ memory bandwidth: 5.5 GB/s against 55 GB/s pinned host -> H200 measured on one m
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,37 @@ from .plan import Bucket
 # reads are split into pieces for the reading threads: about two per thread, within these bounds (few threads:
 # fewer hand-offs; many threads: small slices that keep all of them busy to the end)
 MIN_PIECE_BYTES, MAX_PIECE_BYTES = 2 << 20, 16 << 20
+# O_DIRECT reads: file offset, length and memory aligned to the device's logical block size (at most 4 KiB)
+DIRECT_ALIGN = 4096
+PAGE = mmap.PAGESIZE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def cached_bytes(fd: int, offset: int, length: int) -> int:
+    """How many bytes of ``[offset, offset + length)`` of the open file are in the page cache (whole pages)."""
+    start = offset - offset % PAGE
+    span = offset + length - start
+    if length <= 0:
+        return 0
+    addr = _libc.mmap(None, span, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, MAP_FAILED):
+        raise OSError(ctypes.get_errno(), f"mmap for mincore: {os.strerror(ctypes.get_errno())}")
+    try:
+        pages = (span + PAGE - 1) // PAGE
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(addr, span, vec) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore: {os.strerror(ctypes.get_errno())}")
+        return min(length, sum(v & 1 for v in bytes(vec)) * PAGE)
+    finally:
+        _libc.munmap(addr, span)
+
+
 READ_THREADS_ENV = "SGLANG_CKPT_READ_THREADS"
 # Bytes per second one loader rank may read (suffix K/M/G), unset: no limit. For a shared filesystem that must not
 # be saturated, and for the bench, which emulates slow storage with it (page-cache reads here run at GB/s).
@@ -51,7 +84,9 @@ class CheckpointReader:
 
     def __init__(self, threads: int | None = None) -> None:
         self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, int | None] = {}
         self.bytes_read = 0
+        self.direct_bytes = 0  # of bytes_read: read with O_DIRECT, past the page cache
         self.threads = threads or default_read_threads()
         self._pool: ThreadPoolExecutor | None = None
         self.rate = read_rate_limit()
@@ -64,28 +99,55 @@ class CheckpointReader:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
+    def direct_fd(self, path: str) -> int | None:
+        """``path`` opened with O_DIRECT (once); None where the filesystem refuses it (tmpfs, some FUSE)."""
+        if path not in self._direct_fds:
+            try:
+                self._direct_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                self._direct_fds[path] = None
+        return self._direct_fds[path]
+
     def read_range(self, path: str, offset: int, dest: memoryview) -> None:
         self.read_ranges([(path, offset, dest)])
+
+    def read_direct(self, path: str, offset: int, dest: memoryview) -> int:
+        """Read up to ``len(dest)`` bytes at ``offset`` past the page cache (O_DIRECT; an ordinary read where the
+        filesystem refuses it): a cold file costs one copy, storage -> ``dest``, instead of two. ``offset``,
+        ``len(dest)`` and ``dest``'s address are multiples of DIRECT_ALIGN. Returns the bytes read: fewer only at
+        the end of the file."""
+        fd = self.direct_fd(path)
+        direct = fd is not None
+        fd = fd if direct else self.fd(path)
+        piece = self.piece_bytes(len(dest)) // DIRECT_ALIGN * DIRECT_ALIGN
+        got = sum(self._in_threads(_pread_upto, [(fd, path, offset + at, dest[at : at + piece])
+                                                 for at in range(0, len(dest), piece)]))  # fmt: skip
+        self.bytes_read += got
+        self.direct_bytes += got if direct else 0
+        if self.rate:
+            self._throttle()
+        return got
+
+    def _in_threads(self, read, pieces: list[tuple]) -> list:
+        """``read(*piece)`` for every piece, over the reading threads when there is more than one piece."""
+        if self.rate and self._rate_start is None:
+            self._rate_start = time.monotonic()
+        if self.threads > 1 and len(pieces) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-read")
+            return [future.result() for future in [self._pool.submit(read, *piece) for piece in pieces]]
+        return [read(*piece) for piece in pieces]
 
     def read_ranges(self, ranges: list[tuple[str, int, memoryview]]) -> None:
         """Read each ``(path, offset, dest)``; returns once all are read. Split over the reading threads when
         there is enough to share."""
-        if self.rate and self._rate_start is None:
-            self._rate_start = time.monotonic()
         piece = self.piece_bytes(sum(len(dest) for _, _, dest in ranges))
         pieces = [
             (self.fd(path), path, offset + at, dest[at : at + piece])
             for path, offset, dest in ranges
             for at in range(0, len(dest), piece)
         ]
-        if self.threads > 1 and len(pieces) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-read")
-            for future in [self._pool.submit(_pread_exactly, *piece) for piece in pieces]:
-                future.result()
-        else:
-            for piece in pieces:
-                _pread_exactly(*piece)
+        self._in_threads(_pread_exactly, pieces)
         self.bytes_read += sum(len(dest) for _, _, dest in ranges)
         if self.rate:
             self._throttle()
@@ -109,14 +171,30 @@ class CheckpointReader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        for fd in self._fds.values():
-            os.close(fd)
+        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+            if fd is not None:
+                os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
 
 
 def host_view(host) -> memoryview:
     """The bytes of a CPU buffer: a memoryview as it is, a CPU uint8 tensor through numpy (zero-copy)."""
     return host if isinstance(host, memoryview) else memoryview(host.numpy())
+
+
+def _pread_upto(fd: int, path: str, offset: int, dest: memoryview) -> int:
+    """Read into ``dest`` until it is full or the file ends; the bytes read."""
+    done = 0
+    while done < len(dest):
+        try:
+            n = os.preadv(fd, [dest[done:]], offset + done)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{path}: reading {len(dest)} bytes at {offset + done}: {exc.strerror}") from None
+        if n <= 0:
+            break
+        done += n
+    return done
 
 
 def _pread_exactly(fd: int, path: str, offset: int, dest: memoryview) -> None:

@@ -319,7 +319,9 @@ class Update:
 
         if self.feeder is not None:
             self.feeder.allocate(bucket_bytes, num_buffers, self.device)
-        self.filler = BucketFiller(self.reader, self.device, bucket_bytes, checksum=self.checksum)
+        self.filler = BucketFiller(
+            self.reader, self.device, bucket_bytes, checksum=self.checksum, direct_io=self.args.direct_io
+        )
         owned = sum(1 for s in self.steps if s.owner == self.world.rank)
         self.exchange.allocate(bucket_bytes, owned if self.two_phase else min(owned, 1))
 
@@ -415,6 +417,8 @@ class Update:
                 mode += "; staged while the server kept serving, then committed"
             print(f"{tag} pushed {times.buckets} buckets, {gb:.3f} GB in {times.total_s:.3f} s ({rate:.2f} GB/s) "
                   f"via {mode}", file=out)  # fmt: skip
+            if self.reader.direct_bytes:
+                print(f"{tag} read {self.reader.direct_bytes / 1e9:.3f} GB past the page cache (O_DIRECT)", file=out)
             print(f"{tag} stages: read {times.read_s:.3f} s | wait for server {times.wait_s:.3f} s | server load "
                   f"{times.load_s:.3f} s | server post-process {times.post_s:.3f} s", file=out)  # fmt: skip
             copied = " | ".join(f"{key} {f.written_bytes}" for key, f in zip(self.rank_keys, self.feeder.feeders))
