@@ -211,3 +211,18 @@ def test_read_rate_limit_holds_a_reader_to_its_rate(tmp_path, monkeypatch):
     monkeypatch.setenv(reader_mod.READ_RATE_ENV, "fast")
     with pytest.raises(ValueError, match="SGLANG_CKPT_READ_RATE"):
         reader_mod.read_rate_limit()
+
+
+def test_a_direct_read_the_filesystem_refuses_falls_back_to_an_ordinary_read(tmp_path):
+    """O_DIRECT needs aligned memory (and a block size the reader's alignment covers); where the kernel says EINVAL
+    the file is read through the page cache instead, with the same bytes."""
+    import os
+
+    path = tmp_path / "f.bin"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    reader = CheckpointReader(threads=2)
+    unaligned = memoryview(bytearray((1 << 20) + 8192))[1 : 1 + (1 << 20)]
+    assert reader.read_direct(str(path), 0, unaligned) == len(data) and bytes(unaligned) == data
+    assert reader.direct_bytes == 0 and reader.direct_fd(str(path)) is None
+    reader.close()
