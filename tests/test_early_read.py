@@ -107,3 +107,23 @@ def test_the_share_read_ahead_is_the_share_the_push_reads():
     two_nodes = [LoaderWorld(rank=r, world_size=2, local_rank=0, local_world_size=1, node_rank=r) for r in (0, 1)]
     assert [len(likely_share(args_for("cpu", "map"), w, tensors)) for w in two_nodes] == [4, 4]
     assert sum(len(likely_share(args_for("cpu"), w, tensors)) for w in two_nodes) == 4
+
+
+def test_under_a_read_rate_limit_a_stop_does_not_wait_for_a_whole_window(tmp_path, monkeypatch):
+    """SGLANG_CKPT_READ_RATE slows the reader (a shared filesystem): windows shrink to what the rate reads in about
+    0.1 s, so the push never waits seconds for the read-ahead to let go."""
+    import time
+
+    from sglang_ckpt_plugin.loader import reader as reader_module
+    from sglang_ckpt_plugin.loader.early_read import window_bytes
+
+    assert window_bytes(None) == WINDOW_BYTES and window_bytes(10e6) == 1_000_000 // 4096 * 4096
+    path = tmp_path / "slow.bin"
+    os.close(cold_file(path, 8 * MiB))
+    monkeypatch.setenv(reader_module.READ_RATE_ENV, "10M")
+    early = EarlyRead([(str(path), 0, 8 * MiB)], budget_bytes=1 << 40).start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    result = early.stop()
+    assert time.monotonic() - t0 < 0.5
+    assert 0 < result.read_bytes + result.cached_bytes < 8 * MiB  # stopped part-way, at the rate

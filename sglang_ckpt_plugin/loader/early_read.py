@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from .checkpoint import TensorInfo, read_checkpoint
 from .plan import shard_by_bytes
 from .rank_setup import host_available_memory
-from .reader import CheckpointReader, cached_bytes
+from .reader import PAGE, CheckpointReader, cached_bytes
 from .world import LoaderWorld, choose_feeding
 
 WINDOW_BYTES = 64 << 20  # read (and checked against the cache) in windows of this size
+STOP_WITHIN_S = 0.1  # under SGLANG_CKPT_READ_RATE, windows small enough that a stop waits about this long
 MEMORY_SHARE = 0.5  # of MemAvailable at most is read ahead
 def drop_cached(path: str) -> int:
     """Write ``path``'s dirty pages and drop the file from the page cache (a cold start for benches and tests);
@@ -79,6 +80,14 @@ class EarlyReadResult:
         )
 
 
+def window_bytes(rate: float | None) -> int:
+    """WINDOW_BYTES, or under a read-rate limit what that rate reads in STOP_WITHIN_S (whole pages): the reader
+    sleeps after each window to keep to the rate, and a stop waits for the window in progress."""
+    if rate is None:
+        return WINDOW_BYTES
+    return max(PAGE, min(WINDOW_BYTES, int(rate * STOP_WITHIN_S)) // PAGE * PAGE)
+
+
 class EarlyRead:
     """A thread that reads this rank's share into the page cache until ``stop()`` (the server has answered)."""
 
@@ -122,13 +131,14 @@ class EarlyRead:
 
     def _run(self) -> None:
         reader = CheckpointReader()
-        scratch = memoryview(bytearray(WINDOW_BYTES))
+        size = window_bytes(reader.rate)
+        scratch = memoryview(bytearray(size))
         result, left = self.result, self.budget
         try:
             for path, offset, length in self.spans:
                 fd = reader.fd(path)
-                for at in range(offset, offset + length, WINDOW_BYTES):
-                    n = min(WINDOW_BYTES, offset + length - at)
+                for at in range(offset, offset + length, size):
+                    n = min(size, offset + length - at)
                     if self._stop.is_set() or left < n:
                         return
                     cached = cached_bytes(fd, at, n)
