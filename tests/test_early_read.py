@@ -119,11 +119,13 @@ def test_under_a_read_rate_limit_a_stop_does_not_wait_for_a_whole_window(tmp_pat
 
     assert window_bytes(None) == WINDOW_BYTES and window_bytes(10e6) == 1_000_000 // 4096 * 4096
     path = tmp_path / "slow.bin"
-    os.close(cold_file(path, 8 * MiB))
+    os.close(cold_file(path, 16 * MiB))
     monkeypatch.setenv(reader_module.READ_RATE_ENV, "10M")
-    early = EarlyRead([(str(path), 0, 8 * MiB)], budget_bytes=1 << 40).start()
+    started = time.monotonic()
+    early = EarlyRead([(str(path), 0, 16 * MiB)], budget_bytes=1 << 40).start()
     time.sleep(0.3)
     t0 = time.monotonic()
     result = early.stop()
     assert time.monotonic() - t0 < 0.5
-    assert 0 < result.read_bytes + result.cached_bytes < 8 * MiB  # stopped part-way, at the rate
+    # read at the rate (the kernel's own readahead may cache windows ahead, which are then skipped, not read)
+    assert 0 < result.read_bytes <= 10e6 * (time.monotonic() - started) + window_bytes(10e6)
