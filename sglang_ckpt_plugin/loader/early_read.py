@@ -25,6 +25,8 @@ from .world import LoaderWorld, choose_feeding
 WINDOW_BYTES = 64 << 20  # read (and checked against the cache) in windows of this size
 STOP_WITHIN_S = 0.1  # under SGLANG_CKPT_READ_RATE, windows small enough that a stop waits about this long
 MEMORY_SHARE = 0.5  # of MemAvailable at most is read ahead
+
+
 def drop_cached(path: str) -> int:
     """Write ``path``'s dirty pages and drop the file from the page cache (a cold start for benches and tests);
     returns the bytes still cached (a filesystem such as tmpfs keeps them)."""
