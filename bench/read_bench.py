@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint  # noqa: E402
 from sglang_ckpt_plugin.loader.early_read import file_spans  # noqa: E402
 from sglang_ckpt_plugin.loader.reader import CheckpointReader  # noqa: E402
+from standalone_check import copy_rate  # noqa: E402
 
 GB = 1e9
 CHUNK = 64 << 20
@@ -52,6 +53,15 @@ def read_all(reader: CheckpointReader, spans, dest: memoryview) -> float:
         for at in range(offset, offset + length, CHUNK):
             reader.read_range(path, at, dest[: min(CHUNK, offset + length - at)])
     return time.perf_counter() - t0
+
+
+def read_once_s(ckpt: Path) -> float:
+    """Seconds for the loader's reader to read every tensor byte of ``ckpt`` once (cold if the caller dropped the
+    page cache first)."""
+    reader = CheckpointReader()
+    seconds = read_all(reader, file_spans(read_checkpoint(ckpt)), memoryview(bytearray(CHUNK)))
+    reader.close()
+    return seconds
 
 
 def memcpy_s(nbytes: int, threads: int = 1) -> float:
@@ -85,15 +95,7 @@ def destinations(device: str) -> dict[str, tuple[memoryview, object]]:
 
 def h2d_rate(nbytes: int) -> float:
     host = torch.empty(min(nbytes, 1 << 30), dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty_like(host, device="cuda")
-    best = float("inf")
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dev.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return host.numel() / GB / best
+    return copy_rate(host, torch.empty_like(host, device="cuda"))
 
 
 def registered_mapping_rate(spans, baseline: float) -> str:
@@ -112,17 +114,9 @@ def registered_mapping_rate(spans, baseline: float) -> str:
         region = host[start : offset + length]
         if int(rt.cudaHostRegister(region.data_ptr(), region.numel(), flags)) != 0:  # cudaSuccess is 0
             return "not supported here (cudaHostRegister with cudaHostRegisterReadOnly failed)"
-        dev = torch.empty(region.numel(), dtype=torch.uint8, device="cuda")
-        best = float("inf")
-        for _ in range(3):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            dev.copy_(region, non_blocking=True)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
+        rate = copy_rate(region, torch.empty(region.numel(), dtype=torch.uint8, device="cuda"), repeats=3)
         rt.cudaHostUnregister(region.data_ptr())
-        rate = region.numel() / GB / best
-        return f"{rate:.2f} GB/s ({rate / baseline:.2f}x pinned H2D), {region.numel() / GB:.2f} GB, best of 3"
+        return f"{rate:.2f} GB/s ({rate / baseline:.2f}x pinned H2D), {region.numel() / GB:.2f} GB, best of 4"
     except (RuntimeError, OSError, ValueError) as exc:
         return f"failed: {exc}"
     finally:

@@ -26,12 +26,11 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import GB, SERVER_ARGS, bench_parser, run_loader, time_disk_update  # noqa: E402
 from push_bench import checkpoint_bytes, loader_cmd, random_checkpoint, warm_page_cache  # noqa: E402
+from read_bench import read_once_s  # noqa: E402
 
 from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import SGLangServer  # noqa: E402
-from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint  # noqa: E402
-from sglang_ckpt_plugin.loader.early_read import drop_cached, file_spans  # noqa: E402
-from sglang_ckpt_plugin.loader.reader import CheckpointReader  # noqa: E402
+from sglang_ckpt_plugin.loader.early_read import drop_cached  # noqa: E402
 
 ROWS = {  # key: (loader options, what the row is)
     "no-read-ahead": (["--no-read-ahead"], "dummy + loader together, no read-ahead (reads once the server answers)"),
@@ -48,13 +47,7 @@ def drop_from_page_cache(ckpt: Path) -> None:
 
 def cold_read_s(ckpt: Path) -> float:
     drop_from_page_cache(ckpt)
-    reader, buf = CheckpointReader(), memoryview(bytearray(64 << 20))
-    t0 = time.perf_counter()
-    for path, offset, length in file_spans(read_checkpoint(ckpt)):
-        for at in range(offset, offset + length, len(buf)):
-            reader.read_range(path, at, buf[: min(len(buf), offset + length - at)])
-    reader.close()
-    return time.perf_counter() - t0
+    return read_once_s(ckpt)
 
 
 def start_with_loader(ckpt: Path, log: Path, options: list[str], version: str) -> tuple[SGLangServer, dict]:

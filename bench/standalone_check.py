@@ -232,19 +232,12 @@ def word_sums_agree(tensors: dict, device: torch.device, check: Check) -> None:
 
 def cold_read_s(ckpt: Path) -> float:
     """The loader's reader over every file once, from storage (the page cache dropped first)."""
-    from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
-    from sglang_ckpt_plugin.loader.early_read import drop_cached, file_spans
-    from sglang_ckpt_plugin.loader.reader import CheckpointReader
+    from read_bench import read_once_s
+    from sglang_ckpt_plugin.loader.early_read import drop_cached
 
     for f in ckpt.glob("*.safetensors"):
         drop_cached(str(f))
-    reader, chunk = CheckpointReader(), memoryview(bytearray(64 << 20))
-    t0 = time.perf_counter()
-    for path, offset, length in file_spans(read_checkpoint(ckpt)):
-        for at in range(offset, offset + length, len(chunk)):
-            reader.read_range(path, at, chunk[: min(len(chunk), offset + length - at)])
-    reader.close()
-    return time.perf_counter() - t0
+    return read_once_s(ckpt)
 
 
 def time_to_ready(ckpt: Path, device: str, delay: float, options: list[str]) -> dict[str, float]:
