@@ -4,6 +4,7 @@ shared-memory buckets and wire protocol (no torch.distributed group, no pickling
 The pusher keeps its bucket buffers for its whole life (unnamed shared memory, see ``ShmBuffer(reusable=True)``),
 so after the first push every update costs one copy into the bucket (trainer) and one copy out of it (server),
 overlapped. With ``--tp N`` every TP rank maps the same buffers: each bucket is written once for all of them.
+On a GPU (CUDA IPC, one TP rank) the whole update goes in one bucket where memory allows: one exchange.
 
     from sglang_ckpt_plugin.local_push import LocalPush
 
@@ -37,6 +38,21 @@ from .trainer import PushStats
 from .transport.handles import allocate_buffer, visible_gpu_keys
 
 MiB = 1 << 20
+DEFAULT_BUCKET_BYTES = 64 * MiB
+ONE_EXCHANGE_SHARE = 0.25  # of the GPU's free memory: the most a whole-update buffer, kept by the pusher, may take
+
+
+def local_bucket_bytes(requested: int | None, total: int, largest: int, buffer_kind: str, free_bytes: int) -> int:
+    """The pusher's bucket size: ``requested`` (at least the largest tensor); else, with buffers on a GPU, the
+    whole update in one bucket where it takes at most ONE_EXCHANGE_SHARE of the GPU's free memory: one exchange
+    with the server (one handle, one bucket message, one ``load_weights``) instead of a round trip per bucket,
+    which is what a push costs on a GPU; else DEFAULT_BUCKET_BYTES. Shared memory stages every bucket in a buffer
+    of its own anyway, so its buckets keep the default size (the server checks each while the next is filled)."""
+    if requested is not None:
+        return max(align_up(requested), align_up(largest))
+    if buffer_kind == "cuda" and total <= free_bytes * ONE_EXCHANGE_SHARE:
+        return max(align_up(total), align_up(largest))
+    return max(DEFAULT_BUCKET_BYTES, align_up(largest))
 
 
 class TensorFiller:
@@ -76,19 +92,20 @@ class StagedPush:
 
 
 class LocalPush:
-    def __init__(self, url: str, *, bucket_bytes: int = 64 * MiB, num_buffers: int = 2, api_key: str | None = None,
+    def __init__(self, url: str, *, bucket_bytes: int | None = None, num_buffers: int = 2, api_key: str | None = None,
                  timeout_s: float = 600.0, device: torch.device | str = "auto", two_phase: str = "auto"):  # fmt: skip
         """``device``: where the bucket buffers live. ``auto`` follows the server (placement.py): CUDA IPC on the
         server's GPU when it runs one TP rank on a GPU this process sees, else shared memory (which every TP
-        rank maps; a CUDA rank copies from it to its GPU). ``two_phase``: "auto" stages every push (a buffer per
-        bucket, kept across pushes) where shared memory allows and streams otherwise; "on" refuses to stream;
-        "off" always streams through ``num_buffers`` buffers."""
+        rank maps; a CUDA rank copies from it to its GPU). ``bucket_bytes``: None picks (``local_bucket_bytes``):
+        on a GPU the whole update in one bucket where memory allows. ``two_phase``: "auto" stages every push (a
+        buffer per bucket, kept across pushes) where shared memory allows and streams otherwise; "on" refuses to
+        stream; "off" always streams through ``num_buffers`` buffers."""
         if two_phase not in ("auto", "on", "off"):
             raise ValueError(f"LocalPush: two_phase must be auto, on or off, not {two_phase!r}")
         self.two_phase = two_phase
         self._staged: StagedPush | None = None
         self.client = ServerClient(url, timeout_s=timeout_s, api_key=api_key)
-        self.bucket_bytes = align_up(bucket_bytes)
+        self.bucket_bytes = bucket_bytes
         self.num_buffers = num_buffers
         self.timeout_s = timeout_s
         self.device_choice = str(device).split(":")[0]
@@ -144,10 +161,19 @@ class LocalPush:
             raise ValueError("LocalPush: no tensors given")
         infos = [TensorInfo(name, dtype_name(t.dtype), tuple(t.shape), "", 0, t.numel() * t.element_size())
                  for name, t in tensors.items()]  # fmt: skip
-        buckets = plan_buckets(infos, max(self.bucket_bytes, align_up(max(i.nbytes for i in infos))))
         if self.tp_size is None:
             self._place()
-        return tensors, infos, buckets
+        total = sum(align_up(i.nbytes) for i in infos)
+        largest = max(i.nbytes for i in infos)
+        size = local_bucket_bytes(self.bucket_bytes, total, largest, self.device.type, self._device_free_bytes())
+        return tensors, infos, plan_buckets(infos, size)
+
+    def _device_free_bytes(self) -> int:
+        """Free memory of the GPU the buffers live on, counting the buffers this pusher already holds there."""
+        if self.device.type != "cuda":
+            return 0
+        held = sum(b.nbytes for b in self.buffers)
+        return torch.cuda.mem_get_info(self.device)[0] + held
 
     def _stages(self, buckets: list[Bucket]) -> str | None:
         """Why this push streams instead of staging, or None (two phases)."""
@@ -239,7 +265,7 @@ class LocalPush:
             pass  # the server releases it after SGLANG_CKPT_STAGED_TIMEOUT
 
     def _stream(self, tensors, infos, buckets, weight_version, flush_cache: bool, partial: bool) -> LocalPushStats:
-        self._ensure_buffers(max(b.nbytes for b in buckets), self.num_buffers)
+        self._ensure_buffers(max(b.nbytes for b in buckets), min(self.num_buffers, len(buckets)))
         update_id = new_update_id("local")
         times = StageTimes()
         stats = LocalPushStats(tensors=len(infos), bytes=sum(i.nbytes for i in infos), buckets=len(buckets))

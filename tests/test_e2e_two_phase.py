@@ -8,6 +8,7 @@ server's PYTHONPATH) that can make the next commit fail after its first bucket.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -221,6 +222,29 @@ def test_local_push_stages_while_serving_then_commits(server, llama_a, llama_b, 
             pusher.commit(staged)
         assert pusher.push(tensors.items(), weight_version="b-local-2").commit_s > 0  # stage + commit in one call
     assert info(server.url)["ckpt_plugin"]["staging"]["state"] == "committed"
+    assert_serves(server.url, llama_b)
+
+
+@pytest.mark.parametrize("bucket_bytes", [None, 256 << 10])
+def test_local_push_streams_in_one_exchange_or_through_refilled_buffers(server, llama_a, llama_b, bucket_bytes):
+    """Streaming LocalPush: one bucket (the first one is filled while the server checks the manifest), or many
+    through two refilled buffers. A tensor of the wrong shape is refused at the hello, while the pusher fills, with
+    the server's reason; the served weights stay; the next push lands."""
+    from sglang_ckpt_plugin.local_push import LocalPush
+
+    push(server.url, llama_a, "--weight-version", "a-before-stream")
+    tensors = checkpoint_tensors(llama_b)
+    bad = dict(tensors)
+    name = next(n for n, t in bad.items() if t.dim() == 2)
+    bad[name] = bad[name][:-1]
+    with LocalPush(server.url, bucket_bytes=bucket_bytes, two_phase="off") as pusher:
+        with pytest.raises(Exception, match=re.escape(name)):
+            pusher.push(bad.items(), weight_version="b-bad-shape")
+        assert info(server.url)["weight_version"] == "a-before-stream"
+        assert_serves(server.url, llama_a)
+        stats = pusher.push(tensors.items(), weight_version="b-streamed")
+        assert (stats.buckets == 1) == (bucket_bytes is None) and stats.stage_s == 0
+    assert info(server.url)["weight_version"] == "b-streamed"
     assert_serves(server.url, llama_b)
 
 

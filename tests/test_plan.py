@@ -37,6 +37,28 @@ def test_one_tensor_per_bucket_when_they_only_fit_alone():
     assert len(buckets) == 2
 
 
+def test_a_bucket_lists_at_most_what_one_bucket_message_may_carry():
+    buckets = plan_buckets([tensor(f"t{i}", 10) for i in range(7)], 1 << 20, max_tensors=3)
+    assert [len(b.slots) for b in buckets] == [3, 3, 1]
+    assert [s.tensor.name for b in buckets for s in b.slots] == [f"t{i}" for i in range(7)]
+
+
+@pytest.mark.parametrize(
+    "requested, kind, free, expected",
+    [
+        (None, "cuda", 4 << 30, 1 << 30),  # a quarter of the GPU's free memory: the whole update, one exchange
+        (None, "cuda", (4 << 30) - 1, 64 << 20),  # more than a quarter: the default buckets
+        (None, "cpu", 1 << 40, 64 << 20),  # shared memory stages a buffer per bucket anyway
+        ((16 << 20) + 1, "cuda", 1 << 40, (16 << 20) + 256),  # the caller's size (aligned) wins
+        (1000, "cpu", 0, 8 << 20),  # never below the largest tensor
+    ],
+)
+def test_local_push_bucket_size(requested, kind, free, expected):
+    from sglang_ckpt_plugin.local_push import local_bucket_bytes
+
+    assert local_bucket_bytes(requested, 1 << 30, 8 << 20, kind, free) == expected
+
+
 def test_auto_bucket_size_bounds():
     mib = 1 << 20
     small = [tensor(f"t{i}", 1000) for i in range(10)]

@@ -68,8 +68,16 @@ class NodeFeeder:
             f.adopt(self.buffers)
 
     def hello(self, buckets: list[Bucket]) -> None:
+        self.send_hello(buckets)
+        self.accept_hello()
+
+    def send_hello(self, buckets: list[Bucket]) -> None:
         for f in self.feeders:
-            f.hello(buckets)
+            f.send_hello(buckets)
+
+    def accept_hello(self) -> None:
+        for f in self.feeders:
+            f.accept_hello()
 
     def free_buffer(self, seq: int, times: StageTimes):
         """The OwnedBuffer bucket ``seq`` goes into, once every rank acknowledged the bucket that used it last."""
@@ -97,14 +105,20 @@ class NodeFeeder:
 
     def run(self, buckets: list[Bucket], fill: Callable, times: StageTimes) -> None:
         """Streaming or staged, from this process's buffers: bucket k into buffer k mod n. ``fill(bucket, buffer)``
-        (an OwnedBuffer) returns the bucket's digests or None."""
-        self.hello(buckets)
+        (an OwnedBuffer) returns the bucket's digests or None. The first bucket is filled while the ranks map the
+        buffers and check the manifest; where every bucket has a buffer of its own, nothing waits for a rank until
+        the end: one exchange."""
+        self.send_hello(buckets)
         for seq, bucket in enumerate(buckets):
             buffer = self.free_buffer(seq, times)
             t0 = time.perf_counter()
             digests = fill(bucket, buffer)
             times.read_s += time.perf_counter() - t0
+            if seq == 0:
+                self.accept_hello()
             self.send_bucket(seq, bucket, digests, times)
+        if not buckets:
+            self.accept_hello()
         self.finish(len(buckets), times)
 
     def run_mapped(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from ..transport.messages import MAX_BUFFERS
+from ..transport.messages import MAX_BUCKET_TENSORS, MAX_BUFFERS
 from .checkpoint import TensorInfo
 
 # Tensor offsets inside a bucket are aligned so every dtype view is aligned (and CUDA copies are fast).
@@ -70,8 +70,9 @@ def auto_bucket_size(tensors: list[TensorInfo], memory_budget: int | None = None
     return align_up(max(size, max(t.nbytes for t in tensors)))
 
 
-def plan_buckets(tensors: list[TensorInfo], bucket_size: int) -> list[Bucket]:
-    """Pack tensors, in order, into buckets of at most ``bucket_size`` bytes (256-byte aligned slots)."""
+def plan_buckets(tensors: list[TensorInfo], bucket_size: int, max_tensors: int = MAX_BUCKET_TENSORS) -> list[Bucket]:
+    """Pack tensors, in order, into buckets of at most ``bucket_size`` bytes (256-byte aligned slots) and at most
+    ``max_tensors`` tensors (what one bucket message may list)."""
     largest = max((t.nbytes for t in tensors), default=0)
     if largest > bucket_size:
         raise ValueError(
@@ -81,7 +82,7 @@ def plan_buckets(tensors: list[TensorInfo], bucket_size: int) -> list[Bucket]:
     buckets: list[Bucket] = []
     current = Bucket(index=0)
     for t in tensors:
-        if current.slots and current.nbytes + t.nbytes > bucket_size:
+        if current.slots and (current.nbytes + t.nbytes > bucket_size or len(current.slots) == max_tensors):
             buckets.append(current)
             current = Bucket(index=len(buckets))
         current.slots.append(Slot(t, current.nbytes))

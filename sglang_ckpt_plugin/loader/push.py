@@ -118,6 +118,13 @@ class RankFeeder:
 
     def hello(self, buckets: list[Bucket]) -> None:
         """Open the update: the server maps the buffers and checks the manifest before anything is written."""
+        self.send_hello(buckets)
+        self.accept_hello()
+
+    def send_hello(self, buckets: list[Bucket]) -> None:
+        """The hello alone: the caller may fill a buffer while the server maps them and checks the manifest, and
+        must ``accept_hello()`` before it sends a bucket."""
+        self._in_flight: deque[int] = deque()
         handles, fds = self._handles()
         if fds:  # the rank connects for them right after the hello
             self._fd_offer = FdOffer(fd_socket_path(self.channel.endpoint), fds, self.timeout_s)
@@ -136,13 +143,15 @@ class RankFeeder:
                 allow_unused=self.allow_unused,
             )
         )
+
+    def accept_hello(self) -> None:
+        """Wait for the server's answer to the hello: it mapped the buffers and accepted the manifest."""
         try:
             self.written_bytes = self._wait_reply(-1, "accept the update").written_bytes
         finally:
             self._close_fd_offer()
         for b in self.buffers:  # the server has mapped them: drop the names so nothing can leak
             b.unlink()
-        self._in_flight: deque[int] = deque()
 
     def free_buffer(self, seq: int, times: StageTimes):
         """The buffer (an OwnedBuffer) bucket ``seq`` goes into, once the server has acknowledged the bucket that

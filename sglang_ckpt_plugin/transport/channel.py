@@ -75,8 +75,8 @@ class Channel:
 
     def __init__(self, endpoint: str, bind: bool):
         self.endpoint = endpoint
-        self._ctx = zmq.Context(io_threads=1)
-        self._sock = self._ctx.socket(zmq.PAIR)
+        # the process's one context: a context per channel cost a millisecond to terminate at every update's end
+        self._sock = zmq.Context.instance().socket(zmq.PAIR)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self._monitor = self._sock.get_monitor_socket(
@@ -140,7 +140,6 @@ class Channel:
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
-        self._ctx.term()
         if self._bound:  # libzmq usually removes it; make sure
             try:
                 os.unlink(self.endpoint.removeprefix("ipc://"))
