@@ -16,6 +16,7 @@ Pure functions of what the server said and what this process sees, so that the r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 PLUGIN_MARKER = "ckpt_plugin"  # key our plugin adds to /model_info
 
@@ -27,13 +28,15 @@ class ServerPlacement:
     tp_size: int = 1
     dp_size: int = 1
     pp_size: int = 1
+    peer_access: bool = False  # every TP rank's GPU reads every other's memory peer to peer (NVLink / PCIe P2P)
 
     @classmethod
     def from_model_info(cls, info: dict) -> "ServerPlacement":
         plugin = info.get(PLUGIN_MARKER) or {}
         return cls(device=plugin.get("device"), rank_keys=list(plugin.get("rank_keys") or []),
                    tp_size=int(plugin.get("tp_size") or 1), dp_size=int(plugin.get("dp_size") or 1),
-                   pp_size=int(plugin.get("pp_size") or 1))  # fmt: skip
+                   pp_size=int(plugin.get("pp_size") or 1),
+                   peer_access=bool(plugin.get("peer_access")))  # fmt: skip
 
     def key_of(self, tp_rank: int) -> str | None:
         return self.rank_keys[tp_rank] if tp_rank < len(self.rank_keys) else None
@@ -93,6 +96,39 @@ def choose_placement(choice: str, server: ServerPlacement, tp_rank: int, local_r
         raise ValueError(f"local rank {local_rank} has no GPU of its own ({len(local_gpus)} visible): NCCL needs one "
                          "GPU per loader rank; start at most as many ranks per node as GPUs")  # fmt: skip
     return LoaderPlacement("cuda", local_rank, local_gpus[local_rank])
+
+
+def peer_unreadable(
+    own_key: str, peer_key: str, visible: list[str], can_access: Callable[[int, int], bool]
+) -> str | None:
+    """Why a rank on GPU ``own_key`` cannot read memory on GPU ``peer_key`` (None: it can), with ``visible`` this
+    process's GPUs by index and ``can_access(own_index, peer_index)`` the driver's answer (torch's
+    ``can_device_access_peer``). The rank opens such a buffer with its own device current, so no context is made on
+    the peer GPU."""
+    if peer_key == own_key:
+        return None
+    if peer_key not in visible or own_key not in visible:
+        return f"{peer_key} is not visible to the rank on {own_key} (CUDA_VISIBLE_DEVICES)"
+    if not can_access(visible.index(own_key), visible.index(peer_key)):
+        return f"{own_key} cannot read {peer_key}'s memory peer to peer (no NVLink / PCIe P2P between them)"
+    return None
+
+
+def node_local_problem(server: ServerPlacement, local_gpus: list[str]) -> str | None:
+    """Why one loader process cannot feed every TP rank of this GPU server from buffers on TP rank 0's GPU, each
+    rank copying its slice from there peer to peer (None: it can). Then each loader rank feeds its own TP rank and
+    every GPU receives every bucket (a broadcast between loader ranks)."""
+    if server.device != "cuda" or server.tp_size < 2:
+        return "not a GPU server with several TP ranks"
+    if len(server.rank_keys) != server.tp_size:
+        return "the server did not publish every TP rank's GPU (an older plugin?)"
+    if not server.peer_access:
+        return ("the server's GPUs cannot all read each other's memory peer to peer (no NVLink / PCIe P2P between "
+                "some of them)")  # fmt: skip
+    unseen = [key for key in server.rank_keys if key not in local_gpus]
+    if unseen:
+        return f"this loader process does not see the server's GPUs {unseen} (CUDA_VISIBLE_DEVICES)"
+    return None
 
 
 def shared_gpus(node_keys: list[tuple[int, str]]) -> str | None:

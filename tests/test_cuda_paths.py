@@ -37,7 +37,7 @@ def test_the_settings_in_force_are_read_at_run_time(monkeypatch):
 def cuda_buffer_stub() -> handles.CudaBuffer:
     """A CudaBuffer as after allocation, without a GPU: the release decision is plain bookkeeping."""
     buf = object.__new__(handles.CudaBuffer)
-    buf.nbytes, buf.device, buf.tensor, buf.mapped, buf._ref_counter = 64, torch.device("cuda", 0), None, False, None
+    buf.nbytes, buf.device, buf.tensor, buf.mapped, buf._ref_counters = 64, torch.device("cuda", 0), None, False, []
     return buf
 
 
@@ -45,12 +45,45 @@ def test_a_buffer_no_receiver_mapped_gives_back_its_ipc_reference(monkeypatch):
     released = []
     monkeypatch.setattr(handles, "_release_ipc_counter", lambda h, o: released.append((h, o)))
     never_shared, unmapped, mapped = cuda_buffer_stub(), cuda_buffer_stub(), cuda_buffer_stub()
-    unmapped._ref_counter = mapped._ref_counter = (b"ref", 8)
+    unmapped._ref_counters = [(b"ref", 8), (b"ref", 9)]  # handed to two ranks of a node: a counter each
+    mapped._ref_counters = [(b"ref", 10)]
     mapped.mapped = True  # its receiver's close releases it
     for b in (never_shared, unmapped, mapped):
         b.release()
     unmapped.release()  # idempotent
-    assert released == [(b"ref", 8)]
+    assert released == [(b"ref", 8), (b"ref", 9)]
+
+
+@pytest.mark.parametrize(
+    "peer, visible, reachable, problem",
+    [
+        ("GPU-a", ["GPU-a"], set(), None),  # its own GPU
+        ("GPU-b", ["GPU-b", "GPU-a"], {(1, 0)}, None),  # a peer it reads over NVLink / PCIe P2P (local indices)
+        ("GPU-b", ["GPU-a", "GPU-b"], {(1, 0)}, "cannot read GPU-b's memory peer to peer"),  # only the other way
+        ("GPU-c", ["GPU-a", "GPU-b"], {(0, 1)}, "GPU-c is not visible"),
+    ],
+)
+def test_a_rank_reads_a_buffer_on_another_gpu_only_peer_to_peer(peer, visible, reachable, problem):
+    from sglang_ckpt_plugin.placement import peer_unreadable
+
+    said = peer_unreadable("GPU-a", peer, visible, lambda own, other: (own, other) in reachable)
+    assert said is None if problem is None else problem in said
+
+
+def test_a_cuda_ipc_buffer_a_rank_cannot_reach_is_refused_in_words(monkeypatch):
+    """The receiver's check before torch opens the handle (which would fail inside the driver, or make a context on
+    the peer GPU)."""
+    monkeypatch.setattr(handles, "device_rank_key", lambda device, tp_rank: "GPU-a")
+    monkeypatch.setattr(handles, "visible_gpu_keys", lambda: ["GPU-a", "GPU-b"])
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda own, peer: False)
+    opened = []
+    monkeypatch.setattr(handles, "_open_cuda", lambda handle, device: opened.append(handle.device_uuid))
+    on_peer = CudaIpcHandle(64, "GPU-b", b"h", 64, 0, b"r", 0, b"e", False)
+    with pytest.raises(ValueError, match="cannot read it: GPU-a cannot read GPU-b's memory peer to peer"):
+        handles.open_buffer(on_peer, torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda own, peer: (own, peer) == (0, 1))
+    handles.open_buffer(on_peer, torch.device("cuda", 0))
+    assert opened == ["GPU-b"]
 
 
 class FakeCudaBuffer:

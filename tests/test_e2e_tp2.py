@@ -187,6 +187,7 @@ def test_one_loader_rank_for_a_tp2_server_is_refused(server, llama_b):
     assert out.returncode == 1 and "--inference-parallel-size 2" in out.stderr
     plugin = httpx.get(f"{server.url}/model_info", timeout=30).json()["ckpt_plugin"]
     assert (plugin["device"], plugin["rank_keys"]) == ("cpu", ["cpu-tp0", "cpu-tp1"])  # gathered over the TP group
+    assert plugin["peer_access"] is False  # GPU memory only: CPU ranks map the node's shared memory instead
     assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
 
 

@@ -4,7 +4,8 @@ import pytest
 
 from sglang_ckpt_plugin.loader.http import layout_mismatch
 from sglang_ckpt_plugin.placement import (
-    LoaderPlacement, ServerPlacement, choose_placement, shared_gpus, trainer_gpu, unsupported_layout,
+    LoaderPlacement, ServerPlacement, choose_placement, node_local_problem, shared_gpus, trainer_gpu,
+    unsupported_layout,
 )  # fmt: skip
 
 CUDA_TP2 = ServerPlacement("cuda", ["GPU-a", "GPU-b"], tp_size=2)
@@ -16,6 +17,25 @@ def test_model_info_is_read_as_published():
                             "pp_size": 1}}  # fmt: skip
     assert ServerPlacement.from_model_info(info) == CUDA_TP2
     assert ServerPlacement.from_model_info({"ckpt_plugin": {"tp_size": 2}}) == ServerPlacement(None, [], tp_size=2)
+    peers = {"ckpt_plugin": {**info["ckpt_plugin"], "peer_access": True}}
+    assert ServerPlacement.from_model_info(peers).peer_access
+
+
+@pytest.mark.parametrize(
+    "server, visible, problem",
+    [
+        (ServerPlacement("cuda", ["GPU-a", "GPU-b"], tp_size=2, peer_access=True), ["GPU-b", "GPU-a"], None),
+        (CUDA_TP2, ["GPU-a", "GPU-b"], "cannot all read each other's memory peer to peer"),
+        (ServerPlacement("cuda", ["GPU-a", "GPU-b"], tp_size=2, peer_access=True), ["GPU-a"], "does not see"),
+        (ServerPlacement("cuda", ["GPU-a"], tp_size=2, peer_access=True), ["GPU-a", "GPU-b"], "did not publish"),
+        (ServerPlacement("cuda", ["GPU-a"], tp_size=1, peer_access=True), ["GPU-a"], "several TP ranks"),
+        (CPU_TP2, [], "not a GPU server"),
+    ],
+)
+def test_one_process_feeds_a_gpu_node_only_where_it_sees_every_gpu_and_they_read_each_other(server, visible,
+                                                                                          problem):
+    said = node_local_problem(server, visible)
+    assert said is None if problem is None else problem in said
 
 
 @pytest.mark.parametrize("visible", [["GPU-b", "GPU-a"], ["GPU-x", "GPU-b"], ["GPU-b"]],

@@ -184,7 +184,7 @@ def test_one_process_per_node_feeds_its_server_ranks(size, per_node, per_instanc
     assert on_node == [sum(1 for f in feeding.feeders if f // per_node == r // per_node) for r in range(size)]
 
 
-def test_feeding_is_one_process_per_node_only_where_every_server_is_on_cpu_and_all_take_one_broadcast():
+def test_feeding_is_one_process_per_node_only_where_servers_map_the_nodes_memory_and_all_take_one_broadcast():
     from sglang_ckpt_plugin.loader.world import choose_feeding
 
     w = world(0, 2, 2, 2)
@@ -192,6 +192,10 @@ def test_feeding_is_one_process_per_node_only_where_every_server_is_on_cpu_and_a
     assert choose_feeding(w, True, "broadcast", False, "auto").fed == per_node
     assert choose_feeding(w, True, "broadcast", False, "cpu").fed == per_node
     assert choose_feeding(w, False, "broadcast", False, "auto").fed == per_rank  # GPU: each rank on its own GPU
+    assert choose_feeding(w, False, "broadcast", False, "auto", gpu_node_local=True).fed == per_node  # peer to peer
+    assert choose_feeding(w, False, "broadcast", False, "cuda", gpu_node_local=True).fed == per_node
+    assert choose_feeding(w, False, "p2p", False, "auto", gpu_node_local=True).fed == per_rank
+    assert choose_feeding(w, False, "broadcast", True, "auto", gpu_node_local=True).fed == per_rank
     assert choose_feeding(w, True, "p2p", False, "auto").fed == per_rank  # the listed ranks receive
     assert choose_feeding(w, True, "all", False, "auto").fed == per_rank
     assert choose_feeding(w, True, "broadcast", True, "auto").fed == per_rank  # a plan saved by N ranks
@@ -214,3 +218,62 @@ def test_control_strings_of_any_length():
     """A resident loader's actions and an instance's eight GPU uuids are longer than one fixed-size buffer."""
     outs = run_ranks(LONG, 2)
     assert all("long [1000, 1300] 1300 ['', '']" in out for out, _ in outs), outs
+
+
+PLACE = textwrap.dedent("""
+    import sys
+    from sglang_ckpt_plugin.loader import rank_setup
+    from sglang_ckpt_plugin.loader.cli import parse_args
+    from sglang_ckpt_plugin.loader.world import Control, LoaderWorld
+    rank_setup.visible_gpu_keys = lambda: ["GPU-a", "GPU-b"]  # the node's two GPUs, as the server published them
+    args = parse_args(["--checkpoint-path", "x", "--inference-parallel-size", "2", "--endpoint", sys.argv[1]])
+    world = LoaderWorld.from_env(2)
+    c = Control(world, 30)
+    feeding, placements, own = rank_setup.place_rank(args, world, c, {})
+    print("fed", feeding.fed)
+    print("feeds", [(p.kind, p.gpu_index, p.rank_key) for p in placements])
+    print("own", (own.kind, own.gpu_index, own.rank_key))
+    c.close()
+""")
+
+
+@pytest.mark.parametrize("peer_access", [True, False])
+def test_one_loader_process_feeds_a_peer_to_peer_gpu_node_and_the_other_keeps_a_gpu_for_nccl(peer_access):
+    """torchrun with two loader ranks on one node, a TP=2 GPU server: where its GPUs read each other's memory peer to
+    peer, rank 0 feeds both TP ranks from buffers on TP rank 0's GPU and rank 1 feeds none (its TP rank's GPU serves
+    its NCCL calls); otherwise each rank feeds its own TP rank and the loader says why every GPU gets every bucket."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    info = {"ckpt_plugin": {"device": "cuda", "rank_keys": ["GPU-a", "GPU-b"], "tp_size": 2,
+                            "peer_access": peer_access}}  # fmt: skip
+
+    class ModelInfo(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(info).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), ModelInfo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        outs = run_ranks(PLACE, 2, f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    lines = [dict(line.split(" ", 1) for line in out.splitlines() if " " in line) for out, _ in outs]
+    if peer_access:
+        assert lines[0]["fed"] == lines[1]["fed"] == "((0, 1), ())"
+        assert lines[0]["feeds"] == "[('cuda', 0, 'GPU-a'), ('cuda', 1, 'GPU-b')]"
+        assert (lines[1]["feeds"], lines[1]["own"]) == ("[]", "('cuda', 1, 'GPU-b')")
+        assert "every bucket" not in outs[0][1]
+    else:
+        assert lines[0]["fed"] == lines[1]["fed"] == "((0,), (1,))"
+        assert [line["feeds"] for line in lines] == ["[('cuda', 0, 'GPU-a')]", "[('cuda', 1, 'GPU-b')]"]
+        assert "every GPU receiving every bucket: the server's GPUs cannot all read" in outs[0][1]
+    assert lines[0]["own"] == "('cuda', 0, 'GPU-a')"

@@ -172,14 +172,25 @@ def ask_server(args: argparse.Namespace) -> tuple[dict | None, str | None]:
 
 
 def feeds_from_one_process(args: argparse.Namespace, info: dict | None) -> bool:
-    """A CPU server on this node: one process feeds every TP rank from one set of buffers (the checkpoint files, or
-    shared bucket buffers) that each rank maps; nothing moves between loader processes. GPU servers, p2p rounds and
-    a plan saved by N ranks take one loader rank per TP rank (torchrun)."""
-    from ..placement import ServerPlacement
+    """One process feeds every TP rank from one set of buffers that each rank maps, and copies only its slice of;
+    nothing moves between loader processes: a CPU server (the checkpoint files, or shared bucket buffers), or a GPU
+    server whose GPUs this process sees and which read each other's memory peer to peer (CUDA buffers on TP rank
+    0's GPU). Otherwise, and for p2p rounds and a plan saved by N ranks: one loader rank per TP rank (torchrun)."""
+    from ..placement import ServerPlacement, node_local_problem
 
-    if info is None or args.device == "cuda" or args.update_method != "broadcast" or args.load_metas_file:
+    if info is None or args.update_method != "broadcast" or args.load_metas_file:
         return False
-    return ServerPlacement.from_model_info(info).device == "cpu"
+    server = ServerPlacement.from_model_info(info)
+    if server.device == "cpu":
+        return args.device != "cuda"
+    if server.device != "cuda" or args.device == "cpu":
+        return False
+    from ..transport.handles import visible_gpu_keys  # the server is up: no CUDA context is made before its own
+
+    problem = node_local_problem(server, visible_gpu_keys())
+    if problem is not None and not args.quiet:
+        print(f"[sglang-ckpt] a loader rank per TP rank, every GPU receiving every bucket: {problem}", file=sys.stderr)
+    return problem is None
 
 
 def main(argv: list[str] | None = None) -> int:

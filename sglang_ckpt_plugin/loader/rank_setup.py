@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ..placement import LoaderPlacement, ServerPlacement, choose_placement
+from ..placement import LoaderPlacement, ServerPlacement, choose_placement, node_local_problem
 from ..transport.handles import visible_gpu_keys
 from .http import ServerClient, ServerError
 from .push import PushError
@@ -21,13 +21,14 @@ class PeerFailed(PushError):
     """Another loader rank failed; it printed why."""
 
 
-def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control,
-               asked: dict) -> tuple[Feeding, list[LoaderPlacement]]:  # fmt: skip
+def place_rank(
+    args: argparse.Namespace, world: LoaderWorld, control: Control, asked: dict
+) -> tuple[Feeding, list[LoaderPlacement], LoaderPlacement | None]:
     """Each instance's leader asks its server where the ranks run (``/model_info``; a server spread over nodes
     answers HTTP on its first node only); the instance's ranks learn it over the control group and follow it.
     ``asked``: the leader keeps its ``client`` and the ``info`` it read there (the update's layout check uses it).
-    Returns who feeds which server rank, and the placement of each server rank this process feeds (none: it
-    only takes part in the control collectives)."""
+    Returns who feeds which server rank, the placement of each server rank this process feeds (none: it only takes
+    part in the collectives), and this process's own (its buffers' device; a GPU for NCCL where it feeds none)."""
     server, error = None, None
     try:
         if world.is_leader:
@@ -40,36 +41,58 @@ def place_rank(args: argparse.Namespace, world: LoaderWorld, control: Control,
         raise error or PeerFailed("another loader rank could not ask its server (its error is printed above)")
     server = from_instance_leader(server, world, control)
     cpu_servers = not control.any_failed(server.device != "cpu")  # every instance's server is on CPU
-    feeding = choose_feeding(world, cpu_servers, args.update_method, bool(args.load_metas_file), args.device)
-    placements = []
+    look_for_gpus = args.device != "cpu" and server.device != "cpu"  # a CPU server needs no GPU (nor torch)
+    gpus = visible_gpu_keys() if look_for_gpus else []
+    node_local = gpu_node_local(args, world, control, server, gpus)
+    saved_plan = bool(args.load_metas_file)
+    feeding = choose_feeding(world, cpu_servers, args.update_method, saved_plan, args.device, node_local)
+    placements, own = [], None
     try:
-        if world.feeds_instance and server.device != "cpu":
+        if world.feeds_instance and server.device != "cpu" and not node_local:
             raise ValueError(
-                "one loader process feeds every TP rank of a CPU server only; this server runs on "
-                f"{server.device}: run one loader rank per TP rank (torchrun)"
+                "one loader process feeds every TP rank of a GPU server only where it sees every GPU and they read "
+                "each other's memory peer to peer: run one loader rank per TP rank (torchrun)"
             )
-        look_for_gpus = args.device != "cpu" and server.device != "cpu"  # a CPU server needs no GPU (nor torch)
-        gpus = visible_gpu_keys() if look_for_gpus else []
         fed = [g % world.parallel_size for g in feeding.fed[world.rank]]
         placements = [choose_placement(args.device, server, tp, world.local_rank, gpus) for tp in fed]
+        own = placements[0] if placements else None
+        if own is None and node_local:  # feeds nothing, but NCCL needs a GPU of its own: its TP rank's
+            own = choose_placement(args.device, server, world.tp_rank, world.local_rank, gpus)
     except ValueError as exc:
         error = exc
     if control.any_failed(error is not None):
         raise error or PeerFailed("another loader rank cannot place its buffers (its error is printed above)")
     if placements and placements[0].note and not args.quiet:
         print(f"[sglang-ckpt rank {world.rank}] {placements[0].note}", file=sys.stderr)
-    return feeding, placements
+    return feeding, placements, own
+
+
+def gpu_node_local(
+    args: argparse.Namespace, world: LoaderWorld, control: Control, server: ServerPlacement, gpus: list[str]
+) -> bool:
+    """Whether every GPU instance is fed by one process per node from buffers on its first rank's GPU, each TP rank
+    copying its slice from there peer to peer (collective: the same answer on every rank). Where a GPU server
+    cannot be, each loader rank feeds its own TP rank and every GPU receives every bucket; said once per node."""
+    gpu_server = server.device == "cuda" and args.device != "cpu"
+    problem = node_local_problem(server, gpus) if gpu_server else "not a GPU server"
+    node_local = not control.any_failed(problem is not None)
+    if gpu_server and server.tp_size > 1 and problem and world.local_rank == 0 and not args.quiet:
+        print(f"[sglang-ckpt] a loader rank per TP rank, every GPU receiving every bucket: {problem}", file=sys.stderr)
+    return node_local
 
 
 def from_instance_leader(server: ServerPlacement | None, world: LoaderWorld, control: Control) -> ServerPlacement:
-    """The server's device and rank keys as this instance's leader read them (one short string per collective)."""
+    """The server's device, rank keys and peer access as this instance's leader read them (one short string per
+    collective)."""
     if not world.distributed:
         return server
     leader = world.instance_ranks()[0]
     device = control.all_gather_str((server.device or "") if world.is_leader else "")[leader]
     keys = [control.all_gather_str((server.key_of(i) or "") if world.is_leader else "")[leader]
             for i in range(world.parallel_size)]  # fmt: skip
-    return ServerPlacement(device or None, keys if all(keys) else [], tp_size=world.parallel_size)
+    peers = control.all_gather_str(("1" if server.peer_access else "") if world.is_leader else "")[leader]
+    keys = keys if all(keys) else []
+    return ServerPlacement(device or None, keys, tp_size=world.parallel_size, peer_access=peers == "1")
 
 
 def agree_on_kind(placement: LoaderPlacement | None, control: Control, world: LoaderWorld) -> LoaderPlacement:

@@ -319,10 +319,11 @@ class Update:
 
         if self.feeder is not None:
             self.feeder.allocate(bucket_bytes, num_buffers, self.device)
-        self.filler = BucketFiller(
-            self.reader, self.device, bucket_bytes, checksum=self.checksum, direct_io=self.args.direct_io
-        )
         owned = sum(1 for s in self.steps if s.owner == self.world.rank)
+        if owned:  # a rank that reads nothing (a node's other ranks, one process feeding the node) stages nothing
+            self.filler = BucketFiller(
+                self.reader, self.device, bucket_bytes, checksum=self.checksum, direct_io=self.args.direct_io
+            )
         self.exchange.allocate(bucket_bytes, owned if self.two_phase else min(owned, 1))
 
     def read_ahead(self, steps) -> dict[int, list[int] | None]:

@@ -39,8 +39,8 @@ class Session:
 
 def open_session(args: argparse.Namespace, world: LoaderWorld, control: Control) -> Session:
     asked: dict = {}  # the leader's client and /model_info, read once
-    feeding, placements = place_rank(args, world, control, asked)
-    placement = agree_on_kind(placements[0] if placements else None, control, world)
+    feeding, placements, own = place_rank(args, world, control, asked)
+    placement = agree_on_kind(own, control, world)
     if placement.kind == "cuda":  # before the first NCCL call, which would fail on a shared GPU
         torch_device(placement)
         problem = shared_gpus(list(zip(control.all_gather_int(world.node_rank),

@@ -207,11 +207,15 @@ def one_per_node(world: LoaderWorld) -> Feeding:
     return Feeding(tuple(fed))
 
 
-def choose_feeding(world: LoaderWorld, cpu_server: bool, method: str, saved_plan: bool, device: str) -> Feeding:
-    """One process per node where every server is on CPU (its ranks map the node's memory) and all instances take
-    the same broadcast; one per rank for GPU servers (CUDA IPC buffers on each rank's own GPU), p2p rounds (the
-    listed loader ranks receive) and plans saved by N ranks (each rank reads its saved share)."""
-    if world.feeds_instance or (cpu_server and method == "broadcast" and not saved_plan and device != "cuda"):
+def choose_feeding(
+    world: LoaderWorld, cpu_server: bool, method: str, saved_plan: bool, device: str, gpu_node_local: bool = False
+) -> Feeding:
+    """One process per node where all instances take the same broadcast and every server is on CPU (its ranks map
+    the node's memory) or on GPUs that read each other's memory peer to peer (``gpu_node_local``: every rank maps
+    the CUDA buffers on its node's first rank's GPU); one per rank otherwise (CUDA IPC buffers on each rank's own
+    GPU), for p2p rounds (the listed loader ranks receive) and plans saved by N ranks (each reads its saved share)."""
+    one_broadcast = method == "broadcast" and not saved_plan
+    if world.feeds_instance or (one_broadcast and ((cpu_server and device != "cuda") or gpu_node_local)):
         return one_per_node(world)
     return one_per_rank(world)
 

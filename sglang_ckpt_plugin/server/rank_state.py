@@ -11,7 +11,8 @@ import msgspec
 import torch
 import torch.distributed as dist
 
-from ..transport.handles import device_rank_key
+from ..placement import peer_unreadable
+from ..transport.handles import device_rank_key, visible_gpu_keys
 from ..transport.strings import all_gather_str
 from . import sglang_compat as sg
 from .validate import required_coverage
@@ -27,6 +28,7 @@ class Placement(msgspec.Struct, frozen=True):
 
     device: str
     rank_keys: list[str]
+    peer_access: bool = False  # every rank reads every other rank's GPU memory peer to peer (one copy per node)
 
 
 def state(model: torch.nn.Module) -> WeightsState:
@@ -61,5 +63,10 @@ def placement(device: torch.device, tp_rank: int) -> Placement:
         key = device_rank_key(device, tp_rank)
         group = sg.tp_cpu_group()
         keys = [key] if group is None else all_gather_str(key, group, dist.get_world_size(group))
-        _placement = Placement(device.type, keys)
+        peer_access = False
+        if device.type == "cuda" and len(keys) > 1:
+            visible = visible_gpu_keys()
+            unreadable = [peer_unreadable(key, peer, visible, torch.cuda.can_device_access_peer) for peer in keys]
+            peer_access = not agree(any(unreadable))[0]
+        _placement = Placement(device.type, keys, peer_access)
     return _placement

@@ -184,6 +184,7 @@ def _wrap_model_info(original):
             **sg.parallel_sizes(),  # tp_size, dp_size, pp_size
             "device": placement.get("device"),  # "cuda" / "cpu": loaders follow the server, not their own machine
             "rank_keys": placement.get("rank_keys", []),  # per TP rank: GPU-<uuid> / cpu-tp<r>
+            "peer_access": placement.get("peer_access", False),  # one loader process may feed every GPU of the node
             "weights_state": report.get("state", "complete" if GateState.open else "waiting"),
             "missing": report.get("missing", []),
             "missing_count": report.get("missing_count", 0),

@@ -24,6 +24,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 
+from ..placement import peer_unreadable
 from .messages import BufferHandle, CudaIpcHandle, FileHandle, ShmFdHandle, ShmHandle
 
 if TYPE_CHECKING:  # imported where used: the one-rank page-cache loader hands files over and never needs torch
@@ -218,7 +219,8 @@ class CudaBuffer:
 
     torch keeps a shared allocation alive until its IPC reference counter reaches zero, and a receiver that maps
     and later closes it is what brings it there. A buffer handed out but never reached by a receiver (the server
-    refused the request, never connected, or never answered the hello) is released by us instead."""
+    refused the request, never connected, or never answered the hello) is released by us instead. Each handle made
+    (one per rank it is handed to: one loader process may feed every rank of a node) has a counter of its own."""
 
     def __init__(self, nbytes: int, device: torch.device):
         import torch
@@ -226,7 +228,7 @@ class CudaBuffer:
         self.nbytes = nbytes
         self.device = device
         self.mapped = False  # a receiver answered the hello that carried it: its close releases the counter
-        self._ref_counter: tuple[bytes, int] | None = None
+        self._ref_counters: list[tuple[bytes, int]] = []
         conf = allocator_settings()
         expandable = expandable_segments_enabled(conf)
         if expandable:  # torch cannot share an expandable segment by CUDA IPC: this allocation gets a classic one
@@ -243,7 +245,7 @@ class CudaBuffer:
         (_dev, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync) = (
             self.tensor.untyped_storage()._share_cuda_()
         )
-        self._ref_counter = (ref_handle, ref_offset)
+        self._ref_counters.append((ref_handle, ref_offset))
         return CudaIpcHandle(
             nbytes=self.nbytes,
             device_uuid=device_rank_key(self.device, -1),
@@ -260,9 +262,10 @@ class CudaBuffer:
         pass
 
     def release(self) -> None:
-        if self._ref_counter is not None and not self.mapped:
-            _release_ipc_counter(*self._ref_counter)
-            self._ref_counter = None
+        if not self.mapped:
+            for counter in self._ref_counters:
+                _release_ipc_counter(*counter)
+        self._ref_counters = []
         self.tensor = None
 
 
@@ -319,10 +322,15 @@ def open_buffer(handle: BufferHandle, device: torch.device, fd: int | None = Non
     if device.type != "cuda":
         raise ValueError("a CUDA IPC buffer was sent to a CPU rank; run the loader with --device cpu (or auto)")
     own = device_rank_key(device, -1)
-    if handle.device_uuid != own:
-        raise ValueError(f"a CUDA IPC buffer on {handle.device_uuid} was sent to the rank on {own}: each loader rank "
-                         "must put its buffers on its TP rank's GPU (the loader follows /model_info's rank_keys; "
-                         "an older loader?)")  # fmt: skip
+    if handle.device_uuid != own:  # one loader process feeds the node: the buffer is on another rank's GPU
+        import torch
+
+        problem = peer_unreadable(own, handle.device_uuid, visible_gpu_keys(), torch.cuda.can_device_access_peer)
+        if problem:
+            raise ValueError(
+                f"a CUDA IPC buffer on {handle.device_uuid} was sent to the rank on {own}, which cannot read it: "
+                f"{problem}; feed each TP rank from its own GPU (a loader rank per TP rank) or use --device cpu"
+            )
     return _open_cuda(handle, device)
 
 
@@ -387,7 +395,9 @@ def open_file_range(fd: int, handle: FileHandle, start: int, end: int) -> Mapped
 def _open_cuda(handle: CudaIpcHandle, device: torch.device) -> MappedBuffer:
     import torch
 
-    # Our own device index: the loader may see the GPU under another index (CUDA_VISIBLE_DEVICES).
+    # Our own device index, also for a buffer on a peer GPU: torch opens the handle with that device current and
+    # lazy peer access, so no context is made on the peer (hundreds of MB there), and the views copy peer to peer.
+    # (The loader may also see our GPU under another index: CUDA_VISIBLE_DEVICES.)
     storage = torch.UntypedStorage._new_shared_cuda(
         device.index if device.index is not None else torch.cuda.current_device(),
         handle.handle,
