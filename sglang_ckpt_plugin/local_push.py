@@ -148,10 +148,10 @@ class LocalPush:
         self.device = torch.device("cuda", places[0].gpu_index) if places[0].kind == "cuda" else torch.device("cpu")
 
     def _ensure_buffers(self, nbytes: int, count: int) -> None:
-        """Buffers kept across pushes; grown once when a push needs larger or more of them."""
+        """Buffers kept across pushes; made again, as this push needs them, when it needs larger or more of them
+        (not more of the old size: one whole-update GPU buffer must not become two)."""
         if len(self.buffers) >= count and self.buffers and self.buffers[0].nbytes >= nbytes:
             return
-        nbytes = max(nbytes, self.buffers[0].nbytes if self.buffers else 0)
         self.close()
         self.buffers = [allocate_buffer(nbytes, self.device, reusable=True) for _ in range(count)]
 

@@ -116,6 +116,23 @@ def test_local_push_follows_the_server(monkeypatch):
         LocalPush("http://127.0.0.1:9", device="mps")
 
 
+def test_local_push_buffers_are_made_as_the_push_needs_them(monkeypatch):
+    """Kept while they fit; made again when a push needs more of them, at the size it needs (one whole-update
+    buffer never turns into two of that size)."""
+    from sglang_ckpt_plugin.local_push import LocalPush
+
+    with LocalPush("http://127.0.0.1:9") as pusher:
+        _serving(pusher, monkeypatch, {"device": "cpu", "rank_keys": ["cpu-tp0"], "tp_size": 1})
+        pusher._place()
+        pusher._ensure_buffers(1 << 20, 1)
+        whole = pusher.buffers[0]
+        pusher._ensure_buffers(4096, 1)
+        assert pusher.buffers == [whole]
+        pusher._ensure_buffers(4096, 2)
+        assert [b.nbytes for b in pusher.buffers] == [4096, 4096]
+    assert pusher.buffers == []
+
+
 def test_trainer_push_follows_the_server(monkeypatch):
     from sglang_ckpt_plugin.trainer import TrainerPush
 
