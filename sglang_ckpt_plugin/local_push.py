@@ -4,7 +4,8 @@ shared-memory buckets and wire protocol (no torch.distributed group, no pickling
 The pusher keeps its bucket buffers for its whole life (unnamed shared memory, see ``ShmBuffer(reusable=True)``),
 so after the first push every update costs one copy into the bucket (trainer) and one copy out of it (server),
 overlapped. With ``--tp N`` every TP rank maps the same buffers: each bucket is written once for all of them.
-On a GPU (CUDA IPC, one TP rank) the whole update goes in one bucket where memory allows: one exchange.
+On GPUs the buffers are CUDA IPC buffers on the server's (first) GPU, which every TP rank reads peer to peer, and
+the whole update goes in one bucket where memory allows: one exchange.
 
     from sglang_ckpt_plugin.local_push import LocalPush
 
@@ -32,7 +33,7 @@ from .loader.plan import STAGING_SHARE, Bucket, align_up, plan_buckets, staging_
 from .loader.node_feed import NodeFeeder
 from .loader.push import PushError, RankFeeder, StageTimes, new_update_id
 from .loader.rank_setup import available_memory
-from .placement import LoaderPlacement, ServerPlacement, choose_placement
+from .placement import LoaderPlacement, ServerPlacement, choose_placement, node_local_problem
 from .transport.channel import make_endpoint
 from .trainer import PushStats
 from .transport.handles import allocate_buffer, visible_gpu_keys
@@ -95,8 +96,9 @@ class LocalPush:
     def __init__(self, url: str, *, bucket_bytes: int | None = None, num_buffers: int = 2, api_key: str | None = None,
                  timeout_s: float = 600.0, device: torch.device | str = "auto", two_phase: str = "auto"):  # fmt: skip
         """``device``: where the bucket buffers live. ``auto`` follows the server (placement.py): CUDA IPC on the
-        server's GPU when it runs one TP rank on a GPU this process sees, else shared memory (which every TP
-        rank maps; a CUDA rank copies from it to its GPU). ``bucket_bytes``: None picks (``local_bucket_bytes``):
+        server's GPU (TP rank 0's, every rank reading it peer to peer) when this process sees its GPUs and they
+        read each other's memory, else shared memory (which every TP rank maps; a CUDA rank copies from it to its
+        GPU). ``bucket_bytes``: None picks (``local_bucket_bytes``):
         on a GPU the whole update in one bucket where memory allows. ``two_phase``: "auto" stages every push (a
         buffer per bucket, kept across pushes) where shared memory allows and streams otherwise; "on" refuses to
         stream; "off" always streams through ``num_buffers`` buffers."""
@@ -136,12 +138,16 @@ class LocalPush:
         server = ServerPlacement.from_model_info(self.client.wait_until_listening())
         self.tp_size = server.tp_size
         choice = self.device_choice
-        if server.device == "cuda" and server.tp_size > 1:
-            if choice == "cuda":
-                raise ValueError("LocalPush with CUDA buffers feeds one TP rank on one GPU; this server has "
-                                 f"tp={server.tp_size}: use device='auto' or 'cpu' (shared memory every rank maps) "
-                                 "or TrainerPush")  # fmt: skip
-            choice = "cpu"
+        if server.device == "cuda" and server.tp_size > 1 and choice != "cpu":
+            # CUDA buffers on TP rank 0's GPU that every rank reads peer to peer, or shared memory every rank maps
+            problem = node_local_problem(server, visible_gpu_keys())
+            if problem is not None and choice == "cuda":
+                raise ValueError(
+                    f"LocalPush with CUDA buffers feeds a tp={server.tp_size} server only where every rank reads "
+                    f"them peer to peer, and here {problem}: use device='auto' or 'cpu' (shared memory every rank "
+                    "maps) or TrainerPush"
+                )
+            choice = "cpu" if problem is not None else choice
         gpus = visible_gpu_keys() if choice != "cpu" else []
         places = [choose_placement(choice, server, rank, 0, gpus) for rank in range(server.tp_size)]
         self.rank_keys = [p.rank_key for p in places]

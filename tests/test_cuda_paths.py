@@ -34,24 +34,26 @@ def test_the_settings_in_force_are_read_at_run_time(monkeypatch):
     assert handles.expandable_segments_enabled(handles.allocator_settings())  # set by a framework, not the env
 
 
-def cuda_buffer_stub() -> handles.CudaBuffer:
-    """A CudaBuffer as after allocation, without a GPU: the release decision is plain bookkeeping."""
-    buf = object.__new__(handles.CudaBuffer)
-    buf.nbytes, buf.device, buf.tensor, buf.mapped, buf._ref_counters = 64, torch.device("cuda", 0), None, False, []
-    return buf
+def test_a_handle_no_rank_answered_for_gives_back_its_ipc_reference(monkeypatch, tmp_path):
+    """Every rank a buffer is handed to gets a handle with a counter of its own; a feeder whose rank never answered
+    the hello gives its handles' counters back (else torch keeps the buffer allocated), one whose rank answered
+    leaves them to the rank."""
+    from sglang_ckpt_plugin.loader import push
 
-
-def test_a_buffer_no_receiver_mapped_gives_back_its_ipc_reference(monkeypatch):
     released = []
-    monkeypatch.setattr(handles, "_release_ipc_counter", lambda h, o: released.append((h, o)))
-    never_shared, unmapped, mapped = cuda_buffer_stub(), cuda_buffer_stub(), cuda_buffer_stub()
-    unmapped._ref_counters = [(b"ref", 8), (b"ref", 9)]  # handed to two ranks of a node: a counter each
-    mapped._ref_counters = [(b"ref", 10)]
-    mapped.mapped = True  # its receiver's close releases it
-    for b in (never_shared, unmapped, mapped):
-        b.release()
-    unmapped.release()  # idempotent
-    assert released == [(b"ref", 8), (b"ref", 9)]
+    monkeypatch.setattr(push, "give_back_ipc_reference", lambda h: released.append(h.ref_counter_offset))
+    feeders = [RankFeeder(make_endpoint(new_update_id("t"), f"cpu-tp{r}"), "u", 1.0, threading.Event(), listen=False)
+               for r in range(2)]  # fmt: skip
+    for offset, feeder in enumerate(feeders):
+        buf = FakeCudaBuffer()
+        buf.counter = offset
+        feeder.adopt([buf])
+        feeder._handles()
+    feeders[1]._unanswered = []  # as when its rank answered the hello
+    for feeder in feeders:
+        feeder.close()
+        feeder.close()  # idempotent
+    assert released == [0]
 
 
 @pytest.mark.parametrize(
@@ -89,10 +91,10 @@ def test_a_cuda_ipc_buffer_a_rank_cannot_reach_is_refused_in_words(monkeypatch):
 class FakeCudaBuffer:
     """What a loader rank holds for a CUDA IPC buffer, as the server sees it on the wire."""
 
-    fd, nbytes, mapped = None, 1 << 16, False
+    fd, nbytes, counter = None, 1 << 16, 0
 
     def handle(self, slot: int = -1) -> CudaIpcHandle:
-        return CudaIpcHandle(self.nbytes, "GPU-x", b"h", self.nbytes, 0, b"r", 0, b"e", True)
+        return CudaIpcHandle(self.nbytes, "GPU-x", b"h", self.nbytes, 0, b"r", self.counter, b"e", True)
 
     def unlink(self) -> None:
         pass
@@ -126,7 +128,7 @@ def test_a_staged_update_refuses_cuda_ipc_buffers_and_the_loader_knows_it_was_an
     with pytest.raises(UpdateRefused, match="host shared memory"):
         session.run()
     t.join()
-    assert STAGED_CUDA_IPC_REFUSAL in errors[0] and buf.mapped  # answered: its release is the receiver's business
+    assert STAGED_CUDA_IPC_REFUSAL in errors[0] and feeder._unanswered == []  # answered: the receiver's business
 
 
 def test_trainer_push_never_moves_the_trainers_current_device(monkeypatch):

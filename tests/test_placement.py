@@ -1,6 +1,7 @@
 """Unit tests: a loader follows where the server's ranks run (placement.py), refusing what cannot work."""
 
 import pytest
+import torch
 
 from sglang_ckpt_plugin.loader.http import layout_mismatch
 from sglang_ckpt_plugin.placement import (
@@ -99,10 +100,13 @@ def _serving(pusher, monkeypatch, plugin: dict) -> None:
 
 
 def test_local_push_follows_the_server(monkeypatch):
-    """A GPU server with tp=2: one shared-memory buffer set every rank maps, keyed by the ranks' GPU UUIDs;
-    CUDA buffers there are refused (one CUDA IPC buffer set reaches one GPU)."""
+    """A GPU server with tp=2: CUDA buffers on TP rank 0's GPU where the ranks read each other's memory peer to peer
+    and this process sees both GPUs; else one shared-memory buffer set every rank maps, keyed by the ranks' GPU
+    UUIDs, and CUDA buffers refused, saying why."""
+    from sglang_ckpt_plugin import local_push
     from sglang_ckpt_plugin.local_push import LocalPush
 
+    monkeypatch.setattr(local_push, "visible_gpu_keys", lambda: ["GPU-b", "GPU-a"])
     gpu_tp2 = {"device": "cuda", "rank_keys": ["GPU-a", "GPU-b"], "tp_size": 2}
     pusher = LocalPush("http://127.0.0.1:9")
     _serving(pusher, monkeypatch, gpu_tp2)
@@ -110,8 +114,12 @@ def test_local_push_follows_the_server(monkeypatch):
     assert (pusher.device.type, pusher.rank_keys) == ("cpu", ["GPU-a", "GPU-b"])
     asked_cuda = LocalPush("http://127.0.0.1:9", device="cuda")
     _serving(asked_cuda, monkeypatch, gpu_tp2)
-    with pytest.raises(ValueError, match="feeds one TP rank on one GPU"):
+    with pytest.raises(ValueError, match="cannot all read each other's memory peer to peer .*: use device='auto'"):
         asked_cuda._place()
+    peer_to_peer = LocalPush("http://127.0.0.1:9")
+    _serving(peer_to_peer, monkeypatch, {**gpu_tp2, "peer_access": True})
+    peer_to_peer._place()
+    assert (peer_to_peer.device, peer_to_peer.rank_keys) == (torch.device("cuda", 1), ["GPU-a", "GPU-b"])
     with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
         LocalPush("http://127.0.0.1:9", device="mps")
 

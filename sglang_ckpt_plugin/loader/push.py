@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from ..transport.channel import Channel, PeerGone
 from ..transport.fdpass import FdOffer, fd_socket_path
 from ..transport.integrity import Fingerprint
+from ..transport.handles import give_back_ipc_reference
 from ..transport.messages import (
-    PROTOCOL_VERSION, Abort, BucketReady, Finish, Hello, Reply, TensorMeta, TensorSlot,
+    PROTOCOL_VERSION, Abort, BucketReady, CudaIpcHandle, Finish, Hello, Reply, TensorMeta, TensorSlot,
 )  # fmt: skip
 from .plan import Bucket
 
@@ -70,6 +71,7 @@ class RankFeeder:
         self.buffers = []
         self.on_bucket = lambda bucket: None  # progress callback
         self._fd_offer: FdOffer | None = None
+        self._unanswered: list[CudaIpcHandle] = []  # CUDA IPC handles sent that no rank has answered for yet
         self.written_bytes = 0  # what the server rank said, at hello, its load_weights will write (its slice)
         self.endpoint = endpoint
         self.channel: Channel | None = None
@@ -99,8 +101,7 @@ class RankFeeder:
             if not isinstance(msg, Reply) or msg.seq != seq:
                 raise PushError(f"protocol error: expected reply to {seq}, got {msg!r}")
             if seq == -1:  # the rank answered the hello: it mapped our buffers (or tried), and releases what it mapped
-                for b in self.buffers:
-                    b.mapped = True
+                self._unanswered = []
             if not msg.ok:
                 raise PushError(f"server failed to {what}: {msg.error}")
             return msg
@@ -114,6 +115,7 @@ class RankFeeder:
                 fds.append(b.fd)
             else:
                 handles.append(b.handle())
+        self._unanswered = [h for h in handles if isinstance(h, CudaIpcHandle)]
         return handles, fds
 
     def hello(self, buckets: list[Bucket]) -> None:
@@ -229,6 +231,9 @@ class RankFeeder:
 
     def close(self) -> None:
         self._close_fd_offer()
+        for handle in self._unanswered:  # no rank took these: their counters would keep the buffers allocated
+            give_back_ipc_reference(handle)
+        self._unanswered = []
         if self.channel is not None:
             self.channel.close()
             self.channel = None

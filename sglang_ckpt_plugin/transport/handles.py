@@ -207,28 +207,28 @@ def _set_allocator_settings(conf: str) -> None:
     setter(conf)
 
 
-def _release_ipc_counter(ref_counter_handle: bytes, ref_counter_offset: int) -> None:
-    """Drop the reference torch counts for a receiver of a shared CUDA allocation (what a receiver's release does)."""
+def give_back_ipc_reference(handle: CudaIpcHandle) -> None:
+    """Drop the reference torch counts for the receiver of a CUDA IPC handle, where no receiver took the handle
+    (what the receiver's close does otherwise): torch frees a shared allocation only once every handle made of it
+    was given back."""
     import torch
 
-    torch.UntypedStorage._release_ipc_counter_cuda(ref_counter_handle, ref_counter_offset)
+    torch.UntypedStorage._release_ipc_counter_cuda(handle.ref_counter_handle, handle.ref_counter_offset)
 
 
 class CudaBuffer:
     """A device bucket buffer shared through CUDA IPC; freed when the loader drops it.
 
-    torch keeps a shared allocation alive until its IPC reference counter reaches zero, and a receiver that maps
-    and later closes it is what brings it there. A buffer handed out but never reached by a receiver (the server
-    refused the request, never connected, or never answered the hello) is released by us instead. Each handle made
-    (one per rank it is handed to: one loader process may feed every rank of a node) has a counter of its own."""
+    torch keeps a shared allocation alive until the IPC reference counter of every handle made of it reaches zero:
+    the receiver that maps a handle and later closes it brings it there. Each handle (one per rank and update: one
+    loader process may feed every rank of a node) has its own counter; the RankFeeder that sent one that no rank
+    answered for (the server refused the request, never connected, or never answered the hello) gives it back."""
 
     def __init__(self, nbytes: int, device: torch.device):
         import torch
 
         self.nbytes = nbytes
         self.device = device
-        self.mapped = False  # a receiver answered the hello that carried it: its close releases the counter
-        self._ref_counters: list[tuple[bytes, int]] = []
         conf = allocator_settings()
         expandable = expandable_segments_enabled(conf)
         if expandable:  # torch cannot share an expandable segment by CUDA IPC: this allocation gets a classic one
@@ -245,7 +245,6 @@ class CudaBuffer:
         (_dev, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync) = (
             self.tensor.untyped_storage()._share_cuda_()
         )
-        self._ref_counters.append((ref_handle, ref_offset))
         return CudaIpcHandle(
             nbytes=self.nbytes,
             device_uuid=device_rank_key(self.device, -1),
@@ -262,10 +261,6 @@ class CudaBuffer:
         pass
 
     def release(self) -> None:
-        if not self.mapped:
-            for counter in self._ref_counters:
-                _release_ipc_counter(*counter)
-        self._ref_counters = []
         self.tensor = None
 
 
