@@ -307,7 +307,7 @@ def local_push(url: str, device: torch.device, tensors: dict, check: Check, d2d:
         # the per-bucket round trips that one exchange (the whole update in one bucket, the default here) saves
         with LocalPush(url, timeout_s=300, bucket_bytes=64 << 20) as pusher:
             on_device = {n: t.to(device) for n, t in tensors.items()}  # before the clock starts
-            stats = pusher.push(on_device.items(), weight_version="local-512m")
+            stats = pusher.push(on_device.items(), weight_version="local-64m")
             del on_device
             name = "LocalPush 1x, 64 MiB buckets"
             check.record(name, nbytes, stats.seconds, digests(tensors), d2d, memory=False)

@@ -160,11 +160,11 @@ def test_a_hung_child_dumps_its_stacks_before_the_test_kills_it():
 
 
 def test_one_process_feeds_a_cpu_server_or_a_peer_to_peer_gpu_node_and_others_get_one_loader_rank_per_tp_rank(
-    monkeypatch, capsys
+    monkeypatch,
 ):
     """The launch decision (cli.feeds_from_one_process): a CPU server of any TP size is fed by this one process, and
     so is a GPU server whose GPUs this process sees and which read each other's memory peer to peer; a GPU server
-    without peer access (said), a p2p round, a plan saved by N ranks or --device cuda relaunch under torchrun."""
+    without peer access, a p2p round, a plan saved by N ranks or --device cuda relaunch under torchrun."""
     from sglang_ckpt_plugin.loader.cli import feeds_from_one_process, parse_args
     from sglang_ckpt_plugin.transport import handles
 
@@ -179,11 +179,9 @@ def test_one_process_feeds_a_cpu_server_or_a_peer_to_peer_gpu_node_and_others_ge
     assert feeds_from_one_process(parse_args(base), info("cuda", peer_access=True))
     assert feeds_from_one_process(parse_args([*base, "--device", "cuda"]), info("cuda", peer_access=True))
     assert not feeds_from_one_process(parse_args([*base, "--device", "cpu"]), info("cuda", peer_access=True))
-    assert not feeds_from_one_process(parse_args(base), info("cuda"))
-    assert "every GPU receiving every bucket: the server's GPUs cannot all read each other" in capsys.readouterr().err
+    assert not feeds_from_one_process(parse_args(base), info("cuda"))  # the torchrun ranks say why (test_world)
     monkeypatch.setattr(handles, "visible_gpu_keys", lambda: ["GPU-a"])
     assert not feeds_from_one_process(parse_args(base), info("cuda", peer_access=True))
-    assert "does not see the server's GPUs ['GPU-b']" in capsys.readouterr().err
     assert not feeds_from_one_process(parse_args(base), {"ckpt_plugin": {}})  # an older plugin: unknown device
     assert not feeds_from_one_process(parse_args(base), None)
     assert not feeds_from_one_process(parse_args([*base, "--device", "cuda"]), info("cpu"))

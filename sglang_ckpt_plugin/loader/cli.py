@@ -187,10 +187,7 @@ def feeds_from_one_process(args: argparse.Namespace, info: dict | None) -> bool:
         return False
     from ..transport.handles import visible_gpu_keys  # the server is up: no CUDA context is made before its own
 
-    problem = node_local_problem(server, visible_gpu_keys())
-    if problem is not None and not args.quiet:
-        print(f"[sglang-ckpt] a loader rank per TP rank, every GPU receiving every bucket: {problem}", file=sys.stderr)
-    return problem is None
+    return node_local_problem(server, visible_gpu_keys()) is None  # else the torchrun ranks say why
 
 
 def main(argv: list[str] | None = None) -> int:
