@@ -123,8 +123,10 @@ def node_local_problem(server: ServerPlacement, local_gpus: list[str]) -> str | 
     if len(server.rank_keys) != server.tp_size:
         return "the server did not publish every TP rank's GPU (an older plugin?)"
     if not server.peer_access:
-        return ("the server's GPUs cannot all read each other's memory peer to peer (no NVLink / PCIe P2P between "
-                "some of them)")  # fmt: skip
+        return (
+            "the server's GPUs cannot all read each other's memory peer to peer (no NVLink / PCIe P2P between some of "
+            "them, or a server plugin that predates peer_access)"
+        )
     unseen = [key for key in server.rank_keys if key not in local_gpus]
     if unseen:
         return f"this loader process does not see the server's GPUs {unseen} (CUDA_VISIBLE_DEVICES)"
