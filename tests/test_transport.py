@@ -158,14 +158,18 @@ def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_time
 
     t = threading.Thread(target=loader)
     t.start()
+    served = False
     try:
         session = ReceiveSession(endpoint, CPU, model.load_weights, post, idle_timeout_s, whole_params,
                                  hello_timeout_s=hello_timeout_s)  # fmt: skip
         if session_out is not None:
             session_out.append(session)
         stats = session.run()
+        served = True
     finally:
-        cancelled.set()
+        if served:  # the loader reads the session's last reply and returns (cancelling now would race with that)
+            t.join(timeout=30)
+        cancelled.set()  # a loader still waiting for a session that failed stops now
         t.join()
         reader.close()
     run_session.last_fingerprint = feeder.fingerprint
