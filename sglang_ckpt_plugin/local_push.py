@@ -98,10 +98,10 @@ class LocalPush:
         """``device``: where the bucket buffers live. ``auto`` follows the server (placement.py): CUDA IPC on the
         server's GPU (TP rank 0's, every rank reading it peer to peer) when this process sees its GPUs and they
         read each other's memory, else shared memory (which every TP rank maps; a CUDA rank copies from it to its
-        GPU). ``bucket_bytes``: None picks (``local_bucket_bytes``):
-        on a GPU the whole update in one bucket where memory allows. ``two_phase``: "auto" stages every push (a
-        buffer per bucket, kept across pushes) where shared memory allows and streams otherwise; "on" refuses to
-        stream; "off" always streams through ``num_buffers`` buffers."""
+        GPU). ``bucket_bytes``: None picks (``local_bucket_bytes``): on a GPU the whole update in one bucket where
+        memory allows. ``two_phase``: "auto" stages every push (a buffer per bucket, kept across pushes) where shared
+        memory allows and streams otherwise; "on" refuses to stream; "off" always streams through ``num_buffers``
+        buffers."""
         if two_phase not in ("auto", "on", "off"):
             raise ValueError(f"LocalPush: two_phase must be auto, on or off, not {two_phase!r}")
         self.two_phase = two_phase
@@ -138,17 +138,18 @@ class LocalPush:
         server = ServerPlacement.from_model_info(self.client.wait_until_listening())
         self.tp_size = server.tp_size
         choice = self.device_choice
+        gpus = visible_gpu_keys() if choice != "cpu" else []
         if server.device == "cuda" and server.tp_size > 1 and choice != "cpu":
             # CUDA buffers on TP rank 0's GPU that every rank reads peer to peer, or shared memory every rank maps
-            problem = node_local_problem(server, visible_gpu_keys())
+            problem = node_local_problem(server, gpus)
             if problem is not None and choice == "cuda":
                 raise ValueError(
                     f"LocalPush with CUDA buffers feeds a tp={server.tp_size} server only where every rank reads "
                     f"them peer to peer, and here {problem}: use device='auto' or 'cpu' (shared memory every rank "
                     "maps) or TrainerPush"
                 )
-            choice = "cpu" if problem is not None else choice
-        gpus = visible_gpu_keys() if choice != "cpu" else []
+            if problem is not None:
+                choice = "cpu"
         places = [choose_placement(choice, server, rank, 0, gpus) for rank in range(server.tp_size)]
         self.rank_keys = [p.rank_key for p in places]
         self.device = torch.device("cuda", places[0].gpu_index) if places[0].kind == "cuda" else torch.device("cpu")
