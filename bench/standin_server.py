@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sglang_ckpt_plugin.loader.checkpoint import dtype_name, read_checkpoint  # noqa: E402
 from sglang_ckpt_plugin.server import staging  # noqa: E402
 from sglang_ckpt_plugin.server.receiver import ReceiveSession  # noqa: E402
+from sglang_ckpt_plugin.server.validate import CheckedUpdate  # noqa: E402
 from sglang_ckpt_plugin.transport.handles import device_rank_key  # noqa: E402
 from sglang_ckpt_plugin.transport.integrity import tensor_digest  # noqa: E402
 from sglang_ckpt_plugin.transport.messages import PHASE_KEY  # noqa: E402
@@ -39,7 +40,7 @@ class Weights:
         self.params = {t.name: torch.full(t.shape, 7, dtype=getattr(torch, t.dtype), device=device) for t in read_checkpoint(checkpoint)}
         self.version: str | None = None
 
-    def validate(self, manifest, partial: bool, allow_unused: bool) -> dict:
+    def validate(self, manifest, partial: bool, allow_unused: bool) -> CheckedUpdate:
         """The receiver's dry run: every name known, dtype and shape as served; coverage per parameter."""
         for name, dtype, shape in manifest:
             param = self.params.get(name)
@@ -51,7 +52,7 @@ class Weights:
         names = {name for name, _, _ in manifest}
         if not partial and names != set(self.params):
             raise ValueError(f"the update does not cover {len(set(self.params) - names)} parameters")
-        return {name: ((0, self.params[name].nbytes),) for name in names}
+        return CheckedUpdate({name: ((0, self.params[name].nbytes),) for name in names})
 
     def load_weights(self, weights) -> None:
         for name, tensor in weights:

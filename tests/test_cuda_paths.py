@@ -12,6 +12,7 @@ from sglang_ckpt_plugin.loader.plan import plan_buckets
 from sglang_ckpt_plugin.loader.push import PushError, RankFeeder, new_update_id
 from sglang_ckpt_plugin.placement import ServerPlacement
 from sglang_ckpt_plugin.server.receiver import STAGED_CUDA_IPC_REFUSAL, ReceiveSession, UpdateRefused
+from sglang_ckpt_plugin.server.validate import CheckedUpdate
 from sglang_ckpt_plugin.transport import handles
 from sglang_ckpt_plugin.transport.channel import make_endpoint
 from sglang_ckpt_plugin.transport.messages import CudaIpcHandle
@@ -124,7 +125,7 @@ def test_a_staged_update_refuses_cuda_ipc_buffers_and_the_loader_knows_it_was_an
     t = threading.Thread(target=loader)
     t.start()
     session = ReceiveSession(endpoint, torch.device("cpu"), lambda w: None, lambda: None, 10.0,
-                             lambda *a: {}, staging=True)  # fmt: skip
+                             lambda *a: CheckedUpdate({}), staging=True)  # fmt: skip
     with pytest.raises(UpdateRefused, match="host shared memory"):
         session.run()
     t.join()

@@ -124,8 +124,9 @@ def checkpoint(tmp_path):
 def whole_params(manifest, partial, allow_unused):
     """A stand-in for the model dry run: every tensor writes the parameter of its name, whole."""
     from sglang_ckpt_plugin.server.receiver import _nbytes
+    from sglang_ckpt_plugin.server.validate import CheckedUpdate
 
-    return {name: ((0, _nbytes(dtype, shape)),) for name, dtype, shape in manifest}
+    return CheckedUpdate({name: ((0, _nbytes(dtype, shape)),) for name, dtype, shape in manifest})
 
 
 def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_timeout_s=10.0, post=lambda: None,

@@ -66,16 +66,92 @@ def test_missing_allowed_for_explicit_partial_update():
         validate_update(SGLangStyle(), [("norm", "float32", [4])], partial=False)
 
 
-def test_loader_that_bypasses_weight_loader_cannot_write_during_the_dry_run():
+def test_loader_that_writes_the_live_parameter_itself_is_measured_and_never_executed():
     class Bypass(SGLangStyle):
         def load_weights(self, weights):
             for name, w in weights:
                 dict(self.named_parameters())[name].data.copy_(w)
 
     model = Bypass()
-    with pytest.raises(UpdateRejected, match="writes into the model's memory outside its weight_loader"):
-        validate_update(model, [("norm", "float32", [4])], partial=True)
+    assert validate_update(model, [("norm", "float32", [4])], partial=True) == {"norm": ((0, 16),)}
     assert torch.count_nonzero(model.norm) == 0
+    with pytest.raises(UpdateRejected, match="does not cover 1 parameter.*'qkv'"):
+        validate_update(model, [("norm", "float32", [4])], partial=False)
+
+
+class QLoRA(torch.nn.Module):
+    """Loads like SGLang's DeepSeek-V3 attention: ``q_a_proj`` and ``kv_a_proj_with_mqa`` are kept until both have
+    arrived in one ``load_weights`` call, then written as one ``torch.cat`` into ``fused``; a norm whose loader is a
+    method of its module refreshes a derived buffer (Gemma's norms); ``post_load_weights`` derives a cache from
+    the served weights (DeepSeek's w_kc)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused = torch.nn.Parameter(torch.zeros(6, 4), requires_grad=False)
+        self.norm = Norm()
+        self.derived = torch.zeros(6, 4)
+        self.post_loads = 0
+
+    def load_weights(self, weights):
+        cached = {}
+        for name, w in weights:
+            if name in ("q_a", "kv_a"):
+                cached[name] = w
+                if len(cached) == 2:
+                    self.fused.data.copy_(torch.cat([cached["q_a"], cached["kv_a"]]))
+            else:
+                self.norm.weight.weight_loader(self.norm.weight, w)
+        self.post_load_weights()
+
+    def post_load_weights(self):
+        self.post_loads += 1
+        self.derived.copy_(self.fused * 2)
+
+
+class Norm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+        self.register_buffer("plus_one", torch.ones(4))
+        self.weight.weight_loader = self._load
+
+    def _load(self, param, loaded):
+        param.data.copy_(loaded)
+        self.plus_one.copy_(self.weight.data).add_(1.0)
+
+
+PAIR = [("kv_a", "float32", [2, 4]), ("norm.weight", "float32", [4]), ("q_a", "float32", [4, 4])]
+
+
+def test_a_pair_the_model_fuses_is_checked_as_the_whole_update_loads_it_in_either_order():
+    from sglang_ckpt_plugin.server.validate import check_update
+
+    model = QLoRA()
+    for manifest in (PAIR, PAIR[::-1]):
+        checked = check_update(model, manifest, partial=False)
+        assert checked.coverage == {"fused": ((0, 96),), "norm.weight": ((0, 16),)}
+        assert checked.together == (frozenset({"q_a", "kv_a"}),)
+    # nothing of the live model changed: its parameters, its module-held buffer, its derived cache
+    assert torch.count_nonzero(model.fused) == 0 and torch.all(model.norm.plus_one == 1)
+    assert model.post_loads == 0 and torch.count_nonzero(model.derived) == 0
+    with pytest.raises(UpdateRejected, match="not weights of this model.*'q_a'.*fuses tensors loaded together"):
+        validate_update(model, [m for m in PAIR if m[0] != "kv_a"], partial=True)
+    with pytest.raises(UpdateRejected, match="does not cover 1 parameter.*'fused'"):
+        validate_update(model, [m for m in PAIR if m[0] != "kv_a"], partial=False, allow_unused=True)
+
+
+def test_multi_token_prediction_layers_are_skipped_on_purpose():
+    from types import SimpleNamespace
+
+    from sglang_ckpt_plugin.server.validate import skipped_on_purpose
+
+    v3 = SimpleNamespace(num_hidden_layers=2, num_nextn_predict_layers=1, tie_word_embeddings=False)
+    assert skipped_on_purpose("model.layers.2.eh_proj.weight", v3)
+    assert not skipped_on_purpose("model.layers.1.self_attn.q_a_proj.weight", v3)
+    assert not skipped_on_purpose("model.layers.2.mlp.weight", SimpleNamespace(num_hidden_layers=2))
+    assert skipped_on_purpose("lm_head.weight", SimpleNamespace(tie_word_embeddings=True))
+    assert skipped_on_purpose("lm_head.weight", SimpleNamespace(tie_word_embeddings=False), own_lm_head=False)
+    assert not skipped_on_purpose("lm_head.weight", SimpleNamespace(tie_word_embeddings=False))
 
 
 def test_tensor_the_model_silently_drops_is_unknown_unless_allowed():

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("llama", "qwen3", "mistral", "qwen3_moe", "mixtral")
+ARCHS = ("llama", "qwen3", "mistral", "qwen3_moe", "mixtral", "deepseek_v3", "gemma2")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}  # fmt: skip
 MOE_EXPERTS = 4  # the MoE archs: experts per layer (2 of them routed per token)
 WEIGHT_SCALE = 4.0
 
@@ -36,8 +39,7 @@ def model_config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.d
         bos_token_id=1,
         eos_token_id=2,
         dtype=dtype,
-        architectures=[{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
-                        "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[arch]],
+        architectures=[ARCHITECTURES[arch]],
     )
     common.update(overrides)
     if arch == "llama":
@@ -51,7 +53,46 @@ def model_config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.d
                               decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, **common)  # fmt: skip
     if arch == "mixtral":
         return MixtralConfig(sliding_window=None, num_local_experts=MOE_EXPERTS, num_experts_per_tok=2, **common)
+    if arch == "deepseek_v3":
+        return deepseek_v3_config(common)
+    if arch == "gemma2":
+        from transformers import Gemma2Config
+
+        # SGLang reads hidden_act (transformers' config names it hidden_activation); a window the prompt crosses;
+        # embeddings tied, as in every Gemma-2 checkpoint (SGLang's Gemma2 always ties them)
+        return Gemma2Config(head_dim=16, hidden_act="gelu_pytorch_tanh", sliding_window=8, query_pre_attn_scalar=16,
+                            **{**common, "tie_word_embeddings": True})  # fmt: skip
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+
+
+def deepseek_v3_config(common: dict):
+    """DeepSeek-V3's architecture (V3, R1, Kimi-K2) in small: q-LoRA (``q_a_proj`` + ``kv_a_proj_with_mqa``, which
+    SGLang fuses), MLA, a dense first layer then MoE layers with a shared expert, ``noaux_tc`` sigmoid routing,
+    yarn rope, one multi-token-prediction layer in the checkpoint (``MTP_TENSORS``; the served model skips it)."""
+    from transformers import DeepseekV3Config
+
+    hidden = common["hidden_size"]
+    fields = {**common, "num_key_value_heads": common["num_attention_heads"]}
+    return DeepseekV3Config(
+        q_lora_rank=hidden // 2, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=MOE_EXPERTS, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=hidden,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        moe_layer_freq=1, scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=1,
+        rope_scaling={"type": "yarn", "rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 2048,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        **fields,
+    )  # fmt: skip
+
+
+def mtp_tensors(config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What a DeepSeek-V3 checkpoint adds after its last decoder layer for multi-token prediction (a few of its
+    tensors, by their real names): SGLang's target model skips them, a draft model loads them."""
+    layer, hidden = config.num_hidden_layers, config.hidden_size
+    prefix = f"model.layers.{layer}"
+    return {f"{prefix}.eh_proj.weight": torch.randn(hidden, 2 * hidden, dtype=dtype),
+            f"{prefix}.enorm.weight": torch.ones(hidden, dtype=dtype),
+            f"{prefix}.hnorm.weight": torch.ones(hidden, dtype=dtype),
+            f"{prefix}.shared_head.norm.weight": torch.ones(hidden, dtype=dtype)}  # fmt: skip
 
 
 def word_tokenizer(vocab: int):
@@ -94,9 +135,28 @@ def make_tiny_model(
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, safe_serialization=True, **kwargs)
+    if getattr(config, "num_nextn_predict_layers", 0):
+        from safetensors.torch import save_file
+
+        save_file(mtp_tensors(config, dtype), out / "mtp.safetensors", metadata={"format": "pt"})
+        _add_to_index(out, "mtp.safetensors", mtp_tensors(config, dtype))
     word_tokenizer(vocab).save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps({"do_sample": False, "bos_token_id": 1, "eos_token_id": 2}))
     return out
+
+
+def _add_to_index(out: Path, filename: str, tensors: dict) -> None:
+    """List extra tensors in the checkpoint's index (written when there is none: SGLang then reads only it)."""
+    index_path = out / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:
+        from safetensors import safe_open
+
+        with safe_open(out / "model.safetensors", "pt") as f:
+            index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in f.keys()}}
+    index["weight_map"].update({k: filename for k in tensors})
+    index_path.write_text(json.dumps(index, indent=2))
 
 
 def hf_greedy(model_dir: str | Path, input_ids: list[int], max_new_tokens: int) -> list[int]:

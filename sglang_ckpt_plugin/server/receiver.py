@@ -25,6 +25,8 @@ from ..transport.messages import (
     Abort, BucketReady, CudaIpcHandle, FileHandle, Finish, Hello, ProtocolError, Reply, ShmFdHandle,
 )  # fmt: skip
 from .coverage import written_bytes
+from .together import GroupsTogether
+from .validate import CheckedUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +140,8 @@ def default_hello_timeout_s() -> float:
 class ReceiveSession:
     """One update on one rank. ``run()`` returns stats or raises UpdateFailed (UpdateRefused when nothing was
     written); it never leaves buffers mapped or descriptors open. ``coverage``: what the update writes, from
-    ``validate`` (manifest, partial, allow_unused) -> coverage, which raises ValueError to refuse it."""
+    ``validate`` (manifest, partial, allow_unused) -> CheckedUpdate, which raises ValueError to refuse it; the
+    groups it names reach ``load_weights`` together (together.py)."""
 
     def __init__(
         self,
@@ -147,7 +150,7 @@ class ReceiveSession:
         load_weights: LoadFn,
         post_process: Callable[[], None],
         idle_timeout_s: float,
-        validate: Callable[[list, bool, bool], dict],
+        validate: Callable[[list, bool, bool], CheckedUpdate],
         prepare: Callable[[], None] = lambda: None,
         hello_timeout_s: float | None = None,
         staging: bool = False,
@@ -166,6 +169,7 @@ class ReceiveSession:
         self.stats = ReceiveStats()
         self.touched_weights = False  # after a failure: were the served weights already changed?
         self.coverage: dict | None = None  # what this update writes (set once the manifest was validated)
+        self.together = GroupsTogether(())  # tensors the model loads only in one call (from the check)
         self.manifest: Manifest | None = None
         self.verify = False
         self.digests = Fingerprint()
@@ -227,8 +231,9 @@ class ReceiveSession:
         self.checksum = hello.checksum
         self.verify = hello.checksum != "none"
         try:
-            self.coverage = self.validate([(m.name, m.dtype, m.shape) for m in hello.manifest], hello.partial,
-                                          hello.allow_unused)  # fmt: skip
+            checked = self.validate([(m.name, m.dtype, m.shape) for m in hello.manifest], hello.partial,
+                                    hello.allow_unused)  # fmt: skip
+            self.coverage, self.together = checked.coverage, GroupsTogether(checked.together)
             self.manifest = Manifest(hello)
         except ValueError as exc:
             _send_error(channel, -1, f"update rejected: {exc}")
@@ -290,7 +295,11 @@ class ReceiveSession:
 
     def _write(self, views: list[tuple[str, torch.Tensor]]) -> None:
         """Hand one bucket to the model's own load_weights (the model prepared before its first write). On CUDA the
-        copies are finished on return: the loader may refill (streaming) or release (commit) the buffer next."""
+        copies are finished on return: the loader may refill (streaming) or release (commit) the buffer next.
+        Members of a group the model loads together wait (copied) for the rest of their group."""
+        views = self.together.arrange(views)
+        if not views:
+            return
         if not self.touched_weights:
             self.touched_weights = True
             self.prepare()
@@ -321,6 +330,7 @@ class ReceiveSession:
     def _finish(self, channel: Channel, msg: Finish) -> None:
         try:
             self.manifest.check_finished()
+            self.together.check_finished()
             if self.staging:
                 self._drop_file_ranges()
                 self.staged_at = time.time()  # before the reply: the loader may commit any instance once it has it
@@ -352,6 +362,7 @@ class ReceiveSession:
         """Stage mode, after run() succeeded: load every staged bucket, then post-process. The staged bytes stay
         mapped (a failed commit can be retried from them) until release(). Raises UpdateFailed."""
         self.stats = ReceiveStats(fingerprint=None)
+        self.together.clear()  # a retried commit starts its groups afresh
         for msg in self.staged:
             t0 = time.perf_counter()
             try:

@@ -8,6 +8,7 @@ here, so there is no import circle.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -311,6 +312,24 @@ def post_process_model(model: torch.nn.Module, device: torch.device) -> None:
 
     DefaultModelLoader.postprocess_weights(model, device)
     post_load_weights(model)
+
+
+@contextlib.contextmanager
+def without_post_load_fixups(model: torch.nn.Module):
+    """For a dry run: the model's ``post_load_weights`` (which ``load_weights`` calls at its end, e.g. DeepSeek's
+    ``w_kc``/``w_vc`` derived from the served ``kv_b_proj``) does nothing. The caller holds the one-writer lock."""
+    if not hasattr(model, "post_load_weights"):
+        yield
+        return
+    saved = model.__dict__.get("post_load_weights")
+    model.post_load_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if saved is None:
+            model.__dict__.pop("post_load_weights", None)
+        else:
+            model.post_load_weights = saved
 
 
 def model_dtype_context(updater):

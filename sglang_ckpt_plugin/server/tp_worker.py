@@ -16,7 +16,7 @@ from ..transport.messages import PHASE_KEY, PHASES
 from . import foreign, rank_state, staging
 from . import sglang_compat as sg
 from .receiver import ReceiveSession, UpdateFailed, UpdateRefused
-from .validate import validate_update
+from .validate import check_update
 from .writer import exclusive
 
 logger = logging.getLogger("sglang_ckpt_plugin")
@@ -110,7 +110,7 @@ def _session(updater, model, device, endpoint: str, staging: bool) -> ReceiveSes
         load_weights=model.load_weights,
         post_process=lambda: sg.post_process_model(model, device),
         idle_timeout_s=idle_timeout_s(),
-        validate=lambda manifest, partial, allow_unused: validate_update(model, manifest, partial, allow_unused),
+        validate=lambda manifest, partial, allow_unused: check_update(model, manifest, partial, allow_unused),
         prepare=lambda: sg.prepare_model_for_loading(model, device),
         staging=staging,
     )

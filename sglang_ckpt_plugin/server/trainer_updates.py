@@ -7,10 +7,13 @@ disk reload. Each call's outcome is agreed across TP ranks and recorded in the r
 - What a session loaded counts when the session ends without a failure; a refused or failed bucket after loaded
   ones leaves a mix, so the weights are incomplete until those parameters are written again.
 - Generation is held for the whole session on the HTTP side (routes.py), so no request sees a mix.
-- A disk reload of a local safetensors checkpoint is dry-run from the files' headers first (names, shapes, every
-  byte of every parameter covered): a checkpoint that does not fit is refused with SGLang's own
-  ``(False, message)`` and nothing is written, where SGLang itself would load part of it, fail, "roll back" from
-  the same files, fail again and take the server down.
+- A disk reload of a local safetensors checkpoint is dry-run from the files' headers first, the whole checkpoint
+  in one ``load_weights`` call as SGLang's loader makes it: a checkpoint that would fail or corrupt the load (a
+  wrong shape, a name the model raises on) is refused with SGLang's own ``(False, message)`` and nothing is
+  written, where SGLang itself would load part of it, fail, "roll back" from the same files, fail again and take
+  the server down. Nothing else is refused: tensors the model ignores are SGLang's business, a checkpoint that
+  leaves parameters unwritten loads and the gate counts them missing, and where the dry run cannot measure the
+  model's writes SGLang loads it unmeasured (every parameter counted written, as SGLang's own reload implies).
 - Each load holds the one-writer lock (writer.py) for its whole duration, dry run included.
 """
 
@@ -114,8 +117,15 @@ def disk_checkpoint_coverage(model, model_path: str, load_format, name_filter=No
             return None  # .bin / .pt weights: SGLang falls back to them
         raise UpdateRejected(str(exc)) from None
     manifest = [(t.name, t.dtype, list(t.shape)) for t in tensors if name_filter is None or name_filter(t.name)]
-    # SGLang's reload skips tensors a model ignores (e.g. MTP layers): unused tensors are allowed, as there
-    return validate_update(model, manifest, partial=name_filter is not None, allow_unused=True)
+    # SGLang's reload skips tensors a model ignores (e.g. MTP layers): unused tensors are allowed, as there; what
+    # the checkpoint leaves unwritten is the gate's to count (partial), not a reason to refuse SGLang's load
+    try:
+        return validate_update(model, manifest, partial=True, allow_unused=True)
+    except UpdateRejected as exc:
+        if exc.kind == "misfit":
+            raise
+        logger.warning("update_weights_from_disk %s: loading it unmeasured (%s)", model_path, exc)
+        return None
 
 
 def begin_session(original, manager, recv_req, **kwargs):
