@@ -55,6 +55,16 @@ def assert_serves(url: str, checkpoint: Path, headers: dict | None = None) -> ev
     return ev
 
 
+def assert_closed(url: str) -> dict:
+    """The server has no complete weights: /model_info says so and generation answers 503."""
+    import httpx
+
+    state = httpx.get(f"{url}/model_info", timeout=30).json()
+    assert state["weights_loaded"] is False, state
+    assert httpx.post(f"{url}/generate", json={"input_ids": PROMPT}, timeout=30).status_code == 503
+    return state
+
+
 def scrape(url: str, prefix: str = "sglang:ckpt_") -> dict[tuple, float]:
     """The server's /metrics samples whose name starts with ``prefix``: {(name, (label, value)...): value}."""
     import httpx

@@ -30,7 +30,7 @@ from sglang_ckpt_plugin.demo import evidence
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
 
-from .conftest import NEW_TOKENS, PROMPT, push
+from .conftest import NEW_TOKENS, PROMPT, assert_closed, push
 from .test_e2e_faults import info
 
 pytestmark = pytest.mark.slow
@@ -95,13 +95,6 @@ def family(request, ckpt_root, tmp_path_factory) -> Family:
         srv.wait_listening()
         yield ref, srv
     assert srv.group_pids() == []
-
-
-def assert_closed(url: str) -> dict:
-    state = info(url)
-    assert state["weights_loaded"] is False, state
-    assert httpx.post(f"{url}/generate", json={"input_ids": PROMPT}, timeout=30).status_code == 503
-    return state
 
 
 def test_every_push_path_serves_what_sglang_itself_loads(family, tmp_path):

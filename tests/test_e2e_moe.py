@@ -19,7 +19,7 @@ from sglang_ckpt_plugin.demo import evidence
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
 
-from .conftest import NEW_TOKENS, PROMPT, assert_serves, push
+from .conftest import NEW_TOKENS, PROMPT, assert_closed, assert_serves, push
 from .test_e2e_faults import info
 
 pytestmark = pytest.mark.slow
@@ -44,13 +44,6 @@ def moe(request, ckpt_root, tmp_path_factory):
         srv.wait_listening()
         yield arch, srv, full, lacking
     assert srv.group_pids() == []
-
-
-def assert_closed(url: str) -> dict:
-    state = info(url)
-    assert state["weights_loaded"] is False, state
-    assert httpx.post(f"{url}/generate", json={"input_ids": PROMPT}, timeout=30).status_code == 503
-    return state
 
 
 def test_a_push_lacking_experts_keeps_the_gate_shut_then_a_full_push_is_bit_exact(moe):

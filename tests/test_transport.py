@@ -11,18 +11,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
-from sglang_ckpt_plugin.loader.plan import plan_buckets, plan_file_buckets
 from sglang_ckpt_plugin.loader.node_feed import NodeFeeder
-from sglang_ckpt_plugin.loader.push import PushError, RankFeeder, StageTimes, new_update_id
-from sglang_ckpt_plugin.loader.filler import BucketFiller
-from sglang_ckpt_plugin.loader.reader import CheckpointReader
-from sglang_ckpt_plugin.server.receiver import ReceiveSession, UpdateFailed
+from sglang_ckpt_plugin.loader.push import PushError, RankFeeder, StageTimes
+from sglang_ckpt_plugin.server.receiver import UpdateFailed
 from sglang_ckpt_plugin.transport.channel import Channel, check_endpoint, make_endpoint, socket_dir
 from sglang_ckpt_plugin.transport.handles import ShmBuffer, open_buffer
 from sglang_ckpt_plugin.transport.messages import ProtocolError, ShmHandle
 
 from .conftest import our_leftovers
+from .inproc_session import run_session
 
 CPU = torch.device("cpu")
 
@@ -119,62 +116,6 @@ def checkpoint(tmp_path):
     state = {"emb": torch.randn(300, 64), "proj": torch.randn(64, 64).bfloat16(), "norm": torch.rand(64)}
     save_file(state, tmp_path / "model.safetensors")
     return tmp_path, state
-
-
-def whole_params(manifest, partial, allow_unused):
-    """A stand-in for the model dry run: every tensor writes the parameter of its name, whole."""
-    from sglang_ckpt_plugin.server.receiver import _nbytes
-    from sglang_ckpt_plugin.server.validate import CheckedUpdate
-
-    return CheckedUpdate({name: ((0, _nbytes(dtype, shape)),) for name, dtype, shape in manifest})
-
-
-def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_timeout_s=10.0, post=lambda: None,
-                verify=False, mapped=False, hello_timeout_s=10.0, session_out=None, checksum="xxh3"):  # fmt: skip
-    tensors = read_checkpoint(ckpt_dir)
-    buckets = plan_buckets(tensors, bucket_size)
-    files, file_buckets = plan_file_buckets(tensors, bucket_size)
-    update_id = new_update_id("test")
-    endpoint = make_endpoint(update_id, "cpu-tp0")
-    cancelled = threading.Event()
-    feeder = RankFeeder(endpoint, update_id, 10.0, cancelled, checksum=checksum if verify else "none")
-    node = NodeFeeder([feeder])
-    if not mapped:
-        node.allocate(max(b.nbytes for b in buckets), 2, CPU)
-    reader = CheckpointReader()
-    errors = []
-
-    def loader():
-        try:
-            (loader_hook or (lambda f: None))(feeder)
-            if mapped:
-                node.run_mapped(files, file_buckets, StageTimes(), verify)
-            else:
-                filler = BucketFiller(reader, CPU, 0, checksum=checksum)
-                node.run(buckets, lambda bucket, owned: filler.fill(bucket, owned.view, digests=verify), StageTimes())
-        except Exception as exc:  # noqa: BLE001 - reported to the test
-            errors.append(exc)
-        finally:
-            node.close()
-
-    t = threading.Thread(target=loader)
-    t.start()
-    served = False
-    try:
-        session = ReceiveSession(endpoint, CPU, model.load_weights, post, idle_timeout_s, whole_params,
-                                 hello_timeout_s=hello_timeout_s)  # fmt: skip
-        if session_out is not None:
-            session_out.append(session)
-        stats = session.run()
-        served = True
-    finally:
-        if served:  # the loader reads the session's last reply and returns (cancelling now would race with that)
-            t.join(timeout=30)
-        cancelled.set()  # a loader still waiting for a session that failed stops now
-        t.join()
-        reader.close()
-    run_session.last_fingerprint = feeder.fingerprint
-    return stats, errors, len(file_buckets if mapped else buckets)
 
 
 def test_full_session_loads_every_tensor_in_several_buckets(checkpoint):

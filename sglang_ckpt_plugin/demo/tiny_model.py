@@ -117,13 +117,15 @@ def make_tiny_model(
     dtype: torch.dtype = torch.float32,
     tie_word_embeddings: bool = False,
     max_shard_size: str | None = None,
+    config=None,
 ) -> Path:
-    """Write config, random weights (safetensors, sharded with an index if ``max_shard_size``) and tokenizer."""
+    """Write config, random weights (safetensors, sharded with an index if ``max_shard_size``) and tokenizer.
+    ``config``: an HF config to use instead of ``arch``'s (its sizes then come from it)."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = model_config(arch, hidden, layers, vocab, dtype, tie_word_embeddings)
+    config = config or model_config(arch, hidden, layers, vocab, dtype, tie_word_embeddings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -140,7 +142,7 @@ def make_tiny_model(
 
         save_file(mtp_tensors(config, dtype), out / "mtp.safetensors", metadata={"format": "pt"})
         _add_to_index(out, "mtp.safetensors", mtp_tensors(config, dtype))
-    word_tokenizer(vocab).save_pretrained(out)
+    word_tokenizer(config.vocab_size).save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps({"do_sample": False, "bos_token_id": 1, "eos_token_id": 2}))
     return out
 

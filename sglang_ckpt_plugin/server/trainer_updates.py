@@ -105,8 +105,9 @@ def update_weights_from_disk(original, updater, model_path, load_format=None, *a
 
 def disk_checkpoint_coverage(model, model_path: str, load_format, name_filter=None):
     """What SGLang's reload of ``model_path`` would write, from the safetensors headers SGLang's loader would read
-    (the index's files, else every ``*.safetensors``); UpdateRejected when it does not fit the model. None when
-    the files are not local safetensors (a hub name, .bin/.pt): SGLang's loader is left to judge them."""
+    (the index's files, else every ``*.safetensors``); UpdateRejected when loading it would fail or corrupt the
+    model. None when the files are not local safetensors (a hub name, .bin/.pt) or the model's writes cannot be
+    measured: SGLang's loader is left to judge them."""
     fmt = str(getattr(load_format, "value", load_format) or "auto").lower()
     if fmt not in ("auto", "safetensors") or not os.path.isdir(model_path):
         return None
