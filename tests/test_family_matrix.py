@@ -17,6 +17,7 @@ from sglang_ckpt_plugin.demo.launch import server_env
 
 from .family_matrix import FAMILIES
 
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SGLANG_CANNOT_LOAD = {"phimoe": "No module or parameter named 'model.layers.0.block_sparse_moe'"}  # SGLang 0.5.23
 
