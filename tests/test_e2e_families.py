@@ -7,7 +7,8 @@
   ``gemma_weight`` buffer), with tied embeddings and sliding-window attention.
 
 Each takes a refused push (the gate stays shut), two ``--partial`` pushes whose buckets split the fused pair, a
-full ``--transfer copy`` push and SGLang's own disk reload. Evidence:
+full ``--transfer copy`` push and SGLang's own disk reload; DeepSeek-V3 also at TP=2 from two torchrun loader
+ranks. Evidence:
 SGLang's checksums and greedy output after SGLang's own reload of the same files, and a server *without* the
 plugin (``SGLANG_PLUGINS``) started on the files with ``--load-format auto``. (HF is no second opinion here:
 SGLang's CPU MLA path and HF round these tiny models apart.) Every push changes what is served (A and B
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sglang_ckpt_plugin.demo import evidence
-from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
+from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
 from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
 
-from .conftest import NEW_TOKENS, PROMPT, assert_closed, push
+from .conftest import NEW_TOKENS, PROMPT, assert_closed, push, run_with_stacks
 from .test_e2e_faults import info
 
 pytestmark = pytest.mark.slow
@@ -137,3 +139,30 @@ def test_every_push_path_serves_what_sglang_itself_loads(family, tmp_path):
     assert evidence.checksum(srv.url) == ref.plain_a
     assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"] == ref.plain_a_ids
     assert info(srv.url)["weights_loaded"] is True
+
+
+def test_deepseek_v3_at_tp2_from_two_torchrun_loader_ranks_loads_as_sglang_does(ckpt_root, tmp_path):
+    """TP=2 (MLA heads and experts sharded, the fused q_a/kv_a projection replicated on both ranks): two loader
+    ranks under torchrun with 64 KiB buckets that split every pair; both ranks bit-identical to SGLang's own
+    reload of the same files on the same server, and the pushed checkpoint replaced the one served before."""
+    a = make_tiny_model(ckpt_root / "deepseek_v3_a", "deepseek_v3", seed=3, vocab=VOCAB)
+    b = make_tiny_model(ckpt_root / "deepseek_v3_b", "deepseek_v3", seed=4, vocab=VOCAB)
+    split_b = variant(b, tmp_path / "split_b", lambda k: True)
+    with SGLangServer(a, tmp_path / "tp2.log", tp_size=2, extra_args=["--sleep-on-idle"]) as srv:
+        srv.wait_listening()
+        push(srv.url, a, "--inference-parallel-size", "2", "--weight-version", "a")
+        served_a = evidence.checksum(srv.url)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "sglang_ckpt_plugin.update",
+               "--checkpoint-path", str(split_b), "--endpoint", srv.url, "--inference-parallel-size", "2",
+               "--quiet", "--timeout", "120", "--bucket-size", BUCKET, "--weight-version", "b"]  # fmt: skip
+        out = run_with_stacks(cmd, 300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "[sglang-ckpt rank 0] pushed" in out.stdout, out.stdout
+        pushed = evidence.checksum(srv.url)
+        ids = generate_ids(srv.url, PROMPT, NEW_TOKENS)
+        assert ids["meta_info"]["weight_version"] == "b" and pushed != served_a
+        evidence.reload_from_disk(srv.url, b)
+        assert evidence.checksum(srv.url) == pushed
+        assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"] == ids["output_ids"]
+    assert srv.group_pids() == []
