@@ -91,7 +91,8 @@ def family(request, ckpt_root, tmp_path_factory) -> Family:
     with plain:
         plain.wait_healthy()
         assert "ckpt_plugin" not in info(plain.url)  # the reference runs without the plugin
-        ref = Family(arch, a, b, evidence.checksum(plain.url), generate_ids(plain.url, PROMPT, NEW_TOKENS)["output_ids"])
+        ids = generate_ids(plain.url, PROMPT, NEW_TOKENS)["output_ids"]
+        ref = Family(arch, a, b, evidence.checksum(plain.url), ids)
     assert plain.group_pids() == []
     with SGLangServer(a, logs / "server.log", extra_args=["--sleep-on-idle"]) as srv:
         srv.wait_listening()
