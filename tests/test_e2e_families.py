@@ -86,7 +86,7 @@ def family(request, ckpt_root, tmp_path_factory) -> Family:
     a = make_tiny_model(ckpt_root / f"{arch}_a", arch, seed=3, vocab=VOCAB)
     b = make_tiny_model(ckpt_root / f"{arch}_b", arch, seed=4, vocab=VOCAB)
     logs = tmp_path_factory.mktemp(f"{arch}_logs")
-    plain = SGLangServer(a, logs / "plain.log", wait_for_weights=False,
+    plain = SGLangServer(a, logs / "plain.log", wait_for_weights=False, extra_args=["--sleep-on-idle"],
                          env={"SGLANG_PLUGINS": "smg-servicer"})  # fmt: skip
     with plain:
         plain.wait_healthy()
@@ -94,7 +94,7 @@ def family(request, ckpt_root, tmp_path_factory) -> Family:
         ids = generate_ids(plain.url, PROMPT, NEW_TOKENS)["output_ids"]
         ref = Family(arch, a, b, evidence.checksum(plain.url), ids)
     assert plain.group_pids() == []
-    with SGLangServer(a, logs / "server.log") as srv:
+    with SGLangServer(a, logs / "server.log", extra_args=["--sleep-on-idle"]) as srv:
         srv.wait_listening()
         yield ref, srv
     assert srv.group_pids() == []
@@ -149,7 +149,7 @@ def test_deepseek_v3_at_tp2_from_two_torchrun_loader_ranks_loads_as_sglang_does(
     a = make_tiny_model(ckpt_root / "deepseek_v3_a", "deepseek_v3", seed=3, vocab=VOCAB)
     b = make_tiny_model(ckpt_root / "deepseek_v3_b", "deepseek_v3", seed=4, vocab=VOCAB)
     split_b = variant(b, tmp_path / "split_b", lambda k: True)
-    with SGLangServer(a, tmp_path / "tp2.log", tp_size=2) as srv:
+    with SGLangServer(a, tmp_path / "tp2.log", tp_size=2, extra_args=["--sleep-on-idle"]) as srv:
         srv.wait_listening()
         push(srv.url, a, "--inference-parallel-size", "2", "--weight-version", "a")
         served_a = evidence.checksum(srv.url)

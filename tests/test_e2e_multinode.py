@@ -31,7 +31,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def servers(llama_a, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    pair = [SGLangServer(llama_a, logs / f"node{i}_server.log") for i in range(2)]
+    # two idle schedulers would spin both cores the loaders need (each kill test took ~100 s, ~40 s with this)
+    pair = [SGLangServer(llama_a, logs / f"node{i}_server.log", extra_args=["--sleep-on-idle"]) for i in range(2)]
     try:
         for srv in pair:
             srv.start()

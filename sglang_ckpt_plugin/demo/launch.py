@@ -57,8 +57,6 @@ class SGLangServer:
                 "--host", "127.0.0.1", "--port", str(self.port), "--device", device, "--tp-size", str(tp_size)]  # fmt: skip
         if device == "cpu":
             args += ["--max-total-tokens", "4096"]
-            if "--sleep-on-idle" not in (extra_args or []):  # an idle scheduler would spin a core the loader needs
-                args += ["--sleep-on-idle"]
         if wait_for_weights:
             args += ["--load-format", "dummy", wait_flag]
         self.args = args + list(extra_args or [])
