@@ -68,7 +68,7 @@ def model_config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.d
 def deepseek_v3_config(common: dict):
     """DeepSeek-V3's architecture (V3, R1, Kimi-K2) in small: q-LoRA (``q_a_proj`` + ``kv_a_proj_with_mqa``, which
     SGLang fuses), MLA, a dense first layer then MoE layers with a shared expert, ``noaux_tc`` sigmoid routing,
-    yarn rope, one multi-token-prediction layer in the checkpoint (``MTP_TENSORS``; the served model skips it)."""
+    yarn rope, one multi-token-prediction layer in the checkpoint (``mtp_tensors``; the served model skips it)."""
     from transformers import DeepseekV3Config
 
     hidden = common["hidden_size"]
@@ -140,8 +140,9 @@ def make_tiny_model(
     if getattr(config, "num_nextn_predict_layers", 0):
         from safetensors.torch import save_file
 
-        save_file(mtp_tensors(config, dtype), out / "mtp.safetensors", metadata={"format": "pt"})
-        _add_to_index(out, "mtp.safetensors", mtp_tensors(config, dtype))
+        mtp = mtp_tensors(config, dtype)
+        save_file(mtp, out / "mtp.safetensors", metadata={"format": "pt"})
+        _add_to_index(out, "mtp.safetensors", mtp)
     word_tokenizer(config.vocab_size).save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps({"do_sample": False, "bos_token_id": 1, "eos_token_id": 2}))
     return out
