@@ -286,6 +286,8 @@ def test_corrupted_bucket_is_refused_before_it_is_loaded(server, llama_a, llama_
     assert proc.returncode == 1 and "checksum mismatch" in err
     assert set(our_leftovers()) - before == set()
     assert_serving(server.url, llama_a, "a-c")  # the first bucket was refused: nothing was written
+    # the refused bucket's mapping was let go (a traceback that kept its views parked it for good)
+    assert "could not be unmapped" not in server.log_path.read_text(errors="replace")
 
 
 def test_wrong_inference_parallel_size_is_refused_and_changes_nothing(server, llama_a, llama_b):

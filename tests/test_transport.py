@@ -142,6 +142,42 @@ def test_load_error_fails_both_sides_and_leaks_nothing(checkpoint):
     assert set(our_leftovers()) - before == set()
 
 
+@pytest.mark.parametrize("failure", ["load_weights raises", "checksum mismatch", "refused manifest"])
+def test_failed_updates_unmap_every_buffer(checkpoint, failure):
+    """A failed bucket must not keep the loader's buffer mapped: the exception's traceback held the frames of
+    ``load_weights`` and ``_verify``, and with them the bucket's views, so the release that runs while it
+    propagates found views alive and parked the mapping for good (on a GPU: an IPC mapping never closed, the
+    trainer's buffer of a LocalPush never freed). Twenty failed updates leave nothing mapped."""
+    from sglang_ckpt_plugin.server import receiver
+
+    ckpt_dir, _ = checkpoint
+
+    class Broken(Tiny):
+        def load_weights(self, weights):
+            held = list(weights)  # as a model's loader holds its arguments when it raises
+            raise KeyError(f"no such parameter: {held[0][0]}")
+
+    def corrupt(feeder):
+        real = feeder.send_bucket
+        feeder.send_bucket = lambda seq, bucket, digests, times, **kw: real(seq, bucket, [d ^ 1 for d in digests],
+                                                                            times, **kw)  # fmt: skip
+
+    def refuse(manifest, partial, allow_unused):
+        raise ValueError("no parameter named emb")
+
+    kept_before, sessions = len(receiver._KEPT_ALIVE), []
+    for _ in range(20):
+        with pytest.raises(UpdateFailed, match="no such parameter|checksum mismatch|no parameter named"):
+            if failure == "load_weights raises":
+                run_session(ckpt_dir, Broken(), session_out=sessions)
+            elif failure == "checksum mismatch":
+                run_session(ckpt_dir, Tiny(), loader_hook=corrupt, verify=True, session_out=sessions)
+            else:
+                run_session(ckpt_dir, Tiny(), validate=refuse, session_out=sessions)
+    assert len(receiver._KEPT_ALIVE) == kept_before, "failed updates left loader buffers mapped"
+    assert all(s.buffers == [] and s.fds == [] for s in sessions)
+
+
 def test_post_processing_error_is_a_failed_update(checkpoint):
     ckpt_dir, _ = checkpoint
 

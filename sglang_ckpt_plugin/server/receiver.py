@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -131,6 +132,14 @@ def _send_ok(channel: Channel, reply: Reply) -> None:
         channel.send(reply, timeout_s=5.0)
     except TimeoutError:
         raise UpdateFailed("the loader stopped taking replies (its process ended?)") from None
+
+
+def _without_frames(exc: BaseException) -> str:
+    """What went wrong, as text, with the traceback logged. Re-raising ``exc`` (or chaining to it) would keep the
+    frames of the model's ``load_weights`` and with them the bucket's views: the loader's buffer could then never
+    be unmapped (on a GPU: an IPC mapping never closed). The caller raises after its ``except`` block."""
+    logger.debug("a bucket failed to load:\n%s", "".join(traceback.format_exception(exc)))
+    return f"{type(exc).__name__}: {exc}"
 
 
 def default_hello_timeout_s() -> float:
@@ -269,6 +278,7 @@ class ReceiveSession:
 
     def _load_bucket(self, channel: Channel, msg: BucketReady) -> None:
         t0 = time.perf_counter()
+        views, error = [], None
         try:
             self.manifest.check_bucket(msg)
             self._map_for(msg)
@@ -282,8 +292,11 @@ class ReceiveSession:
                 return
             self._write(views)
         except Exception as exc:
-            _send_error(channel, msg.seq, f"{type(exc).__name__}: {exc}")
-            raise UpdateFailed(f"loading bucket {msg.seq} failed: {type(exc).__name__}: {exc}") from exc
+            error = _without_frames(exc)
+        if error is not None:
+            del views
+            _send_error(channel, msg.seq, error)
+            raise UpdateFailed(f"loading bucket {msg.seq} failed: {error}")
         elapsed = self._count(views, t0)
         del views
         if self.buffers[msg.buffer] is not None and self.buffers[msg.buffer].views_alive():
@@ -365,12 +378,16 @@ class ReceiveSession:
         self.together.clear()  # a retried commit starts its groups afresh
         for msg in self.staged:
             t0 = time.perf_counter()
+            views, error = [], None
             try:
                 self._map_for(msg)
                 views = bucket_views(msg, self.buffers)
                 self._write(views)
             except Exception as exc:
-                raise UpdateFailed(f"loading staged bucket {msg.seq} failed: {type(exc).__name__}: {exc}") from exc
+                error = _without_frames(exc)
+            if error is not None:
+                del views
+                raise UpdateFailed(f"loading staged bucket {msg.seq} failed: {error}")
             self._count(views, t0)
             del views
         self._drop_file_ranges()
