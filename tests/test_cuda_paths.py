@@ -50,7 +50,7 @@ def test_a_handle_no_rank_answered_for_gives_back_its_ipc_reference(monkeypatch,
         buf.counter = offset
         feeder.adopt([buf])
         feeder._handles()
-    feeders[1]._unanswered = []  # as when its rank answered the hello
+    feeders[1]._unanswered = {}  # as when its rank answered the hello, having opened the handle
     for feeder in feeders:
         feeder.close()
         feeder.close()  # idempotent
@@ -104,14 +104,8 @@ class FakeCudaBuffer:
         pass
 
 
-def test_a_staged_update_refuses_cuda_ipc_buffers_and_the_loader_knows_it_was_answered(tmp_path):
-    save_file({"w": torch.ones(4, 4)}, tmp_path / "model.safetensors")
-    buckets = plan_buckets(read_checkpoint(tmp_path), 1 << 16)
-    update_id = new_update_id("test")
-    endpoint = make_endpoint(update_id, "cpu-tp0")
-    feeder = RankFeeder(endpoint, update_id, 10.0, threading.Event())
-    buf = FakeCudaBuffer()
-    feeder.adopt([buf])
+def _hello_against(session, feeder, buckets) -> list[str]:
+    """The feeder's hello against ``session`` (run here); the loader's errors."""
     errors = []
 
     def loader():
@@ -124,12 +118,106 @@ def test_a_staged_update_refuses_cuda_ipc_buffers_and_the_loader_knows_it_was_an
 
     t = threading.Thread(target=loader)
     t.start()
+    try:
+        session.run()
+    finally:
+        t.join()
+    return errors
+
+
+@pytest.fixture
+def one_bucket(tmp_path):
+    save_file({"w": torch.ones(4, 4)}, tmp_path / "model.safetensors")
+    return plan_buckets(read_checkpoint(tmp_path), 1 << 16)
+
+
+@pytest.fixture
+def given_back(monkeypatch):
+    """Who gave back which IPC reference: ("loader", counter) from the feeder, ("rank", counter) from a receiver
+    closing what it opened."""
+    from sglang_ckpt_plugin.loader import push
+
+    record = []
+    monkeypatch.setattr(push, "give_back_ipc_reference", lambda h: record.append(("loader", h.ref_counter_offset)))
+    return record
+
+
+def _feeder_with_cuda_buffers(n: int, timeout_s: float = 10.0) -> tuple[RankFeeder, str]:
+    update_id = new_update_id("test")
+    endpoint = make_endpoint(update_id, "cpu-tp0")
+    feeder = RankFeeder(endpoint, update_id, timeout_s, threading.Event())
+    buffers = [FakeCudaBuffer() for _ in range(n)]
+    for counter, buf in enumerate(buffers):
+        buf.counter = counter
+    feeder.adopt(buffers)
+    return feeder, endpoint
+
+
+def test_a_staged_update_refuses_cuda_ipc_buffers_and_the_loader_gives_back_what_the_rank_never_opened(
+    one_bucket, given_back
+):
+    feeder, endpoint = _feeder_with_cuda_buffers(1)
     session = ReceiveSession(endpoint, torch.device("cpu"), lambda w: None, lambda: None, 10.0,
                              lambda *a: CheckedUpdate({}), staging=True)  # fmt: skip
     with pytest.raises(UpdateRefused, match="host shared memory"):
-        session.run()
-    t.join()
-    assert STAGED_CUDA_IPC_REFUSAL in errors[0] and feeder._unanswered == []  # answered: the receiver's business
+        _hello_against(session, feeder, one_bucket)
+    assert given_back == [("loader", 0)]  # the rank refused before opening it
+
+
+def test_a_rank_that_opens_one_of_two_handles_and_the_loader_give_back_each_reference_once(
+    one_bucket, given_back, monkeypatch
+):
+    """Buffer 1 will not open (a trainer container without a shared IPC namespace): the rank closes buffer 0 (its
+    reference goes back with it), the loader gives back buffer 1's, which no rank holds."""
+    from sglang_ckpt_plugin.server import receiver
+
+    class Opened:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def views_alive(self):
+            return False
+
+        def close(self):
+            given_back.append(("rank", self.handle.ref_counter_offset))
+
+    def open_cuda(handle, device, fd=None):
+        if handle.ref_counter_offset == 1:
+            raise RuntimeError("pidfd_getfd: Operation not permitted")
+        return Opened(handle)
+
+    monkeypatch.setattr(receiver, "open_buffer", open_cuda)
+    feeder, endpoint = _feeder_with_cuda_buffers(2)
+    session = ReceiveSession(endpoint, torch.device("cpu"), lambda w: None, lambda: None, 10.0,
+                             lambda *a: CheckedUpdate({}))  # fmt: skip
+    with pytest.raises(receiver.UpdateFailed, match="cannot map the loader's buffers"):
+        _hello_against(session, feeder, one_bucket)
+    assert sorted(given_back) == [("loader", 1), ("rank", 0)]
+
+
+def test_a_rank_that_never_answers_the_hello_keeps_its_references_from_being_given_back_twice(one_bucket, given_back):
+    """A live rank that took the hello but did not answer in time may have opened the handles: giving them back
+    here as well would let torch free a buffer the rank still reads. They stay allocated instead."""
+    from sglang_ckpt_plugin.transport.channel import Channel
+
+    feeder, endpoint = _feeder_with_cuda_buffers(2, timeout_s=1.0)
+    errors = []
+
+    def loader():
+        try:
+            feeder.hello(one_bucket)
+        except PushError as exc:
+            errors.append(str(exc))
+        finally:
+            feeder.close()
+
+    t = threading.Thread(target=loader)
+    t.start()
+    with Channel(endpoint, bind=False) as silent_rank:
+        assert silent_rank.recv(5).buffers  # it took the hello, and says nothing
+        t.join()
+    assert "did not accept the update within 1 s" in errors[0]
+    assert given_back == []
 
 
 def test_trainer_push_never_moves_the_trainers_current_device(monkeypatch):

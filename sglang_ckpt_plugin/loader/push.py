@@ -7,6 +7,7 @@ belong to the NodeFeeder (node_feed.py) that drives this rank's feeder, alone or
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -21,6 +22,8 @@ from ..transport.messages import (
     PROTOCOL_VERSION, Abort, BucketReady, CudaIpcHandle, Finish, Hello, Reply, TensorMeta, TensorSlot,
 )  # fmt: skip
 from .plan import Bucket
+
+logger = logging.getLogger("sglang_ckpt_plugin")
 
 
 class PushError(RuntimeError):
@@ -71,7 +74,8 @@ class RankFeeder:
         self.buffers = []
         self.on_bucket = lambda bucket: None  # progress callback
         self._fd_offer: FdOffer | None = None
-        self._unanswered: list[CudaIpcHandle] = []  # CUDA IPC handles sent that no rank has answered for yet
+        # CUDA IPC handles (by buffer index) whose reference no rank gives back: this feeder does, at close()
+        self._unanswered: dict[int, CudaIpcHandle] = {}
         self.written_bytes = 0  # what the server rank said, at hello, its load_weights will write (its slice)
         self.endpoint = endpoint
         self.channel: Channel | None = None
@@ -89,19 +93,21 @@ class RankFeeder:
         deadline = time.monotonic() + self.timeout_s
         while True:
             if self.cancelled.is_set():
+                self._rank_may_hold_handles(seq)
                 raise PushError(f"update cancelled while waiting for the server to {what}")
             try:
                 msg = self.channel.recv(timeout_s=0.2)
             except TimeoutError:
                 if time.monotonic() > deadline:
+                    self._rank_may_hold_handles(seq)
                     raise PushError(f"server did not {what} within {self.timeout_s:g} s (--timeout)") from None
                 continue
-            except PeerGone:
+            except PeerGone:  # a rank that ended without answering gave nothing back: the references stay ours
                 raise PushError(f"the server's rank disconnected before it could {what} (see the server log)") from None
             if not isinstance(msg, Reply) or msg.seq != seq:
                 raise PushError(f"protocol error: expected reply to {seq}, got {msg!r}")
-            if seq == -1:  # the rank answered the hello: it mapped our buffers (or tried), and releases what it mapped
-                self._unanswered = []
+            if seq == -1:  # the rank gives back what it opened, whatever its answer; the others are ours to give back
+                self._unanswered = {i: h for i, h in self._unanswered.items() if i not in msg.opened}
             if not msg.ok:
                 raise PushError(f"server failed to {what}: {msg.error}")
             return msg
@@ -115,7 +121,7 @@ class RankFeeder:
                 fds.append(b.fd)
             else:
                 handles.append(b.handle())
-        self._unanswered = [h for h in handles if isinstance(h, CudaIpcHandle)]
+        self._unanswered = {i: h for i, h in enumerate(handles) if isinstance(h, CudaIpcHandle)}
         return handles, fds
 
     def hello(self, buckets: list[Bucket]) -> None:
@@ -224,6 +230,15 @@ class RankFeeder:
             except Exception:
                 pass
 
+    def _rank_may_hold_handles(self, seq: int) -> None:
+        """No answer to the hello from a live rank: it may have opened any of the handles, and gives those back
+        when it closes them. Giving one back here too could free a buffer the rank still reads; the buffers stay
+        allocated until this process ends instead."""
+        if seq == -1 and self._unanswered:
+            logger.warning("the server's rank did not answer the hello: %d CUDA IPC buffer(s) stay allocated until "
+                           "this loader process ends", len(self._unanswered))  # fmt: skip
+            self._unanswered = {}
+
     def _close_fd_offer(self) -> None:
         if self._fd_offer is not None:
             self._fd_offer.close()
@@ -231,9 +246,9 @@ class RankFeeder:
 
     def close(self) -> None:
         self._close_fd_offer()
-        for handle in self._unanswered:  # no rank took these: their counters would keep the buffers allocated
+        for handle in self._unanswered.values():  # no rank took these: their counters would keep the buffers allocated
             give_back_ipc_reference(handle)
-        self._unanswered = []
+        self._unanswered = {}
         if self.channel is not None:
             self.channel.close()
             self.channel = None

@@ -118,10 +118,11 @@ class Manifest:
                                 f"tensors (missing {missing[:3]}...)")  # fmt: skip
 
 
-def _send_error(channel: Channel, seq: int, error: str) -> None:
-    """Tell the loader why, if it is still there; never wait long for a loader that is gone."""
+def _send_error(channel: Channel, seq: int, error: str, opened: list[int] | None = None) -> None:
+    """Tell the loader why, if it is still there; never wait long for a loader that is gone. ``opened``: the answer
+    to a hello says which CUDA IPC handles this rank opened (the loader gives back the others)."""
     try:
-        channel.send(Reply(seq=seq, ok=False, error=error[:4000]), timeout_s=1.0)
+        channel.send(Reply(seq=seq, ok=False, error=error[:4000], opened=opened or []), timeout_s=1.0)
     except TimeoutError:
         pass
 
@@ -175,6 +176,7 @@ class ReceiveSession:
         self.buffers: list[MappedBuffer | None] = []
         self.handles: list = []
         self.fds: list[int] = []
+        self.opened_ipc: list[int] = []  # hello's buffers whose CUDA IPC handle this rank opened
         self.stats = ReceiveStats()
         self.touched_weights = False  # after a failure: were the served weights already changed?
         self.coverage: dict | None = None  # what this update writes (set once the manifest was validated)
@@ -230,13 +232,13 @@ class ReceiveSession:
         self.update_id = hello.update_id
         if self.staging and any(isinstance(h, CudaIpcHandle) for h in hello.buffers):
             # a loader that exits before the commit would leave staged views into freed device memory
-            _send_error(channel, -1, STAGED_CUDA_IPC_REFUSAL)
+            _send_error(channel, -1, STAGED_CUDA_IPC_REFUSAL)  # none opened: the loader gives every one back
             raise UpdateRefused(STAGED_CUDA_IPC_REFUSAL)
         try:
             self._map(hello)
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a CUDA IPC handle that will not open
-            _send_error(channel, -1, str(exc))
-            raise UpdateFailed(f"cannot map the loader's buffers: {exc}") from exc
+            _send_error(channel, -1, str(exc), self.opened_ipc)
+            raise UpdateFailed(f"cannot map the loader's buffers: {exc}") from None
         self.checksum = hello.checksum
         self.verify = hello.checksum != "none"
         try:
@@ -245,9 +247,9 @@ class ReceiveSession:
             self.coverage, self.together = checked.coverage, GroupsTogether(checked.together)
             self.manifest = Manifest(hello)
         except ValueError as exc:
-            _send_error(channel, -1, f"update rejected: {exc}")
+            _send_error(channel, -1, f"update rejected: {exc}", self.opened_ipc)
             raise UpdateRefused(f"update rejected: {exc}") from exc
-        _send_ok(channel, Reply(seq=-1, ok=True, written_bytes=written_bytes(self.coverage)))
+        _send_ok(channel, Reply(seq=-1, ok=True, written_bytes=written_bytes(self.coverage), opened=self.opened_ipc))
 
         while True:
             msg = self._recv(channel, "bucket", self.idle_timeout_s)
@@ -275,6 +277,8 @@ class ReceiveSession:
                 self.buffers[i] = open_buffer(h, self.device, self.fds[h.slot])
             else:
                 self.buffers[i] = open_buffer(h, self.device)
+                if isinstance(h, CudaIpcHandle):
+                    self.opened_ipc.append(i)  # its reference is given back when this rank closes it
 
     def _load_bucket(self, channel: Channel, msg: BucketReady) -> None:
         t0 = time.perf_counter()

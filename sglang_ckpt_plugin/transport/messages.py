@@ -151,6 +151,9 @@ class Reply(_Msg, tag="reply"):
     error: str = ""
     elapsed_s: float = 0.0  # worker time spent on that message (load_weights, post-processing)
     written_bytes: int = 0  # hello only: bytes of this rank's parameters the update writes (its slice, not the model)
+    # hello only: the buffers (indices into the hello's) whose CUDA IPC handle this rank opened, and so gives back
+    # when it closes them; the loader gives back the reference of every other CUDA IPC handle it sent
+    opened: list[int] = []
 
 
 Message = Union[Hello, BucketReady, Finish, Abort, Reply]
