@@ -226,3 +226,35 @@ def test_a_direct_read_the_filesystem_refuses_falls_back_to_an_ordinary_read(tmp
     assert reader.read_direct(str(path), 0, unaligned) == len(data) and bytes(unaligned) == data
     assert reader.direct_bytes == 0 and reader.direct_fd(str(path)) is None
     reader.close()
+
+
+def test_a_direct_read_into_memory_the_kernel_cannot_pin_falls_back_for_that_window(tmp_path, monkeypatch):
+    """EFAULT from an O_DIRECT read: the destination (some vGPU / carve-out allocations) cannot be pinned. That
+    window is read through the page cache, with the same bytes; the file keeps O_DIRECT for other memory."""
+    import errno
+    import os
+
+    from sglang_ckpt_plugin.loader import reader as reader_mod
+
+    path = tmp_path / "f.bin"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    reader = CheckpointReader(threads=2)
+    direct = reader.direct_fd(str(path))
+    if direct is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    real = os.preadv
+
+    def unpinnable(fd, buffers, offset):
+        if fd == direct:
+            raise OSError(errno.EFAULT, "Bad address")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(reader_mod.os, "preadv", unpinnable)
+    aligned = torch.empty((1 << 20) + 4096, dtype=torch.uint8)
+    start = (-aligned.data_ptr()) % 4096
+    dest = memoryview(aligned.numpy())[start : start + (1 << 20)]
+    assert reader.read_direct(str(path), 0, dest) == len(data) and bytes(dest) == data
+    assert reader.direct_bytes == 0 and reader.bytes_read == len(data)
+    assert reader.direct_fd(str(path)) == direct  # kept for memory that can be pinned
+    reader.close()

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .plan import Bucket
+
+logger = logging.getLogger("sglang_ckpt_plugin")
 
 # reads are split into pieces for the reading threads: about two per thread, within these bounds (few threads:
 # fewer hand-offs; many threads: small slices that keep all of them busy to the end)
@@ -88,6 +91,7 @@ class CheckpointReader:
         self._direct_fds: dict[str, int | None] = {}
         self.bytes_read = 0
         self.direct_bytes = 0  # of bytes_read: read with O_DIRECT, past the page cache
+        self._warned_unpinnable = False
         self.threads = threads or default_read_threads()
         self._pool: ThreadPoolExecutor | None = None
         self.rate = read_rate_limit()
@@ -125,11 +129,19 @@ class CheckpointReader:
         try:
             got = sum(self._in_threads(_pread_upto, pieces))
         except OSError as exc:
-            if not direct or exc.errno != errno.EINVAL:
+            if not direct or exc.errno not in (errno.EINVAL, errno.EFAULT):
                 raise
-            os.close(self._direct_fds.pop(path))  # a block size above DIRECT_ALIGN: read this file as usual
-            self._direct_fds[path] = None
-            return self.read_direct(path, offset, dest)
+            if exc.errno == errno.EINVAL:  # a block size above DIRECT_ALIGN: read this file as usual from now on
+                os.close(self._direct_fds.pop(path))
+                self._direct_fds[path] = None
+                return self.read_direct(path, offset, dest)
+            # EFAULT: memory the kernel cannot pin for O_DIRECT (some carve-outs): this window as usual
+            if not self._warned_unpinnable:
+                logger.warning("O_DIRECT cannot read into this memory (%s); such windows go through the page cache",
+                               exc)  # fmt: skip
+                self._warned_unpinnable = True
+            direct = False
+            got = sum(self._in_threads(_pread_upto, [(self.fd(path), *rest) for _, *rest in pieces]))
         self.bytes_read += got
         self.direct_bytes += got if direct else 0
         if self.rate:
