@@ -143,13 +143,46 @@ def test_cli_unreachable_server(tmp_path, llama_a):
 HANG = "from sglang_ckpt_plugin.loader import watchdog; watchdog.install({}, {}); import time; time.sleep(60)"
 
 
-def test_timeout_is_a_hard_ceiling_that_shows_where_the_loader_hung():
+def test_the_watchdog_exits_1_past_its_ceiling_and_shows_where_the_process_hung():
     import time
 
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", HANG.format(0.5, 0.5)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and time.monotonic() - t0 < 30
+    assert proc.returncode == 1 and time.monotonic() - t0 < 30
     assert "Timeout (0:00:01)!" in proc.stderr and 'File "<string>", line 1' in proc.stderr  # where it hung
+
+
+def test_the_clis_timeout_bounds_a_run_against_a_server_that_never_answers(tmp_path):
+    """The loader CLI against a socket that accepts and never says a word: exit 1 within --timeout (plus start-up),
+    naming the server and the timeout; the watchdog is armed in that process (SIGUSR1 prints every thread's stack
+    instead of killing it)."""
+    import signal
+    import socket
+    import time
+
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"w": torch.ones(2, 2)}, tmp_path / "model.safetensors")
+    mute = socket.create_server(("127.0.0.1", 0))
+    port = mute.getsockname()[1]
+    cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--endpoint", f"http://127.0.0.1:{port}",
+           "--checkpoint-path", str(tmp_path), "--timeout", "6"]  # fmt: skip
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        conn, _ = mute.accept()  # the CLI asks; nothing answers
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        mute.close()
+    took = time.monotonic() - t0
+    assert proc.returncode == 1, err
+    assert 6 <= took < 20, took
+    assert f"server http://127.0.0.1:{port} not reachable within 6 s" in err
+    assert "Current thread" in err or "Thread 0x" in err, err  # the stacks SIGUSR1 printed
 
 
 def test_a_hung_child_dumps_its_stacks_before_the_test_kills_it():

@@ -74,13 +74,13 @@ def test_launcher_moves_to_another_port_when_its_port_was_taken(llama_a, tmp_pat
     assert srv.group_pids() == []
 
 
-def test_no_weights_within_timeout_exits_nonzero(llama_a, tmp_path):
+def test_no_weights_within_timeout_exits_with_code_3(llama_a, tmp_path):
     srv = SGLangServer(llama_a, tmp_path / "timeout.log", extra_args=["--initial-weights-timeout", "3"])
     with srv:
         srv.wait_listening()
         assert httpx.get(f"{srv.url}/health").status_code == 503
         code = srv.proc.wait(timeout=60)
-    assert code != 0
+    assert code == EXIT_NO_WEIGHTS, f"the server exited with {code}, not the documented {EXIT_NO_WEIGHTS}"
     assert "no weights arrived within --initial-weights-timeout 3 s" in srv.log_path.read_text()
     assert srv.group_pids() == []
     assert f"exiting with code {EXIT_NO_WEIGHTS}" in srv.log_path.read_text()

@@ -126,10 +126,11 @@ def test_a_loader_killed_while_staging_changes_nothing(server, llama_a, llama_b,
         out, _ = finish(loader, 120)
         assert loader.returncode == -signal.SIGKILL and "killed while staging" in out
         wait_for(lambda: dropped_or_never_staged(info(server.url)["ckpt_plugin"]["staging"], previous), 30)
+        wait_for(lambda: len(client.seen) >= 2, 60)  # answers to judge by, whatever the machine's load
     finally:
         client.close()
     assert client.errors == []
-    assert {v for _, _, v, _ in client.seen} <= {f"a-k{seed}"}
+    assert client.seen and {v for _, _, v, _ in client.seen} <= {f"a-k{seed}"}
     assert all(ids == outputs["a"] for *_, ids in client.seen)
     doc = info(server.url)
     assert doc["weights_loaded"] and doc["ckpt_plugin"]["weights_state"] == "complete"

@@ -43,13 +43,35 @@ def test_the_read_brings_the_share_into_the_page_cache_and_skips_what_is_cached(
         os.close(fd)
 
 
-def test_stop_ends_the_reading_thread_after_its_window(tmp_path):
+def test_stop_ends_the_reading_thread_after_its_window(tmp_path, monkeypatch):
+    """stop() while the first of four windows is being read: that window completes, no other is read."""
+    import threading
+    import time
+
+    from sglang_ckpt_plugin.loader import early_read
+
     path = tmp_path / "weights.bin"
     os.close(cold_file(path, 4 * WINDOW_BYTES))
+    reading, may_finish, windows = threading.Event(), threading.Event(), []
+    real = early_read.CheckpointReader.read_range
+
+    def held_read(reader, file, offset, dest):
+        windows.append(offset)
+        reading.set()
+        may_finish.wait(10)
+        real(reader, file, offset, dest)
+
+    monkeypatch.setattr(early_read.CheckpointReader, "read_range", held_read)
     early = EarlyRead([(str(path), 0, 4 * WINDOW_BYTES)], budget_bytes=1 << 40).start()
-    result = early.stop()
-    assert not early._thread.is_alive()
-    assert result.read_bytes + result.cached_bytes <= 4 * WINDOW_BYTES and result.seconds > 0
+    assert reading.wait(10)
+    stopper = threading.Thread(target=early.stop)
+    stopper.start()
+    while not early._stop.is_set():
+        time.sleep(0.001)
+    may_finish.set()
+    stopper.join(10)
+    assert not stopper.is_alive() and not early._thread.is_alive()
+    assert windows == [0] and early.result.read_bytes + early.result.cached_bytes == WINDOW_BYTES
 
 
 def run_to_end(early: EarlyRead):

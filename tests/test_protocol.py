@@ -82,7 +82,11 @@ def _hello_doc(**changes) -> bytes:
 )  # fmt: skip
 def test_hello_rejects(changes, match):
     if match is None:
-        decode(_hello_doc(**changes))
+        from sglang_ckpt_plugin.server.receiver import Manifest
+
+        hello = decode(_hello_doc(**changes))
+        with pytest.raises(ProtocolError, match="the manifest names a tensor twice"):
+            Manifest(hello)
         return
     with pytest.raises(ProtocolError, match=match):
         decode(_hello_doc(**changes))

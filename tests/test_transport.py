@@ -136,10 +136,12 @@ def test_load_error_fails_both_sides_and_leaks_nothing(checkpoint):
         def load_weights(self, weights):
             raise KeyError("no such parameter: emb")
 
-    before = set(our_leftovers())
+    before, loader = set(our_leftovers()), _LoaderErrors()
     with pytest.raises(UpdateFailed, match="no such parameter"):
-        run_session(ckpt_dir, Broken())
+        run_session(ckpt_dir, Broken(), loader_hook=loader.watch)
     assert set(our_leftovers()) - before == set()
+    # the loader heard the rank's reason, not a timeout or a disconnect
+    assert len(loader.errors) == 1 and "no such parameter: emb" in loader.errors[0], loader.errors
 
 
 @pytest.mark.parametrize("failure", ["load_weights raises", "checksum mismatch", "refused manifest"])
@@ -176,6 +178,25 @@ def test_failed_updates_unmap_every_buffer(checkpoint, failure):
                 run_session(ckpt_dir, Tiny(), validate=refuse, session_out=sessions)
     assert len(receiver._KEPT_ALIVE) == kept_before, "failed updates left loader buffers mapped"
     assert all(s.buffers == [] and s.fds == [] for s in sessions)
+
+
+class _LoaderErrors:
+    """A loader hook that records the errors the rank's answers carried to the loader."""
+
+    def __init__(self):
+        self.errors = []
+
+    def watch(self, feeder):
+        real = feeder._wait_reply
+
+        def wait_reply(seq, what):
+            try:
+                return real(seq, what)
+            except PushError as exc:
+                self.errors.append(str(exc))
+                raise
+
+        feeder._wait_reply = wait_reply
 
 
 def test_post_processing_error_is_a_failed_update(checkpoint):
@@ -462,19 +483,25 @@ def test_loader_that_finishes_before_sending_the_manifest_fails_the_update(check
 
 
 def test_model_that_keeps_a_view_fails_the_update_instead_of_aliasing_the_loader(checkpoint):
-    ckpt_dir, _ = checkpoint
+    from sglang_ckpt_plugin.server import receiver
+
+    ckpt_dir, state = checkpoint
 
     class Keeps(Tiny):
         kept = []
 
         def load_weights(self, weights):
             weights = list(weights)
-            Keeps.kept.extend(t for _, t in weights)  # a loader that keeps the tensor it was given
+            Keeps.kept.extend(weights)  # a loader that keeps the tensor it was given
             super().load_weights(weights)
 
+    parked = len(receiver._KEPT_ALIVE)
     with pytest.raises(UpdateFailed, match="kept a reference"):
         run_session(ckpt_dir, Keeps())
-    assert Keeps.kept[0].sum() is not None  # still mapped: reading it is safe (no use of unmapped memory)
+    # its mapping stays (never unmapped under a live view) and the kept tensor still reads the bytes it was given
+    assert len(receiver._KEPT_ALIVE) == parked + 1
+    name, kept = Keeps.kept[0]
+    assert torch.equal(kept, state[name])
     Keeps.kept.clear()
 
 
