@@ -59,8 +59,9 @@ def time_disk_update(url: str, ckpt: Path, version: str) -> float:
     return time.perf_counter() - t0
 
 
-def time_update_from_tensor(url: str, tensors: dict[str, torch.Tensor], version: str, tp: int = 1,
-                            flush_cache: bool = True) -> float:  # fmt: skip
+def time_update_from_tensor(
+    url: str, tensors: dict[str, torch.Tensor], version: str, tp: int = 1, flush_cache: bool = True
+) -> float:
     """SGLang's RL path as a trainer uses it over HTTP: fresh tensors (not yet in shared memory), serialized
     with SGLang's MultiprocessingSerializer inside a begin/end weight-update session; one payload per TP rank
     (SGLang indexes the list by rank: a shorter list kills its scheduler). ``flush_cache=False`` while clients
@@ -82,13 +83,14 @@ def time_update_from_tensor(url: str, tensors: dict[str, torch.Tensor], version:
 def run_loader(cmd: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float, int]:
     """(result, seconds, peak RSS in bytes of the largest process it started), via a wrapper that waits for
     it, so that the figure is the loader's own (RUSAGE_CHILDREN of the wrapper)."""
-    wrapper = ("import resource, subprocess, sys\n"
-               "rc = subprocess.call(sys.argv[1:])\n"
-               "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
-               "sys.exit(rc)\n")  # fmt: skip
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "rc = subprocess.call(sys.argv[1:])\n"
+        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, timeout=900,
-                          env=env)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, timeout=900, env=env)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"loader failed: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -135,7 +137,7 @@ class RssSampler:
         self.before: dict[str, int] = {}
         self._stop = threading.Event()
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         if self.pid is not None:
             self.before = _rss(self.pid)
             self.peak = dict(self.before)
@@ -213,7 +215,7 @@ class PauseProbe:
             self._pool.submit(self._one)
             self._stop.wait(self.every_s)
 
-    def __enter__(self) -> "PauseProbe":
+    def __enter__(self) -> PauseProbe:
         self._thread.start()
         return self
 

@@ -4,7 +4,8 @@ Builds a random bf16 Llama of ``--gb`` GB (1 on cuda), starts a real SGLang serv
 (dummy weights, waiting), pushes the checkpoint with the loader (CUDA IPC buffers on cuda, shared memory on
 cpu), checks SGLang's ``/weights_checker`` checksums and greedy output against SGLang's own
 ``/update_weights_from_disk`` of the same files (must be equal), reports HF's teacher-forced ranks, and prints
-host-to-device GB/s, push seconds and disk-reload seconds for the same model. Exit 0 only if the pushed weights are bit-identical to the disk reload's.
+host-to-device GB/s, push seconds and disk-reload seconds for the same model. Exit 0 only if the pushed weights are
+bit-identical to the disk reload's.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def main() -> int:
     print(f"| second push (buckets only) | {second['push_s']:.3f} s ({rate(second['push_s'])}) |")
     print(f"| second push, whole loader process | {second['process_s']:.3f} s |")
     print(f"| SGLang /update_weights_from_disk | {disk_s:.3f} s ({rate(disk_s)}) |")
-    print(f"| stages of the second push | read {second['read_s']:.3f} s, server load {second['load_s']:.3f} s, "
-          f"waiting {second['wait_s']:.3f} s, {second['buckets']} buckets |")  # fmt: skip
+    print(
+        f"| stages of the second push | read {second['read_s']:.3f} s, server load {second['load_s']:.3f} s, "
+        f"waiting {second['wait_s']:.3f} s, {second['buckets']} buckets |"
+    )
     print(f"| /weights_checker checksum: push == disk reload | {pushed_sum == disk_sum} |")
     print(f"| greedy output: push == disk reload | {pushed == from_disk} |")
     print(f"| HF teacher-forced rank of each pushed token (second opinion, < 5 agrees) | {ranks} |")

@@ -119,8 +119,19 @@ class Fleet:
         rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
         procs = []
         for node, url in enumerate(self.urls):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-                   "--nproc-per-node", "1", *rendezvous, *cli(url, self.ckpt, version, *extra)[1:]]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                *rendezvous,
+                *cli(url, self.ckpt, version, *extra)[1:],
+            ]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outs = [p.communicate(timeout=900) for p in procs]
         for p, (out, err) in zip(procs, outs):
@@ -155,14 +166,16 @@ def bench_methods(setting: str, urls: list[str], ckpt: Path, methods: dict, repe
             row["whole"].append(time.perf_counter() - t0)
             row["moved"], row["copied"] = moved_bytes(out), copied_per_rank(out)
             warm_page_cache(ckpt)
-            idles, pauses, _ = measure_pauses(urls, lambda: update(f"p{i}"), every_s=PROBE_EVERY_S)
+            idles, pauses, _ = measure_pauses(urls, lambda update=update, i=i: update(f"p{i}"), every_s=PROBE_EVERY_S)
             row["pause"].append(pauses)
             row["idle"].append(max(idles))
             if [checksum(url) for url in urls] != references:
                 raise RuntimeError(f"{setting} {name}: the served weights differ from SGLang's own load")
     med = statistics.median
-    return [(setting, name, med(r["whole"]), [med(p) for p in zip(*r["pause"])], med(r["idle"]), r["moved"],
-             r["copied"]) for name, r in rows.items()]  # fmt: skip
+    return [
+        (setting, name, med(r["whole"]), [med(p) for p in zip(*r["pause"])], med(r["idle"]), r["moved"], r["copied"])
+        for name, r in rows.items()
+    ]
 
 
 def bench_server(tp: int, ckpt: Path, work: Path, tensors: dict, repeats: int) -> list[tuple]:
@@ -199,19 +212,25 @@ def main() -> int:
 
     header = f"{nbytes / GB:.3f} GB bf16 checkpoint, page cache warm, servers with --sleep-on-idle"
     print(f"\n{header}, median of {a.repeats}, same run\n")
-    print("| setting | method | whole s | vs disk | pause s | vs disk | idle latency s | between loader processes "
-          "| copied per server rank, GB |")  # fmt: skip
+    print(
+        "| setting | method | whole s | vs disk | pause s | vs disk | idle latency s | between loader processes "
+        "| copied per server rank, GB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     disk = {row[0]: row for row in rows if row[1].startswith("SGLang /update_weights_from_disk")}
     for setting, name, whole, pauses, idle, moved, copied in rows:
         d_whole, d_pauses = disk[setting][2], disk[setting][3]
         worst = max(p / d for p, d in zip(pauses, d_pauses))  # the instance that paused most, against its disk reload
         pause = " / ".join(f"{p:.3f}" for p in pauses)
-        print(f"| {setting} | {name} | {whole:.3f} | {whole / d_whole:.2f}x | {pause} | {worst:.2f}x | {idle:.3f} "
-              f"| {moved} | {copied} |")  # fmt: skip
-    print("\ntargets (issue 16): one-node pushes whole <= disk + 1.0 s, pause <= 1.5x disk, 0 bytes between loader "
-          "processes; fleet pause <= 1.5x disk on both instances; LocalPush >= 10x faster than "
-          "update_weights_from_tensor")
+        print(
+            f"| {setting} | {name} | {whole:.3f} | {whole / d_whole:.2f}x | {pause} | {worst:.2f}x | {idle:.3f} "
+            f"| {moved} | {copied} |"
+        )
+    print(
+        "\ntargets (issue 16): one-node pushes whole <= disk + 1.0 s, pause <= 1.5x disk, 0 bytes between loader "
+        "processes; fleet pause <= 1.5x disk on both instances; LocalPush >= 10x faster than "
+        "update_weights_from_tensor"
+    )
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -53,8 +53,17 @@ def make_random_checkpoint(out: Path, target_gb: float, shard_gb: float = 0.3) -
 
     per_layer = 4 * 2048 * 2048 + 3 * 2048 * 5632  # attention + MLP parameters
     layers = max(1, round((target_gb * GB / 2 - 2 * 32000 * 2048) / per_layer))
-    config = model_config("llama", 2048, layers, 32000, torch.bfloat16, tie=False, intermediate_size=5632,
-                          num_attention_heads=16, num_key_value_heads=16)  # fmt: skip
+    config = model_config(
+        "llama",
+        2048,
+        layers,
+        32000,
+        torch.bfloat16,
+        tie=False,
+        intermediate_size=5632,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    )
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(config).named_parameters()}
     out.mkdir(parents=True, exist_ok=True)
@@ -109,17 +118,35 @@ def loader_cmd(url: str, ckpt: Path, version: str, extra: list[str], ranks: int 
     if ranks == 1:
         return [sys.executable, "-m", "sglang_ckpt_plugin.update", *args]
     # a tp=1 server fed by 2 loader ranks: each reads half, rank 1 sends its half to rank 0 (p2p, over gloo)
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
-            "127.0.0.1", "--master-port", str(free_port()), "-m", "sglang_ckpt_plugin.update",
-            "--update-method", "p2p", "--ranks", "0", *args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(ranks),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "sglang_ckpt_plugin.update",
+        "--update-method",
+        "p2p",
+        "--ranks",
+        "0",
+        *args,
+    ]
 
 
 def time_push(url: str, ckpt: Path, version: str, extra: list[str], ranks: int = 1, sampler_pid=None) -> dict:
     with RssSampler(sampler_pid) as rss:
         proc, process_s, loader_rss = run_loader(loader_cmd(url, ckpt, version, extra, ranks))
     out = proc.stdout
-    stage = re.search(r"read ([\d.]+) s \| wait for server ([\d.]+) s \| server load ([\d.]+) s \| "
-                      r"server post-process ([\d.]+) s", out)  # fmt: skip
+    stage = re.search(
+        r"read ([\d.]+) s \| wait for server ([\d.]+) s \| server load ([\d.]+) s \| "
+        r"server post-process ([\d.]+) s",
+        out,
+    )
     buffers = re.search(r"buffers ([\d.]+) s", out)
     finalize = re.search(r"server finalize ([\d.]+) s", out)
     return {
@@ -187,8 +214,12 @@ def main() -> int:
     t_start = time.perf_counter()
     with srv:
         # as a user starts them: server and loader together; the loader waits until the server listens
-        loader = subprocess.Popen(loader_cmd(srv.url, ckpt, "initial", [*extra, "--timeout", "900"]),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        loader = subprocess.Popen(
+            loader_cmd(srv.url, ckpt, "initial", [*extra, "--timeout", "900"]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         out, err = loader.communicate(timeout=900)
         if loader.returncode != 0:
             raise RuntimeError(f"initial push failed: {out}\n{err}")
@@ -228,14 +259,18 @@ def main() -> int:
         print("measuring the pause clients see during updates...", flush=True)
         pauses = {
             "SGLang /update_weights_from_disk": measure_pause(
-                srv.url, lambda: time_disk_update(srv.url, ckpt, "pause-disk")),
+                srv.url, lambda: time_disk_update(srv.url, ckpt, "pause-disk")
+            ),
             "our push, 1 rank, page cache (CLI)": measure_pause(
-                srv.url, lambda: run_loader(loader_cmd(srv.url, ckpt, "pause-push", extra))),
+                srv.url, lambda: run_loader(loader_cmd(srv.url, ckpt, "pause-push", extra))
+            ),
             "our push, 1 rank, shm bucket buffers (CLI)": measure_pause(
-                srv.url, lambda: run_loader(loader_cmd(srv.url, ckpt, "pause-copy", [*extra, "--transfer", "copy"]))),
+                srv.url, lambda: run_loader(loader_cmd(srv.url, ckpt, "pause-copy", [*extra, "--transfer", "copy"]))
+            ),
             "LocalPush (shm buckets, reused)": measure_pause(
-                srv.url, lambda: local.push(tensors.items(), weight_version="pause-local")),
-        }  # fmt: skip
+                srv.url, lambda: local.push(tensors.items(), weight_version="pause-local")
+            ),
+        }
         check("after the pause probes")
         trainer.close()
         local.close()
@@ -244,8 +279,9 @@ def main() -> int:
         print(f"MISMATCH against the disk reload {outputs['disk']}: {bad}", file=sys.stderr)
         return 1
 
-    help_s = statistics.median(run_loader([sys.executable, "-m", "sglang_ckpt_plugin.update", "--help"])[1]
-                               for _ in range(5))  # fmt: skip
+    help_s = statistics.median(
+        run_loader([sys.executable, "-m", "sglang_ckpt_plugin.update", "--help"])[1] for _ in range(5)
+    )
     torch_import_s = statistics.median(run_loader([sys.executable, "-c", "import torch"])[1] for _ in range(3))
     print("timing a plain --load-format auto start...", flush=True)
     ready_auto_s = time_to_ready_auto(ckpt, work / "server-auto.log")
@@ -278,43 +314,57 @@ def main() -> int:
     print(f"| {'method':58} | seconds | GB/s  | vs memcpy 1t | vs SGLang disk | vs SGLang tensor |")
     print(f"|{'-' * 60}|---------|-------|--------------|----------------|------------------|")
     for name, s in rows:
-        print(f"| {name:58} | {s:7.3f} | {nbytes / GB / s:5.2f} | {memcpy_1t / s:12.2f} | {disk_s / s:14.2f} | "
-              f"{tensor_s / s:16.2f} |")  # fmt: skip
+        print(
+            f"| {name:58} | {s:7.3f} | {nbytes / GB / s:5.2f} | {memcpy_1t / s:12.2f} | {disk_s / s:14.2f} | "
+            f"{tensor_s / s:16.2f} |"
+        )
     push, copy = r["push"], r["copy"]
     bucket = nbytes / max(copy[0]["buckets"], 1)
     mb = 1 << 20
     for name, rows_ in (("page cache", push), ("shm bucket buffers", copy)):
-        print(f"\npush stages, {name} (median): read {med(rows_, 'read_s'):.3f} s, loader waiting for server "
-              f"{med(rows_, 'wait_s'):.3f} s, server load_weights {med(rows_, 'load_s'):.3f} s, post-process "
-              f"{med(rows_, 'post_s'):.3f} s, buffer allocation {med(rows_, 'buffers_s'):.3f} s, "
-              f"{rows_[0]['buckets']} buckets (~{nbytes / rows_[0]['buckets'] / mb:.0f} MiB)")  # fmt: skip
+        print(
+            f"\npush stages, {name} (median): read {med(rows_, 'read_s'):.3f} s, loader waiting for server "
+            f"{med(rows_, 'wait_s'):.3f} s, server load_weights {med(rows_, 'load_s'):.3f} s, post-process "
+            f"{med(rows_, 'post_s'):.3f} s, buffer allocation {med(rows_, 'buffers_s'):.3f} s, "
+            f"{rows_[0]['buckets']} buckets (~{nbytes / rows_[0]['buckets'] / mb:.0f} MiB)"
+        )
     print(f"2 loader ranks, bytes read from disk: {r['push2'][0]['bytes_per_rank']}")
     overhead = statistics.median(x["process_s"] - x["push_s"] - x["finalize_s"] for x in push)
-    print(f"\n| CLI start-up (1 rank, CPU, page cache: no torch) | seconds | target |\n|---|---|---|\n"
-          f"| whole CLI process minus the server-side update (hello to last ack + finalize) | {overhead:.3f} | <= 0.3 |\n"
-          f"| `python -m sglang_ckpt_plugin.update --help` | {help_s:.3f} | < 0.3 |\n"
-          f"| `python -c 'import torch'` (what the page-cache path no longer pays) | {torch_import_s:.3f} | |")
+    print(
+        f"\n| CLI start-up (1 rank, CPU, page cache: no torch) | seconds | target |\n|---|---|---|\n"
+        f"| whole CLI process minus the server-side update (hello to last ack + finalize) | {overhead:.3f} | <= 0.3 |\n"
+        f"| `python -m sglang_ckpt_plugin.update --help` | {help_s:.3f} | < 0.3 |\n"
+        f"| `python -c 'import torch'` (what the page-cache path no longer pays) | {torch_import_s:.3f} | |"
+    )
     print("\n| memory | MiB | in buckets |\n|---|---|---|")
     print(f"| import-only baseline RSS (Python + torch + loader) | {base_rss / mb:.0f} | {base_rss / bucket:.2f} |")
     for name, rows_ in (("page cache", push), ("shm bucket buffers", copy)):
         over = med(rows_, "loader_rss") - base_rss
-        print(f"| {name}: loader peak RSS | {med(rows_, 'loader_rss') / mb:.0f} | {med(rows_, 'loader_rss') / bucket:.2f} |")
+        peak = med(rows_, "loader_rss")
+        print(f"| {name}: loader peak RSS | {peak / mb:.0f} | {peak / bucket:.2f} |")
         print(f"| {name}: loader RSS above the baseline | {over / mb:.0f} | {over / bucket:.2f} |")
-        print(f"| {name}: scheduler RSS growth during a push (incl. mapped shared pages) | "
-              f"{med(rows_, 'sched_rss') / mb:.0f} | {med(rows_, 'sched_rss') / bucket:.2f} |")  # fmt: skip
-        print(f"| {name}: scheduler private (anon) RSS growth | {med(rows_, 'sched_anon') / mb:.0f} | "
-              f"{med(rows_, 'sched_anon') / bucket:.2f} |")  # fmt: skip
+        print(
+            f"| {name}: scheduler RSS growth during a push (incl. mapped shared pages) | "
+            f"{med(rows_, 'sched_rss') / mb:.0f} | {med(rows_, 'sched_rss') / bucket:.2f} |"
+        )
+        print(
+            f"| {name}: scheduler private (anon) RSS growth | {med(rows_, 'sched_anon') / mb:.0f} | "
+            f"{med(rows_, 'sched_anon') / bucket:.2f} |"
+        )
     print("\n| start | seconds to /health 200 | SGLang load_weight inside the start |\n|---|---|---|")
     print(f"| --load-format auto | {ready_auto_s:.1f} | {auto_load_s} |")
-    print(f"| --load-format dummy --wait-for-initial-weights, loader started with it | {ready_dummy_s:.1f} | {dummy_load_s} |")
+    dummy_row = "--load-format dummy --wait-for-initial-weights, loader started with it"
+    print(f"| {dummy_row} | {ready_dummy_s:.1f} | {dummy_load_s} |")
     if scaling:
         one = (nbytes / GB, med(push, "push_s"), nbytes / GB / med(push, "push_s"))
         print("\n| checkpoint GB | push s (buckets only) | GB/s |\n|---|---|---|")
         for gb, s, rate in sorted([*scaling, one]):
             print(f"| {gb:.2f} | {s:.3f} | {rate:.2f} |")
     disk_pause = pauses["SGLang /update_weights_from_disk"][1]
-    print("\n| pause a client sees (1-token /generate every 50 ms) | idle latency s | longest latency during "
-          "the update s | update s (caller's view) | pause vs SGLang disk |\n|---|---|---|---|---|")
+    print(
+        "\n| pause a client sees (1-token /generate every 50 ms) | idle latency s | longest latency during "
+        "the update s | update s (caller's view) | pause vs SGLang disk |\n|---|---|---|---|---|"
+    )
     for name, (idle, pause, took) in pauses.items():
         print(f"| {name} | {idle:.3f} | {pause:.3f} | {took:.3f} | {pause / disk_pause:.2f} |")
     print(f"\ngreedy output after every method == after the disk reload: {not bad}")

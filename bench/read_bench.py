@@ -21,16 +21,27 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint  # noqa: E402
 from sglang_ckpt_plugin.loader.early_read import file_spans  # noqa: E402
 from sglang_ckpt_plugin.loader.reader import CheckpointReader  # noqa: E402
-from standalone_check import copy_rate  # noqa: E402
 
 GB = 1e9
 CHUNK = 64 << 20
+
+
+def copy_rate(src: torch.Tensor, dst: torch.Tensor, repeats: int = 5) -> float:
+    """Best-of GB/s of ``dst.copy_(src)`` (pinned host -> device, device -> device, or host memcpy)."""
+    cuda = src.is_cuda or dst.is_cuda
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return src.numel() / GB / best
 
 
 def random_files(work: Path, gb: float) -> Path:
@@ -89,8 +100,10 @@ def destinations(device: str) -> dict[str, tuple[memoryview, object]]:
     registered.zero_()
     if int(torch.cuda.cudart().cudaHostRegister(registered.data_ptr(), CHUNK, 0)) != 0:  # cudaSuccess is 0
         raise RuntimeError("cudaHostRegister of page-aligned memory failed")
-    return {"pinned (cudaHostAlloc)": (memoryview(pinned.numpy()), pinned),
-            "registered (mmap + cudaHostRegister)": (memoryview(registered.numpy()), (registered, region))}  # fmt: skip
+    return {
+        "pinned (cudaHostAlloc)": (memoryview(pinned.numpy()), pinned),
+        "registered (mmap + cudaHostRegister)": (memoryview(registered.numpy()), (registered, region)),
+    }
 
 
 def h2d_rate(nbytes: int) -> float:
@@ -136,10 +149,15 @@ def main() -> int:
     threads = [int(t) for t in a.threads.split(",") if t.strip()]
     dests = destinations(a.device)
     read_all(CheckpointReader(threads=max(threads)), spans, next(iter(dests.values()))[0])  # warm the page cache
-    baseline_name, baseline = ("pinned host-to-device", h2d_rate(nbytes)) if a.device == "cuda" else (
-        "one-thread memcpy", nbytes / GB / memcpy_s(nbytes))  # fmt: skip
-    print(f"\n{nbytes / GB:.2f} GB in the page cache, read in 64 MiB chunks, best of 3; baseline ({baseline_name}, "
-          f"same run): {baseline:.2f} GB/s\n")  # fmt: skip
+    baseline_name, baseline = (
+        ("pinned host-to-device", h2d_rate(nbytes))
+        if a.device == "cuda"
+        else ("one-thread memcpy", nbytes / GB / memcpy_s(nbytes))
+    )
+    print(
+        f"\n{nbytes / GB:.2f} GB in the page cache, read in 64 MiB chunks, best of 3; baseline ({baseline_name}, "
+        f"same run): {baseline:.2f} GB/s\n"
+    )
     print(f"| destination | threads | GB/s | vs {baseline_name} |\n|---|---|---|---|")
     for name, (dest, _keep) in dests.items():
         for n in threads:

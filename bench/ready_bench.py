@@ -57,8 +57,12 @@ def start_with_loader(ckpt: Path, log: Path, options: list[str], version: str) -
     srv = SGLangServer(ckpt, log, extra_args=SERVER_ARGS)
     t0 = time.perf_counter()
     srv.start()
-    loader = subprocess.Popen(loader_cmd(srv.url, ckpt, version, [*options, "--timeout", "900"]),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    loader = subprocess.Popen(
+        loader_cmd(srv.url, ckpt, version, [*options, "--timeout", "900"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     start_s = None
     with httpx.Client(timeout=5.0) as client:
         while True:
@@ -107,8 +111,9 @@ def main() -> int:
                 srv.stop()
             figures[key].append(row)
     if len(sums) != 1:
-        print(f"MISMATCH: /weights_checker checksums differ between SGLang's load and the pushes: {sums}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"MISMATCH: /weights_checker checksums differ between SGLang's load and the pushes: {sums}", file=sys.stderr
+        )
         return 1
     read_s = statistics.median(cold_read_s(ckpt) for _ in range(a.repeats))
 
@@ -116,17 +121,23 @@ def main() -> int:
         return statistics.median(r[field] for r in figures[key])
 
     auto_s = med("auto", "ready")
-    print(f"\n{checkpoint_bytes(ckpt) / GB:.3f} GB bf16 checkpoint, cold page cache before every start, servers with "
-          f"--sleep-on-idle, median of {a.repeats}, same run; cold read alone {read_s:.2f} s\n")  # fmt: skip
-    print("| start | ready s | vs SGLang auto | server start s | hand-over s | max(start, read) + hand-over s | "
-          "ready / that |")  # fmt: skip
+    print(
+        f"\n{checkpoint_bytes(ckpt) / GB:.3f} GB bf16 checkpoint, cold page cache before every start, servers with "
+        f"--sleep-on-idle, median of {a.repeats}, same run; cold read alone {read_s:.2f} s\n"
+    )
+    print(
+        "| start | ready s | vs SGLang auto | server start s | hand-over s | max(start, read) + hand-over s | "
+        "ready / that |"
+    )
     print("|---|---|---|---|---|---|---|")
     print(f"| SGLang --load-format auto (reads the files itself) | {auto_s:.2f} | 1.00 | | | | |")
     for key, (_, name) in ROWS.items():
         ready, start, handover = med(key, "ready"), med(key, "start"), med(key, "handover")
         bound = max(start, read_s) + handover
-        print(f"| {name} | {ready:.2f} | {ready / auto_s:.2f} | {start:.2f} | {handover:.2f} | {bound:.2f} | "
-              f"{ready / bound:.2f} |")  # fmt: skip
+        print(
+            f"| {name} | {ready:.2f} | {ready / auto_s:.2f} | {start:.2f} | {handover:.2f} | {bound:.2f} | "
+            f"{ready / bound:.2f} |"
+        )
     print("\ntarget (issue 18): ready <= (max(server start, read) + hand-over) x 1.1 with reading ahead")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)

@@ -9,7 +9,8 @@ seeing the GPU only by UUID, expandable_segments:True, --device cpu (shared memo
 LocalPush of in-memory tensors (x, 2x, 3x; on CUDA the third push must not have grown the server's memory use nor
 the pusher's reserved memory over the first). TrainerPush is not here: its NCCL group needs a second GPU and
 SGLang's group helper (its refusal path runs on CPU in tests/test_e2e_push.py). Prints pinned host-to-device and
-device-to-device copy rates measured in the same run, push rates and their ratios. ``--device cpu`` runs the same steps on the CPU path (test suite).
+device-to-device copy rates measured in the same run, push rates and their ratios. ``--device cpu`` runs the same
+steps on the CPU path (test suite).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+from read_bench import copy_rate, read_once_s  # noqa: E402
+
 from sglang_ckpt_plugin.loader.http import free_port  # noqa: E402
 from sglang_ckpt_plugin.transport.integrity import tensor_digest  # noqa: E402
 
@@ -68,19 +72,6 @@ def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return {n: f"{tensor_digest(t.reshape(-1).view(torch.uint8).cpu()):016x}" for n, t in tensors.items()}
 
 
-def copy_rate(src: torch.Tensor, dst: torch.Tensor, repeats: int = 5) -> float:
-    """Best-of GB/s of ``dst.copy_(src)`` (pinned host -> device, device -> device, or host memcpy)."""
-    cuda = src.is_cuda or dst.is_cuda
-    best = float("inf")
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=cuda)
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return src.numel() / GB / best
-
-
 def env_with_repo(**extra: str) -> dict:
     env = dict(os.environ, **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
@@ -89,8 +80,21 @@ def env_with_repo(**extra: str) -> dict:
 
 def push(url: str, ckpt: Path, version: str, extra: list[str], env: dict | None = None) -> tuple[float, str]:
     """Run the real loader CLI; the push seconds it reports (buckets only) and its stage times."""
-    cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(ckpt), "--endpoint", url,
-           "--weight-version", version, "--quiet", "--timeout", "300", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_ckpt_plugin.update",
+        "--checkpoint-path",
+        str(ckpt),
+        "--endpoint",
+        url,
+        "--weight-version",
+        version,
+        "--quiet",
+        "--timeout",
+        "300",
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env or env_with_repo(), timeout=400)
     if proc.returncode != 0:
         raise RuntimeError(f"loader failed ({version}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -107,16 +111,31 @@ class Check:
     def memory(self) -> int | None:
         return httpx.get(f"{self.url}/memory", timeout=60).json()["free_bytes"]
 
-    def record(self, name: str, nbytes: int, seconds: float, expected: dict[str, str], baseline_rate: float,
-               memory: bool = True) -> None:  # fmt: skip
+    def record(
+        self,
+        name: str,
+        nbytes: int,
+        seconds: float,
+        expected: dict[str, str],
+        baseline_rate: float,
+        memory: bool = True,
+    ) -> None:
         """One row. ``memory``: the pusher has let go of its buffers, so the device's free memory must be back
         where it was before the first push (a mapping the server kept would hold the loader's memory)."""
         served = httpx.get(f"{self.url}/digests", timeout=600).json()
         identical = served == expected
         self.ok &= identical
         rate = nbytes / GB / seconds
-        self.rows.append((name, f"{seconds:.3f} s", f"{rate:.2f} GB/s", f"{rate / baseline_rate:.2f}x",
-                          "yes" if identical else "NO", self.memory_cell() if memory else "(pusher holds buffers)"))  # fmt: skip
+        self.rows.append(
+            (
+                name,
+                f"{seconds:.3f} s",
+                f"{rate:.2f} GB/s",
+                f"{rate / baseline_rate:.2f}x",
+                "yes" if identical else "NO",
+                self.memory_cell() if memory else "(pusher holds buffers)",
+            )
+        )
 
     def memory_cell(self) -> str:
         free = self.memory()
@@ -131,8 +150,12 @@ def main() -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--gb", type=float, default=None, help="checkpoint size (default: 2 on cuda, 0.2 on cpu)")
     p.add_argument("--workdir", default=None)
-    p.add_argument("--start-delay", type=float, default=None,
-                   help="time to ready: the stand-in answers after this many seconds (default: 15 on cuda, 3 on cpu)")
+    p.add_argument(
+        "--start-delay",
+        type=float,
+        default=None,
+        help="time to ready: the stand-in answers after this many seconds (default: 15 on cuda, 3 on cpu)",
+    )
     a = p.parse_args()
     if a.start_delay is None:
         a.start_delay = 15.0 if a.device == "cuda" else 3.0
@@ -147,8 +170,10 @@ def main() -> int:
     tensors = file_tensors(ckpt)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     expected = digests(tensors)
-    print(f"[standalone] {nbytes / GB:.2f} GB, {len(tensors)} tensors ready in {time.perf_counter() - t0:.1f} s",
-          flush=True)  # fmt: skip
+    print(
+        f"[standalone] {nbytes / GB:.2f} GB, {len(tensors)} tensors ready in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
 
     # baselines, same run: pinned H2D (loader's path) and D2D (LocalPush's path); host memcpy on cpu
     probe = min(nbytes, 1 << 30)
@@ -162,8 +187,19 @@ def main() -> int:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, str(ROOT / "bench/standin_server.py"), "--checkpoint", str(ckpt),
-                               "--device", a.device, "--port", str(port)], env=env_with_repo())  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "bench/standin_server.py"),
+            "--checkpoint",
+            str(ckpt),
+            "--device",
+            a.device,
+            "--port",
+            str(port),
+        ],
+        env=env_with_repo(),
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -176,14 +212,19 @@ def main() -> int:
                 time.sleep(0.5)
         check = Check(url, device)
         word_sums_agree(tensors, device, check)
-        variants = [("loader, defaults", [], {}), ("loader, --verify", ["--verify"], {}),
-                    ("loader, 16M buckets, --num-buffers 1", ["--bucket-size", "16M", "--num-buffers", "1"], {})]  # fmt: skip
+        variants = [
+            ("loader, defaults", [], {}),
+            ("loader, --verify", ["--verify"], {}),
+            ("loader, 16M buckets, --num-buffers 1", ["--bucket-size", "16M", "--num-buffers", "1"], {}),
+        ]
         if cuda:
             uuid = info["ckpt_plugin"]["rank_keys"][0]
-            variants += [("loader sees the GPU by UUID only", [], {"CUDA_VISIBLE_DEVICES": uuid}),
-                         ("loader, expandable_segments:True", [], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
-                         ("loader --device cpu (server copies H2D)", ["--device", "cpu"], {}),
-                         ("loader, --direct-io on (O_DIRECT into the staging)", ["--direct-io", "on"], {})]  # fmt: skip
+            variants += [
+                ("loader sees the GPU by UUID only", [], {"CUDA_VISIBLE_DEVICES": uuid}),
+                ("loader, expandable_segments:True", [], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+                ("loader --device cpu (server copies H2D)", ["--device", "cpu"], {}),
+                ("loader, --direct-io on (O_DIRECT into the staging)", ["--direct-io", "on"], {}),
+            ]
         else:
             variants += [("loader, --transfer copy", ["--transfer", "copy"], {})]
         for name, args, env in variants:
@@ -199,22 +240,32 @@ def main() -> int:
 
     base = "pinned H2D" if cuda else "host memcpy"
     print(f"\n| baseline, same run ({a.device}) | GB/s |\n|---|---|")
-    print(f"| {base} copy, best of 5 | {h2d:.2f} |\n| {'device-to-device' if cuda else 'host memcpy'} copy "
-          f"(LocalPush's baseline), best of 5 | {d2d:.2f} |")
+    print(
+        f"| {base} copy, best of 5 | {h2d:.2f} |\n| {'device-to-device' if cuda else 'host memcpy'} copy "
+        f"(LocalPush's baseline), best of 5 | {d2d:.2f} |"
+    )
     print(f"\n| variant ({nbytes / GB:.2f} GB) | push | rate | vs baseline | byte-identical | server memory vs start |")
     print("|---|---|---|---|---|---|")
     for row in check.rows:
         print("| " + " | ".join(row) + " |")
     print("\nwhere the time went:\n" + "\n".join(f"- {line}" for line in check.stages))
-    print(f"\nbaselines: loader rows vs {base}; LocalPush rows vs {'device-to-device' if cuda else 'host memcpy'} copy")
-    print(f"\n| loader started with a stand-in that answers after {a.start_delay:g} s (cold page cache) | ready s | "
-          "server answered s | hand-over s | max(answered, read) + hand-over s | ready / that |\n|---|---|---|---|---|---|")
+    copy_base = "device-to-device" if cuda else "host memcpy"
+    print(f"\nbaselines: loader rows vs {base}; LocalPush rows vs {copy_base} copy")
+    print(
+        f"\n| loader started with a stand-in that answers after {a.start_delay:g} s (cold page cache) | ready s | "
+        "server answered s | hand-over s | max(answered, read) + hand-over s | ready / that |\n"
+        "|---|---|---|---|---|---|"
+    )
     for name, row in zip(("reading ahead (default)", "--no-read-ahead"), ready):
         bound = max(row["answered"], read_s) + row["handover"]
-        print(f"| {name} | {row['ready']:.2f} | {row['answered']:.2f} | {row['handover']:.2f} | {bound:.2f} | "
-              f"{row['ready'] / bound:.2f} |")  # fmt: skip
-    print(f"cold read of the checkpoint alone (the loader's reader): {read_s:.2f} s; target (issue 18): ready / that "
-          "<= 1.1 reading ahead")  # fmt: skip
+        print(
+            f"| {name} | {row['ready']:.2f} | {row['answered']:.2f} | {row['handover']:.2f} | {bound:.2f} | "
+            f"{row['ready'] / bound:.2f} |"
+        )
+    print(
+        f"cold read of the checkpoint alone (the loader's reader): {read_s:.2f} s; target (issue 18): ready / that "
+        "<= 1.1 reading ahead"
+    )
     print(f"VERDICT {'PASS' if check.ok else 'FAIL'}: every variant byte-identical and server memory back to its start")
     return 0 if check.ok else 1
 
@@ -224,15 +275,18 @@ def word_sums_agree(tensors: dict, device: torch.device, check: Check) -> None:
     from sglang_ckpt_plugin.transport.word_sums import device_digest, host_digest
 
     sample = list(tensors.values())[:4]
-    same = all(device_digest(t.to(device).reshape(-1).view(torch.uint8)) == host_digest(t.reshape(-1).view(torch.uint8).numpy())
-               for t in sample)  # fmt: skip
+    same = all(
+        device_digest(t.to(device).reshape(-1).view(torch.uint8))
+        == host_digest(t.reshape(-1).view(torch.uint8).numpy())
+        for t in sample
+    )
     check.ok &= same
     check.rows.append((f"word sums on {device.type} == on the host ({len(sample)} tensors)", "", "", "", str(same), ""))
 
 
 def cold_read_s(ckpt: Path) -> float:
     """The loader's reader over every file once, from storage (the page cache dropped first)."""
-    from read_bench import read_once_s
+
     from sglang_ckpt_plugin.loader.early_read import drop_cached
 
     for f in ckpt.glob("*.safetensors"):
@@ -250,11 +304,36 @@ def time_to_ready(ckpt: Path, device: str, delay: float, options: list[str]) -> 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
-    server = subprocess.Popen([sys.executable, str(ROOT / "bench/standin_server.py"), "--checkpoint", str(ckpt),
-                               "--device", device, "--port", str(port), "--start-delay", str(delay)],
-                              env=env_with_repo())  # fmt: skip
-    cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(ckpt), "--endpoint", url,
-           "--weight-version", "ready", "--quiet", "--timeout", "300", *options]  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "bench/standin_server.py"),
+            "--checkpoint",
+            str(ckpt),
+            "--device",
+            device,
+            "--port",
+            str(port),
+            "--start-delay",
+            str(delay),
+        ],
+        env=env_with_repo(),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_ckpt_plugin.update",
+        "--checkpoint-path",
+        str(ckpt),
+        "--endpoint",
+        url,
+        "--weight-version",
+        "ready",
+        "--quiet",
+        "--timeout",
+        "300",
+        *options,
+    ]
     loader = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with_repo())
     try:
         answered = None
@@ -293,8 +372,10 @@ def local_push(url: str, device: torch.device, tensors: dict, check: Check, d2d:
             del on_device
             name = f"LocalPush {k}x ({pusher.device.type} buffers)"
             check.record(name, nbytes, stats.seconds, digests(scaled), d2d, memory=False)
-            check.stages.append(f"{name}: {stats.buckets} buckets | fill {stats.fill_s:.4f} s | server load "
-                                f"{stats.server_load_s:.4f} s | whole push {stats.seconds:.4f} s")  # fmt: skip
+            check.stages.append(
+                f"{name}: {stats.buckets} buckets | fill {stats.fill_s:.4f} s | server load "
+                f"{stats.server_load_s:.4f} s | whole push {stats.seconds:.4f} s"
+            )
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 server_free.append(check.memory())
@@ -311,8 +392,10 @@ def local_push(url: str, device: torch.device, tensors: dict, check: Check, d2d:
             del on_device
             name = "LocalPush 1x, 64 MiB buckets"
             check.record(name, nbytes, stats.seconds, digests(tensors), d2d, memory=False)
-            check.stages.append(f"{name}: {stats.buckets} buckets | fill {stats.fill_s:.4f} s | server load "
-                                f"{stats.server_load_s:.4f} s | whole push {stats.seconds:.4f} s")  # fmt: skip
+            check.stages.append(
+                f"{name}: {stats.buckets} buckets | fill {stats.fill_s:.4f} s | server load "
+                f"{stats.server_load_s:.4f} s | whole push {stats.seconds:.4f} s"
+            )
         torch.cuda.empty_cache()
     check.rows.append(("LocalPush closed", "", "", "", "", check.memory_cell()))
 

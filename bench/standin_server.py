@@ -37,7 +37,10 @@ class Weights:
 
     def __init__(self, checkpoint: Path, device: torch.device):
         self.device = device
-        self.params = {t.name: torch.full(t.shape, 7, dtype=getattr(torch, t.dtype), device=device) for t in read_checkpoint(checkpoint)}
+        self.params = {
+            t.name: torch.full(t.shape, 7, dtype=getattr(torch, t.dtype), device=device)
+            for t in read_checkpoint(checkpoint)
+        }
         self.version: str | None = None
 
     def validate(self, manifest, partial: bool, allow_unused: bool) -> CheckedUpdate:
@@ -47,8 +50,9 @@ class Weights:
             if param is None:
                 raise ValueError(f"{name!r} is not a parameter of this model")
             if (dtype, list(shape)) != (dtype_name(param.dtype), list(param.shape)):
-                raise ValueError(f"{name!r} is {dtype} {list(shape)}, the model has {dtype_name(param.dtype)} "
-                                 f"{list(param.shape)}")  # fmt: skip
+                raise ValueError(
+                    f"{name!r} is {dtype} {list(shape)}, the model has {dtype_name(param.dtype)} {list(param.shape)}"
+                )
         names = {name for name, _, _ in manifest}
         if not partial and names != set(self.params):
             raise ValueError(f"the update does not cover {len(set(self.params) - names)} parameters")
@@ -69,8 +73,10 @@ class Weights:
         if self.device.type != "cuda":
             return {"free_bytes": None, "allocated_bytes": None}
         torch.cuda.synchronize(self.device)
-        return {"free_bytes": torch.cuda.mem_get_info(self.device)[0],
-                "allocated_bytes": torch.cuda.memory_allocated(self.device)}  # fmt: skip
+        return {
+            "free_bytes": torch.cuda.mem_get_info(self.device)[0],
+            "allocated_bytes": torch.cuda.memory_allocated(self.device),
+        }
 
 
 def make_handler(weights: Weights, key: str):
@@ -88,8 +94,19 @@ def make_handler(weights: Weights, key: str):
 
         def do_GET(self) -> None:
             if self.path == "/model_info":
-                self._reply(200, {"weight_version": weights.version, "ckpt_plugin": {
-                    "device": weights.device.type, "rank_keys": [key], "tp_size": 1, "dp_size": 1, "pp_size": 1}})
+                self._reply(
+                    200,
+                    {
+                        "weight_version": weights.version,
+                        "ckpt_plugin": {
+                            "device": weights.device.type,
+                            "rank_keys": [key],
+                            "tp_size": 1,
+                            "dp_size": 1,
+                            "pp_size": 1,
+                        },
+                    },
+                )
             elif self.path == "/digests":
                 self._reply(200, weights.digests())
             elif self.path == "/memory":
@@ -113,9 +130,19 @@ def make_handler(weights: Weights, key: str):
                     staging.abort(handles[key])
                     self._reply(200, {"success": True, "message": "dropped"})
                     return
-                session = ReceiveSession(handles[key], weights.device, weights.load_weights, weights.post_process,
-                                         idle_timeout_s=120, validate=weights.validate,
-                                         staging=phase == "stage") if phase != "commit" else None  # fmt: skip
+                session = (
+                    ReceiveSession(
+                        handles[key],
+                        weights.device,
+                        weights.load_weights,
+                        weights.post_process,
+                        idle_timeout_s=120,
+                        validate=weights.validate,
+                        staging=phase == "stage",
+                    )
+                    if phase != "commit"
+                    else None
+                )
                 if phase == "stage":
                     staging.start(session)  # receives in the background; the loader hears per bucket
                     self._reply(200, {"success": True, "message": "staging"})
@@ -125,8 +152,14 @@ def make_handler(weights: Weights, key: str):
                 self._reply(400, {"success": False, "message": f"{type(exc).__name__}: {exc}"})
                 return
             weights.version = body.get("weight_version")
-            self._reply(200, {"success": True, "message": f"loaded {stats.tensors} tensors ({stats.bytes} bytes) in "
-                                                          f"{stats.buckets} buckets, {time.perf_counter() - t0:.3f} s"})
+            self._reply(
+                200,
+                {
+                    "success": True,
+                    "message": f"loaded {stats.tensors} tensors ({stats.bytes} bytes) in "
+                    f"{stats.buckets} buckets, {time.perf_counter() - t0:.3f} s",
+                },
+            )
 
     return Handler
 
@@ -136,8 +169,12 @@ def main() -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--start-delay", type=float, default=0.0,
-                   help="seconds before it answers (a real server's start: model init, CUDA graphs)")
+    p.add_argument(
+        "--start-delay",
+        type=float,
+        default=0.0,
+        help="seconds before it answers (a real server's start: model init, CUDA graphs)",
+    )
     a = p.parse_args()
     time.sleep(a.start_delay)
     device = torch.device("cuda", 0) if a.device == "cuda" else torch.device("cpu")

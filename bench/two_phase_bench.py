@@ -37,10 +37,34 @@ PROMPT = list(range(10, 20))
 def fleet_cmds(urls: list[str], ckpt: Path, version: str, extra: list[str]) -> list[list[str]]:
     """One torchrun per "node" (as on two machines), each loader rank feeding its own server (broadcast)."""
     port = free_port()
-    return [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(urls)), "--node-rank", str(i),
-             "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-             "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(ckpt), "--endpoint", url,
-             "--weight-version", version, "--quiet", *extra] for i, url in enumerate(urls)]  # fmt: skip
+    return [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(len(urls)),
+            "--node-rank",
+            str(i),
+            "--nproc-per-node",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "-m",
+            "sglang_ckpt_plugin.update",
+            "--checkpoint-path",
+            str(ckpt),
+            "--endpoint",
+            url,
+            "--weight-version",
+            version,
+            "--quiet",
+            *extra,
+        ]
+        for i, url in enumerate(urls)
+    ]
 
 
 def run_all(cmds: list[list[str]], env: dict | None = None) -> list[str]:
@@ -82,8 +106,12 @@ def measure(urls: list[str], update) -> dict:
     finally:
         for p in probes:
             p.__exit__(None, None, None)
-    row = {"idle": max(p.idle(start) for p in probes), "pause": max(p.pause(start, end) for p in probes),
-           "whole": end - start, "result": result}  # fmt: skip
+    row = {
+        "idle": max(p.idle(start) for p in probes),
+        "pause": max(p.pause(start, end) for p in probes),
+        "whole": end - start,
+        "result": result,
+    }
     # two phases: split the pause at the moment each server had staged (/model_info staging.staged_at, epoch)
     epoch_to_perf = time.time() - time.perf_counter()
     staged = []
@@ -103,7 +131,9 @@ def rounds(ckpt: Path, methods: dict, urls: list[str], repeats: int, rows: dict,
         print(f"round {i + 1}/{repeats} of {len(methods)} methods", flush=True)
         for name, (count, update) in methods.items():
             warm_page_cache(ckpt)
-            rows[name].append(measure(urls[:count], lambda: update(urls[:count], f"r{i}")))
+            rows[name].append(
+                measure(urls[:count], lambda count=count, update=update, i=i: update(urls[:count], f"r{i}"))
+            )
             if count > 1 and "two phases" in name:
                 skews.append(commit_skew(urls))
             outputs[name] = generate_ids(urls[0], PROMPT, 8)["output_ids"]
@@ -128,13 +158,18 @@ def main() -> int:
         "1 rank, two phases, page cache (CLI default)": (1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, [])])),
         "1 rank, two phases, shm buffers": (1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, copy)])),
         "1 rank, streaming (--two-phase off), page cache": (
-            1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, ["--two-phase", "off"])])),
-        "2 ranks (p2p into one server), two phases": (1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, [], ranks=2)])),
+            1,
+            lambda u, v: run_all([loader_cmd(u[0], ckpt, v, ["--two-phase", "off"])]),
+        ),
+        "2 ranks (p2p into one server), two phases": (
+            1,
+            lambda u, v: run_all([loader_cmd(u[0], ckpt, v, [], ranks=2)]),
+        ),
         "2 ranks, streaming": (1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, ["--two-phase", "off"], ranks=2)])),
         "SGLang /update_weights_from_disk on both instances at once": (2, lambda u, v: disk_on_all(u, ckpt, v)),
         "fleet of 2 instances (2 nodes, broadcast), two phases": (2, lambda u, v: run_all(fleet_cmds(u, ckpt, v, []))),
         "fleet of 2 instances, streaming": (2, lambda u, v: run_all(fleet_cmds(u, ckpt, v, ["--two-phase", "off"]))),
-    }  # fmt: skip
+    }
     rows: dict[str, list[dict]] = {name: [] for name in methods}
     skews: list[float] = []
     outputs: dict[str, list[int]] = {}
@@ -174,28 +209,42 @@ def main() -> int:
 
     disk = {1: "SGLang /update_weights_from_disk", 2: "SGLang /update_weights_from_disk on both instances at once"}
     print(f"\n{nbytes / GB:.3f} GB bf16 checkpoint, page cache warm, median of {a.repeats}, same run, same servers\n")
-    print("| method | idle latency s | pause s (longest request during the update) | whole update s | "
-          "pause vs SGLang disk pause | pause vs SGLang disk reload time |\n|---|---|---|---|---|---|")
-    print("(fleet rows: against SGLang's disk reload on both instances at once; one-server rows ran with one server up)")
+    print(
+        "| method | idle latency s | pause s (longest request during the update) | whole update s | "
+        "pause vs SGLang disk pause | pause vs SGLang disk reload time |\n|---|---|---|---|---|---|"
+    )
+    print(
+        "(fleet rows: against SGLang's disk reload on both instances at once; one-server rows ran with one server up)"
+    )
     for name, (count, _) in methods.items():
         pause, base = med(name, "pause"), disk[count]
-        print(f"| {name} | {med(name, 'idle'):.3f} | {pause:.3f} | {med(name, 'whole'):.3f} | "
-              f"{pause / med(base, 'pause'):.2f} | {pause / med(base, 'whole'):.2f} |")  # fmt: skip
+        print(
+            f"| {name} | {med(name, 'idle'):.3f} | {pause:.3f} | {med(name, 'whole'):.3f} | "
+            f"{pause / med(base, 'pause'):.2f} | {pause / med(base, 'whole'):.2f} |"
+        )
     split = [n for n in methods if all("while_staging" in r for r in rows[n])]
     if split:
-        print("\n| two phases: where the pause falls | longest latency, requests sent while staging | "
-              "requests sent from staged to committed (the commit) |\n|---|---|---|")
+        print(
+            "\n| two phases: where the pause falls | longest latency, requests sent while staging | "
+            "requests sent from staged to committed (the commit) |\n|---|---|---|"
+        )
         for name in split:
             print(f"| {name} | {med(name, 'while_staging'):.3f} | {med(name, 'staged_to_end'):.3f} |")
     if skews:
-        print(f"\ncommit skew across the 2 instances (committed_at, /model_info): median {statistics.median(skews) * 1e3:.1f} "
-              f"ms, max {max(skews) * 1e3:.1f} ms (target <= 100 ms)")  # fmt: skip
+        print(
+            "\ncommit skew across the 2 instances (committed_at, /model_info): "
+            f"median {statistics.median(skews) * 1e3:.1f} ms, max {max(skews) * 1e3:.1f} ms (target <= 100 ms)"
+        )
     if staging[1] and staging[2]:
         rate1, rate2 = nbytes / GB / staging[1], nbytes / GB / staging[2]
-        print(f"\n| staging, each rank reading at most {a.read_rate}B/s | stage s | GB/s | vs 1 rank |\n|---|---|---|---|")
+        print(
+            f"\n| staging, each rank reading at most {a.read_rate}B/s | stage s | GB/s | vs 1 rank |\n|---|---|---|---|"
+        )
         print(f"| 1 rank | {staging[1]:.3f} | {rate1:.3f} | 1.00 |")
-        print(f"| 2 ranks (each reads its half at once, then they exchange) | {staging[2]:.3f} | {rate2:.3f} | "
-              f"{rate2 / rate1:.2f} (target >= 1.7) |")  # fmt: skip
+        print(
+            f"| 2 ranks (each reads its half at once, then they exchange) | {staging[2]:.3f} | {rate2:.3f} | "
+            f"{rate2 / rate1:.2f} (target >= 1.7) |"
+        )
     print(f"\ngreedy output after every method == after the disk reload: {not bad}")
     if bad:
         print(f"MISMATCH: {bad}", file=sys.stderr)

@@ -67,13 +67,31 @@ def start_loaders(urls: list[str], watched: Path, log: Path, extra: list[str]) -
     args = ["-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--quiet", *extra]
     out = open(log, "w")
     if len(urls) == 1:
-        return [subprocess.Popen([sys.executable, *args, "--endpoint", urls[0]], stdout=out, stderr=out,
-                                 start_new_session=True)]  # fmt: skip
+        return [
+            subprocess.Popen(
+                [sys.executable, *args, "--endpoint", urls[0]], stdout=out, stderr=out, start_new_session=True
+            )
+        ]
     port, procs = free_port(), []
     for node, url in enumerate(urls):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(urls)), "--node-rank", str(node),
-               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), *args,
-               "--endpoint", url]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(len(urls)),
+            "--node-rank",
+            str(node),
+            "--nproc-per-node",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            *args,
+            "--endpoint",
+            url,
+        ]
         procs.append(subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True))
     return procs
 
@@ -156,15 +174,21 @@ def main() -> int:
         with serving_servers(ckpt, logs) as servers:
             rows += bench(setting, servers, ckpt, work, a.repeats)
 
-    print(f"\n{checkpoint_bytes(ckpt) / GB:.3f} GB bf16 checkpoint, servers with --sleep-on-idle, median of {a.repeats}, "
-          "same run\n")  # fmt: skip
-    print("| setting | SGLang disk reload s | resident: complete -> serving s | minus disk s | restarted server: "
-          "port answering -> serving s |")  # fmt: skip
+    print(
+        f"\n{checkpoint_bytes(ckpt) / GB:.3f} GB bf16 checkpoint, servers with --sleep-on-idle, median of {a.repeats}, "
+        "same run\n"
+    )
+    print(
+        "| setting | SGLang disk reload s | resident: complete -> serving s | minus disk s | restarted server: "
+        "port answering -> serving s |"
+    )
     print("|---|---|---|---|---|")
     for setting, disk, resident, refill in rows:
         print(f"| {SETTINGS[setting][2]} | {disk:.3f} | {resident:.3f} | {resident - disk:+.3f} | {refill:.3f} |")
-    print("\ntargets (issue 19): resident whole <= disk reload + 1.0 s (one server and a 2-instance fleet); a restarted "
-          "server serves the current checkpoint within 2 s of its port answering")
+    print(
+        "\ntargets (issue 19): resident whole <= disk reload + 1.0 s (one server and a 2-instance fleet); a restarted "
+        "server serves the current checkpoint within 2 s of its port answering"
+    )
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -54,9 +54,13 @@ def cpu_environment(tp_size: int | None = None, base: dict | None = None) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tp", type=int, default=None,
-                        help="also export SGLANG_CPU_OMP_THREADS_BIND for this many ranks (by default the plugin "
-                             "binds cores from the server's own --tp/--dp/--pp)")  # fmt: skip
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="also export SGLANG_CPU_OMP_THREADS_BIND for this many ranks (by default the plugin "
+        "binds cores from the server's own --tp/--dp/--pp)",
+    )
     args = parser.parse_args()
     for key, value in cpu_environment(args.tp).items():
         print(f"export {key}={shlex.quote(value)}")

@@ -22,20 +22,20 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
 from .loader.checkpoint import TensorInfo, dtype_name
 from .loader.http import ServerClient, ServerError
-from .loader.plan import STAGING_SHARE, Bucket, align_up, plan_buckets, staging_problem
 from .loader.node_feed import NodeFeeder
+from .loader.plan import STAGING_SHARE, Bucket, align_up, plan_buckets, staging_problem
 from .loader.push import PushError, RankFeeder, StageTimes, new_update_id
 from .loader.rank_setup import available_memory
 from .placement import LoaderPlacement, ServerPlacement, choose_placement, node_local_problem
-from .transport.channel import make_endpoint
 from .trainer import PushStats
+from .transport.channel import make_endpoint
 from .transport.handles import allocate_buffer, visible_gpu_keys
 
 MiB = 1 << 20
@@ -93,8 +93,17 @@ class StagedPush:
 
 
 class LocalPush:
-    def __init__(self, url: str, *, bucket_bytes: int | None = None, num_buffers: int = 2, api_key: str | None = None,
-                 timeout_s: float = 600.0, device: torch.device | str = "auto", two_phase: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        bucket_bytes: int | None = None,
+        num_buffers: int = 2,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        device: torch.device | str = "auto",
+        two_phase: str = "auto",
+    ):
         """``device``: where the bucket buffers live. ``auto`` follows the server (placement.py): CUDA IPC on the
         server's GPU (TP rank 0's, every rank reading it peer to peer) when this process sees its GPUs and they
         read each other's memory, else shared memory (which every TP rank maps; a CUDA rank copies from it to its
@@ -118,7 +127,7 @@ class LocalPush:
         self.tp_size: int | None = None
         self.rank_keys: list[str] = []
 
-    def __enter__(self) -> "LocalPush":
+    def __enter__(self) -> LocalPush:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -166,8 +175,10 @@ class LocalPush:
         tensors = {name: t.detach().contiguous() for name, t in named_tensors}
         if not tensors:
             raise ValueError("LocalPush: no tensors given")
-        infos = [TensorInfo(name, dtype_name(t.dtype), tuple(t.shape), "", 0, t.numel() * t.element_size())
-                 for name, t in tensors.items()]  # fmt: skip
+        infos = [
+            TensorInfo(name, dtype_name(t.dtype), tuple(t.shape), "", 0, t.numel() * t.element_size())
+            for name, t in tensors.items()
+        ]
         if self.tp_size is None:
             self._place()
         total = sum(align_up(i.nbytes) for i in infos)
@@ -190,8 +201,13 @@ class LocalPush:
         budget = int(available_memory(LoaderPlacement("cpu", None, "")) * STAGING_SHARE) + held
         return staging_problem([b.nbytes for b in buckets], 1, budget, self.device.type)
 
-    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None = None,
-             flush_cache: bool = True, partial: bool = False) -> LocalPushStats:  # fmt: skip
+    def push(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+        partial: bool = False,
+    ) -> LocalPushStats:
         """One complete update (``partial=True``: only some parameters, on purpose): staged, then committed (the
         server pauses for the commit alone), or streamed where staging does not fit (``two_phase``)."""
         t0 = time.perf_counter()
@@ -236,8 +252,9 @@ class LocalPush:
         self._staged = StagedPush(update_id, stats)
         return self._staged
 
-    def commit(self, staged: StagedPush, weight_version: str | None = None, flush_cache: bool = True,
-               retries: int = 2) -> LocalPushStats:  # fmt: skip
+    def commit(
+        self, staged: StagedPush, weight_version: str | None = None, flush_cache: bool = True, retries: int = 2
+    ) -> LocalPushStats:
         """Second phase: every TP rank loads what it staged (under SGLang's model-update lock: the pause clients
         see). A failed commit is retried from the staged bytes up to ``retries`` times."""
         if staged is not self._staged:
@@ -277,14 +294,17 @@ class LocalPush:
         times = StageTimes()
         stats = LocalPushStats(tensors=len(infos), bytes=sum(i.nbytes for i in infos), buckets=len(buckets))
         with self._feeders(update_id, partial) as (node, cancelled):
-            call = self.client.start_update(dict(zip(self.rank_keys, node.endpoints)), weight_version, flush_cache,
-                                            cancelled)  # fmt: skip
+            call = self.client.start_update(
+                dict(zip(self.rank_keys, node.endpoints)), weight_version, flush_cache, cancelled
+            )
             try:
                 self._run(node, buckets, TensorFiller(tensors), times, stats)
             except BaseException as exc:
                 cancelled.set()
                 call.join_quietly()
-                raise (call.error if isinstance(exc, PushError) and call.error else exc)
+                if isinstance(exc, PushError) and call.error:
+                    raise call.error from exc  # the server's answer says why; the loader side only that it stopped
+                raise
             call.join()
         stats.server_load_s = times.load_s
         return stats

@@ -15,8 +15,8 @@ Pure functions of what the server said and what this process sees, so that the r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 PLUGIN_MARKER = "ckpt_plugin"  # key our plugin adds to /model_info
 
@@ -31,12 +31,16 @@ class ServerPlacement:
     peer_access: bool = False  # every TP rank's GPU reads every other's memory peer to peer (NVLink / PCIe P2P)
 
     @classmethod
-    def from_model_info(cls, info: dict) -> "ServerPlacement":
+    def from_model_info(cls, info: dict) -> ServerPlacement:
         plugin = info.get(PLUGIN_MARKER) or {}
-        return cls(device=plugin.get("device"), rank_keys=list(plugin.get("rank_keys") or []),
-                   tp_size=int(plugin.get("tp_size") or 1), dp_size=int(plugin.get("dp_size") or 1),
-                   pp_size=int(plugin.get("pp_size") or 1),
-                   peer_access=bool(plugin.get("peer_access")))  # fmt: skip
+        return cls(
+            device=plugin.get("device"),
+            rank_keys=list(plugin.get("rank_keys") or []),
+            tp_size=int(plugin.get("tp_size") or 1),
+            dp_size=int(plugin.get("dp_size") or 1),
+            pp_size=int(plugin.get("pp_size") or 1),
+            peer_access=bool(plugin.get("peer_access")),
+        )
 
     def key_of(self, tp_rank: int) -> str | None:
         return self.rank_keys[tp_rank] if tp_rank < len(self.rank_keys) else None
@@ -46,11 +50,15 @@ def unsupported_layout(dp_size: int, pp_size: int) -> str | None:
     """SGLang 0.5.23 serves IPC updates for one data-parallel replica and no pipeline stages (it asserts
     ``dp_size == 1`` deep inside): refused up front, in words, by the server and by the loader."""
     if dp_size > 1:
-        return (f"this server runs --dp-size {dp_size}; SGLang updates weights over IPC for one data-parallel "
-                "replica only: run one server per replica (each with --dp-size 1) and push to each")  # fmt: skip
+        return (
+            f"this server runs --dp-size {dp_size}; SGLang updates weights over IPC for one data-parallel "
+            "replica only: run one server per replica (each with --dp-size 1) and push to each"
+        )
     if pp_size > 1:
-        return (f"this server runs --pp-size {pp_size}; IPC weight updates with pipeline parallelism are not "
-                "supported: use --tp only, or SGLang's /update_weights_from_disk")  # fmt: skip
+        return (
+            f"this server runs --pp-size {pp_size}; IPC weight updates with pipeline parallelism are not "
+            "supported: use --tp only, or SGLang's /update_weights_from_disk"
+        )
     return None
 
 
@@ -62,39 +70,56 @@ class LoaderPlacement:
     note: str | None = None  # said once when the choice is not the obvious one (a fallback)
 
 
-def choose_placement(choice: str, server: ServerPlacement, tp_rank: int, local_rank: int,
-                     local_gpus: list[str]) -> LoaderPlacement:  # fmt: skip
+def choose_placement(
+    choice: str, server: ServerPlacement, tp_rank: int, local_rank: int, local_gpus: list[str]
+) -> LoaderPlacement:
     """``choice``: --device (auto/cpu/cuda). ``local_gpus``: ``GPU-<uuid>`` of every GPU this process sees,
     by local index. Raises ValueError for what cannot work, saying what to change."""
     if server.device == "cpu":
         if choice == "cuda":
-            raise ValueError("--device cuda, but the server runs on CPU: its ranks cannot open CUDA IPC buffers; "
-                             "use --device cpu (or auto)")  # fmt: skip
+            raise ValueError(
+                "--device cuda, but the server runs on CPU: its ranks cannot open CUDA IPC buffers; "
+                "use --device cpu (or auto)"
+            )
         return LoaderPlacement("cpu", None, server.key_of(tp_rank) or f"cpu-tp{tp_rank}")
     if server.device == "cuda":
         want = server.key_of(tp_rank)
         if want is None:
-            raise ValueError(f"the server published no GPU for TP rank {tp_rank} (rank_keys: {server.rank_keys}); "
-                             "is --inference-parallel-size the server's --tp?")  # fmt: skip
+            raise ValueError(
+                f"the server published no GPU for TP rank {tp_rank} (rank_keys: {server.rank_keys}); "
+                "is --inference-parallel-size the server's --tp?"
+            )
         if choice == "cpu":
-            return LoaderPlacement("cpu", None, want, "--device cpu: shared-memory buffers; the server copies them "
-                                                      "to its GPUs (slower than CUDA IPC)")  # fmt: skip
+            return LoaderPlacement(
+                "cpu",
+                None,
+                want,
+                "--device cpu: shared-memory buffers; the server copies them to its GPUs (slower than CUDA IPC)",
+            )
         if want in local_gpus:
             return LoaderPlacement("cuda", local_gpus.index(want), want)
         if choice == "cuda":
-            raise ValueError(f"TP rank {tp_rank} of the server runs on {want}, which this loader rank does not see "
-                             f"(it sees {local_gpus or 'no GPU'}): run the loader on the server's node with that GPU "
-                             "visible (CUDA_VISIBLE_DEVICES), or use --device cpu")  # fmt: skip
-        return LoaderPlacement("cpu", None, want, f"{want} (TP rank {tp_rank}) is not visible here: shared-memory "
-                                                  "buffers, the server copies them to its GPU")  # fmt: skip
+            raise ValueError(
+                f"TP rank {tp_rank} of the server runs on {want}, which this loader rank does not see "
+                f"(it sees {local_gpus or 'no GPU'}): run the loader on the server's node with that GPU "
+                "visible (CUDA_VISIBLE_DEVICES), or use --device cpu"
+            )
+        return LoaderPlacement(
+            "cpu",
+            None,
+            want,
+            f"{want} (TP rank {tp_rank}) is not visible here: shared-memory buffers, the server copies them to its GPU",
+        )
     # A server that did not say (older plugin): this machine decides, one GPU per local rank.
     if choice == "cpu" or (choice == "auto" and not local_gpus):
         return LoaderPlacement("cpu", None, f"cpu-tp{tp_rank}")
     if not local_gpus:
         raise ValueError("--device cuda but no CUDA device is visible")
     if local_rank >= len(local_gpus):
-        raise ValueError(f"local rank {local_rank} has no GPU of its own ({len(local_gpus)} visible): NCCL needs one "
-                         "GPU per loader rank; start at most as many ranks per node as GPUs")  # fmt: skip
+        raise ValueError(
+            f"local rank {local_rank} has no GPU of its own ({len(local_gpus)} visible): NCCL needs one "
+            "GPU per loader rank; start at most as many ranks per node as GPUs"
+        )
     return LoaderPlacement("cuda", local_rank, local_gpus[local_rank])
 
 
@@ -140,8 +165,10 @@ def shared_gpus(node_keys: list[tuple[int, str]]) -> str | None:
         if not key.startswith("GPU-"):
             continue
         if (node, key) in seen:
-            return (f"loader ranks {seen[(node, key)]} and {rank} would both use {key}: NCCL needs one GPU per rank; "
-                    "start at most as many loader ranks per node as the server has GPUs there")  # fmt: skip
+            return (
+                f"loader ranks {seen[(node, key)]} and {rank} would both use {key}: NCCL needs one GPU per rank; "
+                "start at most as many loader ranks per node as the server has GPUs there"
+            )
         seen[(node, key)] = rank
     return None
 
@@ -153,6 +180,8 @@ def trainer_gpu(server: ServerPlacement, local_gpus: list[str]) -> int:
     for index, key in enumerate(local_gpus):
         if key not in taken:
             return index
-    raise ValueError(f"every GPU this trainer sees ({local_gpus}) is used by the server's TP ranks: an NCCL group "
-                     "cannot hold two ranks on one GPU; give the trainer its own GPU (CUDA_VISIBLE_DEVICES), or push "
-                     "with LocalPush (CUDA IPC, same GPU) instead")  # fmt: skip
+    raise ValueError(
+        f"every GPU this trainer sees ({local_gpus}) is used by the server's TP ranks: an NCCL group "
+        "cannot hold two ranks on one GPU; give the trainer its own GPU (CUDA_VISIBLE_DEVICES), or push "
+        "with LocalPush (CUDA IPC, same GPU) instead"
+    )

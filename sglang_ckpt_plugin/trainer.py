@@ -18,16 +18,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
 
 from .loader.http import ServerClient, ServerError, UpdateCall, free_port
 from .placement import ServerPlacement, trainer_gpu
-from .transport.handles import visible_gpu_keys
 from .server import sglang_compat as sg
+from .transport.handles import visible_gpu_keys
 
 MiB = 1 << 20
 
@@ -70,10 +70,19 @@ def wait_for_broadcast(work, call: UpdateCall, poll_s: float = 0.002) -> str | N
 
 
 class TrainerPush:
-    def __init__(self, url: str, *, master_addr: str = "127.0.0.1", master_port: int | None = None,
-                 backend: str | None = None, group_name: str = "weight_update_group",
-                 bucket_bytes: int = 256 * MiB, api_key: str | None = None, timeout_s: float = 600.0,
-                 device: torch.device | str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+        backend: str | None = None,
+        group_name: str = "weight_update_group",
+        bucket_bytes: int = 256 * MiB,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        device: torch.device | str | None = None,
+    ):
         """``device``: where this trainer's send buffer lives; by default it follows the server (placement.py): a GPU
         none of the server's TP ranks uses when the server runs on CUDA (NCCL refuses two ranks of one group on one
         GPU), the CPU (gloo) when the server runs on CPU."""
@@ -89,18 +98,29 @@ class TrainerPush:
         self._send_buffer: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ group
-    def connect(self) -> "TrainerPush":
+    def connect(self) -> TrainerPush:
         """Create the group: this process is rank 0, the server's TP ranks are 1..tp (same call on both sides)."""
         server = ServerPlacement.from_model_info(self.client.wait_until_listening())
         tp_size = server.tp_size
         self.device = self._choose_device(server)
         self.backend = self.backend or ("nccl" if self.device.type == "cuda" else "gloo")
-        body = {"master_address": self.master_addr, "master_port": self.master_port, "rank_offset": 1,
-                "world_size": 1 + tp_size, "group_name": self.group_name, "backend": self.backend}  # fmt: skip
+        body = {
+            "master_address": self.master_addr,
+            "master_port": self.master_port,
+            "rank_offset": 1,
+            "world_size": 1 + tp_size,
+            "group_name": self.group_name,
+            "backend": self.backend,
+        }
         call = UpdateCall(self.client, body, threading.Event(), path="/init_weights_update_group")
         with self._on_device():
-            self.group = sg.trainer_process_group(self.backend, f"tcp://{self.master_addr}:{self.master_port}",
-                                                  1 + tp_size, self.group_name, self.timeout_s)  # fmt: skip
+            self.group = sg.trainer_process_group(
+                self.backend,
+                f"tcp://{self.master_addr}:{self.master_port}",
+                1 + tp_size,
+                self.group_name,
+                self.timeout_s,
+            )
         call.join()
         return self
 
@@ -111,8 +131,10 @@ class TrainerPush:
             return torch.device("cpu")
         gpus = visible_gpu_keys()
         if not gpus or (self.device is not None and self.device.type != "cuda"):
-            raise ValueError("the server runs on CUDA, so its weight-update group is NCCL: push from a GPU of this "
-                             "process that the server does not use")  # fmt: skip
+            raise ValueError(
+                "the server runs on CUDA, so its weight-update group is NCCL: push from a GPU of this "
+                "process that the server does not use"
+            )
         if self.device is None or self.device.index is None:
             current = torch.cuda.current_device()  # the trainer's own GPU, unless a server rank uses it
             index = current if gpus[current] not in server.rank_keys else trainer_gpu(server, gpus)
@@ -121,8 +143,10 @@ class TrainerPush:
             if index >= len(gpus):
                 raise ValueError(f"cuda:{index}: this process sees {len(gpus)} GPUs")
             if gpus[index] in server.rank_keys:
-                raise ValueError(f"cuda:{index} ({gpus[index]}) is a GPU of the server's TP ranks: an NCCL group "
-                                 "cannot hold two ranks on one GPU; pick another GPU")  # fmt: skip
+                raise ValueError(
+                    f"cuda:{index} ({gpus[index]}) is a GPU of the server's TP ranks: an NCCL group "
+                    "cannot hold two ranks on one GPU; pick another GPU"
+                )
         # No set_device: the trainer's own "cuda" allocations stay on its GPU; our GPU work runs under
         # torch.cuda.device(self.device) (_on_device), where NCCL takes its device from.
         return torch.device("cuda", index)
@@ -140,15 +164,19 @@ class TrainerPush:
             dist.destroy_process_group(self.group)
             self.group = None
 
-    def __enter__(self) -> "TrainerPush":
+    def __enter__(self) -> TrainerPush:
         return self.connect()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     # ------------------------------------------------------------------ updates
-    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None = None,
-             flush_cache: bool = True) -> PushStats:  # fmt: skip
+    def push(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+    ) -> PushStats:
         """One update: every tensor, in buckets, inside one weight-update session."""
         if self.group is None:
             raise RuntimeError("call connect() (or use TrainerPush as a context manager) before push()")
@@ -169,9 +197,14 @@ class TrainerPush:
         return stats
 
     def _push_bucket(self, bucket, weight_version: str | None, flush_cache: bool) -> None:
-        body = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-                "load_format": sg.FLATTENED_BUCKET_FORMAT, "flush_cache": flush_cache}  # fmt: skip
+        body = {
+            "names": [n for n, _ in bucket],
+            "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket],
+            "group_name": self.group_name,
+            "load_format": sg.FLATTENED_BUCKET_FORMAT,
+            "flush_cache": flush_cache,
+        }
         if weight_version is not None:
             body["weight_version"] = weight_version
         with self._on_device():

@@ -72,8 +72,12 @@ def scrape(url: str, prefix: str = "sglang:ckpt_") -> dict[tuple, float]:
 
     resp = httpx.get(f"{url}/metrics", timeout=30)
     resp.raise_for_status()
-    return {(s.name, *sorted(s.labels.items())): s.value for family in text_string_to_metric_families(resp.text)
-            for s in family.samples if s.name.startswith(prefix)}  # fmt: skip
+    return {
+        (s.name, *sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(resp.text)
+        for s in family.samples
+        if s.name.startswith(prefix)
+    }
 
 
 def sample(samples: dict[tuple, float], name: str, **labels) -> float:
@@ -81,11 +85,24 @@ def sample(samples: dict[tuple, float], name: str, **labels) -> float:
     return samples.get((name, *sorted(labels.items())), 0.0)
 
 
-def push(url: str, checkpoint: Path, *extra: str, check: bool = True, timeout_s: float = 300) -> subprocess.CompletedProcess:
+def push(
+    url: str, checkpoint: Path, *extra: str, check: bool = True, timeout_s: float = 300
+) -> subprocess.CompletedProcess:
     """Run the real loader CLI against a server. A loader still running at ``timeout_s`` is made to dump its
     threads' stacks (faulthandler on SIGUSR1) before it is killed, and the failure shows them."""
-    cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(checkpoint),
-           "--endpoint", url, "--quiet", "--timeout", "120", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_ckpt_plugin.update",
+        "--checkpoint-path",
+        str(checkpoint),
+        "--endpoint",
+        url,
+        "--quiet",
+        "--timeout",
+        "120",
+        *extra,
+    ]
     proc = run_with_stacks(cmd, timeout_s)
     if check and proc.returncode != 0:
         raise AssertionError(f"loader failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -20,8 +20,14 @@ def attempt(engine) -> dict:
 def main(model_path: str) -> None:
     import sglang
 
-    engine = sglang.Engine(model_path=model_path, load_format="dummy", checkpoint_engine_wait_weights_before_ready=True,
-                           device="cpu", max_total_tokens=4096, log_level="error")  # fmt: skip
+    engine = sglang.Engine(
+        model_path=model_path,
+        load_format="dummy",
+        checkpoint_engine_wait_weights_before_ready=True,
+        device="cpu",
+        max_total_tokens=4096,
+        log_level="error",
+    )
     try:
         print(json.dumps({"step": "before", **attempt(engine)}), flush=True)
         # SGLang's tensor path, inside a session: one parameter written is not a complete model

@@ -25,11 +25,32 @@ import torch
 HIDDEN, LAYERS, VOCAB = 64, 2, 256
 HEADS, KV_HEADS = 4, 2
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-MLA = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
-           n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
-           n_group=2, topk_group=1, moe_layer_freq=1, routed_scaling_factor=1.0, norm_topk_prob=True,
-           rope_scaling={"type": "yarn", "rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 2048,
-                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})  # fmt: skip
+MLA = dict(
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+    n_group=2,
+    topk_group=1,
+    moe_layer_freq=1,
+    routed_scaling_factor=1.0,
+    norm_topk_prob=True,
+    rope_scaling={
+        "type": "yarn",
+        "rope_type": "yarn",
+        "factor": 1.0,
+        "original_max_position_embeddings": 2048,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+)
 
 # family -> (HF model_type, config fields beyond the common sizes)
 FAMILIES = {
@@ -42,10 +63,26 @@ FAMILIES = {
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
     "phi3": ("phi3", {}),
     "gpt2": ("gpt2", {"n_inner": 2 * HIDDEN, "bos_token_id": 1, "eos_token_id": 2}),
-    "gemma2": ("gemma2", {"head_dim": 16, "hidden_act": "gelu_pytorch_tanh", "sliding_window": 8,
-                          "query_pre_attn_scalar": 16, "tie_word_embeddings": True}),
-    "gemma3": ("gemma3_text", {"head_dim": 16, "hidden_act": "gelu_pytorch_tanh", "sliding_window": 8,
-                               "query_pre_attn_scalar": 16, "tie_word_embeddings": True}),
+    "gemma2": (
+        "gemma2",
+        {
+            "head_dim": 16,
+            "hidden_act": "gelu_pytorch_tanh",
+            "sliding_window": 8,
+            "query_pre_attn_scalar": 16,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "gemma3": (
+        "gemma3_text",
+        {
+            "head_dim": 16,
+            "hidden_act": "gelu_pytorch_tanh",
+            "sliding_window": 8,
+            "query_pre_attn_scalar": 16,
+            "tie_word_embeddings": True,
+        },
+    ),
     "olmo2": ("olmo2", {}),
     "olmoe": ("olmoe", {"num_key_value_heads": HEADS, "num_experts": 4, "num_experts_per_tok": 2}),
     "starcoder2": ("starcoder2", {"use_bias": True}),
@@ -53,27 +90,61 @@ FAMILIES = {
     "stablelm": ("stablelm", {}),
     "smollm3": ("smollm3", {}),
     "glm4": ("glm4", {"head_dim": 16}),
-    "glm4-moe": ("glm4_moe", {"head_dim": 16, "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
-                              "moe_intermediate_size": 32, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}),
-    "qwen2-moe": ("qwen2_moe", {**MOE, "shared_expert_intermediate_size": 32, "decoder_sparse_step": 1,
-                                "mlp_only_layers": []}),
+    "glm4-moe": (
+        "glm4_moe",
+        {
+            "head_dim": 16,
+            "n_routed_experts": 4,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+        },
+    ),
+    "qwen2-moe": (
+        "qwen2_moe",
+        {**MOE, "shared_expert_intermediate_size": 32, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    ),
     "phimoe": ("phimoe", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
     "gpt-oss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8}),
-    "deepseek-v2": ("deepseek_v2", {**MLA, "q_lora_rank": None, "num_key_value_heads": HEADS,
-                                    "scoring_func": "softmax", "topk_method": "greedy"}),
-    "deepseek-v3": ("deepseek_v3", {**MLA, "q_lora_rank": 32, "num_key_value_heads": HEADS, "scoring_func": "sigmoid",
-                                    "topk_method": "noaux_tc", "num_nextn_predict_layers": 1}),
-}  # fmt: skip
+    "deepseek-v2": (
+        "deepseek_v2",
+        {**MLA, "q_lora_rank": None, "num_key_value_heads": HEADS, "scoring_func": "softmax", "topk_method": "greedy"},
+    ),
+    "deepseek-v3": (
+        "deepseek_v3",
+        {
+            **MLA,
+            "q_lora_rank": 32,
+            "num_key_value_heads": HEADS,
+            "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc",
+            "num_nextn_predict_layers": 1,
+        },
+    ),
+}
 
 
 def hf_config(family: str):
     from transformers import AutoConfig
 
     model_type, fields = FAMILIES[family]
-    common = dict(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
-                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
-                  max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                  pad_token_id=0, dtype=torch.float32)  # fmt: skip
+    common = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=VOCAB,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        dtype=torch.float32,
+    )
     return AutoConfig.for_model(model_type, **{**common, **fields})
 
 
@@ -98,8 +169,13 @@ class SGLangBuilder:
     def server_args(checkpoint: Path):
         from sglang.srt.server_args import ServerArgs
 
-        return ServerArgs(model_path=str(checkpoint), device="cpu", load_format="dummy", max_total_tokens=4096,
-                          checkpoint_engine_wait_weights_before_ready=True)  # fmt: skip
+        return ServerArgs(
+            model_path=str(checkpoint),
+            device="cpu",
+            load_format="dummy",
+            max_total_tokens=4096,
+            checkpoint_engine_wait_weights_before_ready=True,
+        )
 
     def model_config(self, checkpoint: Path):
         from sglang.srt.configs.model_config import ModelConfig
@@ -111,8 +187,11 @@ class SGLangBuilder:
         from sglang.srt.configs.load_config import LoadConfig
         from sglang.srt.model_loader import get_model
 
-        return get_model(model_config=self.model_config(checkpoint), load_config=LoadConfig(load_format=load_format),
-                         device_config=DeviceConfig("cpu"))  # fmt: skip
+        return get_model(
+            model_config=self.model_config(checkpoint),
+            load_config=LoadConfig(load_format=load_format),
+            device_config=DeviceConfig("cpu"),
+        )
 
 
 def victim(manifest: list, together) -> str:
@@ -163,12 +242,19 @@ def check_family(builder: SGLangBuilder, family: str, checkpoint: Path) -> dict:
     before = differing(served, reference)
     cpu = torch.device("cpu")
     stats, errors, buckets = run_session(
-        checkpoint, served, bucket_size=max(t.nbytes for t in tensors),
+        checkpoint,
+        served,
+        bucket_size=max(t.nbytes for t in tensors),
         validate=lambda m, partial, allow_unused: check_update(served, m, partial, allow_unused),
-        prepare=lambda: sg.prepare_model_for_loading(served, cpu), post=lambda: sg.post_process_model(served, cpu),
-    )  # fmt: skip
-    record.update(buckets=buckets, loader_errors=[str(e) for e in errors], differed_before=len(before),
-                  differing_after=differing(served, reference))  # fmt: skip
+        prepare=lambda: sg.prepare_model_for_loading(served, cpu),
+        post=lambda: sg.post_process_model(served, cpu),
+    )
+    record.update(
+        buckets=buckets,
+        loader_errors=[str(e) for e in errors],
+        differed_before=len(before),
+        differing_after=differing(served, reference),
+    )
     return record
 
 

@@ -27,9 +27,21 @@ def whole_params(manifest, partial, allow_unused):
     return CheckedUpdate({name: ((0, _nbytes(dtype, shape)),) for name, dtype, shape in manifest})
 
 
-def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_timeout_s=10.0, post=lambda: None,
-                verify=False, mapped=False, hello_timeout_s=10.0, session_out=None, checksum="xxh3",
-                validate=None, prepare=lambda: None):  # fmt: skip
+def run_session(
+    ckpt_dir,
+    model,
+    bucket_size=80_000,
+    loader_hook=None,
+    idle_timeout_s=10.0,
+    post=lambda: None,
+    verify=False,
+    mapped=False,
+    hello_timeout_s=10.0,
+    session_out=None,
+    checksum="xxh3",
+    validate=None,
+    prepare=lambda: None,
+):
     """One update of ``model`` from ``ckpt_dir``: (stats, loader errors, buckets). ``validate``: the receiver's
     check (default: every tensor writes the parameter of its name, whole)."""
     tensors = read_checkpoint(ckpt_dir)
@@ -62,8 +74,16 @@ def run_session(ckpt_dir, model, bucket_size=80_000, loader_hook=None, idle_time
     t.start()
     served = False
     try:
-        session = ReceiveSession(endpoint, CPU, model.load_weights, post, idle_timeout_s, validate or whole_params,
-                                 prepare=prepare, hello_timeout_s=hello_timeout_s)  # fmt: skip
+        session = ReceiveSession(
+            endpoint,
+            CPU,
+            model.load_weights,
+            post,
+            idle_timeout_s,
+            validate or whole_params,
+            prepare=prepare,
+            hello_timeout_s=hello_timeout_s,
+        )
         if session_out is not None:
             session_out.append(session)
         stats = session.run()

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sglang_ckpt_plugin.loader.checkpoint import CheckpointError, discover_files, dtype_name, read_checkpoint
-from sglang_ckpt_plugin.loader.plan import plan_buckets
 from sglang_ckpt_plugin.loader import reader as reader_module
+from sglang_ckpt_plugin.loader.checkpoint import CheckpointError, discover_files, dtype_name, read_checkpoint
 from sglang_ckpt_plugin.loader.filler import BucketFiller, bucket_digests
+from sglang_ckpt_plugin.loader.plan import plan_buckets
 from sglang_ckpt_plugin.loader.reader import CheckpointReader
 
 
@@ -29,7 +29,9 @@ def ckpt(tmp_path):
 def test_read_header_matches_safetensors_and_bytes_round_trip(ckpt):
     path, tensors = ckpt
     infos = read_checkpoint(path)
-    assert {t.name: (t.dtype, t.shape) for t in infos} == {k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+    assert {t.name: (t.dtype, t.shape) for t in infos} == {
+        k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()
+    }
     buckets = plan_buckets(infos, 4096)
     buf = torch.zeros(4096, dtype=torch.uint8)
     reader = CheckpointReader()
@@ -47,12 +49,18 @@ def test_read_header_matches_safetensors_and_bytes_round_trip(ckpt):
 def test_staged_fill_gives_the_same_bytes_and_digests_as_a_direct_fill(tmp_path, chunk, checksum, chunks):
     """The CUDA path's staging logic (chunks in turn, spans cut at any byte, digests streamed as bytes pass), run on
     the CPU: every chunk size and count gives exactly the direct fill's bytes and digests."""
-    tensors = {"a": torch.randn(5, 3), "b": torch.arange(7, dtype=torch.int16), "c": torch.randn(9, dtype=torch.float64)}
+    tensors = {
+        "a": torch.randn(5, 3),
+        "b": torch.arange(7, dtype=torch.int16),
+        "c": torch.randn(9, dtype=torch.float64),
+    }
     save_file(tensors, tmp_path / "model.safetensors")
     bucket = plan_buckets(read_checkpoint(tmp_path), 4096)[0]
     reader = CheckpointReader()
     direct = torch.zeros(bucket.nbytes, dtype=torch.uint8)
-    want = BucketFiller(reader, torch.device("cpu"), bucket.nbytes, checksum=checksum).fill(bucket, direct, digests=True)
+    want = BucketFiller(reader, torch.device("cpu"), bucket.nbytes, checksum=checksum).fill(
+        bucket, direct, digests=True
+    )
     staged = torch.zeros(bucket.nbytes, dtype=torch.uint8)
     filler = BucketFiller(
         reader, torch.device("cpu"), bucket.nbytes, chunk_bytes=chunk, staged=True, checksum=checksum, chunks=chunks
@@ -110,7 +118,11 @@ def test_reads_split_over_threads_give_the_same_bytes(tmp_path, monkeypatch, thr
     them, staged or not; a file shorter than its header says is an error, not a silent short bucket."""
     monkeypatch.setattr(reader_module, "MIN_PIECE_BYTES", 5)
     monkeypatch.setattr(reader_module, "MAX_PIECE_BYTES", 5)
-    tensors = {"a": torch.randn(5, 3), "b": torch.arange(7, dtype=torch.int16), "c": torch.randn(9, dtype=torch.float64)}
+    tensors = {
+        "a": torch.randn(5, 3),
+        "b": torch.arange(7, dtype=torch.int16),
+        "c": torch.randn(9, dtype=torch.float64),
+    }
     save_file(tensors, tmp_path / "model.safetensors")
     bucket = plan_buckets(read_checkpoint(tmp_path), 4096)[0]
     reader = CheckpointReader(threads=threads)

@@ -25,24 +25,56 @@ def test_defaults_match_sglang_entry_point():
 
 
 def test_every_seed_option_parses():
-    a = parse_args([
-        "--update-method", "all", "--checkpoint-path", "/c", "--inference-parallel-size", "1",
-        "--endpoint", "http://h:1", "--checkpoint-name", "n", "--save-metas-file", "/m.json", "--uds", "/s.sock",
-        "--weight-version", "v3", "--sleep-time", "1.5", "--bucket-size", "256M",
-    ])  # fmt: skip
-    assert (a.update_method, a.uds, a.weight_version, a.sleep_time, a.bucket_size) == ("all", "/s.sock", "v3", 1.5, 256 << 20)
+    a = parse_args(
+        [
+            "--update-method",
+            "all",
+            "--checkpoint-path",
+            "/c",
+            "--inference-parallel-size",
+            "1",
+            "--endpoint",
+            "http://h:1",
+            "--checkpoint-name",
+            "n",
+            "--save-metas-file",
+            "/m.json",
+            "--uds",
+            "/s.sock",
+            "--weight-version",
+            "v3",
+            "--sleep-time",
+            "1.5",
+            "--bucket-size",
+            "256M",
+        ]
+    )
+    assert (a.update_method, a.uds, a.weight_version, a.sleep_time, a.bucket_size) == (
+        "all",
+        "/s.sock",
+        "v3",
+        1.5,
+        256 << 20,
+    )
 
 
-@pytest.mark.parametrize("text,value", [("auto", 0), ("1G", 1 << 30), ("512k", 512 << 10), ("100", 100), ("1.5MiB", 3 << 19)])
+@pytest.mark.parametrize(
+    "text,value", [("auto", 0), ("1G", 1 << 30), ("512k", 512 << 10), ("100", 100), ("1.5MiB", 3 << 19)]
+)
 def test_sizes(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["--checkpoint-path", "/c", "--update-method", "gossip"], ["--checkpoint-path", "/c", "--bucket-size", "lots"],
-    ["--checkpoint-path", "/c", "--inference-parallel-size", "0"],
-    ["--checkpoint-path", "/c", "--save-metas-file", "a", "--load-metas-file", "b"],
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--checkpoint-path", "/c", "--update-method", "gossip"],
+        ["--checkpoint-path", "/c", "--bucket-size", "lots"],
+        ["--checkpoint-path", "/c", "--inference-parallel-size", "0"],
+        ["--checkpoint-path", "/c", "--save-metas-file", "a", "--load-metas-file", "b"],
+    ],
+)
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
@@ -64,12 +96,15 @@ def test_metas_round_trip_and_rejects_other_json(tmp_path):
         load_metas(tmp_path / "x.json")
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("file", "../outside.safetensors", "outside the checkpoint directory"),
-    ("file", "/etc/passwd", "outside the checkpoint directory"),
-    ("file_offset", 60, "does not fit"),
-    ("nbytes", 7, "does not fit"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("file", "../outside.safetensors", "outside the checkpoint directory"),
+        ("file", "/etc/passwd", "outside the checkpoint directory"),
+        ("file_offset", 60, "does not fit"),
+        ("nbytes", 7, "does not fit"),
+    ],
+)
 def test_metas_entries_must_stay_inside_the_checkpoint_and_its_files(tmp_path, field, value, match):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -99,7 +134,10 @@ def test_api_key_never_reaches_a_child_command_line():
     from sglang_ckpt_plugin.loader.cli import without_api_key
 
     assert without_api_key(["--api-key", "s3cret", "--quiet", "--api-key=s3cret", "--endpoint", "x"]) == [
-        "--quiet", "--endpoint", "x"]
+        "--quiet",
+        "--endpoint",
+        "x",
+    ]
 
 
 def test_cpu_environment_puts_stub_first_and_leaves_binding_to_the_plugin():
@@ -120,14 +158,19 @@ def test_core_binds_one_range_per_rank():
 
 
 def test_cpu_env_prints_exports():
-    out = subprocess.run([sys.executable, "-m", "sglang_ckpt_plugin.cpu_env"], capture_output=True, text=True,
-                         check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang_ckpt_plugin.cpu_env"], capture_output=True, text=True, check=True
+    ).stdout
     assert "export SGLANG_USE_CPU_ENGINE=1" in out and "export PYTHONPATH=" in out
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sglang_ckpt_plugin.update", "--quiet", *args],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "sglang_ckpt_plugin.update", "--quiet", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_missing_checkpoint_exits_nonzero_with_advice():
@@ -160,14 +203,23 @@ def test_the_clis_timeout_bounds_a_run_against_a_server_that_never_answers(tmp_p
     import socket
     import time
 
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"w": torch.ones(2, 2)}, tmp_path / "model.safetensors")
     mute = socket.create_server(("127.0.0.1", 0))
     port = mute.getsockname()[1]
-    cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--endpoint", f"http://127.0.0.1:{port}",
-           "--checkpoint-path", str(tmp_path), "--timeout", "6"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_ckpt_plugin.update",
+        "--endpoint",
+        f"http://127.0.0.1:{port}",
+        "--checkpoint-path",
+        str(tmp_path),
+        "--timeout",
+        "6",
+    ]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -45,11 +45,27 @@ def test_every_hook_target_is_checked():
 def test_server_on_a_release_without_a_target_refuses_to_start(llama_a, tmp_path):
     """A real launch_server: the plugin refuses before anything listens, exit code non-zero, one line."""
     port = free_port()
-    cmd = [sys.executable, "-m", "tests.missing_target_server", "--model-path", str(llama_a), "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu", "--max-total-tokens", "4096", "--load-format", "dummy",
-           "--wait-for-initial-weights"]  # fmt: skip
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=server_env("cpu"),
-                             start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.missing_target_server",
+        "--model-path",
+        str(llama_a),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-total-tokens",
+        "4096",
+        "--load-format",
+        "dummy",
+        "--wait-for-initial-weights",
+    ]
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=server_env("cpu"), start_new_session=True
+    )
     _, err = communicate_or_dump(child, 180, "the refused server")
     assert child.returncode != 0
     lines = [line for line in err.splitlines() if line.startswith("sglang-ckpt-plugin does not support SGLang")]
@@ -62,19 +78,23 @@ def test_server_on_a_release_without_a_target_refuses_to_start(llama_a, tmp_path
 @pytest.mark.slow
 def test_the_package_builds_without_warnings_and_with_an_spdx_license(tmp_path):
     """What `pip install sglang-ckpt-plugin` builds: no deprecation warnings of ours, License-Expression set."""
+    import shutil
     import zipfile
     from pathlib import Path
-
-    import shutil
 
     root, src = Path(__file__).parents[1], tmp_path / "src"  # a copy: setuptools writes build/ beside the sources
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(root / name, src / name)
-    shutil.copytree(root / "sglang_ckpt_plugin", src / "sglang_ckpt_plugin",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(src)],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    shutil.copytree(
+        root / "sglang_ckpt_plugin", src / "sglang_ckpt_plugin", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     text = "\n".join(line for line in (out.stdout + out.stderr).splitlines() if "Location 'file:" not in line)
     assert "Deprecat" not in text and "SetuptoolsWarning" not in text, text[-4000:]

@@ -10,7 +10,7 @@ import torch
 from sglang_ckpt_plugin.server.coverage import Extent, describe_unwritten, missing_from, union, view_runs
 from sglang_ckpt_plugin.server.validate import UpdateRejected, observe, required_coverage, validate_update
 
-E, I, H = 4, 3, 2  # experts, intermediate, hidden
+E, I, H = 4, 3, 2  # experts, intermediate, hidden  # noqa: E741 - the names of the dimensions
 
 
 class FusedMoE(torch.nn.Module):
@@ -55,7 +55,9 @@ def test_a_push_lacking_experts_is_refused_as_complete_and_covers_only_what_it_w
     expert_bytes = 2 * I * H * 4
     assert cov["w13_weight"] == ((0, expert_bytes),)
     assert missing_from(required_coverage(FusedMoE()), cov) == [
-        "w13_weight (unwritten: dim-0 index 1-3 of 4)", "w2_weight (unwritten: dim-0 index 1-3 of 4)"]  # fmt: skip
+        "w13_weight (unwritten: dim-0 index 1-3 of 4)",
+        "w2_weight (unwritten: dim-0 index 1-3 of 4)",
+    ]
 
 
 def test_each_half_of_a_fused_expert_counts_on_its_own():

@@ -11,27 +11,33 @@ from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
 from sglang_ckpt_plugin.loader.plan import plan_buckets
 from sglang_ckpt_plugin.loader.push import PushError, RankFeeder, new_update_id
 from sglang_ckpt_plugin.placement import ServerPlacement
-from sglang_ckpt_plugin.server.receiver import STAGED_CUDA_IPC_REFUSAL, ReceiveSession, UpdateRefused
+from sglang_ckpt_plugin.server.receiver import ReceiveSession, UpdateRefused
 from sglang_ckpt_plugin.server.validate import CheckedUpdate
 from sglang_ckpt_plugin.transport import handles
 from sglang_ckpt_plugin.transport.channel import make_endpoint
 from sglang_ckpt_plugin.transport.messages import CudaIpcHandle
 
-CONF = "max_split_size_mb:256,roundup_power2_divisions:[256:1,512:2,>:4],expandable_segments:True," \
-       "garbage_collection_threshold:0.6"  # fmt: skip
+CONF = (
+    "max_split_size_mb:256,roundup_power2_divisions:[256:1,512:2,>:4],expandable_segments:True,"
+    "garbage_collection_threshold:0.6"
+)
 
 
 def test_allocator_settings_change_only_expandable_segments():
     assert handles.expandable_segments_enabled(CONF)
     off = handles.with_expandable_segments(CONF, False)
-    assert off == ("max_split_size_mb:256,roundup_power2_divisions:[256:1,512:2,>:4],"
-                   "garbage_collection_threshold:0.6,expandable_segments:False")  # fmt: skip
+    assert off == (
+        "max_split_size_mb:256,roundup_power2_divisions:[256:1,512:2,>:4],"
+        "garbage_collection_threshold:0.6,expandable_segments:False"
+    )
     assert not handles.expandable_segments_enabled(off)
     assert not handles.expandable_segments_enabled("max_split_size_mb:128")
 
 
 def test_the_settings_in_force_are_read_at_run_time(monkeypatch):
-    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: "expandable_segments:True", raising=False)
+    monkeypatch.setattr(
+        torch._C, "_accelerator_getAllocatorSettings", lambda: "expandable_segments:True", raising=False
+    )
     assert handles.expandable_segments_enabled(handles.allocator_settings())  # set by a framework, not the env
 
 
@@ -43,8 +49,10 @@ def test_a_handle_no_rank_answered_for_gives_back_its_ipc_reference(monkeypatch,
 
     released = []
     monkeypatch.setattr(push, "give_back_ipc_reference", lambda h: released.append(h.ref_counter_offset))
-    feeders = [RankFeeder(make_endpoint(new_update_id("t"), f"cpu-tp{r}"), "u", 1.0, threading.Event(), listen=False)
-               for r in range(2)]  # fmt: skip
+    feeders = [
+        RankFeeder(make_endpoint(new_update_id("t"), f"cpu-tp{r}"), "u", 1.0, threading.Event(), listen=False)
+        for r in range(2)
+    ]
     for offset, feeder in enumerate(feeders):
         buf = FakeCudaBuffer()
         buf.counter = offset
@@ -157,8 +165,9 @@ def test_a_staged_update_refuses_cuda_ipc_buffers_and_the_loader_gives_back_what
     one_bucket, given_back
 ):
     feeder, endpoint = _feeder_with_cuda_buffers(1)
-    session = ReceiveSession(endpoint, torch.device("cpu"), lambda w: None, lambda: None, 10.0,
-                             lambda *a: CheckedUpdate({}), staging=True)  # fmt: skip
+    session = ReceiveSession(
+        endpoint, torch.device("cpu"), lambda w: None, lambda: None, 10.0, lambda *a: CheckedUpdate({}), staging=True
+    )
     with pytest.raises(UpdateRefused, match="host shared memory"):
         _hello_against(session, feeder, one_bucket)
     assert given_back == [("loader", 0)]  # the rank refused before opening it
@@ -188,8 +197,9 @@ def test_a_rank_that_opens_one_of_two_handles_and_the_loader_give_back_each_refe
 
     monkeypatch.setattr(receiver, "open_buffer", open_cuda)
     feeder, endpoint = _feeder_with_cuda_buffers(2)
-    session = ReceiveSession(endpoint, torch.device("cpu"), lambda w: None, lambda: None, 10.0,
-                             lambda *a: CheckedUpdate({}))  # fmt: skip
+    session = ReceiveSession(
+        endpoint, torch.device("cpu"), lambda w: None, lambda: None, 10.0, lambda *a: CheckedUpdate({})
+    )
     with pytest.raises(receiver.UpdateFailed, match="cannot map the loader's buffers"):
         _hello_against(session, feeder, one_bucket)
     assert sorted(given_back) == [("loader", 1), ("rank", 0)]

@@ -12,8 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_device_check_runs_on_the_cpu_path(tmp_path):
-    proc = subprocess.run([str(ROOT / "scripts/device_check.sh"), "--device", "cpu", "--gb", "0.4",
-                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [str(ROOT / "scripts/device_check.sh"), "--device", "cpu", "--gb", "0.4", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| greedy output: push == disk reload | True |" in proc.stdout
     assert "| /weights_checker checksum: push == disk reload | True |" in proc.stdout
@@ -21,11 +25,27 @@ def test_device_check_runs_on_the_cpu_path(tmp_path):
 
 
 def test_device_check_without_sglang_runs_on_the_cpu_path(tmp_path):
-    proc = subprocess.run([str(ROOT / "scripts/device_check.sh"), "--no-sglang", "--device", "cpu", "--gb", "0.1",
-                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            str(ROOT / "scripts/device_check.sh"),
+            "--no-sglang",
+            "--device",
+            "cpu",
+            "--gb",
+            "0.1",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| loader", "| LocalPush ")) and "| yes" in line
-            or "| NO |" in line]  # fmt: skip
+    rows = [
+        line
+        for line in proc.stdout.splitlines()
+        if line.startswith(("| loader", "| LocalPush ")) and "| yes" in line or "| NO |" in line
+    ]
     assert len(rows) == 7 and all("| yes |" in row for row in rows), rows  # 4 loader variants, 3 LocalPush pushes
     sums = [line for line in proc.stdout.splitlines() if line.startswith("| word sums on cpu == on the host")]
     assert len(sums) == 1 and "| True |" in sums[0], sums

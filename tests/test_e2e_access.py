@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 
 def test_server_without_plugin_gets_a_clear_error(llama_a, tmp_path):
     # SGLANG_PLUGINS is SGLang's allow-list: naming only another plugin leaves ours out
-    with SGLangServer(llama_a, tmp_path / "noplugin.log", wait_for_weights=False,
-                      env={"SGLANG_PLUGINS": "smg-servicer"}) as srv:  # fmt: skip
+    with SGLangServer(
+        llama_a, tmp_path / "noplugin.log", wait_for_weights=False, env={"SGLANG_PLUGINS": "smg-servicer"}
+    ) as srv:
         srv.wait_healthy()
         proc = push(srv.url, llama_a, check=False)
         assert proc.returncode == 1
@@ -28,8 +29,13 @@ def test_admin_api_key_is_required_for_the_push(llama_a, tmp_path):
         body = {"zmq_handles": {"cpu-tp0": "ipc:///nowhere.sock"}}
         assert httpx.post(f"{srv.url}/update_weights_from_ipc", json=body).status_code == 401
         # routes the plugin wraps keep SGLang's auth level (SGLang's tensor route unpickles its body)
-        for path in ("/update_weights_from_tensor", "/begin_weight_update", "/end_weight_update",
-                     "/update_weights_from_disk", "/weights_checker"):
+        for path in (
+            "/update_weights_from_tensor",
+            "/begin_weight_update",
+            "/end_weight_update",
+            "/update_weights_from_disk",
+            "/weights_checker",
+        ):
             assert httpx.post(f"{srv.url}{path}", json={}).status_code == 401, path
         no_key = push(srv.url, llama_a, check=False)
         assert no_key.returncode == 1 and "--api-key" in no_key.stderr
@@ -65,14 +71,27 @@ def test_api_key_travels_by_environment_to_the_loader_and_its_torchrun_ranks(lla
     with SGLangServer(llama_a, tmp_path / "apikey2.log", tp_size=2, extra_args=["--admin-api-key", "s3cret"]) as srv:
         srv.wait_listening()
         env = {**os.environ, "SGLANG_CKPT_API_KEY": "s3cret"}
-        args = ["--checkpoint-path", str(llama_a), "--endpoint", srv.url, "--inference-parallel-size", "2", "--quiet",
-                "--timeout", "120", "--sleep-time", "3"]  # fmt: skip
+        args = [
+            "--checkpoint-path",
+            str(llama_a),
+            "--endpoint",
+            srv.url,
+            "--inference-parallel-size",
+            "2",
+            "--quiet",
+            "--timeout",
+            "120",
+            "--sleep-time",
+            "3",
+        ]
         cmdlines = run_watching_cmdlines([sys.executable, "-m", "sglang_ckpt_plugin.update", *args], env)
         assert not any(b"torch.distributed.run" in c for c in cmdlines)  # a CPU server: one process feeds both
         assert_serves(srv.url, llama_a, headers={"Authorization": "Bearer s3cret"})
 
-        relaunch = ("import sys; from sglang_ckpt_plugin.loader.cli import relaunch_under_torchrun; "
-                    "relaunch_under_torchrun(2, sys.argv[1:], None)")
+        relaunch = (
+            "import sys; from sglang_ckpt_plugin.loader.cli import relaunch_under_torchrun; "
+            "relaunch_under_torchrun(2, sys.argv[1:], None)"
+        )
         cmdlines = run_watching_cmdlines([sys.executable, "-c", relaunch, *args], env)
         assert any(b"torch.distributed.run" in c and b"sglang_ckpt_plugin.update" in c for c in cmdlines)
         assert_serves(srv.url, llama_a, headers={"Authorization": "Bearer s3cret"})

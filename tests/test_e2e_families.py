@@ -86,8 +86,13 @@ def family(request, ckpt_root, tmp_path_factory) -> Family:
     a = make_tiny_model(ckpt_root / f"{arch}_a", arch, seed=3, vocab=VOCAB)
     b = make_tiny_model(ckpt_root / f"{arch}_b", arch, seed=4, vocab=VOCAB)
     logs = tmp_path_factory.mktemp(f"{arch}_logs")
-    plain = SGLangServer(a, logs / "plain.log", wait_for_weights=False, extra_args=["--sleep-on-idle"],
-                         env={"SGLANG_PLUGINS": "smg-servicer"})  # fmt: skip
+    plain = SGLangServer(
+        a,
+        logs / "plain.log",
+        wait_for_weights=False,
+        extra_args=["--sleep-on-idle"],
+        env={"SGLANG_PLUGINS": "smg-servicer"},
+    )
     with plain:
         plain.wait_healthy()
         assert "ckpt_plugin" not in info(plain.url)  # the reference runs without the plugin
@@ -134,8 +139,9 @@ def test_every_push_path_serves_what_sglang_itself_loads(family, tmp_path):
     assert out["output_ids"] == ref.plain_a_ids and out["meta_info"]["weight_version"] == "a"
 
     # 4. SGLang's own disk reload of A goes through the plugin's guard and serves A
-    resp = httpx.post(f"{srv.url}/update_weights_from_disk", json={"model_path": str(ref.a), "load_format": "auto"},
-                      timeout=300)  # fmt: skip
+    resp = httpx.post(
+        f"{srv.url}/update_weights_from_disk", json={"model_path": str(ref.a), "load_format": "auto"}, timeout=300
+    )
     assert resp.status_code == 200 and resp.json()["success"], resp.text
     assert evidence.checksum(srv.url) == ref.plain_a
     assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"] == ref.plain_a_ids
@@ -153,10 +159,34 @@ def test_deepseek_v3_at_tp2_from_two_torchrun_loader_ranks_loads_as_sglang_does(
         srv.wait_listening()
         push(srv.url, a, "--inference-parallel-size", "2", "--weight-version", "a")
         served_a = evidence.checksum(srv.url)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "sglang_ckpt_plugin.update",
-               "--checkpoint-path", str(split_b), "--endpoint", srv.url, "--inference-parallel-size", "2",
-               "--quiet", "--timeout", "120", "--bucket-size", BUCKET, "--weight-version", "b"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--nnodes",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "sglang_ckpt_plugin.update",
+            "--checkpoint-path",
+            str(split_b),
+            "--endpoint",
+            srv.url,
+            "--inference-parallel-size",
+            "2",
+            "--quiet",
+            "--timeout",
+            "120",
+            "--bucket-size",
+            BUCKET,
+            "--weight-version",
+            "b",
+        ]
         out = run_with_stacks(cmd, 300)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "[sglang-ckpt rank 0] pushed" in out.stdout, out.stdout

@@ -23,10 +23,23 @@ IDLE_TIMEOUT_S = 20  # the server's SGLANG_CKPT_IDLE_TIMEOUT in this module
 
 
 def faulty(mode: str, url: str, ckpt: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, str(FAULTY), mode, "--", "--checkpoint-path", str(ckpt), "--endpoint", url, "--quiet",
-           "--bucket-size", "300K", *extra]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(FAULTY),
+        mode,
+        "--",
+        "--checkpoint-path",
+        str(ckpt),
+        "--endpoint",
+        url,
+        "--quiet",
+        "--bucket-size",
+        "300K",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
 
 
 def finish(proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:
@@ -49,8 +62,9 @@ def wait_for(predicate, timeout_s: float = 30.0):
 @pytest.fixture(scope="module")
 def server(llama_a, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "faults_server.log"
-    with SGLangServer(llama_a, log, env={"SGLANG_CKPT_IDLE_TIMEOUT": str(IDLE_TIMEOUT_S)},
-                      extra_args=["--enable-metrics"]) as srv:  # fmt: skip
+    with SGLangServer(
+        llama_a, log, env={"SGLANG_CKPT_IDLE_TIMEOUT": str(IDLE_TIMEOUT_S)}, extra_args=["--enable-metrics"]
+    ) as srv:
         srv.wait_listening()
         push(srv.url, llama_a, "--weight-version", "a-1")
         srv.wait_healthy(timeout_s=60)
@@ -125,8 +139,12 @@ def _send_raw_generate(url: str) -> socket.socket:
     body = json.dumps({"input_ids": PROMPT, "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0.0}})
     u = urlparse(url)
     sock = socket.create_connection((u.hostname, u.port), timeout=120)
-    sock.sendall((f"POST /generate HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode())  # fmt: skip
+    sock.sendall(
+        (
+            f"POST /generate HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
+        ).encode()
+    )
     return sock
 
 
@@ -222,13 +240,16 @@ def _variant(src: Path, dst: Path, edit) -> Path:
     "case,edit,message",
     [
         ("missing", lambda t: {k: v for k, v in t.items() if k != "model.norm.weight"}, "does not cover 1 parameter"),
-        ("unknown", lambda t: {**t, "model.layers.0.mlp.extra_proj.weight": t["model.norm.weight"].clone()},
-         "model.layers.0.mlp.extra_proj.weight"),
+        (
+            "unknown",
+            lambda t: {**t, "model.layers.0.mlp.extra_proj.weight": t["model.norm.weight"].clone()},
+            "model.layers.0.mlp.extra_proj.weight",
+        ),
         ("shape", lambda t: {**t, "model.norm.weight": t["model.norm.weight"][:32].clone()}, "shape mismatch"),
         ("marker", lambda t: {**t, "[weights incomplete]": t["model.norm.weight"].clone()}, "[weights incomplete]"),
     ],
     ids=["missing", "unknown", "shape", "marker-name"],
-)  # fmt: skip
+)
 def test_update_that_does_not_fit_the_model_is_rejected_before_writing(server, llama_a, tmp_path, case, edit, message):
     push(server.url, llama_a, "--weight-version", "a-before")
     bad = _variant(llama_a, tmp_path / case, edit)
@@ -280,8 +301,9 @@ def test_silent_loader_fails_the_update_after_the_idle_timeout(server, llama_a, 
 def test_corrupted_bucket_is_refused_before_it_is_loaded(server, llama_a, llama_b, transfer):
     push(server.url, llama_a, "--weight-version", "a-c")
     before = set(our_leftovers())
-    proc = faulty("corrupt-digests", server.url, llama_b, "--weight-version", "b-corrupt", "--verify",
-                  "--transfer", transfer)  # fmt: skip
+    proc = faulty(
+        "corrupt-digests", server.url, llama_b, "--weight-version", "b-corrupt", "--verify", "--transfer", transfer
+    )
     _, err = finish(proc, 120)
     assert proc.returncode == 1 and "checksum mismatch" in err
     assert set(our_leftovers()) - before == set()
@@ -309,8 +331,9 @@ def test_metrics_count_every_outcome_as_the_gate_sees_it(server, llama_a, llama_
     assert sample(before, "sglang:ckpt_weight_version_info", version="m-1") == 1
 
     def delta(after, outcome):
-        return (sample(after, "sglang:ckpt_updates_total", outcome=outcome, source="ipc")
-                - sample(before, "sglang:ckpt_updates_total", outcome=outcome, source="ipc"))  # fmt: skip
+        return sample(after, "sglang:ckpt_updates_total", outcome=outcome, source="ipc") - sample(
+            before, "sglang:ckpt_updates_total", outcome=outcome, source="ipc"
+        )
 
     push(server.url, llama_b, "--weight-version", "m-2")
     after = scrape(server.url)
@@ -323,7 +346,9 @@ def test_metrics_count_every_outcome_as_the_gate_sees_it(server, llama_a, llama_
     assert sample(after, "sglang:ckpt_weight_version_info", version="m-1") == 0
     assert sample(after, "sglang:ckpt_last_update_timestamp_seconds") >= time.time() - 120
 
-    bad = _variant(llama_b, tmp_path / "shape", lambda t: {**t, "model.norm.weight": t["model.norm.weight"][:32].clone()})
+    bad = _variant(
+        llama_b, tmp_path / "shape", lambda t: {**t, "model.norm.weight": t["model.norm.weight"][:32].clone()}
+    )
     assert push(server.url, bad, "--weight-version", "m-bad", check=False).returncode == 1
     after = scrape(server.url)
     assert delta(after, "rejected") == 1 and sample(after, "sglang:ckpt_weights_loaded") == 1
@@ -369,8 +394,9 @@ def test_checkpoint_engine_parameter_server_is_told_what_to_run_instead(server, 
     ps.bind(endpoint)
     answer = {}
     body = {"zmq_handles": {"cpu-tp0": endpoint}, "flush_cache": True, "weight_version": "ce-1"}
-    call = threading.Thread(target=lambda: answer.update(
-        resp=httpx.post(f"{server.url}/update_weights_from_ipc", json=body, timeout=120)))  # fmt: skip
+    call = threading.Thread(
+        target=lambda: answer.update(resp=httpx.post(f"{server.url}/update_weights_from_ipc", json=body, timeout=120))
+    )
     call.start()
     try:
         ps.send(pickle.dumps(("rebuild_cuda_tensor", (_TouchesAFileWhenUnpickled(marker),)), protocol=4))

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_qwen3_under_sglang_flag_name_serves_the_checkpoint(qwen3_a, tmp_path):
-    with SGLangServer(qwen3_a, tmp_path / "qwen3.log", wait_flag="--checkpoint-engine-wait-weights-before-ready") as srv:
+    with SGLangServer(
+        qwen3_a, tmp_path / "qwen3.log", wait_flag="--checkpoint-engine-wait-weights-before-ready"
+    ) as srv:
         srv.wait_listening()
         assert httpx.post(f"{srv.url}/generate", json={"text": "w5"}).status_code == 503
         before = set(our_leftovers())
@@ -98,8 +100,9 @@ def test_scheduler_guard_starts_closed_without_the_http_gate(llama_a):
     from sglang_ckpt_plugin.server.tp_worker import INCOMPLETE_REFUSAL
 
     script = Path(__file__).with_name("engine_guard.py")
-    proc = subprocess.run([sys.executable, str(script), str(llama_a)], env=server_env(), capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(script), str(llama_a)], env=server_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = {d["step"]: d for d in map(json.loads, proc.stdout.splitlines())}
     assert INCOMPLETE_REFUSAL in steps["before"]["error"] and "output_ids" not in steps["before"]
@@ -128,8 +131,20 @@ def test_a_loader_started_before_the_server_reads_the_checkpoint_while_the_serve
         if any(drop_cached(str(f)) for f in files):
             pytest.skip("this filesystem keeps the checkpoint cached after POSIX_FADV_DONTNEED (tmpfs?)")
         srv = SGLangServer(llama_a, tmp_path / "late.log", port=free_port())
-        cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(llama_a), "--endpoint",
-               srv.url, "--quiet", "--timeout", "240", "--weight-version", "early-1"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "sglang_ckpt_plugin.update",
+            "--checkpoint-path",
+            str(llama_a),
+            "--endpoint",
+            srv.url,
+            "--quiet",
+            "--timeout",
+            "240",
+            "--weight-version",
+            "early-1",
+        ]
         loader = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 60

@@ -50,7 +50,9 @@ def test_a_push_lacking_experts_keeps_the_gate_shut_then_a_full_push_is_bit_exac
     arch, srv, full, lacking = moe
     proc = push(srv.url, lacking, "--weight-version", "lacking", check=False)
     assert proc.returncode != 0
-    assert re.search(r"does not cover \d+ parameter.*experts\.w13_weight \(unwritten: dim-0 index 1-3 of 4\)", proc.stderr)
+    assert re.search(
+        r"does not cover \d+ parameter.*experts\.w13_weight \(unwritten: dim-0 index 1-3 of 4\)", proc.stderr
+    )
     assert_closed(srv.url)
 
     push(srv.url, lacking, "--partial", "--weight-version", "lacking-partial")  # accepted, as a partial update
@@ -91,8 +93,9 @@ def test_sglang_disk_reload_of_a_checkpoint_that_does_not_fit_is_refused_and_the
     other = ckpt_root / f"{arch}_other_lacking"  # other weights than those served, so the reload shows
     if not other.exists():
         without(make_tiny_model(ckpt_root / f"{arch}_other", arch, seed=5, dtype=torch.float32), other, LACKING)
-    resp = httpx.post(f"{srv.url}/update_weights_from_disk", json={"model_path": str(other), "load_format": "auto"},
-                      timeout=300)  # fmt: skip
+    resp = httpx.post(
+        f"{srv.url}/update_weights_from_disk", json={"model_path": str(other), "load_format": "auto"}, timeout=300
+    )
     assert resp.status_code == 200 and resp.json()["success"] is True, resp.text
     assert info(srv.url)["ckpt_plugin"]["last_update"]["outcome"] == "success"
     assert evidence.checksum(srv.url) != served  # expert 0 and the rest of the model came from the files

@@ -45,19 +45,42 @@ def servers(llama_a, tmp_path_factory):
     assert [srv.group_pids() for srv in pair] == [[], []], "server processes left behind"
 
 
-def run_two_nodes(servers, *args: str, fault: str | None = None, env: dict | None = None,
-                  check: bool = True) -> list[subprocess.CompletedProcess]:  # fmt: skip
+def run_two_nodes(
+    servers, *args: str, fault: str | None = None, env: dict | None = None, check: bool = True
+) -> list[subprocess.CompletedProcess]:
     """``torchrun --nnodes 2 --node-rank i --master-addr 127.0.0.1`` once per node, as on two machines.
     ``fault``: every node runs tests/faulty_loader.py with that mode (``env`` says which rank it hits)."""
     port = free_port()
     procs = []
     for node, srv in enumerate(servers):
         program = ["-m", "sglang_ckpt_plugin.update"] if fault is None else [str(FAULTY), fault, "--"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-               *program, "--endpoint", srv.url, "--quiet", "--timeout", "120", *args]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, **(env or {})}))  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--nproc-per-node",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            *program,
+            "--endpoint",
+            srv.url,
+            "--quiet",
+            "--timeout",
+            "120",
+            *args,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+            )
+        )
     results = []
     for p in procs:
         out, err = communicate_or_dump(p, 300, "loader node")
@@ -75,16 +98,28 @@ def test_p2p_join_with_a_metas_file(servers, llama_b, tmp_path):
     node0, node1 = servers
     metas = tmp_path / "metas.json"
     # first run: only node 0's server is updated; both ranks read, the plan is saved
-    run_two_nodes(servers, "--update-method", "p2p", "--ranks", "0", "--checkpoint-path", str(llama_b),
-                  "--save-metas-file", str(metas), "--weight-version", "b-node0")  # fmt: skip
+    run_two_nodes(
+        servers,
+        "--update-method",
+        "p2p",
+        "--ranks",
+        "0",
+        "--checkpoint-path",
+        str(llama_b),
+        "--save-metas-file",
+        str(metas),
+        "--weight-version",
+        "b-node0",
+    )
     assert_serves(node0.url, llama_b)
     node0_checksum = checksum(node0.url)
     assert httpx.get(f"{node1.url}/health", timeout=30).status_code == 503  # not part of that update
 
     # the joining instance: no headers re-read, the saved plan says who reads what
     before = set(our_leftovers())
-    results = run_two_nodes(servers, "--update-method", "p2p", "--ranks", "1", "--load-metas-file", str(metas),
-                            "--weight-version", "b-join")  # fmt: skip
+    results = run_two_nodes(
+        servers, "--update-method", "p2p", "--ranks", "1", "--load-metas-file", str(metas), "--weight-version", "b-join"
+    )
     assert set(our_leftovers()) - before == set()
     read = bytes_per_rank(results[0].stdout)
     assert all(b > 0 for b in read), read  # data came from both ranks, not only the joining one
@@ -107,8 +142,9 @@ def test_two_nodes_broadcast_each_reads_half(servers, llama_a):
 
 def test_two_nodes_that_each_map_the_files_exchange_nothing(servers, llama_b):
     """``--transfer map`` on two nodes: each node's loader hands the checkpoint files to its own server ranks."""
-    results = run_two_nodes(servers, "--checkpoint-path", str(llama_b), "--weight-version", "b-mapped",
-                            "--transfer", "map")  # fmt: skip
+    results = run_two_nodes(
+        servers, "--checkpoint-path", str(llama_b), "--weight-version", "b-mapped", "--transfer", "map"
+    )
     assert "between loader processes: 0 bytes" in results[0].stdout, results[0].stdout
     assert all("page cache: the server mapped the files" in r.stdout for r in results), [r.stdout for r in results]
     for srv in servers:
@@ -138,9 +174,20 @@ def test_a_loader_rank_killed_while_a_fleet_stages_changes_no_instance(servers, 
     previous = [info(srv.url)["ckpt_plugin"]["staging"]["update_id"] for srv in servers]
     clients = [Client(srv.url) for srv in servers]
     try:
-        results = run_two_nodes(servers, "--checkpoint-path", str(llama_b), "--weight-version", f"b-fleet{seed}",
-                                "--bucket-size", "300K", "--two-phase", "on", fault="kill-in-staging", check=False,
-                                env={"CKPT_TEST_SEED": str(seed), "CKPT_TEST_RANK": "1", "CKPT_TEST_BUCKETS": "2"})  # fmt: skip
+        results = run_two_nodes(
+            servers,
+            "--checkpoint-path",
+            str(llama_b),
+            "--weight-version",
+            f"b-fleet{seed}",
+            "--bucket-size",
+            "300K",
+            "--two-phase",
+            "on",
+            fault="kill-in-staging",
+            check=False,
+            env={"CKPT_TEST_SEED": str(seed), "CKPT_TEST_RANK": "1", "CKPT_TEST_BUCKETS": "2"},
+        )
     finally:
         for c in clients:
             c.close()
@@ -162,10 +209,34 @@ def test_a_loader_rank_killed_while_a_fleet_stages_changes_no_instance(servers, 
 def start_resident_group(servers, watched, status, logs) -> list[subprocess.Popen]:
     port, procs = free_port(), []
     for node, srv in enumerate(servers):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-               "-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--endpoint", srv.url, "--quiet",
-               "--timeout", "120", "--poll-s", "0.2", "--status-file", str(status)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--nproc-per-node",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "-m",
+            "sglang_ckpt_plugin.update",
+            "--watch",
+            str(watched),
+            "--endpoint",
+            srv.url,
+            "--quiet",
+            "--timeout",
+            "120",
+            "--poll-s",
+            "0.2",
+            "--status-file",
+            str(status),
+        ]
         with open(logs[node], "w") as out:
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
     return procs

@@ -72,8 +72,11 @@ def test_endpoint_that_is_not_a_live_socket_fails_at_once(server):
     from sglang_ckpt_plugin.transport.channel import make_endpoint
 
     t0 = time.monotonic()
-    resp = httpx.post(f"{server.url}/update_weights_from_ipc", timeout=60,
-                      json={"zmq_handles": {"cpu-tp0": make_endpoint("none", "cpu-tp0")}})  # fmt: skip
+    resp = httpx.post(
+        f"{server.url}/update_weights_from_ipc",
+        timeout=60,
+        json={"zmq_handles": {"cpu-tp0": make_endpoint("none", "cpu-tp0")}},
+    )
     assert resp.status_code != 200 and "no such socket" in resp.text
     assert time.monotonic() - t0 < 5
     assert httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["weights_state"] == "waiting"
@@ -177,8 +180,9 @@ def test_one_rank_cpu_push_starts_without_torch(server, llama_a, llama_b):
     assert mapped.returncode == 0, mapped.stderr[-3000:]
     assert "page cache" in mapped.stdout and mapped.stdout.strip().endswith("NO_TORCH"), mapped.stdout
     assert_serves(server.url, llama_b)
-    copied = run_with_stacks([*base, "--checkpoint-path", str(llama_a), "--weight-version", "nt-2",
-                              "--transfer", "copy"], 300)  # fmt: skip
+    copied = run_with_stacks(
+        [*base, "--checkpoint-path", str(llama_a), "--weight-version", "nt-2", "--transfer", "copy"], 300
+    )
     assert copied.returncode == 0 and copied.stdout.strip().endswith("NO_TORCH"), copied.stdout
     assert "shared bucket buffers" in copied.stdout
     assert_serves(server.url, llama_a)

@@ -22,11 +22,15 @@ def spread_server(llama_a, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     dist_init = f"127.0.0.1:{free_port()}"
     nodes = [
-        SGLangServer(llama_a, logs / f"spread_node{r}.log", tp_size=2,
-                     extra_args=["--nnodes", "2", "--node-rank", str(r), "--dist-init-addr", dist_init],
-                     env={"SGLANG_CPU_OMP_THREADS_BIND": str(r)})  # one TP rank per node: its own core
+        SGLangServer(
+            llama_a,
+            logs / f"spread_node{r}.log",
+            tp_size=2,
+            extra_args=["--nnodes", "2", "--node-rank", str(r), "--dist-init-addr", dist_init],
+            env={"SGLANG_CPU_OMP_THREADS_BIND": str(r)},
+        )  # one TP rank per node: its own core
         for r in range(2)
-    ]  # fmt: skip
+    ]
     try:
         for node in nodes:
             node.start()
@@ -40,8 +44,15 @@ def spread_server(llama_a, tmp_path_factory):
 
 def test_loader_over_two_nodes_feeds_a_server_over_two_nodes(spread_server, llama_a):
     # loader rank r runs on "node" r next to TP rank r; rank 0 makes the HTTP call to node 0's server
-    results = run_two_nodes(spread_server, "--checkpoint-path", str(llama_a), "--inference-parallel-size", "2",
-                            "--weight-version", "a-spread")  # fmt: skip
+    results = run_two_nodes(
+        spread_server,
+        "--checkpoint-path",
+        str(llama_a),
+        "--inference-parallel-size",
+        "2",
+        "--weight-version",
+        "a-spread",
+    )
     read = bytes_per_rank(results[0].stdout)
     for b in read:
         assert 0.4 <= b / sum(read) <= 0.6, read

@@ -50,8 +50,10 @@ def server(llama_a, tmp_path_factory):
 def test_trainer_push_over_the_distributed_group_opens_the_gate(server, llama_b):
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
     # started with the plain cpu_env: the plugin bound one core range per rank from --tp 2 itself
-    assert "SGLANG_CPU_OMP_THREADS_BIND=" in server.log_path.read_text() and "set by sglang-ckpt-plugin" in \
-        server.log_path.read_text()  # fmt: skip
+    assert (
+        "SGLANG_CPU_OMP_THREADS_BIND=" in server.log_path.read_text()
+        and "set by sglang-ckpt-plugin" in server.log_path.read_text()
+    )
     assert "SGLANG_CPU_OMP_THREADS_BIND" not in server.env
     waiting = scrape(server.url)  # --enable-metrics with --tp 2: before any weights
     assert sample(waiting, "sglang:ckpt_weights_loaded") == 0 and waiting[("sglang:ckpt_weights_loaded",)] == 0
@@ -121,14 +123,22 @@ def test_trainer_bucket_refused_after_loaded_ones_makes_the_weights_incomplete(s
 
 
 @pytest.mark.parametrize("transfer", ["map", "copy"])
-def test_one_loader_process_feeds_both_tp_ranks_and_nothing_moves_between_processes(server, llama_a, llama_b,
-                                                                                     transfer):  # fmt: skip
+def test_one_loader_process_feeds_both_tp_ranks_and_nothing_moves_between_processes(server, llama_a, llama_b, transfer):
     """No torchrun on one node: one process feeds both TP ranks from one set of buffers (the checkpoint files, or
     shared bucket buffers filled once), each rank copying its own slice; bit-exact against SGLang's disk reload."""
     before = set(our_leftovers())
     push(server.url, llama_b, "--inference-parallel-size", "2", "--weight-version", "b")  # A must really arrive
-    out = push(server.url, llama_a, "--inference-parallel-size", "2", "--weight-version", "a-tp2", "--verify",
-               "--transfer", transfer)  # fmt: skip
+    out = push(
+        server.url,
+        llama_a,
+        "--inference-parallel-size",
+        "2",
+        "--weight-version",
+        "a-tp2",
+        "--verify",
+        "--transfer",
+        transfer,
+    )
     assert set(our_leftovers()) - before == set()
     assert "rank 1" not in out.stdout + out.stderr, "a second loader process ran"
     assert "between loader processes: 0 bytes" in out.stdout, out.stdout
@@ -164,10 +174,35 @@ def test_two_loader_ranks_under_torchrun_on_one_node_take_the_one_copy_path(serv
 
     before = set(our_leftovers())
     push(server.url, llama_b, "--inference-parallel-size", "2", "--weight-version", "b")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "sglang_ckpt_plugin.update",
-           "--checkpoint-path", str(llama_a), "--endpoint", server.url, "--inference-parallel-size", "2",
-           "--quiet", "--timeout", "120", "--verify", "--weight-version", "a-tp2", "--transfer", transfer]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "sglang_ckpt_plugin.update",
+        "--checkpoint-path",
+        str(llama_a),
+        "--endpoint",
+        server.url,
+        "--inference-parallel-size",
+        "2",
+        "--quiet",
+        "--timeout",
+        "120",
+        "--verify",
+        "--weight-version",
+        "a-tp2",
+        "--transfer",
+        transfer,
+    ]
     out = run_with_stacks(cmd, 300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert set(our_leftovers()) - before == set()
@@ -194,8 +229,11 @@ def test_one_loader_rank_for_a_tp2_server_is_refused(server, llama_b):
 def test_two_rank_update_rejected_by_the_server_fails_on_every_rank_and_changes_nothing(server, llama_a, tmp_path):
     from .test_e2e_faults import _variant
 
-    bad = _variant(llama_a, tmp_path / "unknown",
-                   lambda t: {**t, "model.layers.0.mlp.extra_proj.weight": t["model.norm.weight"].clone()})  # fmt: skip
+    bad = _variant(
+        llama_a,
+        tmp_path / "unknown",
+        lambda t: {**t, "model.layers.0.mlp.extra_proj.weight": t["model.norm.weight"].clone()},
+    )
     before = set(our_leftovers())
     out = push(server.url, bad, "--inference-parallel-size", "2", "--weight-version", "never", check=False)
     assert out.returncode != 0
@@ -216,11 +254,36 @@ def test_tp_ranks_that_disagree_all_record_the_failure(server, llama_a, llama_b)
     from sglang_ckpt_plugin.demo.launch import free_port
 
     before = set(our_leftovers())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(Path(__file__).with_name("faulty_loader.py")), "corrupt-tp1-after-first", "--",
-           "--checkpoint-path", str(llama_b), "--endpoint", server.url, "--inference-parallel-size", "2",
-           "--quiet", "--timeout", "120", "--verify", "--bucket-size", "300K", "--weight-version", "split"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(Path(__file__).with_name("faulty_loader.py")),
+        "corrupt-tp1-after-first",
+        "--",
+        "--checkpoint-path",
+        str(llama_b),
+        "--endpoint",
+        server.url,
+        "--inference-parallel-size",
+        "2",
+        "--quiet",
+        "--timeout",
+        "120",
+        "--verify",
+        "--bucket-size",
+        "300K",
+        "--weight-version",
+        "split",
+    ]
     out = run_with_stacks(cmd, 300)
     assert out.returncode != 0 and "[sglang-ckpt] error:" in out.stderr, out.stderr[-3000:]
     assert set(our_leftovers()) - before == set()
@@ -243,13 +306,36 @@ def test_one_rank_that_cannot_allocate_stops_every_rank_at_once_and_changes_noth
 
     before = set(our_leftovers())
     state = lambda: (lambda i: (i["weight_version"], i["ckpt_plugin"]["weights_state"]))(  # noqa: E731
-        httpx.get(f"{server.url}/model_info", timeout=30).json())
+        httpx.get(f"{server.url}/model_info", timeout=30).json()
+    )
     served = state()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(Path(__file__).with_name("faulty_loader.py")), "oom", "--",
-           "--checkpoint-path", str(llama_b), "--endpoint", server.url, "--inference-parallel-size", "2",
-           "--quiet", "--timeout", "300", "--weight-version", "oom"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(Path(__file__).with_name("faulty_loader.py")),
+        "oom",
+        "--",
+        "--checkpoint-path",
+        str(llama_b),
+        "--endpoint",
+        server.url,
+        "--inference-parallel-size",
+        "2",
+        "--quiet",
+        "--timeout",
+        "300",
+        "--weight-version",
+        "oom",
+    ]
     t0 = time.monotonic()
     out = run_with_stacks(cmd, 420)
     assert out.returncode != 0 and "CUDA out of memory (injected" in out.stderr, out.stderr[-3000:]

@@ -38,7 +38,11 @@ def server(llama_a, fault_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "two_phase_server.log"
     base = server_env("cpu").get("PYTHONPATH")  # the CPU environment's own entries (the sgl_kernel stand-in)
     path = os.pathsep.join(p for p in (str(FAULT_PLUGIN_DIR), str(REPO), base) if p)
-    env = {"PYTHONPATH": path, "CKPT_TEST_FAULTS_DIR": str(fault_dir), "SGLANG_CKPT_STAGED_TIMEOUT": str(STAGED_TIMEOUT_S)}
+    env = {
+        "PYTHONPATH": path,
+        "CKPT_TEST_FAULTS_DIR": str(fault_dir),
+        "SGLANG_CKPT_STAGED_TIMEOUT": str(STAGED_TIMEOUT_S),
+    }
     with SGLangServer(llama_a, log, env=env) as srv:
         srv.wait_listening()
         push(srv.url, llama_a, "--weight-version", "a-1")
@@ -92,8 +96,16 @@ def test_the_server_keeps_serving_while_an_update_stages(server, llama_a, llama_
     push(server.url, llama_a, "--weight-version", "a-2")
     client = Client(server.url)
     try:
-        loader = faulty("pause-after-first-bucket", server.url, llama_b, "--weight-version", "b-2", "--two-phase", "on",
-                        env={"CKPT_TEST_PAUSE_S": "10"})  # long enough for 3 answers on a loaded machine  # fmt: skip
+        loader = faulty(
+            "pause-after-first-bucket",
+            server.url,
+            llama_b,
+            "--weight-version",
+            "b-2",
+            "--two-phase",
+            "on",
+            env={"CKPT_TEST_PAUSE_S": "10"},
+        )  # long enough for 3 answers on a loaded machine
         assert loader.stdout.readline().strip() == "paused after bucket 0"
         paused_at = time.monotonic()
         staging = info(server.url)["ckpt_plugin"]["staging"]
@@ -121,8 +133,16 @@ def test_a_loader_killed_while_staging_changes_nothing(server, llama_a, llama_b,
     previous = info(server.url)["ckpt_plugin"]["staging"]["update_id"]
     client = Client(server.url)
     try:
-        loader = faulty("kill-in-staging", server.url, llama_b, "--weight-version", f"b-k{seed}", "--two-phase", "on",
-                        env={"CKPT_TEST_SEED": str(seed), "CKPT_TEST_BUCKETS": "3"})  # fmt: skip
+        loader = faulty(
+            "kill-in-staging",
+            server.url,
+            llama_b,
+            "--weight-version",
+            f"b-k{seed}",
+            "--two-phase",
+            "on",
+            env={"CKPT_TEST_SEED": str(seed), "CKPT_TEST_BUCKETS": "3"},
+        )
         out, _ = finish(loader, 120)
         assert loader.returncode == -signal.SIGKILL and "killed while staging" in out
         wait_for(lambda: dropped_or_never_staged(info(server.url)["ckpt_plugin"]["staging"], previous), 30)
@@ -153,13 +173,15 @@ def test_a_failed_commit_is_retried_from_the_staged_bytes(server, llama_a, llama
     assert_serves(server.url, llama_b)
 
 
-def test_a_commit_that_keeps_failing_leaves_the_server_closed_until_a_complete_push(server, llama_a, llama_b,
-                                                                                       fault_dir):  # fmt: skip
+def test_a_commit_that_keeps_failing_leaves_the_server_closed_until_a_complete_push(
+    server, llama_a, llama_b, fault_dir
+):
     push(server.url, llama_a, "--weight-version", "a-f")
     (fault_dir / "fail-next-commit").touch()
     before = set(our_leftovers())
-    proc = push(server.url, llama_b, "--weight-version", "b-f", "--bucket-size", "300K", "--commit-retries", "0",
-                check=False)  # fmt: skip
+    proc = push(
+        server.url, llama_b, "--weight-version", "b-f", "--bucket-size", "300K", "--commit-retries", "0", check=False
+    )
     assert proc.returncode == 1 and "commit fault injected by the test" in proc.stderr
     doc = info(server.url)
     assert doc["ckpt_plugin"]["weights_state"] == "incomplete" and not doc["weights_loaded"]
@@ -197,8 +219,19 @@ def test_an_update_over_the_staging_budget_streams_and_says_so(server, llama_a, 
     assert "staged while the server kept serving" not in proc.stdout
     assert info(server.url)["weight_version"] == "b-budget"
     assert_serves(server.url, llama_b)
-    proc = push(server.url, llama_a, "--weight-version", "a-on", "--staging-budget", "64K", "--transfer", "copy",
-                "--two-phase", "on", check=False)  # fmt: skip
+    proc = push(
+        server.url,
+        llama_a,
+        "--weight-version",
+        "a-on",
+        "--staging-budget",
+        "64K",
+        "--transfer",
+        "copy",
+        "--two-phase",
+        "on",
+        check=False,
+    )
     assert proc.returncode == 1 and "--two-phase on: staging needs" in proc.stderr
     assert info(server.url)["weight_version"] == "b-budget"
 
@@ -295,8 +328,9 @@ def checksums(server, llama_a, llama_b) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("other", ["disk-reload", "trainer-bucket"])
-def test_a_load_overlapping_a_staged_manifest_check_lands_in_full(server, llama_a, llama_b, fault_dir, checksums,
-                                                                   other):  # fmt: skip
+def test_a_load_overlapping_a_staged_manifest_check_lands_in_full(
+    server, llama_a, llama_b, fault_dir, checksums, other
+):
     """A stage of B checks its manifest (held open by the test plugin) while SGLang's own disk reload of A, or a
     trainer session's bucket of A, runs: that load must write every parameter (the checksums of SGLang's own load
     of A), and the stage, committed afterwards, too."""

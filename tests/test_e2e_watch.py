@@ -32,9 +32,26 @@ pytestmark = pytest.mark.slow
 def start_watch(url: str, watched, status, log) -> subprocess.Popen:
     """Through shared bucket buffers, each read held to 1 MB/s: a push of the tiny model lasts about a second, long
     enough to be interrupted in the middle."""
-    cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--endpoint", url,
-           "--status-file", str(status), "--poll-s", "0.2", "--quiet", "--timeout", "120", "--transfer", "copy",
-           "--bucket-size", "300K"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_ckpt_plugin.update",
+        "--watch",
+        str(watched),
+        "--endpoint",
+        url,
+        "--status-file",
+        str(status),
+        "--poll-s",
+        "0.2",
+        "--quiet",
+        "--timeout",
+        "120",
+        "--transfer",
+        "copy",
+        "--bucket-size",
+        "300K",
+    ]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, READ_RATE_ENV: "1M"})
 
 
@@ -83,8 +100,11 @@ def test_resident_loader_follows_a_watched_directory_and_refills_a_restarted_ser
         assert_serves(server.url, llama_b)
 
         # a checkpoint the server refuses: skipped with the reason, step-2 still served
-        _variant(llama_a, watched / "step-3",
-                 lambda t: {**t, "model.layers.0.mlp.extra_proj.weight": t["model.norm.weight"].clone()})  # fmt: skip
+        _variant(
+            llama_a,
+            watched / "step-3",
+            lambda t: {**t, "model.layers.0.mlp.extra_proj.weight": t["model.norm.weight"].clone()},
+        )
         skipped = wait_for(lambda: status_of().get("skipped"), "skipping step-3", loader, log)
         assert skipped[0]["path"].endswith("step-3") and "extra_proj" in skipped[0]["reason"], skipped
         assert served(server.url)[:2] == ("step-2", "complete")
@@ -112,8 +132,9 @@ def test_resident_loader_follows_a_watched_directory_and_refills_a_restarted_ser
         # SIGTERM in the middle of a push: the update is called off, the server keeps step-4, nothing left behind
         staged_before = served_info(server.url)["ckpt_plugin"]["staging"]["update_id"]
         shutil.copytree(llama_a, watched / "step-5")
-        wait_for(lambda: (status_of().get("in_progress") or {}).get("version") == "step-5", "pushing step-5", loader,
-                 log)  # fmt: skip
+        wait_for(
+            lambda: (status_of().get("in_progress") or {}).get("version") == "step-5", "pushing step-5", loader, log
+        )
         loader.send_signal(signal.SIGTERM)
         assert loader.wait(timeout=60) == 0, log.read_text()
         assert "stopped" in log.read_text() and status_of()["stopped"] is True

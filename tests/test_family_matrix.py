@@ -25,8 +25,14 @@ SGLANG_CANNOT_LOAD = {"phimoe": "No module or parameter named 'model.layers.0.bl
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("matrix") / "records.json"
-    proc = subprocess.run([sys.executable, "-m", "tests.family_matrix", str(out), str(out.parent / "ckpts")],
-                          cwd=REPO, env=server_env("cpu"), capture_output=True, text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.family_matrix", str(out), str(out.parent / "ckpts")],
+        cwd=REPO,
+        env=server_env("cpu"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {r["family"]: r for r in json.loads(out.read_text())}
 
@@ -47,7 +53,6 @@ def test_family(matrix, family):
 
 def test_the_fused_pair_of_deepseek_v3_is_found_in_every_layer(matrix):
     together = matrix["deepseek-v3"]["together"]
-    assert [sorted(p.rsplit(".", 3)[-2] for p in pair) for pair in together] == [
-        ["kv_a_proj_with_mqa", "q_a_proj"]] * 2  # fmt: skip
+    assert [sorted(p.rsplit(".", 3)[-2] for p in pair) for pair in together] == [["kv_a_proj_with_mqa", "q_a_proj"]] * 2
     # lacking kv_a_proj_with_mqa, its partner q_a_proj is unused: refused
     assert "kv_a_proj_with_mqa" in matrix["deepseek-v3"]["lacks"] and "q_a_proj" in matrix["deepseek-v3"]["lacking"]

@@ -5,17 +5,23 @@ import torch
 
 from sglang_ckpt_plugin.loader.http import layout_mismatch
 from sglang_ckpt_plugin.placement import (
-    LoaderPlacement, ServerPlacement, choose_placement, node_local_problem, shared_gpus, trainer_gpu,
+    LoaderPlacement,
+    ServerPlacement,
+    choose_placement,
+    node_local_problem,
+    shared_gpus,
+    trainer_gpu,
     unsupported_layout,
-)  # fmt: skip
+)
 
 CUDA_TP2 = ServerPlacement("cuda", ["GPU-a", "GPU-b"], tp_size=2)
 CPU_TP2 = ServerPlacement("cpu", ["cpu-tp0", "cpu-tp1"], tp_size=2)
 
 
 def test_model_info_is_read_as_published():
-    info = {"ckpt_plugin": {"device": "cuda", "rank_keys": ["GPU-a", "GPU-b"], "tp_size": 2, "dp_size": 1,
-                            "pp_size": 1}}  # fmt: skip
+    info = {
+        "ckpt_plugin": {"device": "cuda", "rank_keys": ["GPU-a", "GPU-b"], "tp_size": 2, "dp_size": 1, "pp_size": 1}
+    }
     assert ServerPlacement.from_model_info(info) == CUDA_TP2
     assert ServerPlacement.from_model_info({"ckpt_plugin": {"tp_size": 2}}) == ServerPlacement(None, [], tp_size=2)
     peers = {"ckpt_plugin": {**info["ckpt_plugin"], "peer_access": True}}
@@ -33,14 +39,14 @@ def test_model_info_is_read_as_published():
         (CPU_TP2, [], "not a GPU server"),
     ],
 )
-def test_one_process_feeds_a_gpu_node_only_where_it_sees_every_gpu_and_they_read_each_other(server, visible,
-                                                                                          problem):
+def test_one_process_feeds_a_gpu_node_only_where_it_sees_every_gpu_and_they_read_each_other(server, visible, problem):
     said = node_local_problem(server, visible)
     assert said is None if problem is None else problem in said
 
 
-@pytest.mark.parametrize("visible", [["GPU-b", "GPU-a"], ["GPU-x", "GPU-b"], ["GPU-b"]],
-                         ids=["reordered", "base-gpu-id", "one-visible"])  # fmt: skip
+@pytest.mark.parametrize(
+    "visible", [["GPU-b", "GPU-a"], ["GPU-x", "GPU-b"], ["GPU-b"]], ids=["reordered", "base-gpu-id", "one-visible"]
+)
 def test_loader_rank_uses_the_gpu_its_tp_rank_uses_whatever_the_local_index(visible):
     """CUDA_VISIBLE_DEVICES in another order, --base-gpu-id, instances not in rank order: the UUID decides."""
     got = choose_placement("auto", CUDA_TP2, tp_rank=1, local_rank=0, local_gpus=visible)

@@ -4,8 +4,14 @@ import pytest
 
 from sglang_ckpt_plugin.loader.checkpoint import TensorInfo
 from sglang_ckpt_plugin.loader.plan import (
-    ALIGN_BYTES, auto_bucket_size, global_order, parse_ranks, plan_buckets, plan_world, shard_by_bytes,
-)  # fmt: skip
+    ALIGN_BYTES,
+    auto_bucket_size,
+    global_order,
+    parse_ranks,
+    plan_buckets,
+    plan_world,
+    shard_by_bytes,
+)
 
 
 def tensor(name, nbytes, file="f.safetensors", offset=0):
@@ -97,8 +103,10 @@ def test_shard_even_split():
 
 
 def test_global_order_round_robins_owners_and_numbers_steps():
-    per_owner = [plan_buckets([tensor("a0", 100), tensor("a1", 100), tensor("a2", 100)], 256),
-                 plan_buckets([tensor("b0", 100)], 256)]  # fmt: skip
+    per_owner = [
+        plan_buckets([tensor("a0", 100), tensor("a1", 100), tensor("a2", 100)], 256),
+        plan_buckets([tensor("b0", 100)], 256),
+    ]
     steps = global_order(per_owner)
     assert [(s.seq, s.owner) for s in steps] == [(0, 0), (1, 1), (2, 0), (3, 0)]  # one tensor per bucket
     assert [sl.tensor.name for s in steps for sl in s.bucket.slots] == ["a0", "b0", "a1", "a2"]

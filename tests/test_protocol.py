@@ -7,19 +7,49 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_ckpt_plugin.transport.messages import (
-    MAX_BUCKET_TENSORS, MAX_TENSORS, PROTOCOL_VERSION, Abort, BucketReady, CudaIpcHandle, FileHandle, Finish, Hello,
-    ProtocolError, Reply, ShmFdHandle, ShmHandle, TensorMeta, TensorSlot, decode, encode,
-)  # fmt: skip
+    MAX_BUCKET_TENSORS,
+    MAX_TENSORS,
+    PROTOCOL_VERSION,
+    Abort,
+    BucketReady,
+    CudaIpcHandle,
+    FileHandle,
+    Finish,
+    Hello,
+    ProtocolError,
+    Reply,
+    ShmFdHandle,
+    ShmHandle,
+    TensorMeta,
+    TensorSlot,
+    decode,
+    encode,
+)
 
 HELLO = Hello(
-    protocol_version=PROTOCOL_VERSION, update_id="u-1", num_buckets=2, num_tensors=2, total_bytes=100,
-    buffers=[ShmHandle(name="sglang-ckpt-1-ab", nbytes=4096), ShmFdHandle(slot=1, nbytes=64),
-             FileHandle(slot=0, nbytes=9),
-             CudaIpcHandle(nbytes=8, device_uuid="GPU-x", handle=b"\x00\xff", storage_size_bytes=8,
-                           storage_offset_bytes=0, ref_counter_handle=b"r", ref_counter_offset=0,
-                           event_handle=b"e", event_sync_required=True)],
+    protocol_version=PROTOCOL_VERSION,
+    update_id="u-1",
+    num_buckets=2,
+    num_tensors=2,
+    total_bytes=100,
+    buffers=[
+        ShmHandle(name="sglang-ckpt-1-ab", nbytes=4096),
+        ShmFdHandle(slot=1, nbytes=64),
+        FileHandle(slot=0, nbytes=9),
+        CudaIpcHandle(
+            nbytes=8,
+            device_uuid="GPU-x",
+            handle=b"\x00\xff",
+            storage_size_bytes=8,
+            storage_offset_bytes=0,
+            ref_counter_handle=b"r",
+            ref_counter_offset=0,
+            event_handle=b"e",
+            event_sync_required=True,
+        ),
+    ],
     manifest=[TensorMeta("w", "bfloat16", [2, 3]), TensorMeta("b", "float32", [3])],
-)  # fmt: skip
+)
 MESSAGES = [
     HELLO,
     BucketReady(seq=0, buffer=1, tensors=[TensorSlot("w", "bfloat16", [2, 3], 256)]),
@@ -38,7 +68,13 @@ def test_round_trip(msg):
 
 def test_wire_shape_is_documented_json():
     doc = json.loads(encode(MESSAGES[1]))
-    assert doc == {"type": "bucket", "seq": 0, "buffer": 1, "tensors": [["w", "bfloat16", [2, 3], 256]], "digests": None}
+    assert doc == {
+        "type": "bucket",
+        "seq": 0,
+        "buffer": 1,
+        "tensors": [["w", "bfloat16", [2, 3], 256]],
+        "digests": None,
+    }
 
 
 @pytest.mark.parametrize(
@@ -51,12 +87,16 @@ def test_wire_shape_is_documented_json():
         (b'{"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["w", "float32", [-1], 0]]}', ">= 0"),
         (b'{"type": "bucket", "seq": -3, "buffer": 0, "tensors": []}', ">= 0"),
         (b'{"type": "finish", "seq": "1"}', "malformed"),
-        (b'{"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["w", "float32", [1,1,1,1,1,1,1,1,1], 0]]}',
-         "malformed"),  # more than MAX_DIMS dimensions
-        (b'{"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["' + b"n" * 2000 + b'", "float32", [1], 0]]}',
-         "malformed"),  # name longer than MAX_NAME
+        (
+            b'{"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["w", "float32", [1,1,1,1,1,1,1,1,1], 0]]}',
+            "malformed",
+        ),  # more than MAX_DIMS dimensions
+        (
+            b'{"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["' + b"n" * 2000 + b'", "float32", [1], 0]]}',
+            "malformed",
+        ),  # name longer than MAX_NAME
     ],
-)  # fmt: skip
+)
 def test_rejects(raw, match):
     with pytest.raises(ProtocolError, match=match):
         decode(raw)
@@ -74,12 +114,14 @@ def _hello_doc(**changes) -> bytes:
         ({"manifest": None}, "malformed"),  # the manifest is required
         ({"num_tensors": 3}, "manifest lists 2"),
         ({"buffers": [{"kind": "shm_fd", "slot": 1, "nbytes": 64}]}, "slots must be 0..n-1"),
-        ({"buffers": [{"kind": "file", "slot": 0, "nbytes": 9}, {"kind": "shm_fd", "slot": 0, "nbytes": 9}]},
-         "slots must be 0..n-1"),
+        (
+            {"buffers": [{"kind": "file", "slot": 0, "nbytes": 9}, {"kind": "shm_fd", "slot": 0, "nbytes": 9}]},
+            "slots must be 0..n-1",
+        ),
         ({"buffers": [{"kind": "shm_fd", "pid": 1, "fd": 3, "nbytes": 9}]}, "malformed"),  # no pid/fd on the wire
         ({"manifest": [["w", "float32", [2]]] * 2, "num_tensors": 2}, None),  # decodes; Manifest() refuses twins
     ],
-)  # fmt: skip
+)
 def test_hello_rejects(changes, match):
     if match is None:
         from sglang_ckpt_plugin.server.receiver import Manifest
@@ -93,7 +135,12 @@ def test_hello_rejects(changes, match):
 
 
 def test_list_caps_bound_what_a_frame_decodes_into():
-    too_many_slots = {"type": "bucket", "seq": 0, "buffer": 0, "tensors": [["w", "int8", [1], 0]] * (MAX_BUCKET_TENSORS + 1)}
+    too_many_slots = {
+        "type": "bucket",
+        "seq": 0,
+        "buffer": 0,
+        "tensors": [["w", "int8", [1], 0]] * (MAX_BUCKET_TENSORS + 1),
+    }
     with pytest.raises(ProtocolError, match="malformed"):
         decode(json.dumps(too_many_slots).encode())
     with pytest.raises(ProtocolError, match="malformed"):

@@ -6,7 +6,6 @@ import threading
 import time
 
 import msgspec
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -161,8 +160,9 @@ def test_failed_updates_unmap_every_buffer(checkpoint, failure):
 
     def corrupt(feeder):
         real = feeder.send_bucket
-        feeder.send_bucket = lambda seq, bucket, digests, times, **kw: real(seq, bucket, [d ^ 1 for d in digests],
-                                                                            times, **kw)  # fmt: skip
+        feeder.send_bucket = lambda seq, bucket, digests, times, **kw: real(
+            seq, bucket, [d ^ 1 for d in digests], times, **kw
+        )
 
     def refuse(manifest, partial, allow_unused):
         raise ValueError("no parameter named emb")
@@ -246,7 +246,7 @@ def test_the_last_answer_before_a_close_always_arrives_and_then_the_disconnect()
         ep = make_endpoint(f"last{i}", "t")
         with Channel(ep, bind=True) as loader:
 
-            def answer_and_close():
+            def answer_and_close(ep=ep, i=i):
                 with Channel(ep, bind=False) as server:
                     server.send(Reply(seq=4, ok=False, error="e" * (i * 20)), timeout_s=5)
 
@@ -290,8 +290,9 @@ def test_send_after_the_peer_left_never_blocks():
         time.sleep(0.2)  # the disconnect reaches the loader's socket
         real, loader._sock = loader._sock, PollSaysWritable(loader._sock)
         outcome = []
-        sender = threading.Thread(target=lambda: outcome.append(_send_or_timeout(loader, Abort(reason="x"))),
-                                  daemon=True)  # fmt: skip
+        sender = threading.Thread(
+            target=lambda: outcome.append(_send_or_timeout(loader, Abort(reason="x"))), daemon=True
+        )
         sender.start()
         sender.join(5)
         loader._sock = real
@@ -374,7 +375,9 @@ def test_corrupted_bytes_are_caught_before_anything_is_written(checkpoint):
 
     def corrupt(feeder):
         real = feeder.send_bucket
-        feeder.send_bucket = lambda seq, bucket, digests, times, **kw: real(seq, bucket, [d ^ 1 for d in digests], times, **kw)
+        feeder.send_bucket = lambda seq, bucket, digests, times, **kw: real(
+            seq, bucket, [d ^ 1 for d in digests], times, **kw
+        )
 
     with pytest.raises(UpdateFailed, match="checksum mismatch"):
         run_session(ckpt_dir, model, loader_hook=corrupt, verify=True)
@@ -399,14 +402,22 @@ def test_word_sum_checksum_is_checked_in_place_and_catches_corruption(checkpoint
 
     from sglang_ckpt_plugin.transport.integrity import fingerprint
 
-    entries = {name: (str(t.dtype).removeprefix("torch."), list(t.shape),
-                      host_digest(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-               for f in ckpt_dir.glob("*.safetensors") for name, t in load_file(f).items()}  # fmt: skip
+    entries = {
+        name: (
+            str(t.dtype).removeprefix("torch."),
+            list(t.shape),
+            host_digest(t.contiguous().reshape(-1).view(torch.uint8).numpy()),
+        )
+        for f in ckpt_dir.glob("*.safetensors")
+        for name, t in load_file(f).items()
+    }
     assert stats.fingerprint == run_session.last_fingerprint == fingerprint(entries)
 
     def corrupt(feeder):
         real = feeder.send_bucket
-        feeder.send_bucket = lambda seq, bucket, digests, times, **kw: real(seq, bucket, [d ^ 1 for d in digests], times, **kw)
+        feeder.send_bucket = lambda seq, bucket, digests, times, **kw: real(
+            seq, bucket, [d ^ 1 for d in digests], times, **kw
+        )
 
     fresh = Tiny()
     with pytest.raises(UpdateFailed, match="checksum mismatch"):
@@ -452,15 +463,24 @@ def _tamper(feeder_method, edit):
 @pytest.mark.parametrize(
     "case,edit,match",
     [
-        ("outside", lambda m: msgspec.structs.replace(m, tensors=[msgspec.structs.replace(m.tensors[0], name="other")]),
-         "not in the update's manifest"),
-        ("shape", lambda m: msgspec.structs.replace(m, tensors=[msgspec.structs.replace(m.tensors[0], shape=[1])]),
-         "the manifest says"),
+        (
+            "outside",
+            lambda m: msgspec.structs.replace(m, tensors=[msgspec.structs.replace(m.tensors[0], name="other")]),
+            "not in the update's manifest",
+        ),
+        (
+            "shape",
+            lambda m: msgspec.structs.replace(m, tensors=[msgspec.structs.replace(m.tensors[0], shape=[1])]),
+            "the manifest says",
+        ),
         ("twice", lambda m: msgspec.structs.replace(m, tensors=m.tensors + m.tensors[:1]), "already sent"),
-        ("outside the buffer", lambda m: msgspec.structs.replace(
-            m, tensors=[msgspec.structs.replace(m.tensors[0], offset=10**9)]), "outside its buffer"),
+        (
+            "outside the buffer",
+            lambda m: msgspec.structs.replace(m, tensors=[msgspec.structs.replace(m.tensors[0], offset=10**9)]),
+            "outside its buffer",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bucket_outside_the_manifest_is_refused_before_it_is_loaded(checkpoint, case, edit, match):
     ckpt_dir, _ = checkpoint
     model = Tiny()
@@ -549,7 +569,7 @@ def test_bucket_views_bounds():
 
     buffers = [MappedBuffer(torch.zeros(64, dtype=torch.uint8)), None]
     ok = BucketReady(seq=0, buffer=0, tensors=[TensorSlot("a", "float32", [4], 16)])
-    (name, view), = bucket_views(ok, buffers)
+    ((name, view),) = bucket_views(ok, buffers)
     assert name == "a" and view.dtype == torch.float32 and view.data_ptr() == buffers[0].tensor.data_ptr() + 16
     cases = [
         (BucketReady(seq=0, buffer=2, tensors=[]), "only 2 mapped"),
@@ -566,8 +586,17 @@ def test_bucket_views_bounds():
 def test_cuda_ipc_handle_is_refused_by_a_cpu_rank():
     from sglang_ckpt_plugin.transport.messages import CudaIpcHandle
 
-    cuda = CudaIpcHandle(nbytes=8, device_uuid="GPU-x", handle=b"h", storage_size_bytes=8, storage_offset_bytes=0,
-                         ref_counter_handle=b"r", ref_counter_offset=0, event_handle=b"e", event_sync_required=False)  # fmt: skip
+    cuda = CudaIpcHandle(
+        nbytes=8,
+        device_uuid="GPU-x",
+        handle=b"h",
+        storage_size_bytes=8,
+        storage_offset_bytes=0,
+        ref_counter_handle=b"r",
+        ref_counter_offset=0,
+        event_handle=b"e",
+        event_sync_required=False,
+    )
     with pytest.raises(ValueError, match="CUDA IPC buffer was sent to a CPU rank"):
         open_buffer(cuda, CPU)
 
@@ -579,9 +608,17 @@ def test_cuda_rank_refuses_another_gpus_buffer_and_maps_shared_memory(monkeypatc
     from sglang_ckpt_plugin.transport.messages import CudaIpcHandle
 
     monkeypatch.setattr(handles, "device_rank_key", lambda device, tp_rank: "GPU-mine")
-    theirs = CudaIpcHandle(nbytes=8, device_uuid="GPU-theirs", handle=b"h", storage_size_bytes=8,
-                           storage_offset_bytes=0, ref_counter_handle=b"r", ref_counter_offset=0, event_handle=b"e",
-                           event_sync_required=False)  # fmt: skip
+    theirs = CudaIpcHandle(
+        nbytes=8,
+        device_uuid="GPU-theirs",
+        handle=b"h",
+        storage_size_bytes=8,
+        storage_offset_bytes=0,
+        ref_counter_handle=b"r",
+        ref_counter_offset=0,
+        event_handle=b"e",
+        event_sync_required=False,
+    )
     with pytest.raises(ValueError, match="on GPU-theirs was sent to the rank on GPU-mine"):
         open_buffer(theirs, torch.device("cuda", 0))
     shm = ShmBuffer(4096)

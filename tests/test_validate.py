@@ -38,8 +38,13 @@ class SGLangStyle(torch.nn.Module):
                 getattr(param, "weight_loader", default_weight_loader)(param, w)
 
 
-FULL = [("q_proj", "float32", [4, 4]), ("k_proj", "float32", [4, 4]), ("v_proj", "float32", [4, 4]),
-        ("norm", "float32", [4]), ("layers.0.rotary_emb.inv_freq", "float32", [2])]  # fmt: skip
+FULL = [
+    ("q_proj", "float32", [4, 4]),
+    ("k_proj", "float32", [4, 4]),
+    ("v_proj", "float32", [4, 4]),
+    ("norm", "float32", [4]),
+    ("layers.0.rotary_emb.inv_freq", "float32", [2]),
+]
 
 
 def test_complete_update_passes_and_writes_nothing():
@@ -49,12 +54,15 @@ def test_complete_update_passes_and_writes_nothing():
     assert "weight_loader" not in model.norm.__dict__ and callable(model.qkv.weight_loader)  # loaders restored
 
 
-@pytest.mark.parametrize("manifest,partial,match", [
-    (FULL[:3] + FULL[4:], False, "does not cover 1 parameter.*'norm'"),
-    (FULL + [("bogus", "float32", [1])], False, "'bogus' is not a weight"),
-    (FULL[:3] + [("norm", "float32", [5])], False, "shape mismatch.*'norm'"),
-    (FULL + [("norm", "float32", [4])], False, "duplicate tensor names.*'norm'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "manifest,partial,match",
+    [
+        (FULL[:3] + FULL[4:], False, "does not cover 1 parameter.*'norm'"),
+        (FULL + [("bogus", "float32", [1])], False, "'bogus' is not a weight"),
+        (FULL[:3] + [("norm", "float32", [5])], False, "shape mismatch.*'norm'"),
+        (FULL + [("norm", "float32", [4])], False, "duplicate tensor names.*'norm'"),
+    ],
+)
 def test_rejections_name_the_tensor(manifest, partial, match):
     with pytest.raises(UpdateRejected, match=match):
         validate_update(SGLangStyle(), manifest, partial)
@@ -199,8 +207,12 @@ class Stacked(SGLangStyle):
                 getattr(params[name], "weight_loader", default_weight_loader)(params[name], w)
 
 
-STACKED = [("q_proj", "float32", [4, 4]), ("k_proj", "float32", [4, 4]), ("v_proj", "float32", [4, 4]),
-           ("norm", "float32", [4])]  # fmt: skip
+STACKED = [
+    ("q_proj", "float32", [4, 4]),
+    ("k_proj", "float32", [4, 4]),
+    ("v_proj", "float32", [4, 4]),
+    ("norm", "float32", [4]),
+]
 
 
 QKV_FULL = ((0, 192),)  # 12 x 4 float32
@@ -217,7 +229,9 @@ def test_required_coverage_is_every_byte_of_every_parameter():
 def test_a_missing_stacked_shard_is_missing():
     cov = validate_update(Stacked(), STACKED, partial=False)
     assert cov == {"attn.weight": QKV_FULL, "norm": NORM_FULL}
-    with pytest.raises(UpdateRejected, match=r"does not cover 1 parameter.*attn.weight \(unwritten: dim-0 index 8-11 of 12\)"):
+    with pytest.raises(
+        UpdateRejected, match=r"does not cover 1 parameter.*attn.weight \(unwritten: dim-0 index 8-11 of 12\)"
+    ):
         validate_update(Stacked(), [m for m in STACKED if m[0] != "v_proj"], partial=False)
     assert validate_update(Stacked(), STACKED[:2], partial=True) == {"attn.weight": ((0, 128),)}
 
@@ -231,7 +245,10 @@ def test_partial_pushes_that_together_cover_the_model_make_it_complete():
     assert state.report().state == "waiting" and state.report().missing_count == 2
     state.succeeded(validate_update(model, STACKED[:2], partial=True), "ipc", "q and k")
     report = state.report()
-    assert report.state == "waiting" and sorted(report.missing) == ["attn.weight (unwritten: dim-0 index 8-11 of 12)", "norm"]
+    assert report.state == "waiting" and sorted(report.missing) == [
+        "attn.weight (unwritten: dim-0 index 8-11 of 12)",
+        "norm",
+    ]
     state.succeeded(validate_update(model, STACKED[2:], partial=True), "ipc", "v and norm")
     assert state.complete and state.report().state == "complete"
 

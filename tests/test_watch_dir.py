@@ -100,8 +100,9 @@ def test_instances_already_serving_the_newest_are_adopted_not_pushed():
     assert got.kind == "adopt" and got.version == "step-1"
 
 
-@pytest.mark.parametrize("state", [InstanceState("http://b", True, "waiting", None),
-                                   InstanceState("http://b", True, "incomplete", "step-1")])  # fmt: skip
+@pytest.mark.parametrize(
+    "state", [InstanceState("http://b", True, "waiting", None), InstanceState("http://b", True, "incomplete", "step-1")]
+)
 def test_an_instance_that_comes_back_without_complete_weights_is_refilled_alone(state):
     got = choose_action(None, ckpt("step-1", 1), [UP_B, state], [True, True])
     assert got == Action("refill", "/w/step-1", "step-1", (1,))

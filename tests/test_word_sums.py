@@ -24,8 +24,12 @@ def test_host_pieces_and_device_sums_agree(nbytes):
             sums.update(data[at : at + step])
             at += step
         assert sums.intdigest() == expected
-    assert device_digest(torch.frombuffer(bytearray(data), dtype=torch.uint8) if nbytes else
-                         torch.empty(0, dtype=torch.uint8)) == expected  # fmt: skip
+    assert (
+        device_digest(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        )
+        == expected
+    )
 
 
 def test_a_view_at_an_unaligned_offset_gives_the_same_value():
@@ -54,7 +58,13 @@ def test_the_checksum_sees_changed_swapped_and_shifted_bytes():
     cancelling = words.copy()  # +1 and -1 in the same column of two rows: total and by_col unchanged
     cancelling[5] += np.uint64(1)
     cancelling[5 + 2 * ROW_WORDS] -= np.uint64(1)
-    variants = [one.tobytes(), swapped_words.tobytes(), swapped_rows.tobytes() + data[6 * 8 * ROW_WORDS :].tobytes(),
-                cancelling.tobytes(), data[1:].tobytes(), data.tobytes() + b"\0"]  # fmt: skip
+    variants = [
+        one.tobytes(),
+        swapped_words.tobytes(),
+        swapped_rows.tobytes() + data[6 * 8 * ROW_WORDS :].tobytes(),
+        cancelling.tobytes(),
+        data[1:].tobytes(),
+        data.tobytes() + b"\0",
+    ]
     digests = [host_digest(v) for v in variants]
     assert base not in digests and len(set(digests)) == len(digests)

@@ -29,10 +29,24 @@ def run_ranks(script: str, ranks: int, *argv: str) -> list[tuple[str, str]]:
     port = free_port()
     procs = []
     for rank in range(ranks):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-c", script, *argv], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(ranks),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(ranks),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script, *argv],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * ranks, [err for _, err in outs]
     return outs
@@ -160,8 +174,14 @@ def test_a_failed_data_group_call_sounds_the_alarm_for_the_peers():
 
 
 def world(rank: int, size: int, per_node: int, per_instance: int) -> LoaderWorld:
-    return LoaderWorld(rank=rank, world_size=size, local_rank=rank % per_node, local_world_size=per_node,
-                       node_rank=rank // per_node, parallel_size=per_instance)  # fmt: skip
+    return LoaderWorld(
+        rank=rank,
+        world_size=size,
+        local_rank=rank % per_node,
+        local_world_size=per_node,
+        node_rank=rank // per_node,
+        parallel_size=per_instance,
+    )
 
 
 @pytest.mark.parametrize(
@@ -246,8 +266,9 @@ def test_one_loader_process_feeds_a_peer_to_peer_gpu_node_and_the_other_keeps_a_
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    info = {"ckpt_plugin": {"device": "cuda", "rank_keys": ["GPU-a", "GPU-b"], "tp_size": 2,
-                            "peer_access": peer_access}}  # fmt: skip
+    info = {
+        "ckpt_plugin": {"device": "cuda", "rank_keys": ["GPU-a", "GPU-b"], "tp_size": 2, "peer_access": peer_access}
+    }
 
     class ModelInfo(BaseHTTPRequestHandler):
         def do_GET(self):

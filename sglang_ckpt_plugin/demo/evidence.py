@@ -54,11 +54,13 @@ class Evidence:
     def verdict(self) -> str:
         word = "PASS" if self.ok else "FAIL"
         inside = sum(r < self.hf_top_k for r in self.hf_ranks)
-        return (f"{word}: served parameters {'bit-identical to' if self.bit_identical else 'DIFFER from'} SGLang's own "
-                f"load of the same files (checksum {self.served_checksum[:16]}), greedy output "
-                f"{'equal to' if self.same_output else 'DIFFERENT from'} the disk-loaded output; HF second opinion: "
-                f"SGLang's token in HF's top-{self.hf_top_k} at {inside}/{len(self.hf_ranks)} positions "
-                f"(HF's own first choice at {self.hf_ranks.count(0)})")  # fmt: skip
+        return (
+            f"{word}: served parameters {'bit-identical to' if self.bit_identical else 'DIFFER from'} SGLang's own "
+            f"load of the same files (checksum {self.served_checksum[:16]}), greedy output "
+            f"{'equal to' if self.same_output else 'DIFFERENT from'} the disk-loaded output; HF second opinion: "
+            f"SGLang's token in HF's top-{self.hf_top_k} at {inside}/{len(self.hf_ranks)} positions "
+            f"(HF's own first choice at {self.hf_ranks.count(0)})"
+        )
 
 
 def _weights_checker(url: str, headers: dict | None) -> dict:
@@ -105,8 +107,9 @@ def hf_ranks(model_dir: str | Path, prompt_ids: list[int], output_ids: list[int]
     return ranks
 
 
-def gather(url: str, checkpoint: str | Path, prompt_ids: list[int], new_tokens: int,
-           headers: dict | None = None) -> Evidence:  # fmt: skip
+def gather(
+    url: str, checkpoint: str | Path, prompt_ids: list[int], new_tokens: int, headers: dict | None = None
+) -> Evidence:
     """Checksums and greedy output as served, then after SGLang's disk reload of the same files."""
     served = checksum(url, headers)
     served_ids = generate_ids(url, prompt_ids, new_tokens)["output_ids"]

@@ -51,10 +51,23 @@ class SGLangServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        command = {"launch_server": [sys.executable, "-m", "sglang.launch_server"],
-                   "serve": [str(Path(sys.executable).with_name("sglang")), "serve"]}[launcher]  # fmt: skip
-        args = [*command, "--model-path", str(model_path),
-                "--host", "127.0.0.1", "--port", str(self.port), "--device", device, "--tp-size", str(tp_size)]  # fmt: skip
+        command = {
+            "launch_server": [sys.executable, "-m", "sglang.launch_server"],
+            "serve": [str(Path(sys.executable).with_name("sglang")), "serve"],
+        }[launcher]
+        args = [
+            *command,
+            "--model-path",
+            str(model_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--device",
+            device,
+            "--tp-size",
+            str(tp_size),
+        ]
         if device == "cpu":
             args += ["--max-total-tokens", "4096"]
         if wait_for_weights:
@@ -63,12 +76,13 @@ class SGLangServer:
         self.env = server_env(device, env)
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "SGLangServer":
+    def start(self) -> SGLangServer:
         if self.proc is not None and self.proc.poll() is None:  # a second process would outlive stop()
             raise RuntimeError(f"the server on port {self.port} is running already")
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         return self
 
     def wait_listening(self, timeout_s: float = 240.0, attempts: int = 3) -> None:
@@ -98,8 +112,10 @@ class SGLangServer:
         with httpx.Client(timeout=5.0) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode} before it could {what}; "
-                                       f"see {self.log_path}:\n{self.log_tail()}")  # fmt: skip
+                    raise RuntimeError(
+                        f"server exited with {self.proc.returncode} before it could {what}; "
+                        f"see {self.log_path}:\n{self.log_tail()}"
+                    )
                 try:
                     if check(client):
                         return
@@ -147,7 +163,7 @@ class SGLangServer:
             pass
         self._log.close()
 
-    def __enter__(self) -> "SGLangServer":
+    def __enter__(self) -> SGLangServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -156,8 +172,10 @@ class SGLangServer:
 
 def generate_ids(url: str, input_ids: list[int], max_new_tokens: int, timeout_s: float = 120.0) -> dict:
     """Greedy ``/generate`` on token ids; returns the parsed JSON (``output_ids``, ``meta_info``)."""
-    body = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
-                                                        "ignore_eos": True}}  # fmt: skip
+    body = {
+        "input_ids": input_ids,
+        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True},
+    }
     resp = httpx.post(f"{url}/generate", json=body, timeout=timeout_s)
     resp.raise_for_status()
     return resp.json()

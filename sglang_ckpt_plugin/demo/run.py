@@ -53,10 +53,13 @@ def main() -> int:
     before = set(leftovers())
 
     say(f"1. making a random Llama checkpoint in {work / 'ckpt'}")
-    ckpt = make_tiny_model(work / "ckpt", "llama", seed=7, hidden=128, layers=4, vocab=2000, dtype=torch.float32,
-                           max_shard_size="1MB")  # fmt: skip
+    ckpt = make_tiny_model(
+        work / "ckpt", "llama", seed=7, hidden=128, layers=4, vocab=2000, dtype=torch.float32, max_shard_size="1MB"
+    )
     files = sorted(f.name for f in ckpt.glob("*.safetensors"))
-    print(f"   {len(files)} safetensors shards + index, {sum(f.stat().st_size for f in ckpt.glob('*.safetensors'))} bytes")
+    print(
+        f"   {len(files)} safetensors shards + index, {sum(f.stat().st_size for f in ckpt.glob('*.safetensors'))} bytes"
+    )
 
     say("2. starting SGLang with --load-format dummy --wait-for-initial-weights (CPU, 127.0.0.1)")
     server = SGLangServer(ckpt, work / "server.log")
@@ -76,8 +79,18 @@ def main() -> int:
             return 1
 
         say("4. pushing the checkpoint with the loader")
-        cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--checkpoint-path", str(ckpt),
-               "--endpoint", server.url, "--weight-version", "demo-1", "--quiet"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "sglang_ckpt_plugin.update",
+            "--checkpoint-path",
+            str(ckpt),
+            "--endpoint",
+            server.url,
+            "--weight-version",
+            "demo-1",
+            "--quiet",
+        ]
         print("   " + " ".join(cmd[1:]))
         loader = subprocess.run(cmd, text=True, capture_output=True)
         print("\n".join("   " + line for line in loader.stdout.splitlines()))
@@ -97,8 +110,10 @@ def main() -> int:
         print(f"   /weights_checker checksum, pushed      : {evidence.served_checksum}")
         print(f"   /weights_checker checksum, disk reload : {evidence.disk_checksum}")
         print(f"   greedy ids after SGLang's disk reload   : {evidence.disk_ids}")
-        print(f"   HF teacher-forced rank of each SGLang token (0 = HF's first choice, < {HF_TOP_K} agrees): "
-              f"{evidence.hf_ranks}")
+        print(
+            f"   HF teacher-forced rank of each SGLang token (0 = HF's first choice, < {HF_TOP_K} agrees): "
+            f"{evidence.hf_ranks}"
+        )
 
     say("6. stopped the server")
     left = server.group_pids()

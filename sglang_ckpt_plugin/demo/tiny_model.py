@@ -16,9 +16,15 @@ from pathlib import Path
 import torch
 
 ARCHS = ("llama", "qwen3", "mistral", "qwen3_moe", "mixtral", "deepseek_v3", "gemma2")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-                 "deepseek_v3": "DeepseekV3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}  # fmt: skip
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
 MOE_EXPERTS = 4  # the MoE archs: experts per layer (2 of them routed per token)
 WEIGHT_SCALE = 4.0
 
@@ -49,8 +55,16 @@ def model_config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.d
     if arch == "mistral":
         return MistralConfig(sliding_window=None, **common)
     if arch == "qwen3_moe":  # every layer sparse: experts fused into one w13/w2 parameter per layer in SGLang
-        return Qwen3MoeConfig(head_dim=16, num_experts=MOE_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=hidden,
-                              decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, **common)  # fmt: skip
+        return Qwen3MoeConfig(
+            head_dim=16,
+            num_experts=MOE_EXPERTS,
+            num_experts_per_tok=2,
+            moe_intermediate_size=hidden,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+            **common,
+        )
     if arch == "mixtral":
         return MixtralConfig(sliding_window=None, num_local_experts=MOE_EXPERTS, num_experts_per_tok=2, **common)
     if arch == "deepseek_v3":
@@ -60,8 +74,13 @@ def model_config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.d
 
         # SGLang reads hidden_act (transformers' config names it hidden_activation); a window the prompt crosses;
         # embeddings tied, as in every Gemma-2 checkpoint (SGLang's Gemma2 always ties them)
-        return Gemma2Config(head_dim=16, hidden_act="gelu_pytorch_tanh", sliding_window=8, query_pre_attn_scalar=16,
-                            **{**common, "tie_word_embeddings": True})  # fmt: skip
+        return Gemma2Config(
+            head_dim=16,
+            hidden_act="gelu_pytorch_tanh",
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            **{**common, "tie_word_embeddings": True},
+        )
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 
@@ -74,14 +93,36 @@ def deepseek_v3_config(common: dict):
     hidden = common["hidden_size"]
     fields = {**common, "num_key_value_heads": common["num_attention_heads"]}
     return DeepseekV3Config(
-        q_lora_rank=hidden // 2, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-        n_routed_experts=MOE_EXPERTS, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=hidden,
-        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-        moe_layer_freq=1, scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=1,
-        rope_scaling={"type": "yarn", "rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 2048,
-                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        q_lora_rank=hidden // 2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=MOE_EXPERTS,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=hidden,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        moe_layer_freq=1,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        num_nextn_predict_layers=1,
+        rope_scaling={
+            "type": "yarn",
+            "rope_type": "yarn",
+            "factor": 1.0,
+            "original_max_position_embeddings": 2048,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
         **fields,
-    )  # fmt: skip
+    )
 
 
 def mtp_tensors(config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -89,10 +130,12 @@ def mtp_tensors(config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     tensors, by their real names): SGLang's target model skips them, a draft model loads them."""
     layer, hidden = config.num_hidden_layers, config.hidden_size
     prefix = f"model.layers.{layer}"
-    return {f"{prefix}.eh_proj.weight": torch.randn(hidden, 2 * hidden, dtype=dtype),
-            f"{prefix}.enorm.weight": torch.ones(hidden, dtype=dtype),
-            f"{prefix}.hnorm.weight": torch.ones(hidden, dtype=dtype),
-            f"{prefix}.shared_head.norm.weight": torch.ones(hidden, dtype=dtype)}  # fmt: skip
+    return {
+        f"{prefix}.eh_proj.weight": torch.randn(hidden, 2 * hidden, dtype=dtype),
+        f"{prefix}.enorm.weight": torch.ones(hidden, dtype=dtype),
+        f"{prefix}.hnorm.weight": torch.ones(hidden, dtype=dtype),
+        f"{prefix}.shared_head.norm.weight": torch.ones(hidden, dtype=dtype),
+    }
 
 
 def word_tokenizer(vocab: int):
@@ -170,9 +213,13 @@ def hf_greedy(model_dir: str | Path, input_ids: list[int], max_new_tokens: int) 
     model.eval()
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([input_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
-        )  # fmt: skip
+            torch.tensor([input_ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
+        )
     return out[0, len(input_ids) :].tolist()
 
 
@@ -187,8 +234,9 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--max-shard-size", default=None, help="e.g. 200MB: write shards plus an index")
     a = p.parse_args()
-    make_tiny_model(a.out_dir, a.arch, a.seed, a.hidden, a.layers, a.vocab, getattr(torch, a.dtype),
-                    max_shard_size=a.max_shard_size)  # fmt: skip
+    make_tiny_model(
+        a.out_dir, a.arch, a.seed, a.hidden, a.layers, a.vocab, getattr(torch, a.dtype), max_shard_size=a.max_shard_size
+    )
     print(a.out_dir)
 
 

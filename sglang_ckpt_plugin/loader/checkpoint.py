@@ -21,9 +21,19 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 # safetensors dtype tag -> dtype name as torch spells it, which the wire protocol uses (its bytes per element:
 # WIRE_DTYPE_ITEMSIZE). Plain data: planning a push needs no torch (the one-rank CPU path never imports it).
 SAFETENSORS_DTYPES: dict[str, str] = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}  # fmt: skip
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 
 class CheckpointError(ValueError):

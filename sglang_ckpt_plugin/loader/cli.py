@@ -36,71 +36,131 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sglang_ckpt_plugin.update", description=__doc__)
-    p.add_argument("--update-method", choices=["broadcast", "p2p", "all"], default="broadcast",
-                   help="broadcast: every instance is updated, each rank reads its share and the ranks exchange the "
-                        "rest; p2p: only the instances of --ranks are updated, fed by all ranks; all: both, in turn")
+    p.add_argument(
+        "--update-method",
+        choices=["broadcast", "p2p", "all"],
+        default="broadcast",
+        help="broadcast: every instance is updated, each rank reads its share and the ranks exchange the "
+        "rest; p2p: only the instances of --ranks are updated, fed by all ranks; all: both, in turn",
+    )
     p.add_argument("--ranks", help="p2p: comma-separated loader ranks (whole instances) whose servers are updated")
     p.add_argument("--checkpoint-path", help="directory of *.safetensors (with or without an index)")
-    p.add_argument("--inference-parallel-size", type=int, default=1,
-                   help="ranks per inference instance (the server's tp size); a CPU server's ranks are fed by this "
-                        "one process, a GPU server's by one loader process per rank (started with torchrun)")
+    p.add_argument(
+        "--inference-parallel-size",
+        type=int,
+        default=1,
+        help="ranks per inference instance (the server's tp size); a CPU server's ranks are fed by this "
+        "one process, a GPU server's by one loader process per rank (started with torchrun)",
+    )
     p.add_argument("--endpoint", default="http://localhost:19730", help="the SGLang server's base URL")
     p.add_argument("--checkpoint-name", default="my-checkpoint-iter-0", help="name of this checkpoint")
     p.add_argument("--save-metas-file", help="write the read plan (tensors, owners) as JSON for a later join")
     p.add_argument("--load-metas-file", help="use a plan written by --save-metas-file instead of re-reading headers")
     p.add_argument("--uds", help="reach the server over this Unix socket instead of TCP")
-    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                   help="bearer token for a server started with --admin-api-key / --api-key; prefer setting "
-                        "$SGLANG_CKPT_API_KEY (a command line is visible to every user of the machine)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help="bearer token for a server started with --admin-api-key / --api-key; prefer setting "
+        "$SGLANG_CKPT_API_KEY (a command line is visible to every user of the machine)",
+    )
     p.add_argument("--weight-version", help="version string the server reports after this update")
     p.add_argument("--sleep-time", type=float, default=0.0, help="seconds to sleep after the update before exiting")
     p.add_argument("--bucket-size", type=parse_size, default=0, help="bytes per bucket, e.g. 256M; default auto")
     p.add_argument("--num-buffers", type=int, default=2, help="bucket buffers in flight (>= 2 pipelines)")
-    p.add_argument("--transfer", choices=["auto", "map", "copy"], default="auto",
-                   help="map: the server maps the checkpoint files and copies tensors straight from the page cache "
-                        "(CPU; with several nodes each node maps them itself, nothing crosses between nodes); copy: "
-                        "through shared bucket buffers; auto: map where one process feeds every server rank")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where buffers live: cpu = shared memory, cuda = CUDA IPC on the server rank's GPU; auto = "
-                        "follow the server (/model_info): CUDA IPC where this process sees that GPU, else shared memory")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="hard ceiling in seconds for the whole run (waiting for the server included); past it the "
-                        "loader prints every thread's stack and exits 1")
-    p.add_argument("--verify", action="store_true",
-                   help="send xxh3 digests of every tensor; the server checks them before loading and both sides "
-                        "print the checkpoint fingerprint")
-    p.add_argument("--partial", action="store_true",
-                   help="update only the parameters in this checkpoint (the server otherwise rejects an update "
-                        "that does not cover every parameter)")
-    p.add_argument("--allow-unused", action="store_true",
-                   help="accept tensors the served model does not use (otherwise the server rejects the update)")
-    p.add_argument("--two-phase", choices=["auto", "on", "off"], default="auto",
-                   help="auto/on: stage every bucket on the server while it keeps serving the old weights, then commit "
-                        "in one short pause (all instances of the loader group together, only once every one staged); "
-                        "auto falls back to streaming when the staged bytes exceed --staging-budget (said on stderr); "
-                        "off: stream (the server pauses for the whole transfer, bounded loader memory)")
-    p.add_argument("--staging-budget", type=parse_size, default=0,
-                   help="shared memory the staged buckets may take on one node, e.g. 8G; default 80%% of MemAvailable")
-    p.add_argument("--commit-retries", type=int, default=2,
-                   help="retries of a failed commit, from the bytes the server staged (nothing is read again)")
-    p.add_argument("--watch", metavar="DIR",
-                   help="stay resident: push every new complete checkpoint that appears under DIR (step directories, "
-                        "newest first, --weight-version = the directory's name) and refill any server that comes back "
-                        "without complete weights; ends cleanly on Ctrl-C / SIGTERM (docs/rl.md)")
-    p.add_argument("--ready-marker", metavar="NAME",
-                   help="--watch: a checkpoint is ready once the trainer wrote this file into it (e.g. COMPLETE); "
-                        "default: once its files are complete and unchanged between two scans")
+    p.add_argument(
+        "--transfer",
+        choices=["auto", "map", "copy"],
+        default="auto",
+        help="map: the server maps the checkpoint files and copies tensors straight from the page cache "
+        "(CPU; with several nodes each node maps them itself, nothing crosses between nodes); copy: "
+        "through shared bucket buffers; auto: map where one process feeds every server rank",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where buffers live: cpu = shared memory, cuda = CUDA IPC on the server rank's GPU; auto = "
+        "follow the server (/model_info): CUDA IPC where this process sees that GPU, else shared memory",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="hard ceiling in seconds for the whole run (waiting for the server included); past it the "
+        "loader prints every thread's stack and exits 1",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="send xxh3 digests of every tensor; the server checks them before loading and both sides "
+        "print the checkpoint fingerprint",
+    )
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="update only the parameters in this checkpoint (the server otherwise rejects an update "
+        "that does not cover every parameter)",
+    )
+    p.add_argument(
+        "--allow-unused",
+        action="store_true",
+        help="accept tensors the served model does not use (otherwise the server rejects the update)",
+    )
+    p.add_argument(
+        "--two-phase",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="auto/on: stage every bucket on the server while it keeps serving the old weights, then commit "
+        "in one short pause (all instances of the loader group together, only once every one staged); "
+        "auto falls back to streaming when the staged bytes exceed --staging-budget (said on stderr); "
+        "off: stream (the server pauses for the whole transfer, bounded loader memory)",
+    )
+    p.add_argument(
+        "--staging-budget",
+        type=parse_size,
+        default=0,
+        help="shared memory the staged buckets may take on one node, e.g. 8G; default 80%% of MemAvailable",
+    )
+    p.add_argument(
+        "--commit-retries",
+        type=int,
+        default=2,
+        help="retries of a failed commit, from the bytes the server staged (nothing is read again)",
+    )
+    p.add_argument(
+        "--watch",
+        metavar="DIR",
+        help="stay resident: push every new complete checkpoint that appears under DIR (step directories, "
+        "newest first, --weight-version = the directory's name) and refill any server that comes back "
+        "without complete weights; ends cleanly on Ctrl-C / SIGTERM (docs/rl.md)",
+    )
+    p.add_argument(
+        "--ready-marker",
+        metavar="NAME",
+        help="--watch: a checkpoint is ready once the trainer wrote this file into it (e.g. COMPLETE); "
+        "default: once its files are complete and unchanged between two scans",
+    )
     p.add_argument("--poll-s", type=float, default=0.25, help="--watch: seconds between scans of DIR and the servers")
-    p.add_argument("--status-file", help="--watch: keep a JSON status here (what each server serves, the update in "
-                                         "progress, skipped checkpoints and why), rewritten atomically")
+    p.add_argument(
+        "--status-file",
+        help="--watch: keep a JSON status here (what each server serves, the update in "
+        "progress, skipped checkpoints and why), rewritten atomically",
+    )
     p.add_argument("--no-flush-cache", action="store_true", help="keep the radix cache after the update")
-    p.add_argument("--direct-io", choices=["auto", "on", "off"], default="auto",
-                   help="GPU buffers: read a bucket the page cache does not hold with O_DIRECT straight into the pinned "
-                        "staging chunks (auto), every bucket (on), or none (off)")
-    p.add_argument("--no-read-ahead", action="store_true",
-                   help="do not read the checkpoint into the page cache while waiting for the server to answer")
+    p.add_argument(
+        "--direct-io",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="GPU buffers: read a bucket the page cache does not hold with O_DIRECT straight into the pinned "
+        "staging chunks (auto), every bucket (on), or none (off)",
+    )
+    p.add_argument(
+        "--no-read-ahead",
+        action="store_true",
+        help="do not read the checkpoint into the page cache while waiting for the server to answer",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p  # fmt: skip
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,12 +173,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_buffers < 1:
         parser.error("--num-buffers must be >= 1")
     if args.watch:
-        given = [flag for flag, value in (("--checkpoint-path", args.checkpoint_path), ("--load-metas-file",
-                 args.load_metas_file), ("--save-metas-file", args.save_metas_file), ("--weight-version",
-                 args.weight_version), ("--sleep-time", args.sleep_time)) if value]  # fmt: skip
+        given = [
+            flag
+            for flag, value in (
+                ("--checkpoint-path", args.checkpoint_path),
+                ("--load-metas-file", args.load_metas_file),
+                ("--save-metas-file", args.save_metas_file),
+                ("--weight-version", args.weight_version),
+                ("--sleep-time", args.sleep_time),
+            )
+            if value
+        ]
         if given or args.update_method != "broadcast":
-            parser.error(f"--watch takes the checkpoints and their versions from DIR and updates every instance: "
-                         f"drop {', '.join(given) or '--update-method ' + args.update_method}")  # fmt: skip
+            parser.error(
+                f"--watch takes the checkpoints and their versions from DIR and updates every instance: "
+                f"drop {', '.join(given) or '--update-method ' + args.update_method}"
+            )
         if args.poll_s <= 0:
             parser.error("--poll-s must be positive")
     elif not args.checkpoint_path and not args.load_metas_file:
@@ -150,9 +220,22 @@ def relaunch_under_torchrun(nproc: int, argv: list[str], api_key: str | None) ->
     if api_key:
         os.environ[API_KEY_ENV] = api_key
     port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "sglang_ckpt_plugin.update",
-           *without_api_key(argv)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--nnodes",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        "sglang_ckpt_plugin.update",
+        *without_api_key(argv),
+    ]
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
 

@@ -102,7 +102,7 @@ class EarlyRead:
         self._thread = threading.Thread(target=self._run, name="ckpt-early-read", daemon=True)
 
     @classmethod
-    def for_rank(cls, args, world: LoaderWorld) -> "EarlyRead | None":
+    def for_rank(cls, args, world: LoaderWorld) -> EarlyRead | None:
         """None where there is nothing to read ahead (a saved plan, a watched directory, reading ahead is off)."""
         if not args.checkpoint_path or args.load_metas_file or getattr(args, "no_read_ahead", False):
             return None
@@ -112,7 +112,7 @@ class EarlyRead:
             return None
         return cls(file_spans(share)) if share else None
 
-    def start(self) -> "EarlyRead":
+    def start(self) -> EarlyRead:
         """Start reading (once; a second call does nothing)."""
         if not self._thread.is_alive() and not self._stop.is_set() and self._t0 is None:
             self._t0 = time.perf_counter()

@@ -89,8 +89,9 @@ class Exchange:
     def takes_part(self, step: Step) -> bool:
         return self.world.rank == step.owner or self.world.rank in self.receivers
 
-    def read(self, step: Step, filler: BucketFiller, dest: torch.Tensor | memoryview | None,
-             digests: bool) -> tuple[torch.Tensor | memoryview, list[int] | None]:  # fmt: skip
+    def read(
+        self, step: Step, filler: BucketFiller, dest: torch.Tensor | memoryview | None, digests: bool
+    ) -> tuple[torch.Tensor | memoryview, list[int] | None]:
         """Owner only: fill the bucket; returns (the buffer to send from, the digests when asked)."""
         buffer = dest if dest is not None else self._private[0]
         return buffer, filler.fill(step.bucket, buffer, digests)

@@ -24,6 +24,7 @@ GAP_BYTES = 1 << 20  # tensors this close in one file are read as one extent (th
 def file_extents(bucket: Bucket) -> list[tuple[str, int, int, list[int]]]:
     """(file, first byte, end, slot indices) of a bucket's tensors, nearby tensors of one file merged."""
     extents: list[tuple[str, int, int, list[int]]] = []
+
     def where(i: int) -> tuple[str, int]:
         return bucket.slots[i].tensor.file, bucket.slots[i].tensor.file_offset
 
@@ -47,9 +48,17 @@ class BucketFiller:
     """Writes buckets into bucket buffers: on CPU straight from the files; on CUDA through pinned staging chunks, so
     that reading the next chunk overlaps the host -> device copies of the last ones."""
 
-    def __init__(self, reader: CheckpointReader, device: torch.device | str | None, bucket_bytes: int,
-                 chunk_bytes: int = STAGING_CHUNK_BYTES, staged: bool | None = None, checksum: str = "xxh3",
-                 chunks: int = STAGING_CHUNKS, direct_io: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        device: torch.device | str | None,
+        bucket_bytes: int,
+        chunk_bytes: int = STAGING_CHUNK_BYTES,
+        staged: bool | None = None,
+        checksum: str = "xxh3",
+        chunks: int = STAGING_CHUNKS,
+        direct_io: str = "auto",
+    ):
         """``staged``: go through the staging chunks (default: on CUDA only; on CPU it tests the same logic).
         ``device``: see transport.handles.device_kind. ``checksum``: the digests' kind (transport.integrity).
         ``direct_io`` (staged only): "auto" reads a bucket the page cache does not hold with O_DIRECT straight into
@@ -64,8 +73,10 @@ class BucketFiller:
             import torch
 
             chunk = min(bucket_bytes, chunk_bytes)
-            self._chunks = [_aligned(torch.empty(chunk + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=self._cuda), chunk)
-                            for _ in range(chunks)]  # fmt: skip
+            self._chunks = [
+                _aligned(torch.empty(chunk + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=self._cuda), chunk)
+                for _ in range(chunks)
+            ]
             self._window = chunk // DIRECT_ALIGN * DIRECT_ALIGN  # what one O_DIRECT read may fill
             if self._cuda:
                 # each chunk's last copy to the device is done
@@ -136,15 +147,28 @@ class BucketFiller:
                     self._wait_free(at)
                     start = pos
                 n = min(chunk - (pos - start), t.nbytes - done)
-                pending.append((i, t.file, t.file_offset + done,
-                                memoryview(self._chunks[at].numpy())[pos - start : pos - start + n]))  # fmt: skip
+                pending.append(
+                    (
+                        i,
+                        t.file,
+                        t.file_offset + done,
+                        memoryview(self._chunks[at].numpy())[pos - start : pos - start + n],
+                    )
+                )
                 done += n
                 end = pos + n
         if start is not None:
             self._ship(at, buffer, start, end, pending, hashers)
 
-    def _ship(self, at: int, buffer: torch.Tensor, start: int, end: int,
-              pending: list[tuple[int, str, int, memoryview]], hashers: list | None) -> None:  # fmt: skip
+    def _ship(
+        self,
+        at: int,
+        buffer: torch.Tensor,
+        start: int,
+        end: int,
+        pending: list[tuple[int, str, int, memoryview]],
+        hashers: list | None,
+    ) -> None:
         """Read the span's pieces into chunk ``at`` (all threads at once), digest them in order, copy it out."""
         self.reader.read_ranges([(path, offset, dest) for _, path, offset, dest in pending])
         if hashers is not None:

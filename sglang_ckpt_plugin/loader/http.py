@@ -26,8 +26,10 @@ def layout_mismatch(info: dict, endpoint: str, parallel_size: int) -> str | None
     if unsupported:
         return f"{endpoint}: {unsupported}"
     if server.tp_size != parallel_size:
-        return (f"the server at {endpoint} runs with tp={server.tp_size} but --inference-parallel-size is "
-                f"{parallel_size}; pass --inference-parallel-size {server.tp_size}")
+        return (
+            f"the server at {endpoint} runs with tp={server.tp_size} but --inference-parallel-size is "
+            f"{parallel_size}; pass --inference-parallel-size {server.tp_size}"
+        )
     return None
 
 
@@ -39,8 +41,9 @@ class UpdateCall:
     """A ``POST`` that lasts as long as the transfer (``/update_weights_from_ipc``, the trainer's group calls)
     running in a thread, while this process moves the data."""
 
-    def __init__(self, client: "ServerClient", body: dict, cancelled: threading.Event,
-                 path: str = "/update_weights_from_ipc"):  # fmt: skip
+    def __init__(
+        self, client: ServerClient, body: dict, cancelled: threading.Event, path: str = "/update_weights_from_ipc"
+    ):
         self.error: ServerError | None = None
         self.message = ""
         self._client = client
@@ -68,8 +71,10 @@ class UpdateCall:
         """Wait for the server's answer, at most the client's timeout (every wait of the loader is bounded)."""
         self._thread.join(timeout=self._client.timeout_s)
         if self._thread.is_alive():
-            raise ServerError(f"{self._path} on {self._client.base_url} did not answer within "
-                              f"{self._client.timeout_s:g} s (--timeout); see the server log")  # fmt: skip
+            raise ServerError(
+                f"{self._path} on {self._client.base_url} did not answer within "
+                f"{self._client.timeout_s:g} s (--timeout); see the server log"
+            )
         if self.error is not None:
             raise self.error
 
@@ -99,10 +104,14 @@ class ServerClient:
             raise ServerError(f"{path} on {self.base_url} failed: {exc}") from exc
         data = _json(resp)
         if resp.status_code in (401, 403):
-            raise ServerError(f"the server refused {path} (HTTP {resp.status_code}): it needs the server's admin API "
-                              "key; pass --api-key")  # fmt: skip
+            raise ServerError(
+                f"the server refused {path} (HTTP {resp.status_code}): it needs the server's admin API "
+                "key; pass --api-key"
+            )
         if resp.status_code != 200 or not data.get("success", False):
-            raise ServerError(f"server refused {path} (HTTP {resp.status_code}): {data.get('message', resp.text[:500])}")
+            raise ServerError(
+                f"server refused {path} (HTTP {resp.status_code}): {data.get('message', resp.text[:500])}"
+            )
         return data.get("message", "")
 
     def model_info(self) -> dict:
@@ -125,17 +134,22 @@ class ServerClient:
                         )
                     return info
                 if resp.status_code in (401, 403):
-                    raise ServerError(f"{self.base_url} requires an API key (HTTP {resp.status_code}); pass --api-key "
-                                      "(the server's --admin-api-key, or --api-key if it has no admin key)")  # fmt: skip
+                    raise ServerError(
+                        f"{self.base_url} requires an API key (HTTP {resp.status_code}); pass --api-key "
+                        "(the server's --admin-api-key, or --api-key if it has no admin key)"
+                    )
                 last = f"HTTP {resp.status_code}"
             except httpx.TransportError as exc:
                 last = str(exc) or type(exc).__name__
             time.sleep(0.1)  # a starting server: push as soon as it answers
-        raise ServerError(f"server {self.base_url} not reachable within {self.timeout_s:g} s ({last}); "
-                          "is it running, and is --endpoint right?")  # fmt: skip
+        raise ServerError(
+            f"server {self.base_url} not reachable within {self.timeout_s:g} s ({last}); "
+            "is it running, and is --endpoint right?"
+        )
 
-    def start_update(self, zmq_handles: dict[str, str], weight_version: str | None, flush_cache: bool,
-                     cancelled: threading.Event) -> UpdateCall:  # fmt: skip
+    def start_update(
+        self, zmq_handles: dict[str, str], weight_version: str | None, flush_cache: bool, cancelled: threading.Event
+    ) -> UpdateCall:
         body = {"zmq_handles": zmq_handles, "flush_cache": flush_cache}
         if weight_version is not None:
             body["weight_version"] = weight_version
@@ -144,8 +158,9 @@ class ServerClient:
     # ---- two phases, over SGLang's /update_weights_from_ipc (PHASE_KEY in zmq_handles; server/routes.py)
     def stage(self, endpoints: dict[str, str]) -> str:
         """Every TP rank starts receiving from its endpoint in the background; answered at once."""
-        return self.post("/update_weights_from_ipc", {"zmq_handles": {**endpoints, PHASE_KEY: "stage"},
-                                                      "flush_cache": False})  # fmt: skip
+        return self.post(
+            "/update_weights_from_ipc", {"zmq_handles": {**endpoints, PHASE_KEY: "stage"}, "flush_cache": False}
+        )
 
     def commit(self, rank_keys: list[str], update_id: str, weight_version: str | None, flush_cache: bool) -> str:
         """Load what every TP rank staged under ``update_id`` (under SGLang's model-update lock: the pause)."""

@@ -12,24 +12,37 @@ import math
 import os
 from pathlib import Path
 
-
 from ..transport.messages import WIRE_DTYPE_ITEMSIZE
 from .checkpoint import CheckpointError, TensorInfo, inside
 
 METAS_FORMAT = "sglang-ckpt-metas/2"
 
 
-def save_metas(path: str | Path, checkpoint_name: str, shards: list[list[TensorInfo]], checkpoint_dir: str | Path) -> None:
+def save_metas(
+    path: str | Path, checkpoint_name: str, shards: list[list[TensorInfo]], checkpoint_dir: str | Path
+) -> None:
     root = Path(checkpoint_dir).resolve()
     root = root.parent if root.is_file() else root
     tensors = [
-        {"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
-         "file": os.path.relpath(Path(t.file).resolve(), root), "file_offset": t.file_offset, "nbytes": t.nbytes,
-         "owner": rank}
-        for rank, shard in enumerate(shards) for t in shard
-    ]  # fmt: skip
-    doc = {"format": METAS_FORMAT, "checkpoint_name": checkpoint_name, "checkpoint_dir": str(root),
-           "world_size": len(shards), "tensors": tensors}  # fmt: skip
+        {
+            "name": t.name,
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "file": os.path.relpath(Path(t.file).resolve(), root),
+            "file_offset": t.file_offset,
+            "nbytes": t.nbytes,
+            "owner": rank,
+        }
+        for rank, shard in enumerate(shards)
+        for t in shard
+    ]
+    doc = {
+        "format": METAS_FORMAT,
+        "checkpoint_name": checkpoint_name,
+        "checkpoint_dir": str(root),
+        "world_size": len(shards),
+        "tensors": tensors,
+    }
     Path(path).write_text(json.dumps(doc))
 
 
@@ -53,10 +66,16 @@ def load_metas(path: str | Path, checkpoint_dir: str | Path | None = None) -> tu
             offset, nbytes = int(t["file_offset"]), int(t["nbytes"])
             if file not in sizes:
                 sizes[file] = os.stat(file).st_size
-            if any(d < 0 for d in shape) or nbytes != math.prod(shape) * WIRE_DTYPE_ITEMSIZE[dtype] or offset < 0 \
-                    or offset + nbytes > sizes[file]:  # fmt: skip
-                raise CheckpointError(f"{path}: tensor {t['name']!r} ({nbytes} bytes at {offset}) does not fit its "
-                                      f"shape {list(shape)} or its file ({sizes[file]} bytes)")  # fmt: skip
+            if (
+                any(d < 0 for d in shape)
+                or nbytes != math.prod(shape) * WIRE_DTYPE_ITEMSIZE[dtype]
+                or offset < 0
+                or offset + nbytes > sizes[file]
+            ):
+                raise CheckpointError(
+                    f"{path}: tensor {t['name']!r} ({nbytes} bytes at {offset}) does not fit its "
+                    f"shape {list(shape)} or its file ({sizes[file]} bytes)"
+                )
             shards[int(t["owner"])].append(TensorInfo(t["name"], dtype, shape, file, offset, nbytes))
     except OSError as exc:
         raise CheckpointError(f"cannot read metas file {path} or a file it names: {exc}") from exc

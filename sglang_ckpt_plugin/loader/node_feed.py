@@ -10,7 +10,8 @@ through it too, and a torchrun rank feeds its one rank through a NodeFeeder of o
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from ..transport.handles import FileBuffer, allocate_buffer
 from .plan import Bucket

@@ -112,8 +112,9 @@ def global_order(buckets_per_owner: list[list[Bucket]]) -> list[Step]:
     return steps
 
 
-def plan_world(shards: list[list[TensorInfo]], bucket_size: int | None = None,
-               memory_budget: int | None = None) -> tuple[list[Step], int]:  # fmt: skip
+def plan_world(
+    shards: list[list[TensorInfo]], bucket_size: int | None = None, memory_budget: int | None = None
+) -> tuple[list[Step], int]:
     """Buckets of every owner's shard, in global order, and the buffer size they need (same on every rank).
 
     ``memory_budget``: bytes the loader may use (auto bucket size stays within an eighth of it); every rank
@@ -144,8 +145,10 @@ def parse_ranks(text: str | None, world_size: int, parallel_size: int) -> list[i
         first = r - r % parallel_size
         missing = [x for x in range(first, first + parallel_size) if x not in ranks]
         if missing:
-            raise ValueError(f"--ranks {text!r}: rank {r} belongs to an instance of {parallel_size} ranks; "
-                             f"list all of them (missing {missing})")  # fmt: skip
+            raise ValueError(
+                f"--ranks {text!r}: rank {r} belongs to an instance of {parallel_size} ranks; "
+                f"list all of them (missing {missing})"
+            )
     return ranks
 
 
@@ -181,9 +184,14 @@ def staging_problem(bucket_bytes: list[int], local_ranks: int, budget: int, kind
     if kind == "cuda":
         return "staging uses host memory: pass --device cpu to stage for a GPU server (its commit copies to the GPU)"
     if len(bucket_bytes) > MAX_BUFFERS:
-        return f"{len(bucket_bytes)} buckets, one buffer each, exceed the {MAX_BUFFERS} one update can hand over; raise --bucket-size"
+        return (
+            f"{len(bucket_bytes)} buckets, one buffer each, exceed the {MAX_BUFFERS} one update can hand over; "
+            "raise --bucket-size"
+        )
     need = sum(bucket_bytes) * local_ranks
     if need > budget:
-        return (f"staging needs {need / 1e9:.2f} GB of shared memory on this node, over the staging budget of "
-                f"{budget / 1e9:.2f} GB (--staging-budget)")  # fmt: skip
+        return (
+            f"staging needs {need / 1e9:.2f} GB of shared memory on this node, over the staging budget of "
+            f"{budget / 1e9:.2f} GB (--staging-budget)"
+        )
     return None

@@ -16,11 +16,19 @@ from dataclasses import dataclass, field
 
 from ..transport.channel import Channel, PeerGone
 from ..transport.fdpass import FdOffer, fd_socket_path
-from ..transport.integrity import Fingerprint
 from ..transport.handles import give_back_ipc_reference
+from ..transport.integrity import Fingerprint
 from ..transport.messages import (
-    PROTOCOL_VERSION, Abort, BucketReady, CudaIpcHandle, Finish, Hello, Reply, TensorMeta, TensorSlot,
-)  # fmt: skip
+    PROTOCOL_VERSION,
+    Abort,
+    BucketReady,
+    CudaIpcHandle,
+    Finish,
+    Hello,
+    Reply,
+    TensorMeta,
+    TensorSlot,
+)
 from .plan import Bucket
 
 logger = logging.getLogger("sglang_ckpt_plugin")
@@ -48,17 +56,24 @@ def new_update_id(checkpoint_name: str) -> str:
 
 
 def bucket_message(seq: int, buffer: int, bucket: Bucket, digests: list[int] | None = None) -> BucketReady:
-    slots = [
-        TensorSlot(s.tensor.name, s.tensor.dtype, list(s.tensor.shape), s.offset) for s in bucket.slots
-    ]
+    slots = [TensorSlot(s.tensor.name, s.tensor.dtype, list(s.tensor.shape), s.offset) for s in bucket.slots]
     return BucketReady(seq=seq, buffer=buffer, tensors=slots, digests=digests)
 
 
 class RankFeeder:
     """The channel to one inference rank during one update, over buffers its NodeFeeder owns."""
 
-    def __init__(self, endpoint: str, update_id: str, timeout_s: float, cancelled: threading.Event,
-                 checksum: str = "none", partial: bool = False, allow_unused: bool = False, listen: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        endpoint: str,
+        update_id: str,
+        timeout_s: float,
+        cancelled: threading.Event,
+        checksum: str = "none",
+        partial: bool = False,
+        allow_unused: bool = False,
+        listen: bool = True,
+    ):
         """Binds the endpoint at once (cheap), so the server may connect while buffers are allocated; with
         ``listen=False`` only at ``listen()`` (a two-phase update reads every bucket first: a loader killed then
         leaves no socket file behind). ``checksum`` other than "none": every bucket carries per-tensor digests of
@@ -145,8 +160,9 @@ class RankFeeder:
                 num_tensors=sum(len(b.slots) for b in buckets),
                 total_bytes=sum(b.payload_bytes for b in buckets),
                 checksum=self.checksum,
-                manifest=[TensorMeta(s.tensor.name, s.tensor.dtype, list(s.tensor.shape))
-                          for b in buckets for s in b.slots],  # fmt: skip
+                manifest=[
+                    TensorMeta(s.tensor.name, s.tensor.dtype, list(s.tensor.shape)) for b in buckets for s in b.slots
+                ],
                 partial=self.partial,
                 allow_unused=self.allow_unused,
             )
@@ -170,8 +186,9 @@ class RankFeeder:
             times.wait_s += time.perf_counter() - t0
         return self.buffers[seq % len(self.buffers)]
 
-    def send_bucket(self, seq: int, bucket: Bucket, digests: list[int] | None, times: StageTimes,
-                    buffer: int | None = None) -> None:  # fmt: skip
+    def send_bucket(
+        self, seq: int, bucket: Bucket, digests: list[int] | None, times: StageTimes, buffer: int | None = None
+    ) -> None:
         if digests is not None:
             self._record_digests(bucket, digests)
         buffer = seq % len(self.buffers) if buffer is None else buffer
@@ -221,7 +238,9 @@ class RankFeeder:
                 return self.channel.send(msg, timeout_s=0.2)
             except TimeoutError:
                 if time.monotonic() > deadline:
-                    raise PushError(f"server did not connect to {self.channel.endpoint} within {self.timeout_s:g} s") from None
+                    raise PushError(
+                        f"server did not connect to {self.channel.endpoint} within {self.timeout_s:g} s"
+                    ) from None
 
     def abort(self, reason: str) -> None:
         if self.channel is not None:
@@ -235,8 +254,11 @@ class RankFeeder:
         when it closes them. Giving one back here too could free a buffer the rank still reads; the buffers stay
         allocated until this process ends instead."""
         if seq == -1 and self._unanswered:
-            logger.warning("the server's rank did not answer the hello: %d CUDA IPC buffer(s) stay allocated until "
-                           "this loader process ends", len(self._unanswered))  # fmt: skip
+            logger.warning(
+                "the server's rank did not answer the hello: %d CUDA IPC buffer(s) stay allocated until "
+                "this loader process ends",
+                len(self._unanswered),
+            )
             self._unanswered = {}
 
     def _close_fd_offer(self) -> None:

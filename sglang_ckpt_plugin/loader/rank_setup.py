@@ -88,8 +88,10 @@ def from_instance_leader(server: ServerPlacement | None, world: LoaderWorld, con
         return server
     leader = world.instance_ranks()[0]
     device = control.all_gather_str((server.device or "") if world.is_leader else "")[leader]
-    keys = [control.all_gather_str((server.key_of(i) or "") if world.is_leader else "")[leader]
-            for i in range(world.parallel_size)]  # fmt: skip
+    keys = [
+        control.all_gather_str((server.key_of(i) or "") if world.is_leader else "")[leader]
+        for i in range(world.parallel_size)
+    ]
     peers = control.all_gather_str(("1" if server.peer_access else "") if world.is_leader else "")[leader]
     keys = keys if all(keys) else []
     return ServerPlacement(device or None, keys, tp_size=world.parallel_size, peer_access=peers == "1")
@@ -103,8 +105,11 @@ def agree_on_kind(placement: LoaderPlacement | None, control: Control, world: Lo
     kinds = control.all_gather_str(own.kind)
     if own.kind == "cuda" and "cpu" in kinds:
         if world.rank == kinds.index("cuda"):
-            print(f"[sglang-ckpt] loader ranks {[r for r, k in enumerate(kinds) if k == 'cpu']} cannot reach their "
-                  "GPU by CUDA IPC: every rank uses shared memory", file=sys.stderr)  # fmt: skip
+            print(
+                f"[sglang-ckpt] loader ranks {[r for r, k in enumerate(kinds) if k == 'cpu']} cannot reach their "
+                "GPU by CUDA IPC: every rank uses shared memory",
+                file=sys.stderr,
+            )
         return LoaderPlacement("cpu", None, own.rank_key)
     return own
 

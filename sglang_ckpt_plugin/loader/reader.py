@@ -68,7 +68,9 @@ def read_rate_limit() -> float | None:
     try:
         rate = float(text[:-1] if text[-1] in "KMG" else text) * scale
     except ValueError:
-        raise ValueError(f"{READ_RATE_ENV}={os.environ[READ_RATE_ENV]!r}: expected bytes per second, e.g. 200M") from None
+        raise ValueError(
+            f"{READ_RATE_ENV}={os.environ[READ_RATE_ENV]!r}: expected bytes per second, e.g. 200M"
+        ) from None
     if rate <= 0:
         raise ValueError(f"{READ_RATE_ENV} must be positive")
     return rate
@@ -137,8 +139,9 @@ class CheckpointReader:
                 return self.read_direct(path, offset, dest)
             # EFAULT: memory the kernel cannot pin for O_DIRECT (some carve-outs): this window as usual
             if not self._warned_unpinnable:
-                logger.warning("O_DIRECT cannot read into this memory (%s); such windows go through the page cache",
-                               exc)  # fmt: skip
+                logger.warning(
+                    "O_DIRECT cannot read into this memory (%s); such windows go through the page cache", exc
+                )
                 self._warned_unpinnable = True
             direct = False
             got = sum(self._in_threads(_pread_upto, [(self.fd(path), *rest) for _, *rest in pieces]))
@@ -184,8 +187,9 @@ class CheckpointReader:
     def fill(self, bucket: Bucket, host) -> None:
         """Read every tensor of ``bucket`` into ``host`` (a memoryview or a CPU uint8 tensor) at its slot offset."""
         view = host_view(host)
-        self.read_ranges([(s.tensor.file, s.tensor.file_offset, view[s.offset : s.offset + s.tensor.nbytes])
-                          for s in bucket.slots])  # fmt: skip
+        self.read_ranges(
+            [(s.tensor.file, s.tensor.file_offset, view[s.offset : s.offset + s.tensor.nbytes]) for s in bucket.slots]
+        )
 
     def close(self) -> None:
         if self._pool is not None:

@@ -22,16 +22,26 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import watchdog
 from .http import PLUGIN_MARKER
 from .rank_setup import PeerFailed
-from .run import UPDATE_ERRORS
+from .run import UPDATE_ERRORS, Update
 from .watch_dir import Candidate, CheckpointWatch
+from .world import Control, Feeding, LoaderWorld
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class Session(Protocol):
+    """What a resident loader needs of the session that started it (loader/session.py, which imports this one)."""
+
+    world: LoaderWorld
+    control: Control
+    feeding: Feeding
+    asked: dict
+
+    def update(self, args: argparse.Namespace, receivers: list[int]) -> Update: ...
+
 
 REFILL_RETRY_S = 5.0  # a refill that failed is tried again after this long
 POLL_TIMEOUT_S = 2.0  # a server that does not answer /model_info within this is counted as down
@@ -58,8 +68,9 @@ class Action:
     instances: tuple[int, ...] = ()
 
 
-def choose_action(newest: Candidate | None, serving: Candidate | None, states: list[InstanceState],
-                  may_refill: list[bool]) -> Action:  # fmt: skip
+def choose_action(
+    newest: Candidate | None, serving: Candidate | None, states: list[InstanceState], may_refill: list[bool]
+) -> Action:
     """What to do now: a newer checkpoint wins; else refill the instances that are up without complete weights
     (restarted with --wait-for-initial-weights, or left incomplete by a failed update) with ``serving``. An
     instance whose complete weights carry another version (a disk reload, a trainer's push) is left alone."""
@@ -134,8 +145,10 @@ class Resident:
                 raise Stop()
             return states, self.agree(self.decide(states) if self.world.rank == 0 else None)
         except RuntimeError as exc:  # a collective of the group failed: a peer rank is gone
-            raise PeerFailed(f"a loader rank of this resident group is gone ({exc}); the group stops (torchrun's "
-                             "--max-restarts starts it again)") from exc  # fmt: skip
+            raise PeerFailed(
+                f"a loader rank of this resident group is gone ({exc}); the group stops (torchrun's "
+                "--max-restarts starts it again)"
+            ) from exc
 
     def poll(self) -> list[InstanceState]:
         """Collective: what each instance's server reports, as its leader read it."""
@@ -167,8 +180,11 @@ class Resident:
     def decide(self, states: list[InstanceState]) -> Action:
         """Rank 0: the newest ready checkpoint newer than the one served (older ones it supersedes are passed
         over), or a refill of the instances that are behind."""
-        newer = [c for c in self.watch.ready() if (self.serving is None or c.order > self.serving.order)
-                 and (c.path, c.signature) not in self.skipped]  # fmt: skip
+        newer = [
+            c
+            for c in self.watch.ready()
+            if (self.serving is None or c.order > self.serving.order) and (c.path, c.signature) not in self.skipped
+        ]
         for c in newer[:-1]:
             if c.path not in self.passed_over:
                 self.passed_over.add(c.path)
@@ -210,14 +226,18 @@ class Resident:
                 self.say(f"serving {action.version} on {where} ({took:.3f} s)")
             elif self.world.rank == 0:
                 self.skipped[(candidate.path, candidate.signature)] = str(error)
-                self.say(f"skipped {action.version}: {error} (the instances keep what they served; the directory is "
-                         "tried again once its files change)")  # fmt: skip
+                self.say(
+                    f"skipped {action.version}: {error} (the instances keep what they served; the directory is "
+                    "tried again once its files change)"
+                )
             return
         for i in action.instances:
             if error is None:
                 self.last_refill_s[i] = time.monotonic() - self.up_since.get(i, t0)
-                self.say(f"refilled {states[i].endpoint} with {action.version}: serving {self.last_refill_s[i]:.2f} s "
-                         "after this loader first saw its /model_info answer")  # fmt: skip
+                self.say(
+                    f"refilled {states[i].endpoint} with {action.version}: serving {self.last_refill_s[i]:.2f} s "
+                    "after this loader first saw its /model_info answer"
+                )
             else:
                 self.retry_at[i] = time.monotonic() + REFILL_RETRY_S
         if error is not None:

@@ -19,10 +19,16 @@ from ..transport.channel import make_endpoint
 from .checkpoint import CheckpointError, read_checkpoint
 from .http import ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
-from .plan import (
-    STAGING_SHARE, mappable, parse_ranks, plan_file_buckets, plan_world, shard_by_bytes, staging_problem,
-)  # fmt: skip
 from .node_feed import NodeFeeder
+from .plan import (
+    STAGING_SHARE,
+    mappable,
+    parse_ranks,
+    plan_file_buckets,
+    plan_world,
+    shard_by_bytes,
+    staging_problem,
+)
 from .push import PushError, RankFeeder, StageTimes, new_update_id
 from .rank_setup import PeerFailed, available_memory, torch_device
 from .reader import CheckpointReader
@@ -51,8 +57,17 @@ UPDATE_ERRORS = (CheckpointError, ServerError, PushError, ValueError, OSError, R
 class Update:
     """One update from this rank's point of view (a source, a receiver feeding its inference ranks, or both)."""
 
-    def __init__(self, args, world: LoaderWorld, control: Control, placement: LoaderPlacement, feeding: Feeding,
-                 rank_keys: list[str], receivers: list[int], asked: dict):  # fmt: skip
+    def __init__(
+        self,
+        args,
+        world: LoaderWorld,
+        control: Control,
+        placement: LoaderPlacement,
+        feeding: Feeding,
+        rank_keys: list[str],
+        receivers: list[int],
+        asked: dict,
+    ):
         self.args = args
         self.asked = asked
         self.placement = placement  # where this process's buffers live
@@ -142,11 +157,22 @@ class Update:
             if self.feeder is not None:  # after the commit: the server copies out of these buffers
                 self.feeder.close()
             self.reader.close()
-        phase = {"stage (the server kept serving)": t_done - t_buffers,  # read, exchange, hand over, checked
-                 "commit (the pause)": time.perf_counter() - t_done} if self.two_phase else {}  # fmt: skip
-        self.times.extra = {"plan": t_plan - t_start, "server check": t_listening - t_plan,
-                            "buffers": t_buffers - t_listening, "server finalize": t_done - t_pushed,
-                            **phase, **self.times.extra}  # fmt: skip
+        phase = (
+            {
+                "stage (the server kept serving)": t_done - t_buffers,  # read, exchange, hand over, checked
+                "commit (the pause)": time.perf_counter() - t_done,
+            }
+            if self.two_phase
+            else {}
+        )
+        self.times.extra = {
+            "plan": t_plan - t_start,
+            "server check": t_listening - t_plan,
+            "buffers": t_buffers - t_listening,
+            "server finalize": t_done - t_pushed,
+            **phase,
+            **self.times.extra,
+        }
         self.report(time.perf_counter() - t_start)
 
     def choose_phases(self, steps) -> bool:
@@ -159,15 +185,18 @@ class Update:
         if self.mapped:
             return True
         budget = self.args.staging_budget or int(self.memory_budget * STAGING_SHARE)
-        reason = staging_problem([s.bucket.nbytes for s in steps], self.feeding.feeders_on_node(self.world), budget,
-                                 self.placement.kind)  # fmt: skip
+        reason = staging_problem(
+            [s.bucket.nbytes for s in steps], self.feeding.feeders_on_node(self.world), budget, self.placement.kind
+        )
         if reason is None:
             return True
         if mode == "on":
             raise ValueError(f"--two-phase on: {reason}")
         if self.world.rank == 0:
-            print(f"[sglang-ckpt] streaming the update (one phase; the server pauses for the whole transfer): {reason}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"[sglang-ckpt] streaming the update (one phase; the server pauses for the whole transfer): {reason}",
+                file=sys.stderr,
+            )
         return False
 
     # ------------------------------------------------------------------ phases
@@ -176,8 +205,10 @@ class Update:
         if args.load_metas_file:
             self.checkpoint_name, shards = load_metas(args.load_metas_file, args.checkpoint_path)
             if len(shards) != world.world_size:
-                raise ValueError(f"{args.load_metas_file} was written by {len(shards)} loader ranks, this run has "
-                                 f"{world.world_size}; use as many ranks or re-plan with --checkpoint-path")  # fmt: skip
+                raise ValueError(
+                    f"{args.load_metas_file} was written by {len(shards)} loader ranks, this run has "
+                    f"{world.world_size}; use as many ranks or re-plan with --checkpoint-path"
+                )
         else:
             self.checkpoint_name = args.checkpoint_name
             shards = [[] for _ in range(world.world_size)]  # only the feeders read: they hold the buffers
@@ -200,8 +231,10 @@ class Update:
         (every node reads the whole checkpoint). ``--transfer copy`` forces bucket buffers."""
         on_cpu = self.placement.kind == "cpu" and mappable(tensors)
         if self.args.transfer == "map" and not on_cpu:
-            raise ValueError("--transfer map needs CPU buffers (shared memory) and dtype-aligned tensor offsets; use "
-                             "--transfer copy (or auto)")  # fmt: skip
+            raise ValueError(
+                "--transfer map needs CPU buffers (shared memory) and dtype-aligned tensor offsets; use "
+                "--transfer copy (or auto)"
+            )
         one_feeder = len(self.feeding.feeders) == 1
         return on_cpu and (self.args.transfer == "map" or (self.args.transfer == "auto" and one_feeder))
 
@@ -239,8 +272,14 @@ class Update:
             self.feeder = NodeFeeder()
             for endpoint in self.own_endpoints:
                 feeder = RankFeeder(
-                    endpoint, self.update_id, args.timeout, self.cancelled, checksum=self.checksum, partial=args.partial,
-                    allow_unused=args.allow_unused, listen=listen,
+                    endpoint,
+                    self.update_id,
+                    args.timeout,
+                    self.cancelled,
+                    checksum=self.checksum,
+                    partial=args.partial,
+                    allow_unused=args.allow_unused,
+                    listen=listen,
                 )
                 self.feeder.add(feeder)
 
@@ -248,8 +287,9 @@ class Update:
         """Each instance's leader makes the HTTP call naming the endpoints of all its ranks."""
         if self.leads:
             args = self.args
-            self.http = self.client.start_update(self.instance_endpoints(), args.weight_version,
-                                                 not args.no_flush_cache, self.cancelled)  # fmt: skip
+            self.http = self.client.start_update(
+                self.instance_endpoints(), args.weight_version, not args.no_flush_cache, self.cancelled
+            )
 
     def endpoint_of(self, rank_key: str) -> str:
         """The ZeroMQ endpoint a server rank of this instance connects to (the same name in every process)."""
@@ -288,14 +328,18 @@ class Update:
             error = None
             if self.leads and not done:
                 try:
-                    self.commit_message = self.client.commit(self.instance_keys(), self.update_id, args.weight_version,
-                                                             not args.no_flush_cache)  # fmt: skip
+                    self.commit_message = self.client.commit(
+                        self.instance_keys(), self.update_id, args.weight_version, not args.no_flush_cache
+                    )
                     done = True
                 except ServerError as exc:
                     error = exc
                     if attempt < args.commit_retries:
-                        print(f"[sglang-ckpt] commit on {args.endpoint} failed (attempt {attempt + 1}): {exc}; retrying "
-                              "from the staged bytes", file=sys.stderr)  # fmt: skip
+                        print(
+                            f"[sglang-ckpt] commit on {args.endpoint} failed (attempt {attempt + 1}): {exc}; retrying "
+                            "from the staged bytes",
+                            file=sys.stderr,
+                        )
             if not self.control.any_failed(error is not None):
                 return
         raise error or PeerFailed("another instance's commit failed (its error is printed above)")
@@ -356,8 +400,9 @@ class Update:
             self.guarded(self.stage_call)  # after the reads: the server's hello wait is short
         self.guarded(lambda: feeder.hello([s.bucket for s in steps]) if feeder is not None else None)
         move_s = 0.0
-        with ServerClient.progress(total=sum(s.bucket.payload_bytes for s in steps),
-                                   disable=args.quiet or not self.leads) as bar:  # fmt: skip
+        with ServerClient.progress(
+            total=sum(s.bucket.payload_bytes for s in steps), disable=args.quiet or not self.leads
+        ) as bar:
             if feeder is not None:
                 feeder.on_bucket = lambda b: bar.update(b.payload_bytes)
             carried: BaseException | None = None  # a send that failed: agreed on at the next step
@@ -398,7 +443,9 @@ class Update:
         t0 = time.perf_counter()
         self.feeder.run_mapped(self.files, self.file_buckets, self.times, self.args.verify)
         self.times.total_s = time.perf_counter() - t0
-        self.reader.bytes_read = sum(b.payload_bytes for _, b in self.file_buckets)  # read by the server, from our files
+        self.reader.bytes_read = sum(
+            b.payload_bytes for _, b in self.file_buckets
+        )  # read by the server, from our files
 
     # ------------------------------------------------------------------ report
     def report(self, wall_s: float) -> None:
@@ -416,15 +463,24 @@ class Update:
                 mode += ", each rank copying its slice"
             if self.two_phase:
                 mode += "; staged while the server kept serving, then committed"
-            print(f"{tag} pushed {times.buckets} buckets, {gb:.3f} GB in {times.total_s:.3f} s ({rate:.2f} GB/s) "
-                  f"via {mode}", file=out)  # fmt: skip
+            print(
+                f"{tag} pushed {times.buckets} buckets, {gb:.3f} GB in {times.total_s:.3f} s ({rate:.2f} GB/s) "
+                f"via {mode}",
+                file=out,
+            )
             if self.reader.direct_bytes:
                 print(f"{tag} read {self.reader.direct_bytes / 1e9:.3f} GB past the page cache (O_DIRECT)", file=out)
-            print(f"{tag} stages: read {times.read_s:.3f} s | wait for server {times.wait_s:.3f} s | server load "
-                  f"{times.load_s:.3f} s | server post-process {times.post_s:.3f} s", file=out)  # fmt: skip
+            print(
+                f"{tag} stages: read {times.read_s:.3f} s | wait for server {times.wait_s:.3f} s | server load "
+                f"{times.load_s:.3f} s | server post-process {times.post_s:.3f} s",
+                file=out,
+            )
             copied = " | ".join(f"{key} {f.written_bytes}" for key, f in zip(self.rank_keys, self.feeder.feeders))
-            print(f"{tag} bytes each server rank copied into its weights (its slice, in its dtype): {copied} "
-                  f"(of {times.bytes} pushed)", file=out)  # fmt: skip
+            print(
+                f"{tag} bytes each server rank copied into its weights (its slice, in its dtype): {copied} "
+                f"(of {times.bytes} pushed)",
+                file=out,
+            )
         print(f"{tag} around the push: " + " | ".join(f"{k} {v:.3f} s" for k, v in times.extra.items()), file=out)
         read = self.control.all_gather_int(self.reader.bytes_read)
         moved = sum(self.control.all_gather_int(self.exchange.bytes_received if self.exchange is not None else 0))
@@ -435,7 +491,12 @@ class Update:
             print(f"[sglang-ckpt] bytes read from disk per rank: {per_rank}", file=out)
         if self.leads:
             message = self.commit_message if self.two_phase else self.http.message
-            print(f"{tag} server {self.args.endpoint}: {message} (weight_version={self.args.weight_version}); "
-                  f"wall {wall_s:.3f} s including planning and waiting for the server", file=out)  # fmt: skip
+            print(
+                f"{tag} server {self.args.endpoint}: {message} (weight_version={self.args.weight_version}); "
+                f"wall {wall_s:.3f} s including planning and waiting for the server",
+                file=out,
+            )
         if self.feeder is not None and self.feeder.fingerprint and world.rank == self.receivers[0]:
-            print(f"[sglang-ckpt] checkpoint fingerprint={self.feeder.fingerprint} (the server reports it in /model_info)")
+            print(
+                f"[sglang-ckpt] checkpoint fingerprint={self.feeder.fingerprint} (the server reports it in /model_info)"
+            )

@@ -33,8 +33,9 @@ class Session:
     asked: dict
 
     def update(self, args: argparse.Namespace, receivers: list[int]) -> Update:
-        return Update(args, self.world, self.control, self.placement, self.feeding, self.rank_keys, receivers,
-                      self.asked)  # fmt: skip
+        return Update(
+            args, self.world, self.control, self.placement, self.feeding, self.rank_keys, receivers, self.asked
+        )
 
 
 def open_session(args: argparse.Namespace, world: LoaderWorld, control: Control) -> Session:
@@ -43,8 +44,9 @@ def open_session(args: argparse.Namespace, world: LoaderWorld, control: Control)
     placement = agree_on_kind(own, control, world)
     if placement.kind == "cuda":  # before the first NCCL call, which would fail on a shared GPU
         torch_device(placement)
-        problem = shared_gpus(list(zip(control.all_gather_int(world.node_rank),
-                                       control.all_gather_str(placement.rank_key))))  # fmt: skip
+        problem = shared_gpus(
+            list(zip(control.all_gather_int(world.node_rank), control.all_gather_str(placement.rank_key)))
+        )
         if problem:
             raise ValueError(problem)
         control.use_nccl()

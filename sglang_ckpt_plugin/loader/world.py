@@ -17,9 +17,8 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class LoaderWorld:
     feeds_instance: bool = False  # one process, no torchrun: it feeds every rank of its (one) instance
 
     @classmethod
-    def from_env(cls, parallel_size: int, feeds_instance: bool = False) -> "LoaderWorld":
+    def from_env(cls, parallel_size: int, feeds_instance: bool = False) -> LoaderWorld:
         env = os.environ
         world = cls(
             rank=int(env.get("RANK", 0)),

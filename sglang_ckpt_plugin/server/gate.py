@@ -19,20 +19,38 @@ from .options import initial_weights_timeout
 
 logger = logging.getLogger("sglang_ckpt_plugin")
 
-OPEN_BEFORE_WEIGHTS = frozenset({
-    "/model_info", "/get_model_info", "/server_info", "/get_server_info", "/ping", "/metrics", "/weights_checker",
-    "/v1/models", "/openapi.json", "/docs", "/redoc", "/flush_cache", "/configure_logging",
-    "/update_weights_from_ipc", "/update_weights_from_disk", "/update_weight_version",
-    "/init_weights_update_group", "/destroy_weights_update_group", "/update_weights_from_distributed",
-    "/update_weights_from_tensor", "/begin_weight_update", "/end_weight_update",
-})  # fmt: skip
+OPEN_BEFORE_WEIGHTS = frozenset(
+    {
+        "/model_info",
+        "/get_model_info",
+        "/server_info",
+        "/get_server_info",
+        "/ping",
+        "/metrics",
+        "/weights_checker",
+        "/v1/models",
+        "/openapi.json",
+        "/docs",
+        "/redoc",
+        "/flush_cache",
+        "/configure_logging",
+        "/update_weights_from_ipc",
+        "/update_weights_from_disk",
+        "/update_weight_version",
+        "/init_weights_update_group",
+        "/destroy_weights_update_group",
+        "/update_weights_from_distributed",
+        "/update_weights_from_tensor",
+        "/begin_weight_update",
+        "/end_weight_update",
+    }
+)
 
 HOW_TO_PUSH = (
     "push them with: python -m sglang_ckpt_plugin.update --checkpoint-path DIR "
     "--inference-parallel-size TP --endpoint http://HOST:PORT"
 )
 EXIT_NO_WEIGHTS = 3
-
 
 
 class GateState:
@@ -46,18 +64,28 @@ class GateState:
 def closed_message() -> str:
     report = GateState.report or {}
     missing = report.get("missing") or []
-    what = f"; {report.get('missing_count', len(missing))} parameter(s) not written yet, e.g. {missing[:3]}" if missing else ""
+    what = (
+        f"; {report.get('missing_count', len(missing))} parameter(s) not written yet, e.g. {missing[:3]}"
+        if missing
+        else ""
+    )
     if report.get("state") == "incomplete":
         last = (report.get("last_update") or {}).get("message", "")
-        return (f"Model weights are incomplete (an update failed part-way: {last[:300]}){what}; a complete update "
-                f"is needed before serving; {HOW_TO_PUSH}")  # fmt: skip
+        return (
+            f"Model weights are incomplete (an update failed part-way: {last[:300]}){what}; a complete update "
+            f"is needed before serving; {HOW_TO_PUSH}"
+        )
     if report.get("session_open"):
         return f"Model weights are being written by a weight-update session{what}; {HOW_TO_PUSH}"
-    return f"Model weights have not been loaded yet (server started with --wait-for-initial-weights){what}; {HOW_TO_PUSH}"
+    return (
+        f"Model weights have not been loaded yet (server started with --wait-for-initial-weights){what}; {HOW_TO_PUSH}"
+    )
 
 
 def not_loaded_body() -> bytes:
-    return json.dumps({"object": "error", "type": "ServiceUnavailable", "code": 503, "message": closed_message()}).encode()
+    return json.dumps(
+        {"object": "error", "type": "ServiceUnavailable", "code": 503, "message": closed_message()}
+    ).encode()
 
 
 class WeightsGate:
@@ -80,12 +108,17 @@ class WeightsGate:
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1013, "reason": "weights not loaded"})
         body = not_loaded_body()
-        await send({
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"retry-after", b"5")],
-        })  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", b"5"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -113,8 +146,10 @@ def wait_for_initial_weights(poll_s: float = 0.2, log_every_s: float = 30.0) -> 
             raise SystemExit(EXIT_NO_WEIGHTS)
         now = time.monotonic()
         if timeout is not None and now - start > timeout:
-            msg = (f"[sglang-ckpt-plugin] no weights arrived within --initial-weights-timeout {timeout:g} s; "
-                   f"exiting with code {EXIT_NO_WEIGHTS}. Start the loader sooner or raise the timeout.")  # fmt: skip
+            msg = (
+                f"[sglang-ckpt-plugin] no weights arrived within --initial-weights-timeout {timeout:g} s; "
+                f"exiting with code {EXIT_NO_WEIGHTS}. Start the loader sooner or raise the timeout."
+            )
             logger.error(msg)
             print(msg, file=sys.stderr, flush=True)
             sg.exit_server(EXIT_NO_WEIGHTS)

@@ -113,8 +113,10 @@ def _bind_cpu_cores(*args, **kwargs):
     device, ranks = sg.launch_layout(server_args)
     if device == "cpu" and ranks > 1:
         os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = core_binds(ranks)
-        logger.info("SGLANG_CPU_OMP_THREADS_BIND=%s (one core range per rank, set by sglang-ckpt-plugin)",
-                    os.environ["SGLANG_CPU_OMP_THREADS_BIND"])  # fmt: skip
+        logger.info(
+            "SGLANG_CPU_OMP_THREADS_BIND=%s (one core range per rank, set by sglang-ckpt-plugin)",
+            os.environ["SGLANG_CPU_OMP_THREADS_BIND"],
+        )
     return None
 
 

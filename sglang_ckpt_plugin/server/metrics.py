@@ -34,14 +34,16 @@ class PluginMetrics:
 
         latest = {"multiprocess_mode": "mostrecent"}  # one HTTP process writes them; the last value is the value
         self.updates = Counter("sglang:ckpt_updates", "Weight updates by outcome and source", ["outcome", "source"])
-        self.seconds = Histogram("sglang:ckpt_update_seconds", "Server-side duration of a weight update",
-                                 buckets=SECONDS_BUCKETS)  # fmt: skip
+        self.seconds = Histogram(
+            "sglang:ckpt_update_seconds", "Server-side duration of a weight update", buckets=SECONDS_BUCKETS
+        )
         self.bytes = Counter("sglang:ckpt_update_bytes", "Bytes written by successful weight updates")
         self.loaded = Gauge("sglang:ckpt_weights_loaded", "1 while a complete set of weights is served", **latest)
         self.state = Gauge("sglang:ckpt_weights_state", "Weights state (1 for the current one)", ["state"], **latest)
         self.version = Gauge("sglang:ckpt_weight_version_info", "The weight version served (1)", ["version"], **latest)
-        self.last_ts = Gauge("sglang:ckpt_last_update_timestamp_seconds", "When the last weight update was recorded",
-                             **latest)  # fmt: skip
+        self.last_ts = Gauge(
+            "sglang:ckpt_last_update_timestamp_seconds", "When the last weight update was recorded", **latest
+        )
         self._seen: float | None = None  # finished_at of the last update record counted
         self._version: str | None = None
 

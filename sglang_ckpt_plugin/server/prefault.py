@@ -67,8 +67,11 @@ def populate_in_background(model: torch.nn.Module) -> threading.Thread | None:
         if problem:
             logger.info("parameter memory not allocated ahead of the first push: %s", problem)
         else:
-            logger.info("allocated %.3f GB of parameter memory for the first push in %.3f s", done / 1e9,
-                        time.perf_counter() - t0)  # fmt: skip
+            logger.info(
+                "allocated %.3f GB of parameter memory for the first push in %.3f s",
+                done / 1e9,
+                time.perf_counter() - t0,
+            )
 
     thread = threading.Thread(target=run, name="ckpt-prefault", daemon=True)
     thread.start()

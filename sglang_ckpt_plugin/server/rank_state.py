@@ -19,7 +19,7 @@ from .validate import required_coverage
 from .weights_state import WeightsState
 
 _state: WeightsState | None = None
-_placement: "Placement | None" = None
+_placement: Placement | None = None
 
 
 class Placement(msgspec.Struct, frozen=True):

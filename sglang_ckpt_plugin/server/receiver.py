@@ -12,8 +12,8 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
@@ -21,10 +21,18 @@ from ..transport.channel import Channel, PeerGone, check_endpoint
 from ..transport.fdpass import fd_socket_path, receive_fds
 from ..transport.handles import MappedBuffer, open_buffer, open_file_range
 from ..transport.integrity import Fingerprint, tensor_digest
-from ..transport.word_sums import device_digest
 from ..transport.messages import (
-    Abort, BucketReady, CudaIpcHandle, FileHandle, Finish, Hello, ProtocolError, Reply, ShmFdHandle,
-)  # fmt: skip
+    Abort,
+    BucketReady,
+    CudaIpcHandle,
+    FileHandle,
+    Finish,
+    Hello,
+    ProtocolError,
+    Reply,
+    ShmFdHandle,
+)
+from ..transport.word_sums import device_digest
 from .coverage import written_bytes
 from .together import GroupsTogether
 from .validate import CheckedUpdate
@@ -104,8 +112,10 @@ class Manifest:
             if want is None:
                 raise ProtocolError(f"bucket {msg.seq}: tensor {slot.name!r} is not in the update's manifest")
             if (slot.dtype, list(slot.shape)) != want:
-                raise ProtocolError(f"bucket {msg.seq}: tensor {slot.name!r} is {slot.dtype} {list(slot.shape)}, "
-                                    f"the manifest says {want[0]} {want[1]}")  # fmt: skip
+                raise ProtocolError(
+                    f"bucket {msg.seq}: tensor {slot.name!r} is {slot.dtype} {list(slot.shape)}, "
+                    f"the manifest says {want[0]} {want[1]}"
+                )
             if slot.name in self.delivered or slot.name in seen:
                 raise ProtocolError(f"bucket {msg.seq}: tensor {slot.name!r} was already sent in this update")
             seen.add(slot.name)
@@ -114,8 +124,10 @@ class Manifest:
     def check_finished(self) -> None:
         if len(self.delivered) != len(self.expected):
             missing = sorted(set(self.expected) - self.delivered)
-            raise ProtocolError(f"the loader finished after {len(self.delivered)} of the manifest's {len(self.expected)} "
-                                f"tensors (missing {missing[:3]}...)")  # fmt: skip
+            raise ProtocolError(
+                f"the loader finished after {len(self.delivered)} of the manifest's {len(self.expected)} "
+                f"tensors (missing {missing[:3]}...)"
+            )
 
 
 def _send_error(channel: Channel, seq: int, error: str, opened: list[int] | None = None) -> None:
@@ -242,8 +254,9 @@ class ReceiveSession:
         self.checksum = hello.checksum
         self.verify = hello.checksum != "none"
         try:
-            checked = self.validate([(m.name, m.dtype, m.shape) for m in hello.manifest], hello.partial,
-                                    hello.allow_unused)  # fmt: skip
+            checked = self.validate(
+                [(m.name, m.dtype, m.shape) for m in hello.manifest], hello.partial, hello.allow_unused
+            )
             self.coverage, self.together = checked.coverage, GroupsTogether(checked.together)
             self.manifest = Manifest(hello)
         except ValueError as exc:
@@ -306,8 +319,10 @@ class ReceiveSession:
         if self.buffers[msg.buffer] is not None and self.buffers[msg.buffer].views_alive():
             # the loader refills (or unmaps) this memory next: a kept view would change under the model
             _send_error(channel, msg.seq, "the model kept a tensor it was given")
-            raise UpdateFailed(f"bucket {msg.seq}: the model kept a reference to a tensor it was given instead of "
-                               "copying it; refusing to let the loader reuse that memory")  # fmt: skip
+            raise UpdateFailed(
+                f"bucket {msg.seq}: the model kept a reference to a tensor it was given instead of "
+                "copying it; refusing to let the loader reuse that memory"
+            )
         _send_ok(channel, Reply(seq=msg.seq, ok=True, elapsed_s=elapsed))
 
     def _write(self, views: list[tuple[str, torch.Tensor]]) -> None:
@@ -340,8 +355,10 @@ class ReceiveSession:
             flat = view.reshape(-1).view(torch.uint8)
             digest = device_digest(flat) if self.checksum == "wordsum" else tensor_digest(flat.cpu())
             if digest != expected:
-                raise ProtocolError(f"checksum mismatch on tensor {name!r} in bucket {msg.seq}: the bytes changed "
-                                    "between the loader and the server (memory corruption or a concurrent writer)")  # fmt: skip
+                raise ProtocolError(
+                    f"checksum mismatch on tensor {name!r} in bucket {msg.seq}: the bytes changed "
+                    "between the loader and the server (memory corruption or a concurrent writer)"
+                )
             self.digests.add(name, slot.dtype, slot.shape, digest)
 
     def _finish(self, channel: Channel, msg: Finish) -> None:
@@ -440,8 +457,10 @@ class ReceiveSession:
                 _KEPT_ALIVE.append(b)  # never unmapped under a live view: it lives as long as this process
         self.buffers = []
         if kept:
-            raise UpdateFailed(f"{kept} loader buffer(s) could not be unmapped: the model kept a reference to a tensor "
-                               "it was given instead of copying it")  # fmt: skip
+            raise UpdateFailed(
+                f"{kept} loader buffer(s) could not be unmapped: the model kept a reference to a tensor "
+                "it was given instead of copying it"
+            )
 
     def _release(self) -> None:
         try:

@@ -65,8 +65,14 @@ def _replace_endpoint(app, path: str, make_wrapper) -> None:
     routes = app.router.routes
     for i, route in enumerate(routes):
         if isinstance(route, APIRoute) and route.path == path:
-            app.add_api_route(path, make_wrapper(route.endpoint), methods=sorted(route.methods), name=route.name,
-                              response_class=route.response_class, dependencies=route.dependencies)  # fmt: skip
+            app.add_api_route(
+                path,
+                make_wrapper(route.endpoint),
+                methods=sorted(route.methods),
+                name=route.name,
+                response_class=route.response_class,
+                dependencies=route.dependencies,
+            )
             routes[i] = routes.pop()
             return
     raise RuntimeError(f"SGLang route {path} not found: this SGLang version is not supported by the plugin")

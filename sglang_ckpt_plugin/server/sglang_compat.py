@@ -103,16 +103,21 @@ def release_problem(targets) -> str | None:
     missing = missing_names([*targets, *ACCESSED_NAMES])
     if not missing and (len(release) < 3 or release >= OLDEST_SUPPORTED):
         if installed not in TESTED_RELEASES:
-            logger.warning("sglang-ckpt-plugin has not been tested with SGLang %s (%s); every hooked target resolves",
-                           installed, supported_range())  # fmt: skip
+            logger.warning(
+                "sglang-ckpt-plugin has not been tested with SGLang %s (%s); every hooked target resolves",
+                installed,
+                supported_range(),
+            )
         return None
     if missing:
         (name, why), more = missing[0], len(missing) - 1
         what = f"cannot resolve {name} ({why})" + (f" and {more} more" if more else "")
     else:
         what = "older than the oldest supported release"
-    return (f"sglang-ckpt-plugin does not support SGLang {installed}: {what}; it supports {supported_range()}: "
-            "install one of those, or uninstall sglang-ckpt-plugin")  # fmt: skip
+    return (
+        f"sglang-ckpt-plugin does not support SGLang {installed}: {what}; it supports {supported_range()}: "
+        "install one of those, or uninstall sglang-ckpt-plugin"
+    )
 
 
 # ---------------------------------------------------------------- main process (HTTP server)
@@ -345,8 +350,14 @@ def trainer_process_group(backend: str, init_method: str, world_size: int, group
 
     from sglang.srt.utils.common import init_custom_process_group
 
-    return init_custom_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=0,
-                                     group_name=group_name, timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+    return init_custom_process_group(
+        backend=backend,
+        init_method=init_method,
+        world_size=world_size,
+        rank=0,
+        group_name=group_name,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 FLATTENED_BUCKET_FORMAT = "flattened_bucket"  # SGLang's load_format: tensors packed back to back, as uint8

@@ -87,8 +87,9 @@ class StagedUpdate:
             self.state, self.staged_at = "staged", self.session.staged_at or time.time()
             self.bytes = self.session.staged_bytes()
             self._arm_timer()
-        logger.info("staged update %s: %d buckets checked, waiting for its commit", self.update_id,
-                    len(self.session.staged))  # fmt: skip
+        logger.info(
+            "staged update %s: %d buckets checked, waiting for its commit", self.update_id, len(self.session.staged)
+        )
 
     def _arm_timer(self) -> None:
         self._timer = threading.Timer(staged_timeout_s(), self._expire)

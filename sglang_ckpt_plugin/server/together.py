@@ -9,7 +9,7 @@ until the last member arrives, and then the whole group goes to the model with t
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

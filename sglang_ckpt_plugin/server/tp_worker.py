@@ -79,13 +79,24 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
         else:
             weights.failed_untouched("ipc", why)
         return False, f"weight update on {key} failed before any weight was changed: {why}"
-    weights.succeeded(coverage, "ipc", f"loaded {stats.tensors} tensors in {stats.buckets} buckets",
-                      tensors=stats.tensors, nbytes=stats.bytes, fingerprint=stats.fingerprint)  # fmt: skip
+    weights.succeeded(
+        coverage,
+        "ipc",
+        f"loaded {stats.tensors} tensors in {stats.buckets} buckets",
+        tensors=stats.tensors,
+        nbytes=stats.bytes,
+        fingerprint=stats.fingerprint,
+    )
     logger.info(
         "rank %s loaded %d tensors (%.3f GB) in %d buckets%s: load %.3f s, post-process %.3f s",
-        key, stats.tensors, stats.bytes / 1e9, stats.buckets, " (staged)" if phase == "commit" else "",
-        stats.load_s, stats.post_s,
-    )  # fmt: skip
+        key,
+        stats.tensors,
+        stats.bytes / 1e9,
+        stats.buckets,
+        " (staged)" if phase == "commit" else "",
+        stats.load_s,
+        stats.post_s,
+    )
     return True, f"loaded {stats.tensors} tensors ({stats.bytes} bytes) in {stats.buckets} buckets"
 
 
@@ -97,8 +108,10 @@ def _check_request(updater, key: str, handles: dict, phase: str | None) -> None:
     if refusal:
         raise UpdateRefused(refusal)
     if key not in handles:
-        raise UpdateRefused(f"no endpoint for this rank ({key}) in zmq_handles (keys: {sorted(handles)[:8]}); "
-                            "is --inference-parallel-size the server's --tp?")  # fmt: skip
+        raise UpdateRefused(
+            f"no endpoint for this rank ({key}) in zmq_handles (keys: {sorted(handles)[:8]}); "
+            "is --inference-parallel-size the server's --tp?"
+        )
     if phase is None and foreign.answer_checkpoint_engine(handles[key]):  # SGLang's documented pusher, not ours
         raise UpdateRefused(foreign.CHECKPOINT_ENGINE_REFUSAL)
 
@@ -148,8 +161,11 @@ def _abort(updater, handles: dict) -> tuple[bool, str]:
     any_record, any_error, any_refused = rank_state.agree(record, error is not None, record and staged.refused)
     if not any_record:
         return True, f"nothing staged to drop on {key}"
-    why = error or ("another tensor-parallel rank failed to stage (see its log line)" if any_error
-                    else "another loader rank or instance failed before the commit; nothing was changed")  # fmt: skip
+    why = error or (
+        "another tensor-parallel rank failed to stage (see its log line)"
+        if any_error
+        else "another loader rank or instance failed before the commit; nothing was changed"
+    )
     weights = rank_state.state(updater.get_model())
     if any_refused:
         weights.rejected("ipc", why)

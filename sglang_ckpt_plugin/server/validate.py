@@ -28,8 +28,9 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -131,8 +132,9 @@ def check_update(
         raise UpdateRejected(f"shape mismatch: {_first(run.shape_errors, 3)}")
     config = getattr(model, "config", None)
     own_lm_head = any(pname.startswith("lm_head.") for pname in extents)
-    unused = [name for name, _, _ in manifest
-              if name not in run.used and not skipped_on_purpose(name, config, own_lm_head)]  # fmt: skip
+    unused = [
+        name for name, _, _ in manifest if name not in run.used and not skipped_on_purpose(name, config, own_lm_head)
+    ]
     if unused and not allow_unused:
         raise UpdateRejected(
             f"{len(unused)} tensor(s) are not weights of this model (it would ignore them): {_first(unused)}; "
@@ -185,7 +187,7 @@ class _Observed:
         self.coverage: Coverage = {}
         self._checking = False
 
-    def __enter__(self) -> "_Observed":
+    def __enter__(self) -> _Observed:
         exclusive().acquire()  # the swap below, and the load it observes, are the model's only writer
         real = self.model.load_weights
 

@@ -72,17 +72,32 @@ class WeightsState:
 
     def report(self) -> WeightsReport:
         missing = self.missing()
-        state = "complete" if not missing else ("incomplete" if self.incomplete_reason or self.ever_complete else "waiting")
-        return WeightsReport(state=state, missing=missing[:MISSING_LISTED], missing_count=len(missing),
-                             fingerprint=self.fingerprint if not missing else None,
-                             session_open=self.session is not None, last_update=self.last_update)  # fmt: skip
+        state = (
+            "complete" if not missing else ("incomplete" if self.incomplete_reason or self.ever_complete else "waiting")
+        )
+        return WeightsReport(
+            state=state,
+            missing=missing[:MISSING_LISTED],
+            missing_count=len(missing),
+            fingerprint=self.fingerprint if not missing else None,
+            session_open=self.session is not None,
+            last_update=self.last_update,
+        )
 
     # ---------------------------------------------------------------- outcomes
     def _record(self, outcome: Outcome, source: Source, message: str, tensors=0, nbytes=0, fingerprint=None) -> None:
         self.last_update = UpdateRecord(outcome, source, message[:2000], tensors, nbytes, fingerprint, time.time())
 
-    def succeeded(self, coverage: Coverage, source: Source, message: str, *, tensors: int = 0, nbytes: int = 0,
-                  fingerprint: str | None = None) -> None:  # fmt: skip
+    def succeeded(
+        self,
+        coverage: Coverage,
+        source: Source,
+        message: str,
+        *,
+        tensors: int = 0,
+        nbytes: int = 0,
+        fingerprint: str | None = None,
+    ) -> None:
         """An update wrote ``coverage`` and nothing else. ``fingerprint``: it was verified and covered the model."""
         self.covered = union_coverage(self.covered, coverage)
         self._missing = None

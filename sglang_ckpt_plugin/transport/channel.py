@@ -58,7 +58,7 @@ def check_endpoint(endpoint: str) -> str:
     """Server side: accept only a live socket, owned by this user, directly inside our private directory
     (``lstat``: a symlink or a plain file is refused), so a bad name fails at once instead of at a timeout."""
     prefix = f"ipc://{socket_dir()}/"
-    name = endpoint[len(prefix):] if endpoint.startswith(prefix) else ""
+    name = endpoint[len(prefix) :] if endpoint.startswith(prefix) else ""
     if not name.endswith(".sock") or "/" in name or name.startswith(".") or "\0" in name:
         raise ProtocolError(f"refusing endpoint {endpoint!r}: must be an ipc socket in {prefix}")
     try:
@@ -82,9 +82,7 @@ class Channel:
         # the process's one context: a context per channel cost a millisecond to terminate at every update's end
         self._sock = zmq.Context.instance().socket(zmq.PAIR)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        self._monitor = self._sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
-        )
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -156,7 +154,7 @@ class Channel:
             except FileNotFoundError:
                 pass
 
-    def __enter__(self) -> "Channel":
+    def __enter__(self) -> Channel:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -51,7 +51,7 @@ class FdOffer:
         while not self._stop.is_set() and time.monotonic() < self._deadline:
             try:
                 conn, _ = self._sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             with conn:
                 if _peer_uid(conn) != os.getuid():

@@ -23,7 +23,6 @@ import warnings
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-
 from ..placement import peer_unreadable
 from .messages import BufferHandle, CudaIpcHandle, FileHandle, ShmFdHandle, ShmHandle
 
@@ -36,7 +35,7 @@ _SHM_NAME = re.compile(r"^sglang-ckpt-[A-Za-z0-9_-]{1,100}$")
 
 
 def device_kind(device: torch.device | str | None) -> str:
-    """"cpu" or "cuda" of a torch.device or its name; None is host memory (a CPU loader never makes a torch.device,
+    """ "cpu" or "cuda" of a torch.device or its name; None is host memory (a CPU loader never makes a torch.device,
     so that it never imports torch)."""
     return "cpu" if device is None else str(device).split(":")[0]
 

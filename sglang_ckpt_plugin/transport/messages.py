@@ -7,7 +7,7 @@ this file; keep the two in step and bump PROTOCOL_VERSION on any incompatible ch
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -24,9 +24,19 @@ Shape = Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_len
 
 # dtype names as torch spells them (without the "torch." prefix) -> bytes per element
 WIRE_DTYPE_ITEMSIZE: dict[str, int] = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
-    "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
-}  # fmt: skip
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
 WIRE_DTYPES = tuple(WIRE_DTYPE_ITEMSIZE)
 
 # Two-phase updates ride SGLang's own ``/update_weights_from_ipc`` request (its auth, its fan-out to every TP rank):
@@ -84,7 +94,7 @@ class FileHandle(msgspec.Struct, tag="file", tag_field="kind", forbid_unknown_fi
     nbytes: int
 
 
-BufferHandle = Union[ShmHandle, ShmFdHandle, FileHandle, CudaIpcHandle]
+BufferHandle = ShmHandle | ShmFdHandle | FileHandle | CudaIpcHandle
 
 
 class TensorSlot(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
@@ -156,7 +166,7 @@ class Reply(_Msg, tag="reply"):
     opened: list[int] = []
 
 
-Message = Union[Hello, BucketReady, Finish, Abort, Reply]
+Message = Hello | BucketReady | Finish | Abort | Reply
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)
