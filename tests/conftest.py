@@ -136,6 +136,29 @@ def our_leftovers() -> list[str]:
     return shm + socks
 
 
+def pytest_runtest_setup(item):
+    item.user_properties.append(("started_at", time.time()))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test shows the tail of every server log written to while it ran (module-scoped servers
+    included): "see the server log" is then in the report, not on a machine that is gone."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    from sglang_ckpt_plugin.demo.launch import SGLangServer
+
+    since = dict(item.user_properties).get("started_at", 0.0)
+    for server in SGLangServer.started():
+        try:
+            if server.log_path.stat().st_mtime >= since:
+                report.sections.append((f"server log {server.log_path} (last 60 lines)", server.log_tail(60)))
+        except OSError:
+            pass
+
+
 def pytest_sessionfinish(session, exitstatus):
     try:
         os.rmdir(os.environ["SGLANG_CKPT_SOCKET_DIR"])  # empty unless something leaked (tests report that)

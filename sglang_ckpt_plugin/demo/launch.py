@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,8 @@ def server_env(device: str = "cpu", extra: dict | None = None) -> dict[str, str]
 
 class SGLangServer:
     """``python -m sglang.launch_server`` (or ``sglang serve``) as a child process group."""
+
+    _started: weakref.WeakSet[SGLangServer] = weakref.WeakSet()  # for the tests' failure reports
 
     def __init__(
         self,
@@ -80,6 +83,7 @@ class SGLangServer:
         if self.proc is not None and self.proc.poll() is None:  # a second process would outlive stop()
             raise RuntimeError(f"the server on port {self.port} is running already")
         self._log = open(self.log_path, "ab")
+        SGLangServer._started.add(self)
         self.proc = subprocess.Popen(
             self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
@@ -123,6 +127,11 @@ class SGLangServer:
                     pass
                 time.sleep(0.5)
         raise TimeoutError(f"server did not {what} within {timeout_s} s; see {self.log_path}")
+
+    @classmethod
+    def started(cls) -> list[SGLangServer]:
+        """Every server started in this process that is still referenced."""
+        return list(cls._started)
 
     def log_tail(self, n: int = 30) -> str:
         try:
