@@ -168,3 +168,44 @@ def test_a_skipped_checkpoint_is_tried_again_only_once_its_files_change():
     rewritten = Candidate(step2.path, step2.version, step2.order, (("model.safetensors", 10, 1),))
     resident.watch = FixedWatch([rewritten])
     assert resident.decide([UP_B]).kind == "push"
+
+
+@pytest.mark.parametrize("nccl_failed", [False, True])
+def test_a_resident_group_whose_nccl_communicator_failed_stops_instead_of_failing_every_later_update(
+    tmp_path, nccl_failed
+):
+    """A failed update on a group whose NCCL data group broke (the alarm sounded, the peers aborted their
+    communicator; the alarm's key stays in the store): the group stops with an error, so torchrun's --max-restarts
+    starts it with a new communicator. Any other failed update is skipped and the group goes on watching."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from sglang_ckpt_plugin.loader.push import PushError
+    from sglang_ckpt_plugin.loader.rank_setup import PeerFailed
+    from sglang_ckpt_plugin.loader.resident import Resident
+    from sglang_ckpt_plugin.loader.world import Control, LoaderWorld, PeerAlarm
+
+    world = LoaderWorld()
+    control = Control(world, timeout_s=60)
+    control.alarm = PeerAlarm(dist.HashStore())
+    if nccl_failed:
+        control.alarm.sound("loader rank 1: DistBackendError: NCCL error: unhandled system error")
+
+    def failing_update(args, receivers):
+        def run():
+            raise (PeerFailed if nccl_failed else PushError)("the update failed")
+
+        return SimpleNamespace(run=run)
+
+    session = SimpleNamespace(world=world, control=control, feeding=SimpleNamespace(feeders=[0]), update=failing_update)
+    args = SimpleNamespace(watch=str(tmp_path), ready_marker=None, status_file=None, timeout=60.0)
+    resident = Resident(args, session)
+    resident.newest = ckpt("step-2", 2)
+    action = Action("push", "/w/step-2", "step-2", (0,))
+    if nccl_failed:
+        with pytest.raises(PeerFailed, match="NCCL communicator failed .*unhandled system error.*--max-restarts"):
+            resident.execute(action, [UP_B])
+    else:
+        resident.execute(action, [UP_B])
+        assert resident.skipped[("/w/step-2", ckpt("step-2", 2).signature)] == "the update failed"

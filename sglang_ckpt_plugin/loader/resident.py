@@ -219,6 +219,11 @@ class Resident:
         finally:
             watchdog.disarm()
             self.in_progress = None
+        if error is not None and (broken := self.control.data_group_broken()) is not None:
+            raise PeerFailed(
+                f"the loader group's NCCL communicator failed ({broken}); the group stops so that torchrun's "
+                "--max-restarts starts it again with a new one (the instances keep what they served)"
+            ) from error
         took = time.monotonic() - t0
         if action.kind == "push":
             if error is None:

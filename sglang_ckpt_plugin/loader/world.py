@@ -110,6 +110,15 @@ class Control:
             self.data_group = dist.new_group(backend="nccl", timeout=self.timeout)
             self.alarm = PeerAlarm(dist.distributed_c10d._get_default_store())
 
+    def data_group_broken(self) -> str | None:
+        """Collective, after a failed update: why the NCCL data group can carry nothing more (a rank's NCCL call
+        failed and sounded the alarm; its peers aborted their communicator), on every rank alike; None if it can.
+        The alarm's key stays in the store, so a group that went on would fail every later update at once."""
+        reason = self.alarm.reason() if self.alarm is not None else None
+        if not self.any_failed(reason is not None):
+            return None
+        return reason or "another loader rank's NCCL call failed (its error is printed above)"
+
     def any_failed(self, failed: bool) -> bool:
         """True on every rank if any rank passed True (every rank must call it at the same point)."""
         if not self.world.distributed:
