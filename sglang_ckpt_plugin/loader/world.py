@@ -107,8 +107,11 @@ class Control:
         if self.world.distributed:
             import torch.distributed as dist
 
+            alarm = PeerAlarm(dist.distributed_c10d._get_default_store())
+            if self.world.rank == 0:  # a group torchrun restarted after an NCCL failure may find the old key there
+                alarm.clear()  # before new_group, which no rank leaves before every rank entered it
             self.data_group = dist.new_group(backend="nccl", timeout=self.timeout)
-            self.alarm = PeerAlarm(dist.distributed_c10d._get_default_store())
+            self.alarm = alarm
 
     def data_group_broken(self) -> str | None:
         """Collective, after a failed update: why the NCCL data group can carry nothing more (a rank's NCCL call
@@ -243,6 +246,12 @@ class PeerAlarm:
         try:
             self.store.set(ALARM_KEY, reason.encode()[:2000])
         except Exception:  # the store is gone with rank 0: the peers' own calls fail too
+            pass
+
+    def clear(self) -> None:
+        try:
+            self.store.delete_key(ALARM_KEY)
+        except Exception:  # a store without delete_key: a fresh group's key does not exist anyway
             pass
 
     def reason(self) -> str | None:
