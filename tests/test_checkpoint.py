@@ -270,3 +270,19 @@ def test_a_direct_read_into_memory_the_kernel_cannot_pin_falls_back_for_that_win
     assert reader.direct_bytes == 0 and reader.bytes_read == len(data)
     assert reader.direct_fd(str(path)) == direct  # kept for memory that can be pinned
     reader.close()
+
+
+def test_pinned_staging_chunks_are_powers_of_two_so_torch_pins_no_more_than_the_budget():
+    """torch's host allocator rounds every pinned request up to a power of two: a chunk asked as 64 MiB + 4 KiB
+    pinned 128 MiB. Pinned chunks are the largest power of two within the size asked; host chunks (CPU path) keep
+    the size asked, with room to align in."""
+    from sglang_ckpt_plugin.loader.filler import _staging_chunk, staging_chunk_bytes
+
+    MiB = 1 << 20
+    assert staging_chunk_bytes(64 * MiB, pinned=True) == 64 * MiB
+    assert staging_chunk_bytes(100 * MiB, pinned=True) == 64 * MiB
+    assert staging_chunk_bytes(64 * MiB + 4096, pinned=True) == 64 * MiB
+    assert staging_chunk_bytes(100 * MiB, pinned=False) == 100 * MiB
+    assert staging_chunk_bytes(3000, pinned=True) == 3000  # smaller than one aligned window: as asked
+    chunk = _staging_chunk(5 * MiB + 123, pinned=False)
+    assert chunk.numel() == 5 * MiB + 123 and chunk.data_ptr() % 4096 == 0

@@ -72,11 +72,8 @@ class BucketFiller:
         if self.staged:
             import torch
 
-            chunk = min(bucket_bytes, chunk_bytes)
-            self._chunks = [
-                _aligned(torch.empty(chunk + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=self._cuda), chunk)
-                for _ in range(chunks)
-            ]
+            chunk = staging_chunk_bytes(min(bucket_bytes, chunk_bytes), pinned=self._cuda)
+            self._chunks = [_staging_chunk(chunk, pinned=self._cuda) for _ in range(chunks)]
             self._window = chunk // DIRECT_ALIGN * DIRECT_ALIGN  # what one O_DIRECT read may fill
             if self._cuda:
                 # each chunk's last copy to the device is done
@@ -195,6 +192,27 @@ class BucketFiller:
     def _mark_used(self, at: int) -> None:
         if self._cuda:
             self._copied[at].record(self._stream)
+
+
+def staging_chunk_bytes(wanted: int, pinned: bool) -> int:
+    """A staging chunk's size. torch's host allocator pins a power of two for every request (192 MiB of chunks
+    asked as chunk + 4 KiB each pinned 384 MiB): a pinned chunk is the largest power of two within ``wanted``,
+    so what is pinned is what the staging budget counted."""
+    if not pinned or wanted <= DIRECT_ALIGN:
+        return wanted
+    return 1 << (wanted.bit_length() - 1)
+
+
+def _staging_chunk(n: int, pinned: bool) -> torch.Tensor:
+    """``n`` bytes at a DIRECT_ALIGN boundary. Pinned memory comes page-aligned, so it is asked for as it is (one
+    more byte would double what is pinned); other memory gets room to align in."""
+    import torch
+
+    if pinned:
+        raw = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        if raw.data_ptr() % DIRECT_ALIGN == 0:
+            return raw
+    return _aligned(torch.empty(n + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=pinned), n)
 
 
 def _aligned(raw: torch.Tensor, n: int) -> torch.Tensor:
