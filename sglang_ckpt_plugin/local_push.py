@@ -36,7 +36,7 @@ from .loader.rank_setup import available_memory
 from .placement import LoaderPlacement, ServerPlacement, choose_placement, node_local_problem
 from .trainer import PushStats
 from .transport.channel import make_endpoint
-from .transport.handles import allocate_buffer, visible_gpu_keys
+from .transport.handles import allocate_buffer, return_cached_device_memory, visible_gpu_keys
 
 MiB = 1 << 20
 DEFAULT_BUCKET_BYTES = 64 * MiB
@@ -140,7 +140,7 @@ class LocalPush:
             b.release()
         self.buffers = []
         if self.device is not None and self.device.type == "cuda":
-            torch.cuda.ipc_collect()  # free the device memory the server's mappings held on to
+            return_cached_device_memory()  # on close and when the buffers are made again, larger
 
     def _place(self) -> None:
         """Once, at the first push: follow where the server's ranks run."""

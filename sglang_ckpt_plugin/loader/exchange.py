@@ -83,6 +83,9 @@ class Exchange:
 
             self._private = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(count)]
 
+    def release(self) -> None:
+        self._private = []
+
     def private_buffer(self, index: int) -> torch.Tensor:
         return self._private[index]
 

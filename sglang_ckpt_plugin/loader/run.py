@@ -157,6 +157,7 @@ class Update:
             if self.feeder is not None:  # after the commit: the server copies out of these buffers
                 self.feeder.close()
             self.reader.close()
+            self.release_device_memory()
         phase = (
             {
                 "stage (the server kept serving)": t_done - t_buffers,  # read, exchange, hand over, checked
@@ -357,6 +358,17 @@ class Update:
         """The buffers' device: the rank's GPU, or "cpu" (a name, not a torch.device: a CPU loader that moves
         nothing between processes never imports torch)."""
         return torch_device(self.placement) if self.placement.kind == "cuda" else "cpu"
+
+    def release_device_memory(self) -> None:
+        """The update's buffers and staging chunks go back to the device (a resident loader lives on, beside
+        SGLang's KV cache, and measures the free memory again at its next update)."""
+        self.filler = None
+        if self.exchange is not None:
+            self.exchange.release()
+        if self.placement.kind == "cuda":
+            from ..transport.handles import return_cached_device_memory
+
+            return_cached_device_memory()
 
     def allocate(self, bucket_bytes: int, num_buffers: int) -> None:
         from .filler import BucketFiller

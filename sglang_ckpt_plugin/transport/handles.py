@@ -215,6 +215,16 @@ def give_back_ipc_reference(handle: CudaIpcHandle) -> None:
     torch.UntypedStorage._release_ipc_counter_cuda(handle.ref_counter_handle, handle.ref_counter_offset)
 
 
+def return_cached_device_memory() -> None:
+    """After bucket buffers were dropped: free what the server's mappings held (torch keeps a shared block until
+    its counters reach zero and it collects) and hand torch's cached blocks back to the device, so the memory is
+    the GPU's again (SGLang's KV cache shares it) and the next memory budget does not count it twice."""
+    import torch
+
+    torch.cuda.ipc_collect()
+    torch.cuda.empty_cache()
+
+
 class CudaBuffer:
     """A device bucket buffer shared through CUDA IPC; freed when the loader drops it.
 
