@@ -159,7 +159,7 @@ class LocalPush:
                 )
             if problem is not None:
                 choice = "cpu"
-        places = [choose_placement(choice, server, rank, 0, gpus) for rank in range(server.tp_size)]
+        places = [choose_placement(choice, server, rank, 0, gpus) for rank in range(server.rank_count)]
         self.rank_keys = [p.rank_key for p in places]
         self.device = torch.device("cuda", places[0].gpu_index) if places[0].kind == "cuda" else torch.device("cpu")
 

@@ -1,8 +1,10 @@
 """Where the server's ranks run, and where a loader must put its buffers to reach them.
 
-The server publishes in ``/model_info`` (``ckpt_plugin``) its device kind and, per TP rank, the key that rank
+The server publishes in ``/model_info`` (``ckpt_plugin``) its device kind and, per rank, the key that rank
 answers to: ``GPU-<uuid>`` on CUDA (the same GPU whatever ``CUDA_VISIBLE_DEVICES`` or ``--base-gpu-id`` say),
-``cpu-tp<r>`` on CPU. A loader rank follows that, not its own machine:
+``cpu-tp<r>`` on CPU (``cpu-dp<d>-tp<r>`` with data-parallel replicas). Its ranks are every replica's TP ranks,
+replica by replica: a ``--tp 2 --dp 2`` server has four, and a loader feeds each the same update. A loader rank
+follows that, not its own machine:
 
 - server on CPU: shared-memory buffers (``--device cuda`` is refused: a CPU rank cannot open CUDA IPC handles);
 - server on CUDA: a CUDA buffer on the very GPU the TP rank uses (found by UUID among the GPUs this process
@@ -26,8 +28,9 @@ class ServerPlacement:
     device: str | None  # "cuda" / "cpu"; None from a plugin that did not publish it
     rank_keys: list[str] = field(default_factory=list)
     tp_size: int = 1
-    dp_size: int = 1
+    dp_size: int = 1  # data-parallel replicas (--dp), each its own TP group
     pp_size: int = 1
+    attn_dp_size: int = 1  # data-parallel attention groups (--enable-dp-attention)
     peer_access: bool = False  # every TP rank's GPU reads every other's memory peer to peer (NVLink / PCIe P2P)
 
     @classmethod
@@ -39,25 +42,37 @@ class ServerPlacement:
             tp_size=int(plugin.get("tp_size") or 1),
             dp_size=int(plugin.get("dp_size") or 1),
             pp_size=int(plugin.get("pp_size") or 1),
+            attn_dp_size=int(plugin.get("attn_dp_size") or 1),
             peer_access=bool(plugin.get("peer_access")),
         )
 
-    def key_of(self, tp_rank: int) -> str | None:
-        return self.rank_keys[tp_rank] if tp_rank < len(self.rank_keys) else None
+    @property
+    def rank_count(self) -> int:
+        """Ranks a loader feeds on this server: every TP rank of every replica."""
+        return self.tp_size * self.dp_size
+
+    @property
+    def shape(self) -> str:
+        return f"tp {self.tp_size} x dp {self.dp_size}" if self.dp_size > 1 else f"tp {self.tp_size}"
+
+    def key_of(self, rank: int) -> str | None:
+        """The key of server rank ``rank`` (replica ``rank // tp_size``, TP rank ``rank % tp_size``)."""
+        return self.rank_keys[rank] if rank < len(self.rank_keys) else None
 
 
-def unsupported_layout(dp_size: int, pp_size: int) -> str | None:
-    """SGLang 0.5.23 serves IPC updates for one data-parallel replica and no pipeline stages (it asserts
-    ``dp_size == 1`` deep inside): refused up front, in words, by the server and by the loader."""
-    if dp_size > 1:
-        return (
-            f"this server runs --dp-size {dp_size}; SGLang updates weights over IPC for one data-parallel "
-            "replica only: run one server per replica (each with --dp-size 1) and push to each"
-        )
+def unsupported_layout(pp_size: int, attn_dp_size: int = 1) -> str | None:
+    """Layouts the plugin does not update yet (no end-to-end test covers them): refused up front, in words, by the
+    server and by the loader. SGLang's own ``/update_weights_from_disk`` still serves them."""
     if pp_size > 1:
         return (
-            f"this server runs --pp-size {pp_size}; IPC weight updates with pipeline parallelism are not "
-            "supported: use --tp only, or SGLang's /update_weights_from_disk"
+            f"this server runs --pp-size {pp_size}; sglang-ckpt-plugin does not update pipeline stages yet: use "
+            "--tp (and --dp) only, or SGLang's /update_weights_from_disk"
+        )
+    if attn_dp_size > 1:
+        return (
+            f"this server runs data-parallel attention ({attn_dp_size} attention groups, --enable-dp-attention); "
+            "sglang-ckpt-plugin does not update it yet (no test covers it: SGLang's CPU forward cannot run it): use "
+            "--tp and --dp replicas, or SGLang's /update_weights_from_disk"
         )
     return None
 
@@ -145,6 +160,8 @@ def node_local_problem(server: ServerPlacement, local_gpus: list[str]) -> str | 
     every GPU receives every bucket (a broadcast between loader ranks)."""
     if server.device != "cuda" or server.tp_size < 2:
         return "not a GPU server with several TP ranks"
+    if server.dp_size > 1:
+        return "the server runs data-parallel replicas (each replica's GPUs are fed by their own loader ranks)"
     if len(server.rank_keys) != server.tp_size:
         return "the server did not publish every TP rank's GPU (an older plugin?)"
     if not server.peer_access:

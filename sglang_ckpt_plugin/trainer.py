@@ -101,6 +101,12 @@ class TrainerPush:
     def connect(self) -> TrainerPush:
         """Create the group: this process is rank 0, the server's TP ranks are 1..tp (same call on both sides)."""
         server = ServerPlacement.from_model_info(self.client.wait_until_listening())
+        if server.dp_size > 1 or server.pp_size > 1 or server.attn_dp_size > 1:
+            raise ValueError(
+                f"TrainerPush joins SGLang's own weights-update group, which SGLang 0.5.23 builds for one replica "
+                f"of TP ranks only; this server runs {server.shape}, pp {server.pp_size}: push with LocalPush or "
+                "python -m sglang_ckpt_plugin.update, which feed every replica"
+            )
         tp_size = server.tp_size
         self.device = self._choose_device(server)
         self.backend = self.backend or ("nccl" if self.device.type == "cuda" else "gloo")

@@ -93,12 +93,21 @@ def test_trainer_takes_a_gpu_the_server_does_not_use_or_is_refused():
         trainer_gpu(CUDA_TP2, ["GPU-a", "GPU-b"])
 
 
-def test_dp_and_pp_are_refused_up_front_in_words():
+def test_pp_and_dp_attention_are_refused_up_front_in_words_and_replicas_count_as_ranks():
     assert unsupported_layout(1, 1) is None
-    assert "--dp-size 2" in unsupported_layout(2, 1) and "--pp-size 2" in unsupported_layout(1, 2)
-    info = {"ckpt_plugin": {"tp_size": 1, "dp_size": 2}}
-    assert "one server per replica" in layout_mismatch(info, "http://x", 1)
+    assert "--pp-size 2" in unsupported_layout(2, 1) and "--enable-dp-attention" in unsupported_layout(1, 2)
+    assert "--enable-dp-attention" in layout_mismatch({"ckpt_plugin": {"tp_size": 2, "attn_dp_size": 2}}, "x", 2)
+    keys = ["cpu-dp0-tp0", "cpu-dp0-tp1", "cpu-dp1-tp0", "cpu-dp1-tp1"]
+    replicas = {"ckpt_plugin": {"tp_size": 2, "dp_size": 2, "device": "cpu", "rank_keys": keys}}
+    assert "runs 4 rank(s) (tp 2 x dp 2)" in layout_mismatch(replicas, "http://x", 2)
+    assert "pass --inference-parallel-size 4" in layout_mismatch(replicas, "http://x", 2)
+    assert layout_mismatch(replicas, "http://x", 4) is None
+    older = {"ckpt_plugin": {"tp_size": 1, "dp_size": 2, "rank_keys": ["cpu-tp0"]}}  # a plugin before replicas
+    assert "predates data-parallel updates" in layout_mismatch(older, "http://x", 2)
     assert "pass --inference-parallel-size 2" in layout_mismatch({"ckpt_plugin": {"tp_size": 2}}, "http://x", 1)
+    server = ServerPlacement.from_model_info(replicas)
+    # every rank of every replica gets a placement of its own key (one loader process feeds them all on CPU)
+    assert [choose_placement("auto", server, r, 0, []).rank_key for r in range(server.rank_count)] == keys
 
 
 def _serving(pusher, monkeypatch, plugin: dict) -> None:

@@ -22,13 +22,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 def layout_mismatch(info: dict, endpoint: str, parallel_size: int) -> str | None:
     """Why a server (its /model_info) cannot take ``parallel_size`` loader ranks per instance, or None."""
     server = ServerPlacement.from_model_info(info)
-    unsupported = unsupported_layout(server.dp_size, server.pp_size)
+    unsupported = unsupported_layout(server.pp_size, server.attn_dp_size)
     if unsupported:
         return f"{endpoint}: {unsupported}"
-    if server.tp_size != parallel_size:
+    if server.rank_count != parallel_size:
         return (
-            f"the server at {endpoint} runs with tp={server.tp_size} but --inference-parallel-size is "
-            f"{parallel_size}; pass --inference-parallel-size {server.tp_size}"
+            f"the server at {endpoint} runs {server.rank_count} rank(s) ({server.shape}) but "
+            f"--inference-parallel-size is {parallel_size}; pass --inference-parallel-size {server.rank_count}"
+        )
+    if server.dp_size > 1 and len(server.rank_keys) != server.rank_count:
+        return (
+            f"the server at {endpoint} runs {server.dp_size} data-parallel replicas but published "
+            f"{len(server.rank_keys)} rank keys: its sglang-ckpt-plugin predates data-parallel updates; upgrade it"
         )
     return None
 

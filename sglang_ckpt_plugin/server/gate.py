@@ -57,11 +57,15 @@ class GateState:
     """The HTTP process's copy of the scheduler's weights state (refreshed after every update call)."""
 
     open: bool = True  # set at install: closed under --wait-for-initial-weights
-    report: dict | None = None  # the scheduler's WeightsReport, as sent
+    report: dict | None = None  # the scheduler's WeightsReport, as sent (of a replica that is not complete, if any)
+    placement: dict | None = None  # where every rank of every replica runs (replicas.merged_placement)
+    diverged: str | None = None  # why data-parallel replicas hold different weights (replicas.divergence)
     shutting_down: bool = False  # the HTTP server's lifespan is ending (e.g. its port was taken)
 
 
 def closed_message() -> str:
+    if GateState.diverged:
+        return f"Model weights differ between replicas: {GateState.diverged}; {HOW_TO_PUSH}"
     report = GateState.report or {}
     missing = report.get("missing") or []
     what = (

@@ -27,8 +27,9 @@ class Placement(msgspec.Struct, frozen=True):
     own machine): the device kind and, per TP rank, the key a loader must use (``GPU-<uuid>`` / ``cpu-tp<r>``)."""
 
     device: str
-    rank_keys: list[str]
+    rank_keys: list[str]  # this replica's TP ranks
     peer_access: bool = False  # every rank reads every other rank's GPU memory peer to peer (one copy per node)
+    replica: int | None = None  # the data-parallel replica (--dp N) these ranks make up; None without replicas
 
 
 def state(model: torch.nn.Module) -> WeightsState:
@@ -60,7 +61,8 @@ def placement(device: torch.device, tp_rank: int) -> Placement:
     request, and every update, to all TP ranks)."""
     global _placement
     if _placement is None:
-        key = device_rank_key(device, tp_rank)
+        replica = sg.replica()
+        key = device_rank_key(device, tp_rank, replica)
         group = sg.tp_cpu_group()
         keys = [key] if group is None else all_gather_str(key, group, dist.get_world_size(group))
         peer_access = False
@@ -68,5 +70,5 @@ def placement(device: torch.device, tp_rank: int) -> Placement:
             visible = visible_gpu_keys()
             unreadable = [peer_unreadable(key, peer, visible, torch.cuda.can_device_access_peer) for peer in keys]
             peer_access = not agree(any(unreadable))[0]
-        _placement = Placement(device.type, keys, peer_access)
+        _placement = Placement(device.type, keys, peer_access, replica)
     return _placement

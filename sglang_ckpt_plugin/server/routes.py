@@ -26,7 +26,7 @@ from fastapi.responses import ORJSONResponse
 from .. import __version__
 from ..placement import unsupported_layout
 from ..transport.messages import PHASE_KEY
-from . import metrics
+from . import metrics, replicas
 from . import sglang_compat as sg
 from .gate import GateState, WeightsGate
 
@@ -38,24 +38,32 @@ _session = {"held": False, "started": None}  # generation held by us for an open
 _wait_for_weights = False
 
 
-async def refresh_state(started: float | None = None) -> None:
+async def refresh_state(started: float | None = None) -> list[dict]:
     """Read the scheduler's weights state and set the gate (and SGLang's own readiness flag) from it.
-    ``started``: when the update call that may have recorded an outcome began (for the metrics)."""
+    ``started``: when the update call that may have recorded an outcome began (for the metrics). Returns the
+    replicas' reports (none where a scheduler did not answer)."""
     try:
         states = await asyncio.wait_for(sg.scheduler_internal_states(), STATE_TIMEOUT_S)
     except (asyncio.TimeoutError, RuntimeError) as exc:
         logger.error("the scheduler did not answer for its weights state (%r); closing the gate", exc)
         GateState.open = False
-        return
+        return []
     reports = [s.get(sg.INTERNAL_STATE_KEY) for s in states if isinstance(s, dict)]
     if not reports or any(r is None for r in reports):
         logger.error("the scheduler did not report its weights state; closing the gate")
         GateState.open = False
-        return
-    GateState.report = reports[0]
-    GateState.open = all(r["state"] == "complete" for r in reports)
-    sg.set_initial_weights_loaded(GateState.open)
+        return []
+    reports = replicas.by_replica(reports)
+    GateState.report = next((r for r in reports if r["state"] != "complete"), reports[0])  # the one that says why
+    GateState.placement = replicas.merged_placement(reports)
+    _set_gate(reports)
     metrics.observe(GateState.report, GateState.open, started)
+    return reports
+
+
+def _set_gate(reports: list[dict]) -> None:
+    GateState.open = all(r["state"] == "complete" for r in reports) and GateState.diverged is None
+    sg.set_initial_weights_loaded(GateState.open)
 
 
 def _replace_endpoint(app, path: str, make_wrapper) -> None:
@@ -79,26 +87,44 @@ def _replace_endpoint(app, path: str, make_wrapper) -> None:
 
 
 def _then_refresh(original):
-    """Any route that may change weights: run it, then take the scheduler's word for the state."""
+    """Any route that may change weights: run it, then take the scheduler's word for the state. With data-parallel
+    replicas, a success of SGLang's route (every replica succeeded) that wrote the whole model on each makes
+    replicas that had diverged agree again."""
 
     @functools.wraps(original)
     async def route(*args, **kwargs):
         started = time.monotonic()
+        resp = None
         try:
-            return await original(*args, **kwargs)
+            resp = await original(*args, **kwargs)
+            return resp
         finally:
-            await refresh_state(_session["started"] or started)  # inside a trainer session: since its begin
+            reports = await refresh_state(_session["started"] or started)  # inside a trainer session: since its begin
+            if resp is not None and _succeeded(resp) and len(reports) > 1:
+                _set_divergence([True] * len(reports), reports)
 
     return route
 
 
+def _set_divergence(outcomes: list[bool], reports: list[dict], why: str = "") -> None:
+    diverged = replicas.divergence(outcomes, reports, GateState.diverged, why)
+    if diverged != GateState.diverged and reports:
+        if diverged:
+            logger.error("closing the gate: %s", diverged)
+        else:
+            logger.warning("every data-parallel replica holds the same weights again")
+        GateState.diverged = diverged
+        _set_gate(reports)
+
+
 def _wrap_update_ipc(original):
-    refreshing = _then_refresh(original)
+    """SGLang's route asserts one data-parallel replica; ours sends the request to every replica (as SGLang's own
+    communicator does) and answers for all of them."""
 
     @functools.wraps(original)
     async def update_weights_from_ipc(*args, **kwargs):
         sizes = sg.parallel_sizes()
-        unsupported = unsupported_layout(sizes["dp_size"], sizes["pp_size"])
+        unsupported = unsupported_layout(sizes["pp_size"], sizes["attn_dp_size"])
         if unsupported:
             return ORJSONResponse({"success": False, "message": unsupported}, status_code=400)
         if _update_lock.locked():
@@ -109,15 +135,33 @@ def _wrap_update_ipc(original):
         obj = kwargs.get("obj")
         phase = (getattr(obj, "zmq_handles", None) or {}).get(PHASE_KEY)
         async with _update_lock:
+            started = time.monotonic()
             if phase in ("stage", "abort"):  # no weight changes: no model-update lock
-                started = time.monotonic()
                 resp = await _stage(obj)
                 if phase == "abort" or resp.status_code != 200:
                     await refresh_state(started)  # a refused stage or a dropped update counts as an outcome
                 return resp
-            return await refreshing(*args, **kwargs)
+            return await _update(obj, started)
 
     return update_weights_from_ipc
+
+
+async def _update(obj, started: float) -> ORJSONResponse:
+    """A streaming update or a commit, on every replica; the gate follows what they all recorded."""
+    try:
+        outcomes = await sg.update_on_schedulers(obj)
+    except Exception as exc:  # as SGLang's route: the answer says what failed
+        logger.exception("IPC weight update failed")
+        outcomes = [(False, f"IPC weight update failed: {exc}")]
+    finally:
+        reports = await refresh_state(_session["started"] or started)
+    success = bool(outcomes) and all(ok for ok, _ in outcomes)
+    failed = [message for ok, message in outcomes if not ok]
+    _set_divergence([ok for ok, _ in outcomes], reports, "; ".join(failed))
+    message = "; ".join(dict.fromkeys(failed)) if failed else " ".join(dict.fromkeys(m for _, m in outcomes))
+    if success and obj.weight_version is not None:
+        message += f" Weight version updated to {obj.weight_version}."
+    return ORJSONResponse({"success": success, "message": message}, status_code=200 if success else 400)
 
 
 async def _stage(obj) -> ORJSONResponse:
@@ -181,17 +225,19 @@ def _wrap_model_info(original):
         if not _update_lock.locked():
             await refresh_state()  # fresh: a staged update moves on in the background (a running update would block it)
         report = GateState.report or {}
-        placement = report.get("placement") or {}
+        placement = GateState.placement or {}
         result["weights_loaded"] = GateState.open
         result["ckpt_plugin"] = {
             "version": __version__,
             "weights_loaded": GateState.open,
             "wait_for_initial_weights": _wait_for_weights,
-            **sg.parallel_sizes(),  # tp_size, dp_size, pp_size
+            **sg.parallel_sizes(),  # tp_size, dp_size (replicas), pp_size, attn_dp_size
             "device": placement.get("device"),  # "cuda" / "cpu": loaders follow the server, not their own machine
-            "rank_keys": placement.get("rank_keys", []),  # per TP rank: GPU-<uuid> / cpu-tp<r>
+            "rank_keys": placement.get("rank_keys", []),  # every rank, replica by replica: GPU-<uuid> / cpu-tp<r>
+            "ranks": placement.get("ranks", []),  # each key with its replica and TP rank
             "peer_access": placement.get("peer_access", False),  # one loader process may feed every GPU of the node
-            "weights_state": report.get("state", "complete" if GateState.open else "waiting"),
+            "weights_state": "incomplete" if GateState.diverged else report.get("state", _default_state()),
+            "replicas_diverged": GateState.diverged,
             "missing": report.get("missing", []),
             "missing_count": report.get("missing_count", 0),
             "update_in_progress": _update_lock.locked(),
@@ -203,6 +249,10 @@ def _wrap_model_info(original):
         return result
 
     return model_info
+
+
+def _default_state() -> str:
+    return "complete" if GateState.open else "waiting"
 
 
 def install(app, wait_for_weights: bool) -> None:

@@ -51,6 +51,7 @@ ACCESSED_NAMES = (
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.get_internal_state",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.config_value",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.auto_create_handle_loop",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._update_weight_version_if_provided",
 )
 
 
@@ -174,16 +175,29 @@ def tp_size() -> int:
 
 
 def parallel_sizes() -> dict[str, int]:
-    """tp / dp / pp sizes of this server (1 where this SGLang does not publish one)."""
+    """tp / dp (data-parallel replicas) / pp / attention-DP sizes of this server (1 where this SGLang does not
+    publish one)."""
     from sglang.srt.runtime_context import get_parallel
 
     sizes = {}
-    for name in ("tp_size", "dp_size", "pp_size"):
+    for name in ("tp_size", "dp_size", "pp_size", "attn_dp_size"):
         try:
             sizes[name] = int(getattr(get_parallel(), name))
         except (AttributeError, RuntimeError, ValueError):
             sizes[name] = 1
     return sizes
+
+
+def replica() -> int | None:
+    """The data-parallel replica (``--dp N``) this scheduler process belongs to; None without replicas."""
+    from sglang.srt.runtime_context import get_parallel
+
+    try:
+        if int(get_parallel().dp_size) < 2:
+            return None
+        return int(get_parallel().dp_rank)
+    except (AttributeError, RuntimeError, ValueError, TypeError):
+        return None
 
 
 def set_initial_weights_loaded(loaded: bool) -> None:
@@ -206,6 +220,28 @@ async def stage_on_schedulers(obj) -> tuple[bool, str]:
     results = await tm.update_weights_from_ipc_communicator(obj)
     failed = [r.message for r in results if not r.success]
     return not failed, "; ".join(failed) if failed else "; ".join(r.message for r in results)
+
+
+async def update_on_schedulers(obj) -> list[tuple[bool, str]]:
+    """SGLang's ``TokenizerManager.update_weights_from_ipc`` for any number of data-parallel replicas (SGLang
+    asserts one, although its communicator fans out to every replica): under the model-update writer lock (unless
+    generation is paused, whose holder has it), then the multimodal cache and weight version where every replica
+    succeeded. Returns each replica's (success, message)."""
+    tm = tokenizer_manager()
+    tm.auto_create_handle_loop()
+    async with tm.is_pause_cond:
+        paused = tm.is_pause
+        if paused:
+            results = await tm.update_weights_from_ipc_communicator(obj)
+    if not paused:
+        async with tm.model_update_lock.writer_lock:
+            results = await tm.update_weights_from_ipc_communicator(obj)
+    outcomes = [(bool(r.success), str(r.message)) for r in results]
+    if outcomes and all(ok for ok, _ in outcomes):
+        if obj.flush_cache and tm.mm_processor is not None:
+            tm.mm_processor.clear_preprocess_cache()
+        tm._update_weight_version_if_provided(obj.weight_version)
+    return outcomes
 
 
 async def hold_generation() -> bool:

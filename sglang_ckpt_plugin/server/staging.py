@@ -58,6 +58,7 @@ class StagedUpdate:
         self.bytes = 0  # payload staged (once every bucket arrived)
         self.refused = False  # failed because the update does not fit the model (nothing was ever written)
         self.commit_failed = False  # a commit was tried and failed (its outcome is recorded already)
+        self.writes_after: int | None = None  # the rank's count of weight writes right after its commit
         self._timer: threading.Timer | None = None
         self.thread = threading.Thread(target=self._receive, name="ckpt-stage", daemon=True)
 
@@ -167,6 +168,25 @@ def commit(update_id: str) -> tuple[StagedUpdate, ReceiveStats]:
         staged._release_locked("committed")
         staged.state, staged.error = "committed", None
     return staged, stats
+
+
+def mark_committed(staged: StagedUpdate, writes: int) -> None:
+    """After the commit was recorded: ``writes`` is the rank's count of weight writes, this commit's included."""
+    with _lock:
+        staged.writes_after = writes
+
+
+def holds_committed(update_id: str, writes: int) -> bool:
+    """This rank committed ``update_id`` and nothing has written its weights since: a commit of it again (a loader
+    retrying a commit that failed on another data-parallel replica) has nothing to do here."""
+    with _lock:
+        staged = _current
+        return (
+            staged is not None
+            and staged.update_id == update_id
+            and staged.state == "committed"
+            and staged.writes_after == writes
+        )
 
 
 def abort(update_id: str) -> StagedUpdate | None:

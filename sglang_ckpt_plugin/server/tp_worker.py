@@ -34,6 +34,11 @@ def idle_timeout_s() -> float:
     return float(os.environ.get(IDLE_TIMEOUT_ENV, DEFAULT_IDLE_TIMEOUT_S))
 
 
+def rank_key(updater, device) -> str:
+    """The key this rank answers to in ``zmq_handles`` (its GPU, or its replica and TP rank on CPU)."""
+    return device_rank_key(device, sg.runner_rank(updater), sg.replica())
+
+
 def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     """Receive one update for this rank (streaming), stage one, or commit a staged one (``PHASE_KEY`` in
     ``zmq_handles``). Returns SGLang's (success, message)."""
@@ -44,11 +49,13 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     if phase == "abort":
         return _abort(updater, handles)
     device = sg.runner_device(updater)
-    key = device_rank_key(device, sg.runner_rank(updater))
+    key = rank_key(updater, device)
     model = updater.get_model()
     weights = rank_state.state(model)
     session, stats = None, None
     ok, refused, error = True, False, ""
+    if phase == "commit" and _committed_already(handles.get(key), weights):
+        return True, f"update {handles[key]} is committed on {key} already; nothing written since"
     try:
         _check_request(updater, key, handles, phase)
         with sg.model_dtype_context(updater), exclusive():  # the one writer of the model for the whole update
@@ -87,6 +94,8 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
         nbytes=stats.bytes,
         fingerprint=stats.fingerprint,
     )
+    if phase == "commit":
+        staging.mark_committed(staged, weights.writes)
     logger.info(
         "rank %s loaded %d tensors (%.3f GB) in %d buckets%s: load %.3f s, post-process %.3f s",
         key,
@@ -100,6 +109,14 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     return True, f"loaded {stats.tensors} tensors ({stats.bytes} bytes) in {stats.buckets} buckets"
 
 
+def _committed_already(update_id: str | None, weights) -> bool:
+    """Every TP rank of this replica committed ``update_id`` and wrote nothing since (they agree): a loader retries
+    a commit on every replica when one failed, and the replicas that committed must not load it again."""
+    held = update_id is not None and staging.holds_committed(update_id, weights.writes)
+    (any_not_held,) = rank_state.agree(not held)
+    return not any_not_held
+
+
 def _check_request(updater, key: str, handles: dict, phase: str | None) -> None:
     """Refusals that need no loader: raise UpdateRefused."""
     if phase not in (None, *PHASES):
@@ -110,7 +127,7 @@ def _check_request(updater, key: str, handles: dict, phase: str | None) -> None:
     if key not in handles:
         raise UpdateRefused(
             f"no endpoint for this rank ({key}) in zmq_handles (keys: {sorted(handles)[:8]}); "
-            "is --inference-parallel-size the server's --tp?"
+            "is --inference-parallel-size the server's --tp (times its --dp)?"
         )
     if phase is None and foreign.answer_checkpoint_engine(handles[key]):  # SGLang's documented pusher, not ours
         raise UpdateRefused(foreign.CHECKPOINT_ENGINE_REFUSAL)
@@ -133,7 +150,7 @@ def _stage(updater, handles: dict) -> tuple[bool, str]:
     """Start receiving a staged update in the background and answer at once (the loader hears of the outcome of
     each bucket over its channel). The weights state does not change: nothing is written until the commit."""
     device = sg.runner_device(updater)
-    key = device_rank_key(device, sg.runner_rank(updater))
+    key = rank_key(updater, device)
     error = None
     try:
         _check_request(updater, key, handles, "stage")
@@ -153,7 +170,7 @@ def _stage(updater, handles: dict) -> tuple[bool, str]:
 def _abort(updater, handles: dict) -> tuple[bool, str]:
     """The loader called a staged update off (a rank or an instance failed): drop what this rank staged and
     record why, as the streaming path records a refused or failed update. The served weights were never touched."""
-    key = device_rank_key(sg.runner_device(updater), sg.runner_rank(updater))
+    key = rank_key(updater, sg.runner_device(updater))
     staged = staging.abort(handles.get(key, ""))
     # nothing to record where nothing of it is held (committed, or never staged) or a failed commit was recorded
     record = staged is not None and not staged.commit_failed

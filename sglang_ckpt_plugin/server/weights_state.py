@@ -32,6 +32,7 @@ class UpdateRecord(msgspec.Struct, frozen=True):
     bytes: int
     fingerprint: str | None
     finished_at: float
+    covers_model: bool = False  # a success that wrote every parameter (data-parallel replicas agree again)
 
 
 class WeightsReport(msgspec.Struct, frozen=True):
@@ -53,6 +54,7 @@ class WeightsState:
         self.ever_complete = complete
         self.fingerprint: str | None = None
         self.last_update: UpdateRecord | None = None
+        self.writes = 0  # updates that wrote weights (succeeded or failed part-way), by any path
         self.session: Coverage | None = None  # coverage loaded by the open trainer session
         self.session_failed = False
         self._missing: list[str] | None = None  # cached: the generate guard asks on every request
@@ -85,8 +87,12 @@ class WeightsState:
         )
 
     # ---------------------------------------------------------------- outcomes
-    def _record(self, outcome: Outcome, source: Source, message: str, tensors=0, nbytes=0, fingerprint=None) -> None:
-        self.last_update = UpdateRecord(outcome, source, message[:2000], tensors, nbytes, fingerprint, time.time())
+    def _record(
+        self, outcome: Outcome, source: Source, message: str, tensors=0, nbytes=0, fingerprint=None, covers=False
+    ) -> None:
+        self.last_update = UpdateRecord(
+            outcome, source, message[:2000], tensors, nbytes, fingerprint, time.time(), covers
+        )
 
     def succeeded(
         self,
@@ -99,6 +105,7 @@ class WeightsState:
         fingerprint: str | None = None,
     ) -> None:
         """An update wrote ``coverage`` and nothing else. ``fingerprint``: it was verified and covered the model."""
+        self.writes += 1
         self.covered = union_coverage(self.covered, coverage)
         self._missing = None
         covers_model = not missing_from(self.required, coverage)
@@ -106,7 +113,7 @@ class WeightsState:
         if self.complete:
             self.incomplete_reason = None
             self.ever_complete = True
-        self._record("success", source, message, tensors, nbytes, self.fingerprint)
+        self._record("success", source, message, tensors, nbytes, self.fingerprint, covers_model)
 
     def rejected(self, source: Source, message: str) -> None:
         """Refused before any weight changed: the served weights are what they were."""
@@ -115,6 +122,7 @@ class WeightsState:
     def failed_partway(self, planned: Coverage | None, source: Source, message: str) -> None:
         """Weights changed, then the update failed. ``planned``: what it meant to write (None: unknown, i.e.
         possibly everything). Those parameters hold a mix until they are written again."""
+        self.writes += 1
         if planned is None:
             self.covered = {}
         else:

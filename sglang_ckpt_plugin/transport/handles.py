@@ -40,17 +40,18 @@ def device_kind(device: torch.device | str | None) -> str:
     return "cpu" if device is None else str(device).split(":")[0]
 
 
-def device_rank_key(device: torch.device, tp_rank: int) -> str:
+def device_rank_key(device: torch.device, tp_rank: int, replica: int | None = None) -> str:
     """How a loader names the inference rank it feeds, in ``zmq_handles`` keys.
 
     CUDA: ``GPU-<uuid>`` of the device (unique per GPU, independent of CUDA_VISIBLE_DEVICES).
-    CPU: ``cpu-tp<rank>``, the rank's index inside its inference instance (= loader rank % parallel size).
+    CPU: ``cpu-tp<rank>``, the rank's index inside its TP group; ``cpu-dp<replica>-tp<rank>`` on a server with
+    data-parallel replicas (``--dp N``), whose replicas each have a TP rank 0.
     """
     import torch
 
     if device.type == "cuda":
         return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
-    return f"cpu-tp{tp_rank}"
+    return f"cpu-tp{tp_rank}" if replica is None else f"cpu-dp{replica}-tp{tp_rank}"
 
 
 def visible_gpu_keys() -> list[str]:

@@ -4,6 +4,8 @@ server process when this directory is on the server's PYTHONPATH, as it loads sg
 Armed by files in ``$CKPT_TEST_FAULTS_DIR``:
 - ``fail-next-commit``: the next commit of a staged update on this rank loads its first bucket into the model,
   then fails (the file is consumed), as a commit that dies part-way would.
+- ``refuse-next-stage``: the next stage request this rank takes is refused before it receives anything (the
+  file is consumed: on a server with data-parallel replicas, one replica refuses and the others stage).
 - ``hold-dry-run``: the next dry run of an update (the model's ``load_weights`` given meta tensors) stops at its
   first tensor, says so by creating ``dry-run-held``, and goes on when the test removes ``hold-dry-run``: a
   manifest check held open, so that the test can overlap it with another load deterministically.
@@ -77,6 +79,26 @@ def _hold_dry_runs():
     LlamaForCausalLM.load_weights = load_weights
 
 
+def _refuse_next_stage():
+    from sglang_ckpt_plugin.server import tp_worker
+    from sglang_ckpt_plugin.server.receiver import UpdateRefused
+
+    original = tp_worker._session
+
+    def session(updater, model, device, endpoint, staging):
+        if staging:
+            try:
+                (_dir() / "refuse-next-stage").unlink()
+            except FileNotFoundError:
+                pass
+            else:
+                raise UpdateRefused("stage refused by the test's fault")
+        return original(updater, model, device, endpoint, staging)
+
+    tp_worker._session = session
+
+
 def register():
     _fail_next_commit()
+    _refuse_next_stage()
     _hold_dry_runs()

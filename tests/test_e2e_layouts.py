@@ -1,0 +1,144 @@
+"""A real SGLang server with data-parallel replicas (``--dp 2``: two schedulers, each its own TP group) on dummy
+weights: every push fills every replica, a replica that refuses or fails changes what no client is served, and a
+retried commit lands only where it failed.
+
+The server carries the test-only fault plugin (tests/server_faults): ``refuse-next-stage`` and ``fail-next-commit``
+are consumed by the first replica that meets them, so exactly one replica refuses or fails while the other goes on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sglang_ckpt_plugin.demo import evidence
+from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids, server_env
+from sglang_ckpt_plugin.trainer import TrainerPush
+
+from .conftest import NEW_TOKENS, PROMPT, assert_closed, assert_serves, our_leftovers, push
+from .test_e2e_tp2 import checkpoint_tensors, copied_per_rank
+
+pytestmark = pytest.mark.slow
+
+FAULT_PLUGIN_DIR = Path(__file__).with_name("server_faults")
+REPO = Path(__file__).resolve().parents[1]
+RANKS = ["cpu-dp0-tp0", "cpu-dp1-tp0"]
+
+
+@pytest.fixture(scope="module")
+def fault_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dp_faults")
+
+
+@pytest.fixture(scope="module")
+def server(llama_a, fault_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "dp2_server.log"
+    base = server_env("cpu").get("PYTHONPATH")
+    env = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(FAULT_PLUGIN_DIR), str(REPO), base) if p),
+        "CKPT_TEST_FAULTS_DIR": str(fault_dir),
+    }
+    with SGLangServer(llama_a, log, env=env, extra_args=["--dp-size", "2", "--sleep-on-idle"]) as srv:
+        srv.wait_listening()
+        yield srv
+    assert srv.group_pids() == [], "server processes left behind"
+
+
+def plugin_info(url: str) -> dict:
+    return httpx.get(f"{url}/model_info", timeout=30).json()["ckpt_plugin"]
+
+
+def serve(server, checkpoint: Path, *extra: str):
+    """Push ``checkpoint`` into both replicas (the state a test starts from); the loader's output."""
+    out = push(server.url, checkpoint, "--inference-parallel-size", "2", *extra)
+    assert plugin_info(server.url)["weights_state"] == "complete"
+    return out
+
+
+def test_every_push_fills_both_replicas_and_serves_what_sglang_loads(server, llama_a, llama_b):
+    """/model_info lists every rank of every replica; the gate holds until both replicas are written; a push in two
+    phases and one streaming (one phase) each serve bit-exactly what SGLang's own reload of the files serves."""
+    closed = assert_closed(server.url)["ckpt_plugin"]
+    assert (closed["tp_size"], closed["dp_size"]) == (1, 2)
+    assert closed["rank_keys"] == RANKS
+    assert closed["ranks"] == [{"replica": d, "tp_rank": 0, "key": k} for d, k in enumerate(RANKS)]
+    one = push(server.url, llama_b, check=False)  # the loader counts ranks, not TP ranks
+    assert one.returncode == 1 and "runs 2 rank(s) (tp 1 x dp 2)" in one.stderr, one.stderr[-2000:]
+    assert "pass --inference-parallel-size 2" in one.stderr
+    assert_closed(server.url)
+
+    out = serve(server, llama_b, "--weight-version", "dp-b")
+    assert "staged while the server kept serving, then committed" in out.stderr + out.stdout
+    copied = copied_per_rank(out.stderr + out.stdout)
+    assert list(copied) == RANKS and copied[RANKS[0]] == copied[RANKS[1]] > 0  # each replica its own full copy
+    assert "between loader processes: 0 bytes" in out.stderr + out.stdout  # one loader process maps both
+    checks = httpx.post(f"{server.url}/weights_checker", json={"action": "checksum"}, timeout=60).json()
+    assert len(checks["ranks"]) == 2 and checks["ranks"][0]["checksums"] == checks["ranks"][1]["checksums"]
+    assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "dp-b"
+    assert_serves(server.url, llama_b)
+
+    out = serve(server, llama_a, "--two-phase", "off")  # streaming into both replicas at once
+    assert "then committed" not in out.stderr + out.stdout
+    assert_serves(server.url, llama_a)
+
+
+def test_a_replica_that_refuses_to_stage_changes_no_replica(server, fault_dir, llama_a, llama_b):
+    serve(server, llama_a)
+    served = evidence.checksum(server.url)
+    (fault_dir / "refuse-next-stage").touch()
+    out = push(server.url, llama_b, "--inference-parallel-size", "2", check=False)
+    assert out.returncode != 0 and "stage refused by the test's fault" in out.stderr, out.stderr[-3000:]
+    assert not (fault_dir / "refuse-next-stage").exists()  # one replica met it; the other staged, then dropped it
+    state = plugin_info(server.url)
+    assert state["weights_loaded"] is True and state["replicas_diverged"] is None
+    assert evidence.checksum(server.url) == served  # both replicas still hold llama_a
+    assert_serves(server.url, llama_a)
+
+
+def test_a_commit_that_fails_on_one_replica_closes_the_server_until_both_take_a_whole_update(
+    server, fault_dir, llama_a, llama_b
+):
+    """One replica commits llama_b, the other fails part-way: no client is served either replica's weights until a
+    push of the whole model lands on both."""
+    serve(server, llama_a)
+    before = set(our_leftovers())
+    (fault_dir / "fail-next-commit").touch()
+    out = push(server.url, llama_b, "--inference-parallel-size", "2", "--commit-retries", "0", check=False)
+    assert out.returncode != 0 and "commit fault injected by the test" in out.stderr, out.stderr[-3000:]
+    state = assert_closed(server.url)["ckpt_plugin"]
+    assert "1 of 2 data-parallel replicas did not take the last update" in state["replicas_diverged"]
+    assert state["weights_state"] == "incomplete"
+    body = httpx.post(f"{server.url}/generate", json={"input_ids": PROMPT}, timeout=30).json()
+    assert "differ between replicas" in body["message"]
+    serve(server, llama_b)
+    assert plugin_info(server.url)["replicas_diverged"] is None
+    assert_serves(server.url, llama_b)
+    assert set(our_leftovers()) - before == set()
+
+
+def test_a_retried_commit_loads_only_the_replica_that_failed(server, fault_dir, llama_a, llama_b):
+    serve(server, llama_a)
+    (fault_dir / "fail-next-commit").touch()  # llama_b: four files, four buckets; the fault strikes at the second
+    out = serve(server, llama_b, "--commit-retries", "1")
+    said = out.stdout + out.stderr
+    assert "retrying from the staged bytes" in said, said[-3000:]
+    # the replica that had committed answers the retry without loading again; the other loads its staged bytes
+    assert said.count("committed on cpu-dp") == 1 and "already; nothing written since" in said, said[-3000:]
+    assert plugin_info(server.url)["replicas_diverged"] is None
+    assert_serves(server.url, llama_b)
+
+
+def test_local_push_fills_both_replicas_and_a_trainer_group_is_refused_in_words(server, llama_a, llama_b):
+    from sglang_ckpt_plugin.local_push import LocalPush
+
+    serve(server, llama_a)
+    with LocalPush(server.url, bucket_bytes=300_000) as pusher:
+        stats = pusher.push(checkpoint_tensors(llama_b).items(), weight_version="local-b")
+        assert stats.tensors == 21 and pusher.rank_keys == RANKS
+    assert_serves(server.url, llama_b)
+    with pytest.raises(ValueError, match="this server runs tp 1 x dp 2"):
+        TrainerPush(server.url).connect()
+    assert_serves(server.url, llama_b)
