@@ -142,3 +142,32 @@ def test_local_push_fills_both_replicas_and_a_trainer_group_is_refused_in_words(
     with pytest.raises(ValueError, match="this server runs tp 1 x dp 2"):
         TrainerPush(server.url).connect()
     assert_serves(server.url, llama_b)
+
+
+def test_a_resident_loader_keeps_both_replicas_on_the_newest_checkpoint(server, llama_a, llama_b, tmp_path):
+    import json
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from .test_e2e_watch import serves_version, wait_for
+
+    serve(server, llama_a)
+    watched, status, log = tmp_path / "ckpts", tmp_path / "status.json", tmp_path / "loader.log"
+    watched.mkdir()
+    cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--endpoint", server.url]
+    cmd += ["--inference-parallel-size", "2", "--status-file", str(status), "--poll-s", "0.2", "--quiet"]
+    with open(log, "w") as out:
+        loader = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        shutil.copytree(llama_b, watched / "step-1")
+        wait_for(serves_version(server.url, "step-1"), "serving step-1", loader, log)
+        assert_serves(server.url, llama_b)
+        shutil.copytree(llama_a, watched / "step-2")
+        wait_for(serves_version(server.url, "step-2"), "serving step-2", loader, log)
+        assert_serves(server.url, llama_a)
+        assert json.loads(status.read_text())["serving"]["version"] == "step-2"
+    finally:
+        loader.send_signal(signal.SIGTERM)
+        assert loader.wait(timeout=60) == 0, log.read_text()

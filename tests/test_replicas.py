@@ -24,6 +24,9 @@ def test_every_rank_of_every_replica_is_published_replica_by_replica():
     assert merged["peer_access"] is False  # one loader process never feeds two replicas' GPUs from one GPU
     one = replicas.merged_placement([_report(0, ["GPU-a", "GPU-b"])])
     assert one["peer_access"] is True and one["rank_keys"] == ["GPU-a", "GPU-b"]
+    # DP attention: each attention group's leader answers for the one TP group; every rank listed once
+    groups = replicas.merged_placement([_report(None, ["GPU-a", "GPU-b"]), _report(None, ["GPU-a", "GPU-b"])])
+    assert groups["rank_keys"] == ["GPU-a", "GPU-b"] and groups["peer_access"] is True
 
 
 def test_replicas_diverge_when_some_take_an_update_and_agree_again_after_a_whole_update_on_all():

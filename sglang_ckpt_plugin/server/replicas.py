@@ -22,16 +22,17 @@ def merged_placement(reports: list[dict]) -> dict:
     process feeds the GPUs of one TP group from one GPU, never two replicas' (their GPUs are not known to read
     each other's memory)."""
     placements = [r.get("placement") or {} for r in by_replica(reports)]
-    ranks = [
-        {"replica": p.get("replica"), "tp_rank": tp, "key": key}
-        for p in placements
-        for tp, key in enumerate(p.get("rank_keys") or [])
-    ]
+    ranks, seen = [], set()
+    for p in placements:
+        for tp, key in enumerate(p.get("rank_keys") or []):
+            if key not in seen:  # under DP attention every attention group's leader reports the one TP group
+                seen.add(key)
+                ranks.append({"replica": p.get("replica"), "tp_rank": tp, "key": key})
     return {
         "device": placements[0].get("device") if placements else None,
         "rank_keys": [r["key"] for r in ranks],
         "ranks": ranks,
-        "peer_access": len(placements) == 1 and bool(placements[0].get("peer_access")),
+        "peer_access": len({p.get("replica") for p in placements}) == 1 and bool(placements[0].get("peer_access")),
     }
 
 
