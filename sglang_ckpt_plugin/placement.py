@@ -60,19 +60,13 @@ class ServerPlacement:
         return self.rank_keys[rank] if rank < len(self.rank_keys) else None
 
 
-def unsupported_layout(pp_size: int, attn_dp_size: int = 1) -> str | None:
+def unsupported_layout(pp_size: int) -> str | None:
     """Layouts the plugin does not update yet (no end-to-end test covers them): refused up front, in words, by the
     server and by the loader. SGLang's own ``/update_weights_from_disk`` still serves them."""
     if pp_size > 1:
         return (
             f"this server runs --pp-size {pp_size}; sglang-ckpt-plugin does not update pipeline stages yet: use "
-            "--tp (and --dp) only, or SGLang's /update_weights_from_disk"
-        )
-    if attn_dp_size > 1:
-        return (
-            f"this server runs data-parallel attention ({attn_dp_size} attention groups, --enable-dp-attention); "
-            "sglang-ckpt-plugin does not update it yet (no test covers it: SGLang's CPU forward cannot run it): use "
-            "--tp and --dp replicas, or SGLang's /update_weights_from_disk"
+            "--tp, --dp-size or --attn-dp-size, or SGLang's /update_weights_from_disk"
         )
     return None
 

@@ -171,3 +171,46 @@ def test_a_resident_loader_keeps_both_replicas_on_the_newest_checkpoint(server, 
     finally:
         loader.send_signal(signal.SIGTERM)
         assert loader.wait(timeout=60) == 0, log.read_text()
+
+
+def rank_checksums(url: str) -> list[str]:
+    """SGLang's checksum of every rank's parameters (each attention group's leader reports its TP group)."""
+    checks = httpx.post(f"{url}/weights_checker", json={"action": "checksum"}, timeout=120).json()
+    assert checks["success"], checks
+    return [r["per_gpu_checksum"] for r in checks["ranks"]]
+
+
+def test_data_parallel_attention_on_mla_and_moe_takes_every_push_as_sglang_loads_it(ckpt_root, tmp_path):
+    """``--tp 2 --attn-dp-size 2`` (SGLang's spelling of ``--dp 2 --enable-dp-attention``) on a tiny DeepSeek-V3
+    (MLA with q-LoRA, MoE with a shared expert): attention whole on each rank, experts split. SGLang 0.5.23's CPU
+    forward cannot run DP attention (TorchNativeAttnBackend lacks get_cpu_graph_seq_len_fill_value), so the server
+    skips its warm-up and nothing generates; the evidence is every rank's checksums against SGLang's own disk
+    reload of the same files, for two different checkpoints in turn."""
+    from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
+
+    from .test_e2e_faults import _variant
+
+    a = make_tiny_model(ckpt_root / "dpa_deepseek_a", "deepseek_v3", seed=3, vocab=512)
+    b = make_tiny_model(ckpt_root / "dpa_deepseek_b", "deepseek_v3", seed=4, vocab=512)
+    expert = "model.layers.1.mlp.experts.1.down_proj.weight"
+    lacking = _variant(b, tmp_path / "lacking", lambda t: {k: v for k, v in t.items() if k != expert})
+    args = ["--attn-dp-size", "2", "--skip-server-warmup", "--sleep-on-idle"]
+    with SGLangServer(a, tmp_path / "dpa_server.log", tp_size=2, extra_args=args) as srv:
+        srv.wait_listening()
+        state = plugin_info(srv.url)
+        assert (state["tp_size"], state["dp_size"], state["attn_dp_size"]) == (2, 1, 2)
+        assert state["rank_keys"] == ["cpu-tp0", "cpu-tp1"]
+        out = push(srv.url, lacking, "--inference-parallel-size", "2", "--partial")
+        state = plugin_info(srv.url)
+        assert state["weights_state"] == "waiting" and any("experts" in m for m in state["missing"]), state
+        served = {}
+        for checkpoint in (b, a):  # each push replaces what the server holds (b after the partial, a after b)
+            out = push(srv.url, checkpoint, "--inference-parallel-size", "2")
+            assert list(copied_per_rank(out.stdout + out.stderr)) == ["cpu-tp0", "cpu-tp1"]
+            assert plugin_info(srv.url)["weights_state"] == "complete"
+            served[checkpoint] = rank_checksums(srv.url)
+            evidence.reload_from_disk(srv.url, checkpoint)
+            assert rank_checksums(srv.url) == served[checkpoint]
+            assert len(set(served[checkpoint])) == 2  # the two ranks hold different expert slices
+        assert set(served[a]).isdisjoint(served[b])
+    assert srv.group_pids() == [], "server processes left behind"

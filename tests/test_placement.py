@@ -93,10 +93,12 @@ def test_trainer_takes_a_gpu_the_server_does_not_use_or_is_refused():
         trainer_gpu(CUDA_TP2, ["GPU-a", "GPU-b"])
 
 
-def test_pp_and_dp_attention_are_refused_up_front_in_words_and_replicas_count_as_ranks():
-    assert unsupported_layout(1, 1) is None
-    assert "--pp-size 2" in unsupported_layout(2, 1) and "--enable-dp-attention" in unsupported_layout(1, 2)
-    assert "--enable-dp-attention" in layout_mismatch({"ckpt_plugin": {"tp_size": 2, "attn_dp_size": 2}}, "x", 2)
+def test_pipeline_stages_are_refused_up_front_in_words_and_replicas_count_as_ranks():
+    assert unsupported_layout(1) is None
+    assert "--pp-size 2" in unsupported_layout(2)
+    assert "--pp-size 2" in layout_mismatch({"ckpt_plugin": {"tp_size": 2, "pp_size": 2}}, "x", 2)
+    # DP attention: one TP group whose attention is split in groups; its ranks are the TP ranks
+    assert layout_mismatch({"ckpt_plugin": {"tp_size": 2, "attn_dp_size": 2}}, "x", 2) is None
     keys = ["cpu-dp0-tp0", "cpu-dp0-tp1", "cpu-dp1-tp0", "cpu-dp1-tp1"]
     replicas = {"ckpt_plugin": {"tp_size": 2, "dp_size": 2, "device": "cpu", "rank_keys": keys}}
     assert "runs 4 rank(s) (tp 2 x dp 2)" in layout_mismatch(replicas, "http://x", 2)

@@ -22,7 +22,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def layout_mismatch(info: dict, endpoint: str, parallel_size: int) -> str | None:
     """Why a server (its /model_info) cannot take ``parallel_size`` loader ranks per instance, or None."""
     server = ServerPlacement.from_model_info(info)
-    unsupported = unsupported_layout(server.pp_size, server.attn_dp_size)
+    unsupported = unsupported_layout(server.pp_size)
     if unsupported:
         return f"{endpoint}: {unsupported}"
     if server.rank_count != parallel_size:

@@ -124,7 +124,7 @@ def _wrap_update_ipc(original):
     @functools.wraps(original)
     async def update_weights_from_ipc(*args, **kwargs):
         sizes = sg.parallel_sizes()
-        unsupported = unsupported_layout(sizes["pp_size"], sizes["attn_dp_size"])
+        unsupported = unsupported_layout(sizes["pp_size"])
         if unsupported:
             return ORJSONResponse({"success": False, "message": unsupported}, status_code=400)
         if _update_lock.locked():
