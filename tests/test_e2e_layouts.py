@@ -214,3 +214,39 @@ def test_data_parallel_attention_on_mla_and_moe_takes_every_push_as_sglang_loads
             assert len(set(served[checkpoint])) == 2  # the two ranks hold different expert slices
         assert set(served[a]).isdisjoint(served[b])
     assert srv.group_pids() == [], "server processes left behind"
+
+
+def test_expert_parallel_ranks_are_each_written_and_counted_for_the_experts_they_own(ckpt_root, tmp_path):
+    """``--tp 2 --ep-size 2`` on a tiny Qwen3-MoE (4 experts a layer): each rank holds 2 experts. A push lacking
+    experts 1-3 is refused, and as a partial push keeps the gate shut; full pushes of two checkpoints in turn equal
+    SGLang's own disk reload on every rank. SGLang 0.5.23's CPU MoE forward cannot run EP (``moe_forward_native``
+    meets expert id -1), so the server skips its warm-up and nothing generates: checksums are the evidence."""
+    import re
+
+    from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
+
+    from .test_e2e_moe import LACKING, without
+
+    a = make_tiny_model(ckpt_root / "ep_qwen3_moe_a", "qwen3_moe", seed=5)
+    b = make_tiny_model(ckpt_root / "ep_qwen3_moe_b", "qwen3_moe", seed=6)
+    lacking = without(b, tmp_path / "lacking", LACKING)
+    args = ["--ep-size", "2", "--skip-server-warmup", "--sleep-on-idle"]
+    with SGLangServer(a, tmp_path / "ep_server.log", tp_size=2, extra_args=args) as srv:
+        srv.wait_listening()
+        refused = push(srv.url, lacking, "--inference-parallel-size", "2", check=False)
+        assert refused.returncode != 0 and re.search(r"does not cover \d+ parameter.*experts", refused.stderr)
+        push(srv.url, lacking, "--inference-parallel-size", "2", "--partial")
+        state = plugin_info(srv.url)
+        # TP rank 0 owns experts 0-1 of each layer: of its two, the second (expert 1) is unwritten
+        owned = r"experts\.w13_weight \(unwritten: dim-0 index 1 of 2\)"
+        assert state["weights_state"] == "waiting" and any(re.search(owned, m) for m in state["missing"]), state
+        served = {}
+        for checkpoint in (b, a):
+            push(srv.url, checkpoint, "--inference-parallel-size", "2")
+            assert plugin_info(srv.url)["weights_state"] == "complete"
+            served[checkpoint] = rank_checksums(srv.url)
+            evidence.reload_from_disk(srv.url, checkpoint)
+            assert rank_checksums(srv.url) == served[checkpoint]
+            assert len(set(served[checkpoint])) == 2  # each rank its own experts
+        assert set(served[a]).isdisjoint(served[b])
+    assert srv.group_pids() == [], "server processes left behind"
