@@ -47,6 +47,26 @@ def qwen3_a(ckpt_root) -> Path:
     return make_tiny_model(ckpt_root / "qwen3_a", "qwen3", seed=2, dtype=torch.float32)
 
 
+FAULT_PLUGIN_DIR = Path(__file__).with_name("server_faults")
+
+
+@pytest.fixture(scope="module")
+def fault_dir(tmp_path_factory) -> Path:
+    """Where a test arms the test-only fault plugin (tests/server_faults) of a module's server."""
+    return tmp_path_factory.mktemp("faults")
+
+
+def fault_plugin_env(fault_dir: Path) -> dict[str, str]:
+    """A server environment that loads the test-only fault plugin beside sglang-ckpt-plugin (SGLang finds it by its
+    entry point on PYTHONPATH), armed by files in ``fault_dir``."""
+    from sglang_ckpt_plugin.demo.launch import server_env
+
+    repo = Path(__file__).resolve().parents[1]
+    base = server_env("cpu").get("PYTHONPATH")  # the CPU environment's own entries (the sgl_kernel stand-in)
+    path = os.pathsep.join(p for p in (str(FAULT_PLUGIN_DIR), str(repo), base) if p)
+    return {"PYTHONPATH": path, "CKPT_TEST_FAULTS_DIR": str(fault_dir)}
+
+
 def assert_serves(url: str, checkpoint: Path, headers: dict | None = None) -> evidence.Evidence:
     """The server serves exactly ``checkpoint``: SGLang's checksums and greedy output equal those after SGLang's
     own disk reload of the same files, and HF (teacher-forced) agrees. Leaves the server on the disk reload."""

@@ -8,39 +8,27 @@ are consumed by the first replica that meets them, so exactly one replica refuse
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
 import pytest
 
 from sglang_ckpt_plugin.demo import evidence
-from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids, server_env
+from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 from sglang_ckpt_plugin.trainer import TrainerPush
 
-from .conftest import NEW_TOKENS, PROMPT, assert_closed, assert_serves, our_leftovers, push
+from .conftest import NEW_TOKENS, PROMPT, assert_closed, assert_serves, fault_plugin_env, our_leftovers, push
 from .test_e2e_tp2 import checkpoint_tensors, copied_per_rank
 
 pytestmark = pytest.mark.slow
 
-FAULT_PLUGIN_DIR = Path(__file__).with_name("server_faults")
-REPO = Path(__file__).resolve().parents[1]
 RANKS = ["cpu-dp0-tp0", "cpu-dp1-tp0"]
-
-
-@pytest.fixture(scope="module")
-def fault_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("dp_faults")
 
 
 @pytest.fixture(scope="module")
 def server(llama_a, fault_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "dp2_server.log"
-    base = server_env("cpu").get("PYTHONPATH")
-    env = {
-        "PYTHONPATH": os.pathsep.join(p for p in (str(FAULT_PLUGIN_DIR), str(REPO), base) if p),
-        "CKPT_TEST_FAULTS_DIR": str(fault_dir),
-    }
+    env = fault_plugin_env(fault_dir)
     with SGLangServer(llama_a, log, env=env, extra_args=["--dp-size", "2", "--sleep-on-idle"]) as srv:
         srv.wait_listening()
         yield srv

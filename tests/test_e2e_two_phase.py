@@ -7,7 +7,6 @@ server's PYTHONPATH) that can make the next commit fail after its first bucket.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import threading
@@ -17,32 +16,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids, server_env
+from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 
-from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, fault_plugin_env, our_leftovers, push
 from .test_e2e_faults import faulty, finish, info, wait_for
 
 pytestmark = pytest.mark.slow
-FAULT_PLUGIN_DIR = Path(__file__).with_name("server_faults")
-REPO = Path(__file__).resolve().parents[1]
 STAGED_TIMEOUT_S = 15  # the server's SGLANG_CKPT_STAGED_TIMEOUT in this module
-
-
-@pytest.fixture(scope="module")
-def fault_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("faults")
 
 
 @pytest.fixture(scope="module")
 def server(llama_a, fault_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "two_phase_server.log"
-    base = server_env("cpu").get("PYTHONPATH")  # the CPU environment's own entries (the sgl_kernel stand-in)
-    path = os.pathsep.join(p for p in (str(FAULT_PLUGIN_DIR), str(REPO), base) if p)
-    env = {
-        "PYTHONPATH": path,
-        "CKPT_TEST_FAULTS_DIR": str(fault_dir),
-        "SGLANG_CKPT_STAGED_TIMEOUT": str(STAGED_TIMEOUT_S),
-    }
+    env = {**fault_plugin_env(fault_dir), "SGLANG_CKPT_STAGED_TIMEOUT": str(STAGED_TIMEOUT_S)}
     with SGLangServer(llama_a, log, env=env) as srv:
         srv.wait_listening()
         push(srv.url, llama_a, "--weight-version", "a-1")
