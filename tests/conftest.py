@@ -75,6 +75,13 @@ def assert_serves(url: str, checkpoint: Path, headers: dict | None = None) -> ev
     return ev
 
 
+def serve_other(url: str, checkpoint: Path, headers: dict | None = None) -> str:
+    """Make the server serve ``checkpoint`` by SGLang's own disk reload (no push involved), so that the push a test
+    makes next must change what is served; returns the checksum served now."""
+    evidence.reload_from_disk(url, checkpoint, headers)
+    return evidence.checksum(url, headers)
+
+
 def assert_closed(url: str) -> dict:
     """The server has no complete weights: /model_info says so and generation answers 503."""
     import httpx

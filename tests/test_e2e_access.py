@@ -43,7 +43,7 @@ def test_admin_api_key_is_required_for_the_push(llama_a, tmp_path):
         assert_serves(srv.url, llama_a, headers={"Authorization": "Bearer s3cret"})
 
 
-def test_api_key_travels_by_environment_to_the_loader_and_its_torchrun_ranks(llama_a, tmp_path):
+def test_api_key_travels_by_environment_to_the_loader_and_its_torchrun_ranks(llama_a, llama_b, tmp_path):
     """A keyed TP=2 server, key given only in the environment: the one loader process that feeds both CPU ranks
     authenticates, and so do the two torchrun ranks the loader relaunches itself as for a GPU server (driven here
     through the same relaunch function); no process's command line carries the key."""
@@ -71,19 +71,23 @@ def test_api_key_travels_by_environment_to_the_loader_and_its_torchrun_ranks(lla
     with SGLangServer(llama_a, tmp_path / "apikey2.log", tp_size=2, extra_args=["--admin-api-key", "s3cret"]) as srv:
         srv.wait_listening()
         env = {**os.environ, "SGLANG_CKPT_API_KEY": "s3cret"}
-        args = [
-            "--checkpoint-path",
-            str(llama_a),
-            "--endpoint",
-            srv.url,
-            "--inference-parallel-size",
-            "2",
-            "--quiet",
-            "--timeout",
-            "120",
-            "--sleep-time",
-            "3",
-        ]
+
+        def loader_args(checkpoint) -> list[str]:
+            return [
+                "--checkpoint-path",
+                str(checkpoint),
+                "--endpoint",
+                srv.url,
+                "--inference-parallel-size",
+                "2",
+                "--quiet",
+                "--timeout",
+                "120",
+                "--sleep-time",
+                "3",
+            ]
+
+        args = loader_args(llama_a)
         cmdlines = run_watching_cmdlines([sys.executable, "-m", "sglang_ckpt_plugin.update", *args], env)
         assert not any(b"torch.distributed.run" in c for c in cmdlines)  # a CPU server: one process feeds both
         assert_serves(srv.url, llama_a, headers={"Authorization": "Bearer s3cret"})
@@ -92,6 +96,7 @@ def test_api_key_travels_by_environment_to_the_loader_and_its_torchrun_ranks(lla
             "import sys; from sglang_ckpt_plugin.loader.cli import relaunch_under_torchrun; "
             "relaunch_under_torchrun(2, sys.argv[1:], None)"
         )
+        args = loader_args(llama_b)  # the other checkpoint: the torchrun ranks' push must change what is served
         cmdlines = run_watching_cmdlines([sys.executable, "-c", relaunch, *args], env)
         assert any(b"torch.distributed.run" in c and b"sglang_ckpt_plugin.update" in c for c in cmdlines)
-        assert_serves(srv.url, llama_a, headers={"Authorization": "Bearer s3cret"})
+        assert_serves(srv.url, llama_b, headers={"Authorization": "Bearer s3cret"})

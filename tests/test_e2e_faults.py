@@ -250,9 +250,11 @@ def _variant(src: Path, dst: Path, edit) -> Path:
     ],
     ids=["missing", "unknown", "shape", "marker-name"],
 )
-def test_update_that_does_not_fit_the_model_is_rejected_before_writing(server, llama_a, tmp_path, case, edit, message):
+def test_update_that_does_not_fit_the_model_is_rejected_before_writing(
+    server, llama_a, llama_b, tmp_path, case, edit, message
+):
     push(server.url, llama_a, "--weight-version", "a-before")
-    bad = _variant(llama_a, tmp_path / case, edit)
+    bad = _variant(llama_b, tmp_path / case, edit)  # of the checkpoint not served: a partial write would show
     before = set(our_leftovers())
     proc = push(server.url, bad, "--weight-version", f"bad-{case}", check=False)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr

@@ -20,7 +20,7 @@ import pytest
 from sglang_ckpt_plugin.demo.evidence import checksum
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
 
-from .conftest import NEW_TOKENS, PROMPT, assert_serves, communicate_or_dump, our_leftovers
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, communicate_or_dump, our_leftovers, serve_other
 from .test_e2e_faults import FAULTY, info
 from .test_e2e_tp2 import bytes_per_rank
 from .test_e2e_two_phase import Client, dropped_or_never_staged
@@ -153,6 +153,8 @@ def test_two_nodes_that_each_map_the_files_exchange_nothing(servers, llama_b):
 
 
 def test_a_fleet_commits_only_once_every_instance_staged(servers, llama_a, llama_b):
+    for srv in servers:
+        serve_other(srv.url, llama_a)  # the fleet's push below must change what each instance serves
     run_two_nodes(servers, "--checkpoint-path", str(llama_b), "--weight-version", "b-fleet")
     staged = [info(srv.url)["ckpt_plugin"]["staging"] for srv in servers]
     assert staged[0]["update_id"] == staged[1]["update_id"]
@@ -305,6 +307,8 @@ def test_a_resident_loader_group_keeps_the_fleet_on_the_newest_checkpoint(server
 
     watched, status = tmp_path / "ckpts", tmp_path / "status.json"
     watched.mkdir()
+    for srv in servers:
+        serve_other(srv.url, llama_a)  # the group's first push (llama_b) must change what each instance serves
     before = set(our_leftovers())
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     procs = start_resident_group(servers, watched, status, logs)

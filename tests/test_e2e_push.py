@@ -9,7 +9,7 @@ import pytest
 
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 
-from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push, serve_other
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,8 @@ def test_partial_pushes_that_together_cover_the_model_open_the_gate(server, llam
 
 
 @pytest.mark.compat
-def test_push_serves_exactly_the_checkpoint(server, llama_a):
+def test_push_serves_exactly_the_checkpoint(server, llama_a, llama_b):
+    serve_other(server.url, llama_b)  # the push below must change what is served
     before = set(our_leftovers())
     out = push(server.url, llama_a, "--weight-version", "a-1")
     assert "pushed" in out.stdout and "stages: read" in out.stdout
@@ -188,7 +189,7 @@ def test_one_rank_cpu_push_starts_without_torch(server, llama_a, llama_b):
     assert_serves(server.url, llama_a)
 
 
-def test_trainer_bucket_refused_before_its_broadcast_fails_fast_and_the_trainer_pushes_again(server, llama_a):
+def test_trainer_bucket_refused_before_its_broadcast_fails_fast_and_the_trainer_pushes_again(server, llama_a, llama_b):
     """SGLang refuses a bucket outside a begin/end session before it joins the broadcast: the trainer's broadcast
     can never complete. The trainer must say so at once (not wait out the group's timeout, or on NCCL hang its
     next GPU op) and be able to reconnect and push."""
@@ -199,6 +200,7 @@ def test_trainer_bucket_refused_before_its_broadcast_fails_fast_and_the_trainer_
     from sglang_ckpt_plugin.trainer import ServerError, TrainerPush
 
     tensors = load_file(llama_a / "model.safetensors")
+    serve_other(server.url, llama_b)  # the trainer's push below must change what is served
     with TrainerPush(server.url, timeout_s=90) as trainer:
         t0 = time.monotonic()
         with pytest.raises(ServerError, match="refused a bucket before receiving it.*call connect"):

@@ -226,11 +226,13 @@ def test_one_loader_rank_for_a_tp2_server_is_refused(server, llama_b):
     assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "a-tp2"
 
 
-def test_two_rank_update_rejected_by_the_server_fails_on_every_rank_and_changes_nothing(server, llama_a, tmp_path):
+def test_two_rank_update_rejected_by_the_server_fails_on_every_rank_and_changes_nothing(
+    server, llama_a, llama_b, tmp_path
+):
     from .test_e2e_faults import _variant
 
-    bad = _variant(
-        llama_a,
+    bad = _variant(  # of the checkpoint not served: a write before the refusal would show
+        llama_b,
         tmp_path / "unknown",
         lambda t: {**t, "model.layers.0.mlp.extra_proj.weight": t["model.norm.weight"].clone()},
     )

@@ -110,15 +110,16 @@ def test_resident_loader_follows_a_watched_directory_and_refills_a_restarted_ser
         assert served(server.url)[:2] == ("step-2", "complete")
         assert generate_ids(server.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "step-2"
 
-        # a slow writer: nothing is pushed until every shard is whole
+        # a slow writer (of the checkpoint not served: a push of a half-written prefix would show): nothing is
+        # pushed until every shard is whole
         last = served(server.url)[2]
-        for _ in copy_slowly_in_parts(llama_b, watched / "step-4"):
+        for _ in copy_slowly_in_parts(llama_a, watched / "step-4"):
             time.sleep(0.3)  # longer than a scan: the loader sees every intermediate state, twice
             if incomplete_reason(watched / "step-4") is not None:  # a shard still missing or cut short
                 assert served(server.url)[2] == last, "a half-written checkpoint reached the server"
         wait_for(serves_version(server.url, "step-4"), "serving step-4", loader, log)
         assert [s["path"] for s in status_of()["skipped"]] == [skipped[0]["path"]]
-        assert_serves(server.url, llama_b)
+        assert_serves(server.url, llama_a)
 
         # the server dies and comes back on dummy weights: the loader refills it with what it served
         server.stop()
@@ -127,11 +128,11 @@ def test_resident_loader_follows_a_watched_directory_and_refills_a_restarted_ser
         wait_for(serves_version(server.url, "step-4"), "refilling the restarted server", loader, log)
         assert "refilled" in log.read_text() and "after this loader first saw its /model_info answer" in log.read_text()
         assert status_of()["instances"][0]["last_refill_s"] is not None
-        assert_serves(server.url, llama_b)
+        assert_serves(server.url, llama_a)
 
         # SIGTERM in the middle of a push: the update is called off, the server keeps step-4, nothing left behind
         staged_before = served_info(server.url)["ckpt_plugin"]["staging"]["update_id"]
-        shutil.copytree(llama_a, watched / "step-5")
+        shutil.copytree(llama_b, watched / "step-5")
         wait_for(
             lambda: (status_of().get("in_progress") or {}).get("version") == "step-5", "pushing step-5", loader, log
         )
@@ -143,7 +144,7 @@ def test_resident_loader_follows_a_watched_directory_and_refills_a_restarted_ser
         doc = served_info(server.url)
         assert (doc["weight_version"], doc["ckpt_plugin"]["weights_state"]) == ("step-4", "complete")
         assert dropped_or_never_staged(doc["ckpt_plugin"]["staging"], staged_before), doc["ckpt_plugin"]["staging"]
-        assert_serves(server.url, llama_b)
+        assert_serves(server.url, llama_a)
     finally:
         if loader is not None and loader.poll() is None:
             loader.kill()
