@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from sglang_ckpt_plugin.demo.launch import SGLangServer
+from sglang_ckpt_plugin.demo.launch import PLUGIN_FREE, SGLangServer
 
 from .conftest import assert_serves, push
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_server_without_plugin_gets_a_clear_error(llama_a, tmp_path):
     # SGLANG_PLUGINS is SGLang's allow-list: naming only another plugin leaves ours out
     with SGLangServer(
-        llama_a, tmp_path / "noplugin.log", wait_for_weights=False, env={"SGLANG_PLUGINS": "smg-servicer"}
+        llama_a, tmp_path / "noplugin.log", wait_for_weights=False, env={"SGLANG_PLUGINS": PLUGIN_FREE}
     ) as srv:
         srv.wait_healthy()
         proc = push(srv.url, llama_a, check=False)

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sglang_ckpt_plugin.demo import evidence
-from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
+from sglang_ckpt_plugin.demo.launch import PLUGIN_FREE, SGLangServer, free_port, generate_ids
 from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
 
 from .conftest import NEW_TOKENS, PROMPT, assert_closed, push, run_with_stacks
@@ -91,7 +91,7 @@ def family(request, ckpt_root, tmp_path_factory) -> Family:
         logs / "plain.log",
         wait_for_weights=False,
         extra_args=["--sleep-on-idle"],
-        env={"SGLANG_PLUGINS": "smg-servicer"},
+        env={"SGLANG_PLUGINS": PLUGIN_FREE},
     )
     with plain:
         plain.wait_healthy()

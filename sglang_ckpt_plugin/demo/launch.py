@@ -29,6 +29,9 @@ def server_env(device: str = "cpu", extra: dict | None = None) -> dict[str, str]
     return env
 
 
+PLUGIN_FREE = "smg-servicer"  # SGLANG_PLUGINS naming only SGLang's own dependency's plugin leaves ours out
+
+
 class SGLangServer:
     """``python -m sglang.launch_server`` (or ``sglang serve``) as a child process group."""
 

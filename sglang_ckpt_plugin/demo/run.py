@@ -7,7 +7,9 @@
 5. generate, and prove what is served with SGLang itself: the parameters' checksums (SGLang's
    ``/weights_checker``) and the greedy output equal those after SGLang's own disk reload of the same files;
    HF transformers, teacher-forced on SGLang's tokens, as a second opinion (its top-k holds each token);
-6. stop everything it started and check that nothing of ours is left behind; one line of verdict.
+6. start SGLang without the plugin (``SGLANG_PLUGINS`` leaves it out) on the same files, ``--load-format auto``: the
+   pushed server's checksums and greedy output must equal that reference, which no hook of ours touched;
+7. stop everything it started and check that nothing of ours is left behind; one line of verdict.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,8 +29,8 @@ import torch
 
 from ..transport.channel import socket_dir
 from ..transport.handles import SHM_DIR, SHM_PREFIX
-from .evidence import HF_TOP_K, gather
-from .launch import SGLangServer, generate_ids
+from .evidence import HF_TOP_K, checksum, gather
+from .launch import PLUGIN_FREE, SGLangServer, generate_ids
 from .tiny_model import make_tiny_model
 
 PROMPT_TEXT = "w11 w22 w33 w44 w55"
@@ -115,15 +118,50 @@ def main() -> int:
             f"{evidence.hf_ranks}"
         )
 
-    say("6. stopped the server")
-    left = server.group_pids()
+    say("6. the same files loaded by SGLang without the plugin (SGLANG_PLUGINS leaves it out): an untouched reference")
+    plain = plain_reference(ckpt, work / "plain_server.log", tok_ids, args.new_tokens)
+    same = plain.checksum == evidence.served_checksum and plain.ids == evidence.served_ids
+    print(f"   /weights_checker checksum, no plugin   : {plain.checksum}")
+    print(f"   greedy ids, no plugin                  : {plain.ids}")
+    print(f"   pushed server equal to it              : {'yes' if same else 'NO'}")
+
+    say("7. stopped the servers")
+    left = server.group_pids() + plain.left
     left_files = sorted(set(leftovers()) - before)
     print(f"   server processes left: {left or 'none'}; our shared memory / sockets left: {left_files or 'none'}")
     clean = not left and not left_files
-    print(f"\nVERDICT {evidence.verdict()}; {'nothing' if clean else 'SOMETHING'} left behind", flush=True)
-    if evidence.ok and clean and not args.workdir:
+    ok = evidence.ok and same
+    verdict = evidence.verdict() if same or not evidence.ok else f"FAIL: {evidence.verdict()[6:]}"
+    reference = "equal to" if same else "DIFFERENT from"
+    print(
+        f"\nVERDICT {verdict}; {reference} a server without the plugin; {'nothing' if clean else 'SOMETHING'} left "
+        "behind",
+        flush=True,
+    )
+    if ok and clean and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)  # a failed run keeps its checkpoint and server log to look at
-    return 0 if evidence.ok and clean else 1
+    return 0 if ok and clean else 1
+
+
+@dataclass
+class PlainReference:
+    checksum: str
+    ids: list[int]
+    left: list[int]  # its processes still running after it stopped
+
+
+def plain_reference(ckpt: Path, log: Path, prompt_ids: list[int], new_tokens: int) -> PlainReference:
+    """SGLang alone (our plugin excluded by SGLang's own allow-list) loading ``ckpt`` with --load-format auto."""
+    plain = SGLangServer(ckpt, log, wait_for_weights=False, env={"SGLANG_PLUGINS": PLUGIN_FREE})
+    with plain:
+        plain.wait_healthy()
+        if "ckpt_plugin" in httpx.get(f"{plain.url}/model_info", timeout=30).json():
+            raise RuntimeError("the reference server runs sglang-ckpt-plugin: SGLANG_PLUGINS did not leave it out")
+        reference = PlainReference(
+            checksum(plain.url), generate_ids(plain.url, prompt_ids, new_tokens)["output_ids"], []
+        )
+    reference.left = plain.group_pids()
+    return reference
 
 
 if __name__ == "__main__":
