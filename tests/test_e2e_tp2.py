@@ -11,10 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
+from sglang_ckpt_plugin.demo.launch import PLUGIN_FREE, SGLangServer, generate_ids
 from sglang_ckpt_plugin.trainer import ServerError, TrainerPush
 
-from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push, run_with_stacks, sample, scrape
+from .conftest import (
+    NEW_TOKENS,
+    PROMPT,
+    assert_serves,
+    our_leftovers,
+    push,
+    run_with_stacks,
+    sample,
+    scrape,
+    serve_other,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -162,6 +172,24 @@ def test_one_loader_process_feeds_both_tp_ranks_and_nothing_moves_between_proces
     fingerprint = out.stdout.split("fingerprint=")[1].split()[0]
     assert httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["fingerprint"] == fingerprint
     assert_serves(server.url, llama_a)
+
+
+def test_a_tp2_push_equals_sglang_without_the_plugin_on_the_same_files(server, llama_a, llama_b, tmp_path):
+    """The independent reference for TP=2: SGLang started without the plugin (SGLANG_PLUGINS leaves it out) on
+    llama_b with --load-format auto; none of the plugin's hooks (disk guard, writer lock, TP hook) touched it."""
+    from sglang_ckpt_plugin.cpu_env import core_binds
+    from sglang_ckpt_plugin.demo import evidence
+
+    serve_other(server.url, llama_a)  # the push must change what is served
+    push(server.url, llama_b, "--inference-parallel-size", "2")
+    pushed = evidence.checksum(server.url), generate_ids(server.url, PROMPT, NEW_TOKENS)["output_ids"]
+    env = {"SGLANG_PLUGINS": PLUGIN_FREE, "SGLANG_CPU_OMP_THREADS_BIND": core_binds(2)}  # ours sets it, when loaded
+    with SGLangServer(llama_b, tmp_path / "plain_tp2.log", tp_size=2, wait_for_weights=False, env=env) as plain:
+        plain.wait_healthy()
+        assert "ckpt_plugin" not in httpx.get(f"{plain.url}/model_info", timeout=30).json()
+        reference = evidence.checksum(plain.url), generate_ids(plain.url, PROMPT, NEW_TOKENS)["output_ids"]
+    assert plain.group_pids() == []
+    assert pushed == reference
 
 
 @pytest.mark.parametrize("transfer", ["map", "copy"])
