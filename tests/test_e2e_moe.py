@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sglang_ckpt_plugin.demo import evidence
-from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
+from sglang_ckpt_plugin.demo.launch import PLUGIN_FREE, SGLangServer, generate_ids
 from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
 
 from .conftest import NEW_TOKENS, PROMPT, assert_closed, assert_serves, push
@@ -63,7 +63,15 @@ def test_a_push_lacking_experts_keeps_the_gate_shut_then_a_full_push_is_bit_exac
     push(srv.url, full, "--weight-version", f"{arch}-full")
     srv.wait_healthy(timeout_s=60)
     assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == f"{arch}-full"
+    pushed = evidence.checksum(srv.url), generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"]
     assert_serves(srv.url, full)
+    if arch == "qwen3_moe":  # once for the MoE class: SGLang without the plugin on the same files, untouched by it
+        log = srv.log_path.with_name(f"{arch}_plain.log")
+        with SGLangServer(full, log, wait_for_weights=False, env={"SGLANG_PLUGINS": PLUGIN_FREE}) as plain:
+            plain.wait_healthy()
+            assert "ckpt_plugin" not in info(plain.url)
+            assert (evidence.checksum(plain.url), generate_ids(plain.url, PROMPT, NEW_TOKENS)["output_ids"]) == pushed
+        assert plain.group_pids() == []
 
 
 def test_sglang_disk_reload_of_a_checkpoint_that_does_not_fit_is_refused_and_the_server_lives(moe, ckpt_root):
