@@ -30,7 +30,7 @@ import torch
 from .loader.checkpoint import TensorInfo, dtype_name
 from .loader.http import ServerClient, ServerError
 from .loader.node_feed import NodeFeeder
-from .loader.plan import STAGING_SHARE, Bucket, align_up, plan_buckets, staging_problem
+from .loader.plan import Bucket, align_up, plan_buckets, staging_budget, staging_problem
 from .loader.push import PushError, RankFeeder, StageTimes, new_update_id
 from .loader.rank_setup import available_memory
 from .placement import LoaderPlacement, ServerPlacement, choose_placement, node_local_problem
@@ -198,7 +198,7 @@ class LocalPush:
         if self.two_phase == "off":
             return "two_phase='off'"
         held = sum(b.nbytes for b in self.buffers) if self.device.type == "cpu" else 0  # reused, not allocated again
-        budget = int(available_memory(LoaderPlacement("cpu", None, "")) * STAGING_SHARE) + held
+        budget = staging_budget(0, available_memory(LoaderPlacement("cpu", None, ""))) + held
         return staging_problem([b.nbytes for b in buckets], 1, budget, self.device.type)
 
     def push(

@@ -178,6 +178,12 @@ def plan_file_buckets(tensors: list[TensorInfo], bucket_size: int) -> tuple[list
 STAGING_SHARE = 0.8  # default staging budget: this share of the node's available memory
 
 
+def staging_budget(given: int, available: int) -> int:
+    """Bytes staged buckets may take on a node: ``--staging-budget`` when given (non-zero), else STAGING_SHARE of
+    ``available`` (MemAvailable, the least of the loader ranks')."""
+    return given or int(available * STAGING_SHARE)
+
+
 def staging_problem(bucket_bytes: list[int], local_ranks: int, budget: int, kind: str) -> str | None:
     """Why an update with these buckets cannot be staged, or None. Each receiving rank holds every bucket at once
     (one buffer per bucket), and ``local_ranks`` ranks of a node do so side by side in its shared memory."""

@@ -21,12 +21,12 @@ from .http import ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
 from .node_feed import NodeFeeder
 from .plan import (
-    STAGING_SHARE,
     mappable,
     parse_ranks,
     plan_file_buckets,
     plan_world,
     shard_by_bytes,
+    staging_budget,
     staging_problem,
 )
 from .push import PushError, RankFeeder, StageTimes, new_update_id
@@ -185,7 +185,7 @@ class Update:
             return False
         if self.mapped:
             return True
-        budget = self.args.staging_budget or int(self.memory_budget * STAGING_SHARE)
+        budget = staging_budget(self.args.staging_budget, self.memory_budget)
         reason = staging_problem(
             [s.bucket.nbytes for s in steps], self.feeding.feeders_on_node(self.world), budget, self.placement.kind
         )
