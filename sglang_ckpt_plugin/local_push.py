@@ -148,12 +148,12 @@ class LocalPush:
         self.tp_size = server.tp_size
         choice = self.device_choice
         gpus = visible_gpu_keys() if choice != "cpu" else []
-        if server.device == "cuda" and server.tp_size > 1 and choice != "cpu":
+        if server.device == "cuda" and server.rank_count > 1 and choice != "cpu":
             # CUDA buffers on TP rank 0's GPU that every rank reads peer to peer, or shared memory every rank maps
             problem = node_local_problem(server, gpus)
             if problem is not None and choice == "cuda":
                 raise ValueError(
-                    f"LocalPush with CUDA buffers feeds a tp={server.tp_size} server only where every rank reads "
+                    f"LocalPush with CUDA buffers feeds a {server.shape} server only where every rank reads "
                     f"them peer to peer, and here {problem}: use device='auto' or 'cpu' (shared memory every rank "
                     "maps) or TrainerPush"
                 )

@@ -152,10 +152,10 @@ def node_local_problem(server: ServerPlacement, local_gpus: list[str]) -> str | 
     """Why one loader process cannot feed every TP rank of this GPU server from buffers on TP rank 0's GPU, each
     rank copying its slice from there peer to peer (None: it can). Then each loader rank feeds its own TP rank and
     every GPU receives every bucket (a broadcast between loader ranks)."""
+    if server.device == "cuda" and server.dp_size > 1:
+        return "the server runs data-parallel replicas (each replica's GPUs are fed by their own loader ranks)"
     if server.device != "cuda" or server.tp_size < 2:
         return "not a GPU server with several TP ranks"
-    if server.dp_size > 1:
-        return "the server runs data-parallel replicas (each replica's GPUs are fed by their own loader ranks)"
     if len(server.rank_keys) != server.tp_size:
         return "the server did not publish every TP rank's GPU (an older plugin?)"
     if not server.peer_access:

@@ -139,6 +139,16 @@ def test_local_push_follows_the_server(monkeypatch):
     assert (peer_to_peer.device, peer_to_peer.rank_keys) == (torch.device("cuda", 1), ["GPU-a", "GPU-b"])
     with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
         LocalPush("http://127.0.0.1:9", device="mps")
+    # two replicas of one GPU each: never one CUDA buffer set for both (a replica's GPU would be sent the other's)
+    gpu_dp2 = {"device": "cuda", "rank_keys": ["GPU-a", "GPU-b"], "tp_size": 1, "dp_size": 2}
+    replicas = LocalPush("http://127.0.0.1:9")
+    _serving(replicas, monkeypatch, gpu_dp2)
+    replicas._place()
+    assert (replicas.device.type, replicas.rank_keys) == ("cpu", ["GPU-a", "GPU-b"])
+    replicas_cuda = LocalPush("http://127.0.0.1:9", device="cuda")
+    _serving(replicas_cuda, monkeypatch, gpu_dp2)
+    with pytest.raises(ValueError, match="tp 1 x dp 2 server .*data-parallel replicas"):
+        replicas_cuda._place()
 
 
 def test_local_push_buffers_are_made_as_the_push_needs_them(monkeypatch):
