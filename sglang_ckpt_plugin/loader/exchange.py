@@ -58,8 +58,10 @@ class Exchange:
         return view if view is not None and not self.world.distributed else buffer.tensor
 
     def _connect(self) -> None:
-        """NCCL makes its communicator on first use, which must be collective (p2p ops otherwise hang), and each
-        p2p connection on its first send: make both now, every owner -> receiver pair the moves will use."""
+        """NCCL makes its communicator on first use, which must be collective (p2p ops otherwise hang), and its
+        connections on the first call of each kind and size class: make the ones the moves will use now, before
+        the memory budget is measured. Broadcasts (every rank receives): one the size of a bucket's bulk protocol;
+        otherwise every owner -> receiver p2p pair."""
         import torch
         import torch.distributed as dist
 
@@ -67,7 +69,11 @@ class Exchange:
             return dist.P2POp(kind, torch.zeros(1, device=self.device), peer, group=self.group)
 
         dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
-        if self.receivers != self.everyone:
+        if self.receivers == self.everyone:
+            warm = torch.empty(WARM_UP_BROADCAST_BYTES, dtype=torch.uint8, device=self.device)
+            dist.broadcast(warm, src=0, group=self.group)
+            del warm
+        else:
             others = self.everyone - {self.world.rank}
             ops = [op(dist.isend, peer) for peer in sorted(self.receivers & others)]
             if self.world.rank in self.receivers:
@@ -166,6 +172,9 @@ class Exchange:
             ops = [dist.P2POp(dist.irecv, tensor, owner, group=self.group)]
         for request in dist.batch_isend_irecv(ops):
             request.wait()
+
+
+WARM_UP_BROADCAST_BYTES = 8 << 20  # large enough for NCCL's bulk (Simple) protocol, which buckets use
 
 
 def _signed(u64: int) -> int:
