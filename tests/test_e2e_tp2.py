@@ -18,6 +18,7 @@ from .conftest import (
     NEW_TOKENS,
     PROMPT,
     assert_serves,
+    fault_plugin_env,
     our_leftovers,
     push,
     run_with_stacks,
@@ -174,16 +175,22 @@ def test_one_loader_process_feeds_both_tp_ranks_and_nothing_moves_between_proces
     assert_serves(server.url, llama_a)
 
 
-def test_a_tp2_push_equals_sglang_without_the_plugin_on_the_same_files(server, llama_a, llama_b, tmp_path):
-    """The independent reference for TP=2: SGLang started without the plugin (SGLANG_PLUGINS leaves it out) on
-    llama_b with --load-format auto; none of the plugin's hooks (disk guard, writer lock, TP hook) touched it."""
+def test_a_tp2_push_equals_sglang_without_the_plugin_on_the_same_files(server, llama_a, llama_b, fault_dir, tmp_path):
+    """The independent reference for TP=2: SGLang without sglang-ckpt-plugin on llama_b, --load-format auto. SGLang
+    alone cannot start --tp 2 on a CPU (its pynccl communicator needs CUDA), so the reference loads one test-only
+    plugin that turns pynccl off and nothing else (tests/server_faults, ``ckpt_test_gloo_tp``); none of this
+    plugin's hooks (disk guard, writer lock, TP hook) touch it."""
     from sglang_ckpt_plugin.cpu_env import core_binds
     from sglang_ckpt_plugin.demo import evidence
 
     serve_other(server.url, llama_a)  # the push must change what is served
     push(server.url, llama_b, "--inference-parallel-size", "2")
     pushed = evidence.checksum(server.url), generate_ids(server.url, PROMPT, NEW_TOKENS)["output_ids"]
-    env = {"SGLANG_PLUGINS": PLUGIN_FREE, "SGLANG_CPU_OMP_THREADS_BIND": core_binds(2)}  # ours sets it, when loaded
+    env = {
+        **fault_plugin_env(fault_dir),
+        "SGLANG_PLUGINS": f"{PLUGIN_FREE},ckpt_test_gloo_tp",
+        "SGLANG_CPU_OMP_THREADS_BIND": core_binds(2),  # sglang-ckpt-plugin sets it when it is loaded
+    }
     with SGLangServer(llama_b, tmp_path / "plain_tp2.log", tp_size=2, wait_for_weights=False, env=env) as plain:
         plain.wait_healthy()
         assert "ckpt_plugin" not in httpx.get(f"{plain.url}/model_info", timeout=30).json()

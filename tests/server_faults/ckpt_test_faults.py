@@ -10,6 +10,11 @@ Armed by files in ``$CKPT_TEST_FAULTS_DIR``:
   first tensor, says so by creating ``dry-run-held``, and goes on when the test removes ``hold-dry-run``: a
   manifest check held open, so that the test can overlap it with another load deterministically.
 The plugin under test is not changed; this wraps its commit and the model's ``load_weights`` from outside.
+
+A second entry point, ``ckpt_test_gloo_tp``, is the reference servers' only plugin where SGLang alone cannot start
+on this CPU: with ``--tp 2`` SGLang makes a pynccl communicator, which needs CUDA; this turns pynccl off (gloo then
+carries the TP group), written here independently of sglang-ckpt-plugin's own hook, so that a reference server
+``SGLANG_PLUGINS=ckpt_test_gloo_tp`` runs none of the plugin's code.
 """
 
 import itertools
@@ -96,6 +101,16 @@ def _refuse_next_stage():
         return original(updater, model, device, endpoint, staging)
 
     tp_worker._session = session
+
+
+def gloo_tp_only():
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    def no_pynccl(*args, **kwargs):
+        kwargs["use_pynccl"] = False
+        return args, kwargs
+
+    HookRegistry.register("sglang.srt.distributed.parallel_state.init_model_parallel_group", no_pynccl, HookType.BEFORE)
 
 
 def register():
