@@ -17,7 +17,16 @@ from sglang_ckpt_plugin.demo import evidence
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 from sglang_ckpt_plugin.trainer import TrainerPush
 
-from .conftest import NEW_TOKENS, PROMPT, assert_closed, assert_serves, fault_plugin_env, our_leftovers, push
+from .conftest import (
+    NEW_TOKENS,
+    PROMPT,
+    assert_closed,
+    assert_serves,
+    fault_plugin_env,
+    our_leftovers,
+    push,
+    serve_other,
+)
 from .test_e2e_tp2 import checkpoint_tensors, copied_per_rank
 
 pytestmark = pytest.mark.slow
@@ -74,7 +83,7 @@ def test_every_push_fills_both_replicas_and_serves_what_sglang_loads(server, lla
 
 
 def test_a_replica_that_refuses_to_stage_changes_no_replica(server, fault_dir, llama_a, llama_b):
-    serve(server, llama_a)
+    serve_other(server.url, llama_a)  # SGLang's own reload: the push below must change what is served
     served = evidence.checksum(server.url)
     (fault_dir / "refuse-next-stage").touch()
     out = push(server.url, llama_b, "--inference-parallel-size", "2", check=False)
@@ -91,7 +100,7 @@ def test_a_commit_that_fails_on_one_replica_closes_the_server_until_both_take_a_
 ):
     """One replica commits llama_b, the other fails part-way: no client is served either replica's weights until a
     push of the whole model lands on both."""
-    serve(server, llama_a)
+    serve_other(server.url, llama_a)  # SGLang's own reload: the push below must change what is served
     before = set(our_leftovers())
     (fault_dir / "fail-next-commit").touch()
     out = push(server.url, llama_b, "--inference-parallel-size", "2", "--commit-retries", "0", check=False)
@@ -108,7 +117,7 @@ def test_a_commit_that_fails_on_one_replica_closes_the_server_until_both_take_a_
 
 
 def test_a_retried_commit_loads_only_the_replica_that_failed(server, fault_dir, llama_a, llama_b):
-    serve(server, llama_a)
+    serve_other(server.url, llama_a)  # SGLang's own reload: the push below must change what is served
     (fault_dir / "fail-next-commit").touch()  # llama_b: four files, four buckets; the fault strikes at the second
     out = serve(server, llama_b, "--commit-retries", "1")
     said = out.stdout + out.stderr
@@ -122,7 +131,7 @@ def test_a_retried_commit_loads_only_the_replica_that_failed(server, fault_dir, 
 def test_local_push_fills_both_replicas_and_a_trainer_group_is_refused_in_words(server, llama_a, llama_b):
     from sglang_ckpt_plugin.local_push import LocalPush
 
-    serve(server, llama_a)
+    serve_other(server.url, llama_a)  # SGLang's own reload: the push below must change what is served
     with LocalPush(server.url, bucket_bytes=300_000) as pusher:
         stats = pusher.push(checkpoint_tensors(llama_b).items(), weight_version="local-b")
         assert stats.tensors == 21 and pusher.rank_keys == RANKS
@@ -141,7 +150,7 @@ def test_a_resident_loader_keeps_both_replicas_on_the_newest_checkpoint(server, 
 
     from .test_e2e_watch import serves_version, wait_for
 
-    serve(server, llama_a)
+    serve_other(server.url, llama_a)  # SGLang's own reload: the push below must change what is served
     watched, status, log = tmp_path / "ckpts", tmp_path / "status.json", tmp_path / "loader.log"
     watched.mkdir()
     cmd = [sys.executable, "-m", "sglang_ckpt_plugin.update", "--watch", str(watched), "--endpoint", server.url]
