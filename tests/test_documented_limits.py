@@ -43,8 +43,9 @@ def test_a_frame_over_32_mib_is_never_delivered_and_a_frame_under_it_is():
             peer.close(linger=0)
 
 
-def _as_nobody(target) -> int:
-    """Run ``target()`` in a child process under another user (uid 65534); its exit code (0: it returned)."""
+def _fork_as_nobody(target) -> int:
+    """Start ``target()`` in a child process under another user (uid 65534); its pid. It exits 0 if ``target``
+    returned, 1 if it raised."""
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -55,6 +56,10 @@ def _as_nobody(target) -> int:
             code = 0
         finally:
             os._exit(code)
+    return pid
+
+
+def _exit_code(pid: int) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
@@ -87,7 +92,7 @@ def _check_both_sides(tmp_path) -> None:
                 _msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 1)
                 assert fds == [], "descriptors went to another user"
 
-        assert _as_nobody(take) == 0
+        assert _exit_code(_fork_as_nobody(take)) == 0
         threading.Event().wait(0.3)
         assert offer.error == "a process of another user connected for the descriptors; refused"
     finally:
@@ -108,14 +113,7 @@ def _check_both_sides(tmp_path) -> None:
         conn, _ = listener.accept()
         conn.close()
 
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            serve()
-        finally:
-            os._exit(0)
+    pid = _fork_as_nobody(serve)
     listener.close()
     assert os.read(listening_r, 1) == b"L"
     os.close(listening_r)
@@ -124,7 +122,7 @@ def _check_both_sides(tmp_path) -> None:
         with pytest.raises(ValueError, match="runs as another user"):
             fdpass.receive_fds(served, 1, timeout_s=5)
     finally:
-        os.waitpid(pid, 0)
+        assert _exit_code(pid) == 0
 
 
 def test_the_staging_budget_defaults_to_80_percent_of_available_memory():
