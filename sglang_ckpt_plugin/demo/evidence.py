@@ -52,10 +52,12 @@ class Evidence:
         return self.bit_identical and self.same_output and self.hf_agrees
 
     def verdict(self) -> str:
-        word = "PASS" if self.ok else "FAIL"
+        return f"{'PASS' if self.ok else 'FAIL'}: {self.findings()}"
+
+    def findings(self) -> str:
         inside = sum(r < self.hf_top_k for r in self.hf_ranks)
         return (
-            f"{word}: served parameters {'bit-identical to' if self.bit_identical else 'DIFFER from'} SGLang's own "
+            f"served parameters {'bit-identical to' if self.bit_identical else 'DIFFER from'} SGLang's own "
             f"load of the same files (checksum {self.served_checksum[:16]}), greedy output "
             f"{'equal to' if self.same_output else 'DIFFERENT from'} the disk-loaded output; HF second opinion: "
             f"SGLang's token in HF's top-{self.hf_top_k} at {inside}/{len(self.hf_ranks)} positions "

@@ -131,11 +131,10 @@ def main() -> int:
     print(f"   server processes left: {left or 'none'}; our shared memory / sockets left: {left_files or 'none'}")
     clean = not left and not left_files
     ok = evidence.ok and same
-    verdict = evidence.verdict() if same or not evidence.ok else f"FAIL: {evidence.verdict()[6:]}"
     reference = "equal to" if same else "DIFFERENT from"
     print(
-        f"\nVERDICT {verdict}; {reference} a server without the plugin; {'nothing' if clean else 'SOMETHING'} left "
-        "behind",
+        f"\nVERDICT {'PASS' if ok else 'FAIL'}: {evidence.findings()}; {reference} a server without the plugin; "
+        f"{'nothing' if clean else 'SOMETHING'} left behind",
         flush=True,
     )
     if ok and clean and not args.workdir:
