@@ -2,9 +2,10 @@
 
 The server publishes in ``/model_info`` (``ckpt_plugin``) its device kind and, per rank, the key that rank
 answers to: ``GPU-<uuid>`` on CUDA (the same GPU whatever ``CUDA_VISIBLE_DEVICES`` or ``--base-gpu-id`` say),
-``cpu-tp<r>`` on CPU (``cpu-dp<d>-tp<r>`` with data-parallel replicas). Its ranks are every replica's TP ranks,
-replica by replica: a ``--tp 2 --dp 2`` server has four, and a loader feeds each the same update. A loader rank
-follows that, not its own machine:
+``cpu-tp<r>`` on CPU (``cpu-dp<d>-tp<r>`` with data-parallel replicas, ``cpu-pp<s>-tp<r>`` with pipeline
+stages). Its ranks are every TP rank of every pipeline stage of every replica, replica by replica and stage by
+stage: a ``--tp 2 --dp 2`` server has four, so has ``--tp 2 --pp-size 2``, and a loader feeds each the same
+update (each rank's ``load_weights`` keeps what it holds). A loader rank follows that, not its own machine:
 
 - server on CPU: shared-memory buffers (``--device cuda`` is refused: a CPU rank cannot open CUDA IPC handles);
 - server on CUDA: a CUDA buffer on the very GPU the TP rank uses (found by UUID among the GPUs this process
@@ -29,7 +30,7 @@ class ServerPlacement:
     rank_keys: list[str] = field(default_factory=list)
     tp_size: int = 1
     dp_size: int = 1  # data-parallel replicas (--dp), each its own TP group
-    pp_size: int = 1
+    pp_size: int = 1  # pipeline stages, each its own TP group
     attn_dp_size: int = 1  # data-parallel attention groups (--enable-dp-attention)
     peer_access: bool = False  # every TP rank's GPU reads every other's memory peer to peer (NVLink / PCIe P2P)
 
@@ -48,27 +49,17 @@ class ServerPlacement:
 
     @property
     def rank_count(self) -> int:
-        """Ranks a loader feeds on this server: every TP rank of every replica."""
-        return self.tp_size * self.dp_size
+        """Ranks a loader feeds on this server: every TP rank of every pipeline stage of every replica."""
+        return self.tp_size * self.pp_size * self.dp_size
 
     @property
     def shape(self) -> str:
-        return f"tp {self.tp_size} x dp {self.dp_size}" if self.dp_size > 1 else f"tp {self.tp_size}"
+        sizes = [("tp", self.tp_size), ("pp", self.pp_size), ("dp", self.dp_size)]
+        return " x ".join(f"{name} {size}" for name, size in sizes if size > 1 or name == "tp")
 
     def key_of(self, rank: int) -> str | None:
-        """The key of server rank ``rank`` (replica ``rank // tp_size``, TP rank ``rank % tp_size``)."""
+        """The key of server rank ``rank`` (replica by replica, stage by stage, then TP rank)."""
         return self.rank_keys[rank] if rank < len(self.rank_keys) else None
-
-
-def unsupported_layout(pp_size: int) -> str | None:
-    """Layouts the plugin does not update yet (no end-to-end test covers them): refused up front, in words, by the
-    server and by the loader. SGLang's own ``/update_weights_from_disk`` still serves them."""
-    if pp_size > 1:
-        return (
-            f"this server runs --pp-size {pp_size}; sglang-ckpt-plugin does not update pipeline stages yet: use "
-            "--tp, --dp-size or --attn-dp-size, or SGLang's /update_weights_from_disk"
-        )
-    return None
 
 
 @dataclass(frozen=True)
@@ -154,6 +145,8 @@ def node_local_problem(server: ServerPlacement, local_gpus: list[str]) -> str | 
     every GPU receives every bucket (a broadcast between loader ranks)."""
     if server.device == "cuda" and server.dp_size > 1:
         return "the server runs data-parallel replicas (each replica's GPUs are fed by their own loader ranks)"
+    if server.device == "cuda" and server.pp_size > 1:
+        return "the server runs pipeline stages (each stage's GPUs are fed by their own loader ranks)"
     if server.device != "cuda" or server.tp_size < 2:
         return "not a GPU server with several TP ranks"
     if len(server.rank_keys) != server.tp_size:

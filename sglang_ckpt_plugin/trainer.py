@@ -104,8 +104,8 @@ class TrainerPush:
         if server.dp_size > 1 or server.pp_size > 1 or server.attn_dp_size > 1:
             raise ValueError(
                 f"TrainerPush joins SGLang's own weights-update group, which SGLang 0.5.23 builds for one replica "
-                f"of TP ranks; this server runs {server.shape} (pp {server.pp_size}, {server.attn_dp_size} attention "
-                "group(s)), a layout no test has run it on: push with LocalPush or python -m sglang_ckpt_plugin.update"
+                f"of TP ranks; this server runs {server.shape} ({server.attn_dp_size} attention group(s)), a layout no "
+                "test has run it on: push with LocalPush or python -m sglang_ckpt_plugin.update"
             )
         tp_size = server.tp_size
         self.device = self._choose_device(server)

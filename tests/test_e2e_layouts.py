@@ -61,7 +61,7 @@ def test_every_push_fills_both_replicas_and_serves_what_sglang_loads(server, lla
     closed = assert_closed(server.url)["ckpt_plugin"]
     assert (closed["tp_size"], closed["dp_size"]) == (1, 2)
     assert closed["rank_keys"] == RANKS
-    assert closed["ranks"] == [{"replica": d, "tp_rank": 0, "key": k} for d, k in enumerate(RANKS)]
+    assert closed["ranks"] == [{"replica": d, "pp_rank": 0, "tp_rank": 0, "key": k} for d, k in enumerate(RANKS)]
     one = push(server.url, llama_b, check=False)  # the loader counts ranks, not TP ranks
     assert one.returncode == 1 and "runs 2 rank(s) (tp 1 x dp 2)" in one.stderr, one.stderr[-2000:]
     assert "pass --inference-parallel-size 2" in one.stderr

@@ -11,7 +11,6 @@ from sglang_ckpt_plugin.placement import (
     node_local_problem,
     shared_gpus,
     trainer_gpu,
-    unsupported_layout,
 )
 
 CUDA_TP2 = ServerPlacement("cuda", ["GPU-a", "GPU-b"], tp_size=2)
@@ -93,10 +92,16 @@ def test_trainer_takes_a_gpu_the_server_does_not_use_or_is_refused():
         trainer_gpu(CUDA_TP2, ["GPU-a", "GPU-b"])
 
 
-def test_pipeline_stages_are_refused_up_front_in_words_and_replicas_count_as_ranks():
-    assert unsupported_layout(1) is None
-    assert "--pp-size 2" in unsupported_layout(2)
-    assert "--pp-size 2" in layout_mismatch({"ckpt_plugin": {"tp_size": 2, "pp_size": 2}}, "x", 2)
+def test_replicas_and_pipeline_stages_count_as_ranks():
+    stages = {
+        "ckpt_plugin": {"tp_size": 2, "pp_size": 2, "rank_keys": [f"cpu-pp{s}-tp{r}" for s in (0, 1) for r in (0, 1)]}
+    }
+    assert "runs 4 rank(s) (tp 2 x pp 2)" in layout_mismatch(stages, "x", 2)
+    assert layout_mismatch(stages, "x", 4) is None
+    both = ServerPlacement("cpu", [], tp_size=2, pp_size=2, dp_size=3)
+    assert (both.rank_count, both.shape) == (12, "tp 2 x pp 2 x dp 3")
+    pp_gpus = ServerPlacement("cuda", ["GPU-a", "GPU-b"], tp_size=1, pp_size=2, peer_access=True)
+    assert "pipeline stages" in node_local_problem(pp_gpus, ["GPU-a", "GPU-b"])
     # DP attention: one TP group whose attention is split in groups; its ranks are the TP ranks
     assert layout_mismatch({"ckpt_plugin": {"tp_size": 2, "attn_dp_size": 2}}, "x", 2) is None
     keys = ["cpu-dp0-tp0", "cpu-dp0-tp1", "cpu-dp1-tp0", "cpu-dp1-tp1"]
@@ -105,7 +110,7 @@ def test_pipeline_stages_are_refused_up_front_in_words_and_replicas_count_as_ran
     assert "pass --inference-parallel-size 4" in layout_mismatch(replicas, "http://x", 2)
     assert layout_mismatch(replicas, "http://x", 4) is None
     older = {"ckpt_plugin": {"tp_size": 1, "dp_size": 2, "rank_keys": ["cpu-tp0"]}}  # a plugin before replicas
-    assert "predates data-parallel updates" in layout_mismatch(older, "http://x", 2)
+    assert "predates data-parallel and pipeline updates" in layout_mismatch(older, "http://x", 2)
     assert "pass --inference-parallel-size 2" in layout_mismatch({"ckpt_plugin": {"tp_size": 2}}, "http://x", 1)
     server = ServerPlacement.from_model_info(replicas)
     # every rank of every replica gets a placement of its own key (one loader process feeds them all on CPU)

@@ -20,13 +20,18 @@ def test_every_rank_of_every_replica_is_published_replica_by_replica():
     reports = [_report(1, ["cpu-dp1-tp0", "cpu-dp1-tp1"]), _report(0, ["cpu-dp0-tp0", "cpu-dp0-tp1"])]
     merged = replicas.merged_placement(reports)
     assert merged["rank_keys"] == ["cpu-dp0-tp0", "cpu-dp0-tp1", "cpu-dp1-tp0", "cpu-dp1-tp1"]
-    assert merged["ranks"][3] == {"replica": 1, "tp_rank": 1, "key": "cpu-dp1-tp1"}
+    assert merged["ranks"][3] == {"replica": 1, "pp_rank": 0, "tp_rank": 1, "key": "cpu-dp1-tp1"}
     assert merged["peer_access"] is False  # one loader process never feeds two replicas' GPUs from one GPU
     one = replicas.merged_placement([_report(0, ["GPU-a", "GPU-b"])])
     assert one["peer_access"] is True and one["rank_keys"] == ["GPU-a", "GPU-b"]
     # DP attention: each attention group's leader answers for the one TP group; every rank listed once
     groups = replicas.merged_placement([_report(None, ["GPU-a", "GPU-b"]), _report(None, ["GPU-a", "GPU-b"])])
     assert groups["rank_keys"] == ["GPU-a", "GPU-b"] and groups["peer_access"] is True
+    # pipeline stages: one replica's report lists each stage's TP ranks in turn
+    stages = _report(None, ["cpu-pp0-tp0", "cpu-pp0-tp1", "cpu-pp1-tp0", "cpu-pp1-tp1"])
+    stages["placement"]["pp_size"] = 2
+    ranks = replicas.merged_placement([stages])["ranks"]
+    assert [(r["pp_rank"], r["tp_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 def test_replicas_diverge_when_some_take_an_update_and_agree_again_after_a_whole_update_on_all():

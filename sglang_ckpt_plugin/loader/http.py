@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from ..placement import PLUGIN_MARKER, ServerPlacement, unsupported_layout
+from ..placement import PLUGIN_MARKER, ServerPlacement
 from ..transport.messages import PHASE_KEY
 
 
@@ -22,18 +22,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 def layout_mismatch(info: dict, endpoint: str, parallel_size: int) -> str | None:
     """Why a server (its /model_info) cannot take ``parallel_size`` loader ranks per instance, or None."""
     server = ServerPlacement.from_model_info(info)
-    unsupported = unsupported_layout(server.pp_size)
-    if unsupported:
-        return f"{endpoint}: {unsupported}"
     if server.rank_count != parallel_size:
         return (
             f"the server at {endpoint} runs {server.rank_count} rank(s) ({server.shape}) but "
             f"--inference-parallel-size is {parallel_size}; pass --inference-parallel-size {server.rank_count}"
         )
-    if server.dp_size > 1 and len(server.rank_keys) != server.rank_count:
+    if server.rank_count > server.tp_size and len(server.rank_keys) != server.rank_count:
         return (
-            f"the server at {endpoint} runs {server.dp_size} data-parallel replicas but published "
-            f"{len(server.rank_keys)} rank keys: its sglang-ckpt-plugin predates data-parallel updates; upgrade it"
+            f"the server at {endpoint} runs {server.rank_count} ranks ({server.shape}) but published "
+            f"{len(server.rank_keys)} rank keys: its sglang-ckpt-plugin predates data-parallel and pipeline "
+            "updates; upgrade it"
         )
     return None
 

@@ -48,7 +48,7 @@ OPEN_BEFORE_WEIGHTS = frozenset(
 
 HOW_TO_PUSH = (
     "push them with: python -m sglang_ckpt_plugin.update --checkpoint-path DIR "
-    "--inference-parallel-size N (the server's tp x dp) --endpoint http://HOST:PORT"
+    "--inference-parallel-size N (the server's tp x pp x dp) --endpoint http://HOST:PORT"
 )
 EXIT_NO_WEIGHTS = 3
 

@@ -8,7 +8,9 @@ them in every SGLang process). Target names live in sglang_compat.py.
 - model runner ``load_weights_from_distributed`` / ``update_weights_from_tensor`` / ``update_weights_from_disk``
   (around): dry run first, agree across TP ranks, record what was written; the scheduler's
   ``begin_weight_update`` / ``end_weight_update`` (around): a trainer session's coverage counts at its end.
-- ``Scheduler.get_internal_state`` (after): our weights state, as structured data for the HTTP process.
+- the scheduler's weight-update handlers (ipc / disk / tensor / distributed) and ``Scheduler.get_internal_state``
+  (around), and ``Scheduler._pp_send_pyobj_to_next_stage`` (after): with pipeline stages every stage handles them
+  together, once relayed (pipeline.py); the internal state carries our weights state for the HTTP process.
 - ``Scheduler.handle_generate_request`` (around): refuse requests while the weights are incomplete.
 - ``model_loader.loader.initialize_dummy_weights`` (around): with ``--wait-for-initial-weights`` the random fill
   of ``--load-format dummy`` is skipped (nothing is served before every parameter was written).
@@ -27,7 +29,7 @@ import msgspec
 import torch
 
 from ..cpu_env import core_binds
-from . import gate, options, prefault, rank_state, routes, staging, tp_worker, trainer_updates
+from . import gate, options, pipeline, prefault, rank_state, routes, staging, tp_worker, trainer_updates
 from . import sglang_compat as sg
 
 logger = logging.getLogger("sglang_ckpt_plugin")
@@ -36,6 +38,8 @@ logger = logging.getLogger("sglang_ckpt_plugin")
 def hook_table() -> list[tuple[str, object, str]]:
     """(target, our function, hook type name) for every hook; also what the release check resolves."""
     runner, manager = sg.RUNNER_WEIGHT_UPDATER, sg.SCHEDULER_WEIGHT_UPDATER
+    together = pipeline.at_every_stage_together
+    updates = ("update_weights_from_ipc", "update_weights_from_disk", "update_weights_from_tensor")
     return [
         (sg.SERVER_ARGS, lambda _result, parser: options.add_server_flags(parser, sg.WAIT_FLAG_FIELD), "AFTER"),
         (f"{sg.HTTP_SERVER}.launch_server", _before_launch_server, "BEFORE"),
@@ -46,7 +50,9 @@ def hook_table() -> list[tuple[str, object, str]]:
         (f"{runner}.update_weights_from_disk", trainer_updates.update_weights_from_disk, "AROUND"),
         (f"{manager}.begin_weight_update", trainer_updates.begin_session, "AROUND"),
         (f"{manager}.end_weight_update", trainer_updates.end_session, "AROUND"),
-        (f"{sg.SCHEDULER}.get_internal_state", _add_weights_state, "AFTER"),
+        *((f"{manager}.{name}", together(_handle), "AROUND") for name in (*updates, "update_weights_from_distributed")),
+        (f"{sg.SCHEDULER}.get_internal_state", together(_with_weights_state), "AROUND"),
+        (sg.PIPELINE_RELAY, pipeline.after_relay, "AFTER"),
         (f"{sg.SCHEDULER}.handle_generate_request", _guard_generate, "AROUND"),
         (f"{sg.PARALLEL_STATE}.init_model_parallel_group", _no_pynccl_on_cpu, "BEFORE"),
         (f"{sg.MODEL_LOADER}.initialize_dummy_weights", _skip_dummy_fill_when_waiting, "AROUND"),
@@ -73,15 +79,21 @@ def _before_launch_server(server_args, *args, **kwargs):
     routes.install(sg.http_app(), wait_for_weights=sg.wait_flag_in(server_args))
 
 
-def _add_weights_state(result, scheduler, *args, **kwargs):
-    """An error here must not take the scheduler down: without our entry the HTTP process closes the gate."""
+def _handle(original, owner, recv_req, *args, **kwargs):
+    return original(owner, recv_req, *args, **kwargs)
+
+
+def _with_weights_state(original, scheduler, recv_req, *args, **kwargs):
+    """SGLang's internal state with ours added. An error in the staging report must not take the scheduler down:
+    without our entry the HTTP process closes the gate."""
+    result = original(scheduler, recv_req, *args, **kwargs)
     report = msgspec.to_builtins(rank_state.state(sg.scheduler_model(scheduler)).report())
     report["placement"] = msgspec.to_builtins(rank_state.placement(*sg.scheduler_rank(scheduler)))  # collective
     try:
         report["staging"] = msgspec.to_builtins(staging.report())
     except Exception:
         logger.exception("could not report the staged update")
-    sg.add_internal_state(result, report)
+    sg.add_internal_state(result, pipeline.whole_model_report(report))  # collective with pipeline stages
     return result
 
 

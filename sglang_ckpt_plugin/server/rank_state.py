@@ -1,8 +1,9 @@
-"""Per scheduler (TP-rank) process: the weights state of this rank, and the one way TP ranks agree.
+"""Per scheduler (TP-rank) process: the weights state of this rank, and the one way a replica's ranks agree.
 
-Every update path ends with ``agree(...)`` over SGLang's gloo TP group before it records an outcome, so every
-rank records the same outcome and every rank's generate guard gives the same answer (the scheduler broadcasts
-each request to all ranks).
+Every update path ends with ``agree(...)`` over the gloo group of every rank holding part of the model (SGLang's
+TP group; with pipeline stages every stage's ranks, which handle each update together: pipeline.py) before it
+records an outcome, so every rank records the same outcome and every rank's generate guard gives the same answer
+(the scheduler broadcasts each request to all ranks).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ _placement: Placement | None = None
 
 class Placement(msgspec.Struct, frozen=True):
     """Where the server's TP ranks run, published in /model_info so that loaders follow the server (not their
-    own machine): the device kind and, per TP rank, the key a loader must use (``GPU-<uuid>`` / ``cpu-tp<r>``)."""
+    own machine): the device kind and, per rank, the key a loader must use (``GPU-<uuid>`` / ``cpu-tp<r>``)."""
 
     device: str
-    rank_keys: list[str]  # this replica's TP ranks
+    rank_keys: list[str]  # this replica's ranks: its TP ranks, stage by stage with pipeline stages
     peer_access: bool = False  # every rank reads every other rank's GPU memory peer to peer (one copy per node)
     replica: int | None = None  # the data-parallel replica (--dp N) these ranks make up; None without replicas
+    pp_size: int = 1  # pipeline stages (--pp-size N): rank_keys holds each stage's TP ranks in turn
 
 
 def state(model: torch.nn.Module) -> WeightsState:
@@ -47,8 +49,8 @@ def weights_complete() -> bool:
 
 
 def agree(*flags: bool) -> list[bool]:
-    """Each flag OR-ed over the TP ranks (every rank must call this at the same point, with as many flags)."""
-    group = sg.tp_cpu_group()
+    """Each flag OR-ed over the replica's ranks (every rank must call this at the same point, with as many flags)."""
+    group = sg.model_cpu_group()
     if group is None:
         return list(flags)
     t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
@@ -57,18 +59,19 @@ def agree(*flags: bool) -> list[bool]:
 
 
 def placement(device: torch.device, tp_rank: int) -> Placement:
-    """Gathered once over the TP group (every rank calls this at the same point: SGLang hands every control
-    request, and every update, to all TP ranks)."""
+    """Gathered once over the replica's ranks (every rank calls this at the same point: SGLang hands every control
+    request, and every update, to all TP ranks; pipeline.py has every stage handle it together)."""
     global _placement
     if _placement is None:
         replica = sg.replica()
-        key = device_rank_key(device, tp_rank, replica)
-        group = sg.tp_cpu_group()
+        stage, stages = sg.pipeline_stage()
+        key = device_rank_key(device, tp_rank, replica, stage if stages > 1 else None)
+        group = sg.model_cpu_group()
         keys = [key] if group is None else all_gather_str(key, group, dist.get_world_size(group))
         peer_access = False
         if device.type == "cuda" and len(keys) > 1:
             visible = visible_gpu_keys()
             unreadable = [peer_unreadable(key, peer, visible, torch.cuda.can_device_access_peer) for peer in keys]
             peer_access = not agree(any(unreadable))[0]
-        _placement = Placement(device.type, keys, peer_access, replica)
+        _placement = Placement(device.type, keys, peer_access, replica, stages)
     return _placement

@@ -17,17 +17,21 @@ def by_replica(reports: list[dict]) -> list[dict]:
 
 
 def merged_placement(reports: list[dict]) -> dict:
-    """Where every rank of every replica runs: ``rank_keys`` replica by replica (the order loaders feed them in),
-    ``ranks`` each key with its replica and TP rank. Peer access is published for one replica only: a loader
-    process feeds the GPUs of one TP group from one GPU, never two replicas' (their GPUs are not known to read
-    each other's memory)."""
+    """Where every rank of every replica runs: ``rank_keys`` replica by replica, stage by stage (the order loaders
+    feed them in), ``ranks`` each key with its replica, pipeline stage and TP rank. Peer access is published for one
+    replica only: a loader process feeds the GPUs of one TP group from one GPU, never two replicas' (their GPUs are
+    not known to read each other's memory)."""
     placements = [r.get("placement") or {} for r in by_replica(reports)]
     ranks, seen = [], set()
     for p in placements:
-        for tp, key in enumerate(p.get("rank_keys") or []):
+        keys = p.get("rank_keys") or []
+        per_stage = max(1, len(keys) // int(p.get("pp_size") or 1))
+        for i, key in enumerate(keys):
             if key not in seen:  # under DP attention every attention group's leader reports the one TP group
                 seen.add(key)
-                ranks.append({"replica": p.get("replica"), "tp_rank": tp, "key": key})
+                ranks.append(
+                    {"replica": p.get("replica"), "pp_rank": i // per_stage, "tp_rank": i % per_stage, "key": key}
+                )
     return {
         "device": placements[0].get("device") if placements else None,
         "rank_keys": [r["key"] for r in ranks],

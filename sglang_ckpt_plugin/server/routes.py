@@ -24,7 +24,6 @@ import time
 from fastapi.responses import ORJSONResponse
 
 from .. import __version__
-from ..placement import unsupported_layout
 from ..transport.messages import PHASE_KEY
 from . import metrics, replicas
 from . import sglang_compat as sg
@@ -123,10 +122,6 @@ def _wrap_update_ipc(original):
 
     @functools.wraps(original)
     async def update_weights_from_ipc(*args, **kwargs):
-        sizes = sg.parallel_sizes()
-        unsupported = unsupported_layout(sizes["pp_size"])
-        if unsupported:
-            return ORJSONResponse({"success": False, "message": unsupported}, status_code=400)
         if _update_lock.locked():
             return ORJSONResponse(
                 {"success": False, "message": "another weight update is in progress; retry when it has finished"},

@@ -27,6 +27,7 @@ SCHEDULER_WEIGHT_UPDATER = "sglang.srt.managers.scheduler_components.weight_upda
 WAIT_FLAG_FIELD = "checkpoint_engine_wait_weights_before_ready"
 PARALLEL_STATE = "sglang.srt.distributed.parallel_state"
 MODEL_LOADER = "sglang.srt.model_loader.loader"
+PIPELINE_RELAY = f"{SCHEDULER}._pp_send_pyobj_to_next_stage"  # a stage hands its received requests to the next
 INTERNAL_STATE_KEY = "ckpt_plugin"  # our entry in the scheduler's internal state (GetInternalStateReqOutput)
 
 # ---------------------------------------------------------------- which releases
@@ -40,6 +41,8 @@ ACCESSED_NAMES = (
     "sglang.srt.runtime_context.get_observability",
     "sglang.srt.utils.kill_process_tree",
     f"{PARALLEL_STATE}.get_tp_group",
+    f"{PARALLEL_STATE}.get_world_group",
+    "sglang.srt.layers.utils.PPMissingLayer",
     "sglang.srt.model_executor.model_runner_components.weight_updater._unsupported_derived_weight_cache_error",
     f"{RUNNER_WEIGHT_UPDATER}._assert_weight_cache_inactive",
     f"{MODEL_LOADER}.DefaultModelLoader.restore_weights_before_loading",
@@ -317,12 +320,48 @@ def add_internal_state(output, entry: dict) -> None:
     output.internal_state[INTERNAL_STATE_KEY] = entry
 
 
-def tp_cpu_group():
-    """The gloo group of this TP worker's tensor-parallel ranks (None with tp=1)."""
-    from sglang.srt.distributed.parallel_state import get_tp_group
+def pipeline_stage() -> tuple[int, int]:
+    """(this scheduler's pipeline stage, the number of stages): (0, 1) without ``--pp-size``."""
+    from sglang.srt.runtime_context import get_parallel
 
-    group = get_tp_group()
+    try:
+        return int(get_parallel().pp_rank), int(get_parallel().pp_size)
+    except (AttributeError, RuntimeError, ValueError, TypeError):
+        return 0, 1
+
+
+def model_cpu_group():
+    """The gloo group of every rank holding a part of this replica's model (None when this rank holds it alone):
+    its TP group, or with pipeline stages every stage's TP ranks (SGLang's world group of the replica)."""
+    from sglang.srt.distributed.parallel_state import get_tp_group, get_world_group
+
+    group = get_world_group() if pipeline_stage()[1] > 1 else get_tp_group()
     return group.cpu_group if group.world_size > 1 else None
+
+
+def held_by_another_stage(model: torch.nn.Module, name: str) -> bool:
+    """A checkpoint tensor that lives in a module this pipeline stage holds as SGLang's ``PPMissingLayer`` (another
+    stage's decoder layers, embeddings, final norm or ``lm_head``): this stage's ``load_weights`` skips it."""
+    from sglang.srt.layers.utils import PPMissingLayer
+
+    module = model
+    for part in name.split(".")[:-1]:
+        module = module._modules.get(part) if isinstance(module, torch.nn.Module) else None
+        if module is None:
+            return False
+        if isinstance(module, PPMissingLayer):
+            return True
+    return False
+
+
+def send_control_output(scheduler, output, recv_req) -> None:
+    """Answer a control request after its dispatch (a stage that handled it only once it had relayed it): the first
+    stage's TP rank 0 answers the HTTP process, every other rank's sender sends nothing."""
+    send = getattr(scheduler, "send_control_output", None)
+    if send is not None:
+        send(output, recv_req)
+    else:  # an SGLang without the deferred-flush helper
+        getattr(scheduler, "ipc_channels", scheduler).send_to_tokenizer.send_output(output, recv_req)
 
 
 def check_online_update_allowed(updater) -> str | None:

@@ -35,8 +35,9 @@ def idle_timeout_s() -> float:
 
 
 def rank_key(updater, device) -> str:
-    """The key this rank answers to in ``zmq_handles`` (its GPU, or its replica and TP rank on CPU)."""
-    return device_rank_key(device, sg.runner_rank(updater), sg.replica())
+    """The key this rank answers to in ``zmq_handles`` (its GPU, or its replica, stage and TP rank on CPU)."""
+    stage, stages = sg.pipeline_stage()
+    return device_rank_key(device, sg.runner_rank(updater), sg.replica(), stage if stages > 1 else None)
 
 
 def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
@@ -127,7 +128,7 @@ def _check_request(updater, key: str, handles: dict, phase: str | None) -> None:
     if key not in handles:
         raise UpdateRefused(
             f"no endpoint for this rank ({key}) in zmq_handles (keys: {sorted(handles)[:8]}); "
-            "is --inference-parallel-size the server's --tp (times its --dp)?"
+            "is --inference-parallel-size the server's --tp (times its --pp-size and --dp)?"
         )
     if phase is None and foreign.answer_checkpoint_engine(handles[key]):  # SGLang's documented pusher, not ours
         raise UpdateRefused(foreign.CHECKPOINT_ENGINE_REFUSAL)

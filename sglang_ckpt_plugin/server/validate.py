@@ -10,7 +10,8 @@ The check finds:
 - duplicate names in the update;
 - names the model does not know (its ``load_weights`` raises KeyError, or silently drops a name that reaches no
   loader and no write), except tensors models skip on purpose (rotary caches; ``lm_head`` with tied embeddings;
-  multi-token-prediction layers past ``num_hidden_layers``), unless the caller allows unused tensors;
+  multi-token-prediction layers past ``num_hidden_layers``; with pipeline stages, what another stage holds),
+  unless the caller allows unused tensors;
 - shapes that do not fit (the loaders' own checks; whole-parameter shapes for parameters without a loader);
 - what the update covers, byte by byte; a complete update must cover every byte of every parameter unless the
   caller asked for a partial one. A write the recorder cannot place (an in-place op other than copy/fill/zero,
@@ -34,6 +35,7 @@ from typing import Literal
 
 import torch
 
+from . import sglang_compat as sg
 from .coverage import Coverage, Extent, extent_of, missing_from, union_coverage, whole
 from .dry_run import LoaderRaised, RecorderRefused, dry_run
 from .writer import exclusive
@@ -133,7 +135,11 @@ def check_update(
     config = getattr(model, "config", None)
     own_lm_head = any(pname.startswith("lm_head.") for pname in extents)
     unused = [
-        name for name, _, _ in manifest if name not in run.used and not skipped_on_purpose(name, config, own_lm_head)
+        name
+        for name, _, _ in manifest
+        if name not in run.used
+        and not skipped_on_purpose(name, config, own_lm_head)
+        and not sg.held_by_another_stage(model, name)
     ]
     if unused and not allow_unused:
         raise UpdateRejected(

@@ -40,18 +40,20 @@ def device_kind(device: torch.device | str | None) -> str:
     return "cpu" if device is None else str(device).split(":")[0]
 
 
-def device_rank_key(device: torch.device, tp_rank: int, replica: int | None = None) -> str:
+def device_rank_key(device: torch.device, tp_rank: int, replica: int | None = None, stage: int | None = None) -> str:
     """How a loader names the inference rank it feeds, in ``zmq_handles`` keys.
 
     CUDA: ``GPU-<uuid>`` of the device (unique per GPU, independent of CUDA_VISIBLE_DEVICES).
-    CPU: ``cpu-tp<rank>``, the rank's index inside its TP group; ``cpu-dp<replica>-tp<rank>`` on a server with
-    data-parallel replicas (``--dp N``), whose replicas each have a TP rank 0.
+    CPU: ``cpu-tp<rank>``, the rank's index inside its TP group; on a server whose TP groups repeat, the group
+    first: ``cpu-dp<replica>-tp<rank>`` with data-parallel replicas (``--dp N``), ``cpu-pp<stage>-tp<rank>`` with
+    pipeline stages (``--pp-size N``), ``cpu-dp<replica>-pp<stage>-tp<rank>`` with both.
     """
     import torch
 
     if device.type == "cuda":
         return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
-    return f"cpu-tp{tp_rank}" if replica is None else f"cpu-dp{replica}-tp{tp_rank}"
+    groups = ([f"dp{replica}"] if replica is not None else []) + ([f"pp{stage}"] if stage is not None else [])
+    return "-".join(["cpu", *groups, f"tp{tp_rank}"])
 
 
 def visible_gpu_keys() -> list[str]:
