@@ -58,6 +58,16 @@ def agree(*flags: bool) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def first_error(key: str, error: str | None) -> str:
+    """The error of the first rank that had one (in rank order), named by its key, on every rank: the answer SGLang
+    returns comes from one rank, which must say why another rank failed (every rank calls this at the same point,
+    after ``agree`` said one failed)."""
+    own = f"on {key}: {error}" if error else ""
+    group = sg.model_cpu_group()
+    texts = [own] if group is None else all_gather_str(own, group, dist.get_world_size(group))
+    return next((text for text in texts if text), "a rank failed without saying why (see the server log)")
+
+
 def placement(device: torch.device, tp_rank: int) -> Placement:
     """Gathered once over the replica's ranks (every rank calls this at the same point: SGLang hands every control
     request, and every update, to all TP ranks; pipeline.py has every stage handle it together)."""

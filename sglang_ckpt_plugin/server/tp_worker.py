@@ -77,7 +77,7 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     # know (it failed before the manifest) makes every rank assume the worst.
     any_failed, any_touched, any_unknown, any_refused = rank_state.agree(not ok, touched, coverage is None, refused)
     if any_failed:
-        why = error or "another tensor-parallel rank failed (see its log line)"
+        why = rank_state.first_error(key, error)
         if any_touched:
             weights.failed_partway(None if any_unknown else coverage, "ipc", why)
             retry = " (the staged bytes are kept: commit again to retry)" if phase == "commit" else ""
@@ -160,7 +160,7 @@ def _stage(updater, handles: dict) -> tuple[bool, str]:
         error = str(exc)
     (any_refused,) = rank_state.agree(error is not None)  # every rank stages, or none does
     if any_refused:
-        why = error or "another tensor-parallel rank refused to stage (see its log line)"
+        why = rank_state.first_error(key, error)
         logger.error("staging on %s refused: %s", key, why)
         rank_state.state(updater.get_model()).rejected("ipc", why)
         return False, f"staging on {key} refused: {why}"
