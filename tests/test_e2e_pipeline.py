@@ -1,6 +1,7 @@
 """A real SGLang server with pipeline stages and tensor parallelism (``--tp 2 --pp-size 2``: four schedulers, each
-stage's two TP ranks holding their slices of half of the decoder layers) on dummy weights: one push fills both stages, each stage's ranks write only what that stage holds, and a
-stage that refuses or fails changes what no client is served.
+stage's two TP ranks holding their slices of half of the decoder layers) on dummy weights: one push fills both
+stages, each stage's ranks write only what that stage holds, and a stage that refuses or fails changes what no
+client is served.
 
 SGLang's ``/weights_checker`` answers from the first stage only, so the evidence for the second stage is the
 greedy output and its log-probabilities (which every layer and the ``lm_head`` shape), equal to those after
