@@ -67,6 +67,25 @@ def fault_plugin_env(fault_dir: Path) -> dict[str, str]:
     return {"PYTHONPATH": path, "CKPT_TEST_FAULTS_DIR": str(fault_dir)}
 
 
+def fault_server(model: Path, fault_dir: Path, tmp_path_factory, log_name: str, **server_kwargs):
+    """A module's server (a generator for its fixture) carrying the test-only fault plugin; stopped at the end, with
+    nothing of it left behind."""
+    from sglang_ckpt_plugin.demo.launch import SGLangServer
+
+    log = tmp_path_factory.mktemp("logs") / log_name
+    with SGLangServer(model, log, env=fault_plugin_env(fault_dir), **server_kwargs) as srv:
+        srv.wait_listening()
+        yield srv
+    assert srv.group_pids() == [], "server processes left behind"
+
+
+def plugin_info(url: str) -> dict:
+    """The plugin's part of /model_info."""
+    import httpx
+
+    return httpx.get(f"{url}/model_info", timeout=30).json()["ckpt_plugin"]
+
+
 def assert_serves(url: str, checkpoint: Path, headers: dict | None = None) -> evidence.Evidence:
     """The server serves exactly ``checkpoint``: SGLang's checksums and greedy output equal those after SGLang's
     own disk reload of the same files, and HF (teacher-forced) agrees. Leaves the server on the disk reload."""

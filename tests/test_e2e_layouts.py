@@ -22,8 +22,9 @@ from .conftest import (
     PROMPT,
     assert_closed,
     assert_serves,
-    fault_plugin_env,
+    fault_server,
     our_leftovers,
+    plugin_info,
     push,
     serve_other,
 )
@@ -36,16 +37,9 @@ RANKS = ["cpu-dp0-tp0", "cpu-dp1-tp0"]
 
 @pytest.fixture(scope="module")
 def server(llama_a, fault_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "dp2_server.log"
-    env = fault_plugin_env(fault_dir)
-    with SGLangServer(llama_a, log, env=env, extra_args=["--dp-size", "2", "--sleep-on-idle"]) as srv:
-        srv.wait_listening()
-        yield srv
-    assert srv.group_pids() == [], "server processes left behind"
-
-
-def plugin_info(url: str) -> dict:
-    return httpx.get(f"{url}/model_info", timeout=30).json()["ckpt_plugin"]
+    yield from fault_server(
+        llama_a, fault_dir, tmp_path_factory, "dp2_server.log", extra_args=["--dp-size", "2", "--sleep-on-idle"]
+    )
 
 
 def serve(server, checkpoint: Path, *extra: str):

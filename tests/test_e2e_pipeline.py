@@ -15,15 +15,14 @@ import httpx
 import pytest
 from safetensors.torch import save_file
 
-from sglang_ckpt_plugin.demo.launch import SGLangServer
-
 from .conftest import (
     NEW_TOKENS,
     PROMPT,
     assert_closed,
     assert_serves,
-    fault_plugin_env,
+    fault_server,
     our_leftovers,
+    plugin_info,
     push,
     serve_other,
 )
@@ -38,16 +37,14 @@ SECOND_STAGE = ("model.layers.1.", "model.norm.", "lm_head.")  # two decoder lay
 
 @pytest.fixture(scope="module")
 def server(llama_a, fault_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "pp2_server.log"
-    env = fault_plugin_env(fault_dir)
-    with SGLangServer(llama_a, log, env=env, tp_size=2, extra_args=["--pp-size", "2", "--sleep-on-idle"]) as srv:
-        srv.wait_listening()
-        yield srv
-    assert srv.group_pids() == [], "server processes left behind"
-
-
-def plugin_info(url: str) -> dict:
-    return httpx.get(f"{url}/model_info", timeout=30).json()["ckpt_plugin"]
+    yield from fault_server(
+        llama_a,
+        fault_dir,
+        tmp_path_factory,
+        "pp2_server.log",
+        tp_size=2,
+        extra_args=["--pp-size", "2", "--sleep-on-idle"],
+    )
 
 
 def logprobs(url: str) -> list[float]:
@@ -126,6 +123,18 @@ def test_a_commit_that_fails_on_one_stage_shuts_the_gate_until_a_whole_update(se
     push(server.url, llama_b, "--inference-parallel-size", N)
     assert_every_stage_serves(server.url, llama_b)
     assert set(our_leftovers()) - before == set()
+
+
+def test_a_retried_commit_loads_again_only_where_it_failed(server, fault_dir, llama_a, llama_b):
+    """The ranks that committed hold the update and load nothing again; the one that failed loads its staged
+    bytes; then every stage serves the pushed checkpoint."""
+    serve_other(server.url, llama_a)
+    (fault_dir / "fail-next-commit").touch()
+    out = push(server.url, llama_b, "--inference-parallel-size", N, "--commit-retries", "1")
+    said = out.stdout + out.stderr
+    assert "retrying from the staged bytes" in said and "commit fault injected by the test" in said, said[-3000:]
+    assert plugin_info(server.url)["weights_state"] == "complete"
+    assert_every_stage_serves(server.url, llama_b)
 
 
 def test_local_push_fills_every_stage_and_a_trainer_group_is_refused_in_words(server, llama_a, llama_b):

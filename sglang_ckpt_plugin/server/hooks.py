@@ -39,7 +39,7 @@ def hook_table() -> list[tuple[str, object, str]]:
     """(target, our function, hook type name) for every hook; also what the release check resolves."""
     runner, manager = sg.RUNNER_WEIGHT_UPDATER, sg.SCHEDULER_WEIGHT_UPDATER
     together = pipeline.at_every_stage_together
-    updates = ("update_weights_from_ipc", "update_weights_from_disk", "update_weights_from_tensor")
+    updates = ("ipc", "disk", "tensor", "distributed")  # the scheduler's update_weights_from_<path> handlers
     return [
         (sg.SERVER_ARGS, lambda _result, parser: options.add_server_flags(parser, sg.WAIT_FLAG_FIELD), "AFTER"),
         (f"{sg.HTTP_SERVER}.launch_server", _before_launch_server, "BEFORE"),
@@ -50,7 +50,7 @@ def hook_table() -> list[tuple[str, object, str]]:
         (f"{runner}.update_weights_from_disk", trainer_updates.update_weights_from_disk, "AROUND"),
         (f"{manager}.begin_weight_update", trainer_updates.begin_session, "AROUND"),
         (f"{manager}.end_weight_update", trainer_updates.end_session, "AROUND"),
-        *((f"{manager}.{name}", together(_handle), "AROUND") for name in (*updates, "update_weights_from_distributed")),
+        *((f"{manager}.update_weights_from_{path}", together(_handle), "AROUND") for path in updates),
         (f"{sg.SCHEDULER}.get_internal_state", together(_with_weights_state), "AROUND"),
         (sg.PIPELINE_RELAY, pipeline.after_relay, "AFTER"),
         (f"{sg.SCHEDULER}.handle_generate_request", _guard_generate, "AROUND"),

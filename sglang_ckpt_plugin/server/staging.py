@@ -59,6 +59,7 @@ class StagedUpdate:
         self.refused = False  # failed because the update does not fit the model (nothing was ever written)
         self.commit_failed = False  # a commit was tried and failed (its outcome is recorded already)
         self.writes_after: int | None = None  # the rank's count of weight writes right after its commit
+        self.stats: ReceiveStats | None = None  # what its commit loaded
         self._timer: threading.Timer | None = None
         self.thread = threading.Thread(target=self._receive, name="ckpt-stage", daemon=True)
 
@@ -164,7 +165,7 @@ def commit(update_id: str) -> tuple[StagedUpdate, ReceiveStats]:
             raise
         raise UpdateFailed(f"commit failed: {type(exc).__name__}: {exc}") from exc
     with _lock:
-        staged.committed_at = time.time()
+        staged.committed_at, staged.stats = time.time(), stats
         staged._release_locked("committed")
         staged.state, staged.error = "committed", None
     return staged, stats
@@ -176,17 +177,19 @@ def mark_committed(staged: StagedUpdate, writes: int) -> None:
         staged.writes_after = writes
 
 
-def holds_committed(update_id: str, writes: int) -> bool:
-    """This rank committed ``update_id`` and nothing has written its weights since: a commit of it again (a loader
-    retrying a commit that failed on another data-parallel replica) has nothing to do here."""
+def holds_committed(update_id: str, writes: int) -> StagedUpdate | None:
+    """The staged update ``update_id`` if this rank committed it and nothing has written its weights since (else
+    None): a commit of it again (a loader retrying a commit that failed on another rank, stage or data-parallel
+    replica) has nothing to load here."""
     with _lock:
         staged = _current
-        return (
+        held = (
             staged is not None
             and staged.update_id == update_id
             and staged.state == "committed"
             and staged.writes_after == writes
         )
+        return staged if held else None
 
 
 def abort(update_id: str) -> StagedUpdate | None:

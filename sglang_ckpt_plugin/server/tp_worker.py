@@ -55,12 +55,19 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     weights = rank_state.state(model)
     session, stats = None, None
     ok, refused, error = True, False, ""
-    if phase == "commit" and _committed_already(handles.get(key), weights):
-        return True, f"update {handles[key]} is committed on {key} already; nothing written since"
+    held = None  # a retried commit this rank committed already (another rank, stage or replica failed it)
+    if phase == "commit":
+        held = staging.holds_committed(handles.get(key), weights.writes)
+        (any_not_held,) = rank_state.agree(held is None)
+        if not any_not_held:  # every rank of this replica holds it: another replica failed
+            return True, f"update {handles[key]} is committed on {key} already; nothing written since"
     try:
         _check_request(updater, key, handles, phase)
         with sg.model_dtype_context(updater), exclusive():  # the one writer of the model for the whole update
-            if phase == "commit":
+            if held is not None:  # this rank committed it, another did not: only the others load it again
+                staged, stats = held, held.stats
+                session = staged.session
+            elif phase == "commit":
                 staged, stats = staging.commit(handles[key])
                 session = staged.session
             else:
@@ -80,6 +87,8 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
         why = rank_state.first_error(key, error)
         if any_touched:
             weights.failed_partway(None if any_unknown else coverage, "ipc", why)
+            if phase == "commit" and ok:  # this rank's commit landed: a retry finds it held and loads nothing here
+                staging.mark_committed(staged, weights.writes)
             retry = " (the staged bytes are kept: commit again to retry)" if phase == "commit" else ""
             return False, f"weight update on {key} failed part-way (the weights are now incomplete){retry}: {why}"
         if any_refused:
@@ -97,6 +106,11 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     )
     if phase == "commit":
         staging.mark_committed(staged, weights.writes)
+    if held is not None:
+        logger.info(
+            "rank %s held update %s committed already; the ranks that had failed it loaded it", key, handles[key]
+        )
+        return True, f"update {handles[key]} is committed on {key} already; the other ranks loaded it again"
     logger.info(
         "rank %s loaded %d tensors (%.3f GB) in %d buckets%s: load %.3f s, post-process %.3f s",
         key,
@@ -108,14 +122,6 @@ def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
         stats.post_s,
     )
     return True, f"loaded {stats.tensors} tensors ({stats.bytes} bytes) in {stats.buckets} buckets"
-
-
-def _committed_already(update_id: str | None, weights) -> bool:
-    """Every TP rank of this replica committed ``update_id`` and wrote nothing since (they agree): a loader retries
-    a commit on every replica when one failed, and the replicas that committed must not load it again."""
-    held = update_id is not None and staging.holds_committed(update_id, weights.writes)
-    (any_not_held,) = rank_state.agree(not held)
-    return not any_not_held
 
 
 def _check_request(updater, key: str, handles: dict, phase: str | None) -> None:
