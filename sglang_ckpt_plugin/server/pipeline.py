@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,8 +21,6 @@ import torch.distributed as dist
 from ..transport.strings import all_gather_str
 from . import sglang_compat as sg
 from .weights_state import MISSING_LISTED
-
-logger = logging.getLogger("sglang_ckpt_plugin")
 
 
 @dataclass
@@ -69,11 +66,11 @@ def after_relay(result, scheduler, data=None, *args, **kwargs):
 def whole_model_report(report: dict) -> dict:
     """This rank's report, merged with every other stage's (a collective over the replica's world group; every
     rank calls it at the same point). Without pipeline stages: ``report`` itself."""
-    group = sg.model_cpu_group()
-    if sg.pipeline_stage()[1] < 2 or group is None:
+    stages, group = sg.pipeline_stage()[1], sg.model_cpu_group()
+    if stages < 2 or group is None:
         return report
     texts = all_gather_str(json.dumps(report), group, dist.get_world_size(group))
-    return merge_stage_reports([json.loads(t) for t in texts], sg.pipeline_stage()[1])
+    return merge_stage_reports([json.loads(t) for t in texts], stages)
 
 
 def merge_stage_reports(reports: list[dict], stages: int) -> dict:

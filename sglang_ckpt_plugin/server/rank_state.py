@@ -68,14 +68,19 @@ def first_error(key: str, error: str | None) -> str:
     return next((text for text in texts if text), "a rank failed without saying why (see the server log)")
 
 
+def own_key(device: torch.device, tp_rank: int) -> str:
+    """The key this rank answers to in ``zmq_handles``: its GPU, or on CPU its replica, stage and TP rank."""
+    stage, stages = sg.pipeline_stage()
+    return device_rank_key(device, tp_rank, sg.replica(), stage if stages > 1 else None)
+
+
 def placement(device: torch.device, tp_rank: int) -> Placement:
     """Gathered once over the replica's ranks (every rank calls this at the same point: SGLang hands every control
     request, and every update, to all TP ranks; pipeline.py has every stage handle it together)."""
     global _placement
     if _placement is None:
-        replica = sg.replica()
-        stage, stages = sg.pipeline_stage()
-        key = device_rank_key(device, tp_rank, replica, stage if stages > 1 else None)
+        replica, stages = sg.replica(), sg.pipeline_stage()[1]
+        key = own_key(device, tp_rank)
         group = sg.model_cpu_group()
         keys = [key] if group is None else all_gather_str(key, group, dist.get_world_size(group))
         peer_access = False

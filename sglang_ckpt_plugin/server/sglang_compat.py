@@ -346,7 +346,7 @@ def held_by_another_stage(model: torch.nn.Module, name: str) -> bool:
 
     module = model
     for part in name.split(".")[:-1]:
-        module = module._modules.get(part) if isinstance(module, torch.nn.Module) else None
+        module = module._modules.get(part)
         if module is None:
             return False
         if isinstance(module, PPMissingLayer):

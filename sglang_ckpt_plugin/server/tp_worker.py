@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 
-from ..transport.handles import device_rank_key
 from ..transport.messages import PHASE_KEY, PHASES
 from . import foreign, rank_state, staging
 from . import sglang_compat as sg
@@ -35,9 +34,8 @@ def idle_timeout_s() -> float:
 
 
 def rank_key(updater, device) -> str:
-    """The key this rank answers to in ``zmq_handles`` (its GPU, or its replica, stage and TP rank on CPU)."""
-    stage, stages = sg.pipeline_stage()
-    return device_rank_key(device, sg.runner_rank(updater), sg.replica(), stage if stages > 1 else None)
+    """The key of the rank this runner serves (rank_state.own_key)."""
+    return rank_state.own_key(device, sg.runner_rank(updater))
 
 
 def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
