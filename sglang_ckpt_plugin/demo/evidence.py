@@ -15,6 +15,7 @@ expected to serve that checkpoint completely.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,19 @@ def parameter_checksums(url: str, headers: dict | None = None) -> dict[str, str]
     return _weights_checker(url, headers)["ranks"][0]["checksums"]
 
 
+def wait_warmed_up(url: str, headers: dict | None = None, timeout_s: float = 240.0) -> None:
+    """Wait until SGLang's own warm-up after the first weights has finished (its ``/health`` answers 503 until then):
+    a request sent during the warm-up is batched with SGLang's warm-up request, which moves its log-probabilities in
+    the last bits."""
+    if not httpx.get(f"{url}/model_info", headers=headers, timeout=30).json().get("weights_loaded", True):
+        raise RuntimeError(f"{url} has no complete weights (its gate is shut): there is nothing to gather evidence of")
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/health", headers=headers, timeout=60).status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not finish SGLang's warm-up within {timeout_s:g} s")
+        time.sleep(0.2)
+
+
 def reload_from_disk(url: str, checkpoint: str | Path, headers: dict | None = None) -> None:
     """SGLang's own ``/update_weights_from_disk`` of ``checkpoint``, keeping the served weight_version."""
     version = httpx.get(f"{url}/model_info", headers=headers, timeout=30).json().get("weight_version")
@@ -113,6 +127,7 @@ def gather(
     url: str, checkpoint: str | Path, prompt_ids: list[int], new_tokens: int, headers: dict | None = None
 ) -> Evidence:
     """Checksums and greedy output as served, then after SGLang's disk reload of the same files."""
+    wait_warmed_up(url, headers)
     served = checksum(url, headers)
     served_ids = generate_ids(url, prompt_ids, new_tokens)["output_ids"]
     reload_from_disk(url, checkpoint, headers)
