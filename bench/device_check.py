@@ -1,11 +1,11 @@
 """The CUDA-path check in one command (``scripts/device_check.sh``), also runnable on the CPU path.
 
-Builds a random bf16 Llama of ``--gb`` GB (1 on cuda), starts a real SGLang server on ``--device`` with the plugin
-(dummy weights, waiting), pushes the checkpoint with the loader (CUDA IPC buffers on cuda, shared memory on
-cpu), checks SGLang's ``/weights_checker`` checksums and greedy output against SGLang's own
-``/update_weights_from_disk`` of the same files (must be equal), reports HF's teacher-forced ranks, and prints
-host-to-device GB/s, push seconds and disk-reload seconds for the same model. Exit 0 only if the pushed weights are
-bit-identical to the disk reload's.
+Builds two random bf16 Llamas (A, B) of ``--gb`` GB (1 on cuda), starts a real SGLang server on ``--device`` with
+the plugin (dummy weights, waiting), pushes A, then B over it, with the loader (CUDA IPC buffers on cuda, shared
+memory on cpu), and checks after each push SGLang's ``/weights_checker`` checksums and greedy output against SGLang's
+own ``/update_weights_from_disk`` of the same files (must be equal; A's and B's must differ); reports HF's
+teacher-forced ranks, and prints host-to-device GB/s, push seconds and disk-reload seconds for the same model. Exit
+0 only if the pushed weights are bit-identical to the disk reload's, both times.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import GB, time_disk_update  # noqa: E402
-from push_bench import checkpoint_bytes, random_checkpoint, time_push, warm_page_cache  # noqa: E402
+from push_bench import checkpoint_bytes, checkpoint_pair, time_push, warm_page_cache  # noqa: E402
 
 from sglang_ckpt_plugin.demo.evidence import checksum, hf_ranks  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids  # noqa: E402
@@ -56,44 +56,54 @@ def main() -> int:
     gb = a.gb or (1.0 if a.device == "cuda" else 0.4)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-device-check-"))
     t0 = time.perf_counter()
-    ckpt = random_checkpoint(work, gb)
-    nbytes = checkpoint_bytes(ckpt)
-    print(f"[device-check] {nbytes / GB:.2f} GB bf16 checkpoint ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    pair = checkpoint_pair(work, gb)  # A, then B: the second push must change what is served
+    ckpt_a, ckpt_b = pair.path(0), pair.path(1)
+    nbytes = checkpoint_bytes(ckpt_a)
+    print(
+        f"[device-check] 2 x {nbytes / GB:.2f} GB bf16 checkpoints ready in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     device = torch.device("cuda", 0) if a.device == "cuda" else torch.device("cpu")
     h2d = h2d_gbps(min(nbytes, 1 << 30), device)
-    warm_page_cache(ckpt)
     prompt = list(range(10, 20))
     loader = ["--device", a.device, "--timeout", "600"]
     # on a GPU: a small static pool, so the loader's buckets and the server fit on one card beside other work
     extra = ["--mem-fraction-static", "0.3"] if a.device == "cuda" else []
-    with SGLangServer(ckpt, work / "server.log", device=a.device, extra_args=extra) as srv:
+    served, from_disk = {}, {}  # checkpoint -> (checksum, greedy output): after our push, after SGLang's reload
+    with SGLangServer(ckpt_a, work / "server.log", device=a.device, extra_args=extra) as srv:
         srv.wait_listening(timeout_s=900)
-        first = time_push(srv.url, ckpt, "push-1", loader)
+        warm_page_cache(ckpt_a)
+        first = time_push(srv.url, ckpt_a, "push-1", loader)
         srv.wait_healthy(timeout_s=600)
-        pushed = generate_ids(srv.url, prompt, a.tokens)["output_ids"]
-        warm_page_cache(ckpt)
-        second = time_push(srv.url, ckpt, "push-2", loader)
-        pushed_sum = checksum(srv.url)
-        warm_page_cache(ckpt)
-        disk_s = time_disk_update(srv.url, ckpt, "disk")
-        from_disk = generate_ids(srv.url, prompt, a.tokens)["output_ids"]
-        disk_sum = checksum(srv.url)
-    ranks = hf_ranks(ckpt, prompt, pushed)
+        served[ckpt_a] = (checksum(srv.url), generate_ids(srv.url, prompt, a.tokens)["output_ids"])
+        warm_page_cache(ckpt_b)
+        second = time_push(srv.url, ckpt_b, "push-2", loader)
+        served[ckpt_b] = (checksum(srv.url), generate_ids(srv.url, prompt, a.tokens)["output_ids"])
+        warm_page_cache(ckpt_a)
+        disk_s = time_disk_update(srv.url, ckpt_a, "disk-a")
+        from_disk[ckpt_a] = (checksum(srv.url), generate_ids(srv.url, prompt, a.tokens)["output_ids"])
+        time_disk_update(srv.url, ckpt_b, "disk-b")
+        from_disk[ckpt_b] = (checksum(srv.url), generate_ids(srv.url, prompt, a.tokens)["output_ids"])
+    same_sums = all(served[c][0] == from_disk[c][0] for c in served)
+    same_output = all(served[c][1] == from_disk[c][1] for c in served)
+    changed = served[ckpt_a][0] != served[ckpt_b][0]
+    ranks = hf_ranks(ckpt_b, prompt, served[ckpt_b][1])
     rate = lambda s: f"{nbytes / GB / s:.2f} GB/s"  # noqa: E731
     print(f"\n| figure ({a.device}, {nbytes / GB:.2f} GB) | value |\n|---|---|")
     print(f"| host-to-device copy, pinned, best of 5 | {f'{h2d:.2f} GB/s' if h2d else 'n/a (cpu)'} |")
-    print(f"| push into dummy weights (buckets only) | {first['push_s']:.3f} s ({rate(first['push_s'])}) |")
-    print(f"| second push (buckets only) | {second['push_s']:.3f} s ({rate(second['push_s'])}) |")
+    print(f"| push of A into dummy weights (buckets only) | {first['push_s']:.3f} s ({rate(first['push_s'])}) |")
+    print(f"| second push: B over A (buckets only) | {second['push_s']:.3f} s ({rate(second['push_s'])}) |")
     print(f"| second push, whole loader process | {second['process_s']:.3f} s |")
     print(f"| SGLang /update_weights_from_disk | {disk_s:.3f} s ({rate(disk_s)}) |")
     print(
         f"| stages of the second push | read {second['read_s']:.3f} s, server load {second['load_s']:.3f} s, "
         f"waiting {second['wait_s']:.3f} s, {second['buckets']} buckets |"
     )
-    print(f"| /weights_checker checksum: push == disk reload | {pushed_sum == disk_sum} |")
-    print(f"| greedy output: push == disk reload | {pushed == from_disk} |")
-    print(f"| HF teacher-forced rank of each pushed token (second opinion, < 5 agrees) | {ranks} |")
-    return 0 if pushed == from_disk and pushed_sum == disk_sum else 1
+    print(f"| the second push changed what is served (checksum of A != of B) | {changed} |")
+    print(f"| /weights_checker checksum: push == disk reload | {same_sums} |")
+    print(f"| greedy output: push == disk reload | {same_output} |")
+    print(f"| HF teacher-forced rank of each token after pushing B (second opinion, < 5 agrees) | {ranks} |")
+    return 0 if same_sums and same_output and changed else 1
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ Every server runs with SGLang's ``--sleep-on-idle`` (an idle scheduler otherwise
 measures that). "whole" is the caller's time for the update, measured alone: for the CLI the whole process,
 start-up included; "pause" is the longest latency of 1-token requests sent every 250 ms while the same update ran
 again (for the fleet: on each server, the larger of the two shown after the slash). Methods are interleaved in each
-round, medians over ``--repeats``; the page cache is warm. After each method SGLang's ``/weights_checker`` checksum
-must equal the one after its own disk reload (the same bytes), on every server, or the bench fails. "between loader
+round, medians over ``--repeats``; the page cache is warm. Every run writes the checkpoint the servers do not serve
+(A and B in turn, bench/alternation.py), and after it SGLang's ``/weights_checker`` checksum must equal the one after
+its own disk reload of that checkpoint, on every server, or the bench fails. "between loader
 processes" and "copied per server rank" are what the loader printed.
 
     python bench/node_bench.py [--gb 1.0] [--repeats 3] [--workdir DIR] [--tp 1,2,fleet]
@@ -16,6 +17,7 @@ processes" and "copied per server rank" are what the loader printed.
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import statistics
@@ -24,11 +26,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 sys.path.insert(0, str(Path(__file__).parent))
+from alternation import Alternation  # noqa: E402
 from baselines import (  # noqa: E402
     GB,
     bench_parser,
@@ -38,7 +40,7 @@ from baselines import (  # noqa: E402
     time_disk_update,
     time_update_from_tensor,
 )
-from push_bench import checkpoint_bytes, random_checkpoint, warm_page_cache  # noqa: E402
+from push_bench import checkpoint_bytes, checkpoint_pair, warm_page_cache  # noqa: E402
 
 from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import free_port  # noqa: E402
@@ -59,62 +61,65 @@ def torchrun(url: str, ckpt: Path, version: str, tp: int) -> list[str]:
 
 
 class Methods:
-    """The update methods of one server; each returns what its run printed (for the bytes it moved)."""
+    """The update methods of one server: ``update(version, checkpoint, its tensors)``; each returns what its run
+    printed (for the bytes it moved)."""
 
-    def __init__(self, url: str, ckpt: Path, tp: int, tensors: dict, torchrun_too: bool):
+    def __init__(self, url: str, tp: int, torchrun_too: bool):
         from sglang_ckpt_plugin.local_push import LocalPush
 
-        self.url, self.ckpt, self.tp, self.tensors = url, ckpt, tp, tensors
+        self.url, self.tp = url, tp
         self.local = LocalPush(url)
         self.methods = {
             "SGLang /update_weights_from_disk": self.disk,
             "push, page cache (one loader process)": self.cli,
-            "push, shared bucket buffers (one process)": lambda v: self.cli(v, "--transfer", "copy"),
+            "push, shared bucket buffers (one process)": lambda v, c, t: self.cli(v, c, t, "--transfer", "copy"),
         }
         if torchrun_too:
             self.methods[f"push, {tp} loader ranks (torchrun, one node)"] = self.torchrun
         self.methods["SGLang update_weights_from_tensor (HTTP, fresh tensors)"] = self.tensor
         self.methods["LocalPush (trainer memory, shm buffers kept)"] = self.local_push
 
-    def disk(self, version: str) -> str:
-        time_disk_update(self.url, self.ckpt, version)
+    def disk(self, version: str, ckpt: Path, _tensors) -> str:
+        time_disk_update(self.url, ckpt, version)
         return ""
 
-    def cli(self, version: str, *extra: str) -> str:
-        return run_loader(cli(self.url, self.ckpt, version, *extra, tp=self.tp))[0].stdout
+    def cli(self, version: str, ckpt: Path, _tensors, *extra: str) -> str:
+        return run_loader(cli(self.url, ckpt, version, *extra, tp=self.tp))[0].stdout
 
-    def torchrun(self, version: str) -> str:
-        return run_loader(torchrun(self.url, self.ckpt, version, self.tp))[0].stdout
+    def torchrun(self, version: str, ckpt: Path, _tensors) -> str:
+        return run_loader(torchrun(self.url, ckpt, version, self.tp))[0].stdout
 
-    def tensor(self, version: str) -> str:
-        time_update_from_tensor(self.url, self.tensors, version, self.tp, flush_cache=False)
+    def tensor(self, version: str, _ckpt, tensors: dict) -> str:
+        time_update_from_tensor(self.url, tensors, version, self.tp, flush_cache=False)
         return ""
 
-    def local_push(self, version: str) -> str:
-        self.local.push(self.tensors.items(), weight_version=version)
+    def local_push(self, version: str, _ckpt, tensors: dict) -> str:
+        self.local.push(tensors.items(), weight_version=version)
         return ""
 
 
 class Fleet:
     """Two TP=1 servers as two nodes: SGLang's disk reload on both at once, and one loader rank per node."""
 
-    def __init__(self, urls: list[str], ckpt: Path):
-        self.urls, self.ckpt = urls, ckpt
+    def __init__(self, urls: list[str]):
+        self.urls = urls
         self.methods = {
             "SGLang /update_weights_from_disk (both at once)": self.disk,
             "push, 2 nodes (torchrun --nnodes 2, one loader rank each)": self.two_nodes,
-            "push, 2 nodes, each maps the files (--transfer map)": lambda v: self.two_nodes(v, "--transfer", "map"),
+            "push, 2 nodes, each maps the files (--transfer map)": lambda v, c, t: self.two_nodes(
+                v, c, t, "--transfer", "map"
+            ),
         }
 
-    def disk(self, version: str) -> str:
-        threads = [threading.Thread(target=time_disk_update, args=(url, self.ckpt, version)) for url in self.urls]
+    def disk(self, version: str, ckpt: Path, _tensors=None) -> str:
+        threads = [threading.Thread(target=time_disk_update, args=(url, ckpt, version)) for url in self.urls]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         return ""
 
-    def two_nodes(self, version: str, *extra: str) -> str:
+    def two_nodes(self, version: str, ckpt: Path, _tensors=None, *extra: str) -> str:
         """``torchrun --nnodes 2 --node-rank i`` once per node, as on two machines; both nodes' output."""
         rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
         procs = []
@@ -130,7 +135,7 @@ class Fleet:
                 "--nproc-per-node",
                 "1",
                 *rendezvous,
-                *cli(url, self.ckpt, version, *extra)[1:],
+                *cli(url, ckpt, version, *extra)[1:],
             ]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outs = [p.communicate(timeout=900) for p in procs]
@@ -152,25 +157,36 @@ def copied_per_rank(out: str) -> str:
     return " / ".join(f"{b / GB:.2f}" for b in sizes) or "-"
 
 
-def bench_methods(setting: str, urls: list[str], ckpt: Path, methods: dict, repeats: int) -> list[tuple]:
-    """Each method twice a round: alone (what the caller waits for), then under the request probe (the pause)."""
+def bench_methods(setting: str, urls: list[str], pair: Alternation, methods: dict, repeats: int) -> list[tuple]:
+    """Each method twice a round: alone (what the caller waits for), then under the request probe (the pause); each
+    run writes the checkpoint the servers do not serve, and then their checksums must be SGLang's for that one."""
     rows: dict[str, dict] = {}
-    references = [checksum(url) for url in urls]
+    pair.record(urls[0])  # this layout's checksums of A and B after SGLang's own reloads; leaves urls[0] on A
+    Fleet(urls).disk("reference-A", pair.path(0))
+    for url in urls:
+        pair.serving(url, 0)
+
+    def turn(name: str, update, version: str) -> tuple[Callable[[], str], int]:
+        k = pair.next_index(urls)
+        warm_page_cache(pair.path(k))
+        tensors = pair.tensors[k] if pair.tensors else None
+        return functools.partial(update, version, pair.path(k), tensors), k
+
     for i in range(repeats):
         print(f"{setting}: round {i + 1}/{repeats}", flush=True)
         for name, update in methods.items():
             row = rows.setdefault(name, {"whole": [], "pause": [], "idle": []})
-            warm_page_cache(ckpt)
+            run, k = turn(name, update, f"r{i}")
             t0 = time.perf_counter()
-            out = update(f"r{i}")
+            out = run()
             row["whole"].append(time.perf_counter() - t0)
             row["moved"], row["copied"] = moved_bytes(out), copied_per_rank(out)
-            warm_page_cache(ckpt)
-            idles, pauses, _ = measure_pauses(urls, lambda update=update, i=i: update(f"p{i}"), every_s=PROBE_EVERY_S)
+            pair.check(name, urls, k)
+            run, k = turn(name, update, f"p{i}")
+            idles, pauses, _ = measure_pauses(urls, run, every_s=PROBE_EVERY_S)
             row["pause"].append(pauses)
             row["idle"].append(max(idles))
-            if [checksum(url) for url in urls] != references:
-                raise RuntimeError(f"{setting} {name}: the served weights differ from SGLang's own load")
+            pair.check(f"{name} (under the probe)", urls, k)
     med = statistics.median
     return [
         (setting, name, med(r["whole"]), [med(p) for p in zip(*r["pause"])], med(r["idle"]), r["moved"], r["copied"])
@@ -178,19 +194,19 @@ def bench_methods(setting: str, urls: list[str], ckpt: Path, methods: dict, repe
     ]
 
 
-def bench_server(tp: int, ckpt: Path, work: Path, tensors: dict, repeats: int) -> list[tuple]:
-    with serving_servers(ckpt, [work / f"server-tp{tp}.log"], tp_size=tp) as (srv,):
-        methods = Methods(srv.url, ckpt, tp, tensors, torchrun_too=tp > 1)
+def bench_server(tp: int, pair: Alternation, work: Path, repeats: int) -> list[tuple]:
+    with serving_servers(pair.path(0), [work / f"server-tp{tp}.log"], tp_size=tp) as (srv,):
+        methods = Methods(srv.url, tp, torchrun_too=tp > 1)
         try:
-            return bench_methods(f"TP={tp}", [srv.url], ckpt, methods.methods, repeats)
+            return bench_methods(f"TP={tp}", [srv.url], pair, methods.methods, repeats)
         finally:
             methods.local.close()
 
 
-def bench_fleet(ckpt: Path, work: Path, repeats: int) -> list[tuple]:
-    with serving_servers(ckpt, [work / f"fleet-node{i}.log" for i in range(2)]) as servers:
+def bench_fleet(pair: Alternation, work: Path, repeats: int) -> list[tuple]:
+    with serving_servers(pair.path(0), [work / f"fleet-node{i}.log" for i in range(2)]) as servers:
         urls = [srv.url for srv in servers]
-        return bench_methods("fleet 2x TP=1", urls, ckpt, Fleet(urls, ckpt).methods, repeats)
+        return bench_methods("fleet 2x TP=1", urls, pair, Fleet(urls).methods, repeats)
 
 
 def main() -> int:
@@ -198,17 +214,15 @@ def main() -> int:
     p.add_argument("--tp", default="1,2,fleet", help="what to measure: server TP sizes, and 'fleet' (two TP=1 nodes)")
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-node-bench-"))
-    ckpt = random_checkpoint(work, a.gb)
-    nbytes = checkpoint_bytes(ckpt)
-    tensors = {}
-    for f in sorted(ckpt.glob("*.safetensors")):  # a trainer's weights: private memory
-        tensors.update({k: v.clone() for k, v in load_file(f).items()})
+    pair = checkpoint_pair(work, a.gb, with_tensors=True)
+    pair.observe = checksum  # SGLang's /weights_checker: every parameter, every TP rank
+    nbytes = checkpoint_bytes(pair.path(0))
     rows = []
     for setting in a.tp.split(","):
         if setting == "fleet":
-            rows += bench_fleet(ckpt, work, a.repeats)
+            rows += bench_fleet(pair, work, a.repeats)
         else:
-            rows += bench_server(int(setting), ckpt, work, tensors, a.repeats)
+            rows += bench_server(int(setting), pair, work, a.repeats)
 
     header = f"{nbytes / GB:.3f} GB bf16 checkpoint, page cache warm, servers with --sleep-on-idle"
     print(f"\n{header}, median of {a.repeats}, same run\n")
@@ -231,9 +245,10 @@ def main() -> int:
         "processes; fleet pause <= 1.5x disk on both instances; LocalPush >= 10x faster than "
         "update_weights_from_tensor"
     )
+    print(f"\n{pair.verdict()}")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 1 if pair.mismatches else 0
 
 
 if __name__ == "__main__":

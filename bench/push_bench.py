@@ -7,8 +7,9 @@ measured in the same run on the same server: memcpy floor, SGLang's ``/update_we
     python bench/push_bench.py [--gb 1.0] [--repeats 3] [--sizes 0.25,2] [--workdir DIR]
 
 Every figure is a median over ``--repeats`` rounds, methods interleaved within a round so machine noise hits
-all alike; the page cache is warmed first. Greedy output after each method must equal the output after the
-disk reload (the same weights), or the bench fails.
+all alike; the page cache is warmed first. Every update writes the checkpoint the server does not serve (A and B
+in turn, bench/alternation.py), and the greedy output after it must equal the output after SGLang's own disk
+reload of that checkpoint, or the bench fails.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
+from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port
 from sglang_ckpt_plugin.demo.tiny_model import model_config, word_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
+from alternation import Alternation  # noqa: E402
 from baselines import (  # noqa: E402
     GB,
     SERVER_ARGS,
@@ -47,7 +49,7 @@ from baselines import (  # noqa: E402
 )
 
 
-def make_random_checkpoint(out: Path, target_gb: float, shard_gb: float = 0.3) -> Path:
+def make_random_checkpoint(out: Path, target_gb: float, shard_gb: float = 0.3, seed: int = 0) -> Path:
     """A random bf16 Llama of about ``target_gb`` (hidden 2048, vocab 32000, layers to fit), in shards."""
     from transformers import AutoModelForCausalLM
 
@@ -67,7 +69,7 @@ def make_random_checkpoint(out: Path, target_gb: float, shard_gb: float = 0.3) -
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(config).named_parameters()}
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     shard, shard_bytes, weight_map, index = {}, 0, {}, 0
 
     def flush():
@@ -91,13 +93,28 @@ def make_random_checkpoint(out: Path, target_gb: float, shard_gb: float = 0.3) -
     return out
 
 
-def random_checkpoint(work: Path, gb: float) -> Path:
-    """``work/random-llama-<gb>gb``, made once (config.json is written last) and reused by every bench."""
-    ckpt = work / f"random-llama-{gb:g}gb"
+def random_checkpoint(work: Path, gb: float, seed: int = 0) -> Path:
+    """``work/random-llama-<gb>gb`` (seed 0; ``-s<seed>`` otherwise), made once (config.json is written last) and
+    reused by every bench."""
+    ckpt = work / (f"random-llama-{gb:g}gb" + (f"-s{seed}" if seed else ""))
     if not (ckpt / "config.json").exists():
         print(f"making a random bf16 checkpoint of ~{gb:g} GB in {ckpt} ...", flush=True)
-        make_random_checkpoint(ckpt, gb)
+        make_random_checkpoint(ckpt, gb, seed=seed)
     return ckpt
+
+
+def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A trainer's weights: the checkpoint's tensors in private memory, materialized."""
+    tensors = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        tensors.update({k: v.clone() for k, v in load_file(f).items()})
+    return tensors
+
+
+def checkpoint_pair(work: Path, gb: float, with_tensors: bool = False) -> Alternation:
+    """Checkpoints A (seed 0) and B (seed 1) of one shape, for benches that update with each in turn."""
+    paths = (random_checkpoint(work, gb), random_checkpoint(work, gb, seed=1))
+    return Alternation(paths, tuple(load_tensors(p) for p in paths) if with_tensors else None)
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -167,19 +184,29 @@ def time_push(url: str, ckpt: Path, version: str, extra: list[str], ranks: int =
     }
 
 
-def size_scaling(work: Path, sizes: list[float], extra: list[str]) -> list[tuple[float, float, float]]:
-    """(GB, push seconds, GB/s) for other checkpoint sizes, each on its own server (second push, warm cache)."""
-    rows = []
+def size_scaling(
+    work: Path, sizes: list[float], extra: list[str]
+) -> tuple[list[tuple[float, float, float]], list[str]]:
+    """(GB, push seconds, GB/s) for other checkpoint sizes, each on its own server (warm cache, A and B in turn),
+    and what any push left wrong."""
+    rows, wrong = [], []
     for gb in sizes:
-        ckpt = random_checkpoint(work, gb)
-        nbytes = checkpoint_bytes(ckpt)
-        with SGLangServer(ckpt, work / f"server-{gb:g}.log", extra_args=SERVER_ARGS) as srv:
+        pair = checkpoint_pair(work, gb)
+        nbytes = checkpoint_bytes(pair.path(0))
+        with SGLangServer(pair.path(0), work / f"server-{gb:g}.log", extra_args=SERVER_ARGS) as srv:
             srv.wait_listening(timeout_s=900)
-            time_push(srv.url, ckpt, "first", extra)
-            warm_page_cache(ckpt)
-            s = statistics.median(time_push(srv.url, ckpt, f"size-{i}", extra)["push_s"] for i in range(2))
-        rows.append((nbytes / GB, s, nbytes / GB / s))
-    return rows
+            time_push(srv.url, pair.path(0), "first", extra)
+            srv.wait_healthy(timeout_s=900)
+            pair.record(srv.url)
+            times = []
+            for i in range(2):
+                k = pair.next_index([srv.url])
+                warm_page_cache(pair.path(k))
+                times.append(time_push(srv.url, pair.path(k), f"size-{i}", extra)["push_s"])
+                pair.check(f"push of {gb:g} GB", [srv.url], k)
+        rows.append((nbytes / GB, statistics.median(times), nbytes / GB / statistics.median(times)))
+        wrong += pair.mismatches
+    return rows, wrong
 
 
 def main() -> int:
@@ -194,28 +221,25 @@ def main() -> int:
     a = p.parse_args()
     extra = a.loader_args.split()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-bench-"))
-    ckpt = random_checkpoint(work, a.gb)
+    pair = checkpoint_pair(work, a.gb, with_tensors=True)
+    ckpt = pair.path(0)
     nbytes = checkpoint_bytes(ckpt)
-    tensors = {}
-    for f in sorted(ckpt.glob("*.safetensors")):  # a trainer's weights: private memory, materialized
-        tensors.update({k: v.clone() for k, v in load_file(f).items()})
     warm_page_cache(ckpt)
-    print(f"checkpoint: {nbytes / GB:.3f} GB of tensors; memcpy and import baselines...", flush=True)
+    print(f"checkpoint: {nbytes / GB:.3f} GB of tensors (A and B); memcpy and import baselines...", flush=True)
     memcpy_1t = time_memcpy(nbytes, a.repeats + 2, threads=1)
     memcpy_nt = time_memcpy(nbytes, a.repeats + 2, threads=torch.get_num_threads())
     base_rss = import_baseline_rss()
 
     print("starting SGLang (dummy weights, waiting for a push)...", flush=True)
     r = {k: [] for k in ("disk", "push", "copy", "push2", "tensor", "local", "trainer")}
-    outputs: dict[str, list[int]] = {}
-    prompt = list(range(10, 20))
     log = work / "server.log"
     srv = SGLangServer(ckpt, log, extra_args=SERVER_ARGS)
     t_start = time.perf_counter()
     with srv:
+        url = srv.url
         # as a user starts them: server and loader together; the loader waits until the server listens
         loader = subprocess.Popen(
-            loader_cmd(srv.url, ckpt, "initial", [*extra, "--timeout", "900"]),
+            loader_cmd(url, ckpt, "initial", [*extra, "--timeout", "900"]),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -228,55 +252,50 @@ def main() -> int:
         ready_dummy_s = time.perf_counter() - t_start
         dummy_load_s = startup_load_weight_s(log)
         sched = scheduler_pid(srv.proc.pid)
-        local = LocalPush(srv.url, bucket_bytes=auto_bucket_size(read_checkpoint(ckpt)))  # same buckets as the loader
-        local_first = local.push(tensors.items(), weight_version="local-first").seconds
-        trainer = TrainerPush(srv.url).connect()
+        pair.record(url)  # SGLang's own reloads of B and A: the references; leaves A served
 
-        def check(name: str) -> None:
-            outputs[name] = generate_ids(srv.url, prompt, 8)["output_ids"]
+        def turn(method: str, update, version: str):
+            """One timed update with the checkpoint not served now; then it must serve exactly that one."""
+            k = pair.next_index([url])
+            warm_page_cache(pair.path(k))
+            result = update(pair.path(k), pair.tensors[k], version)
+            pair.check(method, [url], k)
+            return result
 
+        local = LocalPush(url, bucket_bytes=auto_bucket_size(read_checkpoint(ckpt)))  # same buckets as the loader
+        local_first = turn("LocalPush, first", lambda _, t, v: local.push(t.items(), weight_version=v), "local-first")
+        local_first = local_first.seconds
+        trainer = TrainerPush(url).connect()
+        copy = [*extra, "--transfer", "copy"]
+        methods = {  # r's key: (name, update(checkpoint, its tensors, version))
+            "disk": ("disk reload", lambda c, _, v: time_disk_update(url, c, v)),
+            "push": ("push", lambda c, _, v: time_push(url, c, v, extra, sampler_pid=sched)),
+            "copy": ("push, bucket buffers", lambda c, _, v: time_push(url, c, v, copy, sampler_pid=sched)),
+            "push2": ("push, 2 loader ranks", lambda c, _, v: time_push(url, c, v, extra, ranks=2)),
+            "tensor": ("update_weights_from_tensor", lambda _, t, v: time_update_from_tensor(url, t, v)),
+            "local": ("local push", lambda _, t, v: local.push(t.items(), weight_version=v).seconds),
+            "trainer": ("trainer push", lambda _, t, v: trainer.push(t.items(), weight_version=v).seconds),
+        }
         for i in range(a.repeats):
             print(f"round {i + 1}/{a.repeats}", flush=True)
-            warm_page_cache(ckpt)
-            r["disk"].append(time_disk_update(srv.url, ckpt, f"disk-{i}"))
-            check("disk")
-            warm_page_cache(ckpt)
-            r["push"].append(time_push(srv.url, ckpt, f"push-{i}", extra, sampler_pid=sched))
-            check("push")
-            warm_page_cache(ckpt)
-            r["copy"].append(time_push(srv.url, ckpt, f"copy-{i}", [*extra, "--transfer", "copy"], sampler_pid=sched))
-            check("push, bucket buffers")
-            warm_page_cache(ckpt)
-            r["push2"].append(time_push(srv.url, ckpt, f"push2-{i}", extra, ranks=2))
-            check("push, 2 loader ranks")
-            r["tensor"].append(time_update_from_tensor(srv.url, tensors, f"tensor-{i}"))
-            check("update_weights_from_tensor")
-            r["local"].append(local.push(tensors.items(), weight_version=f"local-{i}").seconds)
-            check("local push")
-            r["trainer"].append(trainer.push(tensors.items(), weight_version=f"trainer-{i}").seconds)
-            check("trainer push")
+            for key, (name, update) in methods.items():
+                r[key].append(turn(name, update, f"{key}-{i}"))
         # what a client sees: a 1-token request every 50 ms while each method updates (groundwork for issue 11)
         print("measuring the pause clients see during updates...", flush=True)
-        pauses = {
-            "SGLang /update_weights_from_disk": measure_pause(
-                srv.url, lambda: time_disk_update(srv.url, ckpt, "pause-disk")
-            ),
-            "our push, 1 rank, page cache (CLI)": measure_pause(
-                srv.url, lambda: run_loader(loader_cmd(srv.url, ckpt, "pause-push", extra))
-            ),
-            "our push, 1 rank, shm bucket buffers (CLI)": measure_pause(
-                srv.url, lambda: run_loader(loader_cmd(srv.url, ckpt, "pause-copy", [*extra, "--transfer", "copy"]))
-            ),
-            "LocalPush (shm buckets, reused)": measure_pause(
-                srv.url, lambda: local.push(tensors.items(), weight_version="pause-local")
-            ),
+        probes = {
+            "SGLang /update_weights_from_disk": lambda c, _, v: time_disk_update(url, c, v),
+            "our push, 1 rank, page cache (CLI)": lambda c, _, v: run_loader(loader_cmd(url, c, v, extra)),
+            "our push, 1 rank, shm bucket buffers (CLI)": lambda c, _, v: run_loader(loader_cmd(url, c, v, copy)),
+            "LocalPush (shm buckets, reused)": lambda _, t, v: local.push(t.items(), weight_version=v),
         }
-        check("after the pause probes")
+        pauses = {
+            name: turn(name, lambda c, t, v, u=update: measure_pause(url, lambda: u(c, t, v)), f"pause-{n}")
+            for n, (name, update) in enumerate(probes.items())
+        }
         trainer.close()
         local.close()
-    bad = {k: v for k, v in outputs.items() if v != outputs["disk"]}
-    if bad:
-        print(f"MISMATCH against the disk reload {outputs['disk']}: {bad}", file=sys.stderr)
+    if pair.mismatches:
+        print(pair.verdict(), file=sys.stderr)
         return 1
 
     help_s = statistics.median(
@@ -287,7 +306,10 @@ def main() -> int:
     ready_auto_s = time_to_ready_auto(ckpt, work / "server-auto.log")
     auto_load_s = startup_load_weight_s(work / "server-auto.log")
     sizes = [float(x) for x in a.sizes.split(",") if x.strip()]
-    scaling = size_scaling(work, sizes, extra) if sizes else []
+    scaling, wrong = size_scaling(work, sizes, extra) if sizes else ([], [])
+    if wrong:
+        print("MISMATCH:\n  " + "\n  ".join(wrong), file=sys.stderr)
+        return 1
 
     def med(rows, key):
         return statistics.median(x[key] for x in rows)
@@ -367,7 +389,7 @@ def main() -> int:
     )
     for name, (idle, pause, took) in pauses.items():
         print(f"| {name} | {idle:.3f} | {pause:.3f} | {took:.3f} | {pause / disk_pause:.2f} |")
-    print(f"\ngreedy output after every method == after the disk reload: {not bad}")
+    print(f"\n{pair.verdict()}")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)  # GBs of generated checkpoints; --workdir keeps (and reuses) them
     return 0

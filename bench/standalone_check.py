@@ -111,6 +111,10 @@ class Check:
     def memory(self) -> int | None:
         return httpx.get(f"{self.url}/memory", timeout=60).json()["free_bytes"]
 
+    def reset(self) -> None:
+        """The stand-in's parameters back to its marker (not a checkpoint's bytes)."""
+        httpx.post(f"{self.url}/reset", json={}, timeout=600).raise_for_status()
+
     def record(
         self,
         name: str,
@@ -228,6 +232,7 @@ def main() -> int:
         else:
             variants += [("loader, --transfer copy", ["--transfer", "copy"], {})]
         for name, args, env in variants:
+            check.reset()  # every variant writes every parameter afresh: one that wrote nothing fails
             seconds, stages = push(url, ckpt, name.replace(" ", "_")[:40], args, env_with_repo(**env))
             check.record(name, nbytes, seconds, expected, h2d)
             check.stages.append(f"{name}: {stages}")
@@ -368,6 +373,7 @@ def local_push(url: str, device: torch.device, tensors: dict, check: Check, d2d:
         for k in (1, 2, 3):
             scaled = {n: t * k for n, t in tensors.items()}  # on the CPU: the expected bytes
             on_device = {n: t.to(device) for n, t in scaled.items()}
+            check.reset()
             stats = pusher.push(on_device.items(), weight_version=f"local-{k}x")
             del on_device
             name = f"LocalPush {k}x ({pusher.device.type} buffers)"
@@ -388,6 +394,7 @@ def local_push(url: str, device: torch.device, tensors: dict, check: Check, d2d:
         # the per-bucket round trips that one exchange (the whole update in one bucket, the default here) saves
         with LocalPush(url, timeout_s=300, bucket_bytes=64 << 20) as pusher:
             on_device = {n: t.to(device) for n, t in tensors.items()}  # before the clock starts
+            check.reset()
             stats = pusher.push(on_device.items(), weight_version="local-64m")
             del on_device
             name = "LocalPush 1x, 64 MiB buckets"

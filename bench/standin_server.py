@@ -33,15 +33,23 @@ from sglang_ckpt_plugin.transport.messages import PHASE_KEY  # noqa: E402
 
 
 class Weights:
-    """The served "model": one parameter per checkpoint tensor, on the device, filled with a marker at start."""
+    """The served "model": one parameter per checkpoint tensor, on the device, filled with a marker at start and
+    at every ``reset()`` (``POST /reset``: before each variant, so a push that wrote nothing cannot pass)."""
+
+    MARKER = 7
 
     def __init__(self, checkpoint: Path, device: torch.device):
         self.device = device
         self.params = {
-            t.name: torch.full(t.shape, 7, dtype=getattr(torch, t.dtype), device=device)
+            t.name: torch.full(t.shape, self.MARKER, dtype=getattr(torch, t.dtype), device=device)
             for t in read_checkpoint(checkpoint)
         }
         self.version: str | None = None
+
+    def reset(self) -> None:
+        for param in self.params.values():
+            param.fill_(self.MARKER)
+        self.version = None
 
     def validate(self, manifest, partial: bool, allow_unused: bool) -> CheckedUpdate:
         """The receiver's dry run: every name known, dtype and shape as served; coverage per parameter."""
@@ -116,6 +124,10 @@ def make_handler(weights: Weights, key: str):
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            if self.path == "/reset":
+                weights.reset()
+                self._reply(200, {"success": True, "message": "every parameter holds the marker again"})
+                return
             if self.path != "/update_weights_from_ipc":
                 self._reply(404, {"success": False, "message": "not here"})
                 return

@@ -6,12 +6,14 @@ fleet of 2 instances fed by one loader group; staging time of 1 and 2 ranks when
     python bench/two_phase_bench.py [--gb 1.0] [--repeats 2] [--read-rate 300M] [--workdir DIR]
 
 Two servers, same run: every row's pause is measured by the same probe (a 1-token greedy ``/generate`` every 50 ms
-on each server; the pause is the longest latency of a request sent while the update ran). Greedy output after
-each method must equal the output after the disk reload, or the bench fails.
+on each server; the pause is the longest latency of a request sent while the update ran). Every update writes the
+checkpoint its servers do not serve (A and B in turn, bench/alternation.py); the greedy output after it must equal
+the output after SGLang's own disk reload of that checkpoint, or the bench fails.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -19,19 +21,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
+from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port
 
 sys.path.insert(0, str(Path(__file__).parent))
+from alternation import Alternation  # noqa: E402
 from baselines import GB, SERVER_ARGS, PauseProbe, bench_parser, time_disk_update  # noqa: E402
-from push_bench import checkpoint_bytes, loader_cmd, random_checkpoint, warm_page_cache  # noqa: E402
-
-PROMPT = list(range(10, 20))
+from node_bench import Fleet  # noqa: E402
+from push_bench import checkpoint_bytes, checkpoint_pair, loader_cmd, warm_page_cache  # noqa: E402
 
 
 def fleet_cmds(urls: list[str], ckpt: Path, version: str, extra: list[str]) -> list[list[str]]:
@@ -79,14 +80,6 @@ def run_all(cmds: list[list[str]], env: dict | None = None) -> list[str]:
     return outs
 
 
-def disk_on_all(urls: list[str], ckpt: Path, version: str) -> None:
-    threads = [threading.Thread(target=time_disk_update, args=(u, ckpt, version)) for u in urls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
 def figure(out: str, label: str) -> float | None:
     found = re.search(rf"{re.escape(label)} ([\d.]+) s", out)
     return float(found.group(1)) if found else None
@@ -125,18 +118,18 @@ def measure(urls: list[str], update) -> dict:
     return row
 
 
-def rounds(ckpt: Path, methods: dict, urls: list[str], repeats: int, rows: dict, outputs: dict, skews: list) -> None:
-    """``repeats`` rounds, methods interleaved within a round so machine noise hits all alike."""
+def rounds(pair: Alternation, methods: dict, urls: list[str], repeats: int, rows: dict, skews: list) -> None:
+    """``repeats`` rounds, methods interleaved within a round so machine noise hits all alike; each update writes the
+    checkpoint its servers do not serve, and then they must serve exactly that one."""
     for i in range(repeats):
         print(f"round {i + 1}/{repeats} of {len(methods)} methods", flush=True)
         for name, (count, update) in methods.items():
-            warm_page_cache(ckpt)
-            rows[name].append(
-                measure(urls[:count], lambda count=count, update=update, i=i: update(urls[:count], f"r{i}"))
-            )
+            targets, k, version = urls[:count], pair.next_index(urls[:count]), f"r{i}"
+            warm_page_cache(pair.path(k))
+            rows[name].append(measure(targets, functools.partial(update, targets, pair.path(k), version)))
             if count > 1 and "two phases" in name:
                 skews.append(commit_skew(urls))
-            outputs[name] = generate_ids(urls[0], PROMPT, 8)["output_ids"]
+            pair.check(name, targets, k)
 
 
 def commit_skew(urls: list[str]) -> float:
@@ -150,29 +143,35 @@ def main() -> int:
     a = p.parse_args()
     keep = a.workdir is not None
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-bench2-"))
-    ckpt = random_checkpoint(work, a.gb)
+    pair = checkpoint_pair(work, a.gb)
+    ckpt = pair.path(0)
     nbytes = checkpoint_bytes(ckpt)
     copy = ["--transfer", "copy"]
-    methods = {  # name -> (servers it updates: 1 or 2, update(urls, version))
-        "SGLang /update_weights_from_disk": (1, lambda u, v: time_disk_update(u[0], ckpt, v)),
-        "1 rank, two phases, page cache (CLI default)": (1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, [])])),
-        "1 rank, two phases, shm buffers": (1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, copy)])),
+    methods = {  # name -> (servers it updates: 1 or 2, update(urls, checkpoint, version))
+        "SGLang /update_weights_from_disk": (1, lambda u, c, v: time_disk_update(u[0], c, v)),
+        "1 rank, two phases, page cache (CLI default)": (1, lambda u, c, v: run_all([loader_cmd(u[0], c, v, [])])),
+        "1 rank, two phases, shm buffers": (1, lambda u, c, v: run_all([loader_cmd(u[0], c, v, copy)])),
         "1 rank, streaming (--two-phase off), page cache": (
             1,
-            lambda u, v: run_all([loader_cmd(u[0], ckpt, v, ["--two-phase", "off"])]),
+            lambda u, c, v: run_all([loader_cmd(u[0], c, v, ["--two-phase", "off"])]),
         ),
         "2 ranks (p2p into one server), two phases": (
             1,
-            lambda u, v: run_all([loader_cmd(u[0], ckpt, v, [], ranks=2)]),
+            lambda u, c, v: run_all([loader_cmd(u[0], c, v, [], ranks=2)]),
         ),
-        "2 ranks, streaming": (1, lambda u, v: run_all([loader_cmd(u[0], ckpt, v, ["--two-phase", "off"], ranks=2)])),
-        "SGLang /update_weights_from_disk on both instances at once": (2, lambda u, v: disk_on_all(u, ckpt, v)),
-        "fleet of 2 instances (2 nodes, broadcast), two phases": (2, lambda u, v: run_all(fleet_cmds(u, ckpt, v, []))),
-        "fleet of 2 instances, streaming": (2, lambda u, v: run_all(fleet_cmds(u, ckpt, v, ["--two-phase", "off"]))),
+        "2 ranks, streaming": (
+            1,
+            lambda u, c, v: run_all([loader_cmd(u[0], c, v, ["--two-phase", "off"], ranks=2)]),
+        ),
+        "SGLang /update_weights_from_disk on both instances at once": (2, lambda u, c, v: Fleet(u).disk(v, c)),
+        "fleet of 2 instances (2 nodes, broadcast), two phases": (
+            2,
+            lambda u, c, v: run_all(fleet_cmds(u, c, v, [])),
+        ),
+        "fleet of 2 instances, streaming": (2, lambda u, c, v: run_all(fleet_cmds(u, c, v, ["--two-phase", "off"]))),
     }
     rows: dict[str, list[dict]] = {name: [] for name in methods}
     skews: list[float] = []
-    outputs: dict[str, list[int]] = {}
     # An idle SGLang scheduler on CPU spins on one core: with two servers up, this 2-core machine has no core left
     # for anything else. So the one-server rows run with one server up; the second joins for the fleet rows.
     servers = [SGLangServer(ckpt, work / f"server{i}.log", extra_args=SERVER_ARGS) for i in range(2)]
@@ -183,25 +182,30 @@ def main() -> int:
         urls = [servers[0].url]
         run_all([loader_cmd(urls[0], ckpt, "initial", ["--timeout", "900"])])
         servers[0].wait_healthy(timeout_s=300)
+        pair.record(urls[0])  # SGLang's own reloads of B and A: the references; leaves A served
         single = {name: m for name, m in methods.items() if m[0] == 1}
         fleet = {name: m for name, m in methods.items() if m[0] == 2}
-        rounds(ckpt, single, urls, a.repeats, rows, outputs, skews)
+        rounds(pair, single, urls, a.repeats, rows, skews)
         print("staging under a per-rank read limit...", flush=True)
         env = {**os.environ, "SGLANG_CKPT_READ_RATE": a.read_rate}
         for ranks in (1, 2):
-            outs = run_all([loader_cmd(urls[0], ckpt, f"slow-{ranks}", copy, ranks=ranks)], env=env)
+            k = pair.next_index(urls)
+            outs = run_all([loader_cmd(urls[0], pair.path(k), f"slow-{ranks}", copy, ranks=ranks)], env=env)
+            pair.check(f"{ranks} rank(s) under a read limit", urls, k)
             staging[ranks] = figure(outs[0], "stage (the server kept serving)")
         print("second server for the fleet rows...", flush=True)
         servers[1].start()
         servers[1].wait_listening(timeout_s=900)
         urls.append(servers[1].url)
-        run_all(fleet_cmds(urls, ckpt, "fleet-initial", ["--timeout", "900"]))
+        k = pair.next_index(urls[:1])
+        run_all(fleet_cmds(urls, pair.path(k), "fleet-initial", ["--timeout", "900"]))
         servers[1].wait_healthy(timeout_s=300)
-        rounds(ckpt, fleet, urls, a.repeats, rows, outputs, skews)
+        pair.check("the fleet's first push", urls, k)
+        rounds(pair, fleet, urls, a.repeats, rows, skews)
     finally:
         for srv in servers:
             srv.stop()
-    bad = {k: v for k, v in outputs.items() if v != outputs["SGLang /update_weights_from_disk"]}
+    bad = pair.mismatches
     staging = staging or {1: None, 2: None}
 
     def med(name, key):
@@ -245,9 +249,7 @@ def main() -> int:
             f"| 2 ranks (each reads its half at once, then they exchange) | {staging[2]:.3f} | {rate2:.3f} | "
             f"{rate2 / rate1:.2f} (target >= 1.7) |"
         )
-    print(f"\ngreedy output after every method == after the disk reload: {not bad}")
-    if bad:
-        print(f"MISMATCH: {bad}", file=sys.stderr)
+    print(f"\n{pair.verdict()}")
     if not keep and not bad:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if bad else 0

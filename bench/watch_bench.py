@@ -5,7 +5,8 @@ in the watched directory (its files hard-linked in at once: the page cache is wa
 wrote it) until every instance reports its version (``/model_info`` polled every 20 ms). SGLang's row is its
 ``/update_weights_from_disk`` of the same files (on both servers at once for the fleet). "refill" is a server
 killed and restarted on dummy weights: from its ``/model_info`` first answering until it serves the checkpoint the
-loader serves. Every push must leave SGLang's ``/weights_checker`` checksum equal to the one after its disk reload.
+loader serves. Every update writes the checkpoint the servers do not serve (A and B in turn, bench/alternation.py)
+and must leave SGLang's ``/weights_checker`` checksum equal to the one after its own disk reload of that checkpoint.
 Servers run with ``--sleep-on-idle``; the loader with its defaults (``--poll-s 0.25``; a checkpoint counts as
 settled once unchanged between two scans).
 
@@ -28,9 +29,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
+from alternation import Alternation  # noqa: E402
 from baselines import GB, bench_parser, serving_servers  # noqa: E402
 from node_bench import Fleet  # noqa: E402
-from push_bench import checkpoint_bytes, random_checkpoint, warm_page_cache  # noqa: E402
+from push_bench import checkpoint_bytes, checkpoint_pair, warm_page_cache  # noqa: E402
 
 from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port  # noqa: E402
@@ -111,29 +113,37 @@ SETTINGS = {  # name: (servers, loader options, what it is)
 }
 
 
-def bench(setting: str, servers: list[SGLangServer], ckpt: Path, work: Path, repeats: int) -> list[tuple]:
+def bench(setting: str, servers: list[SGLangServer], pair: Alternation, work: Path, repeats: int) -> list[tuple]:
+    """Each round: SGLang's disk reload of one checkpoint (timed), then the other one appears in the watched
+    directory (the resident loader's update, timed), then a server restarts and is refilled; after each, SGLang's
+    checksums must be those of its own reload of the checkpoint that should be served."""
     urls = [s.url for s in servers]
-    fleet = Fleet(urls, ckpt)
+    fleet = Fleet(urls)
     watched, log = work / f"watched-{setting}", work / f"watch-{setting}.log"
     shutil.rmtree(watched, ignore_errors=True)
     watched.mkdir()
-    reference = [checksum(url) for url in urls]
+    pair.record(urls[0])  # checksums of A and B after SGLang's own reloads; leaves urls[0] on A
+    fleet.disk("initial", pair.path(0))
+    for url in urls:
+        pair.serving(url, 0)
     loaders = start_loaders(urls, watched, log, SETTINGS[setting][1])
     disk, resident, refill = [], [], []
     try:
         wait_watching(log, loaders)
         for i in range(repeats):
             print(f"{setting}: round {i + 1}/{repeats}", flush=True)
-            warm_page_cache(ckpt)
+            k = pair.next_index(urls)
+            warm_page_cache(pair.path(k))
             t0 = time.perf_counter()
-            fleet.disk(f"step-{i}" if i else "initial")  # the version served: a reload of the same bytes
+            fleet.disk(f"step-{i}" if i else "initial", pair.path(k))
             disk.append(time.perf_counter() - t0)
-            version = f"step-{i + 1}"
+            pair.check("SGLang's disk reload", urls, k)
+            version, k = f"step-{i + 1}", pair.next_index(urls)
+            warm_page_cache(pair.path(k))
             t0 = time.perf_counter()
-            link_checkpoint(ckpt, watched / version)
+            link_checkpoint(pair.path(k), watched / version)
             resident.append(wait_serving(urls, version, loaders) - t0)
-            if [checksum(url) for url in urls] != reference:
-                raise RuntimeError(f"{setting}: the served weights differ from SGLang's own load")
+            pair.check("the resident loader's update", urls, k)
             restarted = servers[-1]
             restarted.stop()
             restarted.start()
@@ -142,6 +152,7 @@ def bench(setting: str, servers: list[SGLangServer], ckpt: Path, work: Path, rep
             t_port = time.perf_counter()
             refill.append(wait_serving([restarted.url], version, loaders) - t_port)
             wait_serving(urls, version, loaders)
+            pair.check("the refill of a restarted server", [restarted.url], k)
     finally:
         for p in loaders:
             with contextlib.suppress(ProcessLookupError):
@@ -167,12 +178,14 @@ def main() -> int:
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-watch-bench-"))
-    ckpt = random_checkpoint(work, a.gb)
+    pair = checkpoint_pair(work, a.gb)
+    pair.observe = checksum  # SGLang's /weights_checker: every parameter
+    ckpt = pair.path(0)
     rows = []
     for setting in a.settings.split(","):
         logs = [work / f"{setting}-server{i}.log" for i in range(SETTINGS[setting][0])]
         with serving_servers(ckpt, logs) as servers:
-            rows += bench(setting, servers, ckpt, work, a.repeats)
+            rows += bench(setting, servers, pair, work, a.repeats)
 
     print(
         f"\n{checkpoint_bytes(ckpt) / GB:.3f} GB bf16 checkpoint, servers with --sleep-on-idle, median of {a.repeats}, "
@@ -189,9 +202,10 @@ def main() -> int:
         "\ntargets (issue 19): resident whole <= disk reload + 1.0 s (one server and a 2-instance fleet); a restarted "
         "server serves the current checkpoint within 2 s of its port answering"
     )
+    print(f"\n{pair.verdict()}")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 1 if pair.mismatches else 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ def test_device_check_runs_on_the_cpu_path(tmp_path):
     assert "| greedy output: push == disk reload | True |" in proc.stdout
     assert "| /weights_checker checksum: push == disk reload | True |" in proc.stdout
     assert "| SGLang /update_weights_from_disk |" in proc.stdout
+    assert "| the second push changed what is served (checksum of A != of B) | True |" in proc.stdout
 
 
 def test_device_check_without_sglang_runs_on_the_cpu_path(tmp_path):
