@@ -47,6 +47,7 @@ from baselines import (  # noqa: E402
     time_to_ready_auto,
     time_update_from_tensor,
 )
+from targets import Target, print_verdicts  # noqa: E402
 
 
 def make_random_checkpoint(out: Path, target_gb: float, shard_gb: float = 0.3, seed: int = 0) -> Path:
@@ -352,12 +353,14 @@ def main() -> int:
         )
     print(f"2 loader ranks, bytes read from disk: {r['push2'][0]['bytes_per_rank']}")
     overhead = statistics.median(x["process_s"] - x["push_s"] - x["finalize_s"] for x in push)
-    print(
-        f"\n| CLI start-up (1 rank, CPU, page cache: no torch) | seconds | target |\n|---|---|---|\n"
-        f"| whole CLI process minus the server-side update (hello to last ack + finalize) | {overhead:.3f} | <= 0.3 |\n"
-        f"| `python -m sglang_ckpt_plugin.update --help` | {help_s:.3f} | < 0.3 |\n"
-        f"| `python -c 'import torch'` (what the page-cache path no longer pays) | {torch_import_s:.3f} | |"
-    )
+    cli_targets = [
+        Target(
+            "CLI start-up: whole process minus the server-side update (hello to last ack + finalize)", overhead, 0.3
+        ),
+        Target("`python -m sglang_ckpt_plugin.update --help`", help_s, 0.3),
+    ]
+    print_verdicts("CLI start-up (1 rank, CPU, page cache: no torch)", cli_targets)
+    print(f"(`python -c 'import torch'`, what the page-cache path no longer pays: {torch_import_s:.3f} s)")
     print("\n| memory | MiB | in buckets |\n|---|---|---|")
     print(f"| import-only baseline RSS (Python + torch + loader) | {base_rss / mb:.0f} | {base_rss / bucket:.2f} |")
     for name, rows_ in (("page cache", push), ("shm bucket buffers", copy)):

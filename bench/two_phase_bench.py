@@ -33,6 +33,7 @@ from alternation import Alternation  # noqa: E402
 from baselines import GB, SERVER_ARGS, PauseProbe, bench_parser, time_disk_update  # noqa: E402
 from node_bench import Fleet  # noqa: E402
 from push_bench import checkpoint_bytes, checkpoint_pair, loader_cmd, warm_page_cache  # noqa: E402
+from targets import Target, print_verdicts  # noqa: E402
 
 
 def fleet_cmds(urls: list[str], ckpt: Path, version: str, extra: list[str]) -> list[list[str]]:
@@ -249,6 +250,14 @@ def main() -> int:
             f"| 2 ranks (each reads its half at once, then they exchange) | {staging[2]:.3f} | {rate2:.3f} | "
             f"{rate2 / rate1:.2f} (target >= 1.7) |"
         )
+    targets = []
+    if skews:
+        targets.append(Target("commit skew across the 2 instances, worst", max(skews) * 1e3, 100.0, unit="ms"))
+    if staging[1] and staging[2]:
+        targets.append(
+            Target("staging under a read limit: 2 ranks' rate / 1 rank's", staging[1] / staging[2], 1.7, False, "x")
+        )
+    print_verdicts("two phases", targets)
     print(f"\n{pair.verdict()}")
     if not keep and not bad:
         shutil.rmtree(work, ignore_errors=True)
