@@ -49,7 +49,7 @@ for p in patches/sglang-"$X"-*.patch; do
 done
 before=$("$VENV/bin/python" -m pip freeze | grep -iE '^(sglang|torch)==' | sort)
 # The plugin and its own dependencies (not SGLang's again: SGLang's pins include CUDA-only packages that this
-# machine cannot install, so pip must not re-resolve them), then the promise: SGLang and torch untouched.
+# machine cannot install or even resolve: cuda-tile builds its metadata with nvidia-smi), then the promise.
 "$VENV/bin/python" -m pip install -q --no-deps -e .
 "$VENV/bin/python" - <<'PYEOF' > "$VENV/plugin-requirements.txt"
 import tomllib
@@ -59,10 +59,18 @@ for req in project["dependencies"] + project["optional-dependencies"]["test"]:
         print(req)
 PYEOF
 "$VENV/bin/python" -m pip install -q -r "$VENV/plugin-requirements.txt"
+# pip's own judgement of the plugin's requirements against what is installed (pip check; its lines about SGLang's
+# CUDA-only pins are SGLang's, not ours): a requirement this SGLang or torch does not satisfy is one that
+# `pip install sglang-ckpt-plugin` would satisfy by changing them.
+unmet=$("$VENV/bin/python" -m pip check 2>&1 | grep -i '^sglang-ckpt-plugin ' || true)
+if [ -n "$unmet" ]; then
+  echo "FAIL: pip would change what is installed to satisfy the plugin:"; echo "$unmet"
+  exit 1
+fi
 after=$("$VENV/bin/python" -m pip freeze | grep -iE '^(sglang|torch)==' | sort)
 if [ "$before" != "$after" ]; then
   echo "FAIL: installing the plugin changed SGLang or torch:"; diff <(echo "$before") <(echo "$after") || true
   exit 1
 fi
-echo "[compat] $(echo $after | tr '\n' ' ') — unchanged by installing the plugin"
+echo "[compat] $(echo $after | tr '\n' ' ') — unchanged by installing the plugin, and pip check finds every requirement of the plugin met"
 exec "$VENV/bin/python" -m pytest tests -m compat -v -p no:cacheprovider "${@:2}"

@@ -24,6 +24,24 @@ def test_defaults_match_sglang_entry_point():
     assert a.bucket_size == 0 and a.num_buffers == 2
 
 
+def test_the_options_are_one_frozen_value_with_a_field_for_every_flag():
+    import dataclasses
+
+    from sglang_ckpt_plugin.loader.cli import build_parser
+    from sglang_ckpt_plugin.loader.options import LoaderOptions
+
+    a = parse_args(["--checkpoint-path", "/ckpt", "--weight-version", "v1"])
+    assert isinstance(a, LoaderOptions)
+    dests = {action.dest for action in build_parser()._actions if action.dest != "help"}
+    assert {f.name for f in dataclasses.fields(LoaderOptions)} == dests | {"feeds_instance"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.checkpoint_path = "/elsewhere"  # decisions make a new value (with_), nothing changes one in place
+    step = a.for_checkpoint("/w/step-2", "step-2")
+    assert (step.checkpoint_path, step.weight_version, step.checkpoint_name) == ("/w/step-2", "step-2", "step-2")
+    assert (a.checkpoint_path, a.weight_version, a.feeds_instance) == ("/ckpt", "v1", False)
+    assert a.with_(feeds_instance=True).feeds_instance and step.endpoint == a.endpoint
+
+
 def test_every_seed_option_parses():
     a = parse_args(
         [

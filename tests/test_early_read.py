@@ -1,6 +1,5 @@
 """Reading ahead while the server starts (loader/early_read.py): the page-cache check, the reader, the share."""
 
-import argparse
 import os
 
 import pytest
@@ -112,8 +111,12 @@ def test_file_spans_merge_adjacent_tensors_per_file():
     assert spans == [("f1", 8, 150), ("f1", 200, 8), ("f2", 8, 4)]
 
 
-def args_for(device: str, transfer: str = "auto", method: str = "broadcast") -> argparse.Namespace:
-    return argparse.Namespace(device=device, transfer=transfer, update_method=method)
+def args_for(device: str, transfer: str = "auto", method: str = "broadcast"):
+    from sglang_ckpt_plugin.loader.cli import parse_args
+
+    return parse_args(
+        ["--checkpoint-path", "/c", "--device", device, "--transfer", transfer, "--update-method", method]
+    )
 
 
 def test_the_share_read_ahead_is_the_share_the_push_reads():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sglang_ckpt_plugin.loader.cli import parse_args
 from sglang_ckpt_plugin.loader.resident import Action, InstanceState, choose_action
 from sglang_ckpt_plugin.loader.watch_dir import Candidate, CheckpointWatch, incomplete_reason
 
@@ -122,7 +123,7 @@ def test_status_file_is_json_an_operator_can_read(tmp_path):
     from sglang_ckpt_plugin.loader.resident import Resident
 
     status = tmp_path / "status.json"
-    args = SimpleNamespace(watch=str(tmp_path), ready_marker=None, status_file=str(status))
+    args = parse_args(["--watch", str(tmp_path), "--status-file", str(status)])
     session = SimpleNamespace(world=SimpleNamespace(rank=0), control=None)
     resident = Resident(args, session)
     resident.serving = ckpt("step-1", 1)
@@ -147,7 +148,7 @@ def resident_deciding(candidates, serving=None):
 
     from sglang_ckpt_plugin.loader.resident import Resident
 
-    args = SimpleNamespace(watch="/w", ready_marker=None, status_file=None)
+    args = parse_args(["--watch", "/w"])
     resident = Resident(args, SimpleNamespace(world=SimpleNamespace(rank=0), control=None))
     resident.watch, resident.serving = FixedWatch(candidates), serving
     return resident
@@ -199,7 +200,7 @@ def test_a_resident_group_whose_nccl_communicator_failed_stops_instead_of_failin
         return SimpleNamespace(run=run)
 
     session = SimpleNamespace(world=world, control=control, feeding=SimpleNamespace(feeders=[0]), update=failing_update)
-    args = SimpleNamespace(watch=str(tmp_path), ready_marker=None, status_file=None, timeout=60.0)
+    args = parse_args(["--watch", str(tmp_path), "--timeout", "60"])
     resident = Resident(args, session)
     resident.newest = ckpt("step-2", 2)
     action = Action("push", "/w/step-2", "step-2", (0,))

@@ -127,8 +127,8 @@ def test_ranks_agree_on_one_kind_of_buffer():
     """Loader rank 1 cannot see its TP rank's GPU: both ranks use shared memory (one data group, one kind),
     each still naming its own server rank."""
     outs = run_ranks(AGREE, 2)
-    assert "placement cpu None GPU-a" in outs[0][0] and "placement cpu None GPU-b" in outs[1][0]
-    assert "loader ranks [1] cannot reach their GPU" in outs[0][1]
+    assert "placement cpu None GPU-a" in outs[0][0] and "placement cpu None GPU-b" in outs[1][0], outs
+    assert "loader ranks [1] cannot reach their GPU" in outs[0][1], outs
 
 
 def test_peer_alarm_frees_a_rank_waiting_for_a_collective_that_cannot_finish():

@@ -12,6 +12,7 @@ import sys
 import time
 
 from . import watchdog
+from .options import LoaderOptions
 
 MiB = 1 << 20
 API_KEY_ENV = "SGLANG_CKPT_API_KEY"
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> LoaderOptions:
+    """The command line as one typed value (errors exit 2 with argparse's usage line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.inference_parallel_size < 1:
@@ -195,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--checkpoint-path is required (or --load-metas-file, or --watch DIR)")
     if args.save_metas_file and args.load_metas_file:
         parser.error("--save-metas-file and --load-metas-file exclude each other")
-    return args
+    return LoaderOptions.from_namespace(args)
 
 
 def without_api_key(argv: list[str]) -> list[str]:
@@ -240,7 +242,7 @@ def relaunch_under_torchrun(nproc: int, argv: list[str], api_key: str | None) ->
     os.execv(sys.executable, cmd)
 
 
-def ask_server(args: argparse.Namespace) -> tuple[dict | None, str | None]:
+def ask_server(args: LoaderOptions) -> tuple[dict | None, str | None]:
     """The server's /model_info, and why it cannot take this many loader ranks (None: it can)."""
     if args.update_method == "p2p":
         return None, None  # the updated instances may not be the one at --endpoint
@@ -254,7 +256,7 @@ def ask_server(args: argparse.Namespace) -> tuple[dict | None, str | None]:
     return info, layout_mismatch(info, args.endpoint, args.inference_parallel_size)
 
 
-def feeds_from_one_process(args: argparse.Namespace, info: dict | None) -> bool:
+def feeds_from_one_process(args: LoaderOptions, info: dict | None) -> bool:
     """One process feeds every TP rank from one set of buffers that each rank maps, and copies only its slice of;
     nothing moves between loader processes: a CPU server (the checkpoint files, or shared bucket buffers), or a GPU
     server whose GPUs this process sees and which read each other's memory peer to peer (CUDA buffers on TP rank
@@ -278,7 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     watchdog.install(args.timeout)
-    args.feeds_instance = False
     early = None
     if args.inference_parallel_size > 1 and "RANK" not in os.environ:
         from .early_read import EarlyRead
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if error:
             print(f"[sglang-ckpt] error: {error}", file=sys.stderr)
             return 1
-        args.feeds_instance = feeds_from_one_process(args, info)
+        args = args.with_(feeds_instance=feeds_from_one_process(args, info))
         if not args.feeds_instance:
             if early is not None:
                 early.report(LoaderWorld())  # each torchrun rank then skips what is cached already

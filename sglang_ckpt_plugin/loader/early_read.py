@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from .checkpoint import TensorInfo, read_checkpoint
+from .options import LoaderOptions
 from .plan import shard_by_bytes
 from .rank_setup import host_available_memory
 from .reader import PAGE, CheckpointReader, cached_bytes
@@ -50,7 +51,7 @@ def file_spans(tensors: list[TensorInfo]) -> list[tuple[str, int, int]]:
     return [tuple(s) for s in spans]
 
 
-def likely_share(args, world: LoaderWorld, tensors: list[TensorInfo]) -> list[TensorInfo]:
+def likely_share(args: LoaderOptions, world: LoaderWorld, tensors: list[TensorInfo]) -> list[TensorInfo]:
     """The tensors this loader rank will read, as far as it can tell before the server says where it runs: the
     server's device is guessed from ``--device`` or from the node's GPUs (a wrong guess only reads other bytes
     ahead; the push reads what it needs either way)."""
@@ -102,9 +103,9 @@ class EarlyRead:
         self._thread = threading.Thread(target=self._run, name="ckpt-early-read", daemon=True)
 
     @classmethod
-    def for_rank(cls, args, world: LoaderWorld) -> EarlyRead | None:
+    def for_rank(cls, args: LoaderOptions, world: LoaderWorld) -> EarlyRead | None:
         """None where there is nothing to read ahead (a saved plan, a watched directory, reading ahead is off)."""
-        if not args.checkpoint_path or args.load_metas_file or getattr(args, "no_read_ahead", False):
+        if not args.checkpoint_path or args.load_metas_file or args.no_read_ahead:
             return None
         try:
             share = likely_share(args, world, read_checkpoint(args.checkpoint_path))

@@ -3,13 +3,13 @@ follow it, all ranks agree on one buffer kind, and the memory they may use. Coll
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import TYPE_CHECKING
 
 from ..placement import LoaderPlacement, ServerPlacement, choose_placement, node_local_problem
 from ..transport.handles import visible_gpu_keys
 from .http import ServerClient, ServerError
+from .options import LoaderOptions
 from .push import PushError
 from .world import Control, Feeding, LoaderWorld, choose_feeding
 
@@ -22,7 +22,7 @@ class PeerFailed(PushError):
 
 
 def place_rank(
-    args: argparse.Namespace, world: LoaderWorld, control: Control, asked: dict
+    args: LoaderOptions, world: LoaderWorld, control: Control, asked: dict
 ) -> tuple[Feeding, list[LoaderPlacement], LoaderPlacement | None]:
     """Each instance's leader asks its server where the ranks run (``/model_info``; a server spread over nodes
     answers HTTP on its first node only); the instance's ranks learn it over the control group and follow it.
@@ -68,7 +68,7 @@ def place_rank(
 
 
 def gpu_node_local(
-    args: argparse.Namespace, world: LoaderWorld, control: Control, server: ServerPlacement, gpus: list[str]
+    args: LoaderOptions, world: LoaderWorld, control: Control, server: ServerPlacement, gpus: list[str]
 ) -> bool:
     """Whether every GPU instance is fed by one process per node from buffers on its first rank's GPU, each TP rank
     copying its slice from there peer to peer (collective: the same answer on every rank). Where a GPU server

@@ -14,8 +14,6 @@ group stop together at their next meeting, after the update in progress; a secon
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import os
 import signal
@@ -26,6 +24,7 @@ from typing import Protocol
 
 from . import watchdog
 from .http import PLUGIN_MARKER
+from .options import LoaderOptions
 from .rank_setup import PeerFailed
 from .run import UPDATE_ERRORS, Update
 from .watch_dir import Candidate, CheckpointWatch
@@ -40,7 +39,7 @@ class Session(Protocol):
     feeding: Feeding
     asked: dict
 
-    def update(self, args: argparse.Namespace, receivers: list[int]) -> Update: ...
+    def update(self, args: LoaderOptions, receivers: list[int]) -> Update: ...
 
 
 REFILL_RETRY_S = 5.0  # a refill that failed is tried again after this long
@@ -87,7 +86,7 @@ def choose_action(
 
 
 class Resident:
-    def __init__(self, args: argparse.Namespace, session: Session):
+    def __init__(self, args: LoaderOptions, session: Session):
         self.args, self.session = args, session
         self.world, self.control = session.world, session.control
         self.watch = CheckpointWatch(Path(args.watch), args.ready_marker)
@@ -203,8 +202,7 @@ class Resident:
     def execute(self, action: Action, states: list[InstanceState]) -> None:
         candidate = self.newest  # rank 0's record of a pushed checkpoint (the other ranks only follow)
         receivers = [r for r in self.session.feeding.feeders if self.world.instance_of(r) in action.instances]
-        args = copy.copy(self.args)
-        args.checkpoint_path, args.weight_version, args.checkpoint_name = action.path, action.version, action.version
+        args = self.args.for_checkpoint(action.path, action.version)
         where = ", ".join(states[i].endpoint for i in action.instances)
         self.say(f"{action.kind}: {action.version} to {where}")
         self.in_progress = action

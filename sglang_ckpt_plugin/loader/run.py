@@ -20,6 +20,7 @@ from .checkpoint import CheckpointError, read_checkpoint
 from .http import ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
 from .node_feed import NodeFeeder
+from .options import LoaderOptions
 from .plan import (
     mappable,
     parse_ranks,
@@ -59,7 +60,7 @@ class Update:
 
     def __init__(
         self,
-        args,
+        args: LoaderOptions,
         world: LoaderWorld,
         control: Control,
         placement: LoaderPlacement,

@@ -6,7 +6,6 @@ same session between updates.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from ..placement import LoaderPlacement, shared_gpus
 from .checkpoint import discover_files
 from .early_read import EarlyRead
+from .options import LoaderOptions
 from .rank_setup import PeerFailed, agree_on_kind, place_rank, torch_device
 from .resident import Resident
 from .run import UPDATE_ERRORS, Update, update_rounds
@@ -32,13 +32,13 @@ class Session:
     rank_keys: list[str]  # the server ranks this process feeds
     asked: dict
 
-    def update(self, args: argparse.Namespace, receivers: list[int]) -> Update:
+    def update(self, args: LoaderOptions, receivers: list[int]) -> Update:
         return Update(
             args, self.world, self.control, self.placement, self.feeding, self.rank_keys, receivers, self.asked
         )
 
 
-def open_session(args: argparse.Namespace, world: LoaderWorld, control: Control) -> Session:
+def open_session(args: LoaderOptions, world: LoaderWorld, control: Control) -> Session:
     asked: dict = {}  # the leader's client and /model_info, read once
     feeding, placements, own = place_rank(args, world, control, asked)
     placement = agree_on_kind(own, control, world)
@@ -53,13 +53,13 @@ def open_session(args: argparse.Namespace, world: LoaderWorld, control: Control)
     return Session(world, control, feeding, placement, [p.rank_key for p in placements], asked)
 
 
-def run_loader(args: argparse.Namespace, early: EarlyRead | None = None, t_start: float | None = None) -> int:
+def run_loader(args: LoaderOptions, early: EarlyRead | None = None, t_start: float | None = None) -> int:
     """The loader process: set up, then one run of updates (or stay, ``--watch``); the exit code. ``early``: the
     read-ahead cli.main started before it waited for the server; ``t_start``: when the loader started."""
     control = None
     t_start = t_start or time.perf_counter()
     try:
-        world = LoaderWorld.from_env(args.inference_parallel_size, getattr(args, "feeds_instance", False))
+        world = LoaderWorld.from_env(args.inference_parallel_size, args.feeds_instance)
         if args.checkpoint_path and not args.load_metas_file:
             discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
         early = early or EarlyRead.for_rank(args, world)
