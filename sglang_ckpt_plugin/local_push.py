@@ -5,7 +5,8 @@ The pusher keeps its bucket buffers for its whole life (unnamed shared memory, s
 so after the first push every update costs one copy into the bucket (trainer) and one copy out of it (server),
 overlapped. With ``--tp N`` every TP rank maps the same buffers: each bucket is written once for all of them.
 On GPUs the buffers are CUDA IPC buffers on the server's (first) GPU, which every TP rank reads peer to peer, and
-the whole update goes in one bucket where memory allows: one exchange.
+the whole update goes in one bucket where memory allows: one exchange; each push shares fresh storages of the same
+sizes (the same blocks, from torch's cache), since torch keeps one IPC record per share until a storage is freed.
 
     from sglang_ckpt_plugin.local_push import LocalPush
 
@@ -136,9 +137,7 @@ class LocalPush:
     def close(self) -> None:
         if self._staged is not None:  # the server lets go of a staged update now, not at its timeout
             self.abort(self._staged)
-        for b in self.buffers:
-            b.release()
-        self.buffers = []
+        self._drop_buffers()
         if self.device is not None and self.device.type == "cuda":
             return_cached_device_memory()  # on close and when the buffers are made again, larger
 
@@ -167,9 +166,24 @@ class LocalPush:
         """Buffers kept across pushes; made again, as this push needs them, when it needs larger or more of them
         (not more of the old size: one whole-update GPU buffer must not become two)."""
         if len(self.buffers) >= count and self.buffers and self.buffers[0].nbytes >= nbytes:
-            return
-        self.close()
+            if self.device.type != "cuda":
+                return
+            # torch nests one more IPC record (a reference-counter slot; for its first 1000, an interprocess event)
+            # into a CUDA storage each time it is shared, and keeps them all until the storage is freed: buffers
+            # shared anew for every push would pile them up for the trainer's whole run. So every push shares
+            # fresh storages of the same sizes, which torch's cache hands back as the same blocks once the server's
+            # ranks gave their mappings back (a block a rank still maps stays out of reuse: never rewritten under
+            # it).
+            nbytes, count = self.buffers[0].nbytes, len(self.buffers)
+            self._drop_buffers()
+        else:
+            self.close()
         self.buffers = [allocate_buffer(nbytes, self.device, reusable=True) for _ in range(count)]
+
+    def _drop_buffers(self) -> None:
+        for b in self.buffers:
+            b.release()
+        self.buffers = []
 
     def _plan(self, named_tensors) -> tuple[dict[str, torch.Tensor], list[TensorInfo], list[Bucket]]:
         tensors = {name: t.detach().contiguous() for name, t in named_tensors}

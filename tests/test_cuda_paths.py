@@ -242,3 +242,36 @@ def test_trainer_push_never_moves_the_trainers_current_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     server = ServerPlacement("cuda", ["GPU-a", "GPU-b"], tp_size=2)
     assert trainer_mod.TrainerPush("http://127.0.0.1:9")._choose_device(server) == torch.device("cuda", 2)
+
+
+class FakeBuffer:
+    def __init__(self, nbytes, device, reusable=False):
+        self.nbytes, self.device, self.released = nbytes, device, False
+
+    def release(self):
+        self.released = True
+
+
+@pytest.mark.parametrize("kind", ["cuda", "cpu"])
+def test_local_push_shares_fresh_cuda_storages_for_every_push_and_keeps_shared_memory(monkeypatch, kind):
+    """torch nests an IPC record into a CUDA storage each time it is shared, kept until the storage is freed: a
+    LocalPush's CUDA buffers are made again (same sizes, from torch's cache) for every push, the old ones released
+    first, without handing the cache back to the device; shared-memory buffers are kept across pushes."""
+    from sglang_ckpt_plugin import local_push
+
+    monkeypatch.setattr(local_push, "allocate_buffer", FakeBuffer)
+    emptied = []
+    monkeypatch.setattr(local_push, "return_cached_device_memory", lambda: emptied.append(True))
+    pusher = local_push.LocalPush("http://127.0.0.1:9")
+    pusher.device = torch.device(kind, 0) if kind == "cuda" else torch.device("cpu")
+    pusher._ensure_buffers(100, 2)
+    first = list(pusher.buffers)
+    emptied.clear()
+    pusher._ensure_buffers(80, 1)  # a smaller push: the buffers it has serve it
+    if kind == "cuda":
+        assert all(b.released for b in first) and not set(map(id, pusher.buffers)) & set(map(id, first))
+        assert [b.nbytes for b in pusher.buffers] == [100, 100] and emptied == []
+    else:
+        assert pusher.buffers == first and not any(b.released for b in first)
+    pusher._ensure_buffers(200, 1)  # larger: made again, and on a GPU the old blocks go back to the device
+    assert [b.nbytes for b in pusher.buffers] == [200] and emptied == ([True] if kind == "cuda" else [])
