@@ -105,18 +105,11 @@ def import_baseline_rss() -> int:
 
 
 def scheduler_pid(server_pid: int) -> int | None:
-    """The TP-0 scheduler process of a server (its title is set by SGLang)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            stat_fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat_fields[2]) == server_pid and "scheduler" in cmdline:
-            return int(entry.name)
-    return None
+    """The (first) scheduler process of a server."""
+    from sglang_ckpt_plugin.demo.processes import scheduler_pids
+
+    found = scheduler_pids(server_pid)
+    return found[0] if found else None
 
 
 def _rss(pid: int) -> dict[str, int]:

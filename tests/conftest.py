@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from sglang_ckpt_plugin.demo import evidence
+from sglang_ckpt_plugin.demo.processes import our_leftovers  # noqa: F401 (the tests import it from here)
 from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
-from sglang_ckpt_plugin.transport.channel import socket_dir
-from sglang_ckpt_plugin.transport.handles import SHM_DIR, SHM_PREFIX
 
 PROMPT = [1, 5, 6, 7, 8, 9, 10]
 NEW_TOKENS = 12
@@ -173,13 +172,6 @@ def communicate_or_dump(child: subprocess.Popen, timeout_s: float, what: str) ->
         child.kill()
         _, err = child.communicate()
         raise AssertionError(f"{what} still running after {timeout_s} s; its stacks:\n{err[-20000:]}") from None
-
-
-def our_leftovers() -> list[str]:
-    """Shared-memory segments and socket files of ours that still exist."""
-    shm = [f"{SHM_DIR}/{n}" for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIX)]
-    socks = [str(p) for p in socket_dir().iterdir()]
-    return shm + socks
 
 
 def pytest_runtest_setup(item):

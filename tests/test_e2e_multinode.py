@@ -19,6 +19,7 @@ import pytest
 
 from sglang_ckpt_plugin.demo.evidence import checksum
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
+from sglang_ckpt_plugin.demo.processes import children_of
 
 from .conftest import NEW_TOKENS, PROMPT, assert_serves, communicate_or_dump, our_leftovers, serve_other
 from .test_e2e_faults import FAULTY, info
@@ -244,28 +245,12 @@ def start_resident_group(servers, watched, status, logs) -> list[subprocess.Pope
     return procs
 
 
-def workers_of(agent_pid: int) -> list[int]:
-    """The processes a torchrun agent started (they run in their own sessions: killing the agent's group misses
-    them)."""
-    from pathlib import Path
-
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == agent_pid:  # ppid
-            found.append(int(stat.parent.name))
-    return found
-
-
 def stop_group(procs: list[subprocess.Popen]) -> None:
     import signal
 
     for p in procs:
         if p.poll() is None:
-            for pid in workers_of(p.pid):
+            for pid in children_of(p.pid):
                 os.kill(pid, signal.SIGKILL)
             os.killpg(p.pid, signal.SIGKILL)
         p.wait()
@@ -285,7 +270,7 @@ def test_a_resident_loader_group_that_loses_a_rank_stops_with_an_error(servers, 
         while "[sglang-ckpt watch] watching" not in logs[0].read_text():
             assert time.monotonic() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
             time.sleep(0.2)
-        for pid in workers_of(procs[1].pid):
+        for pid in children_of(procs[1].pid):
             os.kill(pid, signal.SIGKILL)
         assert procs[0].wait(timeout=120) != 0, logs[0].read_text()[-3000:]
         assert "a loader rank of this resident group is gone" in logs[0].read_text(), logs[0].read_text()[-3000:]

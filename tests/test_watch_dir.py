@@ -4,6 +4,7 @@ logic on real files (no server)."""
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,19 @@ def test_checkpoints_that_appeared_during_a_push_are_coalesced_the_newest_wins(c
     assert "passing over step-3: step-4 is newer" in capsys.readouterr().out
 
 
+def test_a_push_that_failed_is_tried_again_after_a_pause_and_a_behind_instance_is_refilled_meanwhile():
+    """A fleet whose push failed on one instance (it went down after the other committed) must not stay split: the
+    newest checkpoint is pushed again to every instance up once the pause is over (kill_anywhere.py found a fleet
+    left on step-7 and step-8 for good when a failed push skipped its checkpoint at once)."""
+    step8 = ckpt("step-8", 8)
+    resident = resident_deciding([step8], serving=ckpt("step-7", 7))
+    resident.push_retry_at = time.monotonic() + 60
+    restarted = InstanceState("http://b", True, "waiting", None)
+    assert resident.decide([UP_B, restarted]) == Action("refill", "/w/step-7", "step-7", (1,))
+    resident.push_retry_at = 0.0
+    assert resident.decide([UP_B, UP_B]) == Action("push", "/w/step-8", "step-8", (0, 1))
+
+
 def test_a_skipped_checkpoint_is_tried_again_only_once_its_files_change():
     step2 = ckpt("step-2", 2)
     resident = resident_deciding([step2], serving=ckpt("step-1", 1))
@@ -177,7 +191,8 @@ def test_a_resident_group_whose_nccl_communicator_failed_stops_instead_of_failin
 ):
     """A failed update on a group whose NCCL data group broke (the alarm sounded, the peers aborted their
     communicator; the alarm's key stays in the store): the group stops with an error, so torchrun's --max-restarts
-    starts it with a new communicator. Any other failed update is skipped and the group goes on watching."""
+    starts it with a new communicator. Any other failed update is tried again, and skipped once it failed
+    PUSH_ATTEMPTS times; the group goes on watching."""
     from types import SimpleNamespace
 
     import torch.distributed as dist
@@ -207,6 +222,13 @@ def test_a_resident_group_whose_nccl_communicator_failed_stops_instead_of_failin
     if nccl_failed:
         with pytest.raises(PeerFailed, match="NCCL communicator failed .*unhandled system error.*--max-restarts"):
             resident.execute(action, [UP_B])
-    else:
+    else:  # tried again after a pause (a server may be coming back), skipped once it failed PUSH_ATTEMPTS times
+        from sglang_ckpt_plugin.loader.resident import PUSH_ATTEMPTS
+
+        key = ("/w/step-2", ckpt("step-2", 2).signature)
+        for attempt in range(1, PUSH_ATTEMPTS):
+            resident.execute(action, [UP_B])
+            assert key not in resident.skipped and resident.failed_pushes[key] == attempt
+            assert resident.push_retry_at > time.monotonic()
         resident.execute(action, [UP_B])
-        assert resident.skipped[("/w/step-2", ckpt("step-2", 2).signature)] == "the update failed"
+        assert resident.skipped[key] == "the update failed"

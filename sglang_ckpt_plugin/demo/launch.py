@@ -18,6 +18,7 @@ import httpx
 
 from ..cpu_env import cpu_environment
 from ..loader.http import free_port  # noqa: F401  (re-exported: tests and bench start servers on it)
+from .processes import group_members
 
 
 def server_env(device: str = "cpu", extra: dict | None = None) -> dict[str, str]:
@@ -144,17 +145,7 @@ class SGLangServer:
 
     def group_pids(self) -> list[int]:
         """Live processes of the server's process group (not zombies)."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == self.proc.pid and fields[0] != "Z":
-                pids.append(int(entry.name))
-        return pids
+        return group_members(self.proc.pid)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc is None:

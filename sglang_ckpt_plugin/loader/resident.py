@@ -42,7 +42,8 @@ class Session(Protocol):
     def update(self, args: LoaderOptions, receivers: list[int]) -> Update: ...
 
 
-REFILL_RETRY_S = 5.0  # a refill that failed is tried again after this long
+REFILL_RETRY_S = 5.0  # a refill or a push that failed is tried again after this long
+PUSH_ATTEMPTS = 3  # a checkpoint whose push failed this often is skipped until its files change
 POLL_TIMEOUT_S = 2.0  # a server that does not answer /model_info within this is counted as down
 TAG = "[sglang-ckpt watch]"
 
@@ -91,7 +92,9 @@ class Resident:
         self.world, self.control = session.world, session.control
         self.watch = CheckpointWatch(Path(args.watch), args.ready_marker)
         self.serving: Candidate | None = None
-        self.skipped: dict[tuple, str] = {}  # (path, signature) -> why its push failed
+        self.skipped: dict[tuple, str] = {}  # (path, signature) -> why its push failed, PUSH_ATTEMPTS times
+        self.failed_pushes: dict[tuple, int] = {}  # (path, signature) -> pushes of it that failed so far
+        self.push_retry_at = 0.0  # a push that failed waits this long before the next (a server coming back)
         self.passed_over: set[str] = set()  # older checkpoints a newer one superseded before they were pushed
         self.up_since: dict[int, float] = {}  # instance -> the meeting that first saw its server answer
         self.retry_at: dict[int, float] = {}  # instance -> when a failed refill may be tried again
@@ -190,7 +193,7 @@ class Resident:
                 self.say(f"passing over {c.version}: {newer[-1].version} is newer")
         now = time.monotonic()
         may_refill = [self.retry_at.get(i, 0.0) <= now for i in range(len(states))]
-        self.newest = newer[-1] if newer else None
+        self.newest = newer[-1] if newer and now >= self.push_retry_at else None  # a failed push waits its turn
         return choose_action(self.newest, self.serving, states, may_refill)
 
     def agree(self, action: Action | None) -> Action:
@@ -226,13 +229,11 @@ class Resident:
         if action.kind == "push":
             if error is None:
                 self.serving = candidate
+                if candidate is not None:  # rank 0 keeps the record
+                    self.failed_pushes.pop((candidate.path, candidate.signature), None)
                 self.say(f"serving {action.version} on {where} ({took:.3f} s)")
             elif self.world.rank == 0:
-                self.skipped[(candidate.path, candidate.signature)] = str(error)
-                self.say(
-                    f"skipped {action.version}: {error} (the instances keep what they served; the directory is "
-                    "tried again once its files change)"
-                )
+                self.push_failed(candidate, action.version, error)
             return
         for i in action.instances:
             if error is None:
@@ -245,6 +246,26 @@ class Resident:
                 self.retry_at[i] = time.monotonic() + REFILL_RETRY_S
         if error is not None:
             self.say(f"refill of {where} failed: {error} (tried again in {REFILL_RETRY_S:g} s)")
+
+    def push_failed(self, candidate: Candidate, version: str, error: BaseException) -> None:
+        """Rank 0. A push fails for the checkpoint's sake (the servers refuse it) or for the moment's (a server went
+        down, a loader rank was lost mid-update, and an instance may have committed while another did not): it is
+        tried again after REFILL_RETRY_S, and skipped once it failed PUSH_ATTEMPTS times. Skipping at once would
+        leave a fleet that committed on some instances split across two versions until the next checkpoint."""
+        key = (candidate.path, candidate.signature)
+        self.failed_pushes[key] = attempts = self.failed_pushes.get(key, 0) + 1
+        if attempts >= PUSH_ATTEMPTS:
+            self.skipped[key] = str(error)
+            self.say(
+                f"skipped {version}: {error} (failed {attempts} times; the instances keep what they served; the "
+                "directory is tried again once its files change)"
+            )
+            return
+        self.push_retry_at = time.monotonic() + REFILL_RETRY_S
+        self.say(
+            f"push of {version} failed (attempt {attempts} of {PUSH_ATTEMPTS}): {error}; tried again in "
+            f"{REFILL_RETRY_S:g} s"
+        )
 
     # ------------------------------------------------------------------ status
     def write_status(self, states: list[InstanceState], stopped: bool = False) -> None:
