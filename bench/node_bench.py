@@ -45,6 +45,7 @@ from targets import Target, print_verdicts  # noqa: E402
 
 from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import free_port  # noqa: E402
+from sglang_ckpt_plugin.loader.cli import torchrun_command  # noqa: E402
 
 PROBE_EVERY_S = 0.25  # a 1-token request of this model takes ~0.1 s on 2 cores: a faster probe queues
 
@@ -56,9 +57,7 @@ def cli(url: str, ckpt: Path, version: str, *extra: str, tp: int = 1) -> list[st
 
 def torchrun(url: str, ckpt: Path, version: str, tp: int) -> list[str]:
     """One loader rank per TP rank (what a GPU server or several nodes take), on one node."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp)]
-    rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    return [*launcher, *rendezvous, *cli(url, ckpt, version, tp=tp)[1:]]
+    return torchrun_command(cli(url, ckpt, version, tp=tp)[3:], port=free_port(), nproc_per_node=tp)
 
 
 class Methods:
@@ -122,22 +121,9 @@ class Fleet:
 
     def two_nodes(self, version: str, ckpt: Path, _tensors=None, *extra: str) -> str:
         """``torchrun --nnodes 2 --node-rank i`` once per node, as on two machines; both nodes' output."""
-        rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-        procs = []
+        port, procs = free_port(), []
         for node, url in enumerate(self.urls):
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(node),
-                "--nproc-per-node",
-                "1",
-                *rendezvous,
-                *cli(url, ckpt, version, *extra)[1:],
-            ]
+            cmd = torchrun_command(cli(url, ckpt, version, *extra)[3:], port=port, nnodes=2, node_rank=node)
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outs = [p.communicate(timeout=900) for p in procs]
         for p, (out, err) in zip(procs, outs):

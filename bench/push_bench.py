@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port
 from sglang_ckpt_plugin.demo.tiny_model import model_config, word_tokenizer
+from sglang_ckpt_plugin.loader.cli import torchrun_command
 
 sys.path.insert(0, str(Path(__file__).parent))
 from alternation import Alternation  # noqa: E402
@@ -136,24 +137,7 @@ def loader_cmd(url: str, ckpt: Path, version: str, extra: list[str], ranks: int 
     if ranks == 1:
         return [sys.executable, "-m", "sglang_ckpt_plugin.update", *args]
     # a tp=1 server fed by 2 loader ranks: each reads half, rank 1 sends its half to rank 0 (p2p, over gloo)
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(ranks),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "sglang_ckpt_plugin.update",
-        "--update-method",
-        "p2p",
-        "--ranks",
-        "0",
-        *args,
-    ]
+    return torchrun_command(["--update-method", "p2p", "--ranks", "0", *args], port=free_port(), nproc_per_node=ranks)
 
 
 def time_push(url: str, ckpt: Path, version: str, extra: list[str], ranks: int = 1, sampler_pid=None) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port
+from sglang_ckpt_plugin.loader.cli import torchrun_command
 
 sys.path.insert(0, str(Path(__file__).parent))
 from alternation import Alternation  # noqa: E402
@@ -39,32 +40,9 @@ from targets import Target, print_verdicts  # noqa: E402
 def fleet_cmds(urls: list[str], ckpt: Path, version: str, extra: list[str]) -> list[list[str]]:
     """One torchrun per "node" (as on two machines), each loader rank feeding its own server (broadcast)."""
     port = free_port()
+    args = ["--checkpoint-path", str(ckpt), "--weight-version", version, "--quiet", *extra]
     return [
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            str(len(urls)),
-            "--node-rank",
-            str(i),
-            "--nproc-per-node",
-            "1",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(port),
-            "-m",
-            "sglang_ckpt_plugin.update",
-            "--checkpoint-path",
-            str(ckpt),
-            "--endpoint",
-            url,
-            "--weight-version",
-            version,
-            "--quiet",
-            *extra,
-        ]
+        torchrun_command(["--endpoint", url, *args], port=port, nnodes=len(urls), node_rank=i)
         for i, url in enumerate(urls)
     ]
 

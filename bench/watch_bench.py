@@ -37,6 +37,7 @@ from targets import Target, print_verdicts  # noqa: E402
 
 from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port  # noqa: E402
+from sglang_ckpt_plugin.loader.cli import torchrun_command  # noqa: E402
 
 
 def version_of(url: str) -> str | None:
@@ -77,24 +78,7 @@ def start_loaders(urls: list[str], watched: Path, log: Path, extra: list[str]) -
         ]
     port, procs = free_port(), []
     for node, url in enumerate(urls):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            str(len(urls)),
-            "--node-rank",
-            str(node),
-            "--nproc-per-node",
-            "1",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(port),
-            *args,
-            "--endpoint",
-            url,
-        ]
+        cmd = torchrun_command([*args[2:], "--endpoint", url], port=port, nnodes=len(urls), node_rank=node)
         procs.append(subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True))
     return procs
 

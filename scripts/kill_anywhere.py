@@ -35,10 +35,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from watch_bench import link_checkpoint  # noqa: E402
+
 from sglang_ckpt_plugin.demo import evidence  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port  # noqa: E402
 from sglang_ckpt_plugin.demo.processes import children_of, our_leftovers, scheduler_pids  # noqa: E402
 from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model  # noqa: E402
+from sglang_ckpt_plugin.loader.cli import torchrun_command  # noqa: E402
 
 MOMENTS = ("staging", "staged", "committing", "committed", "delay")
 PROGRESS = {"staging": 0, "staged": 1, "committing": 2, "committed": 3}  # an update's states on the server, in order
@@ -56,15 +60,6 @@ def staging_of(url: str) -> tuple[str | None, str | None]:
     doc = info(url)
     staging = (doc or {}).get("ckpt_plugin", {}).get("staging") or {}
     return staging.get("state"), staging.get("update_id")
-
-
-def link_checkpoint(src: Path, dst: Path) -> None:
-    """A complete step directory in one go: every file hard-linked, then renamed into place."""
-    tmp = dst.with_name(f".{dst.name}")
-    tmp.mkdir()
-    for f in src.iterdir():
-        os.link(f, tmp / f.name)
-    os.rename(tmp, dst)
 
 
 class Fleet:
@@ -88,34 +83,9 @@ class Fleet:
         port, env = free_port(), {**os.environ, "SGLANG_CKPT_READ_RATE": READ_RATE}
         self.group = []
         for node, srv in enumerate(self.servers):
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(node),
-                "--nproc-per-node",
-                "1",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(port),
-                "-m",
-                "sglang_ckpt_plugin.update",
-                "--watch",
-                str(self.watched),
-                "--endpoint",
-                srv.url,
-                "--quiet",
-                "--timeout",
-                "120",
-                "--poll-s",
-                "0.2",
-                "--bucket-size",
-                "256K",
-            ]
+            loader = ["--watch", str(self.watched), "--endpoint", srv.url, "--quiet", "--timeout", "120"]
+            loader += ["--poll-s", "0.2", "--bucket-size", "256K"]
+            cmd = torchrun_command(loader, port=port, nnodes=2, node_rank=node)
             log = open(self.work / f"loader{node}-{self.starts}.log", "w")
             self.group.append(
                 subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

@@ -20,6 +20,7 @@ import pytest
 from sglang_ckpt_plugin.demo.evidence import checksum
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
 from sglang_ckpt_plugin.demo.processes import children_of
+from sglang_ckpt_plugin.loader.cli import torchrun_command
 
 from .conftest import NEW_TOKENS, PROMPT, assert_serves, communicate_or_dump, our_leftovers, serve_other
 from .test_e2e_faults import FAULTY, info
@@ -212,34 +213,8 @@ def test_a_loader_rank_killed_while_a_fleet_stages_changes_no_instance(servers, 
 def start_resident_group(servers, watched, status, logs) -> list[subprocess.Popen]:
     port, procs = free_port(), []
     for node, srv in enumerate(servers):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "2",
-            "--node-rank",
-            str(node),
-            "--nproc-per-node",
-            "1",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(port),
-            "-m",
-            "sglang_ckpt_plugin.update",
-            "--watch",
-            str(watched),
-            "--endpoint",
-            srv.url,
-            "--quiet",
-            "--timeout",
-            "120",
-            "--poll-s",
-            "0.2",
-            "--status-file",
-            str(status),
-        ]
+        loader = ["--watch", str(watched), "--endpoint", srv.url, "--quiet", "--timeout", "120", "--poll-s", "0.2"]
+        cmd = torchrun_command([*loader, "--status-file", str(status)], port=port, nnodes=2, node_rank=node)
         with open(logs[node], "w") as out:
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
     return procs

@@ -214,6 +214,32 @@ def without_api_key(argv: list[str]) -> list[str]:
     return out
 
 
+def torchrun_command(
+    loader_args: list[str], *, port: int, nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0
+) -> list[str]:
+    """torchrun (``python -m torch.distributed.run``) starting this loader with ``loader_args``: node ``node_rank``
+    of ``nnodes`` (one command per machine), ``nproc_per_node`` loader ranks on it, rendezvous at 127.0.0.1:port
+    (node 0's address where the nodes are machines)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(nnodes),
+        "--node-rank",
+        str(node_rank),
+        "--nproc-per-node",
+        str(nproc_per_node),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        "sglang_ckpt_plugin.update",
+        *loader_args,
+    ]
+
+
 def relaunch_under_torchrun(nproc: int, argv: list[str], api_key: str | None) -> None:
     """Replace this process with ``torchrun --nproc-per-node N -m sglang_ckpt_plugin.update <same args>``
     on this node (the rendezvous listens on 127.0.0.1). Multi-node runs call torchrun themselves."""
@@ -222,22 +248,7 @@ def relaunch_under_torchrun(nproc: int, argv: list[str], api_key: str | None) ->
     if api_key:
         os.environ[API_KEY_ENV] = api_key
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--nnodes",
-        "1",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
-        "-m",
-        "sglang_ckpt_plugin.update",
-        *without_api_key(argv),
-    ]
+    cmd = torchrun_command(without_api_key(argv), port=port, nproc_per_node=nproc)
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
 
