@@ -151,6 +151,8 @@ def serving_state(url: str, references: dict[str, str]) -> tuple[str, str | None
         if not doc.get("weights_loaded"):
             body = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}}
             code = httpx.post(f"{url}/generate", json=body, timeout=60).status_code
+            if code != 503 and (info(url) or {}).get("weights_loaded"):
+                return serving_state(url, references)  # a refill completed between the two questions
             assert code == 503, f"{url}: gate shut but generation answered {code}"
             return "closed", doc.get("weight_version")
         served = evidence.checksum(url)
@@ -204,7 +206,9 @@ def trial(fleet: Fleet, number: int, rng: random.Random, ckpts: dict[str, Path],
     link_checkpoint(ckpts[want], fleet.watched / version)
     seen = wait_for_moment(srv.url, moment, previous, rng, timeout_s=30)
     if victim == "loader":
-        ranks = fleet.loader_ranks()
+        deadline = time.monotonic() + 60  # a group restarted by the last trial may still be starting its ranks
+        while len(ranks := fleet.loader_ranks()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert len(ranks) == 2, f"the loader group runs {len(ranks)} ranks:\n" + fleet.logs_tail()
         _kill(ranks[node])
     else:
