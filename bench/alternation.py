@@ -34,19 +34,18 @@ class Alternation:
     served: dict[str, int] = field(default_factory=dict)  # url -> index of the checkpoint it serves now
     mismatches: list[str] = field(default_factory=list)
 
-    def record(self, url: str) -> None:
-        """SGLang's own reload of B, then of A, on ``url``: the references (for servers of ``url``'s layout); leaves
-        ``url`` serving A."""
+    def record(self, urls: list[str]) -> None:
+        """SGLang's own reload of B, then of A, on the first of ``urls`` (servers of one layout): the references;
+        then SGLang's reload of A on the others, so that all of them serve A."""
         for index in (1, 0):
-            time_disk_update(url, self.paths[index], f"reference-{'AB'[index]}")
-            self.reference[index] = self.observe(url)
-            self.served[url] = index
+            time_disk_update(urls[0], self.paths[index], f"reference-{'AB'[index]}")
+            self.reference[index] = self.observe(urls[0])
         if self.reference[0] == self.reference[1]:
             raise RuntimeError("A and B look the same to the check: the bench could not tell a write from none")
-
-    def serving(self, url: str, index: int) -> None:
-        """``url`` serves checkpoint ``index`` (after a reload the bench made itself, not a timed method)."""
-        self.served[url] = index
+        for url in urls[1:]:
+            time_disk_update(url, self.paths[0], "reference-A")
+        for url in urls:
+            self.served[url] = 0
 
     def next_index(self, urls: list[str]) -> int:
         """The checkpoint none of ``urls`` serves now (they serve one together)."""

@@ -148,10 +148,7 @@ def bench_methods(setting: str, urls: list[str], pair: Alternation, methods: dic
     """Each method twice a round: alone (what the caller waits for), then under the request probe (the pause); each
     run writes the checkpoint the servers do not serve, and then their checksums must be SGLang's for that one."""
     rows: dict[str, dict] = {}
-    pair.record(urls[0])  # this layout's checksums of A and B after SGLang's own reloads; leaves urls[0] on A
-    Fleet(urls).disk("reference-A", pair.path(0))
-    for url in urls:
-        pair.serving(url, 0)
+    pair.record(urls)  # this layout's checksums of A and B after SGLang's own reloads; leaves every server on A
 
     def turn(name: str, update, version: str) -> tuple[Callable[[], str], int]:
         k = pair.next_index(urls)

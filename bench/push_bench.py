@@ -182,7 +182,7 @@ def size_scaling(
             srv.wait_listening(timeout_s=900)
             time_push(srv.url, pair.path(0), "first", extra)
             srv.wait_healthy(timeout_s=900)
-            pair.record(srv.url)
+            pair.record([srv.url])
             times = []
             for i in range(2):
                 k = pair.next_index([srv.url])
@@ -237,7 +237,7 @@ def main() -> int:
         ready_dummy_s = time.perf_counter() - t_start
         dummy_load_s = startup_load_weight_s(log)
         sched = scheduler_pid(srv.proc.pid)
-        pair.record(url)  # SGLang's own reloads of B and A: the references; leaves A served
+        pair.record([url])  # SGLang's own reloads of B and A: the references; leaves A served
 
         def turn(method: str, update, version: str):
             """One timed update with the checkpoint not served now; then it must serve exactly that one."""

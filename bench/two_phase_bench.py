@@ -161,7 +161,7 @@ def main() -> int:
         urls = [servers[0].url]
         run_all([loader_cmd(urls[0], ckpt, "initial", ["--timeout", "900"])])
         servers[0].wait_healthy(timeout_s=300)
-        pair.record(urls[0])  # SGLang's own reloads of B and A: the references; leaves A served
+        pair.record(urls[:1])  # SGLang's own reloads of B and A: the references; leaves A served
         single = {name: m for name, m in methods.items() if m[0] == 1}
         fleet = {name: m for name, m in methods.items() if m[0] == 2}
         rounds(pair, single, urls, a.repeats, rows, skews)

@@ -107,10 +107,7 @@ def bench(setting: str, servers: list[SGLangServer], pair: Alternation, work: Pa
     watched, log = work / f"watched-{setting}", work / f"watch-{setting}.log"
     shutil.rmtree(watched, ignore_errors=True)
     watched.mkdir()
-    pair.record(urls[0])  # checksums of A and B after SGLang's own reloads; leaves urls[0] on A
-    fleet.disk("initial", pair.path(0))
-    for url in urls:
-        pair.serving(url, 0)
+    pair.record(urls)  # checksums of A and B after SGLang's own reloads; leaves every server on A
     loaders = start_loaders(urls, watched, log, SETTINGS[setting][1])
     disk, resident, refill = [], [], []
     try:

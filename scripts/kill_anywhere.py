@@ -40,7 +40,13 @@ from watch_bench import link_checkpoint  # noqa: E402
 
 from sglang_ckpt_plugin.demo import evidence  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port  # noqa: E402
-from sglang_ckpt_plugin.demo.processes import children_of, our_leftovers, scheduler_pids  # noqa: E402
+from sglang_ckpt_plugin.demo.processes import (  # noqa: E402
+    alive,
+    children_of,
+    our_leftovers,
+    scheduler_pids,
+    stop_torchrun_group,
+)
 from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model  # noqa: E402
 from sglang_ckpt_plugin.loader.cli import torchrun_command  # noqa: E402
 
@@ -106,18 +112,10 @@ class Fleet:
         return False
 
     def stop_group(self) -> None:
-        for p in self.group:
-            for pid in children_of(p.pid):
-                _kill(pid)
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            p.wait()
+        stop_torchrun_group(self.group)
 
     def live_loader_pids(self) -> list[int]:
-        return [pid for pid in self.seen_loader_pids if _alive(pid)]
+        return [pid for pid in self.seen_loader_pids if alive(pid)]
 
     def logs_tail(self) -> str:
         tails = []
@@ -125,14 +123,6 @@ class Fleet:
             path = self.work / f"loader{node}-{self.starts}.log"
             tails.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
         return "\n".join(tails)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _kill(pid: int) -> None:

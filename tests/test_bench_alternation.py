@@ -15,8 +15,7 @@ A, B = "checksum-of-A", "checksum-of-B"
 def pair_showing(shown: dict[str, str]) -> Alternation:
     pair = Alternation((Path("a"), Path("b")), observe=lambda url: shown[url])
     pair.reference = {0: A, 1: B}
-    for url in shown:
-        pair.serving(url, 0)
+    pair.served = dict.fromkeys(shown, 0)
     return pair
 
 
@@ -48,6 +47,6 @@ def test_a_half_written_update_or_one_instance_left_behind_fails():
 
 def test_servers_that_serve_different_checkpoints_have_no_next():
     pair = pair_showing({"s1": A, "s2": B})
-    pair.serving("s2", 1)
+    pair.served["s2"] = 1
     with pytest.raises(RuntimeError, match="serve different checkpoints"):
         pair.next_index(["s1", "s2"])

@@ -19,7 +19,7 @@ import pytest
 
 from sglang_ckpt_plugin.demo.evidence import checksum
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
-from sglang_ckpt_plugin.demo.processes import children_of
+from sglang_ckpt_plugin.demo.processes import children_of, stop_torchrun_group
 from sglang_ckpt_plugin.loader.cli import torchrun_command
 
 from .conftest import NEW_TOKENS, PROMPT, assert_serves, communicate_or_dump, our_leftovers, serve_other
@@ -220,17 +220,6 @@ def start_resident_group(servers, watched, status, logs) -> list[subprocess.Pope
     return procs
 
 
-def stop_group(procs: list[subprocess.Popen]) -> None:
-    import signal
-
-    for p in procs:
-        if p.poll() is None:
-            for pid in children_of(p.pid):
-                os.kill(pid, signal.SIGKILL)
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-
-
 def test_a_resident_loader_group_that_loses_a_rank_stops_with_an_error(servers, tmp_path):
     """A loader rank of a resident group dies (SIGKILL): the group stops, exit status != 0, nothing left behind."""
     import signal
@@ -251,7 +240,7 @@ def test_a_resident_loader_group_that_loses_a_rank_stops_with_an_error(servers, 
         assert "a loader rank of this resident group is gone" in logs[0].read_text(), logs[0].read_text()[-3000:]
         assert procs[1].wait(timeout=120) != 0, logs[1].read_text()[-3000:]
     finally:
-        stop_group(procs)
+        stop_torchrun_group(procs)
     assert set(our_leftovers()) - before == set()
     assert [version(srv) for srv in servers] == served
 
@@ -302,7 +291,7 @@ def test_a_resident_loader_group_keeps_the_fleet_on_the_newest_checkpoint(server
         assert "[sglang-ckpt watch] stopped" in logs[0].read_text(), logs[0].read_text()[-3000:]
         assert json.loads(status.read_text())["stopped"] is True
     finally:
-        stop_group(procs)
+        stop_torchrun_group(procs)
     assert set(our_leftovers()) - before == set()
     for srv in servers:
         assert info(srv.url)["ckpt_plugin"]["staging"]["state"] in ("committed", "released")

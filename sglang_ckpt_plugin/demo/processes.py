@@ -5,6 +5,8 @@ tests, the benches and the kill script to stop what they started and to check th
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 from ..transport.channel import socket_dir
@@ -34,6 +36,31 @@ def children_of(pid: int) -> list[int]:
     """The processes ``pid`` started (a torchrun agent's workers run in their own sessions: killing the agent's
     group misses them)."""
     return [child for child, state, ppid, _ in _stats() if ppid == pid and state != "Z"]
+
+
+def alive(pid: int) -> bool:
+    """``pid`` runs (a zombie does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def stop_torchrun_group(agents: list[subprocess.Popen]) -> None:
+    """SIGKILL torchrun agents and the workers each started (in their own sessions), then reap the agents."""
+    for agent in agents:
+        if agent.poll() is None:
+            for pid in children_of(agent.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                os.killpg(agent.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        agent.wait()
 
 
 def scheduler_pids(server_pid: int) -> list[int]:
