@@ -7,7 +7,8 @@ variant the server's parameters must be byte-identical to the checkpoint (xxh3 o
 memory back to the baseline. Variants: defaults, --verify, small buckets with --num-buffers 1, (CUDA) the loader
 seeing the GPU only by UUID, expandable_segments:True, --device cpu (shared memory, the server copies), and
 LocalPush of in-memory tensors (x, 2x, 3x; on CUDA the third push must not have grown the server's memory use nor
-the pusher's reserved memory over the first). TrainerPush is not here: its NCCL group needs a second GPU and
+the pusher's reserved memory over the first). Then what failures leave behind (bench/leak_check.py): failed
+updates, a refused LocalPush, the pinned staging chunks. TrainerPush is not here: its NCCL group needs a second GPU and
 SGLang's group helper (its refusal path runs on CPU in tests/test_e2e_push.py). Prints pinned host-to-device and
 device-to-device copy rates measured in the same run, push rates and their ratios. ``--device cpu`` runs the same
 steps on the CPU path (test suite).
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
+from leak_check import failed_updates, pinned_staging_row, pusher_memory_row, refused_local_push  # noqa: E402
 from read_bench import copy_rate, read_once_s  # noqa: E402
 
 from sglang_ckpt_plugin.loader.http import free_port  # noqa: E402
@@ -160,7 +162,15 @@ def main() -> int:
         default=None,
         help="time to ready: the stand-in answers after this many seconds (default: 15 on cuda, 3 on cpu)",
     )
+    p.add_argument(
+        "--failed-updates",
+        type=int,
+        default=None,
+        help="failed updates the leak rows make (default: 20 on cuda, 3 on cpu)",
+    )
     a = p.parse_args()
+    if a.failed_updates is None:
+        a.failed_updates = 20 if a.device == "cuda" else 3
     if a.start_delay is None:
         a.start_delay = 15.0 if a.device == "cuda" else 3.0
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -236,7 +246,13 @@ def main() -> int:
             seconds, stages = push(url, ckpt, name.replace(" ", "_")[:40], args, env_with_repo(**env))
             check.record(name, nbytes, seconds, expected, h2d)
             check.stages.append(f"{name}: {stages}")
+        row, ok = failed_updates(url, ckpt, a.failed_updates, env_with_repo())
+        check.rows.append(row)
+        check.ok &= ok
         local_push(url, device, tensors, check, d2d)
+        row, ok = pinned_staging_row(device)
+        check.rows.append(row)
+        check.ok &= ok
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -369,6 +385,7 @@ def local_push(url: str, device: torch.device, tensors: dict, check: Check, d2d:
 
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     server_free, pusher_held = [], []  # after each push: repeated pushes must not grow either side's memory
+    allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     with LocalPush(url, timeout_s=300) as pusher:
         for k in (1, 2, 3):
             scaled = {n: t * k for n, t in tensors.items()}  # on the CPU: the expected bytes
@@ -386,6 +403,10 @@ def local_push(url: str, device: torch.device, tensors: dict, check: Check, d2d:
                 torch.cuda.synchronize()
                 server_free.append(check.memory())
                 pusher_held.append(torch.cuda.memory_reserved(device))
+        refused_ok = refused_local_push(pusher, url, tensors, device)  # then closed: every buffer given back
+    row, ok = pusher_memory_row(device, allocated_before, refused_ok)
+    check.rows.append(row)
+    check.ok &= ok
     if device.type == "cuda":
         grown = {"server": server_free[0] - server_free[-1], "pusher": pusher_held[-1] - pusher_held[0]}
         check.ok &= max(grown.values()) <= MEMORY_SLACK

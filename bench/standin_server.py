@@ -3,7 +3,9 @@
 It speaks the HTTP the loader needs (``/model_info``, ``/update_weights_from_ipc``) and serves each update with
 the plugin's real receiver (``ReceiveSession``) in this process, on ``--device``, loading into a plain torch
 module whose parameters are made from the checkpoint's header. ``/digests`` gives xxh3 of every parameter's bytes
-and ``/memory`` this device's free memory, so the check can prove byte identity and that nothing was kept.
+and ``/memory`` this device's free memory and the mappings the receiver parked, so the check can prove byte
+identity and that nothing was kept. ``POST /fail_next`` makes updates fail in the dry run or in the load until cleared
+(bench/leak_check.py).
 
     python bench/standin_server.py --checkpoint DIR --device cuda --port 31000
 
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sglang_ckpt_plugin.loader.checkpoint import dtype_name, read_checkpoint  # noqa: E402
-from sglang_ckpt_plugin.server import staging  # noqa: E402
+from sglang_ckpt_plugin.server import receiver, staging  # noqa: E402
 from sglang_ckpt_plugin.server.receiver import ReceiveSession  # noqa: E402
 from sglang_ckpt_plugin.server.validate import CheckedUpdate  # noqa: E402
 from sglang_ckpt_plugin.transport.handles import device_rank_key  # noqa: E402
@@ -45,6 +47,7 @@ class Weights:
             for t in read_checkpoint(checkpoint)
         }
         self.version: str | None = None
+        self.fail_at: str | None = None  # "validate" or "load": updates fail there until cleared (POST /fail_next)
 
     def reset(self) -> None:
         for param in self.params.values():
@@ -53,6 +56,8 @@ class Weights:
 
     def validate(self, manifest, partial: bool, allow_unused: bool) -> CheckedUpdate:
         """The receiver's dry run: every name known, dtype and shape as served; coverage per parameter."""
+        if self.fail_at == "validate":
+            raise ValueError("refused by the stand-in (POST /fail_next), as a checkpoint that does not fit")
         for name, dtype, shape in manifest:
             param = self.params.get(name)
             if param is None:
@@ -67,6 +72,9 @@ class Weights:
         return CheckedUpdate({name: ((0, self.params[name].nbytes),) for name in names})
 
     def load_weights(self, weights) -> None:
+        if self.fail_at == "load":
+            held = list(weights)  # as a model's loader holds its arguments when it raises
+            raise KeyError(f"the stand-in's load_weights fails (POST /fail_next) on {held[0][0]!r}")
         for name, tensor in weights:
             self.params[name].copy_(tensor)  # D2D from a CUDA IPC view, H2D from shared memory
 
@@ -78,12 +86,16 @@ class Weights:
         return {name: f"{tensor_digest(p.reshape(-1).view(torch.uint8).cpu()):016x}" for name, p in self.params.items()}
 
     def memory(self) -> dict:
+        """This device's free memory, and the loader mappings the receiver parked for good (a model kept views)."""
+        parked = len(receiver._KEPT_ALIVE)
         if self.device.type != "cuda":
-            return {"free_bytes": None, "allocated_bytes": None}
+            return {"free_bytes": None, "allocated_bytes": None, "reserved_bytes": None, "kept_alive": parked}
         torch.cuda.synchronize(self.device)
         return {
             "free_bytes": torch.cuda.mem_get_info(self.device)[0],
             "allocated_bytes": torch.cuda.memory_allocated(self.device),
+            "reserved_bytes": torch.cuda.memory_reserved(self.device),
+            "kept_alive": parked,
         }
 
 
@@ -127,6 +139,10 @@ def make_handler(weights: Weights, key: str):
             if self.path == "/reset":
                 weights.reset()
                 self._reply(200, {"success": True, "message": "every parameter holds the marker again"})
+                return
+            if self.path == "/fail_next":
+                weights.fail_at = body["at"]  # a commit retried from the staged bytes fails again
+                self._reply(200, {"success": True, "message": f"updates fail at {body['at']} until cleared"})
                 return
             if self.path != "/update_weights_from_ipc":
                 self._reply(404, {"success": False, "message": "not here"})

@@ -49,9 +49,11 @@ from sglang_ckpt_plugin.demo.processes import (  # noqa: E402
 )
 from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model  # noqa: E402
 from sglang_ckpt_plugin.loader.cli import torchrun_command  # noqa: E402
+from sglang_ckpt_plugin.loader.watchdog import GRACE_S  # noqa: E402
 
 MOMENTS = ("staging", "staged", "committing", "committed", "delay")
 PROGRESS = {"staging": 0, "staged": 1, "committing": 2, "committed": 3}  # an update's states on the server, in order
+LOADER_TIMEOUT_S = 120  # the loaders' --timeout; a rank that lost its peer exits within it plus the watchdog's grace
 READ_RATE = "2M"  # bytes/s per loader rank: staging takes about a second, so kills land inside it
 
 
@@ -74,6 +76,7 @@ class Fleet:
         self.watched.mkdir()
         self.servers = [SGLangServer(model, work / f"server{i}.log", extra_args=["--sleep-on-idle"]) for i in range(2)]
         self.group: list[subprocess.Popen] = []
+        self.logs: list = []  # the group's log files, closed when the next group starts and at the end
         self.starts = 0
         self.seen_loader_pids: set[int] = set()
 
@@ -87,12 +90,22 @@ class Fleet:
         """One resident loader per node, as on two machines (torchrun --nnodes 2)."""
         self.starts += 1
         port, env = free_port(), {**os.environ, "SGLANG_CKPT_READ_RATE": READ_RATE}
+        self.close_logs()
         self.group = []
         for node, srv in enumerate(self.servers):
-            loader = ["--watch", str(self.watched), "--endpoint", srv.url, "--quiet", "--timeout", "120"]
+            loader = [
+                "--watch",
+                str(self.watched),
+                "--endpoint",
+                srv.url,
+                "--quiet",
+                "--timeout",
+                str(LOADER_TIMEOUT_S),
+            ]
             loader += ["--poll-s", "0.2", "--bucket-size", "256K"]
             cmd = torchrun_command(loader, port=port, nnodes=2, node_rank=node)
             log = open(self.work / f"loader{node}-{self.starts}.log", "w")
+            self.logs.append(log)
             self.group.append(
                 subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
             )
@@ -113,15 +126,32 @@ class Fleet:
 
     def stop_group(self) -> None:
         stop_torchrun_group(self.group)
+        self.close_logs()
+
+    def close_logs(self) -> None:
+        for log in self.logs:
+            log.close()
+        self.logs = []
+
+    def stacks_of_live_ranks(self) -> str:
+        """The Python stacks of the loader ranks still running (the loader dumps them on SIGUSR1 into its log)."""
+        live = self.live_loader_pids()
+        for pid in live:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+        return f"ranks still running: {live}\n" + self.logs_tail(lines=80)
 
     def live_loader_pids(self) -> list[int]:
         return [pid for pid in self.seen_loader_pids if alive(pid)]
 
-    def logs_tail(self) -> str:
+    def logs_tail(self, lines: int = 15) -> str:
         tails = []
         for node in range(2):
             path = self.work / f"loader{node}-{self.starts}.log"
-            tails.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+            tails.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(tails)
 
 
@@ -188,9 +218,16 @@ def converge(fleet: Fleet, version: str, want: str, references: dict[str, str], 
     )
 
 
-def trial(fleet: Fleet, number: int, rng: random.Random, ckpts: dict[str, Path], references: dict[str, str]) -> str:
+def trial(
+    fleet: Fleet,
+    number: int,
+    rng: random.Random,
+    ckpts: dict[str, Path],
+    references: dict[str, str],
+    victims: tuple[str, ...] = ("loader", "server"),
+) -> str:
     want, version = "AB"[number % 2], f"step-{number}"
-    victim, node, moment = rng.choice(("loader", "server")), rng.randrange(2), rng.choice(MOMENTS)
+    victim, node, moment = rng.choice(victims), rng.randrange(2), rng.choice(MOMENTS)
     srv = fleet.servers[node]
     previous = staging_of(srv.url)[1]
     link_checkpoint(ckpts[want], fleet.watched / version)
@@ -207,7 +244,10 @@ def trial(fleet: Fleet, number: int, rng: random.Random, ckpts: dict[str, Path],
     # right after the kill: whatever each live instance serves is one whole checkpoint, or nothing
     now = [serving_state(s.url, references)[0] for s in fleet.servers]
     if victim == "loader":
-        assert fleet.group_exited(90), "the group did not stop after losing a rank:\n" + fleet.logs_tail()
+        # a rank still joining the group when its peer (the store's host) died waits out the store's --timeout
+        assert fleet.group_exited(LOADER_TIMEOUT_S + GRACE_S), (
+            "the group did not stop after losing a rank:\n" + fleet.stacks_of_live_ranks()
+        )
         fleet.start_group()
     else:
         deadline = time.monotonic() + 60
@@ -233,7 +273,9 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--victims", default="loader,server", help="what may be killed: loader, server or both")
     a = p.parse_args()
+    victims = tuple(a.victims.split(","))
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-kill-"))
     work.mkdir(parents=True, exist_ok=True)
     ckpts = {
@@ -257,7 +299,7 @@ def main() -> int:
         for number in range(1, a.trials + 1):
             t0 = time.monotonic()
             try:
-                said = trial(fleet, number, rng, ckpts, references)
+                said = trial(fleet, number, rng, ckpts, references, victims)
                 no_leftovers(baseline)
                 line = f"trial {number}: ok in {time.monotonic() - t0:.0f} s: {said}"
             except AssertionError as exc:

@@ -48,6 +48,11 @@ def test_device_check_without_sglang_runs_on_the_cpu_path(tmp_path):
         if line.startswith(("| loader", "| LocalPush ")) and "| yes" in line or "| NO |" in line
     ]
     assert len(rows) == 7 and all("| yes |" in row for row in rows), rows  # 4 loader variants, 3 LocalPush pushes
+    # what failures leave behind (bench/leak_check.py): nothing parked, each failure said why, the refusal in words
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("| 3 failed updates (")]
+    assert len(failed) == 1 and "| each failed, with its reason | n/a (cpu), 0 loader mappings parked |" in failed[0]
+    refused = [line for line in proc.stdout.splitlines() if line.startswith("| LocalPush refused, then closed")]
+    assert len(refused) == 1 and "| refused with its reason |" in refused[0], refused
     sums = [line for line in proc.stdout.splitlines() if line.startswith("| word sums on cpu == on the host")]
     assert len(sums) == 1 and "| True |" in sums[0], sums
     assert "VERDICT PASS" in proc.stdout

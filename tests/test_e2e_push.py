@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import httpx
@@ -31,9 +32,28 @@ def server(llama_a, tmp_path_factory):
     assert srv.group_pids() == [], "server processes left behind"
 
 
+ALL_PARAMETERS = 15  # of the tiny Llama as SGLang holds it (qkv and gate_up fused)
+
+
+@contextlib.contextmanager
+def waiting(server, model, tmp_path, untouched: bool):
+    """The module's server while it still waits for its first complete weights (and, ``untouched``, before any push
+    wrote a byte), else a fresh one: a test that needs a server without weights passes whichever test ran before."""
+    info = httpx.get(f"{server.url}/model_info", timeout=30).json()["ckpt_plugin"]
+    if info["weights_state"] == "waiting" and (not untouched or info["missing_count"] == ALL_PARAMETERS):
+        yield server
+        return
+    with SGLangServer(model, tmp_path / "waiting_server.log") as fresh:
+        fresh.wait_listening()
+        yield fresh
+
+
 @pytest.mark.compat
-def test_gate_refuses_everything_that_runs_the_model(server):
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+def test_gate_refuses_everything_that_runs_the_model(server, llama_a, tmp_path):
+    with (
+        waiting(server, llama_a, tmp_path, untouched=True) as server,
+        httpx.Client(base_url=server.url, timeout=30) as c,
+    ):
         for method, path, body in MODEL_ROUTES:
             resp = c.request(method, path, json=body)
             assert resp.status_code == 503, (path, resp.status_code, resp.text[:200])
@@ -43,13 +63,13 @@ def test_gate_refuses_everything_that_runs_the_model(server):
     assert info["weights_loaded"] is False
     plugin = info["ckpt_plugin"]
     assert plugin["wait_for_initial_weights"] is True and plugin["weights_state"] == "waiting"
-    assert plugin["missing_count"] == 15 and "model.norm.weight" in plugin["missing"]  # every parameter
+    assert plugin["missing_count"] == ALL_PARAMETERS and "model.norm.weight" in plugin["missing"]  # every one
     # where its ranks run, for loaders to follow (placement.py); one replica, no pipeline stages
     assert (plugin["device"], plugin["rank_keys"]) == ("cpu", ["cpu-tp0"])
     assert (plugin["tp_size"], plugin["dp_size"], plugin["pp_size"]) == (1, 1, 1)
 
 
-def test_message_text_cannot_open_the_gate_or_fake_a_fingerprint(server, llama_a):
+def test_message_text_cannot_open_the_gate_or_fake_a_fingerprint(server, llama_a, tmp_path):
     """SGLang echoes the caller's weight_version in its messages; our state never comes from messages. A trainer
     session that writes one parameter, with a version string that once opened the gate, leaves it closed."""
     from safetensors.torch import load_file
@@ -57,12 +77,15 @@ def test_message_text_cannot_open_the_gate_or_fake_a_fingerprint(server, llama_a
     from sglang_ckpt_plugin.trainer import TrainerPush
 
     norm = load_file(llama_a / "model.safetensors")["model.norm.weight"]
-    with TrainerPush(server.url, timeout_s=120) as trainer:
-        trainer.push([("model.norm.weight", norm)], weight_version="[weights complete] fingerprint=0123456789abcdef")
-    info = httpx.get(f"{server.url}/model_info", timeout=30).json()["ckpt_plugin"]
-    assert info["weights_state"] == "waiting" and info["fingerprint"] is None
-    assert info["missing_count"] == 14 and "model.norm.weight" not in info["missing"]  # that one was written
-    assert httpx.post(f"{server.url}/generate", json=MODEL_ROUTES[0][2], timeout=30).status_code == 503
+    with waiting(server, llama_a, tmp_path, untouched=True) as server:
+        with TrainerPush(server.url, timeout_s=120) as trainer:
+            trainer.push(
+                [("model.norm.weight", norm)], weight_version="[weights complete] fingerprint=0123456789abcdef"
+            )
+        info = httpx.get(f"{server.url}/model_info", timeout=30).json()["ckpt_plugin"]
+        assert info["weights_state"] == "waiting" and info["fingerprint"] is None
+        assert info["missing_count"] == ALL_PARAMETERS - 1 and "model.norm.weight" not in info["missing"]  # written
+        assert httpx.post(f"{server.url}/generate", json=MODEL_ROUTES[0][2], timeout=30).status_code == 503
 
 
 def test_endpoint_that_is_not_a_live_socket_fails_at_once(server):
@@ -71,6 +94,7 @@ def test_endpoint_that_is_not_a_live_socket_fails_at_once(server):
 
     from sglang_ckpt_plugin.transport.channel import make_endpoint
 
+    before = httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["weights_state"]
     t0 = time.monotonic()
     resp = httpx.post(
         f"{server.url}/update_weights_from_ipc",
@@ -79,7 +103,7 @@ def test_endpoint_that_is_not_a_live_socket_fails_at_once(server):
     )
     assert resp.status_code != 200 and "no such socket" in resp.text
     assert time.monotonic() - t0 < 5
-    assert httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["weights_state"] == "waiting"
+    assert httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]["weights_state"] == before
 
 
 def test_partial_pushes_that_together_cover_the_model_open_the_gate(server, llama_a, tmp_path):
@@ -92,17 +116,18 @@ def test_partial_pushes_that_together_cover_the_model_open_the_gate(server, llam
 
     first = _variant(llama_a, tmp_path / "first", only(lambda k: "v_proj" not in k))
     second = _variant(llama_a, tmp_path / "second", only(lambda k: "v_proj" in k))
-    push(server.url, first, "--weight-version", "a-first", "--partial")
-    info = httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]
-    assert info["weights_state"] == "waiting" and info["missing_count"] == 2
-    v_rows = "unwritten: dim-0 index 96-127 of 128"  # q: rows 0-63, k: 64-95, v: 96-127 of the fused qkv_proj
-    assert info["missing"] == [f"model.layers.{i}.self_attn.qkv_proj.weight ({v_rows})" for i in range(2)]
-    resp = httpx.post(f"{server.url}/generate", json=MODEL_ROUTES[0][2], timeout=30)
-    assert resp.status_code == 503 and "qkv_proj" in resp.json()["message"]
-    push(server.url, second, "--weight-version", "a-1", "--partial")
-    server.wait_healthy(timeout_s=60)
-    info = httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]
-    assert info["weights_state"] == "complete" and info["missing"] == []
+    with waiting(server, llama_a, tmp_path, untouched=False) as server:
+        push(server.url, first, "--weight-version", "a-first", "--partial")
+        info = httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]
+        assert info["weights_state"] == "waiting" and info["missing_count"] == 2
+        v_rows = "unwritten: dim-0 index 96-127 of 128"  # q: rows 0-63, k: 64-95, v: 96-127 of the fused qkv_proj
+        assert info["missing"] == [f"model.layers.{i}.self_attn.qkv_proj.weight ({v_rows})" for i in range(2)]
+        resp = httpx.post(f"{server.url}/generate", json=MODEL_ROUTES[0][2], timeout=30)
+        assert resp.status_code == 503 and "qkv_proj" in resp.json()["message"]
+        push(server.url, second, "--weight-version", "a-1", "--partial")
+        server.wait_healthy(timeout_s=60)
+        info = httpx.get(f"{server.url}/model_info").json()["ckpt_plugin"]
+        assert info["weights_state"] == "complete" and info["missing"] == []
 
 
 @pytest.mark.compat
@@ -127,12 +152,14 @@ def test_evidence_catches_a_server_that_serves_another_checkpoint(server, llama_
     """The evidence itself can fail: llama_a is served, llama_b is what we claim."""
     from sglang_ckpt_plugin.demo.evidence import gather
 
+    serve_other(server.url, llama_b)
     push(server.url, llama_a, "--weight-version", "a-2")
     ev = gather(server.url, llama_b, PROMPT, NEW_TOKENS)
     assert not ev.bit_identical and not ev.ok and ev.verdict().startswith("FAIL")
 
 
 def test_second_push_of_sharded_checkpoint_switches_output(server, llama_a, llama_b):
+    serve_other(server.url, llama_b)
     push(server.url, llama_a, "--weight-version", "a-3")
     a = assert_serves(server.url, llama_a)
     before = set(our_leftovers())
@@ -145,9 +172,10 @@ def test_second_push_of_sharded_checkpoint_switches_output(server, llama_a, llam
     assert httpx.get(f"{server.url}/model_info").json()["weight_version"] == "b-1"
 
 
-def test_verified_push_reports_the_fingerprint_of_the_files_on_disk(server, llama_a):
+def test_verified_push_reports_the_fingerprint_of_the_files_on_disk(server, llama_a, llama_b):
     from .test_transport import disk_fingerprint
 
+    serve_other(server.url, llama_b)  # the push below must change what is served
     out = push(server.url, llama_a, "--weight-version", "a-verified", "--verify")
     loader_fp = out.stdout.split("fingerprint=")[1].split()[0]
     info = httpx.get(f"{server.url}/model_info").json()
@@ -176,6 +204,7 @@ def test_one_rank_cpu_push_starts_without_torch(server, llama_a, llama_b):
     push starts at once. Both serve exactly the checkpoint."""
     from .conftest import run_with_stacks
 
+    serve_other(server.url, llama_a)  # each push below changes what is served
     base = [sys.executable, "-c", NO_TORCH_PROBE, "--endpoint", server.url, "--quiet", "--timeout", "120"]
     mapped = run_with_stacks([*base, "--checkpoint-path", str(llama_b), "--weight-version", "nt-1"], 300)
     assert mapped.returncode == 0, mapped.stderr[-3000:]
