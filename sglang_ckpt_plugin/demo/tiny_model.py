@@ -125,17 +125,31 @@ def deepseek_v3_config(common: dict):
     )
 
 
-def mtp_tensors(config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """What a DeepSeek-V3 checkpoint adds after its last decoder layer for multi-token prediction (a few of its
-    tensors, by their real names): SGLang's target model skips them, a draft model loads them."""
+def mtp_tensors(config, dtype: torch.dtype, saved: Path) -> dict[str, torch.Tensor]:
+    """What a DeepSeek-V3 checkpoint adds after its last decoder layer for multi-token prediction, by their real
+    names: a whole decoder layer (MLA, MoE; shaped as the last layer in the ``saved`` checkpoint) plus its
+    projections and norms. SGLang's target model skips them; its NextN draft model (``--speculative-algorithm
+    NEXTN``) loads them, with the target's embeddings and lm_head."""
+    from safetensors import safe_open
+
     layer, hidden = config.num_hidden_layers, config.hidden_size
-    prefix = f"model.layers.{layer}"
-    return {
-        f"{prefix}.eh_proj.weight": torch.randn(hidden, 2 * hidden, dtype=dtype),
-        f"{prefix}.enorm.weight": torch.ones(hidden, dtype=dtype),
-        f"{prefix}.hnorm.weight": torch.ones(hidden, dtype=dtype),
-        f"{prefix}.shared_head.norm.weight": torch.ones(hidden, dtype=dtype),
-    }
+    last, prefix = f"model.layers.{layer - 1}.", f"model.layers.{layer}."
+    shapes = {}
+    for file in sorted(saved.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            shapes.update({n[len(last) :]: f.get_slice(n).get_shape() for n in f.keys() if n.startswith(last)})
+    shapes.update({"eh_proj.weight": [hidden, 2 * hidden], **{f"{n}.weight": [hidden] for n in MTP_NORMS}})
+    tensors = {}
+    for name, shape in sorted(shapes.items()):
+        if len(shape) >= 2:
+            t = torch.randn(shape) * (WEIGHT_SCALE / shape[-1] ** 0.5)
+        else:
+            t = torch.rand(shape) + 0.5 if "norm" in name else torch.zeros(shape)
+        tensors[prefix + name] = t.to(dtype).contiguous()
+    return tensors
+
+
+MTP_NORMS = ("enorm", "hnorm", "shared_head.norm")
 
 
 def word_tokenizer(vocab: int):
@@ -183,7 +197,7 @@ def make_tiny_model(
     if getattr(config, "num_nextn_predict_layers", 0):
         from safetensors.torch import save_file
 
-        mtp = mtp_tensors(config, dtype)
+        mtp = mtp_tensors(config, dtype, out)
         save_file(mtp, out / "mtp.safetensors", metadata={"format": "pt"})
         _add_to_index(out, "mtp.safetensors", mtp)
     word_tokenizer(config.vocab_size).save_pretrained(out)

@@ -80,6 +80,7 @@ def _before_launch_server(server_args, *args, **kwargs):
 
 
 def _handle(original, owner, recv_req, *args, **kwargs):
+    rank_state.know_models(owner)  # before any runner of this update reads the weights state
     return original(owner, recv_req, *args, **kwargs)
 
 
@@ -87,7 +88,7 @@ def _with_weights_state(original, scheduler, recv_req, *args, **kwargs):
     """SGLang's internal state with ours added. An error in the staging report must not take the scheduler down:
     without our entry the HTTP process closes the gate."""
     result = original(scheduler, recv_req, *args, **kwargs)
-    report = msgspec.to_builtins(rank_state.state(sg.scheduler_model(scheduler)).report())
+    report = msgspec.to_builtins(rank_state.state(rank_state.know_models(scheduler).target).report())
     report["placement"] = msgspec.to_builtins(rank_state.placement(*sg.scheduler_rank(scheduler)))  # collective
     try:
         report["staging"] = msgspec.to_builtins(staging.report())

@@ -16,11 +16,12 @@ from ..placement import peer_unreadable
 from ..transport.handles import device_rank_key, visible_gpu_keys
 from ..transport.strings import all_gather_str
 from . import sglang_compat as sg
-from .validate import required_coverage
+from .drafts import Draft, ModelSet, draft_prefixes
 from .weights_state import WeightsState
 
 _state: WeightsState | None = None
 _placement: Placement | None = None
+_models: ModelSet | None = None
 
 
 class Placement(msgspec.Struct, frozen=True):
@@ -34,12 +35,36 @@ class Placement(msgspec.Struct, frozen=True):
     pp_size: int = 1  # pipeline stages (--pp-size N): rank_keys holds each stage's TP ranks in turn
 
 
+def know_models(owner) -> ModelSet:
+    """The models this process writes (the target and its draft models), decided once from the scheduler or its
+    weight-updater manager: every hook that SGLang enters with one of them calls this before ``state``."""
+    global _models
+    if _models is None:
+        (target, target_checkpoint), drafts = sg.target_and_drafts(owner)
+        _models = ModelSet(
+            target,
+            tuple(
+                Draft(prefix, model, checkpoint, checkpoint == target_checkpoint)
+                for prefix, (model, checkpoint) in zip(draft_prefixes(len(drafts)), drafts)
+            ),
+        )
+    return _models
+
+
+def models(model: torch.nn.Module) -> ModelSet:
+    """The set ``model`` belongs to (the target alone where the scheduler has not made its drafts known)."""
+    if _models is not None and any(member is model for member in (_models.target, *(d.model for d in _models.drafts))):
+        return _models
+    return ModelSet(model)
+
+
 def state(model: torch.nn.Module) -> WeightsState:
-    """This rank's state, made on first use: under --wait-for-initial-weights nothing is written yet (the random
-    fill is skipped, parameters are uninitialised memory); otherwise SGLang loaded every parameter at start."""
+    """This rank's state (its target's and draft models' parameters), made on first use: under
+    --wait-for-initial-weights nothing is written yet (the random fill is skipped, parameters are uninitialised
+    memory); otherwise SGLang loaded every parameter at start."""
     global _state
     if _state is None:
-        _state = WeightsState(required_coverage(model), complete=not sg.wait_flag_enabled())
+        _state = WeightsState(models(model).required(), complete=not sg.wait_flag_enabled())
     return _state
 
 

@@ -306,13 +306,18 @@ def is_draft_runner(updater) -> bool:
     return bool(getattr(updater.get_model_runner(), "is_draft_worker", False))
 
 
-def manager_model(manager) -> torch.nn.Module:
-    """The target model behind the scheduler's weight-updater manager."""
-    return manager.tp_worker.model_runner.model
+def _checkpoint_of(runner) -> str:
+    return os.path.realpath(str(runner.model_config.model_path))
 
 
-def scheduler_model(scheduler) -> torch.nn.Module:
-    return scheduler.tp_worker.model_runner.model
+def target_and_drafts(owner) -> tuple[tuple[torch.nn.Module, str], list[tuple[torch.nn.Module, str]]]:
+    """(model, checkpoint path) of the target runner and of each draft runner SGLang updates with it (its
+    ``weight_update_runners``: none without speculative decoding, or for NGRAM). ``owner``: the scheduler or its
+    weight-updater manager (both hold ``tp_worker`` and ``draft_worker``)."""
+    target = owner.tp_worker.model_runner
+    worker = getattr(owner, "draft_worker", None)
+    drafts = [runner for _role, runner in worker.weight_update_runners()] if worker is not None else []
+    return (target.model, _checkpoint_of(target)), [(runner.model, _checkpoint_of(runner)) for runner in drafts]
 
 
 def add_internal_state(output, entry: dict) -> None:
@@ -365,12 +370,8 @@ def send_control_output(scheduler, output, recv_req) -> None:
 
 
 def check_online_update_allowed(updater) -> str | None:
-    """Reasons to refuse at once: a draft model (its loader stream does not exist: it would only time out),
-    and SGLang's own (weight cache daemon, derived weight caches)."""
+    """SGLang's own reasons to refuse at once (weight cache daemon, derived weight caches)."""
     from sglang.srt.model_executor.model_runner_components import weight_updater as wu
-
-    if is_draft_runner(updater):
-        return "speculative-decoding draft models are not updated by sglang-ckpt-plugin yet; run without a draft model"
 
     try:
         updater._assert_weight_cache_inactive("update_weights_from_ipc")

@@ -15,13 +15,14 @@ from ..transport.messages import PHASE_KEY, PHASES
 from . import foreign, rank_state, staging
 from . import sglang_compat as sg
 from .receiver import ReceiveSession, UpdateFailed, UpdateRefused
-from .validate import check_update
 from .writer import exclusive
 
 logger = logging.getLogger("sglang_ckpt_plugin")
 
 IDLE_TIMEOUT_ENV = "SGLANG_CKPT_IDLE_TIMEOUT"
 DEFAULT_IDLE_TIMEOUT_S = 120.0
+
+DRAFT_WRITTEN_WITH_TARGET = "its draft model(s) took the same update, from the same bytes"
 
 INCOMPLETE_REFUSAL = (
     "the served weights are incomplete (never fully loaded, or an update failed part-way), so this server "
@@ -38,9 +39,21 @@ def rank_key(updater, device) -> str:
     return rank_state.own_key(device, sg.runner_rank(updater))
 
 
+_target_message = ""  # the answer of this process's last target call, which its draft models' calls repeat
+
+
 def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     """Receive one update for this rank (streaming), stage one, or commit a staged one (``PHASE_KEY`` in
-    ``zmq_handles``). Returns SGLang's (success, message)."""
+    ``zmq_handles``). Returns SGLang's (success, message). SGLang then asks each draft model's runner, only where
+    the target's call succeeded: the draft was written by it (drafts.py), or it was refused before a byte moved."""
+    global _target_message
+    if sg.is_draft_runner(updater):
+        return True, f"{_target_message}; {DRAFT_WRITTEN_WITH_TARGET}"
+    ok, _target_message = _update_target(updater, recv_req)
+    return ok, _target_message
+
+
+def _update_target(updater, recv_req) -> tuple[bool, str]:
     handles = dict(recv_req.zmq_handles or {})
     phase = handles.pop(PHASE_KEY, None)
     if phase == "stage":
@@ -126,7 +139,7 @@ def _check_request(updater, key: str, handles: dict, phase: str | None) -> None:
     """Refusals that need no loader: raise UpdateRefused."""
     if phase not in (None, *PHASES):
         raise UpdateRefused(f"unknown update phase {phase!r} in zmq_handles[{PHASE_KEY!r}] (expected one of {PHASES})")
-    refusal = sg.check_online_update_allowed(updater)
+    refusal = rank_state.models(updater.get_model()).refusal() or sg.check_online_update_allowed(updater)
     if refusal:
         raise UpdateRefused(refusal)
     if key not in handles:
@@ -139,14 +152,25 @@ def _check_request(updater, key: str, handles: dict, phase: str | None) -> None:
 
 
 def _session(updater, model, device, endpoint: str, staging: bool) -> ReceiveSession:
+    """One receive session writes the target and every draft model that reads the target's checkpoint."""
+    models = rank_state.models(model)
+
+    def post_process() -> None:
+        for member in models.members():
+            sg.post_process_model(member, device)
+
+    def prepare() -> None:
+        for member in models.members():
+            sg.prepare_model_for_loading(member, device)
+
     return ReceiveSession(
         endpoint=endpoint,
         device=device,
-        load_weights=model.load_weights,
-        post_process=lambda: sg.post_process_model(model, device),
+        load_weights=models.load_weights,
+        post_process=post_process,
         idle_timeout_s=idle_timeout_s(),
-        validate=lambda manifest, partial, allow_unused: check_update(model, manifest, partial, allow_unused),
-        prepare=lambda: sg.prepare_model_for_loading(model, device),
+        validate=models.check,
+        prepare=prepare,
         staging=staging,
     )
 

@@ -22,26 +22,43 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 from ..loader.checkpoint import CheckpointError, read_checkpoint
 from . import rank_state
-from . import sglang_compat as sg
+from .drafts import prefixed
 from .validate import UpdateRejected, observe, validate_update
 from .writer import exclusive
 
 logger = logging.getLogger("sglang_ckpt_plugin")
 
 
-def _guarded_load(original, updater, source: str, *args, **kwargs):
-    """Run one SGLang load call with every ``load_weights`` it makes dry-run first; agree; record."""
-    if sg.is_draft_runner(updater):
-        return original(updater, *args, **kwargs)
+def _written_member(updater) -> tuple[torch.nn.Module, str] | None:
+    """(model, its prefix in the weights state) of the runner SGLang loads now: the target (prefix ``""``) or a draft
+    that reads the target's checkpoint; None for a draft with a checkpoint of its own (SGLang's business alone)."""
     model = updater.get_model()
+    models = rank_state.models(model)
+    if model is models.target:
+        return model, ""
+    if any(draft.model is model for draft in models.written_drafts):
+        return model, models.prefix_of(model)
+    return None
+
+
+def _guarded_load(original, updater, source: str, *args, **kwargs):
+    """Run one SGLang load call with every ``load_weights`` it makes dry-run first; agree; record. SGLang hands a
+    draft model that reads the target's checkpoint the same tensors after the target: it is measured the same
+    way, and what it ignores of them is allowed."""
+    member = _written_member(updater)
+    if member is None:
+        return original(updater, *args, **kwargs)
+    model, prefix = member
     weights = rank_state.state(model)
     rejection = []
 
     def check(manifest):
         try:
-            return validate_update(model, manifest, partial=True)
+            return validate_update(model, manifest, partial=True, allow_unused=bool(prefix))
         except UpdateRejected as exc:
             rejection.append(str(exc))
             raise
@@ -53,10 +70,14 @@ def _guarded_load(original, updater, source: str, *args, **kwargs):
             ok, message = False, f"{type(exc).__name__}: {exc}"
     any_failed, any_touched, any_unknown = rank_state.agree(not ok, seen.touched, seen.touched and not seen.coverage)
     if not any_failed:
-        weights.session_loaded(seen.coverage)
+        weights.session_loaded(prefixed(prefix, seen.coverage))
         return True, message
     why = rejection[0] if rejection else (message if not ok else "another tensor-parallel rank failed (see its log)")
-    weights.session_bucket_failed(None if any_unknown else seen.coverage, any_touched, source, why)
+    if any_unknown:  # what it wrote is not known: all of this model (None: all of the target and its drafts)
+        planned = rank_state.models(model).everything_of(model) if prefix else None
+    else:
+        planned = prefixed(prefix, seen.coverage)
+    weights.session_bucket_failed(planned, any_touched, source, why)
     if weights.last_update is not None and weights.last_update.outcome == "incomplete":
         return False, f"update failed part-way (the weights are now incomplete until rewritten): {why}"
     return False, f"update rejected before any weight was changed: {why}"
@@ -76,10 +97,13 @@ def update_weights_from_disk(original, updater, model_path, load_format=None, *a
     """AROUND the model runner's disk reload: the checkpoint's headers are dry-run first (a misfit is refused, the
     served weights untouched); a success writes what the dry run measured (every parameter, when it could not
     run); a failure after loading began (SGLang then reloads the same files) leaves the weights incomplete."""
-    if sg.is_draft_runner(updater):
+    member = _written_member(updater)
+    if member is None:
         return original(updater, model_path, load_format, *args, **kwargs)
-    model = updater.get_model()
-    weights = rank_state.state(model)
+    model, prefix = member
+    models, weights = rank_state.models(model), rank_state.state(model)
+    # a draft is reloaded after its target: whatever stops it leaves the draft behind the target it serves with
+    lost = models.everything_of(model) if prefix else None
     with exclusive():
         coverage, error = None, None
         try:
@@ -89,15 +113,20 @@ def update_weights_from_disk(original, updater, model_path, load_format=None, *a
         (any_refused,) = rank_state.agree(error is not None)
         if any_refused:
             why = error or "another tensor-parallel rank refused the checkpoint (see its log line)"
+            if prefix:
+                weights.failed_partway(lost, "disk", f"{model_path}: the draft model refused it: {why}")
+                return False, f"update_weights_from_disk: the target loaded {model_path!r}, its draft refused: {why}"
             weights.rejected("disk", f"{model_path}: {why}")
             return False, f"update_weights_from_disk refused {model_path!r}, the served weights are unchanged: {why}"
         with observe(model) as seen:
             ok, message = original(updater, model_path, load_format, *args, **kwargs)
         any_failed, any_touched = rank_state.agree(not ok, seen.touched)
     if not any_failed:
-        weights.reloaded_from_disk(message, coverage)
-    elif any_touched:
-        weights.failed_partway(None, "disk", message)
+        weights.reloaded_from_disk(
+            message, models.everything_of(model) if coverage is None else prefixed(prefix, coverage)
+        )
+    elif any_touched or prefix:
+        weights.failed_partway(lost, "disk", message)
     else:
         weights.failed_untouched("disk", message)
     return ok and not any_failed, message
@@ -133,14 +162,14 @@ def begin_session(original, manager, recv_req, **kwargs):
     """AROUND the scheduler's ``begin_weight_update``: start counting what the session loads."""
     out = original(manager, recv_req, **kwargs)
     if out.success:
-        rank_state.state(sg.manager_model(manager)).begin_session()
+        rank_state.state(rank_state.know_models(manager).target).begin_session()
     return out
 
 
 def end_session(original, manager, recv_req, **kwargs):
     """AROUND the scheduler's ``end_weight_update``: a session with no failure counts what it loaded."""
     out = original(manager, recv_req, **kwargs)
-    weights = rank_state.state(sg.manager_model(manager))
+    weights = rank_state.state(rank_state.know_models(manager).target)
     if weights.session is not None:
         if out.success:
             weights.end_session("trainer")

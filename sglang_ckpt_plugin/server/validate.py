@@ -95,7 +95,7 @@ def skipped_on_purpose(name: str, config, own_lm_head: bool = True) -> bool:
     return bool(layer and nextn and int(layer.group(1)) >= int(getattr(config, "num_hidden_layers", 1 << 30)))
 
 
-def _together(groups: list[frozenset[str]]) -> tuple[frozenset[str], ...]:
+def merge_together(groups: list[frozenset[str]]) -> tuple[frozenset[str], ...]:
     """Overlapping groups merged: a tensor fused with two others needs all three in one call."""
     merged: list[set[str]] = []
     for group in set(groups):
@@ -166,7 +166,7 @@ def check_update(
                 "push the complete checkpoint (or ask for a partial update explicitly)",
                 "uncovered",
             )
-    return CheckedUpdate(coverage, _together(run.groups))
+    return CheckedUpdate(coverage, merge_together(run.groups))
 
 
 def validate_update(

@@ -14,7 +14,8 @@ The plugin under test is not changed; this wraps its commit and the model's ``lo
 A second entry point, ``ckpt_test_gloo_tp``, is the reference servers' only plugin where SGLang alone cannot start
 on this CPU: with ``--tp 2`` SGLang makes a pynccl communicator, which needs CUDA; this turns pynccl off (gloo then
 carries the TP group), written here independently of sglang-ckpt-plugin's own hook, so that a reference server
-``SGLANG_PLUGINS=ckpt_test_gloo_tp`` runs none of the plugin's code.
+``SGLANG_PLUGINS=ckpt_test_gloo_tp`` runs none of the plugin's code. A third, ``ckpt_test_cpu_draft``, likewise lets a
+server with a speculative-decoding draft model start on this CPU (``cpu_draft_start``), with or without our plugin.
 """
 
 import itertools
@@ -111,6 +112,20 @@ def gloo_tp_only():
         return args, kwargs
 
     HookRegistry.register("sglang.srt.distributed.parallel_state.init_model_parallel_group", no_pynccl, HookType.BEFORE)
+
+
+def cpu_draft_start():
+    """Lets a server with a draft model start on this CPU, for the weights only: SGLang 0.5.23 has no draft
+    attention backend for ``torch_native`` ("EAGLE is not supported in decode attention backend torch_native"), so
+    the draft's decode and extend backends are left out. Such a server loads, updates and checksums its target and
+    draft models; it cannot decode (SGLang's CPU spec-decoding path also needs ``assign_req_to_token_pool_cpu``)."""
+    import torch
+    from sglang.srt.speculative import draft_utils
+
+    if not torch.cuda.is_available():  # DeepSeek's set_embed_and_head (a NextN draft shares the target's) syncs CUDA
+        torch.cuda.synchronize = lambda *args, **kwargs: None
+    draft_utils.DraftBackendFactory.create_decode_backend = lambda self: None
+    draft_utils.DraftBackendFactory.create_draft_extend_backend = lambda self: None
 
 
 def register():
