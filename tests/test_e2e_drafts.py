@@ -146,3 +146,22 @@ def test_a_push_equals_sglang_without_the_plugin_on_the_same_files(server, mtp_a
         reference = checksums(plain.url)
     assert plain.group_pids() == []
     assert drafts_own(reference) and pushed == reference
+
+
+def test_a_draft_with_a_checkpoint_of_its_own_is_refused_in_words_and_sglangs_reload_still_serves(
+    llama_a, fault_dir, tmp_path
+):
+    """STANDALONE with a draft of its own (a one-layer Llama): a push cannot write that draft from the target's
+    bytes, so it is refused before a byte moves and the server stays shut; SGLang's own disk reload passes the plugin
+    untouched for that draft and opens the gate (the target is what the gate counts)."""
+    draft = make_tiny_model(tmp_path / "draft", "llama", seed=21, layers=1)
+    own = ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", str(draft), *SPEC[2:]]
+    with SGLangServer(llama_a, tmp_path / "standalone.log", env=fault_plugin_env(fault_dir), extra_args=own) as srv:
+        srv.wait_listening()
+        out = push(srv.url, llama_a, check=False)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert f"loads a checkpoint of its own ({draft.resolve()})" in out.stderr, out.stderr[-2000:]
+        assert plugin_info(srv.url)["weights_state"] == "waiting"
+        evidence.reload_from_disk(srv.url, llama_a)
+        assert plugin_info(srv.url)["weights_state"] == "complete"
+    assert srv.group_pids() == []
