@@ -117,18 +117,27 @@ def test_a_checkpoint_without_the_mtp_layer_is_refused_before_anything_is_writte
     assert plugin_info(server.url)["weights_state"] == "complete"
 
 
-def test_a_trainer_push_writes_the_draft_too(server, mtp_a, mtp_b):
-    """SGLang hands a trainer's received tensors to the draft after the target; the plugin measures both."""
+@pytest.mark.parametrize("pusher", ["TrainerPush", "LocalPush"])
+def test_a_trainers_push_writes_the_draft_too(server, mtp_a, mtp_b, pusher):
+    """TrainerPush: SGLang hands the tensors its weight-update group received to the draft after the target, and the
+    plugin measures both. LocalPush: the same receive session as the loader's, target then draft, bucket by bucket."""
     from safetensors.torch import load_file
 
+    from sglang_ckpt_plugin.local_push import LocalPush
     from sglang_ckpt_plugin.trainer import TrainerPush
 
     serve_other(server.url, mtp_a)
+    before = drafts_own(checksums(server.url))
     tensors = {**load_file(mtp_b / "model.safetensors"), **load_file(mtp_b / "mtp.safetensors")}
-    with TrainerPush(server.url, timeout_s=120) as trainer:
-        trainer.push(tensors.items(), weight_version="trainer-b")
+    if pusher == "TrainerPush":
+        with TrainerPush(server.url, timeout_s=120) as trainer:
+            trainer.push(tensors.items(), weight_version="trainer-b")
+    else:
+        with LocalPush(server.url, bucket_bytes=300_000) as local:
+            local.push(tensors.items(), weight_version="local-b")
     pushed = checksums(server.url)
     assert plugin_info(server.url)["weights_state"] == "complete"
+    assert sum(value != before[name] for name, value in drafts_own(pushed).items()) >= len(before) - 2
     evidence.reload_from_disk(server.url, mtp_b)
     assert checksums(server.url) == pushed
 
