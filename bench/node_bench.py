@@ -173,9 +173,23 @@ def bench_methods(setting: str, urls: list[str], pair: Alternation, methods: dic
             pair.check(f"{name} (under the probe)", urls, k)
     med = statistics.median
     return [
-        (setting, name, med(r["whole"]), [med(p) for p in zip(*r["pause"])], med(r["idle"]), r["moved"], r["copied"])
+        (
+            setting,
+            name,
+            med(r["whole"]),
+            [med(p) for p in zip(*r["pause"])],
+            med(r["idle"]),
+            r["moved"],
+            r["copied"],
+            spread(r["whole"], [max(p) for p in r["pause"]]),
+        )
         for name, r in rows.items()
     ]
+
+
+def spread(whole: list[float], pause: list[float]) -> str:
+    """The range of every round's figure, for the medians' table: whole and pause (the fleet: the worse instance)."""
+    return f"{min(whole):.3f}-{max(whole):.3f} | {min(pause):.3f}-{max(pause):.3f}"
 
 
 def bench_server(tp: int, pair: Alternation, work: Path, repeats: int) -> list[tuple]:
@@ -198,7 +212,7 @@ def node_targets(rows: list[tuple], disk: dict) -> list[Target]:
     pause (the fleet: on the instance that paused most), 0 bytes between loader processes on one node; LocalPush at
     least 10x faster than update_weights_from_tensor."""
     targets, whole_of = [], {(row[0], row[1]): row[2] for row in rows}
-    for setting, name, whole, pauses, _idle, moved, _copied in rows:
+    for setting, name, whole, pauses, _idle, moved, _copied, _spread in rows:
         if not name.startswith("push"):
             continue
         d_whole, d_pauses = disk[setting][2], disk[setting][3]
@@ -235,17 +249,17 @@ def main() -> int:
     print(f"\n{header}, median of {a.repeats}, same run\n")
     print(
         "| setting | method | whole s | vs disk | pause s | vs disk | idle latency s | between loader processes "
-        "| copied per server rank, GB |"
+        "| copied per server rank, GB | whole s, range | pause s, range |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     disk = {row[0]: row for row in rows if row[1].startswith("SGLang /update_weights_from_disk")}
-    for setting, name, whole, pauses, idle, moved, copied in rows:
+    for setting, name, whole, pauses, idle, moved, copied, ranges in rows:
         d_whole, d_pauses = disk[setting][2], disk[setting][3]
         worst = max(p / d for p, d in zip(pauses, d_pauses))  # the instance that paused most, against its disk reload
         pause = " / ".join(f"{p:.3f}" for p in pauses)
         print(
             f"| {setting} | {name} | {whole:.3f} | {whole / d_whole:.2f}x | {pause} | {worst:.2f}x | {idle:.3f} "
-            f"| {moved} | {copied} |"
+            f"| {moved} | {copied} | {ranges} |"
         )
     print_verdicts("issue 16", node_targets(rows, disk))
     print(f"\n{pair.verdict()}")

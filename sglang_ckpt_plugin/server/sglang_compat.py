@@ -315,8 +315,8 @@ def target_and_drafts(owner) -> tuple[tuple[torch.nn.Module, str], list[tuple[to
     ``weight_update_runners``: none without speculative decoding, or for NGRAM). ``owner``: the scheduler or its
     weight-updater manager (both hold ``tp_worker`` and ``draft_worker``)."""
     target = owner.tp_worker.model_runner
-    worker = getattr(owner, "draft_worker", None)
-    drafts = [runner for _role, runner in worker.weight_update_runners()] if worker is not None else []
+    listing = getattr(getattr(owner, "draft_worker", None), "weight_update_runners", None)  # 0.5.23's fan-out
+    drafts = [runner for _role, runner in listing()] if listing is not None else []
     return (target.model, _checkpoint_of(target)), [(runner.model, _checkpoint_of(runner)) for runner in drafts]
 
 
