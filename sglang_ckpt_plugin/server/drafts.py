@@ -49,8 +49,8 @@ class ModelSet:
             f"this server's speculative-decoding draft model loads a checkpoint of its own ({own[0]}), not the "
             "target's; sglang-ckpt-plugin writes draft models that read the target's checkpoint (MTP/NextN layers, "
             "or --speculative-draft-model-path equal to --model-path) with the same update, and refuses to move "
-            "the target alone (a stale draft would serve with the new target): update this server with SGLang's "
-            "/update_weights_from_disk, or serve a draft that reads the target's checkpoint"
+            "the target alone (a stale draft would serve with the new target): serve a draft that reads the "
+            "target's checkpoint, or run without a draft model"
         )
 
     def required(self) -> dict[str, Extent]:

@@ -44,8 +44,8 @@ _target_message = ""  # the answer of this process's last target call, which its
 
 def update_weights_from_ipc(updater, recv_req) -> tuple[bool, str]:
     """Receive one update for this rank (streaming), stage one, or commit a staged one (``PHASE_KEY`` in
-    ``zmq_handles``). Returns SGLang's (success, message). SGLang then asks each draft model's runner, only where
-    the target's call succeeded: the draft was written by it (drafts.py), or it was refused before a byte moved."""
+    ``zmq_handles``). Returns SGLang's (success, message). SGLang asks each draft model's runner next, and only
+    after the target's call succeeded: that call wrote the draft too (drafts.py), so the draft's repeats its answer."""
     global _target_message
     if sg.is_draft_runner(updater):
         return True, f"{_target_message}; {DRAFT_WRITTEN_WITH_TARGET}"
