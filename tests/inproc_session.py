@@ -89,9 +89,10 @@ def run_session(
         stats = session.run()
         served = True
     finally:
-        if served:  # the loader reads the session's last reply and returns (cancelling now would race with that)
-            t.join(timeout=30)
-        cancelled.set()  # a loader still waiting for a session that failed stops now
+        # the loader reads the session's last reply and returns: its answer, or the error a failed session sent before
+        # it raised (cancelling at once raced with reading that error: the loader then heard nothing, 1 run in ~50)
+        t.join(timeout=30 if served else 3)
+        cancelled.set()  # a loader still waiting for a session that failed without a word stops now
         t.join()
         reader.close()
     run_session.last_fingerprint = feeder.fingerprint

@@ -157,20 +157,37 @@ def test_a_push_equals_sglang_without_the_plugin_on_the_same_files(server, mtp_a
     assert drafts_own(reference) and pushed == reference
 
 
-def test_a_draft_with_a_checkpoint_of_its_own_is_refused_in_words_and_sglangs_reload_still_serves(
-    llama_a, fault_dir, tmp_path
+def test_a_draft_with_a_checkpoint_of_its_own_changes_with_the_target_in_one_update(
+    llama_a, llama_b, fault_dir, tmp_path
 ):
-    """STANDALONE with a draft of its own (a one-layer Llama): a push cannot write that draft from the target's
-    bytes, so it is refused before a byte moves and the server stays shut; SGLang's own disk reload passes the plugin
-    untouched for that draft and opens the gate (the target is what the gate counts)."""
-    draft = make_tiny_model(tmp_path / "draft", "llama", seed=21, layers=1)
-    own = ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", str(draft), *SPEC[2:]]
+    """STANDALONE with a draft of its own (a one-layer Llama): a push without the draft's checkpoint is refused in
+    words before a byte moves; SGLang's own disk reload passes the plugin untouched (the gate counts the target);
+    a push with ``--draft-checkpoint-path`` writes both in one update (two phases, then streaming), equal to SGLang
+    started without the plugin on the same target and draft."""
+    draft_a = make_tiny_model(tmp_path / "draft_a", "llama", seed=21, layers=1)
+    draft_b = make_tiny_model(tmp_path / "draft_b", "llama", seed=22, layers=1)
+    own = ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", str(draft_a), *SPEC[2:]]
     with SGLangServer(llama_a, tmp_path / "standalone.log", env=fault_plugin_env(fault_dir), extra_args=own) as srv:
         srv.wait_listening()
-        out = push(srv.url, llama_a, check=False)
+        out = push(srv.url, llama_b, check=False)
         assert out.returncode == 1, out.stdout + out.stderr
-        assert f"loads a checkpoint of its own ({draft.resolve()})" in out.stderr, out.stderr[-2000:]
+        assert f"loads a checkpoint of its own ({draft_a.resolve()})" in out.stderr, out.stderr[-2000:]
+        assert "--draft-checkpoint-path DIR" in out.stderr
         assert plugin_info(srv.url)["weights_state"] == "waiting"
         evidence.reload_from_disk(srv.url, llama_a)
         assert plugin_info(srv.url)["weights_state"] == "complete"
+
+        out = push(srv.url, llama_b, "--draft-checkpoint-path", str(draft_b))
+        assert "staged while the server kept serving, then committed" in out.stderr + out.stdout
+        pushed_b = checksums(srv.url)
+        push(srv.url, llama_a, "--draft-checkpoint-path", str(draft_a), "--two-phase", "off")
+        pushed_a = checksums(srv.url)
     assert srv.group_pids() == []
+    draft_keys = [name for name in pushed_a if name.startswith("draft.")]
+    assert draft_keys and all(pushed_a[name] != pushed_b[name] for name in draft_keys)  # each push wrote the draft
+    env = {**fault_plugin_env(fault_dir), "SGLANG_PLUGINS": f"{PLUGIN_FREE},ckpt_test_cpu_draft"}
+    with SGLangServer(llama_a, tmp_path / "plain.log", wait_for_weights=False, env=env, extra_args=own) as plain:
+        plain.wait_listening()
+        assert "ckpt_plugin" not in httpx.get(f"{plain.url}/model_info", timeout=30).json()
+        assert checksums(plain.url) == pushed_a
+    assert plain.group_pids() == []

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..transport.messages import WIRE_DTYPE_ITEMSIZE
+from ..transport.messages import DRAFT_PREFIX, WIRE_DTYPE_ITEMSIZE
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -148,4 +148,13 @@ def read_checkpoint(checkpoint_path: str | Path) -> list[TensorInfo]:
             tensors.append(info)
     if not tensors:
         raise CheckpointError(f"checkpoint {str(checkpoint_path)!r} holds no tensors")
+    return tensors
+
+
+def read_update(checkpoint_path: str | Path, draft_checkpoint_path: str | Path | None = None) -> list[TensorInfo]:
+    """Every tensor one update carries: the checkpoint's, then (``--draft-checkpoint-path``) the draft model's own
+    checkpoint's, each named ``draft.<name>`` so that the server hands them to the draft (both move together)."""
+    tensors = read_checkpoint(checkpoint_path)
+    if draft_checkpoint_path:
+        tensors += [replace(t, name=DRAFT_PREFIX + t.name) for t in read_checkpoint(draft_checkpoint_path)]
     return tensors

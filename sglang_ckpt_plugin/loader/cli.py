@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", help="p2p: comma-separated loader ranks (whole instances) whose servers are updated")
     p.add_argument("--checkpoint-path", help="directory of *.safetensors (with or without an index)")
     p.add_argument(
+        "--draft-checkpoint-path",
+        help="the server's speculative-decoding draft model's own checkpoint (EAGLE/EAGLE3/STANDALONE): pushed in "
+        "the same update as --checkpoint-path, so target and draft change together",
+    )
+    p.add_argument(
         "--inference-parallel-size",
         type=int,
         default=1,
@@ -179,6 +184,7 @@ def parse_args(argv: list[str] | None = None) -> LoaderOptions:
             flag
             for flag, value in (
                 ("--checkpoint-path", args.checkpoint_path),
+                ("--draft-checkpoint-path", args.draft_checkpoint_path),
                 ("--load-metas-file", args.load_metas_file),
                 ("--save-metas-file", args.save_metas_file),
                 ("--weight-version", args.weight_version),
@@ -197,6 +203,8 @@ def parse_args(argv: list[str] | None = None) -> LoaderOptions:
         parser.error("--checkpoint-path is required (or --load-metas-file, or --watch DIR)")
     if args.save_metas_file and args.load_metas_file:
         parser.error("--save-metas-file and --load-metas-file exclude each other")
+    if args.draft_checkpoint_path and (args.save_metas_file or args.load_metas_file):
+        parser.error("--draft-checkpoint-path is read from its directory: drop --save-metas-file / --load-metas-file")
     return LoaderOptions.from_namespace(args)
 
 

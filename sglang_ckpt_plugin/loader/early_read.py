@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .checkpoint import TensorInfo, read_checkpoint
+from .checkpoint import TensorInfo, read_update
 from .options import LoaderOptions
 from .plan import shard_by_bytes
 from .rank_setup import host_available_memory
@@ -108,7 +108,7 @@ class EarlyRead:
         if not args.checkpoint_path or args.load_metas_file or args.no_read_ahead:
             return None
         try:
-            share = likely_share(args, world, read_checkpoint(args.checkpoint_path))
+            share = likely_share(args, world, read_update(args.checkpoint_path, args.draft_checkpoint_path))
         except (OSError, ValueError):  # the update's own plan reports a bad checkpoint
             return None
         return cls(file_spans(share)) if share else None

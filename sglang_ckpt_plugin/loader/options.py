@@ -16,6 +16,7 @@ from dataclasses import dataclass
 class LoaderOptions:
     # what to push, and where
     checkpoint_path: str | None
+    draft_checkpoint_path: str | None  # a draft model's own checkpoint, pushed with the target's in one update
     checkpoint_name: str
     weight_version: str | None
     endpoint: str

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..placement import LoaderPlacement
 from ..transport.channel import make_endpoint
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import CheckpointError, read_update
 from .http import ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
 from .node_feed import NodeFeeder
@@ -215,7 +215,8 @@ class Update:
             self.checkpoint_name = args.checkpoint_name
             shards = [[] for _ in range(world.world_size)]  # only the feeders read: they hold the buffers
             readers = self.feeding.feeders
-            for rank, shard in zip(readers, shard_by_bytes(read_checkpoint(args.checkpoint_path), len(readers))):
+            tensors = read_update(args.checkpoint_path, args.draft_checkpoint_path)
+            for rank, shard in zip(readers, shard_by_bytes(tensors, len(readers))):
                 shards[rank] = shard
         if args.save_metas_file and world.rank == 0:
             save_metas(args.save_metas_file, self.checkpoint_name, shards, args.checkpoint_path)

@@ -62,6 +62,8 @@ def run_loader(args: LoaderOptions, early: EarlyRead | None = None, t_start: flo
         world = LoaderWorld.from_env(args.inference_parallel_size, args.feeds_instance)
         if args.checkpoint_path and not args.load_metas_file:
             discover_files(args.checkpoint_path)  # a wrong path fails at once, before waiting for any server
+            if args.draft_checkpoint_path:
+                discover_files(args.draft_checkpoint_path)
         early = early or EarlyRead.for_rank(args, world)
         if early is not None:
             early.start()

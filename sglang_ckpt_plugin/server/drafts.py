@@ -1,14 +1,20 @@
 """The models one scheduler process writes: the target and its speculative-decoding draft models.
 
-A draft that reads the target's own checkpoint (DeepSeek-V3's MTP/NextN layers, Qwen3-Next, GLM-4.5, or any draft
-whose ``--speculative-draft-model-path`` is the target's) is written by the same update, from the same bytes, in the
-same critical section: each bucket goes to the target's ``load_weights``, then to each draft's, which keeps what it
-loads (a NextN draft keeps layer N and the shared embeddings) and ignores the rest. Its parameters count for the
-gate as ``draft.<name>`` (SGLang's own ``/weights_checker`` names them so): a server is complete only when the
-target and every draft are. A draft that reads a checkpoint of its own (EAGLE/EAGLE3/STANDALONE with a separate
-path) cannot be written from the target's bytes: an update is refused, in words, before a byte moves.
+Every draft is written by the same update as the target, from the same buckets, in the same critical section
+(the commit, with two phases), so that target and draft change together:
 
-The set is decided once per process (``ModelSet``), from SGLang's scheduler, and every update path reads it.
+- a draft that reads the target's own checkpoint (DeepSeek-V3's MTP/NextN layers, Qwen3-Next, GLM-4.5, or any
+  draft whose ``--speculative-draft-model-path`` is the target's) is handed the target's tensors after the target,
+  and keeps what it holds (a NextN draft: layer N). Its own parameters count for the gate as ``draft.<name>``
+  (SGLang's ``/weights_checker`` names them so), and a complete update must write them;
+- a draft with a checkpoint of its own (EAGLE/EAGLE3/STANDALONE elsewhere) is handed the update's ``draft.<name>``
+  tensors (the loader's ``--draft-checkpoint-path``), the prefix stripped. A complete update must carry them, so a
+  target never changes without its draft. SGLang's own disk reload and trainer paths hand such a draft the target's
+  tensors, which the plugin does not measure: the gate counts the target alone for it.
+
+A draft shares the target's embeddings and ``lm_head`` where SGLang makes it so (``set_embed_and_head``): those are
+the target's, written and counted with it. The set is decided once per process (``ModelSet``), from SGLang's
+scheduler, and every update path reads it.
 """
 
 from __future__ import annotations
@@ -17,15 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ..transport.messages import DRAFT_PREFIX
 from .coverage import Coverage, Extent, extent_of, missing_from, whole
 from .validate import CheckedUpdate, UpdateRejected, check_update, merge_together, required_coverage
 
-DRAFT_PREFIX = "draft."  # SGLang's /weights_checker names a draft runner's parameters so
+Manifest = list[tuple[str, str, list[int]]]
 
 
 @dataclass(frozen=True)
 class Draft:
-    prefix: str  # its parameters' names in the weights state: "draft." + the draft model's own name
+    prefix: str  # its parameters' names in the weights state, and its own tensors' names in an update
     model: torch.nn.Module
     checkpoint: str  # the checkpoint it loads at start (a resolved path)
     reads_target_checkpoint: bool
@@ -37,32 +44,21 @@ class ModelSet:
     drafts: tuple[Draft, ...] = ()
 
     @property
-    def written_drafts(self) -> tuple[Draft, ...]:
+    def counted_drafts(self) -> tuple[Draft, ...]:
+        """The drafts the gate waits for and SGLang's own update paths are measured on: those that read the
+        target's checkpoint."""
         return tuple(d for d in self.drafts if d.reads_target_checkpoint)
 
-    def refusal(self) -> str | None:
-        """Why an update of this server cannot be pushed (None: it can)."""
-        own = [d.checkpoint for d in self.drafts if not d.reads_target_checkpoint]
-        if not own:
-            return None
-        return (
-            f"this server's speculative-decoding draft model loads a checkpoint of its own ({own[0]}), not the "
-            "target's; sglang-ckpt-plugin writes draft models that read the target's checkpoint (MTP/NextN layers, "
-            "or --speculative-draft-model-path equal to --model-path) with the same update, and refuses to move "
-            "the target alone (a stale draft would serve with the new target): serve a draft that reads the "
-            "target's checkpoint, or run without a draft model"
-        )
-
     def required(self) -> dict[str, Extent]:
-        """Every parameter the gate waits for: the target's, then each written draft's own under its prefix."""
+        """Every parameter the gate waits for: the target's, then each counted draft's own under its prefix."""
         extents = required_coverage(self.target)
-        for draft in self.written_drafts:
+        for draft in self.counted_drafts:
             extents.update(prefixed(draft.prefix, self.own_parameters(draft.model)))
         return extents
 
     def own_parameters(self, model: torch.nn.Module) -> dict[str, Extent]:
-        """A member's parameters, less those it shares with the target: an EAGLE/NextN draft serves with the
-        target's embeddings and lm_head (SGLang's ``set_embed_and_head``), written when the target's are."""
+        """A member's parameters, less those it shares with the target (an EAGLE/NextN draft serves with the
+        target's embeddings and lm_head, written when the target's are)."""
         if model is self.target:
             return required_coverage(model)
         target = {id(p) for p in self.target.parameters()} | {_storage(p) for p in self.target.parameters()}
@@ -80,35 +76,84 @@ class ModelSet:
     def prefix_of(self, model: torch.nn.Module) -> str:
         return next((d.prefix for d in self.drafts if d.model is model), "")
 
-    def check(self, manifest, partial: bool, allow_unused: bool) -> CheckedUpdate:
-        """The target's check, then each written draft's over the same manifest: a draft ignores what it does not
-        hold (most of the checkpoint), but what it holds must fit, and a complete update must cover it whole."""
-        checked = check_update(self.target, manifest, partial, allow_unused)
+    # ------------------------------------------------------------------ one update
+    def _own_checkpoint_drafts(self) -> tuple[Draft, ...]:
+        return tuple(d for d in self.drafts if not d.reads_target_checkpoint)
+
+    def targets_name(self, name: str) -> bool:
+        """A tensor of the target's checkpoint (not one of a draft's own, which carry its prefix)."""
+        return not any(name.startswith(d.prefix) for d in self._own_checkpoint_drafts())
+
+    def part_for(self, draft: Draft, names: list[str]) -> list[tuple[str, str]]:
+        """(name in the update, name the draft's loader knows) of the tensors ``draft`` is handed."""
+        if draft.reads_target_checkpoint:
+            return [(name, name) for name in names if self.targets_name(name)]
+        return [(name, name[len(draft.prefix) :]) for name in names if name.startswith(draft.prefix)]
+
+    def check(self, manifest: Manifest, partial: bool, allow_unused: bool) -> CheckedUpdate:
+        """What the update writes into the target and each draft; raises UpdateRejected in words where one of
+        them cannot take it, where a complete update leaves a draft behind, or where it carries a draft's own
+        tensors this server has no draft for."""
+        names = [name for name, _, _ in manifest]
+        if not self._own_checkpoint_drafts() and any(name.startswith(DRAFT_PREFIX) for name in names):
+            raise UpdateRejected(
+                "the update carries a draft model's own checkpoint (--draft-checkpoint-path: draft.* tensors), but "
+                "this server serves no draft model with a checkpoint of its own; drop --draft-checkpoint-path"
+            )
+        parts = {draft.prefix: self.part_for(draft, names) for draft in self.drafts}
+        for draft in self._own_checkpoint_drafts():
+            if not parts[draft.prefix] and not partial:  # a partial update may leave the draft as it is, on purpose
+                raise UpdateRejected(
+                    f"this server's speculative-decoding draft model loads a checkpoint of its own "
+                    f"({draft.checkpoint}), and the update does not carry it: push it with the target "
+                    "(--draft-checkpoint-path DIR) so that both change together, or ask for a partial update"
+                )
+        entries = {name: (name, dtype, shape) for name, dtype, shape in manifest}
+        checked = check_update(self.target, [entries[n] for n in names if self.targets_name(n)], partial, allow_unused)
         coverage, groups = dict(checked.coverage), list(checked.together)
-        for draft in self.written_drafts:
+        for draft in self.drafts:
+            part = parts[draft.prefix]
+            if not part and not draft.reads_target_checkpoint:
+                continue
+            renamed = [(own_name, *entries[name][1:]) for name, own_name in part]
+            lenient = allow_unused or draft.reads_target_checkpoint  # it ignores most of the target's tensors
+            drafted = check_update(draft.model, renamed, partial=True, allow_unused=lenient)
             own = self.own_parameters(draft.model)
-            drafted = check_update(draft.model, manifest, partial=True, allow_unused=True)
             written = {name: ranges for name, ranges in drafted.coverage.items() if name in own}
             missing = missing_from(own, written)
             if missing and not partial:
                 raise UpdateRejected(
                     f"the update does not cover {len(missing)} parameter(s) of the draft model: "
-                    f"{', '.join(draft.prefix + m for m in missing[:5])}; the draft reads the target's checkpoint "
-                    "(its MTP/NextN layers): push a checkpoint that holds them, or ask for a partial update",
+                    f"{', '.join(draft.prefix + m for m in missing[:5])}; push a checkpoint that holds them "
+                    "(a draft that reads the target's checkpoint: its MTP/NextN layers), or ask for a partial update",
                     "uncovered",
                 )
             coverage.update(prefixed(draft.prefix, written))
-            groups += drafted.together
+            to_update = {own_name: name for name, own_name in part}
+            groups += [frozenset(to_update[n] for n in group) for group in drafted.together]
         return CheckedUpdate(coverage, merge_together(groups))
 
     def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        """One bucket into the target, then into every written draft (each copies what it holds)."""
-        self.target.load_weights(weights)
-        for draft in self.written_drafts:
-            draft.model.load_weights(weights)
+        """One bucket: the target's tensors into the target, then each draft's into that draft."""
+        tensors = dict(weights)
+        names = list(tensors)
+        mine = [(name, tensors[name]) for name in names if self.targets_name(name)]
+        if mine:
+            self.target.load_weights(mine)
+        for draft in self.drafts:
+            part = [(own_name, tensors[name]) for name, own_name in self.part_for(draft, names)]
+            if part:
+                draft.model.load_weights(part)
 
-    def members(self) -> tuple[torch.nn.Module, ...]:
-        return (self.target, *(d.model for d in self.written_drafts))
+    def written_by(self, coverage: Coverage) -> tuple[torch.nn.Module, ...]:
+        """The members an update with this coverage writes (to prepare and post-process): the target and the drafts
+        that read its checkpoint always, a draft with its own only where the update carries it."""
+        own = [
+            d.model
+            for d in self.drafts
+            if d.reads_target_checkpoint or any(name.startswith(d.prefix) for name in coverage)
+        ]
+        return (self.target, *own)
 
 
 def _storage(p: torch.Tensor) -> int:
@@ -120,5 +165,6 @@ def prefixed(prefix: str, coverage: dict) -> dict:
 
 
 def draft_prefixes(count: int) -> list[str]:
-    """One draft runner is ``draft.`` (SGLang's name); several are ``draft0.``, ``draft1.``, ..."""
+    """One draft runner is ``draft.`` (SGLang's name, and the loader's for a draft's own tensors); several are
+    ``draft0.``, ``draft1.``, ..."""
     return [DRAFT_PREFIX] if count == 1 else [f"draft{i}." for i in range(count)]

@@ -139,7 +139,7 @@ def _check_request(updater, key: str, handles: dict, phase: str | None) -> None:
     """Refusals that need no loader: raise UpdateRefused."""
     if phase not in (None, *PHASES):
         raise UpdateRefused(f"unknown update phase {phase!r} in zmq_handles[{PHASE_KEY!r}] (expected one of {PHASES})")
-    refusal = rank_state.models(updater.get_model()).refusal() or sg.check_online_update_allowed(updater)
+    refusal = sg.check_online_update_allowed(updater)
     if refusal:
         raise UpdateRefused(refusal)
     if key not in handles:
@@ -152,18 +152,18 @@ def _check_request(updater, key: str, handles: dict, phase: str | None) -> None:
 
 
 def _session(updater, model, device, endpoint: str, staging: bool) -> ReceiveSession:
-    """One receive session writes the target and every draft model that reads the target's checkpoint."""
+    """One receive session writes the target and its draft models (drafts.py)."""
     models = rank_state.models(model)
 
     def post_process() -> None:
-        for member in models.members():
+        for member in models.written_by(session.coverage or {}):
             sg.post_process_model(member, device)
 
     def prepare() -> None:
-        for member in models.members():
+        for member in models.written_by(session.coverage or {}):
             sg.prepare_model_for_loading(member, device)
 
-    return ReceiveSession(
+    session = ReceiveSession(
         endpoint=endpoint,
         device=device,
         load_weights=models.load_weights,
@@ -173,6 +173,7 @@ def _session(updater, model, device, endpoint: str, staging: bool) -> ReceiveSes
         prepare=prepare,
         staging=staging,
     )
+    return session
 
 
 def _stage(updater, handles: dict) -> tuple[bool, str]:

@@ -35,12 +35,13 @@ logger = logging.getLogger("sglang_ckpt_plugin")
 
 def _written_member(updater) -> tuple[torch.nn.Module, str] | None:
     """(model, its prefix in the weights state) of the runner SGLang loads now: the target (prefix ``""``) or a draft
-    that reads the target's checkpoint; None for a draft with a checkpoint of its own (SGLang's business alone)."""
+    that reads the target's checkpoint; None for a draft with a checkpoint of its own, to which SGLang hands the
+    target's tensors or path: its business alone, not measured (the gate counts the target alone there)."""
     model = updater.get_model()
     models = rank_state.models(model)
     if model is models.target:
         return model, ""
-    if any(draft.model is model for draft in models.written_drafts):
+    if any(draft.model is model for draft in models.counted_drafts):
         return model, models.prefix_of(model)
     return None
 

@@ -44,6 +44,9 @@ WIRE_DTYPES = tuple(WIRE_DTYPE_ITEMSIZE)
 # background, the served weights untouched, without SGLang's model-update lock; "commit": under the lock, each rank
 # loads what it staged (the other keys map rank keys to the staged update's id); "abort": each rank drops what it
 # staged and records why the update did not happen. Absent: one streaming update.
+# A draft model with a checkpoint of its own travels in the same update, its tensors named with this prefix
+# (``--draft-checkpoint-path``; the server strips it and hands them to the draft: server/drafts.py).
+DRAFT_PREFIX = "draft."
 PHASE_KEY = "ckpt_plugin.phase"
 PHASES = ("stage", "commit", "abort")
 
