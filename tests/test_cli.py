@@ -3,8 +3,10 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from sglang_ckpt_plugin.cpu_env import core_binds, cpu_environment
 from sglang_ckpt_plugin.cpu_support import STUB_PATH
@@ -97,6 +99,34 @@ def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--watch", "/steps", "--draft-checkpoint-path", "/draft"],
+        ["--checkpoint-path", "/c", "--draft-checkpoint-path", "/draft", "--save-metas-file", "plan.json"],
+        ["--checkpoint-path", "/c", "--draft-checkpoint-path", "/draft", "--load-metas-file", "plan.json"],
+    ],
+)
+def test_a_drafts_own_checkpoint_is_not_taken_with_watch_or_metas_files(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2 and "--draft-checkpoint-path" in capsys.readouterr().err
+
+
+def test_a_drafts_own_checkpoint_travels_in_the_same_update_under_its_prefix(tmp_path):
+    from safetensors.torch import save_file
+
+    from sglang_ckpt_plugin.loader.checkpoint import read_update
+
+    for name, tensors in (("target", {"w": torch.zeros(2), "v": torch.ones(3)}), ("draft", {"w": torch.ones(4)})):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    update = read_update(tmp_path / "target", tmp_path / "draft")
+    assert sorted((t.name, t.shape) for t in update) == [("draft.w", (4,)), ("v", (3,)), ("w", (2,))]
+    assert {t.name: Path(t.file).parent.name for t in update} == {"v": "target", "w": "target", "draft.w": "draft"}
+    assert [t.name for t in read_update(tmp_path / "target")] == [t.name for t in update if t.name in ("v", "w")]
 
 
 def test_metas_round_trip_and_rejects_other_json(tmp_path):
