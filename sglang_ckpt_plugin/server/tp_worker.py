@@ -22,7 +22,7 @@ logger = logging.getLogger("sglang_ckpt_plugin")
 IDLE_TIMEOUT_ENV = "SGLANG_CKPT_IDLE_TIMEOUT"
 DEFAULT_IDLE_TIMEOUT_S = 120.0
 
-DRAFT_WRITTEN_WITH_TARGET = "its draft model(s) took the same update, from the same bytes"
+DRAFT_WRITTEN_WITH_TARGET = "the draft model(s) took their part of the same update, in the same call"
 
 INCOMPLETE_REFUSAL = (
     "the served weights are incomplete (never fully loaded, or an update failed part-way), so this server "
