@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..transport.messages import DRAFT_PREFIX
-from .coverage import Coverage, Extent, extent_of, missing_from, whole
+from .coverage import Coverage, Extent, extent_of, whole
 from .validate import CheckedUpdate, UpdateRejected, check_update, merge_together, required_coverage
 
 Manifest = list[tuple[str, str, list[int]]]
@@ -117,18 +117,11 @@ class ModelSet:
                 continue
             renamed = [(own_name, *entries[name][1:]) for name, own_name in part]
             lenient = allow_unused or draft.reads_target_checkpoint  # it ignores most of the target's tensors
-            drafted = check_update(draft.model, renamed, partial=True, allow_unused=lenient)
-            own = self.own_parameters(draft.model)
-            written = {name: ranges for name, ranges in drafted.coverage.items() if name in own}
-            missing = missing_from(own, written)
-            if missing and not partial:
-                raise UpdateRejected(
-                    f"the update does not cover {len(missing)} parameter(s) of the draft model: "
-                    f"{', '.join(draft.prefix + m for m in missing[:5])}; push a checkpoint that holds them "
-                    "(a draft that reads the target's checkpoint: its MTP/NextN layers), or ask for a partial update",
-                    "uncovered",
-                )
-            coverage.update(prefixed(draft.prefix, written))
+            try:
+                drafted = check_update(draft.model, renamed, partial, lenient, self.own_parameters(draft.model))
+            except UpdateRejected as exc:
+                raise UpdateRejected(f"the draft model ({draft.prefix}*): {exc}", exc.kind) from None
+            coverage.update(prefixed(draft.prefix, drafted.coverage))
             to_update = {own_name: name for name, own_name in part}
             groups += [frozenset(to_update[n] for n in group) for group in drafted.together]
         return CheckedUpdate(coverage, merge_together(groups))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -106,13 +106,20 @@ def merge_together(groups: list[frozenset[str]]) -> tuple[frozenset[str], ...]:
 
 
 def check_update(
-    model: torch.nn.Module, manifest: list[tuple[str, str, list[int]]], partial: bool, allow_unused: bool = False
+    model: torch.nn.Module,
+    manifest: list[tuple[str, str, list[int]]],
+    partial: bool,
+    allow_unused: bool = False,
+    counted: Collection[str] | None = None,
 ) -> CheckedUpdate:
-    """What the update writes and how it must be loaded; raises UpdateRejected naming the first offending tensors."""
+    """What the update writes and how it must be loaded; raises UpdateRejected naming the first offending tensors.
+    ``counted``: the parameters this check answers for (None: all; a draft model leaves out those it shares with
+    its target, which the target's own check answers for)."""
     dupes = [name for name, count in Counter(name for name, _, _ in manifest).items() if count > 1]
     if dupes:
         raise UpdateRejected(f"duplicate tensor names in the update: {_first(dupes)}")
-    extents = required_coverage(model)
+    all_extents = required_coverage(model)
+    extents = all_extents if counted is None else {p: e for p, e in all_extents.items() if p in counted}
     try:
         with exclusive():
             run = dry_run(model, manifest)
@@ -128,7 +135,7 @@ def check_update(
             raise UpdateRejected(f"tensor {raised.tensor!r} is not a weight of this model ({exc})") from None
         why = f"{type(exc).__name__}: {exc}"  # the model's own check, e.g. an assert on shapes
         raise UpdateRejected(f"tensor {raised.tensor!r} does not fit the model: {why}") from None
-    coverage = run.coverage(extents)
+    coverage = {p: ranges for p, ranges in run.coverage(all_extents).items() if p in extents}
 
     if run.shape_errors:
         raise UpdateRejected(f"shape mismatch: {_first(run.shape_errors, 3)}")
@@ -148,8 +155,9 @@ def check_update(
             + (_PAIR_HINT if partial else ""),
             "unused",
         )
-    if run.unmeasured:
-        what = _first(f"{p} ({op})" for p, op in run.unmeasured.items())
+    unmeasured = {p: op for p, op in run.unmeasured.items() if p in extents}
+    if unmeasured:
+        what = _first(f"{p} ({op})" for p, op in unmeasured.items())
         if partial:
             raise UpdateRejected(
                 f"the plugin cannot measure what this model's loaders write into {what}, so a partial update of "
@@ -157,7 +165,7 @@ def check_update(
                 "unmeasured",
             )
         logger.warning("counting %s as written whole: its loader's writes cannot be measured", what)
-        coverage.update({p: whole(extents[p]) for p in run.unmeasured})
+        coverage.update({p: whole(extents[p]) for p in unmeasured})
     if not partial:
         missing = missing_from(extents, coverage)
         if missing:
