@@ -51,20 +51,12 @@ def model_config(arch: str, hidden: int, layers: int, vocab: int, dtype: torch.d
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen3":
-        return Qwen3Config(head_dim=16, **common)
+        return Qwen3Config(**{"head_dim": 16, **common})
     if arch == "mistral":
         return MistralConfig(sliding_window=None, **common)
     if arch == "qwen3_moe":  # every layer sparse: experts fused into one w13/w2 parameter per layer in SGLang
-        return Qwen3MoeConfig(
-            head_dim=16,
-            num_experts=MOE_EXPERTS,
-            num_experts_per_tok=2,
-            moe_intermediate_size=hidden,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            norm_topk_prob=True,
-            **common,
-        )
+        moe = dict(head_dim=16, num_experts=MOE_EXPERTS, num_experts_per_tok=2, moe_intermediate_size=hidden)
+        return Qwen3MoeConfig(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, **{**moe, **common})
     if arch == "mixtral":
         return MixtralConfig(sliding_window=None, num_local_experts=MOE_EXPERTS, num_experts_per_tok=2, **common)
     if arch == "deepseek_v3":
@@ -91,8 +83,7 @@ def deepseek_v3_config(common: dict):
     from transformers import DeepseekV3Config
 
     hidden = common["hidden_size"]
-    fields = {**common, "num_key_value_heads": common["num_attention_heads"]}
-    return DeepseekV3Config(
+    defaults = dict(
         q_lora_rank=hidden // 2,
         kv_lora_rank=16,
         qk_nope_head_dim=16,
@@ -121,8 +112,9 @@ def deepseek_v3_config(common: dict):
             "mscale": 1.0,
             "mscale_all_dim": 1.0,
         },
-        **fields,
     )
+    fields = {**defaults, **common, "num_key_value_heads": common["num_attention_heads"]}
+    return DeepseekV3Config(**fields)
 
 
 def mtp_tensors(config, dtype: torch.dtype, saved: Path) -> dict[str, torch.Tensor]:

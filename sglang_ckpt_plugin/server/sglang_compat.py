@@ -28,6 +28,8 @@ WAIT_FLAG_FIELD = "checkpoint_engine_wait_weights_before_ready"
 PARALLEL_STATE = "sglang.srt.distributed.parallel_state"
 MODEL_LOADER = "sglang.srt.model_loader.loader"
 PIPELINE_RELAY = f"{SCHEDULER}._pp_send_pyobj_to_next_stage"  # a stage hands its received requests to the next
+FP8_MODULE = "sglang.srt.layers.quantization.fp8"
+AMX_UTILS = "sglang.srt.layers.amx_utils"
 INTERNAL_STATE_KEY = "ckpt_plugin"  # our entry in the scheduler's internal state (GetInternalStateReqOutput)
 
 # ---------------------------------------------------------------- which releases
@@ -51,6 +53,9 @@ ACCESSED_NAMES = (
     "sglang.srt.model_loader.utils.set_default_torch_dtype",
     "sglang.srt.utils.common.init_custom_process_group",
     f"sglang.srt.server_args.ServerArgs.{WAIT_FLAG_FIELD}",
+    f"{FP8_MODULE}._is_cpu_amx_available",
+    f"{AMX_UTILS}.cpu_has_amx_support",
+    "sglang.srt.utils.common._is_intel_amx_backend_available",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.get_internal_state",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.config_value",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.auto_create_handle_loop",
@@ -122,6 +127,22 @@ def release_problem(targets) -> str | None:
         f"sglang-ckpt-plugin does not support SGLang {installed}: {what}; it supports {supported_range()}: "
         "install one of those, or uninstall sglang-ckpt-plugin"
     )
+
+
+# ---------------------------------------------------------------- the CPU environment (cpu_support/plugin.py)
+def enable_fp8_on_cpu_without_amx(register_ops) -> None:
+    """Let SGLang's CPU FP8 path (block and per-tensor linear, FP8 MoE) run on a CPU without AMX, computing with the
+    ops ``register_ops()`` defines: only FP8's own switch is turned, so norms, rotary, unquantized layers and every
+    other method keep the paths this CPU has. SGLang caches whether the AMX backend exists
+    (``_is_intel_amx_backend_available``): it is asked first, before the ops exist, so the answer stays this CPU's."""
+    from sglang.srt.layers import amx_utils
+    from sglang.srt.layers.quantization import fp8
+    from sglang.srt.utils import common
+
+    common._is_intel_amx_backend_available()
+    register_ops()
+    fp8._is_cpu_amx_available = True  # fp8.py's refusals and its choice of the packed path
+    amx_utils.cpu_has_amx_support = lambda: True  # packing and use_intel_amx_backend, for the layers that ask
 
 
 # ---------------------------------------------------------------- main process (HTTP server)
