@@ -212,7 +212,7 @@ def differing(pushed: torch.nn.Module, reference: torch.nn.Module) -> list[str]:
 
 def check_family(builder: SGLangBuilder, family: str, checkpoint: Path) -> dict:
     from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
-    from sglang_ckpt_plugin.server import sglang_compat as sg
+    from sglang_ckpt_plugin.server.postprocessed import ModelLoad
     from sglang_ckpt_plugin.server.validate import UpdateRejected, check_update
 
     from .inproc_session import run_session
@@ -241,13 +241,14 @@ def check_family(builder: SGLangBuilder, family: str, checkpoint: Path) -> dict:
         record["lacking"] = f"refused: {exc}"
     before = differing(served, reference)
     cpu = torch.device("cpu")
+    load = ModelLoad(served, cpu, checked.coverage)
     stats, errors, buckets = run_session(
         checkpoint,
         served,
         bucket_size=max(t.nbytes for t in tensors),
         validate=lambda m, partial, allow_unused: check_update(served, m, partial, allow_unused),
-        prepare=lambda: sg.prepare_model_for_loading(served, cpu),
-        post=lambda: sg.post_process_model(served, cpu),
+        prepare=load.prepare,
+        post=load.post_process,
     )
     record.update(
         buckets=buckets,

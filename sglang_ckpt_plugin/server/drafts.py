@@ -138,6 +138,13 @@ class ModelSet:
             if part:
                 draft.model.load_weights(part)
 
+    def own_coverage(self, model: torch.nn.Module, coverage: Coverage) -> Coverage:
+        """The part of an update's coverage that writes ``model``, by its own parameter names."""
+        prefix = self.prefix_of(model)
+        if not prefix:
+            return {name: ranges for name, ranges in coverage.items() if self.targets_name(name)}
+        return {name[len(prefix) :]: ranges for name, ranges in coverage.items() if name.startswith(prefix)}
+
     def written_by(self, coverage: Coverage) -> tuple[torch.nn.Module, ...]:
         """The members an update with this coverage writes (to prepare and post-process): the target and the drafts
         that read its checkpoint always, a draft with its own only where the update carries it."""

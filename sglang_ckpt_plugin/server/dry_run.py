@@ -33,6 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from . import postprocessed
 from . import sglang_compat as sg
 from .coverage import Coverage, Extent, clip, view_runs
 
@@ -214,8 +215,9 @@ def dry_run(model: torch.nn.Module, manifest) -> DryRun:
     """Run ``load_weights`` once over the whole manifest against stand-ins (the caller holds the one-writer lock).
     Raises RecorderRefused, or LoaderRaised with what the model's loaders raised."""
     params = dict(model.named_parameters())
-    standins = {pname: _standin(p) for pname, p in params.items()}
-    twin_of = {id(params[pname]): twin for pname, twin in standins.items()}
+    # stand-ins of the parameters as the loaders see them: the recorded layout of a post-processed module
+    standins = {pname: _standin(p) for pname, p in postprocessed.loader_facing(model).items()}
+    twin_of = {id(params[pname]): twin for pname, twin in standins.items() if pname in params}
     result = DryRun()
     live_params, live = _live_tensors(model, params)
     recorder = _Recorder(result, {_storage_key(t): pname for pname, t in standins.items()}, live_params, live)
@@ -243,8 +245,10 @@ def dry_run(model: torch.nn.Module, manifest) -> DryRun:
     saved = {}
     try:
         for pname, p in params.items():
+            if pname not in standins:  # a tensor post-processing added: no loader writes it
+                continue
             slot = _loader_slot(p)
-            original = _rebound(getattr(p, "weight_loader", None), twin_of)
+            original = _rebound(getattr(standins[pname], "weight_loader", None), twin_of)
             saved[pname] = (slot, p.__dict__.get(slot, _MISSING))
             setattr(p, slot, redirect(pname, original or default_loader(pname)))
     except (AttributeError, TypeError) as exc:

@@ -12,6 +12,8 @@ them in every SGLang process). Target names live in sglang_compat.py.
   (around), and ``Scheduler._pp_send_pyobj_to_next_stage`` (after): with pipeline stages every stage handles them
   together, once relayed (pipeline.py); the internal state carries our weights state for the HTTP process.
 - ``Scheduler.handle_generate_request`` (around): refuse requests while the weights are incomplete.
+- ``model_loader.loader._initialize_model`` (after): the layout of each quantized module's parameters as its loaders
+  write them, before any post-processing (postprocessed.py).
 - ``model_loader.loader.initialize_dummy_weights`` (around): with ``--wait-for-initial-weights`` the random fill
   of ``--load-format dummy`` is skipped (nothing is served before every parameter was written).
 - ``parallel_state.init_model_parallel_group`` (before): on CPU, no pynccl communicator (it requires CUDA);
@@ -29,7 +31,7 @@ import msgspec
 import torch
 
 from ..cpu_env import core_binds
-from . import gate, options, pipeline, prefault, rank_state, routes, staging, tp_worker, trainer_updates
+from . import gate, options, pipeline, postprocessed, prefault, rank_state, routes, staging, tp_worker, trainer_updates
 from . import sglang_compat as sg
 
 logger = logging.getLogger("sglang_ckpt_plugin")
@@ -56,6 +58,7 @@ def hook_table() -> list[tuple[str, object, str]]:
         (f"{sg.SCHEDULER}.handle_generate_request", _guard_generate, "AROUND"),
         (f"{sg.PARALLEL_STATE}.init_model_parallel_group", _no_pynccl_on_cpu, "BEFORE"),
         (f"{sg.MODEL_LOADER}.initialize_dummy_weights", _skip_dummy_fill_when_waiting, "AROUND"),
+        (f"{sg.MODEL_LOADER}._initialize_model", _record_loader_layouts, "AFTER"),
         (f"{sg.ENGINE}._launch_subprocesses", _bind_cpu_cores, "BEFORE"),
     ]
 
@@ -105,6 +108,13 @@ def _guard_generate(original, scheduler, recv_req, **kwargs):
     if not rank_state.weights_complete():
         kwargs["mm_input_error"] = tp_worker.INCOMPLETE_REFUSAL
     return original(scheduler, recv_req, **kwargs)
+
+
+def _record_loader_layouts(model, *args, **kwargs):
+    """AFTER SGLang builds a model (target or draft), before any load: the layout its quantized modules' loaders
+    write, which every later update restores (postprocessed.py)."""
+    postprocessed.record(model)
+    return None
 
 
 def _skip_dummy_fill_when_waiting(original, model, *args, **kwargs):

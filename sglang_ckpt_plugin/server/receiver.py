@@ -176,12 +176,14 @@ class ReceiveSession:
         prepare: Callable[[], None] = lambda: None,
         hello_timeout_s: float | None = None,
         staging: bool = False,
+        abandon: Callable[[], None] = lambda: None,
     ):
         self.endpoint = check_endpoint(endpoint)
         self.device = device
         self.load_weights = load_weights
         self.post_process = post_process
         self.prepare = prepare  # runs once, just before the first write to the model
+        self.abandon = abandon  # runs when a load that began fails (post-processed modules go back as served)
         self.validate = validate
         self.idle_timeout_s = idle_timeout_s
         self.hello_timeout_s = default_hello_timeout_s() if hello_timeout_s is None else hello_timeout_s
@@ -210,7 +212,7 @@ class ReceiveSession:
         try:
             with Channel(self.endpoint, bind=False) as channel:
                 try:
-                    self._serve(channel)
+                    self._abandoning(self._serve, channel)
                     keep = self.staging
                 finally:
                     if not keep:
@@ -223,6 +225,14 @@ class ReceiveSession:
                 except FileNotFoundError:
                     pass
         return self.stats
+
+    def _abandoning(self, step, *args):
+        try:
+            return step(*args)
+        except BaseException:
+            if self.touched_weights:
+                self.abandon()
+            raise
 
     def _recv(self, channel: Channel, what: str, timeout_s: float):
         try:
@@ -395,6 +405,10 @@ class ReceiveSession:
     def commit(self) -> ReceiveStats:
         """Stage mode, after run() succeeded: load every staged bucket, then post-process. The staged bytes stay
         mapped (a failed commit can be retried from them) until release(). Raises UpdateFailed."""
+        return self._abandoning(self._commit)
+
+    def _commit(self) -> ReceiveStats:
+        self.touched_weights = False  # a retried commit prepares the model again
         self.stats = ReceiveStats(fingerprint=None)
         self.together.clear()  # a retried commit starts its groups afresh
         for msg in self.staged:

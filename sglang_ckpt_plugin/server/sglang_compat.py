@@ -50,6 +50,12 @@ ACCESSED_NAMES = (
     f"{MODEL_LOADER}.DefaultModelLoader.restore_weights_before_loading",
     f"{MODEL_LOADER}.DefaultModelLoader.postprocess_weights",
     f"{MODEL_LOADER}.post_load_weights",
+    f"{MODEL_LOADER}._modules_with_quant_method",
+    f"{MODEL_LOADER}.device_loading_context",
+    "sglang.srt.layers.quantization.base_config.FusedMoEMethodBase",
+    "sglang.srt.layers.quantization.base_config.LinearMethodBase",
+    "sglang.srt.layers.quantization.kv_cache.BaseKVCacheMethod",
+    "sglang.srt.lora.layers.BaseLayerWithLoRA",
     "sglang.srt.model_loader.utils.set_default_torch_dtype",
     "sglang.srt.utils.common.init_custom_process_group",
     f"sglang.srt.server_args.ServerArgs.{WAIT_FLAG_FIELD}",
@@ -408,12 +414,54 @@ def prepare_model_for_loading(model: torch.nn.Module, device: torch.device) -> N
     DefaultModelLoader.restore_weights_before_loading(model, device)
 
 
-def post_process_model(model: torch.nn.Module, device: torch.device) -> None:
-    """The post-load processing of SGLang's disk loader: quantization repacking, then model fix-ups."""
-    from sglang.srt.model_loader.loader import DefaultModelLoader, post_load_weights
+def post_processed_modules(model: torch.nn.Module):
+    """(name, module) of every module whose quantization method post-processes what its loaders wrote (a quantized
+    linear or fused-MoE method: FP8, INT8, ...); unquantized methods and LoRA wrappers are left out, as SGLang's own
+    loader leaves the wrappers out."""
+    from sglang.srt.layers.quantization.base_config import FusedMoEMethodBase, LinearMethodBase
+    from sglang.srt.lora.layers import BaseLayerWithLoRA
 
-    DefaultModelLoader.postprocess_weights(model, device)
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if (
+            isinstance(method, (LinearMethodBase, FusedMoEMethodBase))
+            and not type(method).__name__.startswith("Unquantized")
+            and not isinstance(module, BaseLayerWithLoRA)
+        ):
+            yield name, module
+
+
+def optional_parameters(model: torch.nn.Module) -> set[str]:
+    """Parameters a checkpoint may leave out, each created holding a value that says so: the KV-cache scales of a
+    quantized attention (``k_scale``/``v_scale`` created as -1.0, read as "use 1.0" by its post-processing)."""
+    from sglang.srt.layers.quantization.kv_cache import BaseKVCacheMethod
+
+    return {
+        f"{name}.{key}" if name else key
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "quant_method", None), BaseKVCacheMethod)
+        for key in module._parameters
+    }
+
+
+def post_process_module(module: torch.nn.Module, device: torch.device) -> None:
+    """One module's quantization post-processing, as SGLang's disk loader runs it."""
+    from sglang.srt.model_loader.loader import device_loading_context
+
+    with device_loading_context(module, device):
+        module.quant_method.process_weights_after_loading(module)
+
+
+def post_process_unrecorded(model: torch.nn.Module, device: torch.device, recorded) -> None:
+    """SGLang's post-load processing for every module outside ``recorded`` (the post-processed modules the plugin
+    restores and post-processes itself), then the model's fix-ups."""
+    from sglang.srt.model_loader.loader import _modules_with_quant_method, device_loading_context, post_load_weights
+
     post_load_weights(model)
+    for module, method in _modules_with_quant_method(model):
+        if id(module) not in recorded:
+            with device_loading_context(module, device):
+                method.process_weights_after_loading(module)
 
 
 @contextlib.contextmanager

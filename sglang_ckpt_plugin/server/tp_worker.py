@@ -13,6 +13,7 @@ import os
 
 from ..transport.messages import PHASE_KEY, PHASES
 from . import foreign, rank_state, staging
+from .postprocessed import ModelLoad
 from . import sglang_compat as sg
 from .receiver import ReceiveSession, UpdateFailed, UpdateRefused
 from .writer import exclusive
@@ -152,16 +153,24 @@ def _check_request(updater, key: str, handles: dict, phase: str | None) -> None:
 
 
 def _session(updater, model, device, endpoint: str, staging: bool) -> ReceiveSession:
-    """One receive session writes the target and its draft models (drafts.py)."""
+    """One receive session writes the target and its draft models (drafts.py); each member's post-processed
+    modules are restored before the first write and post-processed after the last (postprocessed.py)."""
     models = rank_state.models(model)
-
-    def post_process() -> None:
-        for member in models.written_by(session.coverage or {}):
-            sg.post_process_model(member, device)
+    loads: list[ModelLoad] = []
 
     def prepare() -> None:
-        for member in models.written_by(session.coverage or {}):
-            sg.prepare_model_for_loading(member, device)
+        coverage = session.coverage or {}
+        loads[:] = [ModelLoad(m, device, models.own_coverage(m, coverage)) for m in models.written_by(coverage)]
+        for load in loads:
+            load.prepare()
+
+    def post_process() -> None:
+        for load in loads:
+            load.post_process()
+
+    def abandon() -> None:
+        for load in loads:
+            load.abandon()
 
     session = ReceiveSession(
         endpoint=endpoint,
@@ -172,6 +181,7 @@ def _session(updater, model, device, endpoint: str, staging: bool) -> ReceiveSes
         validate=models.check,
         prepare=prepare,
         staging=staging,
+        abandon=abandon,
     )
     return session
 

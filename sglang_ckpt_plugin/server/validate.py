@@ -35,6 +35,7 @@ from typing import Literal
 
 import torch
 
+from . import postprocessed
 from . import sglang_compat as sg
 from .coverage import Coverage, Extent, extent_of, missing_from, union_coverage, whole
 from .dry_run import LoaderRaised, RecorderRefused, dry_run
@@ -76,9 +77,16 @@ def _first(items, n: int = 5) -> str:
     return ", ".join(repr(i) for i in items[:n]) + more
 
 
+def loader_extents(model: torch.nn.Module) -> dict[str, Extent]:
+    """Every parameter as its loader sees it (the layout before quantization post-processing, postprocessed.py)."""
+    return {pname: extent_of(p.shape, p.element_size()) for pname, p in postprocessed.loader_facing(model).items()}
+
+
 def required_coverage(model: torch.nn.Module) -> dict[str, Extent]:
-    """Every parameter, each of whose bytes must be written for it to hold real weights."""
-    return {pname: extent_of(p.shape, p.element_size()) for pname, p in model.named_parameters()}
+    """Every parameter each of whose bytes must be written for it to hold real weights: all of them but those a
+    checkpoint may leave out (a quantized attention's KV-cache scales)."""
+    optional = sg.optional_parameters(model)
+    return {pname: extent for pname, extent in loader_extents(model).items() if pname not in optional}
 
 
 def skipped_on_purpose(name: str, config, own_lm_head: bool = True) -> bool:
@@ -118,8 +126,8 @@ def check_update(
     dupes = [name for name, count in Counter(name for name, _, _ in manifest).items() if count > 1]
     if dupes:
         raise UpdateRejected(f"duplicate tensor names in the update: {_first(dupes)}")
-    all_extents = required_coverage(model)
-    extents = all_extents if counted is None else {p: e for p, e in all_extents.items() if p in counted}
+    all_extents, required = loader_extents(model), required_coverage(model)
+    extents = required if counted is None else {p: e for p, e in required.items() if p in counted}
     try:
         with exclusive():
             run = dry_run(model, manifest)

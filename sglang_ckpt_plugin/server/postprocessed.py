@@ -1,0 +1,213 @@
+"""Exact updates of a model whose quantization post-processing changed what its loaders see.
+
+SGLang runs each quantized module's ``process_weights_after_loading`` (PWAL) once its weights are loaded: FP8 on CPU
+packs each weight (a VNNI permutation) and replaces the Parameter with a plain one (its ``weight_loader`` gone);
+per-tensor and online FP8 transpose and requantize; DeepGEMM requantizes block scales to UE8M0 and marks them done.
+Loading again into the post-processed module is wrong (an ``AttributeError``, or bytes written row-major into packed
+storage, or a requantization skipped), and SGLang's own reload does just that.
+
+Here, as in vLLM's layerwise reload: the loader-facing layout of every quantized module (each parameter's class,
+shape, strides, dtype and attributes, its loaders among them; the module's plain flags) is recorded when SGLang
+builds the model, before any PWAL. An update of such a module then
+
+1. ``restore``: puts fresh parameters of the recorded layout in the module (the served ones set aside, untouched),
+2. lets the model's own ``load_weights`` write them (every byte: a module is written whole or not at all),
+3. ``finish``: runs that module's PWAL once, copies each result into the served tensor it replaces (same storage,
+   same address: CUDA graphs keep reading it) and puts the served objects back. ``abandon`` instead puts them back
+   unchanged (a failed load leaves a quantized module as it was).
+
+The dry run (dry_run.py) and the gate count the recorded layout: what the loaders write, not what PWAL made of it.
+Nothing here swaps a live module outside the one-writer lock and SGLang's model-update lock (the scheduler thread,
+between batches); the dry run never swaps: it reads the recorded layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from . import sglang_compat as sg
+
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """One parameter as its loader sees it."""
+
+    cls: type
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    attrs: dict  # its __dict__ (weight_loader, shard dimensions, ...), shallow
+
+    @classmethod
+    def of(cls, p: torch.nn.Parameter) -> ParamLayout:
+        return cls(type(p), tuple(p.shape), tuple(p.stride()), p.dtype, dict(p.__dict__))
+
+    def make(self, device: torch.device | str) -> torch.nn.Parameter:
+        """A parameter of this layout (uninitialized), its attribute containers copied so a loader that records
+        into them records into the new one."""
+        data = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=device)
+        p = torch.Tensor._make_subclass(self.cls, data, False)
+        for key, value in self.attrs.items():
+            p.__dict__[key] = copy.copy(value) if isinstance(value, (list, dict, set)) else value
+        return p
+
+    @property
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ModuleLayout:
+    params: dict[str, ParamLayout]
+    flags: dict[str, object]  # the module's plain attributes before PWAL (PWAL sets some: they are reset)
+
+
+_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {module name: ModuleLayout}
+
+
+def record(model: torch.nn.Module) -> None:
+    """Called as SGLang builds a model, before any weight is loaded or post-processed."""
+    layouts = {}
+    for name, module in sg.post_processed_modules(model):
+        params = {key: ParamLayout.of(p) for key, p in module._parameters.items() if p is not None}
+        flags = {key: value for key, value in vars(module).items() if isinstance(value, _SIMPLE)}
+        layouts[name] = ModuleLayout(params, flags)
+    _layouts[model] = layouts
+
+
+def layouts(model: torch.nn.Module) -> dict[str, ModuleLayout]:
+    return _layouts.get(model, {})
+
+
+def loader_facing(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every parameter by its full name as the loaders see it: inside post-processed modules a data-less (meta)
+    parameter of the recorded layout (what PWAL removed included, what it added left out), elsewhere the live one."""
+    recorded = layouts(model)
+    out = {}
+    for pname, p in model.named_parameters():
+        if pname.rpartition(".")[0] not in recorded:
+            out[pname] = p
+    for owner, layout in recorded.items():
+        out.update({f"{owner}.{key}": param.make("meta") for key, param in layout.params.items()})
+    return out
+
+
+def modules_written(model: torch.nn.Module, coverage: dict) -> list[str]:
+    """The post-processed modules an update with this coverage (parameter -> byte ranges) writes into."""
+    recorded = layouts(model)
+    return sorted({owner for pname in coverage if (owner := pname.rpartition(".")[0]) in recorded})
+
+
+def partly_written(model: torch.nn.Module, coverage: dict, complete) -> list[str]:
+    """Post-processed modules the coverage writes part of: ``complete(pname, layout)`` tells a parameter written
+    whole. A module is post-processed as a whole, so it must be written as a whole."""
+    out = []
+    for owner in modules_written(model, coverage):
+        params = layouts(model)[owner].params
+        if not all(complete(f"{owner}.{key}", layout) for key, layout in params.items()):
+            out.append(owner)
+    return out
+
+
+@dataclass
+class _SetAside:
+    module: torch.nn.Module
+    served: dict[str, torch.nn.Parameter | None]  # the module's parameters as served
+    flags: dict[str, object]  # its plain attributes as served
+
+
+class Restored:
+    """Modules put in their loader-facing layout for one real load (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str], device: torch.device):
+        self.model = model
+        self.device = device
+        self.set_aside: dict[str, _SetAside] = {}
+        modules = dict(model.named_modules())
+        for name in names:
+            layout, module = layouts(model)[name], modules[name]
+            self.set_aside[name] = _SetAside(
+                module,
+                dict(module._parameters),
+                {key: value for key, value in vars(module).items() if isinstance(value, _SIMPLE)},
+            )
+            for key in [k for k, v in vars(module).items() if isinstance(v, _SIMPLE) and k not in layout.flags]:
+                delattr(module, key)
+            for key, value in layout.flags.items():
+                object.__setattr__(module, key, value)
+            module._parameters = {key: p.make(device) for key, p in layout.params.items()}
+
+    def finish(self, post_process: bool = True) -> None:
+        """PWAL each restored module (unless the caller's loader did), copy the results into the served tensors,
+        put the served objects back. Raises RuntimeError if PWAL made a tensor the served one cannot hold (then the
+        served objects are back, partly overwritten: the caller counts the update failed part-way)."""
+        problems = []
+        for name, aside in self.set_aside.items():
+            module = aside.module
+            if post_process:
+                sg.post_process_module(module, self.device)
+            fresh = dict(module._parameters)
+            for key, served in aside.served.items():
+                new = fresh.get(key)
+                if served is None or new is None:
+                    continue
+                if new.shape != served.shape or new.dtype != served.dtype:
+                    problems.append(
+                        f"{name}.{key}: post-processing made {new.dtype} {list(new.shape)}, "
+                        f"the served tensor is {served.dtype} {list(served.shape)}"
+                    )
+                    continue
+                with torch.no_grad():
+                    served.data.copy_(new.data)
+                served.__dict__.update(new.__dict__)
+            for key, value in fresh.items():  # what PWAL added that the served module lacked: keep it
+                if key not in aside.served:
+                    aside.served[key] = value
+            module._parameters = aside.served
+        self.set_aside = {}
+        if problems:
+            raise RuntimeError("cannot keep the served storage: " + "; ".join(problems[:3]))
+
+    def abandon(self) -> None:
+        """Put the served objects back as they were (the fresh layout's bytes dropped)."""
+        for aside in self.set_aside.values():
+            module = aside.module
+            module._parameters = aside.served
+            for key in [k for k, v in vars(module).items() if isinstance(v, _SIMPLE) and k not in aside.flags]:
+                delattr(module, key)
+            for key, value in aside.flags.items():
+                object.__setattr__(module, key, value)
+        self.set_aside = {}
+
+
+class ModelLoad:
+    """One real load of one model by the plugin, in SGLang's order: ``prepare()`` before the first write (restore
+    the post-processed modules the update writes), ``post_process()`` after the last (the model's fix-ups such as
+    DeepSeek's ``w_kc``/``w_vc`` from ``kv_b_proj``, which read the loader-facing weights; then every module's
+    PWAL: SGLang's for the modules not recorded, ``finish`` for the restored ones), ``abandon()`` after a failure."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, coverage: dict):
+        self.model = model
+        self.device = device
+        self.modules = modules_written(model, coverage)
+        self.restored: Restored | None = None
+
+    def prepare(self) -> None:
+        sg.prepare_model_for_loading(self.model, self.device)
+        self.restored = Restored(self.model, self.modules, self.device)
+
+    def post_process(self) -> None:
+        recorded = dict(self.model.named_modules())
+        sg.post_process_unrecorded(self.model, self.device, {id(recorded[name]) for name in layouts(self.model)})
+        if self.restored is not None:
+            self.restored.finish()
+
+    def abandon(self) -> None:
+        if self.restored is not None:
+            self.restored.abandon()
