@@ -30,7 +30,9 @@ def server_env(device: str = "cpu", extra: dict | None = None) -> dict[str, str]
     return env
 
 
-PLUGIN_FREE = "smg-servicer"  # SGLANG_PLUGINS naming only SGLang's own dependency's plugin leaves ours out
+# SGLANG_PLUGINS naming SGLang's own dependency's plugin and the CPU environment's (cpu_support/plugin.py: FP8
+# kernels, no weight-update hook) leaves the plugin's hooks out
+PLUGIN_FREE = "smg-servicer,ckpt_cpu"
 
 
 class SGLangServer:

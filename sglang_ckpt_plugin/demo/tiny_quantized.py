@@ -86,7 +86,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path) -> Path:
 
 def make_tiny_fp8_model(out_dir: str | Path, arch: str, seed: int, dtype: torch.dtype = torch.bfloat16) -> Path:
     """A tiny float model of ``arch`` (sizes from QUANTIZABLE_SIZES), then its block-FP8 twin in ``out_dir``."""
-    from .tiny_model import model_config, make_tiny_model
+    from .tiny_model import make_tiny_model, model_config
 
     out = Path(out_dir)
     sizes = QUANTIZABLE_SIZES[arch]

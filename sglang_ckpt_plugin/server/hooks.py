@@ -14,6 +14,8 @@ them in every SGLang process). Target names live in sglang_compat.py.
 - ``Scheduler.handle_generate_request`` (around): refuse requests while the weights are incomplete.
 - ``model_loader.loader._initialize_model`` (after): the layout of each quantized module's parameters as its loaders
   write them, before any post-processing (postprocessed.py).
+- ``DefaultModelLoader.postprocess_weights`` (around): at the end of a trainer session, the quantized modules it
+  wrote whole are post-processed once, the others left as served.
 - ``model_loader.loader.initialize_dummy_weights`` (around): with ``--wait-for-initial-weights`` the random fill
   of ``--load-format dummy`` is skipped (nothing is served before every parameter was written).
 - ``parallel_state.init_model_parallel_group`` (before): on CPU, no pynccl communicator (it requires CUDA);
@@ -59,6 +61,7 @@ def hook_table() -> list[tuple[str, object, str]]:
         (f"{sg.PARALLEL_STATE}.init_model_parallel_group", _no_pynccl_on_cpu, "BEFORE"),
         (f"{sg.MODEL_LOADER}.initialize_dummy_weights", _skip_dummy_fill_when_waiting, "AROUND"),
         (f"{sg.MODEL_LOADER}._initialize_model", _record_loader_layouts, "AFTER"),
+        (f"{sg.MODEL_LOADER}.DefaultModelLoader.postprocess_weights", trainer_updates.post_process_session, "AROUND"),
         (f"{sg.ENGINE}._launch_subprocesses", _bind_cpu_cores, "BEFORE"),
     ]
 

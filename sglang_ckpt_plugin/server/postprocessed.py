@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from . import sglang_compat as sg
+from .coverage import missing_from
 
 _SIMPLE = (bool, int, float, str, type(None))
 
@@ -104,15 +105,23 @@ def modules_written(model: torch.nn.Module, coverage: dict) -> list[str]:
     return sorted({owner for pname in coverage if (owner := pname.rpartition(".")[0]) in recorded})
 
 
-def partly_written(model: torch.nn.Module, coverage: dict, complete) -> list[str]:
-    """Post-processed modules the coverage writes part of: ``complete(pname, layout)`` tells a parameter written
-    whole. A module is post-processed as a whole, so it must be written as a whole."""
-    out = []
+def partly_written(model: torch.nn.Module, coverage: dict, extents: dict) -> dict[str, list[str]]:
+    """Each post-processed module the coverage writes only part of -> what of it it leaves unwritten. A module is
+    post-processed as a whole, once every byte its loaders write is there, so it is written whole or not at all."""
+    out = {}
     for owner in modules_written(model, coverage):
-        params = layouts(model)[owner].params
-        if not all(complete(f"{owner}.{key}", layout) for key, layout in params.items()):
-            out.append(owner)
+        names = {f"{owner}.{key}": extents[f"{owner}.{key}"] for key in layouts(model)[owner].params}
+        left = missing_from(names, coverage)
+        if left:
+            out[owner] = left
     return out
+
+
+def describe_partly(partly: dict[str, list[str]]) -> list[str]:
+    return [
+        f"{owner} (leaves {', '.join(left[:2])}{' ...' if len(left) > 2 else ''} unwritten)"
+        for owner, left in partly.items()
+    ]
 
 
 @dataclass
@@ -129,19 +138,22 @@ class Restored:
         self.model = model
         self.device = device
         self.set_aside: dict[str, _SetAside] = {}
-        modules = dict(model.named_modules())
+        self.add(names)
+
+    def add(self, names: list[str]) -> None:
+        """Restore more modules (those restored already are left as they are)."""
+        modules = dict(self.model.named_modules())
         for name in names:
-            layout, module = layouts(model)[name], modules[name]
+            if name in self.set_aside:
+                continue
+            layout, module = layouts(self.model)[name], modules[name]
             self.set_aside[name] = _SetAside(
                 module,
                 dict(module._parameters),
                 {key: value for key, value in vars(module).items() if isinstance(value, _SIMPLE)},
             )
-            for key in [k for k, v in vars(module).items() if isinstance(v, _SIMPLE) and k not in layout.flags]:
-                delattr(module, key)
-            for key, value in layout.flags.items():
-                object.__setattr__(module, key, value)
-            module._parameters = {key: p.make(device) for key, p in layout.params.items()}
+            _set_flags(module, layout.flags)
+            module._parameters = {key: p.make(self.device) for key, p in layout.params.items()}
 
     def finish(self, post_process: bool = True) -> None:
         """PWAL each restored module (unless the caller's loader did), copy the results into the served tensors,
@@ -174,16 +186,80 @@ class Restored:
         if problems:
             raise RuntimeError("cannot keep the served storage: " + "; ".join(problems[:3]))
 
-    def abandon(self) -> None:
-        """Put the served objects back as they were (the fresh layout's bytes dropped)."""
-        for aside in self.set_aside.values():
-            module = aside.module
-            module._parameters = aside.served
-            for key in [k for k, v in vars(module).items() if isinstance(v, _SIMPLE) and k not in aside.flags]:
-                delattr(module, key)
-            for key, value in aside.flags.items():
-                object.__setattr__(module, key, value)
-        self.set_aside = {}
+    def abandon(self, names: list[str] | None = None) -> None:
+        """Put the served objects back as they were (the fresh layout's bytes dropped): all, or ``names``."""
+        for name in list(self.set_aside) if names is None else names:
+            aside = self.set_aside.pop(name)
+            aside.module._parameters = aside.served
+            _set_flags(aside.module, aside.flags)
+
+
+def _set_flags(module: torch.nn.Module, flags: dict) -> None:
+    """The module's plain attributes become exactly ``flags`` (those set since are removed)."""
+    for key in [k for k, v in vars(module).items() if isinstance(v, _SIMPLE) and k not in flags]:
+        delattr(module, key)
+    for key, value in flags.items():
+        object.__setattr__(module, key, value)
+
+
+class TrainerSession:
+    """SGLang's trainer session (``begin_weight_update`` ... ``end_weight_update``) of one model: each call restores
+    the modules it writes first (a bucket may carry part of a module, the next bucket the rest); at the end every
+    restored module must be whole, and is post-processed once."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.restored = Restored(model, [], device)
+        self.coverage: dict = {}
+        self.partly: dict[str, list[str]] = {}  # set by end(): the modules it wrote in part, dropped
+
+    def end(self, extents: dict) -> None:
+        """Post-process what the session wrote whole; drop (as served) each module it wrote in part."""
+        self.partly = partly_written(self.restored.model, self.coverage, extents)
+        self.restored.abandon(list(self.partly))
+        self.restored.finish()
+
+
+_sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its open TrainerSession
+
+
+def open_session(model: torch.nn.Module, device: torch.device) -> None:
+    if layouts(model):
+        _sessions[model] = TrainerSession(model, device)
+
+
+def in_session(model: torch.nn.Module) -> bool:
+    return model in _sessions
+
+
+def session_of(model: torch.nn.Module) -> TrainerSession | None:
+    return _sessions.get(model)
+
+
+def close_session(model: torch.nn.Module) -> TrainerSession | None:
+    return _sessions.pop(model, None)
+
+
+def load_restored(model: torch.nn.Module, device: torch.device, coverage: dict, load):
+    """One of SGLang's own load calls (trainer or tensor path) that writes ``coverage``: the post-processed modules it
+    writes are restored first; outside a trainer session they are post-processed right after (SGLang's tensor and
+    trainer calls never post-process), in one they wait for the session's end."""
+    from .coverage import union_coverage
+
+    session = _sessions.get(model)
+    restored = session.restored if session is not None else Restored(model, [], device)
+    names = modules_written(model, coverage)
+    fresh = [name for name in names if name not in restored.set_aside]
+    restored.add(fresh)
+    try:
+        out = load()
+    except BaseException:
+        restored.abandon(fresh)
+        raise
+    if session is None:
+        restored.finish()
+    else:
+        session.coverage = union_coverage(session.coverage, coverage)
+    return out
 
 
 class ModelLoad:
@@ -203,8 +279,12 @@ class ModelLoad:
         self.restored = Restored(self.model, self.modules, self.device)
 
     def post_process(self) -> None:
-        recorded = dict(self.model.named_modules())
-        sg.post_process_unrecorded(self.model, self.device, {id(recorded[name]) for name in layouts(self.model)})
+        # A quantized model's fix-ups ran inside each load_weights call, for the layers that call wrote, on the
+        # loader-facing weights (as in SGLang's disk load); run again for every layer here, they would read
+        # modules this update did not restore in their post-processed layout (packed bytes on CPU).
+        modules, recorded = dict(self.model.named_modules()), layouts(self.model)
+        ids = {id(modules[name]) for name in recorded}
+        sg.post_process_unrecorded(self.model, self.device, ids, fixups=not recorded)
         if self.restored is not None:
             self.restored.finish()
 

@@ -59,9 +59,6 @@ ACCESSED_NAMES = (
     "sglang.srt.model_loader.utils.set_default_torch_dtype",
     "sglang.srt.utils.common.init_custom_process_group",
     f"sglang.srt.server_args.ServerArgs.{WAIT_FLAG_FIELD}",
-    f"{FP8_MODULE}._is_cpu_amx_available",
-    f"{AMX_UTILS}.cpu_has_amx_support",
-    "sglang.srt.utils.common._is_intel_amx_backend_available",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.get_internal_state",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.config_value",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.auto_create_handle_loop",
@@ -136,11 +133,24 @@ def release_problem(targets) -> str | None:
 
 
 # ---------------------------------------------------------------- the CPU environment (cpu_support/plugin.py)
+CPU_FP8_NAMES = (
+    f"{FP8_MODULE}._is_cpu_amx_available",
+    f"{AMX_UTILS}.cpu_has_amx_support",
+    "sglang.srt.utils.common._is_intel_amx_backend_available",
+)
+
+
 def enable_fp8_on_cpu_without_amx(register_ops) -> None:
     """Let SGLang's CPU FP8 path (block and per-tensor linear, FP8 MoE) run on a CPU without AMX, computing with the
     ops ``register_ops()`` defines: only FP8's own switch is turned, so norms, rotary, unquantized layers and every
     other method keep the paths this CPU has. SGLang caches whether the AMX backend exists
     (``_is_intel_amx_backend_available``): it is asked first, before the ops exist, so the answer stays this CPU's."""
+    missing = missing_names(CPU_FP8_NAMES)
+    if missing:
+        logger.warning(
+            "sglang-ckpt-plugin: FP8 stays off on this CPU: %s is not in SGLang %s", missing[0][0], sglang_version()
+        )
+        return
     from sglang.srt.layers import amx_utils
     from sglang.srt.layers.quantization import fp8
     from sglang.srt.utils import common
@@ -452,12 +462,13 @@ def post_process_module(module: torch.nn.Module, device: torch.device) -> None:
         module.quant_method.process_weights_after_loading(module)
 
 
-def post_process_unrecorded(model: torch.nn.Module, device: torch.device, recorded) -> None:
-    """SGLang's post-load processing for every module outside ``recorded`` (the post-processed modules the plugin
-    restores and post-processes itself), then the model's fix-ups."""
+def post_process_unrecorded(model: torch.nn.Module, device: torch.device, recorded, fixups: bool) -> None:
+    """The model's post-load fix-ups (``fixups``), then SGLang's post-load processing of every module outside
+    ``recorded`` (the post-processed modules the plugin restores and post-processes itself)."""
     from sglang.srt.model_loader.loader import _modules_with_quant_method, device_loading_context, post_load_weights
 
-    post_load_weights(model)
+    if fixups:
+        post_load_weights(model)
     for module, method in _modules_with_quant_method(model):
         if id(module) not in recorded:
             with device_loading_context(module, device):

@@ -13,8 +13,8 @@ import os
 
 from ..transport.messages import PHASE_KEY, PHASES
 from . import foreign, rank_state, staging
-from .postprocessed import ModelLoad
 from . import sglang_compat as sg
+from .postprocessed import ModelLoad
 from .receiver import ReceiveSession, UpdateFailed, UpdateRefused
 from .writer import exclusive
 

@@ -25,7 +25,8 @@ import os
 import torch
 
 from ..loader.checkpoint import CheckpointError, read_checkpoint
-from . import rank_state
+from . import postprocessed, rank_state
+from . import sglang_compat as sg
 from .drafts import prefixed
 from .validate import UpdateRejected, observe, validate_update
 from .writer import exclusive
@@ -56,15 +57,22 @@ def _guarded_load(original, updater, source: str, *args, **kwargs):
     model, prefix = member
     weights = rank_state.state(model)
     rejection = []
+    device = sg.runner_device(updater)
+    in_session = postprocessed.in_session(model)  # its end checks that each quantized module was written whole
 
     def check(manifest):
         try:
-            return validate_update(model, manifest, partial=True, allow_unused=bool(prefix))
+            return validate_update(
+                model, manifest, partial=True, allow_unused=bool(prefix), whole_modules=not in_session
+            )
         except UpdateRejected as exc:
             rejection.append(str(exc))
             raise
 
-    with observe(model, check) as seen:  # holds the one-writer lock
+    def load_with(coverage, load):
+        return postprocessed.load_restored(model, device, coverage, load)
+
+    with observe(model, check, load_with) as seen:  # holds the one-writer lock
         try:
             ok, message = original(updater, *args, **kwargs)
         except Exception as exc:  # SGLang's tensor path lets load errors escape; never crash the scheduler
@@ -119,8 +127,21 @@ def update_weights_from_disk(original, updater, model_path, load_format=None, *a
                 return False, f"update_weights_from_disk: the target loaded {model_path!r}, its draft refused: {why}"
             weights.rejected("disk", f"{model_path}: {why}")
             return False, f"update_weights_from_disk refused {model_path!r}, the served weights are unchanged: {why}"
+        # SGLang loads, then post-processes every module: each quantized one must hold its loader-facing layout
+        restored = postprocessed.Restored(model, list(postprocessed.layouts(model)), sg.runner_device(updater))
         with observe(model) as seen:
-            ok, message = original(updater, model_path, load_format, *args, **kwargs)
+            try:
+                ok, message = original(updater, model_path, load_format, *args, **kwargs)
+            except BaseException:
+                restored.abandon()
+                raise
+        if ok:
+            try:
+                restored.finish(post_process=False)
+            except RuntimeError as exc:
+                ok, message = False, f"{model_path}: {exc}"
+        else:  # what SGLang wrote (and its "rollback" from the same files) is dropped: quantized modules as served
+            restored.abandon()
         any_failed, any_touched = rank_state.agree(not ok, seen.touched)
     if not any_failed:
         weights.reloaded_from_disk(
@@ -151,30 +172,72 @@ def disk_checkpoint_coverage(model, model_path: str, load_format, name_filter=No
     # SGLang's reload skips tensors a model ignores (e.g. MTP layers): unused tensors are allowed, as there; what
     # the checkpoint leaves unwritten is the gate's to count (partial), not a reason to refuse SGLang's load
     try:
-        return validate_update(model, manifest, partial=True, allow_unused=True)
+        coverage = validate_update(model, manifest, partial=True, allow_unused=True)
     except UpdateRejected as exc:
-        if exc.kind == "misfit":
+        if exc.kind in ("misfit", "part-module"):
             raise
         logger.warning("update_weights_from_disk %s: loading it unmeasured (%s)", model_path, exc)
         return None
+    written = set(postprocessed.modules_written(model, coverage))
+    unwritten = [name for name in postprocessed.layouts(model) if name not in written]
+    if unwritten:  # SGLang would post-process them again, on their post-processed bytes
+        raise UpdateRejected(
+            f"the checkpoint leaves {len(unwritten)} quantized module(s) unwritten ({', '.join(unwritten[:3])}), which "
+            "SGLang's reload would post-process a second time; reload a checkpoint with every quantized weight"
+        )
+    return coverage
 
 
 def begin_session(original, manager, recv_req, **kwargs):
-    """AROUND the scheduler's ``begin_weight_update``: start counting what the session loads."""
+    """AROUND the scheduler's ``begin_weight_update``: start counting what the session loads; the quantized
+    modules its calls write are restored as they come and post-processed at its end (postprocessed.py)."""
     out = original(manager, recv_req, **kwargs)
     if out.success:
-        rank_state.state(rank_state.know_models(manager).target).begin_session()
+        models = rank_state.know_models(manager)
+        rank_state.state(models.target).begin_session()
+        device, _ = sg.scheduler_rank(manager)
+        for member in (models.target, *(draft.model for draft in models.counted_drafts)):
+            postprocessed.open_session(member, device)
     return out
 
 
 def end_session(original, manager, recv_req, **kwargs):
-    """AROUND the scheduler's ``end_weight_update``: a session with no failure counts what it loaded."""
+    """AROUND the scheduler's ``end_weight_update``: a session with no failure counts what it loaded; one that wrote
+    part of a quantized module (dropped, as served, by ``post_process_session``) failed part-way."""
     out = original(manager, recv_req, **kwargs)
-    weights = rank_state.state(rank_state.know_models(manager).target)
+    models = rank_state.know_models(manager)
+    weights = rank_state.state(models.target)
+    left = {}
+    for member in (models.target, *(draft.model for draft in models.counted_drafts)):
+        session = postprocessed.close_session(member)  # SGLang's end post-processed it, or there was nothing to
+        if session is not None and session.partly:
+            prefix = models.prefix_of(member)
+            left.update({prefix + name: parts for name, parts in session.partly.items()})
     if weights.session is not None:
-        if out.success:
+        if out.success and not left:
             weights.end_session("trainer")
         else:
-            weights.session_bucket_failed(None, True, "trainer", f"end_weight_update failed: {out.message}")
+            why = (
+                f"end_weight_update failed: {out.message}"
+                if not out.success
+                else f"the session wrote part of {len(left)} quantized module(s), left as served: "
+                + "; ".join(postprocessed.describe_partly(left)[:3])
+            )
+            weights.session_bucket_failed(None, True, "trainer", why)
             weights.session = None
     return out
+
+
+def post_process_session(original, model, target_device):
+    """AROUND SGLang's ``DefaultModelLoader.postprocess_weights``: at the end of a trainer session that restored
+    quantized modules, post-process those it wrote whole (once) and every unquantized module, never a quantized
+    module it left as served (SGLang would process it a second time); otherwise SGLang's own."""
+    session = postprocessed.session_of(model)
+    if session is None:
+        return original(model, target_device)
+    from .validate import loader_extents
+
+    session.end(loader_extents(model))
+    modules = dict(model.named_modules())
+    sg.post_process_unrecorded(model, target_device, {id(modules[n]) for n in postprocessed.layouts(model)}, False)
+    return None

@@ -54,7 +54,7 @@ _PAIR_HINT = (
 
 # Why an update was refused: "misfit" would fail or corrupt the load (a wrong shape, a name the model raises on);
 # the others are the plugin's own promises (every tensor used, every byte written, every write measured).
-RejectionKind = Literal["misfit", "unused", "uncovered", "unmeasured", "unrecordable"]
+RejectionKind = Literal["misfit", "unused", "uncovered", "unmeasured", "unrecordable", "part-module"]
 
 
 class UpdateRejected(ValueError):
@@ -119,10 +119,12 @@ def check_update(
     partial: bool,
     allow_unused: bool = False,
     counted: Collection[str] | None = None,
+    whole_modules: bool = True,
 ) -> CheckedUpdate:
     """What the update writes and how it must be loaded; raises UpdateRejected naming the first offending tensors.
     ``counted``: the parameters this check answers for (None: all; a draft model leaves out those it shares with
-    its target, which the target's own check answers for)."""
+    its target, which the target's own check answers for). ``whole_modules``: a quantized module must be written
+    whole (False inside a trainer session, whose end checks it)."""
     dupes = [name for name, count in Counter(name for name, _, _ in manifest).items() if count > 1]
     if dupes:
         raise UpdateRejected(f"duplicate tensor names in the update: {_first(dupes)}")
@@ -174,6 +176,15 @@ def check_update(
             )
         logger.warning("counting %s as written whole: its loader's writes cannot be measured", what)
         coverage.update({p: whole(extents[p]) for p in unmeasured})
+    partly = postprocessed.partly_written(model, coverage, all_extents) if whole_modules else {}
+    if partly:
+        raise UpdateRejected(
+            f"the update writes part of {len(partly)} quantized module(s): "
+            f"{'; '.join(postprocessed.describe_partly(partly)[:3])}; a quantized module is "
+            "post-processed (packed, requantized) as a whole once all of its weights are loaded, so an update must "
+            "carry every tensor of it (e.g. q_proj, k_proj and v_proj of one layer together)",
+            "part-module",
+        )
     if not partial:
         missing = missing_from(extents, coverage)
         if missing:
@@ -186,24 +197,29 @@ def check_update(
 
 
 def validate_update(
-    model: torch.nn.Module, manifest: list[tuple[str, str, list[int]]], partial: bool, allow_unused: bool = False
+    model: torch.nn.Module,
+    manifest: list[tuple[str, str, list[int]]],
+    partial: bool,
+    allow_unused: bool = False,
+    whole_modules: bool = True,
 ) -> Coverage:
     """What the update writes (parameter -> byte ranges); raises UpdateRejected naming the first offending tensors."""
-    return check_update(model, manifest, partial, allow_unused).coverage
+    return check_update(model, manifest, partial, allow_unused, whole_modules=whole_modules).coverage
 
 
-def observe(model: torch.nn.Module, check: Callable[[list], None] | None = None):
+def observe(model: torch.nn.Module, check: Callable[[list], None] | None = None, load_with=None):
     """A context manager that wraps ``model.load_weights`` for one SGLang-driven load (trainer, tensor and disk
     paths) and holds the one-writer lock for it: ``check(weights)`` runs before the real call (raise to refuse;
-    nothing is written), and the returned record says whether the real ``load_weights`` was entered and with
-    which tensors."""
-    return _Observed(model, check)
+    nothing is written), then ``load_with(coverage, load)`` makes it (default: ``load()``); the returned record
+    says whether the real ``load_weights`` was entered and with which tensors."""
+    return _Observed(model, check, load_with)
 
 
 class _Observed:
-    def __init__(self, model: torch.nn.Module, check):
+    def __init__(self, model: torch.nn.Module, check, load_with=None):
         self.model = model
         self.check = check
+        self.load_with = load_with or (lambda coverage, load: load())
         self.touched = False  # the real load_weights was entered: weights may have changed
         self.manifest: list[tuple[str, str, list[int]]] = []
         self.coverage: Coverage = {}
@@ -229,7 +245,7 @@ class _Observed:
             self.coverage = union_coverage(self.coverage, checked)
             self.manifest.extend(entries)
             self.touched = True
-            return real(weights)
+            return self.load_with(checked, lambda: real(weights))
 
         self.model.load_weights = load_weights
         return self
