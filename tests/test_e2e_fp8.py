@@ -1,0 +1,101 @@
+"""Block-FP8 checkpoints (DeepSeek-V3/R1's format) on real SGLang servers: a tiny FP8 Qwen3 server on dummy weights
+takes pushes of A, then B (two-phase through the page cache, streaming through shared-memory buckets), then SGLang's
+own disk reload of A, each serving exactly what a fresh server started on those files serves (SGLang's
+``/weights_checker`` checksums and greedy output). The reference is SGLang's first load of the files in the same
+CPU environment, without the plugin's hooks (``SGLANG_PLUGINS`` names only the CPU environment's plugin). Without
+the plugin, SGLang's own reload of an FP8 model kills the server (the post-processed fused qkv / gate_up have no
+``weight_loader``); here it is exact. Two ``--partial`` pushes that together cover B serve B; one that would write
+part of a quantized module (q_proj without k_proj and v_proj) is refused in words and changes nothing."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from safetensors.torch import load_file, save_file
+
+from sglang_ckpt_plugin.demo import evidence
+from sglang_ckpt_plugin.demo.launch import PLUGIN_FREE, SGLangServer, generate_ids
+from sglang_ckpt_plugin.demo.tiny_quantized import make_tiny_fp8_model
+
+from .conftest import NEW_TOKENS, PROMPT, assert_closed, plugin_info, push
+
+pytestmark = pytest.mark.slow
+
+
+def served(url: str) -> tuple[str, list[int]]:
+    evidence.wait_warmed_up(url)
+    return evidence.checksum(url), generate_ids(url, PROMPT, NEW_TOKENS)["output_ids"]
+
+
+def subset(src: Path, dst: Path, keep) -> Path:
+    """A copy of checkpoint ``src`` with only the tensors whose names ``keep`` accepts."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {k: v for k, v in load_file(src / "model.safetensors").items() if keep(k)}
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def fp8(ckpt_root) -> dict[str, Path]:
+    return {
+        tag: make_tiny_fp8_model(ckpt_root / f"fp8_qwen3_{tag}", "qwen3", seed=20 + i) for i, tag in enumerate("ab")
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(fp8, tmp_path_factory) -> dict[str, tuple[str, list[int]]]:
+    """What a fresh server started on each checkpoint serves: SGLang's first load, no weight-update hook."""
+    out = {}
+    for tag, checkpoint in fp8.items():
+        log = tmp_path_factory.mktemp("logs") / f"fp8_reference_{tag}.log"
+        with SGLangServer(checkpoint, log, wait_for_weights=False, env={"SGLANG_PLUGINS": PLUGIN_FREE}) as plain:
+            plain.wait_healthy()
+            assert "ckpt_plugin" not in httpx.get(f"{plain.url}/model_info", timeout=30).json()
+            out[tag] = served(plain.url)
+        assert plain.group_pids() == []
+    assert out["a"] != out["b"], "the two checkpoints must serve differently"
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(fp8, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "fp8_server.log"
+    with SGLangServer(fp8["a"], log) as srv:
+        srv.wait_listening()
+        yield srv
+    assert srv.group_pids() == []
+
+
+def test_pushes_and_sglangs_own_reload_serve_what_a_fresh_server_serves(server, fp8, reference):
+    assert_closed(server.url)
+    push(server.url, fp8["a"], "--weight-version", "fp8-a")  # two phases, the checkpoint's page cache
+    assert served(server.url) == reference["a"]
+    push(server.url, fp8["b"], "--two-phase", "off", "--transfer", "copy", "--weight-version", "fp8-b")
+    assert served(server.url) == reference["b"]
+    evidence.reload_from_disk(server.url, fp8["a"])  # SGLang's own path: without the plugin, the server dies here
+    assert served(server.url) == reference["a"]
+    assert plugin_info(server.url)["weights_loaded"] is True
+
+
+def test_partial_pushes_write_whole_quantized_modules_or_are_refused(server, fp8, reference, tmp_path):
+    evidence.reload_from_disk(server.url, fp8["a"])
+    before = served(server.url)
+    assert before == reference["a"]
+    layer0 = re.compile(r"^model\.layers\.0\.")
+    first = subset(fp8["b"], tmp_path / "b_layer0", lambda name: bool(layer0.search(name)))
+    rest = subset(fp8["b"], tmp_path / "b_rest", lambda name: not layer0.search(name))
+    split = subset(fp8["b"], tmp_path / "b_q_only", lambda name: ".self_attn.q_proj." in name)
+
+    proc = push(server.url, split, "--partial", check=False)
+    assert proc.returncode != 0
+    assert "writes part of 2 quantized module(s)" in proc.stderr, proc.stderr[-2000:]
+    assert "self_attn.qkv_proj" in proc.stderr
+    assert served(server.url) == before  # nothing written
+
+    push(server.url, first, "--partial", "--weight-version", "fp8-b-layer0")
+    push(server.url, rest, "--partial", "--weight-version", "fp8-b-rest")
+    assert served(server.url) == reference["b"]
