@@ -166,7 +166,7 @@ class SGLangBuilder:
         bootstrap.init_layer_runtime(model_config=self.model_config(first_checkpoint))
 
     @staticmethod
-    def server_args(checkpoint: Path):
+    def server_args(checkpoint: Path, quantization: str | None = None):
         from sglang.srt.server_args import ServerArgs
 
         return ServerArgs(
@@ -175,20 +175,22 @@ class SGLangBuilder:
             load_format="dummy",
             max_total_tokens=4096,
             checkpoint_engine_wait_weights_before_ready=True,
+            quantization=quantization,
         )
 
-    def model_config(self, checkpoint: Path):
+    def model_config(self, checkpoint: Path, quantization: str | None = None):
         from sglang.srt.configs.model_config import ModelConfig
 
-        return ModelConfig.from_server_args(self.server_args(checkpoint))
+        return ModelConfig.from_server_args(self.server_args(checkpoint, quantization))
 
-    def build(self, checkpoint: Path, load_format: str) -> torch.nn.Module:
+    def build(self, checkpoint: Path, load_format: str, quantization: str | None = None) -> torch.nn.Module:
+        """``quantization``: SGLang's ``--quantization`` (e.g. ``fp8`` to quantize a float checkpoint online)."""
         from sglang.srt.configs.device_config import DeviceConfig
         from sglang.srt.configs.load_config import LoadConfig
         from sglang.srt.model_loader import get_model
 
         return get_model(
-            model_config=self.model_config(checkpoint),
+            model_config=self.model_config(checkpoint, quantization),
             load_config=LoadConfig(load_format=load_format),
             device_config=DeviceConfig("cpu"),
         )

@@ -1,0 +1,57 @@
+"""The quantized rows of the family matrix (tests/quantized_matrix.py, one process): block-FP8 Qwen3, Qwen3-MoE and
+DeepSeek-V3, and a bfloat16 Qwen3 quantized online (``--quantization fp8``), started on dummy weights and
+post-processed as a waiting server is, then pushed A, B, A: after each push every parameter, buffer and derived
+tensor is bit-identical to SGLang's own fresh load of those files, the served parameters keep their storage, and an
+update writing part of a quantized module is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sglang_ckpt_plugin.demo.launch import server_env
+
+from .quantized_matrix import ROWS
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("quantized") / "records.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.quantized_matrix", str(out), str(out.parent / "ckpts")],
+        cwd=REPO,
+        env=server_env("cpu"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {r["row"]: r for r in json.loads(out.read_text())}
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_pushes_a_b_a_are_bit_identical_to_sglangs_fresh_load(matrix, row):
+    record = matrix[row]
+    assert "error" not in record, record.get("error")
+    assert record["quantized_modules"] > 0, record  # the model was quantized, and its modules recorded
+    for step in ("push0", "push1", "push2"):
+        push = record[step]
+        assert push["loader_errors"] == [] and push["buckets"] > 1, record
+        assert push["differed_before"] > 0, record  # each push changed what the model held
+        assert push["differing_after"] == [], record
+    assert record["addresses_kept"], record  # post-processed results copied into the served storage
+    assert record["lacking"].startswith("refused"), record
+
+
+@pytest.mark.parametrize("row", ["fp8-qwen3", "fp8-qwen3-moe", "online-fp8-qwen3"])
+def test_a_partial_update_writing_part_of_a_quantized_module_is_refused(matrix, row):
+    refusal = matrix[row]["part_module"]
+    assert refusal.startswith("refused (part-module): the update writes part of 1 quantized module(s)"), refusal
+    assert "model.layers.0.self_attn.qkv_proj (leaves model.layers.0.self_attn.qkv_proj.weight" in refusal
