@@ -37,7 +37,7 @@ def test_every_hook_target_is_checked():
     from sglang_ckpt_plugin.server import hooks
 
     assert inspect.getsource(hooks).count("HookRegistry.register(") == 1
-    assert len({target for target, _, _ in hook_table()}) == len(hook_table()) == 19
+    assert len({target for target, _, _ in hook_table()}) == len(hook_table()) == 21
 
 
 @pytest.mark.slow
