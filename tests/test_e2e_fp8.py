@@ -99,3 +99,52 @@ def test_partial_pushes_write_whole_quantized_modules_or_are_refused(server, fp8
     push(server.url, first, "--partial", "--weight-version", "fp8-b-layer0")
     push(server.url, rest, "--partial", "--weight-version", "fp8-b-rest")
     assert served(server.url) == reference["b"]
+
+
+@pytest.mark.parametrize("pusher", ["TrainerPush", "LocalPush"])
+def test_a_trainers_push_serves_what_a_fresh_server_serves(server, fp8, reference, pusher):
+    """TrainerPush: SGLang's weight-update session (begin, buckets over its group, end), buckets small enough that
+    a quantized module's tensors travel in different buckets: each is restored when its first tensor arrives and
+    post-processed once, at the session's end. LocalPush: the loader's receive session, bucket by bucket."""
+    from sglang_ckpt_plugin.local_push import LocalPush
+    from sglang_ckpt_plugin.trainer import TrainerPush
+
+    evidence.reload_from_disk(server.url, fp8["a"])
+    tensors = load_file(fp8["b"] / "model.safetensors")
+    if pusher == "TrainerPush":
+        with TrainerPush(server.url, timeout_s=120, bucket_bytes=200_000) as trainer:
+            stats = trainer.push(tensors.items(), weight_version="trainer-b")
+        assert stats.buckets > 5
+    else:
+        with LocalPush(server.url, bucket_bytes=200_000) as local:
+            local.push(tensors.items(), weight_version="local-b")
+    assert plugin_info(server.url)["weights_state"] == "complete"
+    assert served(server.url) == reference["b"]
+
+
+def test_bf16_pushes_into_an_online_fp8_server_are_requantized_on_every_update(fp8, tmp_path_factory):
+    """FP8 rollout for RL: the server quantizes a bfloat16 model online (``--quantization fp8``); the trainer pushes
+    what it holds (bfloat16), and every update is quantized anew, equal to a fresh ``--quantization fp8`` server on
+    the same bfloat16 files."""
+    floats = {tag: ck.with_name(ck.name + "-float") for tag, ck in fp8.items()}  # what the FP8 ones were made from
+    online = ["--quantization", "fp8"]
+    logs = tmp_path_factory.mktemp("logs")
+    reference = {}
+    for tag in ("a", "b"):
+        env = {"SGLANG_PLUGINS": PLUGIN_FREE}
+        with SGLangServer(
+            floats[tag], logs / f"online_{tag}.log", wait_for_weights=False, extra_args=online, env=env
+        ) as plain:
+            plain.wait_healthy()
+            reference[tag] = served(plain.url)
+        assert plain.group_pids() == []
+    assert reference["a"] != reference["b"]
+    with SGLangServer(floats["a"], logs / "online_server.log", extra_args=online) as srv:
+        srv.wait_listening()
+        push(srv.url, floats["a"], "--weight-version", "online-a")
+        assert served(srv.url) == reference["a"]
+        push(srv.url, floats["b"], "--two-phase", "off", "--transfer", "copy", "--weight-version", "online-b")
+        assert served(srv.url) == reference["b"]
+        evidence.reload_from_disk(srv.url, floats["a"])
+        assert served(srv.url) == reference["a"]
+    assert srv.group_pids() == []
