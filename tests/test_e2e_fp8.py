@@ -148,3 +148,37 @@ def test_bf16_pushes_into_an_online_fp8_server_are_requantized_on_every_update(f
         evidence.reload_from_disk(srv.url, floats["a"])
         assert served(srv.url) == reference["a"]
     assert srv.group_pids() == []
+
+
+def test_an_fp8_moe_server_at_tp2_takes_a_b_and_sglangs_reload_exactly(ckpt_root, fault_dir, tmp_path_factory):
+    """Block-FP8 Qwen3-MoE at ``--tp 2`` (each rank packs its half of every projection and of every expert): pushes
+    of A and B, then SGLang's own reload of A, each equal to a fresh TP=2 server on those files. SGLang alone cannot
+    start ``--tp 2`` on a CPU, so the references load the test-only plugin that turns pynccl off
+    (``ckpt_test_gloo_tp``) beside the CPU environment's."""
+    from sglang_ckpt_plugin.cpu_env import core_binds
+
+    from .conftest import fault_plugin_env
+
+    moe = {t: make_tiny_fp8_model(ckpt_root / f"fp8_moe_{t}", "qwen3_moe", seed=40 + i) for i, t in enumerate("ab")}
+    logs = tmp_path_factory.mktemp("logs")
+    env = {
+        **fault_plugin_env(fault_dir),
+        "SGLANG_PLUGINS": f"{PLUGIN_FREE},ckpt_test_gloo_tp",
+        "SGLANG_CPU_OMP_THREADS_BIND": core_binds(2),
+    }
+    reference = {}
+    for tag, checkpoint in moe.items():
+        with SGLangServer(checkpoint, logs / f"moe_tp2_{tag}.log", tp_size=2, wait_for_weights=False, env=env) as plain:
+            plain.wait_healthy()
+            reference[tag] = served(plain.url)
+        assert plain.group_pids() == []
+    assert reference["a"] != reference["b"]
+    with SGLangServer(moe["a"], logs / "moe_tp2_server.log", tp_size=2) as srv:
+        srv.wait_listening()
+        push(srv.url, moe["a"], "--inference-parallel-size", "2", "--weight-version", "moe-a")
+        assert served(srv.url) == reference["a"]
+        push(srv.url, moe["b"], "--inference-parallel-size", "2", "--two-phase", "off", "--transfer", "copy")
+        assert served(srv.url) == reference["b"]
+        evidence.reload_from_disk(srv.url, moe["a"])
+        assert served(srv.url) == reference["a"]
+    assert srv.group_pids() == []
