@@ -243,7 +243,7 @@ def check_family(builder: SGLangBuilder, family: str, checkpoint: Path) -> dict:
         record["lacking"] = f"refused: {exc}"
     before = differing(served, reference)
     cpu = torch.device("cpu")
-    load = ModelLoad(served, cpu, checked.coverage)
+    load = ModelLoad(served, cpu, checked.coverage, checked.writes)
     stats, errors, buckets = run_session(
         checkpoint,
         served,
@@ -251,6 +251,7 @@ def check_family(builder: SGLangBuilder, family: str, checkpoint: Path) -> dict:
         validate=lambda m, partial, allow_unused: check_update(served, m, partial, allow_unused),
         prepare=load.prepare,
         post=load.post_process,
+        load_weights=lambda views: load.load([n for n, _ in views], lambda: served.load_weights(views)),
     )
     record.update(
         buckets=buckets,

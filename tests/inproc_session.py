@@ -41,9 +41,11 @@ def run_session(
     checksum="xxh3",
     validate=None,
     prepare=lambda: None,
+    load_weights=None,
 ):
     """One update of ``model`` from ``ckpt_dir``: (stats, loader errors, buckets). ``validate``: the receiver's
-    check (default: every tensor writes the parameter of its name, whole)."""
+    check (default: every tensor writes the parameter of its name, whole); ``load_weights``: what each bucket is
+    handed to (default: the model's own)."""
     tensors = read_checkpoint(ckpt_dir)
     buckets = plan_buckets(tensors, bucket_size)
     files, file_buckets = plan_file_buckets(tensors, bucket_size)
@@ -77,7 +79,7 @@ def run_session(
         session = ReceiveSession(
             endpoint,
             CPU,
-            model.load_weights,
+            load_weights or model.load_weights,
             post,
             idle_timeout_s,
             validate or whole_params,

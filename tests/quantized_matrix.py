@@ -80,7 +80,7 @@ def check_row(builder: SGLangBuilder, row: str, root: Path) -> dict:
         tensors = read_checkpoint(checkpoint)
         manifest = [(t.name, t.dtype, list(t.shape)) for t in tensors]
         checked = check_update(served, manifest, partial=False)
-        load = ModelLoad(served, cpu, checked.coverage)
+        load = ModelLoad(served, cpu, checked.coverage, checked.writes)
         _, errors, buckets = run_session(
             checkpoint,
             served,
@@ -88,6 +88,7 @@ def check_row(builder: SGLangBuilder, row: str, root: Path) -> dict:
             validate=lambda m, partial, allow_unused: check_update(served, m, partial, allow_unused),
             prepare=load.prepare,
             post=load.post_process,
+            load_weights=lambda views, load=load: load.load([n for n, _ in views], lambda: served.load_weights(views)),
         )
         record[f"push{step}"] = {
             "checkpoint": checkpoint.name,
@@ -95,6 +96,7 @@ def check_row(builder: SGLangBuilder, row: str, root: Path) -> dict:
             "loader_errors": [str(e) for e in errors],
             "differed_before": len(before),
             "differing_after": differing(served, reference),
+            "most_restored_at_once": load.most_restored,
         }
     record["addresses_kept"] = addresses(served) == start
     lacking = [m for m in manifest if not m[0].endswith("layers.1.self_attn.o_proj.weight")]

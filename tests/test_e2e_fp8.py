@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -31,10 +32,14 @@ def served(url: str) -> tuple[str, list[int]]:
     return evidence.checksum(url), generate_ids(url, PROMPT, NEW_TOKENS)["output_ids"]
 
 
+def tensors_of(checkpoint: Path) -> dict:
+    return {name: t for file in sorted(checkpoint.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+
 def subset(src: Path, dst: Path, keep) -> Path:
-    """A copy of checkpoint ``src`` with only the tensors whose names ``keep`` accepts."""
+    """A copy of checkpoint ``src`` with only the tensors whose names ``keep`` accepts, in one file."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    tensors = {k: v for k, v in load_file(src / "model.safetensors").items() if keep(k)}
+    tensors = {k: v for k, v in tensors_of(src).items() if keep(k)}
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
 
@@ -46,9 +51,24 @@ def fp8(ckpt_root) -> dict[str, Path]:
     }
 
 
+def reload_kills(plain: SGLangServer, checkpoint: Path) -> bool:
+    """SGLang's own disk reload on a server without the plugin's hooks: True if the server died of it."""
+    body = {"model_path": str(checkpoint), "load_format": "auto"}
+    try:
+        httpx.post(f"{plain.url}/update_weights_from_disk", json=body, timeout=60)
+    except httpx.HTTPError:
+        pass
+    try:
+        plain.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
-def reference(fp8, tmp_path_factory) -> dict[str, tuple[str, list[int]]]:
-    """What a fresh server started on each checkpoint serves: SGLang's first load, no weight-update hook."""
+def reference(fp8, tmp_path_factory) -> dict:
+    """What a fresh server started on each checkpoint serves: SGLang's first load, no weight-update hook; then that
+    server's own disk reload of the other checkpoint (``sglang_alone_reload``)."""
     out = {}
     for tag, checkpoint in fp8.items():
         log = tmp_path_factory.mktemp("logs") / f"fp8_reference_{tag}.log"
@@ -56,9 +76,17 @@ def reference(fp8, tmp_path_factory) -> dict[str, tuple[str, list[int]]]:
             plain.wait_healthy()
             assert "ckpt_plugin" not in httpx.get(f"{plain.url}/model_info", timeout=30).json()
             out[tag] = served(plain.url)
+            if tag == "b":
+                out["sglang_alone_reload"] = "killed the server" if reload_kills(plain, fp8["a"]) else "served on"
         assert plain.group_pids() == []
     assert out["a"] != out["b"], "the two checkpoints must serve differently"
     return out
+
+
+def test_without_the_plugin_sglangs_own_reload_of_an_fp8_model_kills_the_server(reference):
+    """What the plugin mends (README, docs/models.md): SGLang 0.5.23 reloading a block-FP8 model into post-processed
+    modules raises AttributeError on the fused qkv_proj, its rollback raises the same, and every process exits."""
+    assert reference["sglang_alone_reload"] == "killed the server"
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +138,7 @@ def test_a_trainers_push_serves_what_a_fresh_server_serves(server, fp8, referenc
     from sglang_ckpt_plugin.trainer import TrainerPush
 
     evidence.reload_from_disk(server.url, fp8["a"])
-    tensors = load_file(fp8["b"] / "model.safetensors")
+    tensors = tensors_of(fp8["b"])
     if pusher == "TrainerPush":
         with TrainerPush(server.url, timeout_s=120, bucket_bytes=200_000) as trainer:
             stats = trainer.push(tensors.items(), weight_version="trainer-b")

@@ -46,6 +46,9 @@ def test_pushes_a_b_a_are_bit_identical_to_sglangs_fresh_load(matrix, row):
         assert push["loader_errors"] == [] and push["buckets"] > 1, record
         assert push["differed_before"] > 0, record  # each push changed what the model held
         assert push["differing_after"] == [], record
+        # module by module: a module is post-processed once its last tensor arrived (its layer's file read), not
+        # after the whole update
+        assert 0 < push["most_restored_at_once"] < record["quantized_modules"], record
     assert record["addresses_kept"], record  # post-processed results copied into the served storage
     assert record["lacking"].startswith("refused"), record
 

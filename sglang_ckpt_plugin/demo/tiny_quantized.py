@@ -28,6 +28,7 @@ QUANTIZATION_CONFIG = {
 }
 _PROJECTION = re.compile(r"(_proj|_a_proj_with_mqa)\.weight$")
 _KEPT = re.compile(r"(^|\.)(eh_proj|shared_head)\.")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 # Sizes of the float models these are made from (tiny_model.make_tiny_model overrides): every dimension a linear
 # has is a multiple of 128, so each weight is whole 128x128 blocks per tensor-parallel rank at TP=2.
@@ -58,26 +59,30 @@ def quantize_block_fp8(weight: torch.Tensor, block=BLOCK) -> tuple[torch.Tensor,
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path) -> Path:
-    """Write ``out``: ``src``'s files, its projections in block FP8 (one safetensors file per source file)."""
+    """Write ``out``: ``src``'s files, its projections in block FP8, one safetensors file per decoder layer (and one
+    for the rest) with an index, as the large FP8 checkpoints are laid out."""
     from safetensors.torch import load_file, save_file
 
     src, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
+    by_file: dict[str, dict[str, torch.Tensor]] = {}
     for file in sorted(src.glob("*.safetensors")):
-        tensors = {}
         for name, tensor in load_file(file).items():
+            layer = _LAYER.match(name)
+            shard = by_file.setdefault(f"layer-{int(layer.group(1)):03d}" if layer else "other", {})
             if is_quantized(name, tensor):
-                tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = quantize_block_fp8(tensor)
+                shard[name], shard[name.removesuffix("weight") + "weight_scale_inv"] = quantize_block_fp8(tensor)
             else:
-                tensors[name] = tensor
-        save_file(tensors, out / file.name, metadata={"format": "pt"})
-        weight_map.update({name: file.name for name in tensors})
+                shard[name] = tensor
+    weight_map = {}
+    for i, (_, tensors) in enumerate(sorted(by_file.items())):
+        filename = f"model-{i + 1:05d}-of-{len(by_file):05d}.safetensors"
+        save_file(tensors, out / filename, metadata={"format": "pt"})
+        weight_map.update({name: filename for name in tensors})
     for other in src.iterdir():
         if other.suffix != ".safetensors" and other.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(other, out / other.name)
-    if (src / "model.safetensors.index.json").exists():
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = QUANTIZATION_CONFIG
     (out / "config.json").write_text(json.dumps(config, indent=2))

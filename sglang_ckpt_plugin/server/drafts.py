@@ -111,6 +111,7 @@ class ModelSet:
         entries = {name: (name, dtype, shape) for name, dtype, shape in manifest}
         checked = check_update(self.target, [entries[n] for n in names if self.targets_name(n)], partial, allow_unused)
         coverage, groups = dict(checked.coverage), list(checked.together)
+        writes = {name: set(params) for name, params in checked.writes.items()}
         for draft in self.drafts:
             part = parts[draft.prefix]
             if not part and not draft.reads_target_checkpoint:
@@ -124,7 +125,9 @@ class ModelSet:
             coverage.update(prefixed(draft.prefix, drafted.coverage))
             to_update = {own_name: name for name, own_name in part}
             groups += [frozenset(to_update[n] for n in group) for group in drafted.together]
-        return CheckedUpdate(coverage, merge_together(groups))
+            for own_name, params in drafted.writes.items():
+                writes.setdefault(to_update.get(own_name, own_name), set()).update(draft.prefix + p for p in params)
+        return CheckedUpdate(coverage, merge_together(groups), {n: frozenset(ps) for n, ps in writes.items()})
 
     def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         """One bucket: the target's tensors into the target, then each draft's into that draft."""

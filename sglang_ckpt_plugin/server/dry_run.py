@@ -64,6 +64,7 @@ class DryRun:
     shape_errors: list[str] = field(default_factory=list)
     runs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     unmeasured: dict[str, str] = field(default_factory=dict)  # parameter -> the op whose write cannot be placed
+    writes: dict[str, set[str]] = field(default_factory=dict)  # update tensor -> the parameters it writes
 
     def coverage(self, extents: dict[str, Extent]) -> Coverage:
         out = {}
@@ -81,6 +82,10 @@ class DryRun:
             self.unmeasured.setdefault(pname, str(func))
         else:
             self.runs.setdefault(pname, []).append((runs[0] - byte_offset, runs[1] - byte_offset))
+
+    def wrote(self, pname: str, sources: frozenset[str]) -> None:
+        for source in sources:
+            self.writes.setdefault(source, set()).add(pname)
 
     def consumed(self, sources: frozenset[str]) -> None:
         self.used |= sources
@@ -142,6 +147,7 @@ class _Recorder(TorchDispatchMode):
                 pname = self.standins.get(_storage_key(t))
                 if pname is not None:
                     self.result.record(func, argname, t, pname)
+                    self.result.wrote(pname, sources)
                     self.result.consumed(sources)
                 self.mark(t, sources)
                 continue
@@ -149,6 +155,7 @@ class _Recorder(TorchDispatchMode):
             if ptr in self.live_params:  # a loader writing the live parameter itself: count it, never do it
                 for pname, byte_offset in self.live_params[ptr]:
                     self.result.record(func, argname, t, pname, byte_offset)
+                    self.result.wrote(pname, sources)
                 self.result.consumed(sources)
                 skip = t
             elif ptr in self.live or any_meta:  # the model's derived state, or a scratch tensor filled from meta

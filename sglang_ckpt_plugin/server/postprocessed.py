@@ -155,12 +155,14 @@ class Restored:
             _set_flags(module, layout.flags)
             module._parameters = {key: p.make(self.device) for key, p in layout.params.items()}
 
-    def finish(self, post_process: bool = True) -> None:
-        """PWAL each restored module (unless the caller's loader did), copy the results into the served tensors,
-        put the served objects back. Raises RuntimeError if PWAL made a tensor the served one cannot hold (then the
-        served objects are back, partly overwritten: the caller counts the update failed part-way)."""
+    def finish(self, post_process: bool = True, only: list[str] | None = None) -> None:
+        """PWAL each restored module (all, or ``only`` these; unless the caller's loader did), copy the results into
+        the served tensors, put the served objects back. Raises RuntimeError if PWAL made a tensor the served one
+        cannot hold (then the served objects are back, partly overwritten: the caller counts the update failed
+        part-way)."""
         problems = []
-        for name, aside in self.set_aside.items():
+        for name in list(self.set_aside) if only is None else only:
+            aside = self.set_aside.pop(name)
             module = aside.module
             if post_process:
                 sg.post_process_module(module, self.device)
@@ -182,7 +184,6 @@ class Restored:
                 if key not in aside.served:
                     aside.served[key] = value
             module._parameters = aside.served
-        self.set_aside = {}
         if problems:
             raise RuntimeError("cannot keep the served storage: " + "; ".join(problems[:3]))
 
@@ -263,20 +264,56 @@ def load_restored(model: torch.nn.Module, device: torch.device, coverage: dict, 
 
 
 class ModelLoad:
-    """One real load of one model by the plugin, in SGLang's order: ``prepare()`` before the first write (restore
-    the post-processed modules the update writes), ``post_process()`` after the last (the model's fix-ups such as
-    DeepSeek's ``w_kc``/``w_vc`` from ``kv_b_proj``, which read the loader-facing weights; then every module's
-    PWAL: SGLang's for the modules not recorded, ``finish`` for the restored ones), ``abandon()`` after a failure."""
+    """One real load of one model by the plugin, module by module as vLLM's layerwise reload does: ``prepare()``
+    before the first write; ``load(names, call)`` around each bucket's ``load_weights`` call: the post-processed
+    modules the bucket writes are restored first, and each module whose last tensor it carried is post-processed and
+    copied into the served storage right after (so at most the modules in flight exist twice); ``post_process()``
+    after the last bucket (SGLang's post-processing of the other modules, the model's fix-ups for a model without
+    post-processed modules, and any restored module left); ``abandon()`` after a failure.
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, coverage: dict):
+    ``coverage``: what the update writes into this model (its own parameter names); ``writes``: update tensor ->
+    the parameters it writes, named ``prefix + own name``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        coverage: dict,
+        writes: dict[str, frozenset[str]] | None = None,
+        prefix: str = "",
+    ):
         self.model = model
         self.device = device
         self.modules = modules_written(model, coverage)
+        recorded = layouts(model)
+        # module -> the update tensors still to come that write it
+        self.pending: dict[str, set[str]] = {name: set() for name in self.modules}
+        for tensor, params in (writes or {}).items():
+            for pname in params:
+                owner = pname[len(prefix) :].rpartition(".")[0] if pname.startswith(prefix) else None
+                if owner in recorded and owner in self.pending:
+                    self.pending[owner].add(tensor)
         self.restored: Restored | None = None
+        self.most_restored = 0  # the most modules held twice at once (served, and restored for this load)
 
     def prepare(self) -> None:
         sg.prepare_model_for_loading(self.model, self.device)
-        self.restored = Restored(self.model, self.modules, self.device)
+        # a module no tensor is known to write (the dry run could not attribute its writes) waits for the end
+        self.restored = Restored(self.model, [name for name, left in self.pending.items() if not left], self.device)
+
+    def load(self, names: list[str], call) -> None:
+        arriving = set(names)
+        self.restored.add([m for m, left in self.pending.items() if left & arriving])
+        self.most_restored = max(self.most_restored, len(self.restored.set_aside))
+        call()
+        done = []
+        for module, left in self.pending.items():
+            if left & arriving:
+                left -= arriving
+                if not left:
+                    done.append(module)
+        if done:
+            self.restored.finish(only=done)
 
     def post_process(self) -> None:
         # A quantized model's fix-ups ran inside each load_weights call, for the layers that call wrote, on the

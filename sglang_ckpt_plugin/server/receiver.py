@@ -194,6 +194,7 @@ class ReceiveSession:
         self.stats = ReceiveStats()
         self.touched_weights = False  # after a failure: were the served weights already changed?
         self.coverage: dict | None = None  # what this update writes (set once the manifest was validated)
+        self.writes: dict[str, frozenset[str]] = {}  # update tensor -> the parameters it writes (same time)
         self.together = GroupsTogether(())  # tensors the model loads only in one call (from the check)
         self.manifest: Manifest | None = None
         self.verify = False
@@ -268,6 +269,7 @@ class ReceiveSession:
                 [(m.name, m.dtype, m.shape) for m in hello.manifest], hello.partial, hello.allow_unused
             )
             self.coverage, self.together = checked.coverage, GroupsTogether(checked.together)
+            self.writes = checked.writes
             self.manifest = Manifest(hello)
         except ValueError as exc:
             _send_error(channel, -1, f"update rejected: {exc}", self.opened_ipc)

@@ -8,6 +8,7 @@ returned to SGLang is for people only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -160,9 +161,19 @@ def _session(updater, model, device, endpoint: str, staging: bool) -> ReceiveSes
 
     def prepare() -> None:
         coverage = session.coverage or {}
-        loads[:] = [ModelLoad(m, device, models.own_coverage(m, coverage)) for m in models.written_by(coverage)]
+        loads[:] = [
+            ModelLoad(m, device, models.own_coverage(m, coverage), session.writes, models.prefix_of(m))
+            for m in models.written_by(coverage)
+        ]
         for load in loads:
             load.prepare()
+
+    def load_weights(views) -> None:
+        names = [name for name, _ in views]
+        call = functools.partial(models.load_weights, views)
+        for load in loads:  # each member restores before the bucket and post-processes what it completes after it
+            call = functools.partial(load.load, names, call)
+        call()
 
     def post_process() -> None:
         for load in loads:
@@ -175,7 +186,7 @@ def _session(updater, model, device, endpoint: str, staging: bool) -> ReceiveSes
     session = ReceiveSession(
         endpoint=endpoint,
         device=device,
-        load_weights=models.load_weights,
+        load_weights=load_weights,
         post_process=post_process,
         idle_timeout_s=idle_timeout_s(),
         validate=models.check,

@@ -30,7 +30,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -69,6 +69,7 @@ class UpdateRejected(ValueError):
 class CheckedUpdate:
     coverage: Coverage  # parameter -> byte ranges the update writes
     together: tuple[frozenset[str], ...] = ()  # groups of tensors the model only loads in one call
+    writes: dict[str, frozenset[str]] = field(default_factory=dict)  # update tensor -> the parameters it writes
 
 
 def _first(items, n: int = 5) -> str:
@@ -193,7 +194,8 @@ def check_update(
                 "push the complete checkpoint (or ask for a partial update explicitly)",
                 "uncovered",
             )
-    return CheckedUpdate(coverage, merge_together(run.groups))
+    writes = {name: frozenset(params) for name, params in run.writes.items()}
+    return CheckedUpdate(coverage, merge_together(run.groups), writes)
 
 
 def validate_update(
