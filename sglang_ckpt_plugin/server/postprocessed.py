@@ -58,10 +58,6 @@ class ParamLayout:
             p.__dict__[key] = copy.copy(value) if isinstance(value, (list, dict, set)) else value
         return p
 
-    @property
-    def element_size(self) -> int:
-        return self.dtype.itemsize
-
 
 @dataclass(frozen=True)
 class ModuleLayout:
@@ -184,6 +180,9 @@ class Restored:
                 if key not in aside.served:
                     aside.served[key] = value
             module._parameters = aside.served
+            # the flags as served (some set since the model was built, by others than PWAL), with PWAL's new values
+            now = {key: value for key, value in vars(module).items() if isinstance(value, _SIMPLE)}
+            _set_flags(module, {**aside.flags, **now})
         if problems:
             raise RuntimeError("cannot keep the served storage: " + "; ".join(problems[:3]))
 
