@@ -99,6 +99,7 @@ def check_row(builder: SGLangBuilder, row: str, root: Path) -> dict:
             "most_restored_at_once": load.most_restored,
         }
     record["addresses_kept"] = addresses(served) == start
+    record["failed_loads"] = failed_loads(served, a)
     lacking = [m for m in manifest if not m[0].endswith("layers.1.self_attn.o_proj.weight")]
     q_only = [m for m in manifest if ".layers.0.self_attn.q_" in m[0]]
     for name, entries, partial in (("lacking", lacking, False), ("part_module", q_only, True)):
@@ -108,6 +109,51 @@ def check_row(builder: SGLangBuilder, row: str, root: Path) -> dict:
         except UpdateRejected as exc:
             record[name] = f"refused ({exc.kind}): {exc}"
     return record
+
+
+def failed_loads(served: torch.nn.Module, checkpoint: Path) -> dict[str, bool]:
+    """What failures leave: a trainer session that writes part of a quantized module, and a load that raises after
+    it began, each leave every quantized module as served (same objects, same bytes)."""
+    from safetensors.torch import load_file
+
+    from sglang_ckpt_plugin.server import postprocessed
+    from sglang_ckpt_plugin.server.validate import check_update, loader_extents
+
+    cpu = torch.device("cpu")
+    tensors = {n: t for f in sorted(checkpoint.glob("*.safetensors")) for n, t in load_file(f).items()}
+    # part of one quantized module: q of the fused qkv_proj, or (MLA) q_b_proj's weight without its scale
+    q_only = [(n, t) for n, t in tensors.items() if ".layers.0.self_attn.q_proj." in n]
+    module = "model.layers.0.self_attn.qkv_proj"
+    if not q_only:
+        q_only = [(n, t) for n, t in tensors.items() if n == "model.layers.0.self_attn.q_b_proj.weight"]
+        module = "model.layers.0.self_attn.q_b_proj"
+    before = {n: (p, p.detach().clone()) for n, p in served.named_parameters()}
+
+    def unchanged() -> bool:
+        now = dict(served.named_parameters())
+        return all(now[n] is p and torch.equal(p, copy) for n, (p, copy) in before.items())
+
+    out = {}
+    postprocessed.open_session(served, cpu)
+    manifest = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in q_only]
+    coverage = check_update(served, manifest, partial=True, whole_modules=False).coverage
+    postprocessed.load_restored(served, cpu, coverage, lambda: served.load_weights(q_only))
+    session = postprocessed.session_of(served)
+    session.end(loader_extents(served))
+    postprocessed.close_session(served)
+    out["session_named_the_part_module"] = list(session.partly) == [module]
+    out["session_left_it_as_served"] = unchanged()
+
+    def raising():
+        served.load_weights(q_only)
+        raise RuntimeError("the load failed after it began")
+
+    try:
+        postprocessed.load_restored(served, cpu, coverage, raising)
+    except RuntimeError:
+        pass
+    out["failed_load_left_it_as_served"] = unchanged()
+    return out
 
 
 def main(out_path: str, root: str) -> None:

@@ -58,3 +58,14 @@ def test_a_partial_update_writing_part_of_a_quantized_module_is_refused(matrix, 
     refusal = matrix[row]["part_module"]
     assert refusal.startswith("refused (part-module): the update writes part of 1 quantized module(s)"), refusal
     assert "model.layers.0.self_attn.qkv_proj (leaves model.layers.0.self_attn.qkv_proj.weight" in refusal
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_a_failed_or_part_module_load_leaves_every_quantized_module_as_served(matrix, row):
+    """A trainer session that wrote part of a quantized module names it and leaves it as served; a load that raises
+    after it began puts the served objects back with their bytes."""
+    assert matrix[row]["failed_loads"] == {
+        "session_named_the_part_module": True,
+        "session_left_it_as_served": True,
+        "failed_load_left_it_as_served": True,
+    }
