@@ -5,7 +5,8 @@ the plugin (dummy weights, waiting), pushes A, then B over it, with the loader (
 memory on cpu), and checks after each push SGLang's ``/weights_checker`` checksums and greedy output against SGLang's
 own ``/update_weights_from_disk`` of the same files (must be equal; A's and B's must differ); reports HF's
 teacher-forced ranks, and prints host-to-device GB/s, push seconds and disk-reload seconds for the same model. Exit
-0 only if the pushed weights are bit-identical to the disk reload's, both times.
+0 only if the pushed weights are bit-identical to the disk reload's, both times. ``--fp8``: the block-FP8 row alone
+(``fp8_row``).
 """
 
 from __future__ import annotations
@@ -43,9 +44,49 @@ def h2d_gbps(nbytes: int, device: torch.device, repeats: int = 5) -> float | Non
     return nbytes / GB / best
 
 
+def fp8_row(device: str, work: Path, tokens: int, extra: list[str]) -> bool:
+    """Block FP8 (DeepSeek-V3/R1's format), tiny Qwen3-MoE checkpoints A and B: a server on dummy weights takes a
+    push of A, of B, then SGLang's own disk reload of A; each must serve what a fresh server started on those files
+    serves (SGLang's first load, without the plugin's hooks: checksums and greedy output)."""
+    from sglang_ckpt_plugin.demo.launch import PLUGIN_FREE
+    from sglang_ckpt_plugin.demo.tiny_quantized import make_tiny_fp8_model
+
+    ckpts = {t: make_tiny_fp8_model(work / f"fp8_{t}", "qwen3_moe", seed=50 + i) for i, t in enumerate("ab")}
+    prompt = list(range(10, 20))
+
+    def served(url: str) -> tuple[str, list[int]]:
+        return checksum(url), generate_ids(url, prompt, tokens)["output_ids"]
+
+    fresh = {}
+    for tag, ckpt in ckpts.items():
+        env = {"SGLANG_PLUGINS": PLUGIN_FREE}
+        with SGLangServer(
+            ckpt, work / f"fp8_fresh_{tag}.log", device=device, wait_for_weights=False, extra_args=extra, env=env
+        ) as plain:
+            plain.wait_healthy(timeout_s=900)
+            fresh[tag] = served(plain.url)
+    loader = ["--device", device, "--timeout", "600"]
+    rows = []
+    with SGLangServer(ckpts["a"], work / "fp8_server.log", device=device, extra_args=extra) as srv:
+        srv.wait_listening(timeout_s=900)
+        for what, tag in (("push of A", "a"), ("push of B", "b"), ("SGLang's own reload of A", "a")):
+            if what.startswith("push"):
+                time_push(srv.url, ckpts[tag], f"fp8-{tag}", loader)
+            else:
+                time_disk_update(srv.url, ckpts[tag], "fp8-disk-a")
+            srv.wait_healthy(timeout_s=600)
+            rows.append((what, served(srv.url) == fresh[tag]))
+    print(f"\n| block FP8 (tiny Qwen3-MoE, {device}): serves what a fresh server serves | value |\n|---|---|")
+    for what, ok in rows:
+        print(f"| {what} | {ok} |")
+    print(f"| A and B serve differently | {fresh['a'] != fresh['b']} |")
+    return all(ok for _, ok in rows) and fresh["a"] != fresh["b"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--fp8", action="store_true", help="only the block-FP8 row (fp8_row)")
     p.add_argument("--gb", type=float, default=None, help="checkpoint size (default: 1 on cuda, 0.4 on cpu)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--tokens", type=int, default=8)
@@ -55,6 +96,12 @@ def main() -> int:
         return 2
     gb = a.gb or (1.0 if a.device == "cuda" else 0.4)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-device-check-"))
+    if a.fp8:
+        return (
+            0
+            if fp8_row(a.device, work, a.tokens, ["--mem-fraction-static", "0.3"] if a.device == "cuda" else [])
+            else 1
+        )
     t0 = time.perf_counter()
     pair = checkpoint_pair(work, gb)  # A, then B: the second push must change what is served
     ckpt_a, ckpt_b = pair.path(0), pair.path(1)

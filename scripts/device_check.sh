@@ -2,6 +2,7 @@
 # The CUDA-path check as one command:
 #   scripts/device_check.sh                          # GPU + SGLang: random bf16 model, CUDA IPC push, figures
 #   scripts/device_check.sh --device cpu             # the same steps on the CPU path (run by the test suite)
+#   scripts/device_check.sh --fp8 [--device cpu]     # block FP8: pushes and SGLang's reload against fresh servers
 #   scripts/device_check.sh --no-sglang [--device cpu]
 #       no SGLang needed (torch, safetensors, xxhash, httpx, tqdm + pyzmq, msgspec): the real loader into a
 #       stand-in server running the real receiver on the GPU; byte identity, memory, copy-rate ratios.
