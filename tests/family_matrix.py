@@ -212,12 +212,50 @@ def differing(pushed: torch.nn.Module, reference: torch.nn.Module) -> list[str]:
     return [name for name in ours if not torch.equal(ours[name], theirs[name])]
 
 
-def check_family(builder: SGLangBuilder, family: str, checkpoint: Path) -> dict:
+def push_through_receiver(served: torch.nn.Module, checkpoint: Path, checked, load=None):
+    """One push of ``checkpoint`` into ``served`` through the real loader and receiver, buckets as small as the
+    largest tensor, the model loaded as the server's receive session loads it (postprocessed.ModelLoad; ``load``: a
+    given one): (stats, loader errors, buckets)."""
     from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
     from sglang_ckpt_plugin.server.postprocessed import ModelLoad
-    from sglang_ckpt_plugin.server.validate import UpdateRejected, check_update
+    from sglang_ckpt_plugin.server.validate import check_update
 
     from .inproc_session import run_session
+
+    load = load or ModelLoad(served, torch.device("cpu"), checked.coverage, checked.writes)
+    return run_session(
+        checkpoint,
+        served,
+        bucket_size=max(t.nbytes for t in read_checkpoint(checkpoint)),
+        validate=lambda m, partial, allow_unused: check_update(served, m, partial, allow_unused),
+        prepare=load.prepare,
+        post=load.post_process,
+        load_weights=lambda views: load.load([n for n, _ in views], lambda: served.load_weights(views)),
+    )
+
+
+def run_matrix(module: str, out_dir: Path) -> list[dict]:
+    """``python -m <module> OUT CKPTS`` in the server's CPU environment: its records."""
+    import subprocess
+
+    from sglang_ckpt_plugin.demo.launch import server_env
+
+    out = out_dir / "records.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", module, str(out), str(out_dir / "ckpts")],
+        cwd=Path(__file__).resolve().parents[1],
+        env=server_env("cpu"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def check_family(builder: SGLangBuilder, family: str, checkpoint: Path) -> dict:
+    from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
+    from sglang_ckpt_plugin.server.validate import UpdateRejected, check_update
 
     record: dict = {"family": family}
     try:
@@ -242,17 +280,7 @@ def check_family(builder: SGLangBuilder, family: str, checkpoint: Path) -> dict:
     except UpdateRejected as exc:
         record["lacking"] = f"refused: {exc}"
     before = differing(served, reference)
-    cpu = torch.device("cpu")
-    load = ModelLoad(served, cpu, checked.coverage, checked.writes)
-    stats, errors, buckets = run_session(
-        checkpoint,
-        served,
-        bucket_size=max(t.nbytes for t in tensors),
-        validate=lambda m, partial, allow_unused: check_update(served, m, partial, allow_unused),
-        prepare=load.prepare,
-        post=load.post_process,
-        load_weights=lambda views: load.load([n for n, _ in views], lambda: served.load_weights(views)),
-    )
+    _, errors, buckets = push_through_receiver(served, checkpoint, checked)
     record.update(
         buckets=buckets,
         loader_errors=[str(e) for e in errors],

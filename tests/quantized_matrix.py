@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .family_matrix import SGLangBuilder
+from .family_matrix import SGLangBuilder, push_through_receiver
 
 # row -> (float arch, block-FP8 checkpoint or a bfloat16 one served with --quantization fp8)
 ROWS = {
@@ -66,8 +66,6 @@ def check_row(builder: SGLangBuilder, row: str, root: Path) -> dict:
     from sglang_ckpt_plugin.server.postprocessed import ModelLoad, layouts
     from sglang_ckpt_plugin.server.validate import UpdateRejected, check_update
 
-    from .inproc_session import run_session
-
     quantization = "fp8" if ROWS[row][1] == "online" else None
     a, b = checkpoints(root, row)
     served = builder.build(a, "dummy", quantization)
@@ -81,15 +79,7 @@ def check_row(builder: SGLangBuilder, row: str, root: Path) -> dict:
         manifest = [(t.name, t.dtype, list(t.shape)) for t in tensors]
         checked = check_update(served, manifest, partial=False)
         load = ModelLoad(served, cpu, checked.coverage, checked.writes)
-        _, errors, buckets = run_session(
-            checkpoint,
-            served,
-            bucket_size=max(t.nbytes for t in tensors),
-            validate=lambda m, partial, allow_unused: check_update(served, m, partial, allow_unused),
-            prepare=load.prepare,
-            post=load.post_process,
-            load_weights=lambda views, load=load: load.load([n for n, _ in views], lambda: served.load_weights(views)),
-        )
+        _, errors, buckets = push_through_receiver(served, checkpoint, checked, load)
         record[f"push{step}"] = {
             "checkpoint": checkpoint.name,
             "buckets": buckets,

@@ -65,22 +65,45 @@ def reload_kills(plain: SGLangServer, checkpoint: Path) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def reference(fp8, tmp_path_factory) -> dict:
-    """What a fresh server started on each checkpoint serves: SGLang's first load, no weight-update hook; then that
-    server's own disk reload of the other checkpoint (``sglang_alone_reload``)."""
+def fresh(checkpoints: dict[str, Path], logs: Path, name: str, env=None, then=None, **server_kwargs) -> dict:
+    """What a fresh server started on each checkpoint serves: SGLang's first load, without the plugin's hooks
+    (``SGLANG_PLUGINS`` names the CPU environment's plugin and ``env``'s). ``then(tag, server)`` runs after."""
     out = {}
-    for tag, checkpoint in fp8.items():
-        log = tmp_path_factory.mktemp("logs") / f"fp8_reference_{tag}.log"
-        with SGLangServer(checkpoint, log, wait_for_weights=False, env={"SGLANG_PLUGINS": PLUGIN_FREE}) as plain:
+    for tag, checkpoint in checkpoints.items():
+        env_all = {"SGLANG_PLUGINS": PLUGIN_FREE, **(env or {})}
+        log = logs / f"{name}_{tag}.log"
+        with SGLangServer(checkpoint, log, wait_for_weights=False, env=env_all, **server_kwargs) as plain:
             plain.wait_healthy()
             assert "ckpt_plugin" not in httpx.get(f"{plain.url}/model_info", timeout=30).json()
             out[tag] = served(plain.url)
-            if tag == "b":
-                out["sglang_alone_reload"] = "killed the server" if reload_kills(plain, fp8["a"]) else "served on"
+            if then is not None:
+                then(tag, plain)
         assert plain.group_pids() == []
     assert out["a"] != out["b"], "the two checkpoints must serve differently"
     return out
+
+
+def push_a_b_then_reload_a(url: str, checkpoints: dict[str, Path], reference: dict, *loader: str) -> None:
+    """A pushed in two phases through the checkpoint's page cache, B streamed through shared-memory buckets, then
+    SGLang's own disk reload of A: each serves what a fresh server on those files serves."""
+    push(url, checkpoints["a"], *loader, "--weight-version", "a")
+    assert served(url) == reference["a"]
+    push(url, checkpoints["b"], *loader, "--two-phase", "off", "--transfer", "copy", "--weight-version", "b")
+    assert served(url) == reference["b"]
+    evidence.reload_from_disk(url, checkpoints["a"])  # SGLang's own path: without the plugin, the server dies here
+    assert served(url) == reference["a"]
+
+
+@pytest.fixture(scope="module")
+def reference(fp8, tmp_path_factory) -> dict:
+    """The fresh servers' answers for A and B; then the B server's own disk reload of A (``sglang_alone_reload``)."""
+    outcome = {}
+
+    def reload_a(tag: str, plain: SGLangServer) -> None:
+        if tag == "b":
+            outcome["sglang_alone_reload"] = "killed the server" if reload_kills(plain, fp8["a"]) else "served on"
+
+    return {**fresh(fp8, tmp_path_factory.mktemp("logs"), "fp8_reference", then=reload_a), **outcome}
 
 
 def test_without_the_plugin_sglangs_own_reload_of_an_fp8_model_kills_the_server(reference):
@@ -100,12 +123,7 @@ def server(fp8, tmp_path_factory):
 
 def test_pushes_and_sglangs_own_reload_serve_what_a_fresh_server_serves(server, fp8, reference):
     assert_closed(server.url)
-    push(server.url, fp8["a"], "--weight-version", "fp8-a")  # two phases, the checkpoint's page cache
-    assert served(server.url) == reference["a"]
-    push(server.url, fp8["b"], "--two-phase", "off", "--transfer", "copy", "--weight-version", "fp8-b")
-    assert served(server.url) == reference["b"]
-    evidence.reload_from_disk(server.url, fp8["a"])  # SGLang's own path: without the plugin, the server dies here
-    assert served(server.url) == reference["a"]
+    push_a_b_then_reload_a(server.url, fp8, reference)
     assert plugin_info(server.url)["weights_loaded"] is True
 
 
@@ -157,24 +175,10 @@ def test_bf16_pushes_into_an_online_fp8_server_are_requantized_on_every_update(f
     floats = {tag: ck.with_name(ck.name + "-float") for tag, ck in fp8.items()}  # what the FP8 ones were made from
     online = ["--quantization", "fp8"]
     logs = tmp_path_factory.mktemp("logs")
-    reference = {}
-    for tag in ("a", "b"):
-        env = {"SGLANG_PLUGINS": PLUGIN_FREE}
-        with SGLangServer(
-            floats[tag], logs / f"online_{tag}.log", wait_for_weights=False, extra_args=online, env=env
-        ) as plain:
-            plain.wait_healthy()
-            reference[tag] = served(plain.url)
-        assert plain.group_pids() == []
-    assert reference["a"] != reference["b"]
+    reference = fresh(floats, logs, "online_reference", extra_args=online)
     with SGLangServer(floats["a"], logs / "online_server.log", extra_args=online) as srv:
         srv.wait_listening()
-        push(srv.url, floats["a"], "--weight-version", "online-a")
-        assert served(srv.url) == reference["a"]
-        push(srv.url, floats["b"], "--two-phase", "off", "--transfer", "copy", "--weight-version", "online-b")
-        assert served(srv.url) == reference["b"]
-        evidence.reload_from_disk(srv.url, floats["a"])
-        assert served(srv.url) == reference["a"]
+        push_a_b_then_reload_a(srv.url, floats, reference)
     assert srv.group_pids() == []
 
 
@@ -194,19 +198,8 @@ def test_an_fp8_moe_server_at_tp2_takes_a_b_and_sglangs_reload_exactly(ckpt_root
         "SGLANG_PLUGINS": f"{PLUGIN_FREE},ckpt_test_gloo_tp",
         "SGLANG_CPU_OMP_THREADS_BIND": core_binds(2),
     }
-    reference = {}
-    for tag, checkpoint in moe.items():
-        with SGLangServer(checkpoint, logs / f"moe_tp2_{tag}.log", tp_size=2, wait_for_weights=False, env=env) as plain:
-            plain.wait_healthy()
-            reference[tag] = served(plain.url)
-        assert plain.group_pids() == []
-    assert reference["a"] != reference["b"]
+    reference = fresh(moe, logs, "moe_tp2_reference", env=env, tp_size=2)
     with SGLangServer(moe["a"], logs / "moe_tp2_server.log", tp_size=2) as srv:
         srv.wait_listening()
-        push(srv.url, moe["a"], "--inference-parallel-size", "2", "--weight-version", "moe-a")
-        assert served(srv.url) == reference["a"]
-        push(srv.url, moe["b"], "--inference-parallel-size", "2", "--two-phase", "off", "--transfer", "copy")
-        assert served(srv.url) == reference["b"]
-        evidence.reload_from_disk(srv.url, moe["a"])
-        assert served(srv.url) == reference["a"]
+        push_a_b_then_reload_a(srv.url, moe, reference, "--inference-parallel-size", "2")
     assert srv.group_pids() == []

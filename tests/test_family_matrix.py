@@ -6,35 +6,17 @@ instance. A family SGLang itself cannot load on this CPU is listed with SGLang's
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from sglang_ckpt_plugin.demo.launch import server_env
-
-from .family_matrix import FAMILIES
+from .family_matrix import FAMILIES, run_matrix
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 SGLANG_CANNOT_LOAD = {"phimoe": "No module or parameter named 'model.layers.0.block_sparse_moe'"}  # SGLang 0.5.23
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory) -> dict[str, dict]:
-    out = tmp_path_factory.mktemp("matrix") / "records.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.family_matrix", str(out), str(out.parent / "ckpts")],
-        cwd=REPO,
-        env=server_env("cpu"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {r["family"]: r for r in json.loads(out.read_text())}
+    return {r["family"]: r for r in run_matrix("tests.family_matrix", tmp_path_factory.mktemp("matrix"))}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -6,34 +6,17 @@ update writing part of a quantized module is refused before anything is written.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from sglang_ckpt_plugin.demo.launch import server_env
-
+from .family_matrix import run_matrix
 from .quantized_matrix import ROWS
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory) -> dict[str, dict]:
-    out = tmp_path_factory.mktemp("quantized") / "records.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.quantized_matrix", str(out), str(out.parent / "ckpts")],
-        cwd=REPO,
-        env=server_env("cpu"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {r["row"]: r for r in json.loads(out.read_text())}
+    return {r["row"]: r for r in run_matrix("tests.quantized_matrix", tmp_path_factory.mktemp("quantized"))}
 
 
 @pytest.mark.parametrize("row", sorted(ROWS))
