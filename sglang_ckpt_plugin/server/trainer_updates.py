@@ -223,7 +223,8 @@ def end_session(original, manager, recv_req, **kwargs):
                 else f"the session wrote part of {len(left)} quantized module(s), left as served: "
                 + "; ".join(postprocessed.describe_partly(left)[:3])
             )
-            weights.session_bucket_failed(None, True, "trainer", why)
+            # what the session loaded counts unwritten (a mix of versions), the modules left as served with it
+            weights.session_bucket_failed(None if not out.success else {}, True, "trainer", why)
             weights.session = None
     return out
 
