@@ -158,10 +158,11 @@ class Restored:
         part-way)."""
         problems = []
         for name in list(self.set_aside) if only is None else only:
-            aside = self.set_aside.pop(name)
+            aside = self.set_aside[name]
             module = aside.module
-            if post_process:
+            if post_process:  # if it raises, the module stays set aside: abandon() puts the served objects back
                 sg.post_process_module(module, self.device)
+            del self.set_aside[name]
             fresh = dict(module._parameters)
             for key, served in aside.served.items():
                 new = fresh.get(key)

@@ -28,7 +28,7 @@ from ..loader.checkpoint import CheckpointError, read_checkpoint
 from . import postprocessed, rank_state
 from . import sglang_compat as sg
 from .drafts import prefixed
-from .validate import UpdateRejected, observe, validate_update
+from .validate import UpdateRejected, loader_extents, observe, validate_update
 from .writer import exclusive
 
 logger = logging.getLogger("sglang_ckpt_plugin")
@@ -236,8 +236,6 @@ def post_process_session(original, model, target_device):
     session = postprocessed.session_of(model)
     if session is None:
         return original(model, target_device)
-    from .validate import loader_extents
-
     session.end(loader_extents(model))
     modules = dict(model.named_modules())
     sg.post_process_unrecorded(model, target_device, {id(modules[n]) for n in postprocessed.layouts(model)}, False)
