@@ -25,6 +25,7 @@ from sglang_ckpt_plugin.demo.tiny_quantized import make_tiny_fp8_model
 from .conftest import NEW_TOKENS, PROMPT, assert_closed, plugin_info, push
 
 pytestmark = pytest.mark.slow
+IDLE = ["--sleep-on-idle"]  # an idle CPU server otherwise polls a core that the others need
 
 
 def served(url: str) -> tuple[str, list[int]]:
@@ -69,10 +70,13 @@ def fresh(checkpoints: dict[str, Path], logs: Path, name: str, env=None, then=No
     """What a fresh server started on each checkpoint serves: SGLang's first load, without the plugin's hooks
     (``SGLANG_PLUGINS`` names the CPU environment's plugin and ``env``'s). ``then(tag, server)`` runs after."""
     out = {}
+    extra = [*server_kwargs.pop("extra_args", []), *IDLE]
     for tag, checkpoint in checkpoints.items():
         env_all = {"SGLANG_PLUGINS": PLUGIN_FREE, **(env or {})}
         log = logs / f"{name}_{tag}.log"
-        with SGLangServer(checkpoint, log, wait_for_weights=False, env=env_all, **server_kwargs) as plain:
+        with SGLangServer(
+            checkpoint, log, wait_for_weights=False, env=env_all, extra_args=extra, **server_kwargs
+        ) as plain:
             plain.wait_healthy()
             assert "ckpt_plugin" not in httpx.get(f"{plain.url}/model_info", timeout=30).json()
             out[tag] = served(plain.url)
@@ -115,7 +119,7 @@ def test_without_the_plugin_sglangs_own_reload_of_an_fp8_model_kills_the_server(
 @pytest.fixture(scope="module")
 def server(fp8, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "fp8_server.log"
-    with SGLangServer(fp8["a"], log) as srv:
+    with SGLangServer(fp8["a"], log, extra_args=IDLE) as srv:
         srv.wait_listening()
         yield srv
     assert srv.group_pids() == []
@@ -176,7 +180,7 @@ def test_bf16_pushes_into_an_online_fp8_server_are_requantized_on_every_update(f
     online = ["--quantization", "fp8"]
     logs = tmp_path_factory.mktemp("logs")
     reference = fresh(floats, logs, "online_reference", extra_args=online)
-    with SGLangServer(floats["a"], logs / "online_server.log", extra_args=online) as srv:
+    with SGLangServer(floats["a"], logs / "online_server.log", extra_args=[*online, *IDLE]) as srv:
         srv.wait_listening()
         push_a_b_then_reload_a(srv.url, floats, reference)
     assert srv.group_pids() == []
@@ -199,7 +203,7 @@ def test_an_fp8_moe_server_at_tp2_takes_a_b_and_sglangs_reload_exactly(ckpt_root
         "SGLANG_CPU_OMP_THREADS_BIND": core_binds(2),
     }
     reference = fresh(moe, logs, "moe_tp2_reference", env=env, tp_size=2)
-    with SGLangServer(moe["a"], logs / "moe_tp2_server.log", tp_size=2) as srv:
+    with SGLangServer(moe["a"], logs / "moe_tp2_server.log", tp_size=2, extra_args=IDLE) as srv:
         srv.wait_listening()
         push_a_b_then_reload_a(srv.url, moe, reference, "--inference-parallel-size", "2")
     assert srv.group_pids() == []
