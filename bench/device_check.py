@@ -97,11 +97,8 @@ def main() -> int:
     gb = a.gb or (1.0 if a.device == "cuda" else 0.4)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sglang-ckpt-device-check-"))
     if a.fp8:
-        return (
-            0
-            if fp8_row(a.device, work, a.tokens, ["--mem-fraction-static", "0.3"] if a.device == "cuda" else [])
-            else 1
-        )
+        extra = ["--mem-fraction-static", "0.3"] if a.device == "cuda" else ["--sleep-on-idle"]
+        return 0 if fp8_row(a.device, work, a.tokens, extra) else 1
     t0 = time.perf_counter()
     pair = checkpoint_pair(work, gb)  # A, then B: the second push must change what is served
     ckpt_a, ckpt_b = pair.path(0), pair.path(1)
