@@ -79,6 +79,9 @@ def record(model: torch.nn.Module) -> None:
 
 
 def layouts(model: torch.nn.Module) -> dict[str, ModuleLayout]:
+    """The recorded quantized modules of ``model`` (none where SGLang's flash_rl loader reloads it its own way)."""
+    if sg.reloads_quantized_itself(model):
+        return {}
     return _layouts.get(model, {})
 
 
@@ -138,6 +141,8 @@ class Restored:
 
     def add(self, names: list[str]) -> None:
         """Restore more modules (those restored already are left as they are)."""
+        if not names:
+            return
         modules = dict(self.model.named_modules())
         for name in names:
             if name in self.set_aside:
@@ -316,14 +321,16 @@ class ModelLoad:
             self.restored.finish(only=done)
 
     def post_process(self) -> None:
-        # A quantized model's fix-ups ran inside each load_weights call, for the layers that call wrote, on the
-        # loader-facing weights (as in SGLang's disk load); run again for every layer here, they would read
-        # modules this update did not restore in their post-processed layout (packed bytes on CPU).
-        modules, recorded = dict(self.model.named_modules()), layouts(self.model)
-        ids = {id(modules[name]) for name in recorded}
-        sg.post_process_unrecorded(self.model, self.device, ids, fixups=not recorded)
-        if self.restored is not None:
-            self.restored.finish()
+        recorded = layouts(self.model)
+        if not recorded:  # no quantized module: SGLang's own post-processing, as for a disk load
+            sg.post_process_model(self.model, self.device)
+            return
+        # The model's fix-ups ran inside each load_weights call, for the layers that call wrote, on the loader-facing
+        # weights (as in SGLang's disk load); run again for every layer here, they would read modules this update
+        # did not restore in their post-processed layout (packed bytes on CPU).
+        modules = dict(self.model.named_modules())
+        sg.post_process_unrecorded(self.model, self.device, {id(modules[name]) for name in recorded})
+        self.restored.finish()
 
     def abandon(self) -> None:
         if self.restored is not None:

@@ -462,13 +462,24 @@ def post_process_module(module: torch.nn.Module, device: torch.device) -> None:
         module.quant_method.process_weights_after_loading(module)
 
 
-def post_process_unrecorded(model: torch.nn.Module, device: torch.device, recorded, fixups: bool) -> None:
-    """The model's post-load fix-ups (``fixups``), then SGLang's post-load processing of every module outside
-    ``recorded`` (the post-processed modules the plugin restores and post-processes itself)."""
-    from sglang.srt.model_loader.loader import _modules_with_quant_method, device_loading_context, post_load_weights
+def post_process_model(model: torch.nn.Module, device: torch.device) -> None:
+    """The post-load processing of SGLang's disk loader: quantization repacking, then model fix-ups."""
+    from sglang.srt.model_loader.loader import DefaultModelLoader, post_load_weights
 
-    if fixups:
-        post_load_weights(model)
+    DefaultModelLoader.postprocess_weights(model, device)
+    post_load_weights(model)
+
+
+def reloads_quantized_itself(model: torch.nn.Module) -> bool:
+    """A model SGLang's ``--load-format flash_rl`` loader reloads with its own record of the pre-quantization layout."""
+    return hasattr(model, "recorded_loader") or hasattr(model, "original_weights_rebuild_keys")
+
+
+def post_process_unrecorded(model: torch.nn.Module, device: torch.device, recorded) -> None:
+    """SGLang's post-load processing of every module outside ``recorded`` (the post-processed modules the plugin
+    restores and post-processes itself)."""
+    from sglang.srt.model_loader.loader import _modules_with_quant_method, device_loading_context
+
     for module, method in _modules_with_quant_method(model):
         if id(module) not in recorded:
             with device_loading_context(module, device):

@@ -238,5 +238,5 @@ def post_process_session(original, model, target_device):
         return original(model, target_device)
     session.end(loader_extents(model))
     modules = dict(model.named_modules())
-    sg.post_process_unrecorded(model, target_device, {id(modules[n]) for n in postprocessed.layouts(model)}, False)
+    sg.post_process_unrecorded(model, target_device, {id(modules[n]) for n in postprocessed.layouts(model)})
     return None
