@@ -207,3 +207,16 @@ def test_an_fp8_moe_server_at_tp2_takes_a_b_and_sglangs_reload_exactly(ckpt_root
         srv.wait_listening()
         push_a_b_then_reload_a(srv.url, moe, reference, "--inference-parallel-size", "2")
     assert srv.group_pids() == []
+
+
+def test_an_fp8_deepseek_v3_server_takes_a_b_and_sglangs_reload_exactly(ckpt_root, tmp_path_factory):
+    """Block-FP8 DeepSeek-V3 (the spec's model in small: MLA with the fused ``q_a_proj`` + ``kv_a_proj_with_mqa``,
+    ``w_kc``/``w_vc`` derived from ``kv_b_proj``, MoE with a shared expert): pushes of A and B, then SGLang's own
+    reload of A, each equal to a fresh server on those files."""
+    mla = {t: make_tiny_fp8_model(ckpt_root / f"fp8_dsv3_{t}", "deepseek_v3", seed=60 + i) for i, t in enumerate("ab")}
+    logs = tmp_path_factory.mktemp("logs")
+    reference = fresh(mla, logs, "dsv3_reference")
+    with SGLangServer(mla["a"], logs / "dsv3_server.log", extra_args=IDLE) as srv:
+        srv.wait_listening()
+        push_a_b_then_reload_a(srv.url, mla, reference)
+    assert srv.group_pids() == []
