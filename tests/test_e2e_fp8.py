@@ -174,8 +174,11 @@ def test_a_trainers_push_serves_what_a_fresh_server_serves(server, fp8, referenc
 
 def test_bf16_pushes_into_an_online_fp8_server_are_requantized_on_every_update(fp8, tmp_path_factory):
     """FP8 rollout for RL: the server quantizes a bfloat16 model online (``--quantization fp8``); the trainer pushes
-    what it holds (bfloat16), and every update is quantized anew, equal to a fresh ``--quantization fp8`` server on
-    the same bfloat16 files."""
+    what it holds (bfloat16: the CLI, then TrainerPush and LocalPush), and every update is quantized anew, equal to a
+    fresh ``--quantization fp8`` server on the same bfloat16 files."""
+    from sglang_ckpt_plugin.local_push import LocalPush
+    from sglang_ckpt_plugin.trainer import TrainerPush
+
     floats = {tag: ck.with_name(ck.name + "-float") for tag, ck in fp8.items()}  # what the FP8 ones were made from
     online = ["--quantization", "fp8"]
     logs = tmp_path_factory.mktemp("logs")
@@ -183,6 +186,12 @@ def test_bf16_pushes_into_an_online_fp8_server_are_requantized_on_every_update(f
     with SGLangServer(floats["a"], logs / "online_server.log", extra_args=[*online, *IDLE]) as srv:
         srv.wait_listening()
         push_a_b_then_reload_a(srv.url, floats, reference)
+        with TrainerPush(srv.url, timeout_s=120, bucket_bytes=200_000) as trainer:  # a trainer's bfloat16 tensors
+            trainer.push(tensors_of(floats["b"]).items(), weight_version="trainer-b")
+        assert served(srv.url) == reference["b"]
+        with LocalPush(srv.url, bucket_bytes=200_000) as local:
+            local.push(tensors_of(floats["a"]).items(), weight_version="local-a")
+        assert served(srv.url) == reference["a"]
     assert srv.group_pids() == []
 
 
