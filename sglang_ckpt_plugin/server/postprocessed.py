@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from . import sglang_compat as sg
-from .coverage import missing_from
+from .coverage import missing_from, union_coverage
 
 _SIMPLE = (bool, int, float, str, type(None))
 
@@ -249,8 +249,6 @@ def load_restored(model: torch.nn.Module, device: torch.device, coverage: dict, 
     """One of SGLang's own load calls (trainer or tensor path) that writes ``coverage``: the post-processed modules it
     writes are restored first; outside a trainer session they are post-processed right after (SGLang's tensor and
     trainer calls never post-process), in one they wait for the session's end."""
-    from .coverage import union_coverage
-
     session = _sessions.get(model)
     restored = session.restored if session is not None else Restored(model, [], device)
     names = modules_written(model, coverage)
