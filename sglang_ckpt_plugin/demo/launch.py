@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from ..cpu_env import cpu_environment
+from ..cpu_support.plugin import NAME as CPU_PLUGIN
 from ..loader.http import free_port  # noqa: F401  (re-exported: tests and bench start servers on it)
 from .processes import group_members
 
@@ -32,7 +33,7 @@ def server_env(device: str = "cpu", extra: dict | None = None) -> dict[str, str]
 
 # SGLANG_PLUGINS naming SGLang's own dependency's plugin and the CPU environment's (cpu_support/plugin.py: FP8
 # kernels, no weight-update hook) leaves the plugin's hooks out
-PLUGIN_FREE = "smg-servicer,ckpt_cpu"
+PLUGIN_FREE = f"smg-servicer,{CPU_PLUGIN}"
 
 
 class SGLangServer:

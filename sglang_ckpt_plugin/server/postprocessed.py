@@ -233,10 +233,6 @@ def open_session(model: torch.nn.Module, device: torch.device) -> None:
         _sessions[model] = TrainerSession(model, device)
 
 
-def in_session(model: torch.nn.Module) -> bool:
-    return model in _sessions
-
-
 def session_of(model: torch.nn.Module) -> TrainerSession | None:
     return _sessions.get(model)
 
@@ -287,14 +283,12 @@ class ModelLoad:
     ):
         self.model = model
         self.device = device
-        self.modules = modules_written(model, coverage)
-        recorded = layouts(model)
         # module -> the update tensors still to come that write it
-        self.pending: dict[str, set[str]] = {name: set() for name in self.modules}
+        self.pending: dict[str, set[str]] = {name: set() for name in modules_written(model, coverage)}
         for tensor, params in (writes or {}).items():
             for pname in params:
                 owner = pname[len(prefix) :].rpartition(".")[0] if pname.startswith(prefix) else None
-                if owner in recorded and owner in self.pending:
+                if owner in self.pending:
                     self.pending[owner].add(tensor)
         self.restored: Restored | None = None
         self.most_restored = 0  # the most modules held twice at once (served, and restored for this load)

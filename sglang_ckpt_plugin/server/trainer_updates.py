@@ -58,7 +58,7 @@ def _guarded_load(original, updater, source: str, *args, **kwargs):
     weights = rank_state.state(model)
     rejection = []
     device = sg.runner_device(updater)
-    in_session = postprocessed.in_session(model)  # its end checks that each quantized module was written whole
+    in_session = postprocessed.session_of(model) is not None  # its end checks each quantized module is whole
 
     def check(manifest):
         try:
