@@ -54,12 +54,17 @@ class SGLangServer:
         extra_args: list[str] | None = None,
         env: dict | None = None,
         launcher: str = "launch_server",
+        host: str = "127.0.0.1",
+        wrap=None,
     ):
         """``launcher``: ``launch_server`` (python -m sglang.launch_server) or ``serve`` (SGLang's ``sglang serve``
-        command, the one its docs recommend)."""
+        command, the one its docs recommend). ``host`` and ``wrap`` (a function of the command that returns the
+        command to run, e.g. on a node of demo/cluster.py) are for a server on a node of a cluster."""
         self._port_given = port is not None
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.url = f"http://{host}:{self.port}"
+        self._wrap = wrap or (lambda command: command)
         self.log_path = Path(log_path)
         command = {
             "launch_server": [sys.executable, "-m", "sglang.launch_server"],
@@ -70,7 +75,7 @@ class SGLangServer:
             "--model-path",
             str(model_path),
             "--host",
-            "127.0.0.1",
+            host,
             "--port",
             str(self.port),
             "--device",
@@ -92,7 +97,7 @@ class SGLangServer:
         self._log = open(self.log_path, "ab")
         SGLangServer._started.add(self)
         self.proc = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            self._wrap(self.args), stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
         return self
 
@@ -113,7 +118,7 @@ class SGLangServer:
 
     def _move_to(self, port: int) -> None:
         self.args[self.args.index("--port") + 1] = str(port)
-        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.port, self.url = port, f"http://{self.host}:{port}"
 
     def wait_healthy(self, timeout_s: float = 240.0) -> None:
         self._wait(lambda c: c.get(f"{self.url}/health").status_code == 200, timeout_s, "become healthy")

@@ -223,11 +223,17 @@ def without_api_key(argv: list[str]) -> list[str]:
 
 
 def torchrun_command(
-    loader_args: list[str], *, port: int, nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0
+    loader_args: list[str],
+    *,
+    port: int,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
 ) -> list[str]:
     """torchrun (``python -m torch.distributed.run``) starting this loader with ``loader_args``: node ``node_rank``
-    of ``nnodes`` (one command per machine), ``nproc_per_node`` loader ranks on it, rendezvous at 127.0.0.1:port
-    (node 0's address where the nodes are machines)."""
+    of ``nnodes`` (one command per machine), ``nproc_per_node`` loader ranks on it, rendezvous at
+    ``master_addr``:port (node 0's address where the nodes are machines)."""
     return [
         sys.executable,
         "-m",
@@ -239,7 +245,7 @@ def torchrun_command(
         "--nproc-per-node",
         str(nproc_per_node),
         "--master-addr",
-        "127.0.0.1",
+        master_addr,
         "--master-port",
         str(port),
         "-m",

@@ -1,0 +1,118 @@
+"""An SGLang fleet on a cluster in one box (demo/cluster.py): one server per node, and the loader as on real
+machines: ``torchrun --nnodes N --node-rank i --master-addr <node 0>`` on every node, each feeding its own node's
+server. Used by the cluster bench and the namespace tests; the caller is inside ``cluster.reachable()`` to talk to
+the servers."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from ..loader.cli import torchrun_command
+from .cluster import Cluster
+from .launch import PLUGIN_FREE, SGLangServer
+from .processes import stop_torchrun_group
+
+LOADER_ENV = {"GLOO_SOCKET_IFNAME": "eth0"}  # gloo (and so every bucket) goes over the node's link
+
+
+def start_servers(
+    cluster: Cluster, model: Path, logs: Path, *, plugin: bool = True, extra_args: list[str] | None = None
+) -> list[SGLangServer]:
+    """A server on every node, started together: with the plugin on dummy weights waiting for the first push, or
+    (``plugin=False``) SGLang alone loading ``model`` from the node's own disk (``--load-format auto``)."""
+    servers = [
+        SGLangServer(
+            model,
+            logs / f"node{node.index}_{'plugin' if plugin else 'sglang'}_server.log",
+            wait_for_weights=plugin,
+            host=node.address,
+            wrap=node.command,
+            extra_args=["--sleep-on-idle", *(extra_args or [])],
+            env=None if plugin else {"SGLANG_PLUGINS": PLUGIN_FREE},
+        )
+        for node in cluster.nodes
+    ]
+    for server in servers:
+        server.start()
+    return servers
+
+
+def stop_servers(servers: list[SGLangServer]) -> None:
+    for server in servers:
+        server.stop()
+
+
+def start_loaders(
+    cluster: Cluster, servers: list[SGLangServer], args: list[str], logs: Path, tag: str
+) -> list[subprocess.Popen]:
+    """One torchrun agent per node, rendezvous at node 0, one loader rank per node feeding that node's server."""
+    port = random.randint(20000, 29999)  # node 0's own network: nothing else listens there
+    nodes = cluster.nodes
+    procs = []
+    for node, server in zip(nodes, servers):
+        cmd = torchrun_command(
+            [*args, "--endpoint", server.url],
+            port=port,
+            nnodes=len(nodes),
+            node_rank=node.index,
+            master_addr=nodes[0].address,
+        )
+        procs.append(node.popen(cmd, logs / f"{tag}_node{node.index}.log", env={**os.environ, **LOADER_ENV}))
+    return procs
+
+
+def wait_loaders(procs: list[subprocess.Popen], timeout_s: float) -> list[int | None]:
+    """Every agent's exit status; one still running at the deadline is killed with its workers (status None)."""
+    deadline = time.monotonic() + timeout_s
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    stop_torchrun_group([p for p, code in zip(procs, codes) if code is None])
+    return codes
+
+
+def run_loaders(
+    cluster: Cluster, servers: list[SGLangServer], args: list[str], logs: Path, tag: str, timeout_s: float = 600
+) -> tuple[list[int | None], list[str]]:
+    """A one-shot update on every node; each node's exit status and output."""
+    codes = wait_loaders(start_loaders(cluster, servers, args, logs, tag), timeout_s)
+    return codes, [(logs / f"{tag}_node{node.index}.log").read_text(errors="replace") for node in cluster.nodes]
+
+
+def versions(servers: list[SGLangServer]) -> list[str | None]:
+    """What each server says it serves (None: it does not answer)."""
+    found = []
+    for server in servers:
+        try:
+            found.append(httpx.get(f"{server.url}/model_info", timeout=10).json().get("weight_version"))
+        except httpx.HTTPError:
+            found.append(None)
+    return found
+
+
+def wait_versions(servers: list[SGLangServer], version: str, timeout_s: float, every_s: float = 0.05) -> float:
+    """Seconds until every server serves ``version`` (healthy, with that weight version)."""
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
+    waiting = list(servers)
+    with httpx.Client(timeout=10) as client:
+        while waiting:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{[s.url for s in waiting]} do not serve {version} after {timeout_s} s")
+            try:
+                if client.get(f"{waiting[0].url}/model_info").json().get("weight_version") == version:
+                    waiting.pop(0)
+                    continue
+            except httpx.HTTPError:
+                pass
+            time.sleep(every_s)
+    return time.perf_counter() - t0
