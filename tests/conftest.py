@@ -85,10 +85,13 @@ def plugin_info(url: str) -> dict:
     return httpx.get(f"{url}/model_info", timeout=30).json()["ckpt_plugin"]
 
 
-def assert_serves(url: str, checkpoint: Path, headers: dict | None = None) -> evidence.Evidence:
+def assert_serves(
+    url: str, checkpoint: Path, headers: dict | None = None, hf_checkpoint: Path | None = None
+) -> evidence.Evidence:
     """The server serves exactly ``checkpoint``: SGLang's checksums and greedy output equal those after SGLang's
-    own disk reload of the same files, and HF (teacher-forced) agrees. Leaves the server on the disk reload."""
-    ev = evidence.gather(url, checkpoint, PROMPT, NEW_TOKENS, headers)
+    own disk reload of the same files, and HF (teacher-forced) agrees. Leaves the server on the disk reload.
+    ``hf_checkpoint``: where this process finds the same files (a server on a cluster node sees its own disk)."""
+    ev = evidence.gather(url, checkpoint, PROMPT, NEW_TOKENS, headers, hf_checkpoint)
     assert ev.ok, ev.verdict()
     return ev
 

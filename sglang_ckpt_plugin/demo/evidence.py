@@ -124,13 +124,19 @@ def hf_ranks(model_dir: str | Path, prompt_ids: list[int], output_ids: list[int]
 
 
 def gather(
-    url: str, checkpoint: str | Path, prompt_ids: list[int], new_tokens: int, headers: dict | None = None
+    url: str,
+    checkpoint: str | Path,
+    prompt_ids: list[int],
+    new_tokens: int,
+    headers: dict | None = None,
+    hf_checkpoint: str | Path | None = None,
 ) -> Evidence:
-    """Checksums and greedy output as served, then after SGLang's disk reload of the same files."""
+    """Checksums and greedy output as served, then after SGLang's disk reload of the same files (at
+    ``hf_checkpoint`` for HF's check in this process, where the server sees them at another path)."""
     wait_warmed_up(url, headers)
     served = checksum(url, headers)
     served_ids = generate_ids(url, prompt_ids, new_tokens)["output_ids"]
     reload_from_disk(url, checkpoint, headers)
     disk = checksum(url, headers)
     disk_ids = generate_ids(url, prompt_ids, new_tokens)["output_ids"]
-    return Evidence(served, disk, served_ids, disk_ids, hf_ranks(checkpoint, prompt_ids, served_ids))
+    return Evidence(served, disk, served_ids, disk_ids, hf_ranks(hf_checkpoint or checkpoint, prompt_ids, served_ids))

@@ -32,6 +32,7 @@ from .plan import (
 )
 from .push import PushError, RankFeeder, StageTimes, new_update_id
 from .rank_setup import PeerFailed, available_memory, torch_device
+from .read_ahead import ReadAhead
 from .reader import CheckpointReader
 from .world import Control, Feeding, LoaderWorld
 
@@ -89,7 +90,6 @@ class Update:
         self.two_phase = False
         self.staged_call_made = False
         self.commit_message = ""
-        self.read_into: dict = {}  # two phases: step -> the buffer its bucket was read ahead into
 
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank if any rank failed: its own error here, PeerFailed elsewhere."""
@@ -384,35 +384,51 @@ class Update:
             )
         self.exchange.allocate(bucket_bytes, owned if self.two_phase else min(owned, 1))
 
-    def read_ahead(self, steps) -> dict[int, list[int] | None]:
-        """Two phases: each receiving rank first reads every bucket it owns into that bucket's own buffer, all
-        ranks at once (each its own bytes), before anything is exchanged. Returns their digests by step."""
-        ready: dict[int, list[int] | None] = {}
+    def read_ahead(self, steps) -> ReadAhead | None:
+        """Two phases: each rank reads every bucket it owns into that bucket's own buffer, in a thread, all ranks at
+        once (each its own bytes), while the pipeline moves the buckets already read (loader/read_ahead.py)."""
         if not self.two_phase:
-            return ready
-        t0 = time.perf_counter()
-        owned = [s for s in steps if s.owner == self.world.rank]
-        for i, step in enumerate(owned):
+            return None
+        reads = []
+        for i, step in enumerate(s for s in steps if s.owner == self.world.rank):
             if self.feeder is not None:
-                dest = self.exchange.data(self.feeder.buffers[step.seq])
+                reads.append((step, self.exchange.data(self.feeder.buffers[step.seq])))
             else:
-                dest = self.exchange.private_buffer(i)
-            _, ready[step.seq] = self.exchange.read(step, self.filler, dest, self.args.verify)
-            self.read_into[step.seq] = dest
-        self.times.read_s += time.perf_counter() - t0
-        return ready
+                reads.append((step, self.exchange.private_buffer(i)))
+        return ReadAhead(reads, self._read_bucket, self._reading_thread_start)
+
+    def _read_bucket(self, step, dest):
+        return self.exchange.read(step, self.filler, dest, self.args.verify)
+
+    def _reading_thread_start(self) -> None:
+        if self.placement.kind == "cuda":  # the CUDA runtime's current device is per thread
+            import torch
+
+            torch.cuda.set_device(self.device)
 
     def push(self, steps) -> None:
-        """The one bucket pipeline: for each step its owner reads the bucket (or has read it ahead), the exchange
+        """The one bucket pipeline: for each step its owner reads the bucket (or has it read ahead), the exchange
         moves it to every receiving rank, and each receiver hands it to its server rank, which loads it (streaming)
         or checks and keeps it (two phases: every bucket has its own buffer, so nothing waits for the server)."""
-        args, feeder, times, rank = self.args, self.feeder, self.times, self.world.rank
         t0 = time.perf_counter()
-        ready = self.guarded(lambda: self.read_ahead(steps))
+        feeder = self.feeder
         if self.two_phase:
             self.guarded(lambda: feeder.listen() if feeder is not None else None)
-            self.guarded(self.stage_call)  # after the reads: the server's hello wait is short
+            self.guarded(self.stage_call)
         self.guarded(lambda: feeder.hello([s.bucket for s in steps]) if feeder is not None else None)
+        # reading begins once every server took the hello: a rank killed while reading leaves its server a
+        # connected channel that ends (and removes its socket files) at once
+        ahead = self.guarded(lambda: self.read_ahead(steps))
+        try:
+            self._push(steps, ahead)
+        finally:
+            if ahead is not None:
+                ahead.close()
+                self.times.read_s += ahead.read_s
+        self.times.total_s = time.perf_counter() - t0
+
+    def _push(self, steps, ahead: ReadAhead | None) -> None:
+        args, feeder, times, rank = self.args, self.feeder, self.times, self.world.rank
         move_s = 0.0
         with ServerClient.progress(
             total=sum(s.bucket.payload_bytes for s in steps), disable=args.quiet or not self.leads
@@ -426,8 +442,8 @@ class Update:
                     if error is None:
                         if feeder is not None:
                             buffer = self.exchange.data(feeder.free_buffer(step.seq, times))
-                        if step.seq in ready:
-                            buffer, digests = self.read_into[step.seq], ready[step.seq]
+                        if ahead is not None and step.seq in ahead:
+                            buffer, digests = ahead.take(step.seq)
                         elif rank == step.owner:
                             t_read = time.perf_counter()
                             buffer, digests = self.exchange.read(step, self.filler, buffer, args.verify)
@@ -447,7 +463,6 @@ class Update:
                         carried = exc
             self.agree(carried)
             self.guarded(lambda: feeder.finish(len(steps), times) if feeder is not None else None)
-        times.total_s = time.perf_counter() - t0
         if self.world.distributed:
             times.extra["exchange between loader ranks"] = move_s
 

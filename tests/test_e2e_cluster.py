@@ -1,0 +1,141 @@
+"""Two nodes of a cluster in one box (demo/cluster.py): each its own network namespace and address, a rate-limited
+link, a disk of its own read at a set rate, a real SGLang server, and a torchrun loader rank per node
+(``--nnodes 2 --master-addr <node 0>``), as on two machines.
+
+A broadcast push: each node reads half of the checkpoint from its own disk and receives the other half over its
+link; both serve exactly what SGLang's own reload of the same files serves. A link cut mid-update: the update fails
+on both nodes within the loader's ``--timeout``, naming the lost peer; both keep serving what they served (one
+version), nothing is left behind, and once the cable is back the next push lands on both.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+import torch
+
+from sglang_ckpt_plugin.demo.cluster import Cluster, ClusterSpec
+from sglang_ckpt_plugin.demo.cluster_fleet import (
+    run_loaders,
+    start_loaders,
+    start_servers,
+    stop_servers,
+    versions,
+    wait_loaders,
+)
+from sglang_ckpt_plugin.demo.evidence import checksum
+from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
+
+from .conftest import assert_serves, our_leftovers, serve_other
+from .test_e2e_tp2 import bytes_per_rank
+
+pytestmark = [
+    pytest.mark.slow,
+    # as root a missing tool fails the test (scripts/cluster_tools.sh, which .ci/run calls, installs them)
+    pytest.mark.skipif(os.geteuid() != 0, reason="a cluster in one box needs root (namespaces, loop devices)"),
+]
+
+LINK_MBIT = 400
+DISK_MIB_S = 8
+
+
+@pytest.fixture(scope="module")
+def models(ckpt_root):
+    """A and B of one shape, ~18 MB each: big enough that a push takes a while on these disks and links."""
+    shape = dict(hidden=256, layers=4, vocab=4000, dtype=torch.float32)
+    return make_tiny_model(ckpt_root / "cluster_a", seed=0, **shape), make_tiny_model(
+        ckpt_root / "cluster_b", seed=1, max_shard_size="4MB", **shape
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(models, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("cluster_logs")
+    with Cluster(ClusterSpec(2, disk_mib_s=DISK_MIB_S, link_mbit=LINK_MBIT, disk_mib=128)) as box:
+        on_nodes = {name: box.copy_to_every_disk(path, name) for name, path in zip("AB", models)}
+        with box.reachable():
+            servers = start_servers(box, on_nodes["A"], logs)
+            try:
+                for server in servers:
+                    server.wait_listening()
+                yield box, servers, on_nodes, logs
+            finally:
+                stop_servers(servers)
+                assert [s.group_pids() for s in servers] == [[], []], "server processes left behind"
+        assert all(node.pids() == [] for node in box.nodes), "processes left on a node"
+
+
+def push(box, servers, logs, ckpt, version: str, *extra: str, tag: str = "push"):
+    return run_loaders(
+        box, servers, ["--checkpoint-path", str(ckpt), "--weight-version", version, *extra], logs, tag, timeout_s=300
+    )
+
+
+def test_broadcast_push_each_node_reads_half_from_its_own_disk(cluster, models):
+    box, servers, on_nodes, logs = cluster
+    with box.reachable():
+        for server in servers:
+            serve_other(server.url, on_nodes["A"])  # the push must change what each node serves
+        box.drop_page_cache()
+        codes, outs = push(box, servers, logs, on_nodes["B"], "b-cluster")
+        assert codes == [0, 0], outs
+        read = bytes_per_rank(outs[0])
+        assert len(read) == 2 and all(0.4 <= b / sum(read) <= 0.6 for b in read), read
+        assert versions(servers) == ["b-cluster", "b-cluster"]
+        for server in servers:
+            assert_serves(server.url, on_nodes["B"], hf_checkpoint=models[1])
+
+
+def staging_of(server) -> dict:
+    return httpx.get(f"{server.url}/model_info", timeout=10).json()["ckpt_plugin"]["staging"]
+
+
+def test_a_link_cut_mid_update_leaves_every_node_on_one_version(cluster, models):
+    box, servers, on_nodes, logs = cluster
+    node1 = box.nodes[1]
+    with box.reachable():
+        push(box, servers, logs, on_nodes["A"], "a-before-cut", tag="before_cut")
+        served = [(checksum(s.url), s.url) for s in servers]
+        previous = staging_of(servers[0])["update_id"]
+        before = set(our_leftovers())
+        box.drop_page_cache()
+        node1.shape("tbf", "rate", "4mbit", "burst", "64kb", "latency", "400ms")  # ~9 s to send its half
+        loaders = start_loaders(
+            box,
+            servers,
+            ["--checkpoint-path", str(on_nodes["B"]), "--weight-version", "b-cut", "--timeout", "30"],
+            logs,
+            "cut",
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while staging_of(servers[0])["update_id"] == previous:  # the update has reached node 0's server
+                assert time.monotonic() < deadline, "the update never began staging"
+                assert all(p.poll() is None for p in loaders), "a loader ended before the cut"
+                time.sleep(0.2)
+            time.sleep(1.0)
+            node1.set_link(False)
+            cut_at = time.monotonic()
+            codes = wait_loaders(loaders, 120)
+            failed_after = time.monotonic() - cut_at
+        finally:
+            node1.set_link(True)
+            node1.shape("tbf", "rate", f"{LINK_MBIT}mbit", "burst", "1mb", "latency", "100ms")
+        outs = [(logs / f"cut_node{i}.log").read_text(errors="replace") for i in range(2)]
+        assert all(code not in (0, None) for code in codes), (codes, outs)
+        assert failed_after < 30 + 30, f"the failure took {failed_after:.0f} s to surface (--timeout 30)"
+        for server, (was, _) in zip(servers, served):
+            assert versions([server]) == ["a-before-cut"]
+            assert checksum(server.url) == was
+            assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+        time.sleep(2)  # a server drops what it staged of a failed update when the loader's channel ends
+        assert set(our_leftovers()) - before == set()
+
+        codes, outs = push(box, servers, logs, on_nodes["B"], "b-after-cut", tag="after_cut")
+        assert codes == [0, 0], outs
+        assert versions(servers) == ["b-after-cut", "b-after-cut"]
+        for server in servers:
+            assert_serves(server.url, on_nodes["B"], hf_checkpoint=models[1])
