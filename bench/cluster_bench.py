@@ -277,12 +277,14 @@ def main() -> int:
     p.set_defaults(gb=0.3)
     p.add_argument("--nodes", default="1,2,3,4", help="cluster sizes to measure")
     p.add_argument("--disk-mib-s", type=float, default=16.0, help="each node's disk read rate")
-    p.add_argument("--link-mbit", type=float, default=1000.0, help="each node's link rate, each way")
+    p.add_argument("--link-mbit", type=float, default=4000.0, help="each node's link rate, each way")
     args = p.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cluster-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="cluster-bench-logs-"))
-    pair = checkpoint_pair(work, args.gb).paths
+    # many tensors of a few MB each (hidden 1024, vocab 8192), as in a large model: a share of the reads is 1/N of
+    # the bytes (a tensor is never split; with a 131 MB embedding the largest would set every node's share)
+    pair = checkpoint_pair(work, args.gb, hidden=1024, vocab=8192).paths
     nbytes = checkpoint_bytes(pair[0])
     checker = Checker()
     results = [measure(int(n), args, pair, nbytes, checker, logs) for n in args.nodes.split(",")]

@@ -51,22 +51,26 @@ from baselines import (  # noqa: E402
 from targets import Target, print_verdicts  # noqa: E402
 
 
-def make_random_checkpoint(out: Path, target_gb: float, shard_gb: float = 0.3, seed: int = 0) -> Path:
-    """A random bf16 Llama of about ``target_gb`` (hidden 2048, vocab 32000, layers to fit), in shards."""
+def make_random_checkpoint(
+    out: Path, target_gb: float, shard_gb: float = 0.3, seed: int = 0, hidden: int = 2048, vocab: int = 32000
+) -> Path:
+    """A random bf16 Llama of about ``target_gb`` (hidden 2048, vocab 32000 unless given; layers to fit), in
+    shards."""
     from transformers import AutoModelForCausalLM
 
-    per_layer = 4 * 2048 * 2048 + 3 * 2048 * 5632  # attention + MLP parameters
-    layers = max(1, round((target_gb * GB / 2 - 2 * 32000 * 2048) / per_layer))
+    intermediate = hidden * 11 // 4
+    per_layer = 4 * hidden * hidden + 3 * hidden * intermediate  # attention + MLP parameters
+    layers = max(1, round((target_gb * GB / 2 - 2 * vocab * hidden) / per_layer))
     config = model_config(
         "llama",
-        2048,
+        hidden,
         layers,
-        32000,
+        vocab,
         torch.bfloat16,
         tie=False,
-        intermediate_size=5632,
-        num_attention_heads=16,
-        num_key_value_heads=16,
+        intermediate_size=intermediate,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
     )
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(config).named_parameters()}
@@ -90,18 +94,20 @@ def make_random_checkpoint(out: Path, target_gb: float, shard_gb: float = 0.3, s
     if shard:
         flush()
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    word_tokenizer(32000).save_pretrained(out)
+    word_tokenizer(vocab).save_pretrained(out)
     config.save_pretrained(out)
     return out
 
 
-def random_checkpoint(work: Path, gb: float, seed: int = 0) -> Path:
-    """``work/random-llama-<gb>gb`` (seed 0; ``-s<seed>`` otherwise), made once (config.json is written last) and
-    reused by every bench."""
-    ckpt = work / (f"random-llama-{gb:g}gb" + (f"-s{seed}" if seed else ""))
+def random_checkpoint(work: Path, gb: float, seed: int = 0, **shape) -> Path:
+    """``work/random-llama-<gb>gb`` (seed 0; ``-s<seed>`` otherwise; the shape's sizes if not the default), made
+    once (config.json is written last) and reused by every bench. ``shape``: make_random_checkpoint's hidden,
+    vocab."""
+    sizes = "".join(f"-{k[0]}{v}" for k, v in sorted(shape.items()))
+    ckpt = work / (f"random-llama-{gb:g}gb{sizes}" + (f"-s{seed}" if seed else ""))
     if not (ckpt / "config.json").exists():
         print(f"making a random bf16 checkpoint of ~{gb:g} GB in {ckpt} ...", flush=True)
-        make_random_checkpoint(ckpt, gb, seed=seed)
+        make_random_checkpoint(ckpt, gb, seed=seed, **shape)
     return ckpt
 
 
@@ -113,9 +119,9 @@ def load_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def checkpoint_pair(work: Path, gb: float, with_tensors: bool = False) -> Alternation:
+def checkpoint_pair(work: Path, gb: float, with_tensors: bool = False, **shape) -> Alternation:
     """Checkpoints A (seed 0) and B (seed 1) of one shape, for benches that update with each in turn."""
-    paths = (random_checkpoint(work, gb), random_checkpoint(work, gb, seed=1))
+    paths = (random_checkpoint(work, gb, **shape), random_checkpoint(work, gb, seed=1, **shape))
     return Alternation(paths, tuple(load_tensors(p) for p in paths) if with_tensors else None)
 
 

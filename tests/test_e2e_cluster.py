@@ -126,6 +126,7 @@ def test_a_link_cut_mid_update_leaves_every_node_on_one_version(cluster, models)
             node1.shape("tbf", "rate", f"{LINK_MBIT}mbit", "burst", "1mb", "latency", "100ms")
         outs = [(logs / f"cut_node{i}.log").read_text(errors="replace") for i in range(2)]
         assert all(code not in (0, None) for code in codes), (codes, outs)
+        assert all("did not move between the loader ranks within --timeout" in out for out in outs), outs
         assert failed_after < 30 + 30, f"the failure took {failed_after:.0f} s to surface (--timeout 30)"
         for server, (was, _) in zip(servers, served):
             assert versions([server]) == ["a-before-cut"]
@@ -139,3 +140,22 @@ def test_a_link_cut_mid_update_leaves_every_node_on_one_version(cluster, models)
         assert versions(servers) == ["b-after-cut", "b-after-cut"]
         for server in servers:
             assert_serves(server.url, on_nodes["B"], hf_checkpoint=models[1])
+
+
+def test_a_mooncake_p2p_push_updates_only_the_listed_node(cluster, models):
+    """``--update-method p2p --ranks 1 --p2p-transport mooncake``: node 1 reads node 0's share out of node 0's
+    registered buckets (Mooncake over TCP, across the link); node 0's server is not touched."""
+    box, servers, on_nodes, logs = cluster
+    with box.reachable():
+        serve_other(servers[1].url, on_nodes["A"])
+        untouched = (versions(servers[:1]), checksum(servers[0].url))
+        box.drop_page_cache()
+        args = ["--update-method", "p2p", "--ranks", "1", "--p2p-transport", "mooncake"]
+        codes, outs = push(box, servers, logs, on_nodes["B"], "b-mooncake", *args, tag="mooncake")
+        assert codes == [0, 0], outs
+        assert "p2p transport: Mooncake Transfer Engine, tcp one-sided reads" in outs[0], outs[0]
+        read = bytes_per_rank(outs[0])
+        assert len(read) == 2 and all(b > 0 for b in read), read  # both nodes read their share from their own disk
+        assert versions(servers[1:]) == ["b-mooncake"]
+        assert (versions(servers[:1]), checksum(servers[0].url)) == untouched
+        assert_serves(servers[1].url, on_nodes["B"], hf_checkpoint=models[1])

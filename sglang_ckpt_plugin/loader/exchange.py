@@ -4,7 +4,8 @@ Every rank walks the same list of steps. For a step, the owner reads the bucket 
 send buffer (its own shared bucket buffer when it feeds a server too) and sends it over the one data group
 (the world: NCCL on CUDA, gloo on CPU); receivers get the bytes straight into their shared bucket buffer, which
 their server then reads. Broadcast mode: every rank receives (a broadcast over the world). P2P mode: only the
-listed ranks receive, by point-to-point sends from the owner on that same group (no communicator per owner).
+listed ranks receive, by point-to-point sends from the owner on that same group (no communicator per owner), or,
+with a Mooncake link (p2p_link.py), by each receiver reading the bucket out of the owner's registered buffer.
 
 On CUDA a collective only orders the stream; ``move`` returns once the bytes have landed, because the next thing
 a receiver does is tell its server to read them, and the next thing an owner does is refill its buffer. While it
@@ -14,10 +15,12 @@ and stop at once instead of waiting inside the collective for the watchdog.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from ..transport.handles import device_kind
 from .filler import BucketFiller
+from .p2p_link import MooncakeLink
 from .plan import Step
 from .rank_setup import PeerFailed
 from .world import LoaderWorld, PeerAlarm
@@ -34,21 +37,24 @@ class Exchange:
         device: torch.device | str | None,
         group=None,
         alarm: PeerAlarm | None = None,
+        link: MooncakeLink | None = None,
     ):
         """Collective and cheap: every rank makes it before any rank allocates buffers or measures its free
         memory (an allocation that fails on one rank must not leave the others inside a collective; NCCL's
         communicator and p2p connections take device memory the budget must see). ``group``: the data group
-        (None: default); ``alarm``: how ranks tell each other of a failed NCCL call."""
+        (None: default); ``alarm``: how ranks tell each other of a failed NCCL call; ``link``: p2p moves are
+        Mooncake reads (every rank then walks every step: the owner's note and the agreement are collectives)."""
         self.world = world
         self.receivers = set(receivers)
         self.device = device
         self.group = group
         self.alarm = alarm
+        self.link = link
         self.everyone = set(range(world.world_size))
         self.cuda = device_kind(device) == "cuda"
         self._private: list[torch.Tensor] = []  # a source-only rank reads into these
         self.bytes_received = 0  # bucket bytes that came from another loader process
-        if world.distributed and self.cuda:
+        if world.distributed and self.cuda and link is None:
             self._guarded(self._connect)
 
     def data(self, buffer):
@@ -89,14 +95,24 @@ class Exchange:
 
             self._private = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(count)]
 
+    def register(self, buffers: list[torch.Tensor]) -> None:
+        """With a Mooncake link: this rank's buffers (``buffers`` and its private ones), which peers read from and
+        it reads into."""
+        if self.link is not None:
+            tensors = [*buffers, *self._private]
+            self.link.engine.register([(t.data_ptr(), t.numel() * t.element_size()) for t in tensors])
+
     def release(self) -> None:
+        """The buffers go; a Mooncake engine unregisters them and ends (its threads and ports) first."""
+        if self.link is not None:
+            self.link.close()
         self._private = []
 
     def private_buffer(self, index: int) -> torch.Tensor:
         return self._private[index]
 
     def takes_part(self, step: Step) -> bool:
-        return self.world.rank == step.owner or self.world.rank in self.receivers
+        return self.link is not None or self.world.rank == step.owner or self.world.rank in self.receivers
 
     def read(
         self, step: Step, filler: BucketFiller, dest: torch.Tensor | memoryview | None, digests: bool
@@ -109,6 +125,8 @@ class Exchange:
         """Send the bucket (and its digests) from its owner into ``buffer`` on every receiver."""
         if self.receivers | {step.owner} == {step.owner}:  # one rank reads and feeds: nothing to move
             return digests
+        if self.link is not None:
+            return self._read_from_owner(step, buffer, digests)
 
         import torch
 
@@ -126,6 +144,24 @@ class Exchange:
             return [d & 0xFFFFFFFFFFFFFFFF for d in wire.cpu().tolist()]
 
         return self._guarded(send)
+
+    def _read_from_owner(self, step: Step, buffer, digests: list[int] | None) -> list[int] | None:
+        """Mooncake: the owner says where the bucket is (and its digests); each receiver reads it from there; then
+        every rank agrees, so the owner refills that buffer only after every reader is done, and a failed read
+        stops every rank at this step."""
+        link, rank = self.link, self.world.rank
+        note = json.dumps({"ptr": buffer.data_ptr(), "digests": digests}) if rank == step.owner else ""
+        said = json.loads(link.control.broadcast_str(note, src=step.owner))
+        error = None
+        if rank in self.receivers and rank != step.owner:
+            try:
+                link.engine.read(link.sessions[step.owner], buffer.data_ptr(), said["ptr"], step.bucket.nbytes)
+                self.bytes_received += step.bucket.nbytes
+            except OSError as exc:
+                error = exc
+        if link.control.any_failed(error is not None):
+            raise error or PeerFailed(f"another loader rank's Mooncake read of bucket {step.seq} failed")
+        return said["digests"]
 
     def _guarded(self, calls):
         """Run data-group calls and wait until they landed (CUDA). A call that fails here sounds the alarm; a peer's
@@ -161,6 +197,17 @@ class Exchange:
             raise PeerFailed(f"another loader rank's NCCL call failed ({reason}); its communicator here was aborted")
 
     def _send(self, owner: int, tensor: torch.Tensor) -> None:
+        try:
+            self._send_or_recv(owner, tensor)
+        except RuntimeError as exc:
+            if "Timed out" not in str(exc):
+                raise
+            raise PeerFailed(
+                f"a bucket from loader rank {owner} did not move between the loader ranks within --timeout: a "
+                f"node's link, machine or loader is down or stalled ({exc})"
+            ) from None
+
+    def _send_or_recv(self, owner: int, tensor: torch.Tensor) -> None:
         import torch.distributed as dist
 
         if self.receivers | {owner} == self.everyone:

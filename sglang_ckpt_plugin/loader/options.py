@@ -25,6 +25,7 @@ class LoaderOptions:
     inference_parallel_size: int
     update_method: str  # broadcast | p2p | all
     ranks: str | None  # p2p: the loader ranks whose instances are updated
+    p2p_transport: str  # auto | torch | mooncake: what moves a p2p update's buckets
     save_metas_file: str | None
     load_metas_file: str | None
     # how the bytes move

@@ -264,8 +264,11 @@ class Update:
     def make_exchange(self) -> None:
         """Collective (every rank, same point), before any rank allocates."""
         from .exchange import Exchange
+        from .p2p_link import open_link
 
-        self.exchange = Exchange(self.world, self.receivers, self.device, self.control.data_group, self.control.alarm)
+        link = open_link(self.args.p2p_transport, self.receivers, self.world, self.control, self.placement.kind)
+        group, alarm = self.control.data_group, self.control.alarm
+        self.exchange = Exchange(self.world, self.receivers, self.device, group, alarm, link)
 
     def bind(self, listen: bool = True) -> None:
         """Every receiver binds its endpoint (cheap); the agreement after it orders this before any HTTP call.
@@ -383,6 +386,7 @@ class Update:
                 self.reader, self.device, bucket_bytes, checksum=self.checksum, direct_io=self.args.direct_io
             )
         self.exchange.allocate(bucket_bytes, owned if self.two_phase else min(owned, 1))
+        self.exchange.register([b.tensor for b in self.feeder.buffers] if self.feeder is not None else [])
 
     def read_ahead(self, steps) -> ReadAhead | None:
         """Two phases: each rank reads every bucket it owns into that bucket's own buffer, in a thread, all ranks at
