@@ -20,7 +20,7 @@ the one SGLang itself shows after loading that checkpoint, on every node, or the
 of bench/targets.py): a push's speed-up over SGLang's disk reload >= 0.8 * N while disk-bound, and within 1.25x of
 the bound. Root only (namespaces, loop devices, cgroups); everything is removed on exit.
 
-    python bench/cluster_bench.py [--nodes 1,2,3,4] [--gb 0.3] [--disk-mib-s 16] [--link-mbit 1000] [--repeats 3]
+    python bench/cluster_bench.py [--nodes 1,2,3,4] [--gb 0.3] [--disk-mib-s 16] [--link-mbit 4000] [--repeats 3]
 """
 
 from __future__ import annotations
