@@ -9,7 +9,7 @@ VENV_FLAGS ?=
 SGLANG_DEFAULT := 0.5.23
 SGLANG ?=
 
-.PHONY: venv demo test test-fast bench compat clean
+.PHONY: venv demo test test-fast bench bench-cluster compat clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/ready_bench.py
 	$(BIN)/python bench/push_bench.py
 	$(BIN)/python bench/two_phase_bench.py
+
+# the spec's multi-node speed-up on a cluster in one box (root: network namespaces, loop devices, blkio cgroups)
+bench-cluster: $(STAMP)
+	scripts/cluster_tools.sh
+	$(BIN)/python bench/cluster_bench.py
 
 # the end-to-end smoke against another SGLang release, in its own environment: make compat SGLANG=0.5.22
 compat:

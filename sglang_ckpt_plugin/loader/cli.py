@@ -47,12 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", help="p2p: comma-separated loader ranks (whole instances) whose servers are updated")
     p.add_argument(
         "--p2p-transport",
-        choices=["auto", "torch", "mooncake"],
-        default="auto",
-        help="what moves the buckets of a p2p update (p2p, the p2p part of all, a join): mooncake = Mooncake "
-        "Transfer Engine one-sided reads from the owner's registered buffers, RDMA where there is RDMA, else TCP "
-        "(pip install 'sglang-ckpt-plugin[p2p]'); torch = torch.distributed send/recv; auto: Mooncake where it is "
-        "installed and the buffers are in host memory, else torch.distributed (the choice is printed)",
+        choices=["torch", "mooncake", "auto"],
+        default="torch",
+        help="what moves the buckets of a p2p update (p2p, the p2p part of all, a join): torch = torch.distributed "
+        "send/recv; mooncake = Mooncake Transfer Engine one-sided reads from the owner's registered buffers, RDMA "
+        "where there is RDMA, else TCP (pip install 'sglang-ckpt-plugin[p2p]'), failing the update if an engine "
+        "cannot start; auto = Mooncake where every rank can start it and the buffers are in host memory, else "
+        "torch.distributed (the choice is printed)",
     )
     p.add_argument("--checkpoint-path", help="directory of *.safetensors (with or without an index)")
     p.add_argument(

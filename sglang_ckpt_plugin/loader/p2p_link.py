@@ -1,11 +1,11 @@
 """What moves the buckets of a p2p update (``--p2p-transport``), decided once per update and agreed by every rank:
-Mooncake one-sided reads (transport/mooncake.py) or torch.distributed send/recv (exchange.py).
+torch.distributed send/recv (exchange.py; the default) or Mooncake one-sided reads (transport/mooncake.py).
 
 Broadcast updates always move over torch.distributed (a collective reaches every rank at once). A p2p update
-(``--update-method p2p``, the p2p part of ``all``, a join from a metas file) takes Mooncake where asked, or with
-``auto`` where it is installed and the buckets are in host memory; a rank whose engine cannot start makes every
-rank fall back to torch.distributed (``auto``) or fail the update before any byte moves (``mooncake``). The choice
-and the reason are printed by rank 0.
+(``--update-method p2p``, the p2p part of ``all``, a join from a metas file) takes Mooncake where asked
+(``mooncake``: an engine that cannot start on any rank fails the update before any byte moves), or with ``auto``
+where every rank can start it and the buckets are in host memory (otherwise every rank falls back to
+torch.distributed). Rank 0 prints the choice and the reason.
 """
 
 from __future__ import annotations
