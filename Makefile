@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python -m sglang_ckpt_plugin.demo.run
 
 test: $(STAMP)
+	scripts/cluster_tools.sh  # the cluster tests' namespaces, loop devices and Mooncake's libibverbs
 	$(BIN)/python -m pytest tests -v --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

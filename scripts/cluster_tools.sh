@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# What a cluster in one box (sglang_ckpt_plugin/demo/cluster.py) needs of the machine: installed where missing.
+# What a cluster in one box (sglang_ckpt_plugin/demo/cluster.py) needs of the machine, and what Mooncake Transfer
+# Engine (the p2p transport) needs at import (libibverbs.so.1): installed where missing.
 set -euo pipefail
 need=()
 for tool in ip:iproute2 tc:iproute2 losetup:util-linux mount:mount mkfs.ext4:e2fsprogs; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
+ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1 ' || need+=(libibverbs1)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "cluster tools missing (${need[*]}): install them as root; the cluster tests are skipped without root" >&2
