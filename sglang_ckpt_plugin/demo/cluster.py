@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -271,8 +272,10 @@ def _remove(name: str, root: Path) -> None:
 
 def remove_stale_clusters(parent: Path) -> None:
     """Clusters whose owner is gone (killed outright): removed."""
-    owners = {int(p.name.split("-", 1)[1]) for p in parent.glob("ckb-*") if p.name.split("-", 1)[1].isdigit()}
-    owners |= {int(c.name[len(PREFIX) :].split("n")[0]) for c in BLKIO.glob(f"{PREFIX}*n*") if c.name[3:4].isdigit()}
+    names = [p.name.split("-", 1)[1] for p in parent.glob("ckb-*")]  # work directories: ckb-<pid>
+    names += [c.name[len(PREFIX) :] for c in BLKIO.glob(f"{PREFIX}*")]  # cgroups: ckb<pid>n<i>
+    names += [ns[len(PREFIX) :] for ns in _sh("ip", "netns", "list", check=False).stdout.split() if ns[:3] == PREFIX]
+    owners = {int(found[0]) for found in (re.match(r"\d+", name) for name in names) if found}
     for pid in owners:
         if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
             _remove(f"{PREFIX}{pid}", parent / f"ckb-{pid}")
