@@ -452,7 +452,7 @@ class Update:
                             t_read = time.perf_counter()
                             buffer, digests = self.exchange.read(step, self.filler, buffer, args.verify)
                             times.read_s += time.perf_counter() - t_read
-                except (PushError, OSError, RuntimeError) as exc:
+                except UPDATE_ERRORS as exc:  # a read that failed (here or ahead): every rank stops at this step
                     error = exc
                 self.agree(error)
                 if self.exchange.takes_part(step):
