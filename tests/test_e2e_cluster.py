@@ -5,7 +5,8 @@ link, a disk of its own read at a set rate, a real SGLang server, and a torchrun
 A broadcast push: each node reads half of the checkpoint from its own disk and receives the other half over its
 link; both serve exactly what SGLang's own reload of the same files serves. A link cut mid-update: the update fails
 on both nodes within the loader's ``--timeout``, naming the lost peer; both keep serving what they served (one
-version), nothing is left behind, and once the cable is back the next push lands on both.
+version), nothing is left behind, and once the cable is back the next push lands on both. A p2p push over Mooncake
+(and a join from its metas file) updates node 1 alone. A slow link delays a push, which lands on both.
 """
 
 from __future__ import annotations
@@ -142,16 +143,18 @@ def test_a_link_cut_mid_update_leaves_every_node_on_one_version(cluster, models)
             assert_serves(server.url, on_nodes["B"], hf_checkpoint=models[1])
 
 
-def test_a_mooncake_p2p_push_updates_only_the_listed_node(cluster, models):
+def test_a_mooncake_p2p_push_updates_only_the_listed_node(cluster, models, tmp_path):
     """``--update-method p2p --ranks 1 --p2p-transport mooncake``: node 1 reads node 0's share out of node 0's
-    registered buckets (Mooncake over TCP, across the link); node 0's server is not touched."""
+    registered buckets (Mooncake over TCP, across the link); node 0's server is not touched. Then the join of a new
+    instance from the metas file that run saved: the same plan, no headers planned again, over Mooncake too."""
     box, servers, on_nodes, logs = cluster
+    metas = tmp_path / "metas.json"
     with box.reachable():
         serve_other(servers[1].url, on_nodes["A"])
         untouched = (versions(servers[:1]), checksum(servers[0].url))
         box.drop_page_cache()
         args = ["--update-method", "p2p", "--ranks", "1", "--p2p-transport", "mooncake"]
-        codes, outs = push(box, servers, logs, on_nodes["B"], "b-mooncake", *args, tag="mooncake")
+        codes, outs = push(box, servers, logs, on_nodes["B"], "b-mooncake", *args, "--save-metas-file", str(metas))
         assert codes == [0, 0], outs
         assert "p2p transport: Mooncake Transfer Engine, tcp one-sided reads" in outs[0], outs[0]
         read = bytes_per_rank(outs[0])
@@ -159,3 +162,31 @@ def test_a_mooncake_p2p_push_updates_only_the_listed_node(cluster, models):
         assert versions(servers[1:]) == ["b-mooncake"]
         assert (versions(servers[:1]), checksum(servers[0].url)) == untouched
         assert_serves(servers[1].url, on_nodes["B"], hf_checkpoint=models[1])
+
+        serve_other(servers[1].url, on_nodes["A"])
+        join = ["--load-metas-file", str(metas), "--checkpoint-path", str(on_nodes["B"]), "--weight-version", "b-join"]
+        codes, outs = run_loaders(box, servers, [*args, *join], logs, "mooncake_join", timeout_s=300)
+        assert codes == [0, 0], outs
+        assert "p2p transport: Mooncake Transfer Engine" in outs[0], outs[0]
+        assert versions(servers[1:]) == ["b-join"]
+        assert (versions(servers[:1]), checksum(servers[0].url)) == untouched
+        assert_serves(servers[1].url, on_nodes["B"], hf_checkpoint=models[1])
+
+
+def test_a_slow_link_delays_a_push_but_every_node_serves_it(cluster, models):
+    """Node 1's link at 20 Mbit/s (``tc tbf``; this machine's kernel has no ``netem`` for delay and loss): its half
+    takes seconds to cross, and the push lands on both."""
+    box, servers, on_nodes, logs = cluster
+    node1 = box.nodes[1]
+    with box.reachable():
+        for server in servers:
+            serve_other(server.url, on_nodes["A"])
+        node1.shape("tbf", "rate", "20mbit", "burst", "64kb", "latency", "400ms")
+        try:
+            codes, outs = push(box, servers, logs, on_nodes["B"], "b-slow", tag="slow")
+        finally:
+            node1.shape("tbf", "rate", f"{LINK_MBIT}mbit", "burst", "1mb", "latency", "100ms")
+        assert codes == [0, 0], outs
+        assert versions(servers) == ["b-slow", "b-slow"]
+        for server in servers:
+            assert_serves(server.url, on_nodes["B"], hf_checkpoint=models[1])

@@ -2,7 +2,8 @@
 
 Each node is a network namespace with an address of its own (198.18.0.i, the range set aside for benchmarks,
 only inside namespaces made here; the host's interfaces are untouched), joined to the others through a veth link
-to a bridge in a hub namespace, rate-limited both ways (``tc tbf``; ``netem`` for delay and loss). Each node
+to a bridge in a hub namespace, rate-limited both ways (``tc tbf``; ``netem`` for delay and loss where the kernel
+has it). Each node
 reads a disk of its own at a set rate: an ext4 image on a loop device (direct I/O, so the host's page cache of
 the image file plays no part) and a blkio cgroup (v1) that throttles reads from it; every process started on the
 node joins that cgroup. Every node sees its disk at the same path (``Cluster.disk``, bind-mounted in the node's
@@ -116,7 +117,8 @@ class Node:
         _sh("ip", "-n", self.netns, "link", "set", "eth0", "up" if up else "down")
 
     def shape(self, *qdisc: str) -> None:
-        """Replace the node's outgoing queue discipline, e.g. ``shape("netem", "delay", "20ms", "loss", "1%")``."""
+        """Replace the node's outgoing queue discipline, e.g. ``shape("tbf", "rate", "20mbit", "burst", "64kb",
+        "latency", "400ms")`` (or ``netem`` delay and loss, where the kernel has it)."""
         _sh("tc", "-n", self.netns, "qdisc", "replace", "dev", "eth0", "root", *qdisc)
 
     def drop_page_cache(self) -> None:
