@@ -94,23 +94,11 @@ class Node:
             )
 
     def pids(self) -> list[int]:
-        try:
-            return [int(p) for p in (self.cgroup / "cgroup.procs").read_text().split()]
-        except OSError:
-            return []
+        return _members(self.cgroup)
 
     def kill_all(self) -> None:
         """SIGKILL every process on this node (its cgroup holds them all, torchrun's workers included)."""
-        for _ in range(50):
-            pids = self.pids()
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
+        _kill_members(self.cgroup)
 
     def set_link(self, up: bool) -> None:
         """The node's cable in or out (its side of the veth, as a failed NIC or switch port would be)."""
@@ -243,14 +231,31 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds through close(), which a plain SIGTERM would skip
 
 
+def _members(cgroup: Path) -> list[int]:
+    try:
+        return [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
+def _kill_members(cgroup: Path) -> None:
+    """SIGKILL every process in ``cgroup`` until none is left (a fork may add one meanwhile)."""
+    for _ in range(50):
+        pids = _members(cgroup)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
 def _remove(name: str, root: Path) -> None:
     """Everything a cluster named ``name`` made, whatever it got to (each step tolerates what is absent)."""
     for cgroup in BLKIO.glob(f"{name}n*"):
-        for pid in (cgroup / "cgroup.procs").read_text().split() if (cgroup / "cgroup.procs").exists() else []:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_members(cgroup)
     namespaces = _sh("ip", "netns", "list", check=False).stdout.split()
     for ns in namespaces:
         if ns.startswith(name) and ns[len(name) :][:1] in ("n", "h"):
