@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -55,7 +56,7 @@ class SGLangServer:
         env: dict | None = None,
         launcher: str = "launch_server",
         host: str = "127.0.0.1",
-        wrap=None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ):
         """``launcher``: ``launch_server`` (python -m sglang.launch_server) or ``serve`` (SGLang's ``sglang serve``
         command, the one its docs recommend). ``host`` and ``wrap`` (a function of the command that returns the

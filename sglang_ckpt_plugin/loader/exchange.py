@@ -95,11 +95,12 @@ class Exchange:
 
             self._private = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(count)]
 
-    def register(self, buffers: list[torch.Tensor]) -> None:
-        """With a Mooncake link: this rank's buffers (``buffers`` and its private ones), which peers read from and
-        it reads into."""
+    def register(self, buffers: list) -> None:
+        """With a Mooncake link: this rank's buffers (``buffers``, its shared bucket buffers, and its private ones),
+        which peers read from and it reads into. Without one nothing is touched (a one-process CPU loader never
+        imports torch, which a shared buffer's ``.tensor`` would)."""
         if self.link is not None:
-            tensors = [*buffers, *self._private]
+            tensors = [*(b.tensor for b in buffers), *self._private]
             self.link.engine.register([(t.data_ptr(), t.numel() * t.element_size()) for t in tensors])
 
     def release(self) -> None:

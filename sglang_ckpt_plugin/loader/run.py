@@ -386,7 +386,7 @@ class Update:
                 self.reader, self.device, bucket_bytes, checksum=self.checksum, direct_io=self.args.direct_io
             )
         self.exchange.allocate(bucket_bytes, owned if self.two_phase else min(owned, 1))
-        self.exchange.register([b.tensor for b in self.feeder.buffers] if self.feeder is not None else [])
+        self.exchange.register(self.feeder.buffers if self.feeder is not None else [])
 
     def read_ahead(self, steps) -> ReadAhead | None:
         """Two phases: each rank reads every bucket it owns into that bucket's own buffer, in a thread, all ranks at
