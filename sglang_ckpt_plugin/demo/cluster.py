@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..loader.early_read import drop_cached
+
 SUBNET = "198.18.0"
 HUB_ADDRESS = f"{SUBNET}.254"
 BLKIO = Path("/sys/fs/cgroup/blkio")
@@ -113,12 +115,7 @@ class Node:
         """Evict the node's files from the page cache, so that the next read comes from its (throttled) disk."""
         for path in self.disk.rglob("*"):
             if path.is_file():
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
+                drop_cached(str(path))
 
 
 class Cluster:
@@ -127,7 +124,7 @@ class Cluster:
     def __init__(self, spec: ClusterSpec, workdir: Path | None = None):
         missing = missing_tools()
         if missing:
-            raise RuntimeError(f"a cluster in one box needs {', '.join(missing)}; install iproute2 and util-linux")
+            raise RuntimeError(f"a cluster in one box needs {', '.join(missing)}: run scripts/cluster_tools.sh as root")
         self.spec = spec
         self.name = f"{PREFIX}{os.getpid()}"
         self.root = Path(workdir or "/tmp") / f"ckb-{os.getpid()}"
@@ -138,6 +135,8 @@ class Cluster:
 
     # ------------------------------------------------------------------ build
     def __enter__(self) -> Cluster:
+        if self.root.exists():  # every name carries this process's pid: one cluster at a time per process
+            raise RuntimeError(f"a cluster of this process is open already ({self.root})")
         remove_stale_clusters(Path(self.root).parent)
         atexit.register(self.close)
         self._previous_sigterm = signal.getsignal(signal.SIGTERM)

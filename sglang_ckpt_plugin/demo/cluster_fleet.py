@@ -22,9 +22,7 @@ from .processes import stop_torchrun_group
 LOADER_ENV = {"GLOO_SOCKET_IFNAME": "eth0"}  # gloo (and so every bucket) goes over the node's link
 
 
-def start_servers(
-    cluster: Cluster, model: Path, logs: Path, *, plugin: bool = True, extra_args: list[str] | None = None
-) -> list[SGLangServer]:
+def start_servers(cluster: Cluster, model: Path, logs: Path, *, plugin: bool = True) -> list[SGLangServer]:
     """A server on every node, started together: with the plugin on dummy weights waiting for the first push, or
     (``plugin=False``) SGLang alone loading ``model`` from the node's own disk (``--load-format auto``)."""
     servers = [
@@ -34,7 +32,7 @@ def start_servers(
             wait_for_weights=plugin,
             host=node.address,
             wrap=node.command,
-            extra_args=["--sleep-on-idle", *(extra_args or [])],
+            extra_args=["--sleep-on-idle"],
             env=None if plugin else {"SGLANG_PLUGINS": PLUGIN_FREE},
         )
         for node in cluster.nodes
@@ -102,7 +100,7 @@ def versions(servers: list[SGLangServer]) -> list[str | None]:
 
 
 def wait_versions(servers: list[SGLangServer], version: str, timeout_s: float, every_s: float = 0.05) -> float:
-    """Seconds until every server serves ``version`` (healthy, with that weight version)."""
+    """Seconds until every server's ``/model_info`` names ``version`` (a commit sets it as the update ends)."""
     t0 = time.perf_counter()
     deadline = time.monotonic() + timeout_s
     waiting = list(servers)
