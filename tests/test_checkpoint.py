@@ -286,3 +286,25 @@ def test_pinned_staging_chunks_are_powers_of_two_so_torch_pins_no_more_than_the_
     assert staging_chunk_bytes(3000, pinned=True) == 3000  # smaller than one aligned window: as asked
     chunk = _staging_chunk(5 * MiB + 123, pinned=False)
     assert chunk.numel() == 5 * MiB + 123 and chunk.data_ptr() % 4096 == 0
+
+
+def test_the_reader_asks_for_no_kernel_read_ahead(tmp_path, monkeypatch):
+    """A rank's tensors lie between other ranks' tensors: read-ahead past one's end would read another node's bytes
+    from this node's disk (measured by bench/cluster_bench.py: 35% more than the share from a throttled disk). Every
+    descriptor the reader opens says so to the kernel, once."""
+    import os
+
+    from sglang_ckpt_plugin.loader.reader import CheckpointReader
+
+    advice = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, *a: (advice.append((fd, *a)), real(fd, *a))[1])
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 8192)
+    reader = CheckpointReader(threads=1)
+    try:
+        fd = reader.fd(str(path))
+        assert reader.fd(str(path)) == fd
+        assert advice == [(fd, 0, 0, os.POSIX_FADV_RANDOM)]
+    finally:
+        reader.close()

@@ -268,7 +268,8 @@ def _remove(name: str, root: Path) -> None:
                 _sh("losetup", "-d", line.split(":", 1)[0], check=False)
         shutil.rmtree(root, ignore_errors=True)
     for cgroup in BLKIO.glob(f"{name}n*"):
-        for _ in range(50):  # a killed process leaves its cgroup a moment later
+        for _ in range(100):  # a killed process leaves its cgroup a moment later
+            _kill_members(cgroup)
             try:
                 cgroup.rmdir()
                 break
