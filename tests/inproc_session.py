@@ -42,6 +42,7 @@ def run_session(
     validate=None,
     prepare=lambda: None,
     load_weights=None,
+    kept=None,
 ):
     """One update of ``model`` from ``ckpt_dir``: (stats, loader errors, buckets). ``validate``: the receiver's
     check (default: every tensor writes the parameter of its name, whole); ``load_weights``: what each bucket is
@@ -54,8 +55,8 @@ def run_session(
     cancelled = threading.Event()
     feeder = RankFeeder(endpoint, update_id, 10.0, cancelled, checksum=checksum if verify else "none")
     node = NodeFeeder([feeder])
-    if not mapped:
-        node.allocate(max(b.nbytes for b in buckets), 2, CPU)
+    if not mapped:  # kept: the rank's KeptBuffers, which the loader asks to borrow
+        node.allocate(max(b.nbytes for b in buckets), 2, CPU, borrow=kept is not None)
     reader = CheckpointReader()
     errors = []
 
@@ -85,6 +86,7 @@ def run_session(
             validate or whole_params,
             prepare=prepare,
             hello_timeout_s=hello_timeout_s,
+            kept=kept,
         )
         if session_out is not None:
             session_out.append(session)
@@ -98,4 +100,5 @@ def run_session(
         t.join()
         reader.close()
     run_session.last_fingerprint = feeder.fingerprint
+    run_session.buffer_source = node.buffer_source
     return stats, errors, len(file_buckets if mapped else buckets)

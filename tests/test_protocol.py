@@ -12,6 +12,8 @@ from sglang_ckpt_plugin.transport.messages import (
     PROTOCOL_VERSION,
     Abort,
     BucketReady,
+    BuffersGranted,
+    BuffersWanted,
     CudaIpcHandle,
     FileHandle,
     Finish,
@@ -56,6 +58,8 @@ MESSAGES = [
     Finish(seq=2),
     Abort(reason="boom"),
     Reply(seq=-1, ok=False, error="nope", elapsed_s=0.5),
+    BuffersWanted(sizes=[1 << 20, 1 << 20]),
+    BuffersGranted(offsets=[0, 1 << 20], nbytes=2 << 20),
 ]
 
 
@@ -119,6 +123,11 @@ def _hello_doc(**changes) -> bytes:
             "slots must be 0..n-1",
         ),
         ({"buffers": [{"kind": "shm_fd", "pid": 1, "fd": 3, "nbytes": 9}]}, "malformed"),  # no pid/fd on the wire
+        (
+            {"buffers": [{"kind": "file", "slot": 0, "nbytes": 9}, {"kind": "file", "slot": 0, "nbytes": 9}]},
+            "slots must be 0..n-1",
+        ),
+        ({"buffers": [{"kind": "shm_fd", "slot": 0, "nbytes": 9, "offset": -4096}]}, "malformed"),
         ({"manifest": [["w", "float32", [2]]] * 2, "num_tensors": 2}, None),  # decodes; Manifest() refuses twins
     ],
 )
@@ -209,3 +218,10 @@ def test_checkpoint_engine_first_frame_is_recognised_without_unpickling():
     assert not looks_like_pickle(b'{"kind":"hello"}') and not looks_like_pickle(b"") and not looks_like_pickle(b"\x80")
     assert may_be_checkpoint_engine("ipc://@checkpoint-engine-GPU-1-0.sock")
     assert not may_be_checkpoint_engine("ipc:///run/sglang-ckpt/x.sock") and not may_be_checkpoint_engine("tcp://h:1")
+
+
+def test_ranges_of_one_lent_file_share_its_descriptor_slot():
+    """Buffers a server rank lends are ranges of one file: one descriptor, each buffer at its offset."""
+    buffers = [{"kind": "shm_fd", "slot": 0, "nbytes": 9, "offset": o} for o in (0, 4096)]
+    hello = decode(_hello_doc(buffers=buffers))
+    assert [(b.slot, b.offset) for b in hello.buffers] == [(0, 0), (0, 4096)]

@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         "through shared bucket buffers; auto: map where one process feeds every server rank",
     )
     p.add_argument(
+        "--use-kept-buffers",
+        choices=["auto", "off"],
+        default="auto",
+        help="auto: where the server keeps update buffers (--keep-update-buffers) and buckets travel through "
+        "shared memory, fill those instead of allocating fresh ones; off: always allocate",
+    )
+    p.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",

@@ -30,6 +30,10 @@ class NodeFeeder:
         self._rank_times: list[StageTimes] = []
         self.buffers: list = []
         self.owns_buffers = False
+        self.wanted: list[int] = []  # buffer sizes to borrow from the first rank at the hello
+        self.device = None
+        self.lent = None  # the first rank's kept buffer file, while this update borrows it
+        self.buffer_source = ""  # how this update got its buffers, for the report
         for f in feeders:
             self.add(f)
 
@@ -57,11 +61,31 @@ class NodeFeeder:
         for f in self.feeders:
             f.listen()
 
-    def allocate(self, bucket_bytes: int, num_buffers: int, device: torch.device | str | None) -> None:
+    def allocate(
+        self, bucket_bytes: int, num_buffers: int, device: torch.device | str | None, borrow: bool = False
+    ) -> None:
         """Buffers every rank maps, handed over by descriptor: no name to leak if this process is killed, and none
-        that would have to outlive the first rank's mapping until the last rank mapped it."""
-        self.adopt([allocate_buffer(bucket_bytes, device, reusable=True) for _ in range(num_buffers)])
+        that would have to outlive the first rank's mapping until the last rank mapped it. ``borrow``: ask the
+        first rank for the buffers it keeps between updates (``--keep-update-buffers``) at the hello, and allocate
+        only if it lends none."""
+        self.device = device
         self.owns_buffers = True
+        if borrow:
+            self.wanted = [bucket_bytes] * num_buffers
+            return
+        self.adopt([allocate_buffer(bucket_bytes, device, reusable=True) for _ in range(num_buffers)])
+        self.buffer_source = "allocated by the loader"
+
+    def _borrow(self) -> None:
+        lent = self.feeders[0].borrow_buffers(self.wanted)
+        if isinstance(lent, str):  # declined: this update allocates its own
+            sizes, self.wanted = self.wanted, []
+            self.adopt([allocate_buffer(size, self.device, reusable=True) for size in sizes])
+            self.buffer_source = f"allocated by the loader (the server lent none: {lent})"
+            return
+        self.lent, self.wanted = lent, []
+        self.adopt(lent.buffers)
+        self.buffer_source = "kept by the server between updates, lent to this one"
 
     def adopt(self, buffers: list) -> None:
         self.buffers = list(buffers)
@@ -73,6 +97,8 @@ class NodeFeeder:
         self.accept_hello()
 
     def send_hello(self, buckets: list[Bucket]) -> None:
+        if self.wanted:
+            self._borrow()
         for f in self.feeders:
             f.send_hello(buckets)
 
@@ -152,4 +178,7 @@ class NodeFeeder:
         if self.owns_buffers:
             for b in self.buffers:
                 b.release()
+        if self.lent is not None:  # the server rank keeps the file; this process lets go of it
+            self.lent.release()
+            self.lent = None
         self.buffers = []

@@ -32,6 +32,7 @@ class LoaderOptions:
     bucket_size: int  # 0: auto
     num_buffers: int
     transfer: str  # auto | map | copy
+    use_kept_buffers: str  # auto | off: fill the buffers a --keep-update-buffers server keeps
     device: str  # auto | cpu | cuda
     direct_io: str  # auto | on | off
     no_read_ahead: bool

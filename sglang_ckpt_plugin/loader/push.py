@@ -15,13 +15,15 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..transport.channel import Channel, PeerGone
-from ..transport.fdpass import FdOffer, fd_socket_path
-from ..transport.handles import give_back_ipc_reference
+from ..transport.fdpass import KEPT_SUFFIX, FdInbox, FdOffer, fd_socket_path
+from ..transport.handles import LentFile, give_back_ipc_reference
 from ..transport.integrity import Fingerprint
 from ..transport.messages import (
     PROTOCOL_VERSION,
     Abort,
     BucketReady,
+    BuffersGranted,
+    BuffersWanted,
     CudaIpcHandle,
     Finish,
     Hello,
@@ -104,38 +106,63 @@ class RankFeeder:
         """The buffers this update hands over (their owner releases them; close() leaves them alone)."""
         self.buffers = list(buffers)
 
-    def _wait_reply(self, seq: int, what: str) -> Reply:
+    def _wait_message(self, seq: int, what: str):
         deadline = time.monotonic() + self.timeout_s
         while True:
             if self.cancelled.is_set():
                 self._rank_may_hold_handles(seq)
                 raise PushError(f"update cancelled while waiting for the server to {what}")
             try:
-                msg = self.channel.recv(timeout_s=0.2)
+                return self.channel.recv(timeout_s=0.2)
             except TimeoutError:
                 if time.monotonic() > deadline:
                     self._rank_may_hold_handles(seq)
                     raise PushError(f"server did not {what} within {self.timeout_s:g} s (--timeout)") from None
-                continue
             except PeerGone:  # a rank that ended without answering gave nothing back: the references stay ours
                 raise PushError(f"the server's rank disconnected before it could {what} (see the server log)") from None
-            if not isinstance(msg, Reply) or msg.seq != seq:
-                raise PushError(f"protocol error: expected reply to {seq}, got {msg!r}")
-            if seq == -1:  # the rank gives back what it opened, whatever its answer; the others are ours to give back
-                self._unanswered = {i: h for i, h in self._unanswered.items() if i not in msg.opened}
-            if not msg.ok:
-                raise PushError(f"server failed to {what}: {msg.error}")
-            return msg
+
+    def _wait_reply(self, seq: int, what: str) -> Reply:
+        msg = self._wait_message(seq, what)
+        if not isinstance(msg, Reply) or msg.seq != seq:
+            raise PushError(f"protocol error: expected reply to {seq}, got {msg!r}")
+        if seq == -1:  # the rank gives back what it opened, whatever its answer; the others are ours to give back
+            self._unanswered = {i: h for i, h in self._unanswered.items() if i not in msg.opened}
+        if not msg.ok:
+            raise PushError(f"server failed to {what}: {msg.error}")
+        return msg
+
+    def borrow_buffers(self, sizes: list[int]) -> LentFile | str:
+        """Buffers of ``sizes`` that the server rank keeps between updates (``--keep-update-buffers``), or why it
+        lends none (the caller allocates its own). Sent before the hello, on a channel the rank connects to."""
+        inbox = FdInbox(fd_socket_path(self.endpoint, KEPT_SUFFIX))
+        try:
+            self._send_when_connected(BuffersWanted(sizes=sizes))
+            answer = self._wait_message(-2, "lend its kept buffers")
+            if isinstance(answer, Reply) and answer.seq == -2 and not answer.ok:
+                return answer.error
+            if not isinstance(answer, BuffersGranted) or len(answer.offsets) != len(sizes):
+                raise PushError(f"protocol error: expected the server's kept buffers, got {answer!r}")
+            try:
+                (fd,) = inbox.receive(1, self.timeout_s)
+            except (OSError, ValueError) as exc:
+                raise PushError(f"the server's rank lent buffers but did not hand them over: {exc}") from None
+        finally:
+            inbox.close()
+        try:
+            return LentFile(fd, answer.nbytes, answer.offsets, sizes)
+        except (OSError, ValueError) as exc:
+            raise PushError(f"cannot map the server's kept buffers: {exc}") from None
 
     def _handles(self) -> tuple[list, list[int]]:
-        """Wire handles of the buffers, and the descriptors (in slot order) to hand over with SCM_RIGHTS."""
-        handles, fds = [], []
+        """Wire handles of the buffers, and the descriptors (in slot order, one per file) to hand over with
+        SCM_RIGHTS."""
+        handles, slots = [], {}
         for b in self.buffers:
             if b.fd is not None:
-                handles.append(b.handle(slot=len(fds)))
-                fds.append(b.fd)
+                handles.append(b.handle(slot=slots.setdefault(b.fd, len(slots))))
             else:
                 handles.append(b.handle())
+        fds = list(slots)
         self._unanswered = {i: h for i, h in enumerate(handles) if isinstance(h, CudaIpcHandle)}
         return handles, fds
 

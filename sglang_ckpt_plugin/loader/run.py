@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..placement import LoaderPlacement
 from ..transport.channel import make_endpoint
 from .checkpoint import CheckpointError, read_update
-from .http import ServerClient, ServerError, layout_mismatch
+from .http import PLUGIN_MARKER, ServerClient, ServerError, layout_mismatch
 from .metas import load_metas, save_metas
 from .node_feed import NodeFeeder
 from .options import LoaderOptions
@@ -379,7 +379,7 @@ class Update:
         from .filler import BucketFiller
 
         if self.feeder is not None:
-            self.feeder.allocate(bucket_bytes, num_buffers, self.device)
+            self.feeder.allocate(bucket_bytes, num_buffers, self.device, borrow=self.borrows_buffers())
         owned = sum(1 for s in self.steps if s.owner == self.world.rank)
         if owned:  # a rank that reads nothing (a node's other ranks, one process feeding the node) stages nothing
             self.filler = BucketFiller(
@@ -387,6 +387,17 @@ class Update:
             )
         self.exchange.allocate(bucket_bytes, owned if self.two_phase else min(owned, 1))
         self.exchange.register(self.feeder.buffers if self.feeder is not None else [])
+
+    def borrows_buffers(self) -> bool:
+        """Where the server keeps update buffers (``--keep-update-buffers``), this process fills those instead of
+        allocating its own: host memory, the server this process asked (a leader), no Mooncake registration."""
+        info = self.asked.get("info", {}).get(PLUGIN_MARKER, {}) if self.leads else {}
+        return (
+            self.args.use_kept_buffers == "auto"
+            and self.placement.kind == "cpu"
+            and bool(info.get("keeps_update_buffers"))
+            and (self.exchange is None or self.exchange.link is None)
+        )
 
     def read_ahead(self, steps) -> ReadAhead | None:
         """Two phases: each rank reads every bucket it owns into that bucket's own buffer, in a thread, all ranks at
@@ -492,6 +503,7 @@ class Update:
                 mode = f"page cache: {f'{fed} server ranks' if fed > 1 else 'the server'} mapped the files"
             else:
                 mode = "shared bucket buffers" + (f" (one set for {fed} server ranks)" if fed > 1 else "")
+                mode += f" {self.feeder.buffer_source}"
             if fed > 1:
                 mode += ", each rank copying its slice"
             if self.two_phase:

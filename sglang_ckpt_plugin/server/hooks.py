@@ -33,7 +33,19 @@ import msgspec
 import torch
 
 from ..cpu_env import core_binds
-from . import gate, options, pipeline, postprocessed, prefault, rank_state, routes, staging, tp_worker, trainer_updates
+from . import (
+    gate,
+    kept_buffers,
+    options,
+    pipeline,
+    postprocessed,
+    prefault,
+    rank_state,
+    routes,
+    staging,
+    tp_worker,
+    trainer_updates,
+)
 from . import sglang_compat as sg
 
 logger = logging.getLogger("sglang_ckpt_plugin")
@@ -122,10 +134,12 @@ def _record_loader_layouts(model, *args, **kwargs):
 
 def _skip_dummy_fill_when_waiting(original, model, *args, **kwargs):
     """Parameters stay allocated and unfilled: nothing reads them before every one of them was written. Their CPU
-    pages are allocated in the background meanwhile, so the first push does not pay for it (prefault.py)."""
+    pages are allocated in the background meanwhile, so the first push does not pay for it (prefault.py), and so
+    are the update buffers the server keeps (kept_buffers.py)."""
     if sg.wait_flag_enabled():
         logger.info("--wait-for-initial-weights: not filling dummy weights with random values")
         prefault.populate_in_background(model)
+        kept_buffers.reserve_for_first_push(model)
         return None
     return original(model, *args, **kwargs)
 

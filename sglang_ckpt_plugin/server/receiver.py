@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from ..transport.channel import Channel, PeerGone, check_endpoint
-from ..transport.fdpass import fd_socket_path, receive_fds
+from ..transport.fdpass import KEPT_SUFFIX, fd_socket_path, receive_fds, send_fds_to
 from ..transport.handles import MappedBuffer, open_buffer, open_file_range
 from ..transport.integrity import Fingerprint, tensor_digest
 from ..transport.messages import (
     Abort,
     BucketReady,
+    BuffersGranted,
+    BuffersWanted,
     CudaIpcHandle,
     FileHandle,
     Finish,
@@ -34,6 +36,7 @@ from ..transport.messages import (
 )
 from ..transport.word_sums import device_digest
 from .coverage import written_bytes
+from .kept_buffers import BuffersBusy, KeptBuffers
 from .together import GroupsTogether
 from .validate import CheckedUpdate
 
@@ -177,6 +180,7 @@ class ReceiveSession:
         hello_timeout_s: float | None = None,
         staging: bool = False,
         abandon: Callable[[], None] = lambda: None,
+        kept: KeptBuffers | None = None,
     ):
         self.endpoint = check_endpoint(endpoint)
         self.device = device
@@ -205,6 +209,8 @@ class ReceiveSession:
         self.staged_at: float | None = None  # staging: when every bucket had been checked (wall clock)
         self.staged: list[BucketReady] = []
         self.update_id: str | None = None  # from the hello
+        self.kept = kept  # buffers this rank keeps between updates and lends to a loader that asks
+        self.borrowed = False  # this update holds them
 
     def run(self) -> ReceiveStats:
         """Streaming: the whole update. Stage mode: receive and check every bucket; on success the buffers stay
@@ -220,7 +226,11 @@ class ReceiveSession:
                         self._release()
         finally:
             # A loader killed with SIGKILL cannot remove its socket files; they live in our private directory.
-            for path in (self.endpoint.removeprefix("ipc://"), fd_socket_path(self.endpoint)):
+            paths = (
+                self.endpoint.removeprefix("ipc://"),
+                *(fd_socket_path(self.endpoint, s) for s in (".fds", KEPT_SUFFIX)),
+            )
+            for path in paths:
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
@@ -248,6 +258,9 @@ class ReceiveSession:
 
     def _serve(self, channel: Channel) -> None:
         hello = self._recv(channel, "hello", self.hello_timeout_s)
+        if isinstance(hello, BuffersWanted):
+            self._lend(channel, hello)
+            hello = self._recv(channel, "hello", self.hello_timeout_s)
         if isinstance(hello, Abort):
             raise UpdateFailed(f"loader aborted the update before it started: {hello.reason}")
         if not isinstance(hello, Hello):
@@ -287,17 +300,37 @@ class ReceiveSession:
                 raise UpdateFailed(f"unexpected {type(msg).__name__} during an update")
             self._load_bucket(channel, msg)
 
+    def _lend(self, channel: Channel, wanted: BuffersWanted) -> None:
+        """Lend this rank's kept buffers to the loader (its descriptor over ``<endpoint>.kept``), or say why not:
+        the loader then allocates its own, and the update goes on either way."""
+        if self.kept is None:
+            _send_error(channel, -2, "this server keeps no update buffers (start it with --keep-update-buffers)")
+            return
+        try:
+            fd, offsets = self.kept.lend(wanted.sizes, self)
+        except (BuffersBusy, OSError) as exc:
+            _send_error(channel, -2, str(exc))
+            return
+        self.borrowed = True
+        try:
+            send_fds_to(fd_socket_path(self.endpoint, KEPT_SUFFIX), [fd], self.hello_timeout_s)
+        except (OSError, ValueError) as exc:
+            raise UpdateFailed(f"could not hand the kept update buffers to the loader: {exc}") from None
+        _send_ok(channel, BuffersGranted(offsets=offsets, nbytes=self.kept.nbytes))
+
     def _map(self, hello: Hello) -> None:
         """Receive the descriptors (SCM_RIGHTS) for fd-backed buffers, map the rest. Checkpoint files
         (page-cache mode) are mapped per bucket, one byte range at a time."""
         self.handles = list(hello.buffers)
         self.buffers = [None] * len(self.handles)
-        by_fd = [h for h in self.handles if isinstance(h, (ShmFdHandle, FileHandle))]
-        if by_fd:
-            self.fds = receive_fds(fd_socket_path(self.endpoint), len(by_fd), self.hello_timeout_s)
+        slots = {h.slot for h in self.handles if isinstance(h, (ShmFdHandle, FileHandle))}  # 0..n-1 (messages.py)
+        if slots:
+            self.fds = receive_fds(fd_socket_path(self.endpoint), len(slots), self.hello_timeout_s)
         for i, h in enumerate(self.handles):
             if isinstance(h, FileHandle):
                 open_file_range(self.fds[h.slot], h, 0, 0).close()  # checks the file now
+            elif isinstance(h, ShmFdHandle) and self.borrowed and self.kept.is_this_file(self.fds[h.slot]):
+                self.buffers[i] = self.kept.view(h.offset, h.nbytes)  # mapped since the rank allocated it
             elif isinstance(h, ShmFdHandle):
                 self.buffers[i] = open_buffer(h, self.device, self.fds[h.slot])
             else:
@@ -472,6 +505,8 @@ class ReceiveSession:
                 kept += 1
                 _KEPT_ALIVE.append(b)  # never unmapped under a live view: it lives as long as this process
         self.buffers = []
+        if kept and self.borrowed:  # the next update must not write under that view: the file is not lent again
+            self.kept.retire()
         if kept:
             raise UpdateFailed(
                 f"{kept} loader buffer(s) could not be unmapped: the model kept a reference to a tensor "
@@ -487,3 +522,6 @@ class ReceiveSession:
             for fd in self.fds:
                 os.close(fd)
             self.fds = []
+            if self.borrowed:
+                self.kept.give_back(self)
+                self.borrowed = False

@@ -25,7 +25,7 @@ from fastapi.responses import ORJSONResponse
 
 from .. import __version__
 from ..transport.messages import PHASE_KEY
-from . import metrics, replicas
+from . import kept_buffers, metrics, replicas
 from . import sglang_compat as sg
 from .gate import GateState, WeightsGate
 
@@ -231,6 +231,7 @@ def _wrap_model_info(original):
             "rank_keys": placement.get("rank_keys", []),  # every rank, replica by replica: GPU-<uuid> / cpu-tp<r>
             "ranks": placement.get("ranks", []),  # each key with its replica and TP rank
             "peer_access": placement.get("peer_access", False),  # one loader process may feed every GPU of the node
+            "keeps_update_buffers": kept_buffers.enabled(),  # --keep-update-buffers: loaders borrow, not allocate
             "weights_state": "incomplete" if GateState.diverged else report.get("state", _default_state()),
             "replicas_diverged": GateState.diverged,
             "missing": report.get("missing", []),

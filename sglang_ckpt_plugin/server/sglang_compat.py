@@ -372,6 +372,17 @@ def pipeline_stage() -> tuple[int, int]:
         return 0, 1
 
 
+def tp_rank_and_size() -> tuple[int, int]:
+    """(this rank's index in its TP group, the group's size); (0, 1) before SGLang made the group."""
+    from sglang.srt.distributed.parallel_state import get_tp_group
+
+    try:
+        group = get_tp_group()
+        return int(group.rank_in_group), int(group.world_size)
+    except (AssertionError, AttributeError, RuntimeError):
+        return 0, 1
+
+
 def model_cpu_group():
     """The gloo group of every rank holding a part of this replica's model (None when this rank holds it alone):
     its TP group, or with pipeline stages every stage's TP ranks (SGLang's world group of the replica)."""

@@ -13,7 +13,7 @@ import logging
 import os
 
 from ..transport.messages import PHASE_KEY, PHASES
-from . import foreign, rank_state, staging
+from . import foreign, kept_buffers, rank_state, staging
 from . import sglang_compat as sg
 from .postprocessed import ModelLoad
 from .receiver import ReceiveSession, UpdateFailed, UpdateRefused
@@ -193,6 +193,7 @@ def _session(updater, model, device, endpoint: str, staging: bool) -> ReceiveSes
         prepare=prepare,
         staging=staging,
         abandon=abandon,
+        kept=kept_buffers.kept_buffers(),
     )
     return session
 

@@ -1,4 +1,5 @@
-"""Hand open file descriptors (checkpoint files, unnamed shared memory) from a loader to one inference rank.
+"""Hand open file descriptors (checkpoint files, unnamed shared memory) from a loader to one inference rank, and
+back: the buffers a server rank keeps between updates go to the loader that fills them (FdInbox, send_fds_to).
 
 The descriptors travel over a Unix stream socket next to the ZeroMQ endpoint (``<name>.fds`` in the private
 socket directory) with ``SCM_RIGHTS``: the rank receives the very files the connected loader holds open, so a
@@ -18,9 +19,12 @@ import time
 MAX_FDS = 253  # SCM_MAX_FD on Linux
 
 
-def fd_socket_path(endpoint: str) -> str:
-    """``ipc://<dir>/<name>.sock`` -> ``<dir>/<name>.fds``."""
-    return endpoint.removeprefix("ipc://").removesuffix(".sock") + ".fds"
+def fd_socket_path(endpoint: str, suffix: str = ".fds") -> str:
+    """``ipc://<dir>/<name>.sock`` -> ``<dir>/<name>.fds`` (or another suffix: ``.kept`` for FdInbox)."""
+    return endpoint.removeprefix("ipc://").removesuffix(".sock") + suffix
+
+
+KEPT_SUFFIX = ".kept"
 
 
 def _peer_uid(sock: socket.socket) -> int:
@@ -91,3 +95,52 @@ def receive_fds(path: str, count: int, timeout_s: float) -> list[int]:
             os.close(fd)
         raise ValueError(f"the loader handed over {len(fds)} descriptors, its hello announced {count}")
     return fds
+
+
+class FdInbox:
+    """Loader side: receives descriptors a server rank sends (its kept buffers), from the first peer of the same
+    user that connects. Listening from construction, so the rank may connect as soon as it was asked."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(path)
+        os.chmod(path, 0o600)
+        self._sock.listen(1)
+
+    def receive(self, count: int, timeout_s: float) -> list[int]:
+        """The ``count`` descriptors; TimeoutError or ValueError when they do not come as announced."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._sock.settimeout(max(0.01, deadline - time.monotonic()))
+            conn, _ = self._sock.accept()  # TimeoutError past the deadline
+            with conn:
+                if _peer_uid(conn) != os.getuid():
+                    continue  # another user's process: not the rank we asked
+                conn.settimeout(max(0.01, deadline - time.monotonic()))
+                _msg, fds, _flags, _addr = socket.recv_fds(conn, 16, MAX_FDS)
+            if len(fds) != count:
+                for fd in fds:
+                    os.close(fd)
+                raise ValueError(f"the server's rank handed over {len(fds)} descriptors, it announced {count}")
+            return fds
+
+    def close(self) -> None:
+        self._sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def send_fds_to(path: str, fds: list[int], timeout_s: float) -> None:
+    """Rank side: hand ``fds`` to the loader's FdInbox at ``path`` (same checks as receive_fds)."""
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+        raise ValueError(f"{path} is not a socket of this user")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        if _peer_uid(sock) != os.getuid():
+            raise ValueError(f"the process behind {path} runs as another user")
+        socket.send_fds(sock, [b"K"], fds)

@@ -134,6 +134,67 @@ class ShmBuffer:
             self._fd = None
 
 
+class LentFile:
+    """A server rank's kept buffer file, lent to this loader for one update (``--keep-update-buffers``): mapped
+    with its page tables filled at once (its pages exist already), cut into LentBuffers."""
+
+    def __init__(self, fd: int, nbytes: int, offsets: list[int], sizes: list[int]):
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise PermissionError("the server's kept buffer file is not a private (0600) file of this user")
+            if st.st_size < nbytes or any(o % mmap.PAGESIZE or o + n > nbytes for o, n in zip(offsets, sizes)):
+                raise ValueError(f"the server lent {st.st_size} bytes with offsets {offsets[:8]}...: they do not fit")
+            self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.buffers = [LentBuffer(self, o, n) for o, n in zip(offsets, sizes)]
+
+    def release(self) -> None:
+        for b in self.buffers:
+            b.release()
+        try:
+            self._map.close()
+        except BufferError:  # a view of it is still alive (a traceback): it goes when that view does
+            pass
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class LentBuffer:
+    """One bucket buffer inside a LentFile; the same interface as ShmBuffer."""
+
+    def __init__(self, file: LentFile, offset: int, nbytes: int):
+        self.file, self.offset, self.nbytes = file, offset, nbytes
+        self.view = memoryview(file._map)[offset : offset + nbytes]
+
+    @cached_property
+    def tensor(self) -> torch.Tensor:
+        import torch
+
+        return torch.frombuffer(self.view, dtype=torch.uint8)
+
+    @property
+    def fd(self) -> int | None:
+        return self.file.fd
+
+    def handle(self, slot: int = -1) -> ShmFdHandle:
+        return ShmFdHandle(slot=slot, nbytes=self.nbytes, offset=self.offset)
+
+    def unlink(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self.__dict__.pop("tensor", None)
+        try:
+            self.view.release()
+        except BufferError:  # still in use (a traceback): the file's mapping outlives it
+            pass
+
+
 class FileBuffer:
     """A checkpoint file offered as a read-only buffer (page-cache mode); nothing is allocated or copied."""
 
@@ -353,7 +414,7 @@ def _map_read_only(fd: int, length: int, offset: int = 0) -> mmap.mmap:
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ, offset=offset)
 
 
-def _read_only_view(mapping: mmap.mmap) -> torch.Tensor:
+def read_only_view(mapping: mmap.mmap | memoryview) -> torch.Tensor:
     import torch
 
     with warnings.catch_warnings():  # read-only memory: torch warns that writing would be undefined; we never write
@@ -366,9 +427,11 @@ def _open_shm(handle: ShmHandle | ShmFdHandle, fd: int | None) -> MappedBuffer:
     if isinstance(handle, ShmFdHandle):
         if fd is None:
             raise ValueError(f"no descriptor was handed over for {handle!r}")
-        what = f"shared-memory buffer (slot {handle.slot})"
-        _check_private_file(fd, what, handle.nbytes)
-        mapping = _map_read_only(fd, handle.nbytes)
+        what = f"shared-memory buffer (slot {handle.slot}, offset {handle.offset})"
+        if handle.offset % mmap.ALLOCATIONGRANULARITY:
+            raise ValueError(f"{what}: the offset is not a multiple of {mmap.ALLOCATIONGRANULARITY}")
+        _check_private_file(fd, what, handle.offset + handle.nbytes)
+        mapping = _map_read_only(fd, handle.nbytes, handle.offset)
     else:
         if not _SHM_NAME.match(handle.name):
             raise ValueError(f"refusing shared-memory name {handle.name!r}: not one of ours")
@@ -378,7 +441,7 @@ def _open_shm(handle: ShmHandle | ShmFdHandle, fd: int | None) -> MappedBuffer:
             mapping = _map_read_only(own, handle.nbytes)
         finally:
             os.close(own)
-    return MappedBuffer(_read_only_view(mapping), mapping)
+    return MappedBuffer(read_only_view(mapping), mapping)
 
 
 def open_file_range(fd: int, handle: FileHandle, start: int, end: int) -> MappedBuffer:
@@ -396,7 +459,7 @@ def open_file_range(fd: int, handle: FileHandle, start: int, end: int) -> Mapped
     if end == base:
         return MappedBuffer(torch.empty(0, dtype=torch.uint8), None, base)
     mapping = _map_read_only(fd, end - base, base)
-    return MappedBuffer(_read_only_view(mapping), mapping, base)
+    return MappedBuffer(read_only_view(mapping), mapping, base)
 
 
 def _open_cuda(handle: CudaIpcHandle, device: torch.device) -> MappedBuffer:

@@ -83,10 +83,12 @@ class CudaIpcHandle(msgspec.Struct, tag="cuda_ipc", tag_field="kind", forbid_unk
 class ShmFdHandle(msgspec.Struct, tag="shm_fd", tag_field="kind", forbid_unknown_fields=True, frozen=True):
     """An unnamed shared-memory file (O_TMPFILE on /dev/shm) of a live loader. Never has a name, so it cannot
     outlive its owner: used for buffers kept across updates. Its descriptor is handed over with SCM_RIGHTS
-    (fdpass.py); ``slot`` is its index among the descriptors of this hello."""
+    (fdpass.py); ``slot`` is its index among the descriptors of this hello. Several buffers may share one file
+    (buffers a server rank keeps: ``offset``, page-aligned, is where this one begins)."""
 
     slot: int
     nbytes: int
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class FileHandle(msgspec.Struct, tag="file", tag_field="kind", forbid_unknown_fields=True, frozen=True):
@@ -135,6 +137,21 @@ class Hello(_Msg, tag="hello"):
     allow_unused: bool = False  # the caller knows some tensors are not weights of the served model
 
 
+class BuffersWanted(_Msg, tag="buffers_wanted"):
+    """Loader -> the first rank it feeds, before the hello, where the server keeps update buffers
+    (``--keep-update-buffers``): lend me buffers of these sizes. Answered by BuffersGranted, the file's descriptor
+    handed over on ``<endpoint>.kept`` (fdpass.FdInbox), or by a Reply(seq=-2, ok=False) saying why not."""
+
+    sizes: Annotated[list[Annotated[int, msgspec.Meta(gt=0)]], msgspec.Meta(max_length=MAX_BUFFERS)]
+
+
+class BuffersGranted(_Msg, tag="buffers_granted"):
+    """The buffers lent for this update: one file of ``nbytes``, buffer i at ``offsets[i]`` (page-aligned)."""
+
+    offsets: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=MAX_BUFFERS)]
+    nbytes: int
+
+
 class BucketReady(_Msg, tag="bucket"):
     """Buffer ``buffer`` holds these tensors; load them, then reply so the loader may refill the buffer."""
 
@@ -157,7 +174,7 @@ class Abort(_Msg, tag="abort"):
 
 
 class Reply(_Msg, tag="reply"):
-    """Worker -> loader acknowledgement of message ``seq`` (hello is seq -1)."""
+    """Worker -> loader acknowledgement of message ``seq`` (hello is seq -1; a refused BuffersWanted -2)."""
 
     seq: int
     ok: bool
@@ -169,7 +186,7 @@ class Reply(_Msg, tag="reply"):
     opened: list[int] = []
 
 
-Message = Hello | BucketReady | Finish | Abort | Reply
+Message = Hello | BuffersWanted | BuffersGranted | BucketReady | Finish | Abort | Reply
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)
@@ -200,9 +217,12 @@ def _check(msg: Message) -> None:
             raise ProtocolError("hello must name at least one non-empty buffer")
         if min(msg.num_buckets, msg.num_tensors, msg.total_bytes) < 0:
             raise ProtocolError("hello has negative counts")
-        slots = sorted(b.slot for b in msg.buffers if isinstance(b, (ShmFdHandle, FileHandle)))
+        # one descriptor per file: a checkpoint file's slot is its own; buffers that are ranges of one shared-memory
+        # file (lent by the server) share theirs
+        file_slots = [b.slot for b in msg.buffers if isinstance(b, FileHandle)]
+        slots = sorted([*file_slots, *{b.slot for b in msg.buffers if isinstance(b, ShmFdHandle)}])
         if slots != list(range(len(slots))):
-            raise ProtocolError("hello descriptor slots must be 0..n-1, each once")
+            raise ProtocolError("hello descriptor slots must be 0..n-1")
         if msg.num_tensors != len(msg.manifest):
             raise ProtocolError(f"hello announces {msg.num_tensors} tensors but its manifest lists {len(msg.manifest)}")
         for meta in msg.manifest:
