@@ -228,12 +228,12 @@ class PauseProbe:
 
 
 @contextlib.contextmanager
-def serving_servers(ckpt: Path, logs: list[Path], **kwargs):
-    """One server per log, started together (``--sleep-on-idle``), each given the real weights by SGLang's own disk
-    reload and healthy; all stopped on exit."""
+def serving_servers(ckpt: Path, logs: list[Path], extra_args: list[str] = (), **kwargs):
+    """One server per log, started together (``--sleep-on-idle``, and ``extra_args``), each given the real weights by
+    SGLang's own disk reload and healthy; all stopped on exit."""
     from sglang_ckpt_plugin.demo.launch import SGLangServer
 
-    servers = [SGLangServer(ckpt, log, extra_args=SERVER_ARGS, **kwargs) for log in logs]
+    servers = [SGLangServer(ckpt, log, extra_args=[*SERVER_ARGS, *extra_args], **kwargs) for log in logs]
     with contextlib.ExitStack() as stack:
         for srv in servers:
             stack.enter_context(srv)

@@ -41,6 +41,9 @@ from targets import Target, print_verdicts  # noqa: E402
 
 from sglang_ckpt_plugin.demo.cluster import MIB, Cluster, ClusterSpec  # noqa: E402
 from sglang_ckpt_plugin.demo.cluster_fleet import (  # noqa: E402
+    MARKER,
+    mark_ready,
+    place_steps,
     run_loaders,
     start_loaders,
     start_servers,
@@ -49,8 +52,6 @@ from sglang_ckpt_plugin.demo.cluster_fleet import (  # noqa: E402
     wait_versions,
 )
 from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
-
-MARKER = "COMPLETE"
 
 
 @dataclass
@@ -93,27 +94,6 @@ def all_at_once(servers, fn) -> float:
     with ThreadPoolExecutor(len(servers)) as pool:
         list(pool.map(fn, servers))
     return time.perf_counter() - t0
-
-
-def place_steps(cluster: Cluster, a: Path, b: Path, repeats: int) -> list[tuple[str, str]]:
-    """The watched directory on every node's disk: step-1 = B, step-2 = A, ... (hard links to the copies: the
-    bytes a push reads are the node's own), none ready until its marker is written."""
-    steps = []
-    for k in range(1, repeats + 1):
-        name, source = ("B", b) if k % 2 else ("A", a)
-        for node in cluster.nodes:
-            step = node.disk / "watch" / f"step-{k}"
-            step.mkdir(parents=True)
-            for f in cluster.on_disk(node, source).iterdir():
-                (step / f.name).hardlink_to(f)
-        steps.append((f"step-{k}", name))
-    return steps
-
-
-def mark_ready(cluster: Cluster, step: str) -> None:
-    """The trainer's marker on every node, node 0 (whose rank decides) last."""
-    for node in reversed(cluster.nodes):
-        (node.disk / "watch" / step / MARKER).write_text("")
 
 
 def wait_file(path: Path, timeout_s: float) -> None:

@@ -47,6 +47,7 @@ from sglang_ckpt_plugin.demo.evidence import checksum  # noqa: E402
 from sglang_ckpt_plugin.demo.launch import free_port  # noqa: E402
 from sglang_ckpt_plugin.loader.cli import torchrun_command  # noqa: E402
 
+KEPT_ROW = "push, buffers the server keeps (one process)"
 PROBE_EVERY_S = 0.25  # a 1-token request of this model takes ~0.1 s on 2 cores: a faster probe queues
 
 
@@ -55,9 +56,9 @@ def cli(url: str, ckpt: Path, version: str, *extra: str, tp: int = 1) -> list[st
     return [sys.executable, "-m", "sglang_ckpt_plugin.update", *args, "--inference-parallel-size", str(tp), *extra]
 
 
-def torchrun(url: str, ckpt: Path, version: str, tp: int) -> list[str]:
+def torchrun(url: str, ckpt: Path, version: str, tp: int, *extra: str) -> list[str]:
     """One loader rank per TP rank (what a GPU server or several nodes take), on one node."""
-    return torchrun_command(cli(url, ckpt, version, tp=tp)[3:], port=free_port(), nproc_per_node=tp)
+    return torchrun_command(cli(url, ckpt, version, *extra, tp=tp)[3:], port=free_port(), nproc_per_node=tp)
 
 
 class Methods:
@@ -73,6 +74,7 @@ class Methods:
             "SGLang /update_weights_from_disk": self.disk,
             "push, page cache (one loader process)": self.cli,
             "push, shared bucket buffers (one process)": lambda v, c, t: self.cli(v, c, t, "--transfer", "copy"),
+            KEPT_ROW: lambda v, c, t: self.cli(v, c, t, "--transfer", "copy", kept=True),
         }
         if torchrun_too:
             self.methods[f"push, {tp} loader ranks (torchrun, one node)"] = self.torchrun
@@ -83,11 +85,13 @@ class Methods:
         time_disk_update(self.url, ckpt, version)
         return ""
 
-    def cli(self, version: str, ckpt: Path, _tensors, *extra: str) -> str:
+    def cli(self, version: str, ckpt: Path, _tensors, *extra: str, kept: bool = False) -> str:
+        """``kept``: fill the buffers the server keeps (--keep-update-buffers); the other rows allocate their own."""
+        extra = extra if kept else (*extra, "--use-kept-buffers", "off")
         return run_loader(cli(self.url, ckpt, version, *extra, tp=self.tp))[0].stdout
 
     def torchrun(self, version: str, ckpt: Path, _tensors) -> str:
-        return run_loader(torchrun(self.url, ckpt, version, self.tp))[0].stdout
+        return run_loader(torchrun(self.url, ckpt, version, self.tp, "--use-kept-buffers", "off"))[0].stdout
 
     def tensor(self, version: str, _ckpt, tensors: dict) -> str:
         time_update_from_tensor(self.url, tensors, version, self.tp, flush_cache=False)
@@ -193,7 +197,8 @@ def spread(whole: list[float], pause: list[float]) -> str:
 
 
 def bench_server(tp: int, pair: Alternation, work: Path, repeats: int) -> list[tuple]:
-    with serving_servers(pair.path(0), [work / f"server-tp{tp}.log"], tp_size=tp) as (srv,):
+    """One server that keeps update buffers (--keep-update-buffers), which only the row that asks uses."""
+    with serving_servers(pair.path(0), [work / f"server-tp{tp}.log"], ["--keep-update-buffers"], tp_size=tp) as (srv,):
         methods = Methods(srv.url, tp, torchrun_too=tp > 1)
         try:
             return bench_methods(f"TP={tp}", [srv.url], pair, methods.methods, repeats)
@@ -223,6 +228,9 @@ def node_targets(rows: list[tuple], disk: dict) -> list[Target]:
             targets.append(Target(f"{setting} {name}: between loader processes", between, 0.0, unit="MB"))
         targets.append(Target(f"{setting} {name}: pause / disk reload's pause", worst, 1.5, unit="x"))
     for setting in dict.fromkeys(row[0] for row in rows):
+        kept, d_whole = whole_of.get((setting, KEPT_ROW)), whole_of.get((setting, "SGLang /update_weights_from_disk"))
+        if kept and d_whole:  # issue 36: the bucket path within 1.5x of SGLang's disk reload, loader start included
+            targets.append(Target(f"{setting} {KEPT_ROW}: whole / disk reload's", kept / d_whole, 1.5, unit="x"))
         local = whole_of.get((setting, "LocalPush (trainer memory, shm buffers kept)"))
         tensor = whole_of.get((setting, "SGLang update_weights_from_tensor (HTTP, fresh tensors)"))
         if local and tensor:
@@ -261,7 +269,7 @@ def main() -> int:
             f"| {setting} | {name} | {whole:.3f} | {whole / d_whole:.2f}x | {pause} | {worst:.2f}x | {idle:.3f} "
             f"| {moved} | {copied} | {ranges} |"
         )
-    print_verdicts("issue 16", node_targets(rows, disk))
+    print_verdicts("issues 16 and 36", node_targets(rows, disk))
     print(f"\n{pair.verdict()}")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)

@@ -6,7 +6,8 @@ A broadcast push: each node reads half of the checkpoint from its own disk and r
 link; both serve exactly what SGLang's own reload of the same files serves. A link cut mid-update: the update fails
 on both nodes within the loader's ``--timeout``, naming the lost peer; both keep serving what they served (one
 version), nothing is left behind, and once the cable is back the next push lands on both. A p2p push over Mooncake
-(and a join from its metas file) updates node 1 alone. A slow link delays a push, which lands on both.
+(and a join from its metas file) updates node 1 alone. A slow link delays a push, which lands on both. A node whose
+server dies and comes back is refilled by the resident loader (``--watch``), the other node untouched.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ import torch
 
 from sglang_ckpt_plugin.demo.cluster import Cluster, ClusterSpec
 from sglang_ckpt_plugin.demo.cluster_fleet import (
+    MARKER,
+    mark_ready,
+    place_steps,
     run_loaders,
     start_loaders,
+    start_server,
     start_servers,
     stop_servers,
     versions,
     wait_loaders,
+    wait_versions,
 )
 from sglang_ckpt_plugin.demo.evidence import checksum
 from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
@@ -190,3 +196,28 @@ def test_a_slow_link_delays_a_push_but_every_node_serves_it(cluster, models):
         assert versions(servers) == ["b-slow", "b-slow"]
         for server in servers:
             assert_serves(server.url, on_nodes["B"], hf_checkpoint=models[1])
+
+
+def test_a_node_whose_server_dies_is_refilled_by_the_resident_loader_when_it_comes_back(cluster, models):
+    box, servers, on_nodes, logs = cluster
+    with box.reachable():
+        ((step, _name),) = place_steps(box, on_nodes["A"], on_nodes["B"], 1)  # step-1: B
+        watch = ["--watch", str(box.disk / "watch"), "--ready-marker", MARKER, "--poll-s", "0.2", "--timeout", "60"]
+        watchers = start_loaders(box, servers, watch, logs, "watch")
+        try:
+            mark_ready(box, step)
+            wait_versions(servers, step, 240)
+            served = checksum(servers[0].url)
+            servers[1].stop()  # node 1's server dies (its whole process group)
+            servers[1] = start_server(box.nodes[1], on_nodes["A"], logs, port=servers[1].port, tag="_restarted")
+            servers[1].wait_listening()  # dummy weights, 503 until a push: the resident loader refills it
+            wait_versions(servers[1:], step, 240)
+            assert versions(servers[:1]) == [step] and checksum(servers[0].url) == served  # node 0 untouched
+        finally:
+            for w in watchers:
+                w.terminate()
+            codes = wait_loaders(watchers, 60)
+        out = (logs / "watch_node0.log").read_text(errors="replace")
+        assert codes == [0, 0], out[-3000:]
+        assert "refilled" in out, out[-3000:]
+        assert_serves(servers[1].url, on_nodes["B"], hf_checkpoint=models[1])

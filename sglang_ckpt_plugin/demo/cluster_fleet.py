@@ -15,31 +15,37 @@ from pathlib import Path
 import httpx
 
 from ..loader.cli import torchrun_command
-from .cluster import Cluster
+from .cluster import Cluster, Node
 from .launch import PLUGIN_FREE, SGLangServer
 from .processes import stop_torchrun_group
 
 LOADER_ENV = {"GLOO_SOCKET_IFNAME": "eth0"}  # gloo (and so every bucket) goes over the node's link
 
 
+MARKER = "COMPLETE"  # what a trainer writes into a checkpoint directory once it is whole (--ready-marker)
+
+
 def start_servers(cluster: Cluster, model: Path, logs: Path, *, plugin: bool = True) -> list[SGLangServer]:
     """A server on every node, started together: with the plugin on dummy weights waiting for the first push, or
     (``plugin=False``) SGLang alone loading ``model`` from the node's own disk (``--load-format auto``)."""
-    servers = [
-        SGLangServer(
-            model,
-            logs / f"node{node.index}_{'plugin' if plugin else 'sglang'}_server.log",
-            wait_for_weights=plugin,
-            host=node.address,
-            wrap=node.command,
-            extra_args=["--sleep-on-idle"],
-            env=None if plugin else {"SGLANG_PLUGINS": PLUGIN_FREE},
-        )
-        for node in cluster.nodes
-    ]
-    for server in servers:
-        server.start()
-    return servers
+    return [start_server(node, model, logs, plugin=plugin) for node in cluster.nodes]
+
+
+def start_server(
+    node: Node, model: Path, logs: Path, *, plugin: bool = True, port: int | None = None, tag: str = ""
+) -> SGLangServer:
+    """One node's server (``port``: the one a server there had, for a restart that loaders find where it was)."""
+    kind = "plugin" if plugin else "sglang"
+    return SGLangServer(
+        model,
+        logs / f"node{node.index}_{kind}_server{tag}.log",
+        wait_for_weights=plugin,
+        host=node.address,
+        port=port,
+        wrap=node.command,
+        extra_args=["--sleep-on-idle"],
+        env=None if plugin else {"SGLANG_PLUGINS": PLUGIN_FREE},
+    ).start()
 
 
 def stop_servers(servers: list[SGLangServer]) -> None:
@@ -116,3 +122,24 @@ def wait_versions(servers: list[SGLangServer], version: str, timeout_s: float, e
                 pass
             time.sleep(every_s)
     return time.perf_counter() - t0
+
+
+def place_steps(cluster: Cluster, a: Path, b: Path, repeats: int) -> list[tuple[str, str]]:
+    """The watched directory on every node's disk: step-1 = B, step-2 = A, ... (hard links to the copies: the
+    bytes a push reads are the node's own), none ready until its marker is written. (step, "A" or "B") each."""
+    steps = []
+    for k in range(1, repeats + 1):
+        name, source = ("B", b) if k % 2 else ("A", a)
+        for node in cluster.nodes:
+            step = node.disk / "watch" / f"step-{k}"
+            step.mkdir(parents=True)
+            for f in cluster.on_disk(node, source).iterdir():
+                (step / f.name).hardlink_to(f)
+        steps.append((f"step-{k}", name))
+    return steps
+
+
+def mark_ready(cluster: Cluster, step: str) -> None:
+    """The trainer's marker on every node, node 0 (whose rank decides) last."""
+    for node in reversed(cluster.nodes):
+        (node.disk / "watch" / step / MARKER).write_text("")

@@ -120,9 +120,9 @@ class KeptBuffers:
         grown = nbytes - self.nbytes
         self._fd, self._map, self.nbytes, self.identity = fd, mapping, nbytes, file_identity(fd)
         logger.info(
-            "kept update buffers: %.3f GB (%.3f GB more) in %.3f s%s",
-            nbytes / 1e9,
-            grown / 1e9,
+            "kept update buffers: %.1f MB (%.1f MB more) in %.3f s%s",
+            nbytes / 1e6,
+            grown / 1e6,
             time.perf_counter() - t0,
             f" (pages mapped on first use: {problem})" if problem else "",
         )
