@@ -181,22 +181,25 @@ def test_failed_updates_unmap_every_buffer(checkpoint, failure):
 
 
 class _LoaderErrors:
-    """A loader hook that records the errors the rank's answers carried to the loader."""
+    """A loader hook that records the errors the rank's answers carried to the loader: in the reply it waited for,
+    or, where the rank had ended before the loader's next send, in the last words it read then."""
 
     def __init__(self):
         self.errors = []
 
     def watch(self, feeder):
-        real = feeder._wait_reply
+        for name in ("_wait_reply", "send_bucket"):
+            setattr(feeder, name, self._recording(getattr(feeder, name)))
 
-        def wait_reply(seq, what):
+    def _recording(self, real):
+        def call(*args, **kwargs):
             try:
-                return real(seq, what)
+                return real(*args, **kwargs)
             except PushError as exc:
                 self.errors.append(str(exc))
                 raise
 
-        feeder._wait_reply = wait_reply
+        return call
 
 
 def test_post_processing_error_is_a_failed_update(checkpoint):

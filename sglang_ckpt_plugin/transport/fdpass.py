@@ -32,6 +32,48 @@ def _peer_uid(sock: socket.socket) -> int:
     return uid
 
 
+def _listen(path: str) -> socket.socket:
+    """A private (0600) listening socket at ``path``, for one peer."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(1)
+    return sock
+
+
+def _close_listener(sock: socket.socket, path: str) -> None:
+    sock.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _connect_to_own(path: str, timeout_s: float) -> socket.socket:
+    """Connect to ``path``, a socket of this user whose listener runs as this user; ValueError otherwise."""
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+        raise ValueError(f"{path} is not a socket of this user")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        if _peer_uid(sock) != os.getuid():
+            raise ValueError(f"the process behind {path} runs as another user")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _exactly(fds: list[int], count: int, sender: str) -> list[int]:
+    if len(fds) != count:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"{sender} handed over {len(fds)} descriptors, it announced {count}")
+    return fds
+
+
 class FdOffer:
     """Loader side: serves ``fds`` once, to the first peer of the same user that connects."""
 
@@ -40,10 +82,7 @@ class FdOffer:
             raise ValueError(f"{len(fds)} descriptors to hand over; at most {MAX_FDS} fit in one message")
         self.path = path
         self.error: str | None = None
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(path)
-        os.chmod(path, 0o600)
-        self._sock.listen(1)
+        self._sock = _listen(path)
         self._sock.settimeout(0.2)
         self._fds = list(fds)
         self._deadline = time.monotonic() + timeout_s
@@ -70,31 +109,16 @@ class FdOffer:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _close_listener(self._sock, self.path)
 
 
 def receive_fds(path: str, count: int, timeout_s: float) -> list[int]:
     """Rank side: the ``count`` descriptors the loader offers at ``path``. OSError/ValueError on anything odd."""
     if not 0 < count <= MAX_FDS:
         raise ValueError(f"the loader announced {count} descriptors; 1..{MAX_FDS} expected")
-    st = os.lstat(path)
-    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
-        raise ValueError(f"{path} is not a socket of this user")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
-        sock.connect(path)
-        if _peer_uid(sock) != os.getuid():
-            raise ValueError(f"the process behind {path} runs as another user")
+    with _connect_to_own(path, timeout_s) as sock:
         _msg, fds, _flags, _addr = socket.recv_fds(sock, 16, count)
-    if len(fds) != count:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError(f"the loader handed over {len(fds)} descriptors, its hello announced {count}")
-    return fds
+    return _exactly(fds, count, "the loader")
 
 
 class FdInbox:
@@ -103,10 +127,7 @@ class FdInbox:
 
     def __init__(self, path: str):
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(path)
-        os.chmod(path, 0o600)
-        self._sock.listen(1)
+        self._sock = _listen(path)
 
     def receive(self, count: int, timeout_s: float) -> list[int]:
         """The ``count`` descriptors; TimeoutError or ValueError when they do not come as announced."""
@@ -119,28 +140,13 @@ class FdInbox:
                     continue  # another user's process: not the rank we asked
                 conn.settimeout(max(0.01, deadline - time.monotonic()))
                 _msg, fds, _flags, _addr = socket.recv_fds(conn, 16, MAX_FDS)
-            if len(fds) != count:
-                for fd in fds:
-                    os.close(fd)
-                raise ValueError(f"the server's rank handed over {len(fds)} descriptors, it announced {count}")
-            return fds
+            return _exactly(fds, count, "the server's rank")
 
     def close(self) -> None:
-        self._sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _close_listener(self._sock, self.path)
 
 
 def send_fds_to(path: str, fds: list[int], timeout_s: float) -> None:
-    """Rank side: hand ``fds`` to the loader's FdInbox at ``path`` (same checks as receive_fds)."""
-    st = os.lstat(path)
-    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
-        raise ValueError(f"{path} is not a socket of this user")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
-        sock.connect(path)
-        if _peer_uid(sock) != os.getuid():
-            raise ValueError(f"the process behind {path} runs as another user")
+    """Rank side: hand ``fds`` to the loader's FdInbox at ``path`` (the checks of receive_fds)."""
+    with _connect_to_own(path, timeout_s) as sock:
         socket.send_fds(sock, [b"K"], fds)
