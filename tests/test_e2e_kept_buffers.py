@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from sglang_ckpt_plugin.demo.evidence import parameter_checksums
 from sglang_ckpt_plugin.demo.launch import SGLangServer, generate_ids
 
-from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push
+from .conftest import NEW_TOKENS, PROMPT, assert_serves, our_leftovers, push, run_with_stacks
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +104,18 @@ def test_a_loader_may_still_allocate_its_own(kept_server, llama_a):
     out = copy_push(kept_server.url, llama_a, "a-own", "--use-kept-buffers", "off")
     assert "shared bucket buffers (one set for 2 server ranks) allocated by the loader" in out.stdout, out.stdout
     assert_serves(kept_server.url, llama_a)
+
+
+def test_torchrun_ranks_on_one_node_fill_them_too(kept_server, llama_a, llama_b):
+    """``torchrun --nproc-per-node 2``: loader rank 0 feeds both TP ranks (the one-copy path) from the buffers the
+    server keeps, with the other rank in the group."""
+    from sglang_ckpt_plugin.demo.launch import free_port
+    from sglang_ckpt_plugin.loader.cli import torchrun_command
+
+    copy_push(kept_server.url, llama_a, "a")
+    args = ["--checkpoint-path", str(llama_b), "--endpoint", kept_server.url, "--inference-parallel-size", "2"]
+    args += ["--quiet", "--timeout", "120", "--weight-version", "b-torchrun", "--transfer", "copy"]
+    out = run_with_stacks(torchrun_command(args, port=free_port(), nproc_per_node=2), 300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[sglang-ckpt rank 0] pushed" in out.stdout and KEPT in out.stdout, out.stdout
+    assert_serves(kept_server.url, llama_b)
