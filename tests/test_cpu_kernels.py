@@ -4,6 +4,7 @@ equals its definition on dequantized weights."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -115,3 +116,35 @@ def test_registered_ops_are_what_sglang_calls_and_leave_an_existing_kernel_alone
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_sglang_model_module_imports_on_this_cpu_and_a_placeholder_names_itself():
+    """In the CPU environment, with the CPU half of the plugin loaded as SGLang loads it: no SGLang model module fails
+    to import for want of an ``sgl_kernel`` op (SGLang would skip it: a Qwen-VL server could not start, its processor
+    imports models/qwen3_5.py); a placeholder that a forward calls raises, naming itself."""
+    from sglang_ckpt_plugin.cpu_env import cpu_environment
+
+    code = (
+        "import importlib, pkgutil, re, torch\n"
+        "from sglang_ckpt_plugin.cpu_support import plugin\n"
+        "plugin.register()\n"
+        "import sglang.srt.models as models\n"
+        "missing = set()\n"
+        "for info in pkgutil.iter_modules(models.__path__):\n"
+        "    try:\n"
+        "        importlib.import_module('sglang.srt.models.' + info.name)\n"
+        "    except Exception as exc:\n"
+        "        found = re.search(r\"'sgl_kernel' object has no attribute '(\\w+)'\", str(exc))\n"
+        "        if found: missing.add(found.group(1))\n"
+        "assert not missing, f'add to kernels.IMPORT_TIME_OPS: {sorted(missing)}'\n"
+        "import sglang.srt.models.qwen3_5, sglang.srt.models.grok\n"
+        "try:\n"
+        "    torch.ops.sgl_kernel.fused_sigmoid_mul_cpu(torch.ones(2), torch.ones(2))\n"
+        "except NotImplementedError as exc:\n"
+        "    assert 'torch.ops.sgl_kernel.fused_sigmoid_mul_cpu has no CPU kernel here' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('a placeholder computed something')\n"
+    )
+    env = {**os.environ, **cpu_environment()}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]

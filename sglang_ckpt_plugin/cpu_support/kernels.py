@@ -203,6 +203,45 @@ def convert_weight_packed(weight):
     return pack_vnni(weight)
 
 
+# Ops SGLang's CPU branches look up when their module is imported (models/qwen3_5.py, which Qwen-VL's multimodal
+# processor imports, models/grok.py, ...), which no CPU without a real sgl-kernel build has: without them the import
+# fails, SGLang skips the module, and a Qwen-VL server cannot start at all. Each is a placeholder that raises, naming
+# itself, if a forward ever calls it (none of them computes anything here). Found by importing every
+# ``sglang.srt.models`` module on this environment (tests/test_cpu_kernels.py keeps the list complete).
+IMPORT_TIME_OPS = (
+    "fused_sigmoid_mul_cpu",
+    "fused_qk_gemma_rmsnorm_cpu",
+    "fused_qk_gemma_rmsnorm_with_gate_cpu",
+    "fused_qkvzba_split_reshape_cat_contiguous_cpu",
+    "fused_moe_router_cpu",
+    "rmsnorm_cpu",
+    "fused_dual_residual_rmsnorm_cpu",
+)
+
+
+def _placeholder(name: str):
+    def call(*args, **kwargs):
+        raise NotImplementedError(
+            f"sgl_kernel CPU stand-in: torch.ops.sgl_kernel.{name} has no CPU kernel here (a placeholder so that the "
+            "SGLang module that looks it up imports); the model that calls it cannot run its forward on this CPU"
+        )
+
+    call.__name__ = name
+    return call
+
+
+def register_placeholders() -> list[str]:
+    """Put a raising placeholder under each name of IMPORT_TIME_OPS that torch's ``sgl_kernel`` namespace lacks
+    (a real kernel of that name is left alone); returns the names placed."""
+    namespace = torch.ops.sgl_kernel
+    placed = []
+    for name in IMPORT_TIME_OPS:
+        if not hasattr(namespace, name):
+            setattr(namespace, name, _placeholder(name))
+            placed.append(name)
+    return placed
+
+
 def register() -> list[str]:
     """Define every op above in torch's ``sgl_kernel`` namespace (once per process); returns the names defined.
     An op that already exists (a real CPU build of sgl-kernel) is left as it is."""

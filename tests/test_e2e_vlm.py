@@ -1,0 +1,104 @@
+"""A vision-language model served on this CPU: a tiny Qwen2.5-VL (vision tower, language model, processor files) on
+dummy weights behind the gate. A push equals SGLang without the plugin on the same files and SGLang's own disk reload,
+by /weights_checker checksums (the vision tower's parameters included) and greedy output for a text request and for a
+request with an image; a push lacking a vision tensor is refused by name and the gate stays shut.
+
+SGLang's Qwen-VL processor imports models/qwen3_5.py, which looks up CPU kernels at import that this environment does
+not have: the CPU half of the plugin places raising placeholders for them (cpu_support/kernels.py), without which no
+Qwen-VL server starts here, with or without the plugin.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import pytest
+from safetensors.torch import load_file, save_file
+
+from sglang_ckpt_plugin.demo.evidence import checksum, reload_from_disk
+from sglang_ckpt_plugin.demo.launch import PLUGIN_FREE, SGLangServer, generate_ids
+from sglang_ckpt_plugin.demo.tiny_vlm import IMAGE_PROMPT, make_image, make_tiny_qwen2_5_vl
+
+from .conftest import our_leftovers, push
+
+pytestmark = pytest.mark.slow
+
+TEXT_PROMPT = [1, 20, 30, 40, 50]  # plain words: no special token
+NEW_TOKENS = 8
+VISION_TENSOR = "visual.blocks.0.mlp.down_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def vlms(ckpt_root):
+    return make_tiny_qwen2_5_vl(ckpt_root / "qwen2_5_vl_a", seed=0), make_tiny_qwen2_5_vl(
+        ckpt_root / "qwen2_5_vl_b", seed=1
+    )
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    where = tmp_path_factory.mktemp("images")
+    return make_image(where / "one.png", seed=0), make_image(where / "two.png", seed=1)
+
+
+@pytest.fixture(scope="module")
+def server(vlms, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "vlm_server.log"
+    with SGLangServer(vlms[0], log) as srv:
+        srv.wait_listening()
+        yield srv
+    assert srv.group_pids() == [], "server processes left behind"
+
+
+def image_ids(url: str, image) -> list[int]:
+    body = {
+        "text": IMAGE_PROMPT,
+        "image_data": str(image),
+        "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True},
+    }
+    resp = httpx.post(f"{url}/generate", json=body, timeout=120)
+    resp.raise_for_status()
+    return resp.json()["output_ids"]
+
+
+def observe(url: str, image) -> tuple:
+    """What a server shows of its weights: every parameter's checksum, greedy ids for text and for an image."""
+    return checksum(url), generate_ids(url, TEXT_PROMPT, NEW_TOKENS)["output_ids"], image_ids(url, image)
+
+
+def test_a_push_lacking_a_vision_tensor_is_refused_by_name_and_the_gate_stays_shut(server, vlms, tmp_path):
+    bad = tmp_path / "no_vision_tensor"
+    shutil.copytree(vlms[1], bad, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(vlms[1] / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != VISION_TENSOR}, bad / "model.safetensors")
+    before = set(our_leftovers())
+    proc = push(server.url, bad, "--weight-version", "no-vision", check=False)
+    assert proc.returncode == 1 and "does not cover 1 parameter" in proc.stderr, proc.stderr
+    assert VISION_TENSOR in proc.stderr, proc.stderr
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
+    assert set(our_leftovers()) - before == set()
+
+
+def test_a_push_serves_what_sglang_without_the_plugin_serves_text_and_image(server, vlms, images, tmp_path):
+    push(server.url, vlms[0], "--weight-version", "a")
+    server.wait_healthy(timeout_s=120)
+    pushed = observe(server.url, images[0])
+    env = {"SGLANG_PLUGINS": PLUGIN_FREE}
+    with SGLangServer(vlms[0], tmp_path / "plain_vlm.log", wait_for_weights=False, env=env) as plain:
+        plain.wait_healthy()
+        assert "ckpt_plugin" not in httpx.get(f"{plain.url}/model_info", timeout=30).json()
+        reference = observe(plain.url, images[0])
+    assert plain.group_pids() == []
+    assert pushed == reference
+
+
+def test_a_push_equals_sglangs_own_reload_and_the_image_matters(server, vlms, images):
+    push(server.url, vlms[0], "--weight-version", "a")
+    served_a = observe(server.url, images[0])
+    push(server.url, vlms[1], "--weight-version", "b", "--transfer", "copy")
+    pushed = observe(server.url, images[0])
+    assert pushed[0] != served_a[0] and pushed[2] != served_a[2], "the push did not change what is served"
+    assert image_ids(server.url, images[1]) != pushed[2], "the image made no difference to the answer"
+    reload_from_disk(server.url, vlms[1])
+    assert observe(server.url, images[0]) == pushed
