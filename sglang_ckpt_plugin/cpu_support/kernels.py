@@ -219,25 +219,17 @@ IMPORT_TIME_OPS = (
 )
 
 
-def _placeholder(name: str):
-    def call(*args, **kwargs):
-        raise NotImplementedError(
-            f"sgl_kernel CPU stand-in: torch.ops.sgl_kernel.{name} has no CPU kernel here (a placeholder so that the "
-            "SGLang module that looks it up imports); the model that calls it cannot run its forward on this CPU"
-        )
-
-    call.__name__ = name
-    return call
-
-
 def register_placeholders() -> list[str]:
-    """Put a raising placeholder under each name of IMPORT_TIME_OPS that torch's ``sgl_kernel`` namespace lacks
-    (a real kernel of that name is left alone); returns the names placed."""
+    """Put under each name of IMPORT_TIME_OPS that torch's ``sgl_kernel`` namespace lacks the CPU stand-in's own
+    function of that name, which raises, naming itself (a real kernel of that name is left alone); returns the names
+    placed. Only on the stand-in (plugin.py)."""
+    import sgl_kernel
+
     namespace = torch.ops.sgl_kernel
     placed = []
     for name in IMPORT_TIME_OPS:
         if not hasattr(namespace, name):
-            setattr(namespace, name, _placeholder(name))
+            setattr(namespace, name, getattr(sgl_kernel, name))
             placed.append(name)
     return placed
 

@@ -156,6 +156,18 @@ def word_tokenizer(vocab: int):
     return fast
 
 
+def vary_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Random weights that tell checkpoints apart in the output: matrices scaled up, norms made non-trivial (a wrong
+    norm weight then changes the output)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(WEIGHT_SCALE)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 def make_tiny_model(
     out_dir: str | Path,
     arch: str = "llama",
@@ -176,14 +188,7 @@ def make_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     config = config or model_config(arch, hidden, layers, vocab, dtype, tie_word_embeddings)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.mul_(WEIGHT_SCALE)
-            elif "norm" in name:  # make norms non-trivial so a wrong norm weight changes the output
-                p.uniform_(0.5, 1.5)
-    model = model.to(dtype)
+    model = vary_weights(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, safe_serialization=True, **kwargs)
     if getattr(config, "num_nextn_predict_layers", 0):

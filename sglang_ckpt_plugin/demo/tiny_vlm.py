@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny_model import WEIGHT_SCALE
+from .tiny_model import vary_weights
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 PAD = "<|endoftext|>"
@@ -100,14 +100,7 @@ def make_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, vocab: int = 1000) 
         eos_token_id=eos,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.mul_(WEIGHT_SCALE)
-            elif "norm" in name:  # non-trivial norms: a wrong norm weight changes the output
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(out, safe_serialization=True)
+    vary_weights(Qwen2_5_VLForConditionalGeneration(config)).save_pretrained(out, safe_serialization=True)
     images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112)
     processor = Qwen2_5_VLProcessor(
         image_processor=images,
