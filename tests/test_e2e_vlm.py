@@ -1,7 +1,8 @@
-"""A vision-language model served on this CPU: a tiny Qwen2.5-VL (vision tower, language model, processor files) on
-dummy weights behind the gate. A push equals SGLang without the plugin on the same files and SGLang's own disk reload,
-by /weights_checker checksums (the vision tower's parameters included) and greedy output for a text request and for a
-request with an image; a push lacking a vision tensor is refused by name and the gate stays shut.
+"""Vision-language models served on this CPU: a tiny Qwen2.5-VL and a tiny Qwen3-VL (vision tower, language model,
+processor files) on dummy weights behind the gate. A push equals SGLang without the plugin on the same files and
+SGLang's own disk reload, by /weights_checker checksums (the vision tower's parameters included) and greedy output for
+a text request and for a request with an image; a push lacking a vision tensor is refused by name and the gate stays
+shut.
 
 SGLang's Qwen-VL processor imports models/qwen3_5.py, which looks up CPU kernels at import that this environment does
 not have: the CPU half of the plugin places raising placeholders for them (cpu_support/kernels.py), without which no
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from sglang_ckpt_plugin.demo.evidence import checksum, reload_from_disk
 from sglang_ckpt_plugin.demo.launch import PLUGIN_FREE, SGLangServer, generate_ids
-from sglang_ckpt_plugin.demo.tiny_vlm import IMAGE_PROMPT, make_image, make_tiny_qwen2_5_vl
+from sglang_ckpt_plugin.demo.tiny_vlm import FAMILIES, IMAGE_PROMPT, make_image, make_tiny_vlm
 
 from .conftest import our_leftovers, push
 
@@ -26,25 +27,32 @@ pytestmark = pytest.mark.slow
 
 TEXT_PROMPT = [1, 20, 30, 40, 50]  # plain words: no special token
 NEW_TOKENS = 8
-VISION_TENSOR = "visual.blocks.0.mlp.down_proj.weight"
+# a vision tensor of each family's checkpoint, and what of its name a refusal must show (SGLang's parameter name)
+VISION_TENSOR = {
+    "qwen2_5_vl": ("visual.blocks.0.mlp.down_proj.weight", "visual.blocks.0.mlp.down_proj"),
+    "qwen3_vl": ("model.visual.blocks.0.mlp.linear_fc2.weight", "visual.blocks.0.mlp.linear_fc2"),
+}
+
+
+@pytest.fixture(scope="module", params=list(VISION_TENSOR))
+def family(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def vlms(ckpt_root):
-    return make_tiny_qwen2_5_vl(ckpt_root / "qwen2_5_vl_a", seed=0), make_tiny_qwen2_5_vl(
-        ckpt_root / "qwen2_5_vl_b", seed=1
-    )
+def vlms(family, ckpt_root):
+    return tuple(make_tiny_vlm(ckpt_root / f"{family}_{seed}", family, seed=seed) for seed in (0, 1))
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    where = tmp_path_factory.mktemp("images")
-    return make_image(where / "one.png", seed=0), make_image(where / "two.png", seed=1)
+def images(family, tmp_path_factory):
+    where, side = tmp_path_factory.mktemp("images"), FAMILIES[family]["image_side"]
+    return make_image(where / "one.png", seed=0, size=side), make_image(where / "two.png", seed=1, size=side)
 
 
 @pytest.fixture(scope="module")
-def server(vlms, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "vlm_server.log"
+def server(vlms, family, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / f"{family}_server.log"
     with SGLangServer(vlms[0], log) as srv:
         srv.wait_listening()
         yield srv
@@ -67,15 +75,17 @@ def observe(url: str, image) -> tuple:
     return checksum(url), generate_ids(url, TEXT_PROMPT, NEW_TOKENS)["output_ids"], image_ids(url, image)
 
 
-def test_a_push_lacking_a_vision_tensor_is_refused_by_name_and_the_gate_stays_shut(server, vlms, tmp_path):
+def test_a_push_lacking_a_vision_tensor_is_refused_by_name_and_the_gate_stays_shut(server, vlms, family, tmp_path):
+    dropped, named = VISION_TENSOR[family]
     bad = tmp_path / "no_vision_tensor"
     shutil.copytree(vlms[1], bad, ignore=shutil.ignore_patterns("*.safetensors"))
     tensors = load_file(vlms[1] / "model.safetensors")
-    save_file({k: v for k, v in tensors.items() if k != VISION_TENSOR}, bad / "model.safetensors")
+    assert dropped in tensors
+    save_file({k: v for k, v in tensors.items() if k != dropped}, bad / "model.safetensors")
     before = set(our_leftovers())
     proc = push(server.url, bad, "--weight-version", "no-vision", check=False)
     assert proc.returncode == 1 and "does not cover 1 parameter" in proc.stderr, proc.stderr
-    assert VISION_TENSOR in proc.stderr, proc.stderr
+    assert named in proc.stderr, proc.stderr
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
     assert set(our_leftovers()) - before == set()
 
