@@ -140,11 +140,9 @@ class LentFile:
 
     def __init__(self, fd: int, nbytes: int, offsets: list[int], sizes: list[int]):
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-                raise PermissionError("the server's kept buffer file is not a private (0600) file of this user")
-            if st.st_size < nbytes or any(o % mmap.PAGESIZE or o + n > nbytes for o, n in zip(offsets, sizes)):
-                raise ValueError(f"the server lent {st.st_size} bytes with offsets {offsets[:8]}...: they do not fit")
+            _check_private_file(fd, "the server's kept buffer file", nbytes, announced_by="the server")
+            if any(o % mmap.PAGESIZE or o + n > nbytes for o, n in zip(offsets, sizes)):
+                raise ValueError(f"the server lent {nbytes} bytes with offsets {offsets[:8]}...: they do not fit")
             self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         except BaseException:
             os.close(fd)
@@ -402,12 +400,12 @@ def open_buffer(handle: BufferHandle, device: torch.device, fd: int | None = Non
     return _open_cuda(handle, device)
 
 
-def _check_private_file(fd: int, what: str, nbytes: int) -> None:
+def _check_private_file(fd: int, what: str, nbytes: int, announced_by: str = "the loader") -> None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise PermissionError(f"{what}: must be a private (0600) file of this user")
     if st.st_size < nbytes:
-        raise ValueError(f"{what}: {st.st_size} bytes, the loader announced {nbytes}")
+        raise ValueError(f"{what}: {st.st_size} bytes, {announced_by} announced {nbytes}")
 
 
 def _map_read_only(fd: int, length: int, offset: int = 0) -> mmap.mmap:
