@@ -5,7 +5,10 @@ on CPU (its own ServerArgs, ModelConfig and model loader), then
 2. it refuses the checkpoint with one tensor missing (a member of a pair the model fuses, where it has one);
 3. a push through the real loader and receiver (every bucket as small as the largest tensor, so pairs and
    shards are split) into a model SGLang built on dummy weights leaves every parameter and buffer bit-identical
-   to SGLang's own ``DefaultModelLoader`` load of the same files into a second instance.
+   to SGLang's own ``DefaultModelLoader`` load of the same files into a second instance;
+4. for a hybrid family (linear attention or Mamba beside full attention), one mixer of a second checkpoint pushed
+   as a partial update writes exactly what SGLang's own load of that checkpoint holds there (its loaders transform
+   what they load: ``A_log`` -> ``-exp(A_log)``, fused input projections), and nothing else changes.
 
     python -m tests.family_matrix OUT.json CKPT_ROOT
 
@@ -22,130 +25,7 @@ from pathlib import Path
 
 import torch
 
-HIDDEN, LAYERS, VOCAB = 64, 2, 256
-HEADS, KV_HEADS = 4, 2
-MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-MLA = dict(
-    kv_lora_rank=16,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=16,
-    n_routed_experts=4,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    moe_intermediate_size=32,
-    first_k_dense_replace=1,
-    n_group=2,
-    topk_group=1,
-    moe_layer_freq=1,
-    routed_scaling_factor=1.0,
-    norm_topk_prob=True,
-    rope_scaling={
-        "type": "yarn",
-        "rope_type": "yarn",
-        "factor": 1.0,
-        "original_max_position_embeddings": 2048,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
-)
-
-# family -> (HF model_type, config fields beyond the common sizes)
-FAMILIES = {
-    "llama": ("llama", {}),
-    "llama-tied": ("llama", {"tie_word_embeddings": True}),
-    "mistral": ("mistral", {"sliding_window": None}),
-    "qwen2": ("qwen2", {}),
-    "qwen3": ("qwen3", {"head_dim": 16}),
-    "qwen3-moe": ("qwen3_moe", {"head_dim": 16, **MOE, "decoder_sparse_step": 1, "mlp_only_layers": []}),
-    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
-    "phi3": ("phi3", {}),
-    "gpt2": ("gpt2", {"n_inner": 2 * HIDDEN, "bos_token_id": 1, "eos_token_id": 2}),
-    "gemma2": (
-        "gemma2",
-        {
-            "head_dim": 16,
-            "hidden_act": "gelu_pytorch_tanh",
-            "sliding_window": 8,
-            "query_pre_attn_scalar": 16,
-            "tie_word_embeddings": True,
-        },
-    ),
-    "gemma3": (
-        "gemma3_text",
-        {
-            "head_dim": 16,
-            "hidden_act": "gelu_pytorch_tanh",
-            "sliding_window": 8,
-            "query_pre_attn_scalar": 16,
-            "tie_word_embeddings": True,
-        },
-    ),
-    "olmo2": ("olmo2", {}),
-    "olmoe": ("olmoe", {"num_key_value_heads": HEADS, "num_experts": 4, "num_experts_per_tok": 2}),
-    "starcoder2": ("starcoder2", {"use_bias": True}),
-    "granite": ("granite", {}),
-    "stablelm": ("stablelm", {}),
-    "smollm3": ("smollm3", {}),
-    "glm4": ("glm4", {"head_dim": 16}),
-    "glm4-moe": (
-        "glm4_moe",
-        {
-            "head_dim": 16,
-            "n_routed_experts": 4,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 32,
-            "first_k_dense_replace": 1,
-            "n_group": 1,
-            "topk_group": 1,
-        },
-    ),
-    "qwen2-moe": (
-        "qwen2_moe",
-        {**MOE, "shared_expert_intermediate_size": 32, "decoder_sparse_step": 1, "mlp_only_layers": []},
-    ),
-    "phimoe": ("phimoe", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
-    "gpt-oss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8}),
-    "deepseek-v2": (
-        "deepseek_v2",
-        {**MLA, "q_lora_rank": None, "num_key_value_heads": HEADS, "scoring_func": "softmax", "topk_method": "greedy"},
-    ),
-    "deepseek-v3": (
-        "deepseek_v3",
-        {
-            **MLA,
-            "q_lora_rank": 32,
-            "num_key_value_heads": HEADS,
-            "scoring_func": "sigmoid",
-            "topk_method": "noaux_tc",
-            "num_nextn_predict_layers": 1,
-        },
-    ),
-}
-
-
-def hf_config(family: str):
-    from transformers import AutoConfig
-
-    model_type, fields = FAMILIES[family]
-    common = dict(
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        vocab_size=VOCAB,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        dtype=torch.float32,
-    )
-    return AutoConfig.for_model(model_type, **{**common, **fields})
+from .family_configs import FAMILIES, LAYERS, LINEAR_MIXER, make_checkpoint
 
 
 class SGLangBuilder:
@@ -178,10 +58,14 @@ class SGLangBuilder:
             quantization=quantization,
         )
 
-    def model_config(self, checkpoint: Path, quantization: str | None = None):
+    def model_config(self, checkpoint: Path, quantization: str | None = None, load_format: str = "dummy"):
+        """As the model runner prepares it on CPU (head counts SGLang pads for TP; the linear-attention ones)."""
+        from sglang.srt.configs.load_config import LoadConfig
         from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.configs.update_config import adjust_config_with_unaligned_cpu_tp
 
-        return ModelConfig.from_server_args(self.server_args(checkpoint, quantization))
+        config = ModelConfig.from_server_args(self.server_args(checkpoint, quantization))
+        return adjust_config_with_unaligned_cpu_tp(config, LoadConfig(load_format=load_format), 1)
 
     def build(self, checkpoint: Path, load_format: str, quantization: str | None = None) -> torch.nn.Module:
         """``quantization``: SGLang's ``--quantization`` (e.g. ``fp8`` to quantize a float checkpoint online)."""
@@ -190,7 +74,7 @@ class SGLangBuilder:
         from sglang.srt.model_loader import get_model
 
         return get_model(
-            model_config=self.model_config(checkpoint, quantization),
+            model_config=self.model_config(checkpoint, quantization, load_format),
             load_config=LoadConfig(load_format=load_format),
             device_config=DeviceConfig("cpu"),
         )
@@ -205,17 +89,23 @@ def victim(manifest: list, together) -> str:
     return (last or [manifest[-1][0]])[len(last) // 2 if last else 0]
 
 
-def differing(pushed: torch.nn.Module, reference: torch.nn.Module) -> list[str]:
+def differing(pushed: torch.nn.Module, reference: torch.nn.Module, names=None) -> list[str]:
+    """Parameters and buffers (of ``names``, default all) that differ; those SGLang builds but never loads nor
+    reads are left out (a dummy start leaves them random, a disk load at their initial value)."""
+    from sglang_ckpt_plugin.server import sglang_compat as sg
+
     ours = {**dict(pushed.named_parameters()), **dict(pushed.named_buffers())}
     theirs = {**dict(reference.named_parameters()), **dict(reference.named_buffers())}
     assert ours.keys() == theirs.keys(), sorted(set(ours) ^ set(theirs))[:5]
-    return [name for name in ours if not torch.equal(ours[name], theirs[name])]
+    unread = sg.unread_parameters(pushed)
+    names = ours.keys() if names is None else names
+    return [name for name in names if name not in unread and not torch.equal(ours[name], theirs[name])]
 
 
-def push_through_receiver(served: torch.nn.Module, checkpoint: Path, checked, load=None):
+def push_through_receiver(served: torch.nn.Module, checkpoint: Path, checked, load=None, partial: bool = False):
     """One push of ``checkpoint`` into ``served`` through the real loader and receiver, buckets as small as the
     largest tensor, the model loaded as the server's receive session loads it (postprocessed.ModelLoad; ``load``: a
-    given one): (stats, loader errors, buckets)."""
+    given one; ``partial``: checked as a partial update): (stats, loader errors, buckets)."""
     from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
     from sglang_ckpt_plugin.server.postprocessed import ModelLoad
     from sglang_ckpt_plugin.server.validate import check_update
@@ -227,7 +117,7 @@ def push_through_receiver(served: torch.nn.Module, checkpoint: Path, checked, lo
         checkpoint,
         served,
         bucket_size=max(t.nbytes for t in read_checkpoint(checkpoint)),
-        validate=lambda m, partial, allow_unused: check_update(served, m, partial, allow_unused),
+        validate=lambda m, asked_partial, allow_unused: check_update(served, m, partial or asked_partial, allow_unused),
         prepare=load.prepare,
         post=load.post_process,
         load_weights=lambda views: load.load([n for n, _ in views], lambda: served.load_weights(views)),
@@ -253,7 +143,8 @@ def run_matrix(module: str, out_dir: Path) -> list[dict]:
     return json.loads(out.read_text())
 
 
-def check_family(builder: SGLangBuilder, family: str, checkpoint: Path) -> dict:
+def check_family(builder: SGLangBuilder, family: str, checkpoint: Path, second: Path | None = None) -> dict:
+    """``second``: another checkpoint of the family, one of whose mixers is then pushed as a partial update."""
     from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
     from sglang_ckpt_plugin.server.validate import UpdateRejected, check_update
 
@@ -287,23 +178,56 @@ def check_family(builder: SGLangBuilder, family: str, checkpoint: Path) -> dict:
         differed_before=len(before),
         differing_after=differing(served, reference),
     )
+    if second is not None:
+        record["partial"] = check_partial(builder, family, served, reference, second, checkpoint.parent)
     return record
 
 
-def main(out_path: str, root: str) -> None:
-    from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
+def check_partial(builder: SGLangBuilder, family: str, served, reference, second: Path, root: Path) -> dict:
+    """A partial update: one linear-attention (or Mamba) mixer of a second checkpoint pushed into ``served`` (which
+    holds the first): what the check counts written must equal SGLang's own load of the second checkpoint, and
+    everything else must still equal the first's."""
+    from safetensors.torch import load_file, save_file
 
+    from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
+    from sglang_ckpt_plugin.server.validate import check_update
+
+    prefix = LINEAR_MIXER[family]
+    mixer = {
+        n: t for f in sorted(second.glob("*.safetensors")) for n, t in load_file(f).items() if n.startswith(prefix)
+    }
+    part = root / f"{family}-mixer"
+    part.mkdir()
+    save_file(mixer, part / "model.safetensors", metadata={"format": "pt"})
+    manifest = [(t.name, t.dtype, list(t.shape)) for t in read_checkpoint(part)]
+    checked = check_update(served, manifest, partial=True)
+    _, errors, _ = push_through_receiver(served, part, checked, partial=True)
+    second_reference = builder.build(second, "auto")
+    written = sorted(checked.coverage)
+    others = [n for n, _ in served.named_parameters() if n not in checked.coverage]
+    return {
+        "pushed": sorted(mixer),
+        "written": written,
+        "loader_errors": [str(e) for e in errors],
+        "written_differs_from_second": differing(served, second_reference, written),
+        "others_differ_from_first": differing(served, reference, others),
+    }
+
+
+def main(out_path: str, root: str) -> None:
     root_dir = Path(root)
-    checkpoints, records = {}, []
+    checkpoints, seconds, records = {}, {}, []
     for i, family in enumerate(FAMILIES):
         try:
-            checkpoints[family] = make_tiny_model(root_dir / family, family, seed=10 + i, config=hf_config(family))
+            checkpoints[family] = make_checkpoint(root_dir / family, family, seed=10 + i)
+            if family in LINEAR_MIXER:
+                seconds[family] = make_checkpoint(root_dir / f"{family}-second", family, seed=100 + i)
         except Exception as exc:  # noqa: BLE001 - transformers cannot make this tiny config
             records.append({"family": family, "make_error": f"{type(exc).__name__}: {exc}"[:500]})
     builder = SGLangBuilder(next(iter(checkpoints.values())))
     for family, checkpoint in checkpoints.items():
         try:
-            records.append(check_family(builder, family, checkpoint))
+            records.append(check_family(builder, family, checkpoint, seconds.get(family)))
         except Exception:  # noqa: BLE001 - reported per family
             records.append({"family": family, "error": traceback.format_exc()[-3000:]})
         print(json.dumps(records[-1])[:300], flush=True)

@@ -452,12 +452,24 @@ def post_processed_modules(model: torch.nn.Module):
             yield name, module
 
 
+# Parameters a model class builds but neither loads from any checkpoint nor reads (SGLang 0.5.23): Falcon-H1's
+# decoder layers create q_norm / k_norm that its forward never calls and that no released checkpoint has.
+_BUILT_NEVER_READ = {"FalconH1ForCausalLM": (".q_norm.weight", ".k_norm.weight")}
+
+
+def unread_parameters(model: torch.nn.Module) -> set[str]:
+    """Parameters no update needs to write: nothing serves them (see ``_BUILT_NEVER_READ``)."""
+    endings = _BUILT_NEVER_READ.get(type(model).__name__, ())
+    return {name for name, _ in model.named_parameters() if name.endswith(endings)} if endings else set()
+
+
 def optional_parameters(model: torch.nn.Module) -> set[str]:
     """Parameters a checkpoint may leave out, each created holding a value that says so: the KV-cache scales of a
-    quantized attention (``k_scale``/``v_scale`` created as -1.0, read as "use 1.0" by its post-processing)."""
+    quantized attention (``k_scale``/``v_scale`` created as -1.0, read as "use 1.0" by its post-processing); and
+    those nothing reads (``unread_parameters``)."""
     from sglang.srt.layers.quantization.kv_cache import BaseKVCacheMethod
 
-    return {
+    return unread_parameters(model) | {
         f"{name}.{key}" if name else key
         for name, module in model.named_modules()
         if isinstance(getattr(module, "quant_method", None), BaseKVCacheMethod)
