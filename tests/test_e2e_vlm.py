@@ -15,6 +15,7 @@ import shutil
 
 import httpx
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from sglang_ckpt_plugin.demo.evidence import checksum, reload_from_disk
@@ -110,5 +111,37 @@ def test_a_push_equals_sglangs_own_reload_and_the_image_matters(server, vlms, im
     pushed = observe(server.url, images[0])
     assert pushed[0] != served_a[0] and pushed[2] != served_a[2], "the push did not change what is served"
     assert image_ids(server.url, images[1]) != pushed[2], "the image made no difference to the answer"
+    reload_from_disk(server.url, vlms[1])
+    assert observe(server.url, images[0]) == pushed
+
+
+def trainer_model(family: str, checkpoint):
+    """The checkpoint as a trainer holds it: transformers 5's model of the family, loaded from the files."""
+    import transformers
+
+    return getattr(transformers, FAMILIES[family]["classes"][1]).from_pretrained(checkpoint, dtype="auto")
+
+
+def test_a_trainers_own_names_push_equal_to_sglangs_reload_and_a_stray_one_is_refused_by_name(
+    server, vlms, family, images
+):
+    from sglang_ckpt_plugin.loader.push import PushError
+    from sglang_ckpt_plugin.local_push import LocalPush
+
+    trainer = trainer_model(family, vlms[1])
+    named = [(name, p.detach()) for name, p in trainer.named_parameters()]
+    names = {name for name, _ in named}
+    assert any(n.startswith("model.language_model.") for n in names), sorted(names)[:3]  # not the files' names
+    assert any(n.startswith("model.visual.") for n in names), sorted(names)[:3]
+    push(server.url, vlms[0], "--weight-version", "a")
+    served_a = observe(server.url, images[0])
+    with LocalPush(server.url, bucket_bytes=200_000) as local:
+        stray = ("model.visual.blocks.0.mlp.no_such_proj.weight", torch.zeros(4))
+        with pytest.raises(PushError, match=r"not weights of this model.*'model\.visual\.blocks\.0\.mlp\.no_such_proj\.weight"):
+            local.push([*named, stray], weight_version="stray")
+        assert observe(server.url, images[0]) == served_a  # refused before anything was written
+        local.push(named, weight_version="trainer-b")
+    pushed = observe(server.url, images[0])
+    assert pushed[0] != served_a[0], "the push did not change what is served"
     reload_from_disk(server.url, vlms[1])
     assert observe(server.url, images[0]) == pushed

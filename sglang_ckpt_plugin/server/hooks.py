@@ -44,6 +44,7 @@ from . import (
     routes,
     staging,
     tp_worker,
+    trainer_names,
     trainer_updates,
 )
 from . import sglang_compat as sg
@@ -72,7 +73,7 @@ def hook_table() -> list[tuple[str, object, str]]:
         (f"{sg.SCHEDULER}.handle_generate_request", _guard_generate, "AROUND"),
         (f"{sg.PARALLEL_STATE}.init_model_parallel_group", _no_pynccl_on_cpu, "BEFORE"),
         (f"{sg.MODEL_LOADER}.initialize_dummy_weights", _skip_dummy_fill_when_waiting, "AROUND"),
-        (f"{sg.MODEL_LOADER}._initialize_model", _record_loader_layouts, "AFTER"),
+        (f"{sg.MODEL_LOADER}._initialize_model", _after_model_built, "AFTER"),
         (f"{sg.MODEL_LOADER}.DefaultModelLoader.postprocess_weights", trainer_updates.post_process_session, "AROUND"),
         (f"{sg.ENGINE}._launch_subprocesses", _bind_cpu_cores, "BEFORE"),
     ]
@@ -125,10 +126,12 @@ def _guard_generate(original, scheduler, recv_req, **kwargs):
     return original(scheduler, recv_req, **kwargs)
 
 
-def _record_loader_layouts(model, *args, **kwargs):
+def _after_model_built(model, *args, **kwargs):
     """AFTER SGLang builds a model (target or draft), before any load: the layout its quantized modules' loaders
-    write, which every later update restores (postprocessed.py)."""
+    write, which every later update restores (postprocessed.py); a trainer's tensor names accepted where
+    transformers renames the architecture's (trainer_names.py)."""
     postprocessed.record(model)
+    trainer_names.accept_trainer_names(model)
     return None
 
 

@@ -230,6 +230,7 @@ class _Observed:
     def __enter__(self) -> _Observed:
         exclusive().acquire()  # the swap below, and the load it observes, are the model's only writer
         real = self.model.load_weights
+        self._own = self.model.__dict__.get("load_weights")  # an instance's own (trainer_names.py), put back after
 
         def load_weights(weights):
             if self._checking:  # the check's own dry run (meta tensors) calls load_weights
@@ -253,5 +254,8 @@ class _Observed:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.model.__dict__.pop("load_weights", None)
+        if self._own is None:
+            self.model.__dict__.pop("load_weights", None)
+        else:
+            self.model.load_weights = self._own
         exclusive().release()

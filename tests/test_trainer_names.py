@@ -1,0 +1,60 @@
+"""A trainer's tensor names (transformers 5's in-memory names) turned into the checkpoint's for the architectures
+transformers renames by class, and for no other (server/trainer_names.py). End to end: test_e2e_vlm.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from sglang_ckpt_plugin.server.trainer_names import accept_trainer_names, checkpoint_names_for
+from sglang_ckpt_plugin.server.validate import observe
+
+
+def config(architecture: str, model_type: str):
+    return SimpleNamespace(architectures=[architecture], model_type=model_type)
+
+
+def test_qwen2_5_vl_trainer_names_become_the_checkpoints_and_checkpoint_names_stay():
+    names = checkpoint_names_for(config("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"))
+    assert names("model.visual.blocks.0.mlp.gate_proj.weight") == "visual.blocks.0.mlp.gate_proj.weight"
+    assert names("model.language_model.layers.1.mlp.up_proj.weight") == "model.layers.1.mlp.up_proj.weight"
+    assert names("model.language_model.embed_tokens.weight") == "model.embed_tokens.weight"
+    for as_in_files in ("visual.merger.mlp.0.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"):
+        assert names(as_in_files) == as_in_files
+
+
+def test_families_transformers_renames_only_by_model_type_are_left_alone():
+    # reversed, these would rename the checkpoints' own names (Qwen3.5 text, Kimi-Linear's dense mlp, Mixtral)
+    for architecture, model_type in [
+        ("Qwen3_5ForCausalLM", "qwen3_5_text"),
+        ("KimiLinearForCausalLM", "kimi_linear"),
+        ("MixtralForCausalLM", "mixtral"),
+        ("LlamaForCausalLM", "llama"),
+        ("Qwen3VLForConditionalGeneration", "qwen3_vl"),  # SGLang's own loader maps its names
+    ]:
+        assert checkpoint_names_for(config(architecture, model_type)) is None, architecture
+
+
+class Model(torch.nn.Module):
+    def __init__(self, architecture: str):
+        super().__init__()
+        self.config = config(architecture, "")
+        self.seen: list[str] = []
+
+    def load_weights(self, weights):
+        self.seen.extend(name for name, _ in weights)
+
+
+def test_the_wrapped_load_weights_sees_checkpoint_names_and_survives_an_observed_load():
+    model = Model("Qwen2_5_VLForConditionalGeneration")
+    assert accept_trainer_names(model) is not None
+    trainer = iter([("model.visual.patch_embed.proj.weight", torch.zeros(1)), ("lm_head.weight", torch.zeros(1))])
+    model.load_weights(trainer)  # a lazy iterator, as SGLang's disk loader hands it
+    assert model.seen == ["visual.patch_embed.proj.weight", "lm_head.weight"]
+    with observe(model, check=lambda entries: None):
+        model.load_weights([("model.language_model.norm.weight", torch.zeros(1))])
+    model.load_weights([("model.language_model.norm.weight", torch.zeros(1))])  # still renamed after it
+    assert model.seen[2:] == ["model.norm.weight", "model.norm.weight"]
+    plain = Model("LlamaForCausalLM")
+    assert accept_trainer_names(plain) is None and "load_weights" not in plain.__dict__
