@@ -137,7 +137,7 @@ def test_a_trainers_own_names_push_equal_to_sglangs_reload_and_a_stray_one_is_re
     served_a = observe(server.url, images[0])
     with LocalPush(server.url, bucket_bytes=200_000) as local:
         stray = ("model.visual.blocks.0.mlp.no_such_proj.weight", torch.zeros(4))
-        with pytest.raises(PushError, match=r"not weights of this model.*'model\.visual\.blocks\.0\.mlp\.no_such_proj\.weight"):
+        with pytest.raises(PushError, match=r"not weights of this model.*'model\.visual\.blocks\.0\.mlp\.no_such"):
             local.push([*named, stray], weight_version="stray")
         assert observe(server.url, images[0]) == served_a  # refused before anything was written
         local.push(named, weight_version="trainer-b")
