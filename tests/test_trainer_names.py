@@ -24,6 +24,26 @@ def test_qwen2_5_vl_trainer_names_become_the_checkpoints_and_checkpoint_names_st
         assert names(as_in_files) == as_in_files
 
 
+def test_gemma3_trainer_names_become_the_released_ones():
+    names = checkpoint_names_for(config("Gemma3ForConditionalGeneration", "gemma3"))
+    assert (
+        names("model.language_model.layers.0.mlp.up_proj.weight") == "language_model.model.layers.0.mlp.up_proj.weight"
+    )
+    assert names("model.vision_tower.encoder.layers.0.mlp.fc1.weight") == (
+        "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    )
+    assert (
+        names("model.vision_tower.vision_model.post_layernorm.weight")
+        == "vision_tower.vision_model.post_layernorm.weight"
+    )
+    assert (
+        names("model.multi_modal_projector.mm_input_projection_weight")
+        == "multi_modal_projector.mm_input_projection_weight"
+    )
+    for released in ("language_model.model.norm.weight", "vision_tower.vision_model.post_layernorm.bias"):
+        assert names(released) == released
+
+
 def test_families_transformers_renames_only_by_model_type_are_left_alone():
     # reversed, these would rename the checkpoints' own names (Qwen3.5 text, Kimi-Linear's dense mlp, Mixtral)
     for architecture, model_type in [

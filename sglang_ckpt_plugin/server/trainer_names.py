@@ -36,6 +36,31 @@ class CheckpointNames:
         return name
 
 
+@dataclass(frozen=True)
+class PrefixRename:
+    """One renaming of a name's prefix, with transformers' WeightRenaming interface."""
+
+    old: str
+    new: str
+
+    def rename_source_key(self, name: str) -> tuple[str, str | None]:
+        return (self.new + name.removeprefix(self.old), self.old) if name.startswith(self.old) else (name, None)
+
+
+# Architectures transformers renames by model type only, whose released files SGLang's class loads: the trainer's
+# names turned into the released ones here. Gemma-3: transformers 5 holds ``model.language_model.*`` /
+# ``model.vision_tower.*`` (no ``vision_model.``) / ``model.multi_modal_projector.*``.
+_RELEASED_NAMES = {
+    "Gemma3ForConditionalGeneration": (
+        PrefixRename("model.language_model.", "language_model.model."),
+        PrefixRename("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+        PrefixRename("model.vision_tower.", "vision_tower.vision_model."),
+        PrefixRename("model.multi_modal_projector.", "multi_modal_projector."),
+        PrefixRename("lm_head.", "language_model.lm_head."),
+    ),
+}
+
+
 def checkpoint_names_for(config) -> CheckpointNames | None:
     """The reversed renamings transformers registers for this config's architecture class (Qwen2-VL, Qwen2.5-VL,
     GPT-NeoX), or None where it registers none. Only those keyed by the class: transformers' mappings by model type
@@ -48,6 +73,8 @@ def checkpoint_names_for(config) -> CheckpointNames | None:
     except ImportError:  # a transformers without conversion mappings: its names are the checkpoint's
         return None
     architecture = (getattr(config, "architectures", None) or [None])[0]
+    if architecture in _RELEASED_NAMES:
+        return CheckpointNames(architecture, _RELEASED_NAMES[architecture])
     mapping = get_checkpoint_conversion_mapping(architecture) if architecture else None
     renames = [t.reverse_transform() for t in mapping or () if isinstance(t, WeightRenaming)]
     return CheckpointNames(architecture, tuple(reversed(renames))) if renames else None
