@@ -1,4 +1,4 @@
-"""The model-family matrix (tests/family_matrix.py, one process for every family): for each of 29 families the
+"""The model-family matrix (tests/family_matrix.py, one process for every family): for each of 30 families the
 plugin's check accepts the full checkpoint and refuses it with one tensor missing, and a push through the real
 loader and receiver into a model SGLang built on dummy weights (the plugin loaded, as in a server waiting for its
 weights) is bit-identical, every parameter and buffer, to SGLang's own load of the same files into a second

@@ -28,7 +28,7 @@ class CheckpointNames:
     """transformers' renamings of one architecture, reversed (trainer name -> checkpoint name)."""
 
     architecture: str
-    reversed_renames: tuple  # transformers WeightRenaming, applied in order
+    reversed_renames: tuple  # transformers WeightRenaming (or PrefixRename), applied in order
 
     def __call__(self, name: str) -> str:
         for rename in self.reversed_renames:
