@@ -36,6 +36,18 @@ GEMMA_TEMPLATE = (
 GEMMA_IMAGE_PROMPT = "<bos><start_of_turn>user <start_of_image> w20 w30<end_of_turn><start_of_turn>model "
 
 
+# every family's language model: 2 layers of 64, 4 query and 2 KV heads
+TEXT_SIZES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+)
+
+
 def _tokenizer(vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -143,14 +155,8 @@ def make_tiny_vlm(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int = 0
     ids = tokenizer.get_vocab()
     eos = ids["<|im_end|>"]
     text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TEXT_SIZES,
         vocab_size=vocab,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=eos,
@@ -199,17 +205,11 @@ def _make_gemma3(out: Path, seed: int, vocab: int) -> Path:
     ids = tokenizer.get_vocab()
     side = FAMILIES["gemma3"]["image_side"]
     text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TEXT_SIZES,
         head_dim=16,
         vocab_size=vocab,
         sliding_window=8,
         query_pre_attn_scalar=16,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
         bos_token_id=ids["<bos>"],
         eos_token_id=ids["<eos>"],
         pad_token_id=ids["<pad>"],
