@@ -17,6 +17,7 @@ import sys
 import httpx
 import pytest
 
+from sglang_ckpt_plugin.demo.cluster_fleet import versions
 from sglang_ckpt_plugin.demo.evidence import checksum
 from sglang_ckpt_plugin.demo.launch import SGLangServer, free_port, generate_ids
 from sglang_ckpt_plugin.demo.processes import children_of, stop_torchrun_group
@@ -92,10 +93,6 @@ def run_two_nodes(
     return results
 
 
-def version(srv) -> str:
-    return httpx.get(f"{srv.url}/model_info", timeout=30).json()["weight_version"]
-
-
 def test_p2p_join_with_a_metas_file(servers, llama_b, tmp_path):
     node0, node1 = servers
     metas = tmp_path / "metas.json"
@@ -128,7 +125,7 @@ def test_p2p_join_with_a_metas_file(servers, llama_b, tmp_path):
     node1.wait_healthy(timeout_s=120)
     assert generate_ids(node1.url, PROMPT, NEW_TOKENS)["meta_info"]["weight_version"] == "b-join"
     assert_serves(node1.url, llama_b)
-    assert version(node0) == "b-node0" and checksum(node0.url) == node0_checksum  # the running one was not touched
+    assert versions([node0]) == ["b-node0"] and checksum(node0.url) == node0_checksum  # the running one was not touched
 
 
 def test_two_nodes_broadcast_each_reads_half(servers, llama_a):
@@ -226,7 +223,7 @@ def test_a_resident_loader_group_that_loses_a_rank_stops_with_an_error(servers, 
     import time
 
     before = set(our_leftovers())
-    served = [version(srv) for srv in servers]
+    served = versions(servers)
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     procs = start_resident_group(servers, tmp_path / "empty", tmp_path / "status.json", logs)
     try:
@@ -242,7 +239,7 @@ def test_a_resident_loader_group_that_loses_a_rank_stops_with_an_error(servers, 
     finally:
         stop_torchrun_group(procs)
     assert set(our_leftovers()) - before == set()
-    assert [version(srv) for srv in servers] == served
+    assert versions(servers) == served
 
 
 def test_a_resident_loader_group_keeps_the_fleet_on_the_newest_checkpoint(servers, llama_a, llama_b, tmp_path):
