@@ -18,11 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sglang_ckpt_plugin.cpu_env import core_binds
 from sglang_ckpt_plugin.demo.evidence import checksum, reload_from_disk
 from sglang_ckpt_plugin.demo.launch import PLUGIN_FREE, SGLangServer, generate_ids
 from sglang_ckpt_plugin.demo.tiny_vlm import FAMILIES, make_image, make_tiny_vlm
 
-from .conftest import our_leftovers, push
+from .conftest import fault_plugin_env, our_leftovers, push
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +35,15 @@ VISION_TENSOR = {
     "qwen3_vl": ("model.visual.blocks.0.mlp.linear_fc2.weight", "visual.blocks.0.mlp.linear_fc2"),
     "gemma3": ("vision_tower.vision_model.encoder.layers.0.mlp.fc2.weight", "vision_model.encoder.layers.0.mlp.fc2"),
 }
+
+
+# Qwen2.5-VL's servers run at TP=2 (vision tower and language model sharded; one loader process feeds both ranks)
+TP_SIZE = {"qwen2_5_vl": 2, "qwen3_vl": 1, "gemma3": 1}
+
+
+def ranks(family: str) -> list[str]:
+    """The loader's flag for the family's server size."""
+    return ["--inference-parallel-size", str(TP_SIZE[family])]
 
 
 @pytest.fixture(scope="module", params=list(VISION_TENSOR))
@@ -55,7 +65,7 @@ def images(family, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(vlms, family, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / f"{family}_server.log"
-    with SGLangServer(vlms[0], log, extra_args=FAMILIES[family]["server_args"]) as srv:
+    with SGLangServer(vlms[0], log, tp_size=TP_SIZE[family], extra_args=FAMILIES[family]["server_args"]) as srv:
         srv.wait_listening()
         yield srv
     assert srv.group_pids() == [], "server processes left behind"
@@ -85,7 +95,7 @@ def test_a_push_lacking_a_vision_tensor_is_refused_by_name_and_the_gate_stays_sh
     assert dropped in tensors
     save_file({k: v for k, v in tensors.items() if k != dropped}, bad / "model.safetensors")
     before = set(our_leftovers())
-    proc = push(server.url, bad, "--weight-version", "no-vision", check=False)
+    proc = push(server.url, bad, *ranks(family), "--weight-version", "no-vision", check=False)
     assert proc.returncode == 1 and "does not cover 1 parameter" in proc.stderr, proc.stderr
     assert named in proc.stderr, proc.stderr
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
@@ -95,13 +105,23 @@ def test_a_push_lacking_a_vision_tensor_is_refused_by_name_and_the_gate_stays_sh
 # A server without the plugin is the reference for these (it costs a minute each); Qwen3-VL's pushes are compared
 # with SGLang's own reload only (they equalled a plugin-free server when its family was added).
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"], indirect=True)
-def test_a_push_serves_what_sglang_without_the_plugin_serves_text_and_image(server, vlms, family, images, tmp_path):
-    push(server.url, vlms[0], "--weight-version", "a")
+def test_a_push_serves_what_sglang_without_the_plugin_serves_text_and_image(
+    server, vlms, family, images, tmp_path, fault_dir
+):
+    push(server.url, vlms[0], *ranks(family), "--weight-version", "a")
     server.wait_healthy(timeout_s=120)
     pushed = observe(server.url, images[0], family)
     env = {"SGLANG_PLUGINS": PLUGIN_FREE}
-    flags = FAMILIES[family]["server_args"]
-    with SGLangServer(vlms[0], tmp_path / "plain_vlm.log", wait_for_weights=False, env=env, extra_args=flags) as plain:
+    flags, tp = FAMILIES[family]["server_args"], TP_SIZE[family]
+    if tp > 1:  # SGLang alone cannot start --tp 2 on a CPU: the test-only plugin turns pynccl off, cores bound
+        env = {
+            **fault_plugin_env(fault_dir),
+            "SGLANG_PLUGINS": f"{PLUGIN_FREE},ckpt_test_gloo_tp",
+            "SGLANG_CPU_OMP_THREADS_BIND": core_binds(tp),
+        }
+    with SGLangServer(
+        vlms[0], tmp_path / "plain_vlm.log", wait_for_weights=False, tp_size=tp, env=env, extra_args=flags
+    ) as plain:
         plain.wait_healthy()
         assert "ckpt_plugin" not in httpx.get(f"{plain.url}/model_info", timeout=30).json()
         reference = observe(plain.url, images[0], family)
@@ -110,9 +130,9 @@ def test_a_push_serves_what_sglang_without_the_plugin_serves_text_and_image(serv
 
 
 def test_a_push_equals_sglangs_own_reload_and_the_image_matters(server, vlms, family, images):
-    push(server.url, vlms[0], "--weight-version", "a")
+    push(server.url, vlms[0], *ranks(family), "--weight-version", "a")
     served_a = observe(server.url, images[0], family)
-    push(server.url, vlms[1], "--weight-version", "b", "--transfer", "copy")
+    push(server.url, vlms[1], *ranks(family), "--weight-version", "b", "--transfer", "copy")
     pushed = observe(server.url, images[0], family)
     assert pushed[0] != served_a[0] and pushed[2] != served_a[2], "the push did not change what is served"
     assert image_ids(server.url, images[1], family) != pushed[2], "the image made no difference to the answer"
@@ -142,7 +162,7 @@ def test_a_trainers_own_names_push_equal_to_sglangs_reload_and_a_stray_one_is_re
     vision = TRAINER_VISION_PREFIX[family]
     assert any(n.startswith("model.language_model.") for n in names), sorted(names)[:3]  # not the files' names
     assert any(n.startswith(vision) for n in names), sorted(names)[:3]
-    push(server.url, vlms[0], "--weight-version", "a")
+    push(server.url, vlms[0], *ranks(family), "--weight-version", "a")
     served_a = observe(server.url, images[0], family)
     with LocalPush(server.url, bucket_bytes=200_000) as local:
         stray = (f"{vision}no_such_proj.weight", torch.zeros(4))
