@@ -37,6 +37,13 @@ def server_env(device: str = "cpu", extra: dict | None = None) -> dict[str, str]
 # TokenizerManager.dump_requests_before_crash). Off for the servers this launcher starts: a stop takes 0.6 s, not 5.5.
 QUICK_STOP = {"SGLANG_PYSPY_DUMP_BEFORE_CRASH": "0", "SGLANG_CUDA_COREDUMP_BEFORE_CRASH": "0"}
 
+# what a server that exited because a port was taken wrote last (the bind's error; SGLang's own port check)
+PORT_CLASHES = ("address already in use", "port is already in use")
+
+
+def port_clash(log_tail: str) -> bool:
+    return any(words in log_tail.lower() for words in PORT_CLASHES)
+
 # SGLANG_PLUGINS naming SGLang's own dependency's plugin and the CPU environment's (cpu_support/plugin.py: FP8
 # kernels, no weight-update hook) leaves the plugin's hooks out
 PLUGIN_FREE = f"smg-servicer,{CPU_PLUGIN}"
@@ -109,14 +116,14 @@ class SGLangServer:
 
     def wait_listening(self, timeout_s: float = 240.0, attempts: int = 3) -> None:
         """Until ``/model_info`` answers (the gate lets it through before weights arrive). A port we picked can be
-        taken before the server binds it (another server's internal ports are chosen at random as it starts):
-        then the server exits, and it is started again on another port."""
+        taken before the server binds it (another server's internal ports are chosen at random as it starts, and
+        so are the ports SGLang derives for this one's own processes: one can be a connection's local port), then
+        the server exits, and it is started again on another port."""
         for attempt in range(attempts):
             try:
                 return self._wait(lambda c: c.get(f"{self.url}/model_info").status_code == 200, timeout_s, "listen")
             except RuntimeError:
-                clash = "address already in use" in self.log_tail()
-                if self._port_given or not clash or attempt == attempts - 1:
+                if self._port_given or not port_clash(self.log_tail()) or attempt == attempts - 1:
                     raise
             self.stop()
             self._move_to(free_port())
