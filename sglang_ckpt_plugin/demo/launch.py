@@ -44,6 +44,7 @@ PORT_CLASHES = ("address already in use", "port is already in use")
 def port_clash(log_tail: str) -> bool:
     return any(words in log_tail.lower() for words in PORT_CLASHES)
 
+
 # SGLANG_PLUGINS naming SGLang's own dependency's plugin and the CPU environment's (cpu_support/plugin.py: FP8
 # kernels, no weight-update hook) leaves the plugin's hooks out
 PLUGIN_FREE = f"smg-servicer,{CPU_PLUGIN}"
