@@ -118,7 +118,7 @@ class SGLangServer:
     def wait_listening(self, timeout_s: float = 240.0, attempts: int = 3) -> None:
         """Until ``/model_info`` answers (the gate lets it through before weights arrive). A port we picked can be
         taken before the server binds it (another server's internal ports are chosen at random as it starts, and
-        so are the ports SGLang derives for this one's own processes: one can be a connection's local port), then
+        so are the ports SGLang derives for this one's own processes: one can be held already), then
         the server exits, and it is started again on another port."""
         for attempt in range(attempts):
             try:
