@@ -175,5 +175,9 @@ def test_a_port_sglang_finds_taken_at_start_counts_as_a_clash_the_launcher_moves
 
     # SGLang 0.5.23's own check of the ports it derives (psutil named the server's own process as the holder)
     sglang = "[2026-12-07 01:39:16] Port is already in use. dist_init_port=49168 port_base=49169 detokenizer_port=49170"
-    assert port_clash(sglang) and port_clash("OSError: [Errno 98] Address already in use")
+    waited = (
+        "ValueError: detokenizer_port at 49170 is not available in 30 seconds. detokenizer_port is used by a process"
+    )
+    waited += " already."
+    assert port_clash(sglang) and port_clash(waited) and port_clash("OSError: [Errno 98] Address already in use")
     assert not port_clash("ValueError: tensor 'x' is not a weight of this model")

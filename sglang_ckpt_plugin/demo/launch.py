@@ -38,7 +38,7 @@ def server_env(device: str = "cpu", extra: dict | None = None) -> dict[str, str]
 QUICK_STOP = {"SGLANG_PYSPY_DUMP_BEFORE_CRASH": "0", "SGLANG_CUDA_COREDUMP_BEFORE_CRASH": "0"}
 
 # what a server that exited because a port was taken wrote last (the bind's error; SGLang's own port check)
-PORT_CLASHES = ("address already in use", "port is already in use")
+PORT_CLASHES = ("address already in use", "port is already in use", "is used by a process already")
 
 
 def port_clash(log_tail: str) -> bool:
