@@ -204,7 +204,8 @@ def check_partial(builder: SGLangBuilder, family: str, served, reference, second
     _, errors, _ = push_through_receiver(served, part, checked, partial=True)
     second_reference = builder.build(second, "auto")
     written = sorted(checked.coverage)
-    others = [n for n, _ in served.named_parameters() if n not in checked.coverage]
+    held = [*(n for n, _ in served.named_parameters()), *(n for n, _ in served.named_buffers())]
+    others = [n for n in held if n not in checked.coverage]
     return {
         "pushed": sorted(mixer),
         "written": written,

@@ -4,11 +4,12 @@ transformers 5 renames some checkpoints' tensors as it loads them (Qwen2.5-VL: `
 ``model.*`` -> ``model.language_model.*``), so a trainer's ``named_parameters()`` differ from the files SGLang's
 ``load_weights`` was written for: SGLang's Qwen2.5-VL raises ``KeyError`` on some and drops others silently. For a
 served model whose architecture transformers renames, the model's ``load_weights`` is handed the checkpoint's names:
-transformers' own renamings for that architecture, reversed, as its ``save_pretrained`` writes them. A name already
+transformers' own renamings for that architecture class, reversed, as its ``save_pretrained`` writes them (Gemma-3,
+which transformers renames by model type only, from a table of its released names here). A name already
 in the checkpoint's form matches none of them and passes unchanged; a name that maps to no weight is refused by the
 pre-update check under the name it came with (the dry run follows tensors, not names).
 
-Decided once per model, when SGLang builds it: the wrap is installed only where transformers renames something.
+Decided once per model, when SGLang builds it: the wrap is installed only where there is a renaming.
 """
 
 from __future__ import annotations
