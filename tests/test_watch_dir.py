@@ -214,7 +214,9 @@ def test_a_resident_group_whose_nccl_communicator_failed_stops_instead_of_failin
 
         return SimpleNamespace(run=run)
 
-    session = SimpleNamespace(world=world, control=control, feeding=SimpleNamespace(feeders=[0]), update=failing_update)
+    session = SimpleNamespace(
+        world=world, control=control, route=SimpleNamespace(feeding=SimpleNamespace(feeders=[0])), update=failing_update
+    )
     args = parse_args(["--watch", str(tmp_path), "--timeout", "60"])
     resident = Resident(args, session)
     resident.newest = ckpt("step-2", 2)

@@ -197,7 +197,7 @@ def world(rank: int, size: int, per_node: int, per_instance: int) -> LoaderWorld
     ],
 )
 def test_one_process_per_node_feeds_its_server_ranks(size, per_node, per_instance, fed):
-    from sglang_ckpt_plugin.loader.world import one_per_node
+    from sglang_ckpt_plugin.loader.route import one_per_node
 
     feeding = one_per_node(world(0, size, per_node, per_instance))
     assert feeding.fed == fed
@@ -207,23 +207,51 @@ def test_one_process_per_node_feeds_its_server_ranks(size, per_node, per_instanc
 
 
 def test_feeding_is_one_process_per_node_only_where_servers_map_the_nodes_memory_and_all_take_one_broadcast():
-    from sglang_ckpt_plugin.loader.world import choose_feeding
+    from sglang_ckpt_plugin.loader.cli import parse_args
+    from sglang_ckpt_plugin.loader.route import Servers, decide_route
+
+    def fed(w, on_cpu, method="broadcast", saved_plan=False, device="auto", gpu_node_local=False):
+        argv = ["--device", device, "--update-method", method, "--ranks", "0"]
+        argv += ["--load-metas-file", "m.json"] if saved_plan else ["--checkpoint-path", "c"]
+        return decide_route(parse_args(argv), w, Servers(on_cpu, gpu_node_local)).feeding.fed
 
     w = world(0, 2, 2, 2)
     per_node, per_rank = ((0, 1), ()), ((0,), (1,))
-    assert choose_feeding(w, True, "broadcast", False, "auto").fed == per_node
-    assert choose_feeding(w, True, "broadcast", False, "cpu").fed == per_node
-    assert choose_feeding(w, False, "broadcast", False, "auto").fed == per_rank  # GPU: each rank on its own GPU
-    assert choose_feeding(w, False, "broadcast", False, "auto", gpu_node_local=True).fed == per_node  # peer to peer
-    assert choose_feeding(w, False, "broadcast", False, "cuda", gpu_node_local=True).fed == per_node
-    assert choose_feeding(w, False, "p2p", False, "auto", gpu_node_local=True).fed == per_rank
-    assert choose_feeding(w, False, "broadcast", True, "auto", gpu_node_local=True).fed == per_rank
-    assert choose_feeding(w, True, "p2p", False, "auto").fed == per_rank  # the listed ranks receive
-    assert choose_feeding(w, True, "all", False, "auto").fed == per_rank
-    assert choose_feeding(w, True, "broadcast", True, "auto").fed == per_rank  # a plan saved by N ranks
-    assert choose_feeding(w, True, "broadcast", False, "cuda").fed == per_rank
+    assert fed(w, True) == per_node
+    assert fed(w, True, device="cpu") == per_node
+    assert fed(w, False) == per_rank  # GPU: each rank on its own GPU
+    assert fed(w, False, gpu_node_local=True) == per_node  # peer to peer
+    assert fed(w, False, device="cuda", gpu_node_local=True) == per_node
+    assert fed(w, False, "p2p", gpu_node_local=True) == per_rank
+    assert fed(w, False, saved_plan=True, gpu_node_local=True) == per_rank
+    assert fed(w, True, "p2p") == per_rank  # the listed ranks receive
+    assert fed(w, True, "all") == per_rank
+    assert fed(w, True, saved_plan=True) == per_rank  # a plan saved by N ranks
+    assert fed(w, True, device="cuda") == per_rank
     alone = LoaderWorld(parallel_size=2, feeds_instance=True)
-    assert choose_feeding(alone, True, "broadcast", False, "auto").fed == ((0, 1),)
+    assert fed(alone, True) == ((0, 1),)
+
+
+def test_the_transfer_is_decided_once_from_the_route_the_buffers_and_the_tensors():
+    """Auto maps the files where one process feeds every rank from host memory; map is refused where it cannot be;
+    copy always takes buckets."""
+    from sglang_ckpt_plugin.loader.cli import parse_args
+    from sglang_ckpt_plugin.loader.route import Servers, decide_route
+
+    def route(transfer, w):
+        return decide_route(parse_args(["--checkpoint-path", "c", "--transfer", transfer]), w, Servers(True))
+
+    one_node, two_nodes = world(0, 2, 2, 2), world(0, 2, 1, 1)
+    assert route("auto", one_node).one_process and not route("auto", two_nodes).one_process
+    assert route("auto", one_node).transfer("cpu", mappable=True) == "map"
+    assert route("auto", two_nodes).transfer("cpu", mappable=True) == "copy"  # buckets cross between nodes
+    assert route("auto", one_node).transfer("cpu", mappable=False) == "copy"
+    assert route("auto", one_node).transfer("cuda", mappable=True) == "copy"
+    assert route("map", two_nodes).transfer("cpu", mappable=True) == "map"  # each node's feeder maps the files
+    assert route("copy", one_node).transfer("cpu", mappable=True) == "copy"
+    for kind, mappable in (("cuda", True), ("cpu", False)):
+        with pytest.raises(ValueError, match="--transfer map needs CPU buffers"):
+            route("map", one_node).transfer(kind, mappable)
 
 
 LONG = textwrap.dedent("""
@@ -251,8 +279,8 @@ PLACE = textwrap.dedent("""
     args = parse_args(["--checkpoint-path", "x", "--inference-parallel-size", "2", "--endpoint", sys.argv[1]])
     world = LoaderWorld.from_env(2)
     c = Control(world, 30)
-    feeding, placements, own = rank_setup.place_rank(args, world, c, {})
-    print("fed", feeding.fed)
+    route, placements, own = rank_setup.place_rank(args, world, c, {})
+    print("fed", route.feeding.fed)
     print("feeds", [(p.kind, p.gpu_index, p.rank_key) for p in placements])
     print("own", (own.kind, own.gpu_index, own.rank_key))
     c.close()

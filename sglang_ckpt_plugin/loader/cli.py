@@ -299,22 +299,23 @@ def ask_server(args: LoaderOptions) -> tuple[dict | None, str | None]:
 
 
 def feeds_from_one_process(args: LoaderOptions, info: dict | None) -> bool:
-    """One process feeds every TP rank from one set of buffers that each rank maps, and copies only its slice of;
-    nothing moves between loader processes: a CPU server (the checkpoint files, or shared bucket buffers), or a GPU
-    server whose GPUs this process sees and which read each other's memory peer to peer (CUDA buffers on TP rank
-    0's GPU). Otherwise, and for p2p rounds and a plan saved by N ranks: one loader rank per TP rank (torchrun)."""
-    from ..placement import ServerPlacement, node_local_problem
+    """The launch decision: whether this process feeds every TP rank of the server at ``info`` itself (the route
+    torchrun's ranks would take has one feeder: a CPU server, or a GPU server whose GPUs this process sees and which
+    read each other's memory peer to peer), or torchrun starts one loader rank per TP rank."""
+    from ..placement import ServerPlacement
+    from .route import Servers, decide_route, torchrun_world
 
-    if info is None or args.update_method != "broadcast" or args.load_metas_file:
+    if info is None:  # p2p: the updated instances may not be the one at --endpoint
         return False
     server = ServerPlacement.from_model_info(info)
-    if server.device == "cpu":
-        return args.device != "cuda"
-    if server.device != "cuda" or args.device == "cpu":
-        return False
-    from ..transport.handles import visible_gpu_keys  # the server is up: no CUDA context is made before its own
+    gpus = []
+    if server.device == "cuda" and args.device != "cpu":
+        from ..transport.handles import visible_gpu_keys  # the server is up: no CUDA context is made before its own
 
-    return node_local_problem(server, visible_gpu_keys()) is None  # else the torchrun ranks say why
+        gpus = visible_gpu_keys()
+    return decide_route(
+        args, torchrun_world(args.inference_parallel_size), Servers.seen(server, args, gpus)
+    ).one_process
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,8 @@ from .options import LoaderOptions
 from .plan import shard_by_bytes
 from .rank_setup import host_available_memory
 from .reader import PAGE, CheckpointReader, cached_bytes
-from .world import LoaderWorld, choose_feeding
+from .route import Servers, decide_route
+from .world import LoaderWorld
 
 WINDOW_BYTES = 64 << 20  # read (and checked against the cache) in windows of this size
 STOP_WITHIN_S = 0.1  # under SGLANG_CKPT_READ_RATE, windows small enough that a stop waits about this long
@@ -52,16 +53,15 @@ def file_spans(tensors: list[TensorInfo]) -> list[tuple[str, int, int]]:
 
 
 def likely_share(args: LoaderOptions, world: LoaderWorld, tensors: list[TensorInfo]) -> list[TensorInfo]:
-    """The tensors this loader rank will read, as far as it can tell before the server says where it runs: the
-    server's device is guessed from ``--device`` or from the node's GPUs (a wrong guess only reads other bytes
-    ahead; the push reads what it needs either way)."""
-    cpu_server = args.device == "cpu" or (args.device == "auto" and not os.path.exists("/dev/nvidiactl"))
-    feeding = choose_feeding(world, cpu_server, args.update_method, False, args.device)
-    if not feeding.fed[world.rank]:
+    """The tensors this loader rank will read, as far as it can tell before the server says where it runs: the route
+    for the servers' guessed device (a wrong guess only reads other bytes ahead; the push reads what it needs)."""
+    servers = Servers.guessed(args)
+    route = decide_route(args, world, servers)
+    if not route.feeding.fed[world.rank]:
         return []
-    if args.transfer == "map" and cpu_server:  # every node's feeder maps the whole checkpoint
+    if servers.on_cpu and route.transfer("cpu", mappable=True) == "map":  # the feeder maps every file
         return tensors
-    feeders = feeding.feeders
+    feeders = route.feeding.feeders
     return shard_by_bytes(tensors, len(feeders))[feeders.index(world.rank)]
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from ..placement import LoaderPlacement, ServerPlacement, choose_placement, node_local_problem
+from ..placement import LoaderPlacement, ServerPlacement, choose_placement
 from ..transport.handles import visible_gpu_keys
 from .http import ServerClient, ServerError
 from .options import LoaderOptions
 from .push import PushError
-from .world import Control, Feeding, LoaderWorld, choose_feeding
+from .route import Route, Servers, decide_route, node_local_problem_for
+from .world import Control, LoaderWorld
 
 if TYPE_CHECKING:
     import torch
@@ -23,12 +24,13 @@ class PeerFailed(PushError):
 
 def place_rank(
     args: LoaderOptions, world: LoaderWorld, control: Control, asked: dict
-) -> tuple[Feeding, list[LoaderPlacement], LoaderPlacement | None]:
+) -> tuple[Route, list[LoaderPlacement], LoaderPlacement | None]:
     """Each instance's leader asks its server where the ranks run (``/model_info``; a server spread over nodes
     answers HTTP on its first node only); the instance's ranks learn it over the control group and follow it.
     ``asked``: the leader keeps its ``client`` and the ``info`` it read there (the update's layout check uses it).
-    Returns who feeds which server rank, the placement of each server rank this process feeds (none: it only takes
-    part in the collectives), and this process's own (its buffers' device; a GPU for NCCL where it feeds none)."""
+    Returns the run's route (who feeds which server rank), the placement of each server rank this process feeds
+    (none: it only takes part in the collectives), and this process's own (its buffers' device; a GPU for NCCL
+    where it feeds none)."""
     server, error = None, None
     try:
         if world.is_leader:
@@ -44,8 +46,8 @@ def place_rank(
     look_for_gpus = args.device != "cpu" and server.device != "cpu"  # a CPU server needs no GPU (nor torch)
     gpus = visible_gpu_keys() if look_for_gpus else []
     node_local = gpu_node_local(args, world, control, server, gpus)
-    saved_plan = bool(args.load_metas_file)
-    feeding = choose_feeding(world, cpu_servers, args.update_method, saved_plan, args.device, node_local)
+    route = decide_route(args, world, Servers(cpu_servers, node_local))
+    feeding = route.feeding
     placements, own = [], None
     try:
         if world.feeds_instance and server.device != "cpu" and not node_local:
@@ -64,7 +66,7 @@ def place_rank(
         raise error or PeerFailed("another loader rank cannot place its buffers (its error is printed above)")
     if placements and placements[0].note and not args.quiet:
         print(f"[sglang-ckpt rank {world.rank}] {placements[0].note}", file=sys.stderr)
-    return feeding, placements, own
+    return route, placements, own
 
 
 def gpu_node_local(
@@ -73,10 +75,16 @@ def gpu_node_local(
     """Whether every GPU instance is fed by one process per node from buffers on its first rank's GPU, each TP rank
     copying its slice from there peer to peer (collective: the same answer on every rank). Where a GPU server
     cannot be, each loader rank feeds its own TP rank and every GPU receives every bucket; said once per node."""
-    gpu_server = server.device == "cuda" and args.device != "cpu"
-    problem = node_local_problem(server, gpus) if gpu_server else "not a GPU server"
+    problem = node_local_problem_for(server, args, gpus)
     node_local = not control.any_failed(problem is not None)
-    if gpu_server and server.tp_size > 1 and problem and world.local_rank == 0 and not args.quiet:
+    if (
+        server.device == "cuda"
+        and args.device != "cpu"
+        and server.tp_size > 1
+        and problem
+        and world.local_rank == 0
+        and not args.quiet
+    ):
         print(f"[sglang-ckpt] a loader rank per TP rank, every GPU receiving every bucket: {problem}", file=sys.stderr)
     return node_local
 

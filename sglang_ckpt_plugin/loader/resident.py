@@ -26,9 +26,10 @@ from . import watchdog
 from .http import PLUGIN_MARKER
 from .options import LoaderOptions
 from .rank_setup import PeerFailed
+from .route import Route
 from .run import UPDATE_ERRORS, Update
 from .watch_dir import Candidate, CheckpointWatch
-from .world import Control, Feeding, LoaderWorld
+from .world import Control, LoaderWorld
 
 
 class Session(Protocol):
@@ -36,7 +37,7 @@ class Session(Protocol):
 
     world: LoaderWorld
     control: Control
-    feeding: Feeding
+    route: Route
     asked: dict
 
     def update(self, args: LoaderOptions, receivers: list[int]) -> Update: ...
@@ -204,7 +205,7 @@ class Resident:
     # ------------------------------------------------------------------ one update
     def execute(self, action: Action, states: list[InstanceState]) -> None:
         candidate = self.newest  # rank 0's record of a pushed checkpoint (the other ranks only follow)
-        receivers = [r for r in self.session.feeding.feeders if self.world.instance_of(r) in action.instances]
+        receivers = [r for r in self.session.route.feeding.feeders if self.world.instance_of(r) in action.instances]
         args = self.args.for_checkpoint(action.path, action.version)
         where = ", ".join(states[i].endpoint for i in action.instances)
         self.say(f"{action.kind}: {action.version} to {where}")

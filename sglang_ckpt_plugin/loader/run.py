@@ -34,7 +34,8 @@ from .push import PushError, RankFeeder, StageTimes, new_update_id
 from .rank_setup import PeerFailed, available_memory, torch_device
 from .read_ahead import ReadAhead
 from .reader import CheckpointReader
-from .world import Control, Feeding, LoaderWorld
+from .route import Feeding, Route
+from .world import Control, LoaderWorld
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +66,7 @@ class Update:
         world: LoaderWorld,
         control: Control,
         placement: LoaderPlacement,
-        feeding: Feeding,
+        route: Route,
         rank_keys: list[str],
         receivers: list[int],
         asked: dict,
@@ -73,7 +74,8 @@ class Update:
         self.args = args
         self.asked = asked
         self.placement = placement  # where this process's buffers live
-        self.feeding = feeding  # which loader process feeds which server rank
+        self.route = route  # who feeds which server rank, and how the bytes may travel
+        self.feeding = route.feeding
         self.rank_keys = rank_keys  # the server ranks this process feeds (from the server's /model_info)
         self.world = world
         self.control = control
@@ -222,24 +224,10 @@ class Update:
             save_metas(args.save_metas_file, self.checkpoint_name, shards, args.checkpoint_path)
         steps, bucket_bytes = plan_world(shards, args.bucket_size, self.memory_budget)
         tensors = [t for shard in shards for t in shard]
-        self.mapped = self.choose_page_cache_mode(tensors)
+        self.mapped = self.route.transfer(self.placement.kind, mappable(tensors)) == "map"
         if self.mapped:
             self.files, self.file_buckets = plan_file_buckets(tensors, bucket_bytes)
         return steps, bucket_bytes
-
-    def choose_page_cache_mode(self, tensors) -> bool:
-        """Page-cache mode (the server maps the checkpoint files; no loader copy) where it applies: CPU buffers,
-        every tensor at a viewable offset, and (auto) one process feeding every server rank. ``--transfer map``
-        with several feeders (nodes): each maps the files for its own node's ranks, nothing crosses between nodes
-        (every node reads the whole checkpoint). ``--transfer copy`` forces bucket buffers."""
-        on_cpu = self.placement.kind == "cpu" and mappable(tensors)
-        if self.args.transfer == "map" and not on_cpu:
-            raise ValueError(
-                "--transfer map needs CPU buffers (shared memory) and dtype-aligned tensor offsets; use "
-                "--transfer copy (or auto)"
-            )
-        one_feeder = len(self.feeding.feeders) == 1
-        return on_cpu and (self.args.transfer == "map" or (self.args.transfer == "auto" and one_feeder))
 
     def check_server(self) -> None:
         if not self.leads:

@@ -16,31 +16,30 @@ from .early_read import EarlyRead
 from .options import LoaderOptions
 from .rank_setup import PeerFailed, agree_on_kind, place_rank, torch_device
 from .resident import Resident
+from .route import Route
 from .run import UPDATE_ERRORS, Update, update_rounds
-from .world import Control, Feeding, LoaderWorld
+from .world import Control, LoaderWorld
 
 
 @dataclass
 class Session:
-    """What every update of one loader run shares: the process world, its groups, who feeds which server rank,
-    where the buffers live, and each leader's server client (``asked``)."""
+    """What every update of one loader run shares: the process world, its groups, the route (who feeds which server
+    rank, how the bytes travel), where the buffers live, and each leader's server client (``asked``)."""
 
     world: LoaderWorld
     control: Control
-    feeding: Feeding
+    route: Route
     placement: LoaderPlacement
     rank_keys: list[str]  # the server ranks this process feeds
     asked: dict
 
     def update(self, args: LoaderOptions, receivers: list[int]) -> Update:
-        return Update(
-            args, self.world, self.control, self.placement, self.feeding, self.rank_keys, receivers, self.asked
-        )
+        return Update(args, self.world, self.control, self.placement, self.route, self.rank_keys, receivers, self.asked)
 
 
 def open_session(args: LoaderOptions, world: LoaderWorld, control: Control) -> Session:
     asked: dict = {}  # the leader's client and /model_info, read once
-    feeding, placements, own = place_rank(args, world, control, asked)
+    route, placements, own = place_rank(args, world, control, asked)
     placement = agree_on_kind(own, control, world)
     if placement.kind == "cuda":  # before the first NCCL call, which would fail on a shared GPU
         torch_device(placement)
@@ -50,7 +49,7 @@ def open_session(args: LoaderOptions, world: LoaderWorld, control: Control) -> S
         if problem:
             raise ValueError(problem)
         control.use_nccl()
-    return Session(world, control, feeding, placement, [p.rank_key for p in placements], asked)
+    return Session(world, control, route, placement, [p.rank_key for p in placements], asked)
 
 
 def run_loader(args: LoaderOptions, early: EarlyRead | None = None, t_start: float | None = None) -> int:
@@ -76,7 +75,7 @@ def run_loader(args: LoaderOptions, early: EarlyRead | None = None, t_start: flo
         t_answered = time.perf_counter()
         if args.watch:
             return Resident(args, session).run()
-        for receivers in update_rounds(args.update_method, args.ranks, world, session.feeding):
+        for receivers in update_rounds(args.update_method, args.ranks, world, session.route.feeding):
             session.update(args, receivers).run()
         if world.rank == 0:
             serving_s, waited_s = time.perf_counter() - t_start, t_answered - t_start

@@ -2,9 +2,8 @@
 
 Under torchrun, one loader process per inference rank: loader rank ``r`` stands for TP rank ``r % P`` of inference
 instance ``r // P`` (P = ``--inference-parallel-size``); torchrun places ranks node by node, so with P GPUs per
-node each node's loader ranks stand for the instance on that node. Who feeds which server rank is decided once
-(``Feeding``): a GPU server's rank by its own loader rank; a CPU server's ranks on one node by one loader process
-of that node, from one set of buffers every rank maps (outside torchrun: the one process, ``feeds_instance``).
+node each node's loader ranks stand for the instance on that node. Who feeds which server rank is decided once, in
+route.py (outside torchrun: the one process, ``feeds_instance``, feeds every rank of its instance).
 
 Two groups: a gloo group (the default one) carries control (health flags, names) and, on CPU, buckets; on CUDA
 an NCCL group over the same ranks carries buckets, once every rank agreed that its buffers are on its GPU.
@@ -177,58 +176,6 @@ class Control:
         except RuntimeError:
             pass  # a peer is gone already: nothing left to wait for
         dist.destroy_process_group()
-
-
-@dataclass(frozen=True)
-class Feeding:
-    """Which loader process feeds which server ranks, decided once per run. Server rank ``g`` is TP rank ``g % P``
-    of instance ``g // P``; ``fed[r]`` lists the server ranks loader rank ``r`` feeds (empty: it takes part in the
-    control collectives only). The feeders read the checkpoint and receive buckets; nothing else holds buffers."""
-
-    fed: tuple[tuple[int, ...], ...]
-
-    @property
-    def feeders(self) -> list[int]:
-        return [r for r, served in enumerate(self.fed) if served]
-
-    def feeders_on_node(self, world: LoaderWorld) -> int:
-        """Feeders that hold buffers side by side in this node's memory (torchrun fills nodes rank by rank)."""
-        node = world.rank // world.local_world_size
-        return sum(1 for r in self.feeders if r // world.local_world_size == node)
-
-
-def one_per_rank(world: LoaderWorld) -> Feeding:
-    """Every loader rank feeds the server rank it stands for (GPU servers: each fills buffers on its own GPU)."""
-    return Feeding(tuple((r,) for r in range(world.world_size)))
-
-
-def one_per_node(world: LoaderWorld) -> Feeding:
-    """The first loader rank of each instance on each node feeds every rank of that instance on that node; the
-    others feed nothing. On one node one process holds the only copy; buckets cross only between nodes."""
-    if world.feeds_instance:
-        return Feeding((tuple(range(world.parallel_size)),))
-    per_node, per_instance = world.local_world_size, world.parallel_size
-    fed: list[tuple[int, ...]] = []
-    for r in range(world.world_size):
-        if r % per_instance and r % per_node:
-            fed.append(())
-            continue
-        end = min((r // per_instance + 1) * per_instance, (r // per_node + 1) * per_node)
-        fed.append(tuple(range(r, end)))
-    return Feeding(tuple(fed))
-
-
-def choose_feeding(
-    world: LoaderWorld, cpu_server: bool, method: str, saved_plan: bool, device: str, gpu_node_local: bool = False
-) -> Feeding:
-    """One process per node where all instances take the same broadcast and every server is on CPU (its ranks map
-    the node's memory) or on GPUs that read each other's memory peer to peer (``gpu_node_local``: every rank maps
-    the CUDA buffers on its node's first rank's GPU); one per rank otherwise (CUDA IPC buffers on each rank's own
-    GPU), for p2p rounds (the listed loader ranks receive) and plans saved by N ranks (each reads its saved share)."""
-    one_broadcast = method == "broadcast" and not saved_plan
-    if world.feeds_instance or (one_broadcast and ((cpu_server and device != "cuda") or gpu_node_local)):
-        return one_per_node(world)
-    return one_per_rank(world)
 
 
 ALARM_KEY = "sglang-ckpt/data-group-failed"
