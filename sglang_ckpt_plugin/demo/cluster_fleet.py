@@ -105,8 +105,15 @@ def versions(servers: list[SGLangServer]) -> list[str | None]:
     return found
 
 
-def wait_versions(servers: list[SGLangServer], version: str, timeout_s: float, every_s: float = 0.05) -> float:
-    """Seconds until every server's ``/model_info`` names ``version`` (a commit sets it as the update ends)."""
+def wait_versions(
+    servers: list[SGLangServer],
+    version: str,
+    timeout_s: float,
+    every_s: float = 0.05,
+    loaders: list[subprocess.Popen] = (),
+) -> float:
+    """Seconds until every server's ``/model_info`` names ``version`` (a commit sets it as the update ends); raises
+    if one of ``loaders`` (the update's processes, still running) exits with an error first."""
     t0 = time.perf_counter()
     deadline = time.monotonic() + timeout_s
     waiting = list(servers)
@@ -114,6 +121,9 @@ def wait_versions(servers: list[SGLangServer], version: str, timeout_s: float, e
         while waiting:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{[s.url for s in waiting]} do not serve {version} after {timeout_s} s")
+            failed = [p.returncode for p in loaders if p.poll() not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"a loader exited {failed[0]} before every server served {version}")
             try:
                 if client.get(f"{waiting[0].url}/model_info").json().get("weight_version") == version:
                     waiting.pop(0)
