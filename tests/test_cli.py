@@ -321,3 +321,43 @@ def test_one_process_feeds_a_cpu_server_or_a_peer_to_peer_gpu_node_and_others_ge
     assert not feeds_from_one_process(parse_args([*base, "--update-method", "p2p", "--ranks", "0"]), info("cpu"))
     metas = parse_args(["--load-metas-file", "m.json", "--inference-parallel-size", "2"])
     assert not feeds_from_one_process(metas, info("cpu"))
+
+
+def test_every_node_runs_the_same_command_and_starts_its_own_torchrun():
+    """--nnodes / --node-rank / --master-addr / --master-port (torchrun's own flags): each node's loader starts
+    torchrun for its node of the run, a loader rank per TP rank, meeting at node 0; never one process alone."""
+    from sglang_ckpt_plugin.loader.cli import feeds_from_one_process, node_torchrun_command, parse_args
+
+    argv = ["--checkpoint-path", "c", "--inference-parallel-size", "2", "--api-key", "k"]
+    argv += ["--nnodes", "3", "--node-rank", "1", "--master-addr", "198.18.0.1", "--master-port", "29511"]
+    cmd = node_torchrun_command(parse_args(argv), argv)
+    flags = dict(zip(cmd[3:13:2], cmd[4:14:2]))
+    assert flags == {
+        "--nnodes": "3",
+        "--node-rank": "1",
+        "--nproc-per-node": "2",
+        "--master-addr": "198.18.0.1",
+        "--master-port": "29511",
+    }
+    assert cmd[13:16] == ["-m", "sglang_ckpt_plugin.update", "--checkpoint-path"] and "k" not in cmd
+    one_node = node_torchrun_command(parse_args(argv[:6]), argv[:6])
+    assert one_node[one_node.index("--master-addr") + 1] == "127.0.0.1"
+    cpu = {"ckpt_plugin": {"device": "cpu", "rank_keys": ["cpu-tp0", "cpu-tp1"], "tp_size": 2}}
+    assert feeds_from_one_process(parse_args(argv[:6]), cpu)  # one node: this process feeds both ranks
+    assert not feeds_from_one_process(parse_args(argv), cpu)  # a run over nodes: torchrun on each
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["--nnodes", "2"], "needs --master-addr"),
+        (["--nnodes", "2", "--node-rank", "2", "--master-addr", "a"], "--node-rank 2 is not one of --nnodes 2"),
+        (["--nnodes", "0"], "is not one of --nnodes 0"),
+    ],
+)
+def test_a_node_outside_the_run_is_refused_before_anything_starts(argv, said, capsys):
+    from sglang_ckpt_plugin.loader.cli import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--checkpoint-path", "c", *argv])
+    assert exc.value.code == 2 and said in capsys.readouterr().err

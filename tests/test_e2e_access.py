@@ -93,8 +93,8 @@ def test_api_key_travels_by_environment_to_the_loader_and_its_torchrun_ranks(lla
         assert_serves(srv.url, llama_a, headers={"Authorization": "Bearer s3cret"})
 
         relaunch = (
-            "import sys; from sglang_ckpt_plugin.loader.cli import relaunch_under_torchrun; "
-            "relaunch_under_torchrun(2, sys.argv[1:], None)"
+            "import sys; from sglang_ckpt_plugin.loader.cli import parse_args, relaunch_under_torchrun; "
+            "relaunch_under_torchrun(parse_args(sys.argv[1:]), sys.argv[1:])"
         )
         args = loader_args(llama_b)  # the other checkpoint: the torchrun ranks' push must change what is served
         cmdlines = run_watching_cmdlines([sys.executable, "-c", relaunch, *args], env)

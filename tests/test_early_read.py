@@ -154,3 +154,66 @@ def test_under_a_read_rate_limit_a_stop_does_not_wait_for_a_whole_window(tmp_pat
     assert time.monotonic() - t0 < 0.5
     # read at the rate (the kernel's own readahead may cache windows ahead, which are then skipped, not read)
     assert 0 < result.read_bytes <= 10e6 * (time.monotonic() - started) + window_bytes(10e6)
+
+
+def test_a_node_reads_ahead_what_its_loader_ranks_will_read(tmp_path):
+    """Before torchrun starts (``--nnodes``): node i reads the union of its ranks' shares, the nodes together the
+    checkpoint once."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sglang_ckpt_plugin.loader.checkpoint import read_update
+    from sglang_ckpt_plugin.loader.cli import parse_args
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({f"layer{i}.weight": torch.zeros(64 + 8 * i, 32) for i in range(12)}, str(ckpt / "model.safetensors"))
+    whole = sum(t.nbytes for t in read_update(str(ckpt)))
+
+    def node_bytes(node, nnodes, tp, device):
+        argv = ["--checkpoint-path", str(ckpt), "--inference-parallel-size", str(tp), "--device", device]
+        argv += ["--nnodes", str(nnodes), "--node-rank", str(node), "--master-addr", "10.0.0.1"]
+        return EarlyRead.for_node(parse_args(argv)).result.share_bytes
+
+    for nnodes, tp, device in ((2, 1, "cpu"), (3, 2, "cpu"), (2, 2, "cuda")):
+        shares = [node_bytes(i, nnodes, tp, device) for i in range(nnodes)]
+        assert sum(shares) == whole and max(shares) < whole, (nnodes, tp, device, shares)
+    assert node_bytes(0, 1, 2, "cpu") == whole
+
+
+READ_ON = """
+import os, sys, time
+from sglang_ckpt_plugin.loader.early_read import EarlyRead
+early = EarlyRead([(sys.argv[1], 0, int(sys.argv[2]))], budget_bytes=1 << 40)
+early.stop()
+print(early.read_on_in_child(), flush=True)
+if sys.argv[3] == "wait":
+    os.waitpid(-1, 0)
+else:
+    time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_the_read_goes_on_in_a_child_that_ends_with_its_parent(tmp_path):
+    """``read_on_in_child`` (torchrun replacing the loader): a child reads the share into the page cache and exits;
+    one still reading when its parent ends is killed with it."""
+    import subprocess
+    import sys
+    import time
+
+    path, span = tmp_path / "weights.bin", 8 * MiB
+    fd = cold_file(path, span)
+    try:
+        out = subprocess.run([sys.executable, "-c", READ_ON, str(path), str(span), "wait"], capture_output=True)
+        assert out.returncode == 0, out.stderr
+        assert cached_bytes(fd, 0, span) == span  # the child read it all, then its parent reaped it
+    finally:
+        os.close(fd)
+    os.close(cold_file(path, span))
+    env = {**os.environ, "SGLANG_CKPT_READ_RATE": str(MiB)}  # 8 s to read it: the parent ends first
+    proc = subprocess.run([sys.executable, "-c", READ_ON, str(path), str(span), "0.5"], capture_output=True, env=env)
+    child = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{child}"), "the reading child outlived its parent"

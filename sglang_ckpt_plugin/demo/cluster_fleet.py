@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from ..loader.cli import torchrun_command
 from .cluster import Cluster, Node
 from .launch import PLUGIN_FREE, SGLangServer
 from .processes import stop_torchrun_group
@@ -57,18 +57,22 @@ def stop_servers(servers: list[SGLangServer]) -> None:
 def start_loaders(
     cluster: Cluster, servers: list[SGLangServer], args: list[str], logs: Path, tag: str
 ) -> list[subprocess.Popen]:
-    """One torchrun agent per node, rendezvous at node 0, one loader rank per node feeding that node's server."""
+    """The loader's own command on every node (``--nnodes N --node-rank i``), each feeding that node's server: it
+    starts torchrun there (one loader rank per node, meeting at node 0) and reads the node's share meanwhile."""
     port = random.randint(20000, 29999)  # node 0's own network: nothing else listens there
     nodes = cluster.nodes
     procs = []
     for node, server in zip(nodes, servers):
-        cmd = torchrun_command(
-            [*args, "--endpoint", server.url],
-            port=port,
-            nnodes=len(nodes),
-            node_rank=node.index,
-            master_addr=nodes[0].address,
-        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "sglang_ckpt_plugin.update",
+            *args,
+            "--endpoint",
+            server.url,
+            *("--nnodes", str(len(nodes)), "--node-rank", str(node.index)),
+            *("--master-addr", nodes[0].address, "--master-port", str(port)),
+        ]
         procs.append(node.popen(cmd, logs / f"{tag}_node{node.index}.log", env={**os.environ, **LOADER_ENV}))
     return procs
 

@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranks per inference instance (the server's tp size); a CPU server's ranks are fed by this "
         "one process, a GPU server's by one loader process per rank (started with torchrun)",
     )
+    p.add_argument(
+        "--nnodes",
+        type=int,
+        default=1,
+        help="nodes of one run: start this same command on every node with its --node-rank (and its own --endpoint); "
+        "each starts torchrun there, one loader rank per TP rank, and reads its node's share of the checkpoint "
+        "while torchrun starts (the flags are torchrun's own)",
+    )
+    p.add_argument("--node-rank", type=int, default=0, help="with --nnodes: this node's index, 0 .. nnodes-1")
+    p.add_argument("--master-addr", help="with --nnodes > 1: node 0's address, where the loader ranks meet")
+    p.add_argument("--master-port", type=int, default=29500, help="with --nnodes > 1: the port they meet on")
     p.add_argument("--endpoint", default="http://localhost:19730", help="the SGLang server's base URL")
     p.add_argument("--checkpoint-name", default="my-checkpoint-iter-0", help="name of this checkpoint")
     p.add_argument("--save-metas-file", help="write the read plan (tensors, owners) as JSON for a later join")
@@ -196,6 +207,10 @@ def parse_args(argv: list[str] | None = None) -> LoaderOptions:
         parser.error("--commit-retries must be >= 0")
     if args.num_buffers < 1:
         parser.error("--num-buffers must be >= 1")
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        parser.error(f"--node-rank {args.node_rank} is not one of --nnodes {args.nnodes}: 0 .. nnodes-1")
+    if args.nnodes > 1 and not args.master_addr:
+        parser.error("--nnodes > 1 needs --master-addr: node 0's address, the same on every node")
     if args.watch:
         given = [
             flag
@@ -271,16 +286,30 @@ def torchrun_command(
     ]
 
 
-def relaunch_under_torchrun(nproc: int, argv: list[str], api_key: str | None) -> None:
-    """Replace this process with ``torchrun --nproc-per-node N -m sglang_ckpt_plugin.update <same args>``
-    on this node (the rendezvous listens on 127.0.0.1). Multi-node runs call torchrun themselves."""
+def node_torchrun_command(args: LoaderOptions, argv: list[str]) -> list[str]:
+    """torchrun on this node for this loader's ``argv`` (less the API key): a loader rank per TP rank, node
+    ``--node-rank`` of ``--nnodes`` meeting at ``--master-addr`` (one node: 127.0.0.1, a free port)."""
     from .http import free_port
 
-    if api_key:
-        os.environ[API_KEY_ENV] = api_key
-    port = free_port()
-    cmd = torchrun_command(without_api_key(argv), port=port, nproc_per_node=nproc)
+    one_node = args.nnodes == 1
+    return torchrun_command(
+        without_api_key(argv),
+        port=free_port() if one_node else args.master_port,
+        nproc_per_node=args.inference_parallel_size,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr="127.0.0.1" if one_node else args.master_addr,
+    )
+
+
+def relaunch_under_torchrun(args: LoaderOptions, argv: list[str]) -> None:
+    """Replace this process with torchrun on this node (``node_torchrun_command``); the API key travels in the
+    environment."""
+    if args.api_key:
+        os.environ[API_KEY_ENV] = args.api_key
+    cmd = node_torchrun_command(args, argv)
     sys.stdout.flush()
+    sys.stderr.flush()
     os.execv(sys.executable, cmd)
 
 
@@ -303,7 +332,8 @@ def feeds_from_one_process(args: LoaderOptions, info: dict | None) -> bool:
     torchrun's ranks would take has one feeder: a CPU server, or a GPU server whose GPUs this process sees and which
     read each other's memory peer to peer), or torchrun starts one loader rank per TP rank."""
     from ..placement import ServerPlacement
-    from .route import Servers, decide_route, torchrun_world
+    from .route import Servers, decide_route
+    from .world import LoaderWorld
 
     if info is None:  # p2p: the updated instances may not be the one at --endpoint
         return False
@@ -313,9 +343,8 @@ def feeds_from_one_process(args: LoaderOptions, info: dict | None) -> bool:
         from ..transport.handles import visible_gpu_keys  # the server is up: no CUDA context is made before its own
 
         gpus = visible_gpu_keys()
-    return decide_route(
-        args, torchrun_world(args.inference_parallel_size), Servers.seen(server, args, gpus)
-    ).one_process
+    world = LoaderWorld.of_node(args.inference_parallel_size, args.nnodes, args.node_rank)
+    return decide_route(args, world, Servers.seen(server, args, gpus)).one_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,11 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     watchdog.install(args.timeout)
     early = None
-    if args.inference_parallel_size > 1 and "RANK" not in os.environ:
+    if "RANK" not in os.environ and (args.inference_parallel_size > 1 or args.nnodes > 1):
         from .early_read import EarlyRead
         from .world import LoaderWorld
 
-        early = EarlyRead.for_rank(args, LoaderWorld())  # this node reads the whole checkpoint, in any layout
+        early = EarlyRead.for_node(args)  # what this node's loader ranks will read, whoever reads it
         if early is not None:
             early.start()
         info, error = ask_server(args)  # before starting N processes: a clear message, no torchrun noise
@@ -338,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         args = args.with_(feeds_instance=feeds_from_one_process(args, info))
         if not args.feeds_instance:
             if early is not None:
-                early.report(LoaderWorld())  # each torchrun rank then skips what is cached already
-            relaunch_under_torchrun(args.inference_parallel_size, argv, args.api_key)
+                early.report(LoaderWorld())
+                early.read_on_in_child()  # torchrun and its ranks take seconds to start: the disk keeps reading
+            relaunch_under_torchrun(args, argv)
     from .session import run_loader  # heavy imports after argument errors
 
     return run_loader(args, early, t_start)

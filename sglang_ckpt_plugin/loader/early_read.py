@@ -10,7 +10,9 @@ memory is read ahead; the rest is read as the push goes. Nothing here imports to
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 import threading
 import time
@@ -27,6 +29,7 @@ from .world import LoaderWorld
 WINDOW_BYTES = 64 << 20  # read (and checked against the cache) in windows of this size
 STOP_WITHIN_S = 0.1  # under SGLANG_CKPT_READ_RATE, windows small enough that a stop waits about this long
 MEMORY_SHARE = 0.5  # of MemAvailable at most is read ahead
+PR_SET_PDEATHSIG = 1  # prctl: the signal a process gets when its parent ends
 
 
 def drop_cached(path: str) -> int:
@@ -105,12 +108,24 @@ class EarlyRead:
     @classmethod
     def for_rank(cls, args: LoaderOptions, world: LoaderWorld) -> EarlyRead | None:
         """None where there is nothing to read ahead (a saved plan, a watched directory, reading ahead is off)."""
+        return cls._of(args, [world])
+
+    @classmethod
+    def for_node(cls, args: LoaderOptions) -> EarlyRead | None:
+        """Before torchrun starts this node's loader ranks (``--nnodes`` / ``--node-rank``): what they will read."""
+        return cls._of(
+            args, LoaderWorld.of_node(args.inference_parallel_size, args.nnodes, args.node_rank).node_ranks()
+        )
+
+    @classmethod
+    def _of(cls, args: LoaderOptions, worlds: list[LoaderWorld]) -> EarlyRead | None:
         if not args.checkpoint_path or args.load_metas_file or args.no_read_ahead:
             return None
         try:
-            share = likely_share(args, world, read_update(args.checkpoint_path, args.draft_checkpoint_path))
+            tensors = read_update(args.checkpoint_path, args.draft_checkpoint_path)
         except (OSError, ValueError):  # the update's own plan reports a bad checkpoint
             return None
+        share = [t for world in worlds for t in likely_share(args, world, tensors)]
         return cls(file_spans(share)) if share else None
 
     def start(self) -> EarlyRead:
@@ -125,6 +140,27 @@ class EarlyRead:
         self._stop.set()
         if self._t0 is not None:
             self._thread.join()
+        return self.result
+
+    def read_on_in_child(self) -> int:
+        """After ``stop()``, with no other thread of this process running: a child process reads the rest of the share
+        (what is cached is skipped) and exits. It outlives this process's exec (torchrun starting in its place, so the
+        disk keeps reading while torchrun and its ranks start) and is killed when that process ends. Its pid."""
+        parent = os.getpid()
+        pid = os.fork()
+        if pid:
+            return pid
+        try:  # the child: nothing of the parent's but this thread; it leaves by os._exit only
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() == parent:
+                EarlyRead(self.spans, self.budget).start().join()
+        finally:
+            os._exit(0)
+
+    def join(self) -> EarlyReadResult:
+        """Wait until the whole share (or the budget) is read."""
+        self._thread.join()
         return self.result
 
     def report(self, world: LoaderWorld) -> None:

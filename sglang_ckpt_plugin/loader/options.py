@@ -23,6 +23,10 @@ class LoaderOptions:
     uds: str | None
     api_key: str | None
     inference_parallel_size: int
+    nnodes: int  # nodes of one run, each starting its own torchrun (node_rank of nnodes, meeting at master_addr)
+    node_rank: int
+    master_addr: str | None
+    master_port: int
     update_method: str  # broadcast | p2p | all
     ranks: str | None  # p2p: the loader ranks whose instances are updated
     p2p_transport: str  # auto | torch | mooncake: what moves a p2p update's buckets

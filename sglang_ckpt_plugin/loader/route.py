@@ -127,9 +127,3 @@ def decide_route(args: LoaderOptions, world: LoaderWorld, servers: Servers) -> R
     host_servers = servers.on_cpu and args.device != "cuda"
     per_node = world.feeds_instance or (one_broadcast and (host_servers or servers.gpu_node_local))
     return Route(one_per_node(world) if per_node else one_per_rank(world), args.transfer)
-
-
-def torchrun_world(parallel_size: int) -> LoaderWorld:
-    """The world torchrun would start on this node for one instance: a loader rank per TP rank."""
-    n = parallel_size
-    return LoaderWorld(world_size=n, local_world_size=n, parallel_size=n)

@@ -53,6 +53,21 @@ class LoaderWorld:
             )
         return world
 
+    @classmethod
+    def of_node(cls, parallel_size: int, nnodes: int = 1, node_rank: int = 0) -> LoaderWorld:
+        """The world torchrun starts on this node, seen from its first rank: a loader rank per TP rank on each of
+        ``nnodes`` nodes (one instance per node), this one ``node_rank``."""
+        n = parallel_size
+        return cls(n * node_rank, n * nnodes, 0, n, node_rank, parallel_size)
+
+    def node_ranks(self) -> list[LoaderWorld]:
+        """Every loader rank of this rank's node, as seen from itself."""
+        first = self.rank - self.local_rank
+        return [
+            LoaderWorld(first + i, self.world_size, i, self.local_world_size, self.node_rank, self.parallel_size)
+            for i in range(self.local_world_size)
+        ]
+
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
