@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 
 import httpx
@@ -150,6 +151,67 @@ def test_a_link_cut_mid_update_leaves_every_node_on_one_version(cluster, models)
         codes, outs = push(box, servers, logs, on_nodes["B"], "b-after-cut", tag="after_cut")
         assert codes == [0, 0], outs
         assert versions(servers) == ["b-after-cut", "b-after-cut"]
+        for server in servers:
+            assert_serves(server.url, on_nodes["B"], hf_checkpoint=models[1])
+
+
+def loader_rank_of(agent_pid: int) -> int:
+    """The loader rank torchrun's agent ``agent_pid`` started (``python -u -m sglang_ckpt_plugin.update``; the
+    node's forked reader, also its child, runs without ``-u``)."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == agent_pid and b"-u" in cmd and b"sglang_ckpt_plugin.update" in cmd:
+            return int(entry)
+    raise AssertionError(f"no loader rank under torchrun's agent {agent_pid}")
+
+
+def test_a_node_whose_loader_rank_is_killed_mid_update_leaves_every_node_on_one_version(cluster, models):
+    """Node 1's loader rank dies (SIGKILL) while the update stages: node 0's loader fails within --timeout, both
+    servers keep serving what they served, nothing is left behind, and the next push lands on both."""
+    box, servers, on_nodes, logs = cluster
+    node1 = box.nodes[1]
+    with box.reachable():
+        push(box, servers, logs, on_nodes["A"], "a-before-kill", tag="before_kill")
+        served = [checksum(s.url) for s in servers]
+        previous = staging_of(servers[0])["update_id"]
+        before = set(our_leftovers())
+        box.drop_page_cache()
+        node1.shape("tbf", "rate", "4mbit", "burst", "64kb", "latency", "400ms")  # the update stays in flight
+        args = ["--checkpoint-path", str(on_nodes["B"]), "--weight-version", "b-kill", "--timeout", "30"]
+        loaders = start_loaders(box, servers, args, logs, "kill")
+        try:
+            deadline = time.monotonic() + 120
+            while staging_of(servers[0])["update_id"] == previous:
+                assert time.monotonic() < deadline, "the update never began staging"
+                assert all(p.poll() is None for p in loaders), "a loader ended before the kill"
+                time.sleep(0.2)
+            os.kill(loader_rank_of(loaders[1].pid), signal.SIGKILL)
+            killed_at = time.monotonic()
+            codes = wait_loaders(loaders, 120)
+            failed_after = time.monotonic() - killed_at
+        finally:
+            node1.shape("tbf", "rate", f"{LINK_MBIT}mbit", "burst", "1mb", "latency", "100ms")
+        outs = [(logs / f"kill_node{i}.log").read_text(errors="replace") for i in range(2)]
+        assert all(code not in (0, None) for code in codes), (codes, outs)
+        # node 0's rank names what happened, not only gloo's words (a reset connection, or --timeout where the reset
+        # is lost on the shaped link)
+        said = r"did not move between the loader ranks( within --timeout)?: a node's link, machine or loader is down"
+        assert re.search(said, outs[0]), outs[0]
+        assert failed_after < 30 + 30, f"the failure took {failed_after:.0f} s to surface (--timeout 30)"
+        assert versions(servers) == ["a-before-kill", "a-before-kill"]
+        assert [checksum(s.url) for s in servers] == served
+        assert all(httpx.get(f"{s.url}/health", timeout=30).status_code == 200 for s in servers)
+        time.sleep(2)  # a server drops what it staged of a failed update when the loader's channel ends
+        assert set(our_leftovers()) - before == set()
+
+        codes, outs = push(box, servers, logs, on_nodes["B"], "b-after-kill", tag="after_kill")
+        assert codes == [0, 0], outs
         for server in servers:
             assert_serves(server.url, on_nodes["B"], hf_checkpoint=models[1])
 

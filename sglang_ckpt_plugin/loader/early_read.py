@@ -142,12 +142,16 @@ class EarlyRead:
             self._thread.join()
         return self.result
 
-    def read_on_in_child(self) -> int:
+    def read_on_in_child(self) -> int | None:
         """After ``stop()``, with no other thread of this process running: a child process reads the rest of the share
         (what is cached is skipped) and exits. It outlives this process's exec (torchrun starting in its place, so the
-        disk keeps reading while torchrun and its ranks start) and is killed when that process ends. Its pid."""
+        disk keeps reading while torchrun and its ranks start) and is killed when that process ends. Its pid (None:
+        no process could be made; the ranks read ahead themselves)."""
         parent = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            return None
         if pid:
             return pid
         try:  # the child: nothing of the parent's but this thread; it leaves by os._exit only

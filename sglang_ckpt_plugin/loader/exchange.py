@@ -201,11 +201,17 @@ class Exchange:
         try:
             self._send_or_recv(owner, tensor)
         except RuntimeError as exc:
-            if "Timed out" not in str(exc):
+            import torch.distributed as dist
+
+            timed_out = "Timed out" in str(exc)
+            # gloo (host buckets) fails a collective only when a peer's connection broke or stalled; a CUDA error is
+            # not a network failure unless torch says so
+            if not (timed_out or not self.cuda or isinstance(exc, dist.DistNetworkError)):
                 raise
+            within = " within --timeout" if timed_out else ""
             raise PeerFailed(
-                f"a bucket from loader rank {owner} did not move between the loader ranks within --timeout: a "
-                f"node's link, machine or loader is down or stalled ({exc})"
+                f"a bucket from loader rank {owner} did not move between the loader ranks{within}: a node's link, "
+                f"machine or loader is down or stalled ({exc})"
             ) from None
 
     def _send_or_recv(self, owner: int, tensor: torch.Tensor) -> None:
