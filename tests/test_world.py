@@ -328,3 +328,45 @@ def test_one_loader_process_feeds_a_peer_to_peer_gpu_node_and_the_other_keeps_a_
         assert [line["feeds"] for line in lines] == ["[('cuda', 0, 'GPU-a')]", "[('cuda', 1, 'GPU-b')]"]
         assert "every GPU receiving every bucket: the server's GPUs cannot all read" in outs[0][1]
     assert lines[0]["own"] == "('cuda', 0, 'GPU-a')"
+
+
+LOST = textwrap.dedent("""
+    import os
+    from sglang_ckpt_plugin.loader.world import Control, LoaderWorld, PeersLost
+    world = LoaderWorld.from_env(1)
+    c = Control(world, 20)
+    c.barrier()
+    if world.rank == 1:
+        os._exit(0)  # killed: its connections close under rank 0
+    try:
+        c.any_failed(False)
+    except PeersLost as exc:
+        print("lost:", exc)
+""")
+
+
+def test_a_control_collective_whose_peer_is_gone_says_so():
+    """A loader rank that dies makes its peer's next agreement fail naming what it means, gloo's words kept."""
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOST],
+            env=dict(
+                os.environ,
+                RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    out, err = procs[0].communicate(timeout=120)
+    procs[1].wait(timeout=30)
+    said = "lost: the loader ranks could not agree: a node's link, machine or loader is down or stalled ("
+    assert said in out, (out, err)

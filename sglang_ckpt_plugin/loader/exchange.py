@@ -23,7 +23,7 @@ from .filler import BucketFiller
 from .p2p_link import MooncakeLink
 from .plan import Step
 from .rank_setup import PeerFailed
-from .world import LoaderWorld, PeerAlarm
+from .world import LoaderWorld, PeerAlarm, peers_lost_reason
 
 if TYPE_CHECKING:  # one process alone moves nothing: it fills its shared buffers without importing torch
     import torch
@@ -203,16 +203,12 @@ class Exchange:
         except RuntimeError as exc:
             import torch.distributed as dist
 
-            timed_out = "Timed out" in str(exc)
             # gloo (host buckets) fails a collective only when a peer's connection broke or stalled; a CUDA error is
             # not a network failure unless torch says so
-            if not (timed_out or not self.cuda or isinstance(exc, dist.DistNetworkError)):
+            if not ("Timed out" in str(exc) or not self.cuda or isinstance(exc, dist.DistNetworkError)):
                 raise
-            within = " within --timeout" if timed_out else ""
-            raise PeerFailed(
-                f"a bucket from loader rank {owner} did not move between the loader ranks{within}: a node's link, "
-                f"machine or loader is down or stalled ({exc})"
-            ) from None
+            what = f"a bucket from loader rank {owner} did not move between the loader ranks"
+            raise PeerFailed(peers_lost_reason(what, exc)) from None
 
     def _send_or_recv(self, owner: int, tensor: torch.Tensor) -> None:
         import torch.distributed as dist

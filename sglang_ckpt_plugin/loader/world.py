@@ -13,6 +13,7 @@ import at all (the one-rank CPU page-cache push starts in a fraction of a second
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -98,6 +99,17 @@ class LoaderWorld:
         return 1 if self.feeds_instance else self.world_size // self.parallel_size
 
 
+class PeersLost(RuntimeError):
+    """A collective of the loader ranks failed: another rank's process, node or link is gone or stalled."""
+
+
+def peers_lost_reason(what: str, exc: BaseException) -> str:
+    """What to tell the user when ``what`` failed in a collective because of ``exc`` (a timeout, or a connection that
+    broke: a peer's process killed, its node or link gone)."""
+    within = " within --timeout" if "Timed out" in str(exc) else ""
+    return f"{what}{within}: a node's link, machine or loader is down or stalled ({exc})"
+
+
 class Control:
     """Collectives over the gloo control group (the default group); every method is a no-op shortcut with one
     rank. The data group is the same gloo world until every rank agreed on CUDA (``use_nccl``)."""
@@ -144,22 +156,35 @@ class Control:
         import torch.distributed as dist
 
         flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        with self._peers("the loader ranks could not agree"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
+
+    @contextlib.contextmanager
+    def _peers(self, what: str):
+        """A control collective that fails names why (gloo's own words kept), as ``PeersLost``."""
+        try:
+            yield
+        except PeersLost:
+            raise
+        except RuntimeError as exc:
+            raise PeersLost(peers_lost_reason(what, exc)) from None
 
     def broadcast_str(self, text: str, src: int = 0) -> str:
         if not self.world.distributed:
             return text
         from ..transport.strings import broadcast_str
 
-        return broadcast_str(text, src, self.world.rank == src, self.group)
+        with self._peers("the loader ranks could not share a name"):
+            return broadcast_str(text, src, self.world.rank == src, self.group)
 
     def all_gather_str(self, text: str) -> list[str]:
         if not self.world.distributed:
             return [text]
         from ..transport.strings import all_gather_str
 
-        return all_gather_str(text, self.group, self.world.world_size)
+        with self._peers("the loader ranks could not share their names"):
+            return all_gather_str(text, self.group, self.world.world_size)
 
     def all_gather_int(self, value: int) -> list[int]:
         if not self.world.distributed:
@@ -168,14 +193,16 @@ class Control:
         import torch.distributed as dist
 
         out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world.world_size)]
-        dist.all_gather(out, torch.tensor([value], dtype=torch.int64), group=self.group)
+        with self._peers("the loader ranks could not share a number"):
+            dist.all_gather(out, torch.tensor([value], dtype=torch.int64), group=self.group)
         return [int(t.item()) for t in out]
 
     def barrier(self) -> None:
         if self.world.distributed:
             import torch.distributed as dist
 
-            dist.barrier(group=self.group)
+            with self._peers("the loader ranks could not meet"):
+                dist.barrier(group=self.group)
 
     def close(self) -> None:
         """Tear down together: a rank that destroys its groups while a peer still talks to it can make the
