@@ -93,10 +93,12 @@ def test_broadcast_push_each_node_reads_half_from_its_own_disk(cluster, models):
         assert codes == [0, 0], outs
         read = bytes_per_rank(outs[0])
         assert len(read) == 2 and all(0.4 <= b / sum(read) <= 0.6 for b in read), read
-        for out in outs:  # each node's command read its share while its torchrun started; the rank found it cached
+        for out in outs:  # each node's command read ahead, then its forked reader while torchrun started: the rank
+            # read itself what neither had read yet (most of its share was cached by then, all of it in most runs)
             ahead = re.findall(r"\] while waiting for the server: read ([\d.]+) GB of its ([\d.]+) GB share", out)
             assert "[sglang-ckpt] while waiting for the server" in out and len(ahead) == 2, out
-            assert f"({ahead[1][1]} GB were cached already)" in out, out
+            (by_command, share), (by_rank, _) = ((float(read), float(of)) for read, of in ahead)
+            assert by_command + by_rank < 0.6 * share, out
         assert versions(servers) == ["b-cluster", "b-cluster"]
         for server in servers:
             assert_serves(server.url, on_nodes["B"], hf_checkpoint=models[1])
