@@ -77,14 +77,8 @@ def gpu_node_local(
     cannot be, each loader rank feeds its own TP rank and every GPU receives every bucket; said once per node."""
     problem = node_local_problem_for(server, args, gpus)
     node_local = not control.any_failed(problem is not None)
-    if (
-        server.device == "cuda"
-        and args.device != "cpu"
-        and server.tp_size > 1
-        and problem
-        and world.local_rank == 0
-        and not args.quiet
-    ):
+    several_gpus = server.device == "cuda" and args.device != "cpu" and server.tp_size > 1
+    if several_gpus and problem and world.local_rank == 0 and not args.quiet:
         print(f"[sglang-ckpt] a loader rank per TP rank, every GPU receiving every bucket: {problem}", file=sys.stderr)
     return node_local
 

@@ -75,7 +75,6 @@ class Update:
         self.asked = asked
         self.placement = placement  # where this process's buffers live
         self.route = route  # who feeds which server rank, and how the bytes may travel
-        self.feeding = route.feeding
         self.rank_keys = rank_keys  # the server ranks this process feeds (from the server's /model_info)
         self.world = world
         self.control = control
@@ -190,7 +189,10 @@ class Update:
             return True
         budget = staging_budget(self.args.staging_budget, self.memory_budget)
         reason = staging_problem(
-            [s.bucket.nbytes for s in steps], self.feeding.feeders_on_node(self.world), budget, self.placement.kind
+            [s.bucket.nbytes for s in steps],
+            self.route.feeding.feeders_on_node(self.world),
+            budget,
+            self.placement.kind,
         )
         if reason is None:
             return True
@@ -216,7 +218,7 @@ class Update:
         else:
             self.checkpoint_name = args.checkpoint_name
             shards = [[] for _ in range(world.world_size)]  # only the feeders read: they hold the buffers
-            readers = self.feeding.feeders
+            readers = self.route.feeding.feeders
             tensors = read_update(args.checkpoint_path, args.draft_checkpoint_path)
             for rank, shard in zip(readers, shard_by_bytes(tensors, len(readers))):
                 shards[rank] = shard
