@@ -332,14 +332,14 @@ def feeds_from_one_process(args: LoaderOptions, info: dict | None) -> bool:
     torchrun's ranks would take has one feeder: a CPU server, or a GPU server whose GPUs this process sees and which
     read each other's memory peer to peer), or torchrun starts one loader rank per TP rank."""
     from ..placement import ServerPlacement
-    from .route import Servers, decide_route
+    from .route import Servers, decide_route, fed_on_gpus
     from .world import LoaderWorld
 
     if info is None:  # p2p: the updated instances may not be the one at --endpoint
         return False
     server = ServerPlacement.from_model_info(info)
     gpus = []
-    if server.device == "cuda" and args.device != "cpu":
+    if fed_on_gpus(server, args):
         from ..transport.handles import visible_gpu_keys  # the server is up: no CUDA context is made before its own
 
         gpus = visible_gpu_keys()

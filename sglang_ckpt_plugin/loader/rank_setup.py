@@ -11,7 +11,7 @@ from ..transport.handles import visible_gpu_keys
 from .http import ServerClient, ServerError
 from .options import LoaderOptions
 from .push import PushError
-from .route import Route, Servers, decide_route, node_local_problem_for
+from .route import Route, Servers, decide_route, fed_on_gpus, node_local_problem_for
 from .world import Control, LoaderWorld
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def gpu_node_local(
     cannot be, each loader rank feeds its own TP rank and every GPU receives every bucket; said once per node."""
     problem = node_local_problem_for(server, args, gpus)
     node_local = not control.any_failed(problem is not None)
-    several_gpus = server.device == "cuda" and args.device != "cpu" and server.tp_size > 1
+    several_gpus = fed_on_gpus(server, args) and server.tp_size > 1
     if several_gpus and problem and world.local_rank == 0 and not args.quiet:
         print(f"[sglang-ckpt] a loader rank per TP rank, every GPU receiving every bucket: {problem}", file=sys.stderr)
     return node_local

@@ -83,10 +83,15 @@ class Servers:
         return cls(server.device == "cpu", node_local_problem_for(server, args, local_gpus) is None)
 
 
+def fed_on_gpus(server: ServerPlacement, args: LoaderOptions) -> bool:
+    """A GPU server that this loader may feed from GPU buffers (not ``--device cpu``)."""
+    return server.device == "cuda" and args.device != "cpu"
+
+
 def node_local_problem_for(server: ServerPlacement, args: LoaderOptions, local_gpus: list[str]) -> str | None:
     """Why one loader process per node cannot feed this GPU server's TP ranks from buffers on its first rank's GPU
     (None: it can; see ``placement.node_local_problem``)."""
-    if server.device != "cuda" or args.device == "cpu":
+    if not fed_on_gpus(server, args):
         return "not a GPU server"
     return node_local_problem(server, local_gpus)
 
