@@ -3,7 +3,7 @@
 # Engine (the p2p transport) needs at import (libibverbs.so.1): installed where missing.
 set -euo pipefail
 need=()
-for tool in ip:iproute2 tc:iproute2 losetup:util-linux mount:mount mkfs.ext4:e2fsprogs; do
+for tool in ip:iproute2 tc:iproute2 nft:nftables losetup:util-linux mount:mount mkfs.ext4:e2fsprogs; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
 ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1 ' || need+=(libibverbs1)

@@ -65,10 +65,40 @@ def test_nodes_have_their_own_address_disk_rate_and_link(tmp_path):
         ping = [sys.executable, "-c", f"import socket; socket.create_connection(('{n0.address}', 9), 1)"]
         refused = subprocess.run(n1.command(ping), capture_output=True, text=True)
         assert "ConnectionRefused" in refused.stderr  # node 0 answered (nothing listens there): the link works
+        assert_a_lossy_cable_loses_packets_and_tcp_delivers_all(box)
         n1.set_link(False)
         cut = subprocess.run(n1.command(ping), capture_output=True, text=True)
         assert "ConnectionRefused" not in cut.stderr and cut.returncode != 0, cut.stderr
     assert leftovers(box.name) == []
+
+
+SINK = """
+import socket, sys
+listener = socket.create_server((sys.argv[1], 7000))
+print("listening", flush=True)
+conn, _ = listener.accept()
+got = 0
+while chunk := conn.recv(1 << 20):
+    got += len(chunk)
+print(got, flush=True)
+"""
+SEND = "import socket, sys; s = socket.create_connection((sys.argv[1], 7000), 10); s.sendall(bytes(4 << 20)); s.close()"
+
+
+def assert_a_lossy_cable_loses_packets_and_tcp_delivers_all(box) -> None:
+    """Node 1's cable loses 10 % of its packets each way: some are dropped, and TCP still delivers every byte."""
+    n0, n1 = box.nodes
+    n1.lose(10)
+    try:
+        sink = subprocess.Popen(n0.command([sys.executable, "-c", SINK, n0.address]), stdout=subprocess.PIPE, text=True)
+        assert sink.stdout.readline().strip() == "listening"
+        subprocess.run(n1.command([sys.executable, "-c", SEND, n0.address]), check=True, timeout=60)
+        assert int(sink.stdout.readline()) == 4 << 20
+        sink.wait(timeout=10)
+        assert n1.lost_packets() > 0
+    finally:
+        n1.lose(0)
+    assert n1.lost_packets() == 0  # a clean cable again: no table left on either end
 
 
 def test_sigterm_removes_everything():

@@ -6,8 +6,9 @@ A broadcast push: each node reads half of the checkpoint from its own disk and r
 link; both serve exactly what SGLang's own reload of the same files serves. A link cut mid-update: the update fails
 on both nodes within the loader's ``--timeout``, naming the lost peer; both keep serving what they served (one
 version), nothing is left behind, and once the cable is back the next push lands on both. A p2p push over Mooncake
-(and a join from its metas file) updates node 1 alone. A slow link delays a push, which lands on both. A node whose
-server dies and comes back is refilled by the resident loader (``--watch``), the other node untouched.
+(and a join from its metas file) updates node 1 alone. A slow link that loses packets delays a push, which lands on
+both. A node whose server dies and comes back is refilled by the resident loader (``--watch``), the other node
+untouched.
 """
 
 from __future__ import annotations
@@ -248,20 +249,24 @@ def test_a_mooncake_p2p_push_updates_only_the_listed_node(cluster, models, tmp_p
         assert_serves(servers[1].url, on_nodes["B"], hf_checkpoint=models[1])
 
 
-def test_a_slow_link_delays_a_push_but_every_node_serves_it(cluster, models):
-    """Node 1's link at 20 Mbit/s (``tc tbf``; this machine's kernel has no ``netem`` for delay and loss): its half
-    takes seconds to cross, and the push lands on both."""
+def test_a_slow_lossy_link_delays_a_push_but_every_node_serves_it(cluster, models):
+    """Node 1's link at 20 Mbit/s (``tc tbf``) losing 2 % of its packets each way (nftables; this machine's kernel
+    has no ``netem``): its half takes seconds to cross, TCP resends what was lost, and the push lands on both."""
     box, servers, on_nodes, logs = cluster
     node1 = box.nodes[1]
     with box.reachable():
         for server in servers:
             serve_other(server.url, on_nodes["A"])
         node1.shape("tbf", "rate", "20mbit", "burst", "64kb", "latency", "400ms")
+        node1.lose(2)
         try:
             codes, outs = push(box, servers, logs, on_nodes["B"], "b-slow", tag="slow")
+            lost = node1.lost_packets()
         finally:
+            node1.lose(0)
             node1.shape("tbf", "rate", f"{LINK_MBIT}mbit", "burst", "1mb", "latency", "100ms")
         assert codes == [0, 0], outs
+        assert lost > 0, "the link lost nothing: the test did not test a lossy link"
         assert versions(servers) == ["b-slow", "b-slow"]
         for server in servers:
             assert_serves(server.url, on_nodes["B"], hf_checkpoint=models[1])

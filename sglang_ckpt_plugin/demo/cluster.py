@@ -2,8 +2,9 @@
 
 Each node is a network namespace with an address of its own (198.18.0.i, the range set aside for benchmarks,
 only inside namespaces made here; the host's interfaces are untouched), joined to the others through a veth link
-to a bridge in a hub namespace, rate-limited both ways (``tc tbf``; ``netem`` for delay and loss where the kernel
-has it). Each node
+to a bridge in a hub namespace, rate-limited both ways (``tc tbf``), and losing a set share of its packets each way
+where asked (nftables' random numbers at the ingress of both ends of the node's cable: kernels without ``netem``,
+this machine's, have them). Each node
 reads a disk of its own at a set rate: an ext4 image on a loop device (direct I/O, so the host's page cache of
 the image file plays no part) and a blkio cgroup (v1) that throttles reads from it; every process started on the
 node joins that cgroup. Every node sees its disk at the same path (``Cluster.disk``, bind-mounted in the node's
@@ -34,6 +35,7 @@ from ..loader.early_read import drop_cached
 SUBNET = "198.18.0"
 HUB_ADDRESS = f"{SUBNET}.254"
 BLKIO = Path("/sys/fs/cgroup/blkio")
+LOSS_TABLE = "ckb_loss"  # a node's lossy cable: one nftables table per end (node side, hub side)
 PREFIX = "ckb"  # every name starts with PREFIX + the owning pid: namespaces, links, cgroups, /tmp/ckb-<pid>
 CLONE_NEWNET = 0x40000000
 MIB = 1 << 20
@@ -52,8 +54,8 @@ class ClusterSpec:
     disk_mib: int = 512  # each node's disk size
 
 
-def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, capture_output=True, text=True)
+def _sh(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, capture_output=True, text=True, input=stdin)
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
@@ -61,7 +63,7 @@ def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def missing_tools() -> list[str]:
     """What a cluster needs of this machine that it lacks (empty: it can be built)."""
-    missing = [tool for tool in ("ip", "tc", "losetup", "mkfs.ext4", "mount") if shutil.which(tool) is None]
+    missing = [tool for tool in ("ip", "tc", "nft", "losetup", "mkfs.ext4", "mount") if shutil.which(tool) is None]
     if os.geteuid() != 0:
         missing.append("root")
     if not (BLKIO / "blkio.throttle.read_bps_device").exists():
@@ -77,6 +79,7 @@ class Node:
         self.image = cluster.root / f"node{index}.img"
         self.disk = cluster.root / f"node{index}"  # the node's disk, mounted on the host (to fill it)
         self.cgroup = BLKIO / self.netns
+        self.hub = cluster.hub
         self.hub_link = f"{cluster.name}b{index}"
         self.loop = ""
         self._mount_at = cluster.disk
@@ -110,6 +113,28 @@ class Node:
         """Replace the node's outgoing queue discipline, e.g. ``shape("tbf", "rate", "20mbit", "burst", "64kb",
         "latency", "400ms")`` (or ``netem`` delay and loss, where the kernel has it)."""
         _sh("tc", "-n", self.netns, "qdisc", "replace", "dev", "eth0", "root", *qdisc)
+
+    def lose(self, percent: float) -> None:
+        """Drop ``percent`` % of the packets crossing the node's cable, each way, at random (0: a clean cable again):
+        what arrives at the node, and what it sends as it arrives at the hub. TCP resends what is lost."""
+        for netns, device in self._cable_ends():
+            _sh("ip", "netns", "exec", netns, "nft", "delete", "table", "netdev", LOSS_TABLE, check=False)
+            if percent > 0:
+                hook = f"type filter hook ingress device {device} priority 0"
+                rule = f"numgen random mod 1000000 < {round(percent * 10_000)} counter drop"
+                table = f"table netdev {LOSS_TABLE} {{\n chain arriving {{\n  {hook}\n  {rule}\n }}\n}}\n"
+                _sh("ip", "netns", "exec", netns, "nft", "-f", "-", stdin=table)
+
+    def lost_packets(self) -> int:
+        """Packets the lossy cable dropped, both ways, since ``lose`` last set it."""
+        lost = 0
+        for netns, _device in self._cable_ends():
+            listed = _sh("ip", "netns", "exec", netns, "nft", "list", "table", "netdev", LOSS_TABLE, check=False)
+            lost += sum(int(n) for n in re.findall(r"counter packets (\d+)", listed.stdout))
+        return lost
+
+    def _cable_ends(self) -> list[tuple[str, str]]:
+        return [(self.netns, "eth0"), (self.hub, self.hub_link)]
 
     def drop_page_cache(self) -> None:
         """Evict the node's files from the page cache, so that the next read comes from its (throttled) disk."""
