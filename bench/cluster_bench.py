@@ -8,11 +8,11 @@ node's disk (the page cache of every node's files is dropped before it).
   its ``--load-format auto`` start (launch until every node's server is healthy), then its
   ``/update_weights_from_disk`` on every node at once (B, then A; the median).
 - The plugin: servers on dummy weights with ``--wait-for-initial-weights``; the one-shot loader (``python -m
-  sglang_ckpt_plugin.update --nnodes N --node-rank i`` on every node, which starts the node's torchrun; each node
+  sglang_ckpt_plugin.update --nnodes N --node-rank i`` on every node, the node's loader rank; each node
   reading 1/N of the checkpoint, the rest broadcast over the links) from launch until every node serves (the
   loaders' own exit, printed, comes after); then a resident loader (``--watch``, started once) pushing B, A, B ...
   as each appears: from the trainer's ``COMPLETE`` marker until every node serves it. The one-shot minus the
-  resident push is the fixed cost of a start (torchrun, imports, rendezvous).
+  resident push is the fixed cost of a start (Python, imports, rendezvous).
 - The bound the rates allow for a push: max(S / (N * disk), S * (N-1)/N / link) (each node reads its share; each
   node receives the other shares over its link), and SGLang's own: S / disk.
 

@@ -1,6 +1,7 @@
 """Unit tests: loader CLI parsing, CPU environment, metas files; and the CLI's errors without a server."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -324,9 +325,9 @@ def test_one_process_feeds_a_cpu_server_or_a_peer_to_peer_gpu_node_and_others_ge
 
 
 def test_every_node_runs_the_same_command_and_starts_its_own_torchrun():
-    """--nnodes / --node-rank / --master-addr / --master-port (torchrun's own flags): each node's loader starts
-    torchrun for its node of the run, a loader rank per TP rank, meeting at node 0; never one process alone."""
-    from sglang_ckpt_plugin.loader.cli import feeds_from_one_process, node_torchrun_command, parse_args
+    """--nnodes / --node-rank / --master-addr / --master-port (torchrun's own flags): each node's loader with a TP > 1
+    server starts torchrun for its node of the run, a loader rank per TP rank, meeting at node 0."""
+    from sglang_ckpt_plugin.loader.cli import choose_launch, node_torchrun_command, parse_args
 
     argv = ["--checkpoint-path", "c", "--inference-parallel-size", "2", "--api-key", "k"]
     argv += ["--nnodes", "3", "--node-rank", "1", "--master-addr", "198.18.0.1", "--master-port", "29511"]
@@ -343,8 +344,28 @@ def test_every_node_runs_the_same_command_and_starts_its_own_torchrun():
     one_node = node_torchrun_command(parse_args(argv[:6]), argv[:6])
     assert one_node[one_node.index("--master-addr") + 1] == "127.0.0.1"
     cpu = {"ckpt_plugin": {"device": "cpu", "rank_keys": ["cpu-tp0", "cpu-tp1"], "tp_size": 2}}
-    assert feeds_from_one_process(parse_args(argv[:6]), cpu)  # one node: this process feeds both ranks
-    assert not feeds_from_one_process(parse_args(argv), cpu)  # a run over nodes: torchrun on each
+    assert choose_launch(parse_args(argv[:6]), cpu) == "one process"  # one node: this process feeds both ranks
+    assert choose_launch(parse_args(argv), cpu) == "torchrun"  # a run over nodes, two ranks on each: torchrun
+
+
+def test_a_node_with_one_loader_rank_is_that_rank_itself(monkeypatch):
+    """A run over nodes with a TP = 1 server on each: no torchrun agent; the command becomes the node's loader rank,
+    with the environment torchrun would give it (torch.distributed meets at --master-addr:--master-port)."""
+    from sglang_ckpt_plugin.loader.cli import become_node_rank, choose_launch, parse_args
+    from sglang_ckpt_plugin.loader.world import LoaderWorld
+
+    argv = ["--checkpoint-path", "c", "--nnodes", "3", "--node-rank", "2", "--master-addr", "198.18.0.1"]
+    args = parse_args([*argv, "--master-port", "29511"])
+    cpu = {"ckpt_plugin": {"device": "cpu", "rank_keys": ["cpu-tp0"], "tp_size": 1}}
+    assert choose_launch(args, cpu) == "node rank"
+    assert choose_launch(parse_args([*argv, "--update-method", "p2p", "--ranks", "1"]), None) == "node rank"
+    for name in ("RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # restored (removed) after the test, whatever become_node_rank sets
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(sys.stdout, "reconfigure", lambda **kw: None, raising=False)
+    become_node_rank(args)
+    assert LoaderWorld.from_env(1) == LoaderWorld.of_node(1, nnodes=3, node_rank=2)
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("198.18.0.1", "29511")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """An SGLang fleet on a cluster in one box (demo/cluster.py): one server per node, and the loader as on real
-machines: ``torchrun --nnodes N --node-rank i --master-addr <node 0>`` on every node, each feeding its own node's
-server. Used by the cluster bench and the namespace tests; the caller is inside ``cluster.reachable()`` to talk to
-the servers."""
+machines: ``python -m sglang_ckpt_plugin.update --nnodes N --node-rank i --master-addr <node 0>`` on every node,
+each feeding its own node's server. Used by the cluster bench and the namespace tests; the caller is inside
+``cluster.reachable()`` to talk to the servers."""
 
 from __future__ import annotations
 
@@ -57,8 +57,9 @@ def stop_servers(servers: list[SGLangServer]) -> None:
 def start_loaders(
     cluster: Cluster, servers: list[SGLangServer], args: list[str], logs: Path, tag: str
 ) -> list[subprocess.Popen]:
-    """The loader's own command on every node (``--nnodes N --node-rank i``), each feeding that node's server: it
-    starts torchrun there (one loader rank per node, meeting at node 0) and reads the node's share meanwhile."""
+    """The loader's own command on every node (``--nnodes N --node-rank i``), each feeding that node's TP = 1 server:
+    the command is the node's loader rank (no torchrun agent), reading the node's share while the ranks meet at
+    node 0."""
     port = random.randint(20000, 29999)  # node 0's own network: nothing else listens there
     nodes = cluster.nodes
     procs = []
@@ -78,7 +79,8 @@ def start_loaders(
 
 
 def wait_loaders(procs: list[subprocess.Popen], timeout_s: float) -> list[int | None]:
-    """Every agent's exit status; one still running at the deadline is killed with its workers (status None)."""
+    """Every loader command's exit status; one still running at the deadline is killed with its process group (and
+    a torchrun agent's workers; status None)."""
     deadline = time.monotonic() + timeout_s
     codes = []
     for proc in procs:

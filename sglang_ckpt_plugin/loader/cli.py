@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Literal
 
 from . import watchdog
 from .options import LoaderOptions
@@ -73,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="nodes of one run: start this same command on every node with its --node-rank (and its own --endpoint); "
-        "each starts torchrun there, one loader rank per TP rank, and reads its node's share of the checkpoint "
-        "while torchrun starts (the flags are torchrun's own)",
+        "with a TP = 1 server the command is its node's loader rank; with TP > 1 it starts torchrun there, one loader "
+        "rank per TP rank; either reads its node's share of the checkpoint while the ranks start and meet (the "
+        "flags are torchrun's own)",
     )
     p.add_argument("--node-rank", type=int, default=0, help="with --nnodes: this node's index, 0 .. nnodes-1")
     p.add_argument("--master-addr", help="with --nnodes > 1: node 0's address, where the loader ranks meet")
@@ -347,6 +349,39 @@ def feeds_from_one_process(args: LoaderOptions, info: dict | None) -> bool:
     return decide_route(args, world, Servers.seen(server, args, gpus)).one_process
 
 
+Launch = Literal["one process", "node rank", "torchrun"]
+
+
+def choose_launch(args: LoaderOptions, info: dict | None) -> Launch:
+    """How this command's loader ranks start: "one process" feeds every TP rank of its instance
+    (``feeds_from_one_process``); "node rank": a run over nodes with one loader rank per node (``--nnodes`` > 1, a
+    TP = 1 server on each), where this process is that rank and meets the other nodes' itself; "torchrun" starts a
+    loader rank per TP rank on this node. Without torchrun's agent a node imports torch once, not twice, and skips
+    the agent's rendezvous and exit barrier (seconds on every node of a one-shot update)."""
+    if feeds_from_one_process(args, info):
+        return "one process"
+    if args.inference_parallel_size == 1 and args.nnodes > 1:
+        return "node rank"
+    return "torchrun"
+
+
+def become_node_rank(args: LoaderOptions) -> None:
+    """This process becomes loader rank ``--node-rank`` of ``--nnodes`` (one per node): the environment torchrun
+    would have given it, torch.distributed meeting at ``--master-addr``:``--master-port`` (rank 0 hosts the store).
+    Line-buffered output, as torchrun's ``python -u`` ranks write it."""
+    rank = str(args.node_rank)
+    os.environ.update(
+        RANK=rank,
+        GROUP_RANK=rank,
+        WORLD_SIZE=str(args.nnodes),
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR=args.master_addr,
+        MASTER_PORT=str(args.master_port),
+    )
+    sys.stdout.reconfigure(line_buffering=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else argv
@@ -364,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         if error:
             print(f"[sglang-ckpt] error: {error}", file=sys.stderr)
             return 1
-        args = args.with_(feeds_instance=feeds_from_one_process(args, info))
-        if not args.feeds_instance:
+        launch = choose_launch(args, info)
+        args = args.with_(feeds_instance=launch == "one process")
+        if launch == "node rank":
+            become_node_rank(args)  # reads on in this process: the rank it becomes is the one that needs the share
+        elif launch == "torchrun":
             if early is not None:
                 early.report(LoaderWorld())
                 early.read_on_in_child()  # torchrun and its ranks take seconds to start: the disk keeps reading

@@ -23,7 +23,7 @@ class LoaderOptions:
     uds: str | None
     api_key: str | None
     inference_parallel_size: int
-    nnodes: int  # nodes of one run, each starting its own torchrun (node_rank of nnodes, meeting at master_addr)
+    nnodes: int  # nodes of one run, each its own loader rank(s) (node_rank of nnodes, meeting at master_addr)
     node_rank: int
     master_addr: str | None
     master_port: int
