@@ -362,7 +362,6 @@ def test_a_node_with_one_loader_rank_is_that_rank_itself(monkeypatch):
     for name in ("RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(name, "")  # restored (removed) after the test, whatever become_node_rank sets
         monkeypatch.delenv(name)
-    monkeypatch.setattr(sys.stdout, "reconfigure", lambda **kw: None, raising=False)
     become_node_rank(args)
     assert LoaderWorld.from_env(1) == LoaderWorld.of_node(1, nnodes=3, node_rank=2)
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("198.18.0.1", "29511")

@@ -7,6 +7,7 @@ Options follow SGLang's checkpoint-engine entry point (``sglang.srt.checkpoint_e
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -379,7 +380,8 @@ def become_node_rank(args: LoaderOptions) -> None:
         MASTER_ADDR=args.master_addr,
         MASTER_PORT=str(args.master_port),
     )
-    sys.stdout.reconfigure(line_buffering=True)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 def main(argv: list[str] | None = None) -> int:
