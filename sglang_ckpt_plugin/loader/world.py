@@ -206,7 +206,12 @@ class Control:
 
     def close(self) -> None:
         """Tear down together: a rank that destroys its groups while a peer still talks to it can make the
-        peer's gloo threads abort the process (seen as SIGABRT at exit)."""
+        peer's gloo threads abort the process (seen as SIGABRT at exit).
+
+        Then let go of the groups, so that they are freed here and their worker threads joined: a gloo worker
+        frees its last collective's tensors after the caller's wait returned, and that needs the GIL. Left to the
+        interpreter's exit, such a worker meets a finalizing interpreter and the process aborts ("terminate
+        called without an active exception")."""
         if not self.world.distributed:
             return
         import torch.distributed as dist
@@ -218,6 +223,7 @@ class Control:
         except RuntimeError:
             pass  # a peer is gone already: nothing left to wait for
         dist.destroy_process_group()
+        self.group = self.data_group = self.alarm = None  # the last references: freeing them joins the workers
 
 
 ALARM_KEY = "sglang-ckpt/data-group-failed"
