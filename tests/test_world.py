@@ -70,7 +70,6 @@ def test_world_maps_ranks_to_instances(monkeypatch):
 
 
 EXCHANGE = textwrap.dedent("""
-    import os
     import sys
     from types import SimpleNamespace
     import torch
@@ -93,8 +92,6 @@ EXCHANGE = textwrap.dedent("""
         digests = ex.move(step, buffer, digests, verify=True)
         print("step", owner, "got", sorted(set(buffer[:48].tolist())), "tail", buffer[48:].tolist()[0], digests)
     control.close()
-    sys.stdout.flush()
-    os._exit(0)  # what is checked is printed; a gloo teardown abort at interpreter exit was seen once here (rank 1)
 """)
 
 
