@@ -8,7 +8,10 @@ on CPU (its own ServerArgs, ModelConfig and model loader), then
    to SGLang's own ``DefaultModelLoader`` load of the same files into a second instance;
 4. for a hybrid family (linear attention or Mamba beside full attention), one mixer of a second checkpoint pushed
    as a partial update writes exactly what SGLang's own load of that checkpoint holds there (its loaders transform
-   what they load: ``A_log`` -> ``-exp(A_log)``, fused input projections), and nothing else changes.
+   what they load: ``A_log`` -> ``-exp(A_log)``, fused input projections), and nothing else changes;
+5. for a family whose experts transformers 5 stacks, the tensors as a trainer holds them (the ``state_dict()`` of
+   the model transformers loads from the files) pushed into another model SGLang built on dummy weights leave it
+   bit-identical to SGLang's own load of the files, or are refused naming a tensor.
 
     python -m tests.family_matrix OUT.json CKPT_ROOT
 
@@ -24,6 +27,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from sglang_ckpt_plugin.server.trainer_names import expert_splits_for
 
 from .family_configs import FAMILIES, LAYERS, LINEAR_MIXER, make_checkpoint
 
@@ -180,7 +185,42 @@ def check_family(builder: SGLangBuilder, family: str, checkpoint: Path, second: 
     )
     if second is not None:
         record["partial"] = check_partial(builder, family, served, reference, second, checkpoint.parent)
+    if expert_splits_for(served.config):
+        record["trainer_form"] = check_trainer_form(builder, checkpoint, reference)
     return record
+
+
+def check_trainer_form(builder: SGLangBuilder, checkpoint: Path, reference) -> dict:
+    """A push of the tensors as a transformers 5 trainer holds them (``state_dict()`` of the model loaded from the
+    files: each MoE layer's experts stacked into one tensor per projection) into a second model SGLang built on dummy
+    weights: it must end bit-identical to SGLang's own load of the files, or be refused naming a tensor."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from sglang_ckpt_plugin.loader.checkpoint import read_checkpoint
+    from sglang_ckpt_plugin.server.validate import UpdateRejected, check_update
+
+    held = {
+        n: t.detach().contiguous() for n, t in AutoModelForCausalLM.from_pretrained(checkpoint).state_dict().items()
+    }
+    form = checkpoint.with_name(checkpoint.name + "-trainer")
+    form.mkdir()
+    save_file(held, form / "model.safetensors", metadata={"format": "pt"})
+    served = builder.build(checkpoint, "dummy")
+    manifest = [(t.name, t.dtype, list(t.shape)) for t in read_checkpoint(form)]
+    try:
+        checked = check_update(served, manifest, partial=False)
+    except UpdateRejected as exc:
+        return {"refused": str(exc)}
+    before = differing(served, reference)
+    _, errors, buckets = push_through_receiver(served, form, checked)
+    return {
+        "differed_before": len(before),
+        "stacked": sorted(n for n in held if any(n.endswith(s.fused) for s in expert_splits_for(served.config))),
+        "loader_errors": [str(e) for e in errors],
+        "buckets": buckets,
+        "differing_after": differing(served, reference),
+    }
 
 
 def check_partial(builder: SGLangBuilder, family: str, served, reference, second: Path, root: Path) -> dict:

@@ -2,7 +2,9 @@
 SGLang into one w13/w2 parameter per layer): a push that lacks experts never opens the gate, with or without
 ``--partial``; a full push is bit-exact against SGLang's own disk reload; SGLang's own disk reload of a
 checkpoint that does not fit the model is refused and the server keeps serving; one SGLang itself loads (a
-checkpoint lacking experts: it writes what the files hold) goes through."""
+checkpoint lacking experts: it writes what the files hold) goes through. ``LocalPush`` of a live transformers 5
+model, experts stacked as it holds them, serves what SGLang's reload of its files serves (Qwen3-MoE) or is refused
+naming a tensor (Mixtral, whose names transformers also changes)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from sglang_ckpt_plugin.demo import evidence
 from sglang_ckpt_plugin.demo.launch import PLUGIN_FREE, SGLangServer, generate_ids
 from sglang_ckpt_plugin.demo.tiny_model import make_tiny_model
 
-from .conftest import NEW_TOKENS, PROMPT, assert_closed, assert_serves, push
+from .conftest import NEW_TOKENS, PROMPT, assert_closed, assert_serves, push, serve_other
 from .test_e2e_faults import info
 
 pytestmark = pytest.mark.slow
@@ -107,3 +109,36 @@ def test_sglang_disk_reload_of_a_checkpoint_that_does_not_fit_is_refused_and_the
     assert resp.status_code == 200 and resp.json()["success"] is True, resp.text
     assert info(srv.url)["ckpt_plugin"]["last_update"]["outcome"] == "success"
     assert evidence.checksum(srv.url) != served  # expert 0 and the rest of the model came from the files
+
+
+def test_a_trainer_pushes_its_experts_as_transformers_holds_them(moe, ckpt_root):
+    """transformers 5 holds each layer's experts as one ``gate_up_proj`` and one ``down_proj`` tensor; SGLang's
+    loaders take one tensor per expert and projection. A ``LocalPush`` of ``named_parameters()`` serves what
+    SGLang's own reload of the files the trainer loaded serves; Mixtral's trainer names (``mlp`` for the files'
+    ``block_sparse_moe``) are refused by name and the served weights stay."""
+    from transformers import AutoModelForCausalLM
+
+    from sglang_ckpt_plugin.loader.push import PushError
+    from sglang_ckpt_plugin.local_push import LocalPush
+
+    arch, srv, full, _ = moe
+    trained = ckpt_root / f"{arch}_trained"
+    if not trained.exists():
+        make_tiny_model(trained, arch, seed=6, dtype=torch.float32)
+    named = [(n, p.detach()) for n, p in AutoModelForCausalLM.from_pretrained(trained).named_parameters()]
+    assert any(n.endswith("mlp.experts.gate_up_proj") and p.dim() == 3 for n, p in named), [n for n, _ in named]
+    served = serve_other(srv.url, full)
+    ids = generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"]
+    with LocalPush(srv.url, bucket_bytes=200_000) as local:
+        if arch == "mixtral":
+            with pytest.raises(PushError, match="weights? of this model") as refused:
+                local.push(named, weight_version="trainer")
+            assert re.search(r"'model\.layers\.\d+\.mlp\.", str(refused.value)), refused.value  # as sent
+            assert evidence.checksum(srv.url) == served
+            assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"] == ids
+            return
+        local.push(named, weight_version="trainer")
+    pushed = evidence.checksum(srv.url), generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"]
+    assert pushed[0] != served, "the push did not change what is served"
+    assert serve_other(srv.url, trained) == pushed[0]
+    assert generate_ids(srv.url, PROMPT, NEW_TOKENS)["output_ids"] == pushed[1]

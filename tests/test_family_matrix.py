@@ -59,6 +59,27 @@ def test_a_partial_update_of_one_linear_attention_mixer_is_exact(matrix, family)
     assert partial["others_differ_from_first"] == [], partial  # the rest: untouched
 
 
+TRAINER_STACKED_EXPERTS = ["deepseek-v2", "deepseek-v3", "glm4-moe", "olmoe", "qwen2-moe", "qwen3-moe", "qwen3.5-moe"]
+
+
+@pytest.mark.parametrize("family", TRAINER_STACKED_EXPERTS)
+def test_experts_as_a_transformers_trainer_stacks_them_load_as_sglang_loads_the_files(matrix, family):
+    """transformers 5 holds each MoE layer's experts as one tensor per projection; pushed as held, they are split
+    into the checkpoint's per-expert tensors (server/trainer_names.py) and the model ends equal to SGLang's load."""
+    form = matrix[family]["trainer_form"]
+    assert form["stacked"] and form["loader_errors"] == [] and form["differed_before"] > 0, form
+    assert form["differing_after"] == [], form
+
+
+@pytest.mark.parametrize("family", ["mixtral", "kimi-linear"])
+def test_stacked_experts_whose_names_transformers_also_changes_are_refused_by_name(matrix, family):
+    """Mixtral's and Kimi-Linear's trainers hold ``mlp.*`` where the files have ``block_sparse_moe.*``: renamings
+    by model type are not reversed (they would rename other families' own names), so the push is refused naming a
+    tensor the trainer sent, before anything is written."""
+    assert "is not a weight of this model" in matrix[family]["trainer_form"]["refused"], matrix[family]
+    assert ".mlp." in matrix[family]["trainer_form"]["refused"], matrix[family]
+
+
 def test_falcon_h1s_unloaded_q_k_norms_are_still_read_nowhere():
     """The plugin lets an update leave out Falcon-H1's q_norm / k_norm (sglang_compat._BUILT_NEVER_READ) because
     SGLang builds them and never calls them: fails when a new SGLang starts to."""

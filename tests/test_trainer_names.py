@@ -7,7 +7,12 @@ from types import SimpleNamespace
 
 import torch
 
-from sglang_ckpt_plugin.server.trainer_names import accept_trainer_names, checkpoint_names_for
+from sglang_ckpt_plugin.server.trainer_names import (
+    accept_trainer_names,
+    checkpoint_names_for,
+    expert_splits_for,
+    trainer_form_for,
+)
 from sglang_ckpt_plugin.server.validate import observe
 
 
@@ -78,3 +83,53 @@ def test_the_wrapped_load_weights_sees_checkpoint_names_and_survives_an_observed
     assert model.seen[2:] == ["model.norm.weight", "model.norm.weight"]
     plain = Model("LlamaForCausalLM")
     assert accept_trainer_names(plain) is None and "load_weights" not in plain.__dict__
+
+
+def test_stacked_experts_split_into_the_checkpoints_per_expert_views():
+    """Qwen3-MoE as transformers 5 holds it: gate and up of every expert in one [experts, 2 x inter, hidden] tensor,
+    down in one [experts, hidden, inter]; split as its converter stacked them, without a copy."""
+    form = trainer_form_for(config("Qwen3MoeForCausalLM", "qwen3_moe"))
+    experts, inter, hidden = 3, 2, 4
+    gate_up = torch.arange(experts * 2 * inter * hidden, dtype=torch.float32).reshape(experts, 2 * inter, hidden)
+    down = torch.arange(experts * hidden * inter, dtype=torch.float32).reshape(experts, hidden, inter)
+    router = torch.zeros(experts, hidden)
+    held = [
+        ("model.layers.1.mlp.experts.gate_up_proj", gate_up),
+        ("model.layers.1.mlp.experts.down_proj", down),
+        ("model.layers.1.mlp.gate.weight", router),
+        ("model.layers.2.mlp.experts.0.up_proj.weight", router[0]),  # already the checkpoint's: unchanged
+    ]
+    out = dict(form.to_checkpoint(held))
+    prefix = "model.layers.1.mlp.experts"
+    assert list(out)[:3] == [
+        f"{prefix}.0.gate_proj.weight",
+        f"{prefix}.0.up_proj.weight",
+        f"{prefix}.1.gate_proj.weight",
+    ]
+    for e in range(experts):
+        assert torch.equal(out[f"{prefix}.{e}.gate_proj.weight"], gate_up[e, :inter])
+        assert torch.equal(out[f"{prefix}.{e}.down_proj.weight"], down[e])
+        assert out[f"{prefix}.{e}.up_proj.weight"].data_ptr() == gate_up[e, inter:].data_ptr()  # a view
+    assert torch.equal(out["model.layers.2.mlp.experts.0.up_proj.weight"], router[0])
+    assert "model.layers.1.mlp.gate.weight" in out and len(out) == 3 * experts + 2
+
+
+def test_only_converters_that_stack_experts_are_followed():
+    kinds = {mt: [s.fused for s in expert_splits_for(config("", mt))] for mt in ("qwen3_moe", "mixtral", "llama")}
+    assert kinds == {
+        "qwen3_moe": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        "mixtral": [".experts.gate_up_proj", ".experts.down_proj"],  # its .mlp. renaming is not reversed: refused
+        "llama": [],
+    }
+    # Qwen3-VL-MoE's files hold its experts stacked already (transformers transposes them): the name is the same in
+    # both forms, so turning it around would break a push of the files
+    assert expert_splits_for(config("Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe")) == ()
+    assert trainer_form_for(config("LlamaForCausalLM", "llama")) is None
+
+
+def test_a_model_with_stacked_experts_gets_per_expert_tensors_in_every_load():
+    model = Model("Qwen3MoeForCausalLM")
+    model.config.model_type = "qwen3_moe"
+    assert accept_trainer_names(model) is not None
+    model.load_weights(iter([("model.layers.0.mlp.experts.down_proj", torch.zeros(2, 4, 3))]))
+    assert model.seen == [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(2)]

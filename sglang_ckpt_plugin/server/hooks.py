@@ -128,8 +128,8 @@ def _guard_generate(original, scheduler, recv_req, **kwargs):
 
 def _after_model_built(model, *args, **kwargs):
     """AFTER SGLang builds a model (target or draft), before any load: the layout its quantized modules' loaders
-    write, which every later update restores (postprocessed.py); a trainer's tensor names accepted where
-    transformers renames the architecture's (trainer_names.py)."""
+    write, which every later update restores (postprocessed.py); a trainer's tensors accepted where transformers
+    renames the architecture's or stacks its experts (trainer_names.py)."""
     postprocessed.record(model)
     trainer_names.accept_trainer_names(model)
     return None
