@@ -3,8 +3,9 @@ plugin's check accepts the full checkpoint and refuses it with one tensor missin
 loader and receiver into a model SGLang built on dummy weights (the plugin loaded, as in a server waiting for its
 weights) is bit-identical, every parameter and buffer, to SGLang's own load of the same files into a second
 instance. For the hybrid families, one linear-attention or Mamba mixer of a second checkpoint pushed as a partial
-update ends exact and changes nothing else. A family SGLang itself cannot load on this CPU is listed with SGLang's
-error."""
+update ends exact and changes nothing else. For the families whose experts transformers 5 stacks, the tensors as a
+trainer holds them load as SGLang loads the files, or are refused by name. A family SGLang itself cannot load on
+this CPU is listed with SGLang's error."""
 
 from __future__ import annotations
 
