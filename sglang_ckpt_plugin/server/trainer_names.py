@@ -133,11 +133,14 @@ def expert_splits_for(config) -> tuple[ExpertSplit, ...]:
         # the patterns as written (transformers 5.19 keeps them beside the regular expressions it makes of them)
         sources = [_plain(p) for p in getattr(converter, "_original_source_patterns", ())]
         targets = [_plain(p) for p in getattr(converter, "_original_target_patterns", ())]
-        stacked = [type(op) for op in ops] in ([MergeModulelist], [MergeModulelist, Concatenate])
-        if not stacked or len(targets) != 1 or None in sources or None in targets or "*" in targets[0]:
+        kinds = [type(op) for op in ops]  # one part: stacked only; several: stacked, then concatenated
+        stacked = (kinds == [MergeModulelist] and len(sources) == 1) or (
+            kinds == [MergeModulelist, Concatenate] and len(sources) > 1
+        )
+        if not stacked or None in sources or any(s.count("*") != 1 for s in sources):
             continue
-        if not sources or len(sources) != len(ops) or any(s.count("*") != 1 for s in sources):
-            continue  # one part: stacked only; several: stacked, then concatenated
+        if len(targets) != 1 or None in targets or "*" in targets[0]:
+            continue
         part_dim = ops[1].dim if len(ops) == 2 else 0
         splits.append(ExpertSplit(targets[0], tuple(sources), ops[0].dim, part_dim))
     return tuple(splits)
